@@ -1,0 +1,271 @@
+"""Typed configs from YAML: dataclasses with a docstring per field, `extends:`, dotted overrides, collected errors.
+
+A config section is a dataclass whose fields carry their documentation in `metadata["doc"]` (use `doc()`), and may
+define `check(self, problems, key)` to report invalid values. Every problem found while loading, overriding or
+checking is collected in a `Problems` list and raised once as a `ConfigError`, each line naming the dotted key and
+the fix, before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with documentation: `lr: float = doc(1e-4, "peak learning rate")`."""
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"doc": text})
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
+class ConfigError(ValueError):
+    """Every problem of a config, one per line, each naming the dotted key and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} config problem(s):\n{lines}")
+
+
+class Problems:
+    """Collects config problems so that all of them are reported at once."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append(f"{key}: {message}" if key else message)
+
+    def require(self, ok: bool, key: str, message: str) -> bool:
+        if not ok:
+            self.add(key, message)
+        return ok
+
+    def positive(self, value: Any, key: str, kind: type = int) -> None:
+        ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
+        self.require(ok, key, f"must be a positive {kind.__name__}, got {value!r}")
+
+    def one_of(self, value: Any, choices: typing.Iterable[Any], key: str) -> None:
+        choices = list(choices)
+        self.require(value in choices, key, f"must be one of {choices}, got {value!r}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError(self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dict -> dataclass
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, problems: Problems) -> Any:
+    """Convert a YAML value to the annotated type, reporting (not raising) mismatches."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(value, inner[0], key, problems)
+        for a in inner:  # first alternative that takes the value without complaint
+            trial = Problems()
+            out = _convert(value, a, key, trial)
+            if not trial:
+                return out
+        problems.add(key, f"expected {' or '.join(_type_name(a) for a in inner)}, got {value!r}")
+        return value
+    if origin is typing.Literal:
+        problems.one_of(value, args, key)
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            problems.add(key, f"expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+            return tp()
+        return from_dict(tp, value, problems, key)
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            problems.add(key, f"expected a list, got {value!r}")
+            return value
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.add(key, f"expected a mapping, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.add(key, f"expected a number, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.add(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.add(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.add(key, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict, problems: Problems, prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping; unknown keys and bad types go to `problems` with the closest name."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        key = join(prefix, str(name))
+        if name not in fields:
+            problems.add(key, f"unknown key{_suggest(str(name), fields)} (valid keys: {', '.join(sorted(fields))})")
+            continue
+        kwargs[name] = _convert(value, hints[name], key, problems)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain YAML-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def check(obj: Any, problems: Problems, prefix: str = "") -> None:
+    """Run every nested section's `check(problems, key)`, depth first."""
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value, problems, join(prefix, f.name))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                check(v, problems, f"{join(prefix, f.name)}[{i}]")
+    if hasattr(obj, "check"):
+        obj.check(problems, prefix)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every field, for `--help`-style listings and docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = join(prefix, f.name)
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+        rows.append((key, repr(default), f.metadata.get("doc", "")))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML files and overrides
+
+
+def load_yaml(path: str | Path, problems: Problems, key: str = "") -> dict:
+    """Read a YAML mapping, following `extends: other.yaml` (relative to the file) recursively."""
+    path = Path(path)
+    if not path.is_file():
+        problems.add(key, f"file not found: {path}")
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        problems.add(key, f"{path} is not valid YAML: {e}")
+        return {}
+    if not isinstance(data, dict):
+        problems.add(key, f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+        return {}
+    parents = data.pop("extends", None) or []
+    merged: dict = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = deep_merge(merged, load_yaml(path.parent / parent, problems, f"{path}: extends"))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str], problems: Problems) -> dict:
+    """Apply `a.b.c=value` strings; the value is parsed as YAML (`[1, 2]`, `true`, `2e-5`, `null`)."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            problems.add(item, "an override must look like section.key=value (e.g. train.lr=2e-5)")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                problems.add(key, f"'{part}' is a value, not a section")
+                break
+            node[part] = child = dict(child)
+            node = child
+        else:
+            node[parts[-1]] = value
+    return data

@@ -1,0 +1,75 @@
+"""Data section of the run config, and the dataset YAML (groups of shards mixed by weight)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .core import Problems, doc, join
+
+TASKS = ("t2i", "t2v", "i2i", "v2v", "i2t", "v2t")
+GEN_TASKS = ("t2i", "t2v", "i2i", "v2v")
+UND_TASKS = ("i2t", "v2t")
+
+
+@dataclass
+class ImageOptions:
+    """How images become model inputs."""
+
+    resolution: int = doc(64, "target side in pixels of a square image (buckets keep the area)")
+    buckets: list[float] = doc(factory=lambda: [1.0], text="aspect ratios (w / h) an image is resized and cropped to")
+
+
+@dataclass
+class VideoOptions:
+    """How videos are sampled into frames."""
+
+    sample_fps: float = doc(12.0, "frames per second taken from the video")
+    max_frames: int = doc(9, "most frames kept (4k + 1 for the Wan VAE)")
+    max_duration: float = doc(10.0, "most seconds read from the start of a video")
+
+
+@dataclass
+class GroupConfig:
+    """One group of shards in the mixture."""
+
+    name: str = doc("", "unique name (used in logs and in the saved data position)")
+    shards: list[str] = doc(factory=list, text="converter output dirs, .tar paths, globs or URLs")
+    weight: float = doc(1.0, "sampling weight in the mixture")
+    task: str | None = doc(None, "task of the shards; read from manifest.json when not given")
+    caption_dropout: float = doc(0.1, "probability of dropping the caption (classifier-free guidance)")
+    image: ImageOptions = doc(factory=ImageOptions, text="image options")
+    video: VideoOptions = doc(factory=VideoOptions, text="video options")
+
+    def check(self, problems: Problems, key: str) -> None:
+        problems.require(bool(self.name), join(key, "name"), "every group needs a name")
+        problems.require(bool(self.shards), join(key, "shards"), "list at least one shard dir, tar, glob or URL")
+        problems.require(self.weight > 0, join(key, "weight"), f"must be > 0, got {self.weight}")
+        if self.task is not None:
+            problems.one_of(self.task, TASKS, join(key, "task"))
+
+
+@dataclass
+class DatasetConfig:
+    """A dataset YAML: groups of shards mixed by weight."""
+
+    groups: list[GroupConfig] = doc(factory=list, text="the groups of the mixture")
+
+    def check(self, problems: Problems, key: str) -> None:
+        problems.require(bool(self.groups), join(key, "groups"), "a dataset needs at least one group")
+        names = [g.name for g in self.groups]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            problems.add(join(key, "groups"), f"group name '{name}' is used twice; names must be unique")
+
+
+@dataclass
+class DataConfig:
+    """How the mixture is streamed and packed."""
+
+    packing_length: int = doc(2048, "tokens per packed sequence")
+    filter_overlong: bool = doc(True, "drop (and count) samples longer than packing_length instead of failing")
+    num_workers: int = doc(1, "data loader worker processes per rank")
+    shuffle_buffer: int = doc(256, "raw samples held for shuffling before decode")
+
+    def check(self, problems: Problems, key: str) -> None:
+        problems.positive(self.packing_length, join(key, "packing_length"))
+        problems.require(self.num_workers >= 0, join(key, "num_workers"), f"must be >= 0, got {self.num_workers}")

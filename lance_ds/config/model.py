@@ -1,0 +1,82 @@
+"""Model section of the run config: which geometry, which weights, which branches, how it is trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .core import Problems, doc, join
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class LapeConfig:
+    """Learnable absolute position embeddings (spatial and temporal tables) added to visual tokens."""
+
+    enabled: bool = doc(False, "add learnable spatial and temporal position tables to VAE tokens")
+    num_spatial_tokens: int = doc(100, "rows of the spatial table (latent rows and columns it can index)")
+    num_temporal_tokens: int = doc(100, "rows of the temporal table (latent frames it can index)")
+
+    def check(self, problems: Problems, key: str) -> None:
+        problems.positive(self.num_spatial_tokens, join(key, "num_spatial_tokens"))
+        problems.positive(self.num_temporal_tokens, join(key, "num_temporal_tokens"))
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (used when model.training_type is lora)."""
+
+    r: int = doc(16, "adapter rank")
+    alpha: int = doc(32, "adapter scale numerator (scale = alpha / r)")
+    dropout: float = doc(0.0, "dropout on the adapter input")
+    target_modules: list[str] = doc(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                    text="module name suffixes that get adapters")
+
+    def check(self, problems: Problems, key: str) -> None:
+        problems.positive(self.r, join(key, "r"))
+        problems.positive(self.alpha, join(key, "alpha"))
+        problems.require(0.0 <= self.dropout < 1.0, join(key, "dropout"), f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelConfig:
+    """The unified model: a Qwen2 Mixture-of-Transformers decoder, a ViT for understanding, a frozen VAE for generation."""
+
+    size: str = doc("debug", "named geometry from lance_ds.model.registry (debug, tiny, 3b); ignored when path is set")
+    path: str | None = doc(None, "local checkpoint directory (Lance or Qwen2.5-VL) to initialise from")
+    vit_path: str | None = doc(None, "local ViT weights (Qwen2.5-VL checkpoint or Lance vit.safetensors dir)")
+    vae_path: str | None = doc(None, "local diffusers VAE directory (AutoencoderKLWan for real runs)")
+    tokenizer_path: str | None = doc(None, "local tokenizer directory (Qwen2.5 tokenizer for real runs)")
+    visual_und: bool = doc(True, "build the understanding path (ViT tokens, CE on answers)")
+    visual_gen: bool = doc(True, "build the generation path (VAE tokens, flow-matching MSE)")
+    attention: str = doc("sdpa", "attention backend over packed sequences: sdpa, flex or flash")
+    dtype: str = doc("bf16", "dtype of the trainable model (bf16, fp16 or fp32)")
+    vit_dtype: str = doc("bf16", "dtype of the frozen ViT")
+    vae_dtype: str = doc("fp32", "dtype of the frozen VAE")
+    training_type: str = doc("full", "full fine-tuning or lora adapters")
+    freeze_modules: list[str] = doc(factory=list, text="glob patterns of parameter names to freeze, e.g. 'language_model.model.embed_tokens*'")
+    gradient_checkpointing: bool = doc(False, "recompute each decoder layer in backward to save activation memory")
+    lape: LapeConfig = doc(factory=LapeConfig, text="learnable absolute position embeddings")
+    lora: LoraConfig = doc(factory=LoraConfig, text="LoRA settings")
+
+    def check(self, problems: Problems, key: str) -> None:
+        problems.require(self.visual_und or self.visual_gen, join(key, "visual_und"),
+                         "at least one of model.visual_und and model.visual_gen must be true")
+        problems.one_of(self.attention, ("sdpa", "flex", "flash"), join(key, "attention"))
+        for name in ("dtype", "vit_dtype", "vae_dtype"):
+            problems.one_of(getattr(self, name), PRECISIONS, join(key, name))
+        problems.one_of(self.training_type, ("full", "lora"), join(key, "training_type"))
+
+
+@dataclass
+class ObjectiveConfig:
+    """How predictions become losses: CE on answers, flow matching on noised latents."""
+
+    ce_weight: float = doc(0.25, "weight of the text cross-entropy in the total loss")
+    mse_weight: float = doc(1.0, "weight of the flow-matching MSE in the total loss")
+    timestep_shift: float = doc(4.0, "shift s of logit-normal timesteps: t' = s t / (1 + (s - 1) t)")
+
+    def check(self, problems: Problems, key: str) -> None:
+        problems.require(self.ce_weight >= 0, join(key, "ce_weight"), f"must be >= 0, got {self.ce_weight}")
+        problems.require(self.mse_weight >= 0, join(key, "mse_weight"), f"must be >= 0, got {self.mse_weight}")
+        problems.positive(self.timestep_shift, join(key, "timestep_shift"), float)
