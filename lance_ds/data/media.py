@@ -1,0 +1,319 @@
+"""Media bytes <-> uint8 frames: image decode (PIL), video decode with frame sampling (PyAV), probing, encoding.
+
+Every decoder returns RGB frames as a uint8 tensor [T, H, W, 3] (an image has T = 1) and raises `MediaError`,
+naming what is wrong with the bytes, for anything it cannot read; callers count and report those samples.
+The probes are what the converter's `--verify full` runs: `probe_image` decodes the whole image, `probe_video`
+opens the container, decodes the first frame and walks every packet (cheap: no decoding) so that a truncated file
+is caught, and reads size, frame count, fps and duration.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# A frame may sit this far (seconds) before its sampling target and still count as on time: timestamps are
+# rational numbers turned into floats, so 1/12 s can come out a hair early.
+_TIME_EPS = 1e-6
+
+# Transparent pixels are composited onto this background: their stored colour is arbitrary and often black.
+_BACKGROUND = (255, 255, 255)
+
+
+class MediaError(ValueError):
+    """The bytes are not a readable image or video; the message says what is wrong with them."""
+
+
+@dataclass
+class ImageInfo:
+    width: int  # pixels, after EXIF orientation
+    height: int  # pixels, after EXIF orientation
+    format: str  # PIL's name for the encoding, lower case: "jpeg", "png", "webp", ...
+
+
+@dataclass
+class VideoInfo:
+    width: int  # pixels
+    height: int  # pixels
+    num_frames: int  # frames in the first video stream
+    fps: float  # average frames per second
+    duration: float  # seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sniffing
+
+
+def sniff_extension(data: bytes) -> str | None:
+    """The file extension the bytes' magic number says ("jpg", "png", "mp4", ...), or None when unknown."""
+    head = bytes(data[:64])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if head[4:8] == b"ftyp":  # ISO base media: mp4, m4v, 3gp, QuickTime
+        brand = head[8:12]
+        if brand in (b"avif", b"avis"):
+            return "avif"
+        return "mov" if brand == b"qt  " else "mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: Matroska or WebM
+        return "webm" if b"webm" in bytes(data[:4096]) else "mkv"
+    if head.startswith(b"OggS"):
+        return "ogv"
+    if len(data) >= 377 and data[0] == 0x47 and data[188] == 0x47 and data[376] == 0x47:  # MPEG-TS sync bytes
+        return "ts"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images
+
+
+def _open_image(data: bytes) -> Image.Image:
+    """Open and fully decode an image (first frame of an animation), with EXIF orientation applied."""
+    if not data:
+        raise MediaError("image bytes are empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()  # decodes every pixel: a truncated file fails here, not later
+            return ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError(f"image is too large to decode safely: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image" / "truncated"
+        raise MediaError(f"not a readable image ({len(data)} bytes, starts {bytes(data[:8])!r}): {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 [H, W, 3]: alpha composited on white, 16-bit and float scaled to 8 bits, CMYK inverted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        gray = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or gray.max(initial=0) > 255 else 255.0
+        gray = np.clip(gray / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)  # a new, writable array
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        img = Image.alpha_composite(background, rgba)
+    return np.array(img.convert("RGB"), dtype=np.uint8)  # a copy: torch wants a writable array
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [1, H, W, 3] RGB (grayscale, RGBA, CMYK, palette and 16-bit converted)."""
+    rgb = _to_rgb(_open_image(data))
+    return torch.from_numpy(rgb).unsqueeze(0)
+
+
+def probe_image(data: bytes) -> ImageInfo:
+    """Decode the whole image (verification) and report its size and encoding."""
+    img = _open_image(data)
+    fmt = (Image.open(io.BytesIO(data)).format or "unknown").lower()
+    return ImageInfo(width=img.width, height=img.height, format=fmt)
+
+
+def encode_image(frames_or_array, format: str = "png", quality: int = 95) -> bytes:
+    """uint8 [H, W, 3], [H, W], [H, W, 4] or [1, H, W, C] (tensor or array) -> PNG or JPEG bytes."""
+    array = _as_uint8_array(frames_or_array)
+    if array.ndim == 4:
+        if array.shape[0] != 1:
+            raise ValueError(f"encode_image takes one frame, got {array.shape[0]}; pick a frame or use encode_video")
+        array = array[0]
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    fmt = format.lower()
+    if fmt in ("jpg", "jpeg"):
+        if array.ndim == 3 and array.shape[2] == 4:
+            raise ValueError("JPEG has no alpha channel; pass RGB frames or use format='png'")
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+    if fmt == "png":
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+    raise ValueError(f"encode_image writes format 'png' or 'jpeg', got {format!r}")
+
+
+def _as_uint8_array(frames) -> np.ndarray:
+    array = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if array.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (0..255), got {array.dtype}; convert with (x * 255).round().to(torch.uint8)")
+    return np.ascontiguousarray(array)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# videos
+
+
+def _open_container(data: bytes) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    if not data:
+        raise MediaError("video bytes are empty")
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except av.FFmpegError as e:
+        raise MediaError(f"not a readable video container ({len(data)} bytes, starts {bytes(data[:12])!r}): {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise MediaError(f"container ({container.format.name}) has no video stream")
+    return container, container.streams.video[0]
+
+
+def _frame_time(frame: av.VideoFrame, index: int, rate: float) -> float:
+    """Presentation time in seconds; falls back to index / rate for streams without timestamps."""
+    t = frame.time
+    return float(t) if t is not None else index / rate
+
+
+def _stream_rate(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 0.0
+
+
+def decode_video(
+    data: bytes,
+    sample_fps: float | None = None,
+    max_frames: int | None = None,
+    max_duration: float | None = None,
+) -> torch.Tensor:
+    """Encoded video bytes -> uint8 [T, H, W, 3] RGB, T >= 1.
+
+    sample_fps: keep one frame per 1 / sample_fps seconds of the container's timestamps (the first frame at or after
+        each target time); None keeps every frame. A video slower than sample_fps keeps all its frames (no repeats).
+    max_duration: stop at this many seconds after the first frame. max_frames: stop after this many frames kept.
+    Frames are measured from the first decoded frame, so a stream whose timestamps start above zero works too.
+    """
+    if sample_fps is not None and not sample_fps > 0:
+        raise ValueError(f"sample_fps must be > 0 or None, got {sample_fps}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
+    container, stream = _open_container(data)
+    stream.thread_type = "AUTO"  # frame + slice threads: ~2x on long clips, harmless on short ones
+    rate = _stream_rate(stream) or 25.0
+    kept: list[np.ndarray] = []
+    size: tuple[int, int] | None = None
+    start: float | None = None
+    next_target = 0.0  # seconds after `start` of the next frame to keep
+    try:
+        for index, frame in enumerate(container.decode(stream)):
+            t = _frame_time(frame, index, rate)
+            start = t if start is None else start
+            elapsed = t - start
+            if max_duration is not None and elapsed >= max_duration and kept:
+                break
+            if sample_fps is not None and elapsed < next_target - _TIME_EPS:
+                continue  # decoded (later frames depend on it) but not converted to RGB: that is the costly part
+            if size is None:
+                size = (frame.width, frame.height)
+            if (frame.width, frame.height) != size:  # a mid-stream resolution change: keep the first size
+                frame = frame.reformat(width=size[0], height=size[1])
+            kept.append(frame.to_ndarray(format="rgb24"))
+            if max_frames is not None and len(kept) >= max_frames:
+                break
+            if sample_fps is not None:
+                # the first target strictly after this frame (sources slower than sample_fps skip targets)
+                next_target = (math.floor((elapsed + _TIME_EPS) * sample_fps) + 1) / sample_fps
+    except av.FFmpegError as e:
+        if not kept:
+            raise MediaError(f"video stream ({stream.codec_context.name}) could not be decoded: {e}") from None
+        # a damaged tail: keep the frames read so far (probe_video rejects such files at conversion time)
+    finally:
+        container.close()
+    if not kept:
+        raise MediaError(f"video stream ({stream.codec_context.name}) holds no decodable frame")
+    return torch.from_numpy(np.stack(kept))
+
+
+def probe_video(data: bytes) -> VideoInfo:
+    """Open the container, decode the first frame, walk every packet; report size, frame count, fps and duration.
+
+    Walking the packets reads the whole file without decoding it, so a file cut short is caught: fewer packets than
+    the container declares frames raises MediaError.
+    """
+    container, stream = _open_container(data)
+    try:
+        first = None
+        num_packets = 0  # packets carrying data; one per frame for video
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream flush packet
+            num_packets += 1
+            if first is None:
+                decoded = packet.decode()
+                first = decoded[0] if decoded else None
+        if first is None:  # codecs with delay (B-frames) hand the first frame out on flush
+            flushed = stream.codec_context.decode(None)
+            first = flushed[0] if flushed else None
+    except av.FFmpegError as e:
+        raise MediaError(f"video is damaged ({stream.codec_context.name}): {e}") from None
+    finally:
+        declared = stream.frames
+        duration = _stream_duration(container, stream)
+        rate = _stream_rate(stream)
+        container.close()
+    if first is None:
+        raise MediaError(f"video stream ({stream.codec_context.name}) holds no decodable frame")
+    if declared and num_packets < declared:
+        raise MediaError(f"video is truncated: the container declares {declared} frames but only {num_packets} are present")
+    num_frames = declared or num_packets
+    if not rate and duration:
+        rate = num_frames / duration
+    if not duration and rate:
+        duration = num_frames / rate
+    return VideoInfo(width=first.width, height=first.height, num_frames=num_frames, fps=rate, duration=duration)
+
+
+def _stream_duration(container, stream) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0
+
+
+def encode_video(frames, fps: float, codec: str = "libx264", crf: int = 18) -> bytes:
+    """uint8 [T, H, W, 3] (tensor or array) -> mp4 bytes, deterministic for the same input.
+
+    H.264 (libx264) by default, yuv420p for even sizes and yuv444p for odd ones (4:2:0 needs even sides);
+    codec="mpeg4" is ~5x faster at lower quality. crf: libx264 quality, 0 lossless .. 51 worst.
+    """
+    array = _as_uint8_array(frames)
+    if array.ndim != 4 or array.shape[3] != 3 or array.shape[0] < 1:
+        raise ValueError(f"encode_video takes uint8 frames [T, H, W, 3] with T >= 1, got shape {tuple(array.shape)}")
+    _, height, width, _ = array.shape
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = width, height
+        odd = width % 2 or height % 2
+        stream.pix_fmt = "yuv444p" if odd and codec == "libx264" else "yuv420p"
+        # one thread: x264's output then depends only on the frames, not on the machine's core count
+        stream.options = {"threads": "1", "crf": str(crf)} if codec == "libx264" else {"threads": "1"}
+        if codec != "libx264":
+            stream.bit_rate = 8 * width * height * int(math.ceil(fps))  # ~8 bits per pixel: near-lossless for MPEG-4
+        for rgb in array:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
