@@ -1,3 +1,28 @@
 """Typed run configuration: dataclasses per component, YAML with `extends:`, dotted overrides, one error report."""
 
+from __future__ import annotations
+
 from .core import ConfigError, Problems, doc
+from .deepspeed import load_ds_json, resolve_ds_config
+from .run import Run, RunConfig, load_run
+
+
+def load_and_check(config_path: str | None, overrides: list[str], ds_path: str, world_size: int,
+                   on_gpu: bool | None = None) -> tuple[Run, dict]:
+    """Everything a rank needs to know before it starts: the run, its datasets and the resolved DeepSpeed JSON.
+
+    Raises one ConfigError listing every problem found (unknown keys, bad values, missing files, switches that do
+    not match the data, DeepSpeed conflicts).
+    """
+    import torch
+
+    from lance_ds.model.registry import hidden_size_of
+
+    problems = Problems()
+    run = load_run(config_path, overrides, problems)
+    raw = load_ds_json(ds_path, problems)
+    problems.raise_if_any()
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    ds = resolve_ds_config(raw, run.config, world_size, hidden_size_of(run.config.model), on_gpu, problems)
+    problems.raise_if_any()
+    return run, ds

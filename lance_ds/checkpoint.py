@@ -1,0 +1,190 @@
+"""Checkpoints that survive anything: atomic save, `latest` pointer, retention, per-rank trainer state, resume.
+
+Layout of OUTPUT_DIR/checkpoints/:
+  step_00000040/             one complete checkpoint (DeepSpeed engine files + ours)
+    trainer_state.json       step, world size, model config (rank 0)
+    config.yaml              the resolved run config (rank 0)
+    rank_00000/data.json     this rank's data-loader position   (one dir per rank)
+    rank_00000/ema.safetensors this rank's EMA shard (when EMA is on)
+  step_00000040.tmp/         a save in progress: ignored by resume, removed by the next save
+  latest                     the name of the newest complete checkpoint (replaced atomically)
+
+A save is written under `<name>.tmp`, every rank finishes, then rank 0 renames it and only then moves `latest`
+(rule 7), so a run killed at any moment - even during a save - resumes from the last complete checkpoint.
+Nothing here unpickles data (rule 10): our own state is JSON and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+TMP_SUFFIX = ".tmp"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_dir(checkpoint_dir: Path, rank: int) -> Path:
+    return checkpoint_dir / f"rank_{rank:05d}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed; the message says why and what to do."""
+
+
+@dataclass
+class Resumed:
+    """What a resume restores besides the engine: the step and this rank's extra state."""
+
+    step: int
+    path: Path
+    data_state: dict | None
+    ema_state: dict[str, torch.Tensor] | None
+    trainer_state: dict
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under `root` (all ranks call save/load; rank 0 owns the directory layout)."""
+
+    def __init__(self, root: str | Path, keep_last: int, rank: int, world_size: int):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    # -- finding -----------------------------------------------------------------------------------------------
+
+    def complete_steps(self) -> list[int]:
+        """Steps with a complete checkpoint directory, oldest first."""
+        steps = []
+        for p in self.root.glob("step_*"):
+            if p.is_dir() and not p.name.endswith(TMP_SUFFIX) and (p / "trainer_state.json").is_file():
+                steps.append(int(p.name.split("_")[1]))
+        return sorted(steps)
+
+    def resolve(self, resume: str) -> Path | None:
+        """`latest` (None when there is nothing yet), `none`, or a step number -> a checkpoint directory."""
+        if resume == "none":
+            return None
+        if resume == "latest":
+            pointer = self.root / LATEST
+            if not pointer.is_file():
+                return None
+            path = self.root / pointer.read_text().strip()
+            if not (path / "trainer_state.json").is_file():
+                raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
+                                      f"resume from a step instead (--resume STEP, complete: {self.complete_steps()})")
+            return path
+        if not resume.isdigit():
+            raise CheckpointError(f"--resume must be latest, none or a step number, got {resume!r}")
+        path = self.root / step_name(int(resume))
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"no complete checkpoint for step {resume} under {self.root} "
+                                  f"(complete steps: {self.complete_steps()})")
+        return path
+
+    # -- saving ------------------------------------------------------------------------------------------------
+
+    def save(self, engine, step: int, trainer_state: dict, config: dict, data_state: dict | None,
+             ema_state: dict[str, torch.Tensor] | None) -> Path:
+        """Write a complete checkpoint for `step` on every rank, then publish it atomically."""
+        name = step_name(step)
+        tmp = self.root / (name + TMP_SUFFIX)
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*" + TMP_SUFFIX):  # left by a run killed during a save
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        _barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+        mine = rank_dir(tmp, self.rank)
+        mine.mkdir(parents=True, exist_ok=True)
+        if data_state is not None:
+            (mine / "data.json").write_text(json.dumps(data_state))
+        if ema_state is not None:
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(mine / "ema.safetensors"))
+        _barrier()
+        if self.rank == 0:
+            state = dict(trainer_state, step=step, world_size=self.world_size)
+            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            # trainer_state.json is written last: its presence marks a complete directory.
+            _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
+            final = self.root / name
+            if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _write_atomic(self.root / LATEST, name)
+            self._prune()
+        _barrier()
+        return self.root / name
+
+    def _prune(self) -> None:
+        for old in self.complete_steps()[: -self.keep_last]:
+            shutil.rmtree(self.root / step_name(old), ignore_errors=True)
+
+    # -- loading -----------------------------------------------------------------------------------------------
+
+    def load(self, engine, path: Path, load_optimizer: bool = True) -> Resumed:
+        """Restore the engine (weights, optimizer, scheduler) and read this rank's extra state."""
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        saved_world = trainer_state.get("world_size")
+        if saved_world != self.world_size:
+            raise CheckpointError(
+                f"{path} was saved by {saved_world} ranks but this run has {self.world_size}. Its data position "
+                f"and ZeRO optimizer shards are per rank. Convert it to a universal checkpoint and load only the "
+                f"weights and optimizer state:\n  python -m deepspeed.checkpoint.ds_to_universal "
+                f"--input_folder {path} --output_folder {path}_universal\n"
+                f"or resume with the same number of ranks ({saved_world}).")
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                              load_optimizer_states=load_optimizer,
+                                              load_lr_scheduler_states=load_optimizer)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
+        mine = rank_dir(path, self.rank)
+        data_file, ema_file = mine / "data.json", mine / "ema.safetensors"
+        return Resumed(
+            step=int(trainer_state["step"]),
+            path=path,
+            data_state=json.loads(data_file.read_text()) if data_file.is_file() else None,
+            ema_state=load_file(str(ema_file)) if ema_file.is_file() else None,
+            trainer_state=trainer_state,
+        )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    return yaml.safe_load((path / "config.yaml").read_text())

@@ -1,0 +1,145 @@
+"""DeepSpeed JSON resolution: "auto" values are filled from the run config; explicit values must agree with it.
+
+The JSON holds engine settings (ZeRO stage, offload, bucket sizes); the run config holds the training recipe.
+Where both can say something (batch size, clipping, precision, optimizer, schedule) the run config decides, and
+an explicit JSON value that disagrees is an error naming both keys rather than a silent pick.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from .core import Problems
+from .run import RunConfig
+
+AUTO = "auto"
+
+
+def load_ds_json(path: str, problems: Problems) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        problems.add("--ds_config", f"file not found: {path}")
+        return {}
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        problems.add("--ds_config", f"{path} is not valid JSON: {e}")
+        return {}
+    if not isinstance(data, dict):
+        problems.add("--ds_config", f"{path} must hold a JSON object")
+        return {}
+    return data
+
+
+def _scheduler(cfg: RunConfig) -> dict:
+    t = cfg.train
+    if t.lr_schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": t.max_steps, "warmup_num_steps": t.warmup_steps, "warmup_min_ratio": 0.0,
+            "cos_min_ratio": t.min_lr / t.lr, "warmup_type": "linear"}}
+    return {"type": "WarmupLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear"}}
+
+
+def recipe_values(cfg: RunConfig, world_size: int, hidden_size: int, on_gpu: bool) -> dict[str, tuple[Any, str]]:
+    """Dotted DeepSpeed key -> (value the run config implies, the run-config key that sets it)."""
+    t = cfg.train
+    return {
+        # FusedAdam and DeepSpeedCPUAdam are JIT-built CUDA/C++ ops: on CPU-only machines use torch's AdamW.
+        "optimizer.params.torch_adam": (not on_gpu, "the device (FusedAdam needs a GPU)"),
+        "zero_force_ds_cpu_optimizer": (on_gpu, "the device (DeepSpeedCPUAdam is built for GPU hosts)"),
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
+        "train_batch_size": (t.micro_batch_size * t.grad_accum * world_size,
+                             "train.micro_batch_size x train.grad_accum x world size"),
+        "gradient_clipping": (t.grad_clip, "train.grad_clip"),
+        "bf16.enabled": (t.precision == "bf16", "train.precision"),
+        "fp16.enabled": (t.precision == "fp16", "train.precision"),
+        "optimizer.params.lr": (t.lr, "train.lr"),
+        "optimizer.params.betas": (list(t.betas), "train.betas"),
+        "optimizer.params.eps": (t.eps, "train.eps"),
+        "optimizer.params.weight_decay": (t.weight_decay, "train.weight_decay"),
+        # ZeRO bucket sizes scale with the hidden size (the usual H^2 heuristics).
+        "zero_optimization.reduce_bucket_size": (hidden_size * hidden_size, "model hidden size^2"),
+        "zero_optimization.stage3_prefetch_bucket_size": (int(0.9 * hidden_size * hidden_size), "model hidden size"),
+        "zero_optimization.stage3_param_persistence_threshold": (10 * hidden_size, "model hidden size"),
+    }
+
+
+def _get(d: dict, dotted: str) -> tuple[bool, Any]:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        d = d.setdefault(part, {})
+    d[parts[-1]] = value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+# Keys the run config always owns: an explicit JSON value must agree. Bucket sizes are only filled when "auto".
+_ALWAYS_OWNED = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                 "gradient_clipping", "bf16.enabled", "fp16.enabled", "optimizer.params.lr", "optimizer.params.betas",
+                 "optimizer.params.eps", "optimizer.params.weight_decay"}
+
+
+def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: int, on_gpu: bool,
+                      problems: Problems) -> dict:
+    """Fill "auto" from the run config, report conflicts, and add what is missing (optimizer, scheduler)."""
+    ds = copy.deepcopy(raw)
+    if "optimizer" not in ds:  # the recipe's AdamW; every param below is then filled from the run config
+        ds["optimizer"] = {"type": "AdamW", "params": {k: AUTO for k in ("lr", "betas", "eps", "weight_decay")}}
+    for key, (value, source) in recipe_values(cfg, world_size, hidden_size, on_gpu).items():
+        present, current = _get(ds, key)
+        if present and current == AUTO:
+            _set(ds, key, value)
+        elif present and key in _ALWAYS_OWNED and not _same(current, value):
+            problems.add(f"--ds_config {key}", f"is {current!r} but {source} gives {value!r}; set it to \"auto\" "
+                         "(recommended) or make the two agree")
+        elif not present and key in _ALWAYS_OWNED:
+            _set(ds, key, value)
+    sched = ds.get("scheduler")
+    if sched is None or sched == AUTO:
+        ds["scheduler"] = _scheduler(cfg)
+    elif isinstance(sched, dict):
+        implied = _scheduler(cfg)
+        if sched.get("type", AUTO) == AUTO:
+            sched["type"] = implied["type"]
+        for k, v in list(sched.get("params", {}).items()):
+            if v == AUTO:
+                if k not in implied["params"]:
+                    problems.add(f"--ds_config scheduler.params.{k}", f"cannot be \"auto\" for {sched['type']}; "
+                                 f"give a value (auto fills {sorted(implied['params'])})")
+                else:
+                    sched["params"][k] = implied["params"][k]
+    for key in _find_auto(ds):
+        problems.add(f"--ds_config {key}", "is \"auto\" but lance_ds has no value for it; give a number")
+    zero = ds.get("zero_optimization", {})
+    problems.one_of(zero.get("stage", 0), (0, 1, 2, 3), "--ds_config zero_optimization.stage")
+    return ds
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _find_auto(v, f"{prefix}.{key}" if prefix else key)]
+    return [prefix] if node == AUTO else []
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,190 @@
+"""The run config: one section per component, loaded from YAML + dotted overrides and checked as a whole."""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .core import Problems, apply_overrides, check, doc, from_dict, join, load_yaml
+from .data import GEN_TASKS, UND_TASKS, DataConfig, DatasetConfig, GroupConfig
+from .model import PRECISIONS, ModelConfig, ObjectiveConfig
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = doc(1000, "optimizer steps to train for")
+    lr: float = doc(1e-4, "peak learning rate")
+    min_lr: float = doc(0.0, "learning rate at the end of a cosine schedule")
+    lr_schedule: str = doc("constant", "after warmup: constant or cosine")
+    warmup_steps: int = doc(500, "linear warmup from 0 to lr over this many steps")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    betas: list[float] = doc(factory=lambda: [0.9, 0.95], text="AdamW betas")
+    eps: float = doc(1e-15, "AdamW epsilon")
+    grad_clip: float = doc(1.0, "clip the global gradient norm to this (0 disables)")
+    micro_batch_size: int = doc(1, "packed sequences per rank per micro-step (each of data.packing_length tokens)")
+    grad_accum: int = doc(1, "micro-steps per optimizer step (used to simulate larger batch sizes)")
+    precision: str = doc("bf16", "mixed precision of the engine: bf16, fp16 or fp32")
+    seed: int = doc(42, "seed of everything random (data order, noise, timesteps, init)")
+    ema_decay: float = doc(0.0, "decay of an exponential moving average of the weights (0 disables; Lance uses 0.9999)")
+
+    def check(self, problems: Problems, key: str) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum"):
+            problems.positive(getattr(self, name), join(key, name))
+        problems.require(self.lr > 0, join(key, "lr"), f"must be > 0, got {self.lr}")
+        problems.require(0 <= self.min_lr <= self.lr, join(key, "min_lr"), f"must be in [0, train.lr], got {self.min_lr}")
+        problems.one_of(self.lr_schedule, ("constant", "cosine"), join(key, "lr_schedule"))
+        problems.require(self.warmup_steps >= 0, join(key, "warmup_steps"), f"must be >= 0, got {self.warmup_steps}")
+        problems.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), join(key, "betas"),
+                         f"must be two numbers in [0, 1), got {self.betas}")
+        problems.require(self.grad_clip >= 0, join(key, "grad_clip"), f"must be >= 0, got {self.grad_clip}")
+        problems.one_of(self.precision, PRECISIONS, join(key, "precision"))
+        problems.require(0 <= self.ema_decay < 1, join(key, "ema_decay"), f"must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    save_every: int = doc(1000, "save every this many steps (and at the end)")
+    keep_last: int = doc(3, "keep this many most recent checkpoints (older ones are deleted after a complete save)")
+    debug_step: int = doc(0, "also save once at this early step, to prove saving works before a long run (0: off)")
+
+    def check(self, problems: Problems, key: str) -> None:
+        problems.positive(self.save_every, join(key, "save_every"))
+        problems.positive(self.keep_last, join(key, "keep_last"))
+        problems.require(self.debug_step >= 0, join(key, "debug_step"), f"must be >= 0, got {self.debug_step}")
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out losses per task and generated samples, every few steps."""
+
+    every: int = doc(0, "validate every this many steps, and at step 0 (0: off)")
+    dataset_config: str | None = doc(None, "dataset YAML of the held-out set (required when every > 0)")
+    max_samples: int = doc(64, "samples of the held-out set used for the losses (the same ones every time)")
+    num_generations: int = doc(2, "prompts per generation task rendered to TensorBoard")
+    sample_steps: int = doc(30, "Euler steps when generating validation samples")
+    cfg_scale: float = doc(4.0, "classifier-free guidance scale for validation samples")
+
+    def check(self, problems: Problems, key: str) -> None:
+        problems.require(self.every >= 0, join(key, "every"), f"must be >= 0, got {self.every}")
+        if self.every > 0:
+            problems.require(self.dataset_config is not None, join(key, "dataset_config"),
+                             "set a held-out dataset YAML (or validation.every=0 to turn validation off)")
+        problems.positive(self.max_samples, join(key, "max_samples"))
+        problems.positive(self.sample_steps, join(key, "sample_steps"))
+
+
+@dataclass
+class LogConfig:
+    """What is written to the console and TensorBoard."""
+
+    every: int = doc(10, "log scalars every this many steps")
+    progress_bar: bool = doc(True, "show a progress bar on rank 0")
+
+    def check(self, problems: Problems, key: str) -> None:
+        problems.positive(self.every, join(key, "every"))
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs. `dataset` is loaded from the file named by `dataset_config`."""
+
+    output_dir: str = doc("runs/debug", "where config.yaml, tensorboard/ and checkpoints/ go")
+    dataset_config: str | None = doc(None, "dataset YAML (groups of shards mixed by weight)")
+    model: ModelConfig = doc(factory=ModelConfig, text="model")
+    objective: ObjectiveConfig = doc(factory=ObjectiveConfig, text="losses")
+    data: DataConfig = doc(factory=DataConfig, text="streaming and packing")
+    train: TrainConfig = doc(factory=TrainConfig, text="optimisation")
+    checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, text="checkpoints")
+    validation: ValidationConfig = doc(factory=ValidationConfig, text="validation")
+    log: LogConfig = doc(factory=LogConfig, text="logging")
+
+
+@dataclass
+class Run:
+    """A loaded, checked run: the config and the datasets its YAMLs name."""
+
+    config: RunConfig
+    dataset: DatasetConfig
+    val_dataset: DatasetConfig | None
+
+
+def load_dataset(path: str, problems: Problems, key: str) -> DatasetConfig:
+    data = load_yaml(path, problems, key)
+    dataset = from_dict(DatasetConfig, data, problems, key)
+    check(dataset, problems, key)
+    # Shard paths are relative to the dataset YAML, so a YAML and its data can move together.
+    base = Path(path).parent
+    for i, group in enumerate(dataset.groups):
+        group.shards = [s if is_remote(s) or Path(s).is_absolute() else str(base / s) for s in group.shards]
+        check_group_sources(group, problems, f"{key}.groups[{i}]")
+    return dataset
+
+
+def is_remote(source: str) -> bool:
+    return "://" in source or source.startswith("pipe:")
+
+
+def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> None:
+    """Local shard sources must exist; the task comes from the converter's manifest.json when not given."""
+    tasks = set()
+    before = len(problems.items)
+    for source in group.shards:
+        if is_remote(source):
+            continue
+        p = Path(source)
+        if p.is_dir():
+            manifest = p / "manifest.json"
+            if not manifest.is_file():
+                problems.add(f"{key}.shards", f"{p} has no manifest.json; point at a converter output dir "
+                             "(tools/parquet_to_wds.py) or list its .tar files")
+                continue
+            try:
+                tasks.add(json.loads(manifest.read_text())["task"])
+            except (ValueError, KeyError) as e:
+                problems.add(f"{key}.shards", f"{manifest} is not a converter manifest ({e}); re-run the converter")
+        elif not (p.is_file() or glob.glob(source)):
+            problems.add(f"{key}.shards", f"{source} matches no file or directory")
+    if len(tasks) > 1:
+        problems.add(f"{key}.shards", f"mixes tasks {sorted(tasks)}; put each task in its own group")
+    elif tasks:
+        (found,) = tasks
+        if group.task is None:
+            group.task = found
+        elif group.task != found:
+            problems.add(f"{key}.task", f"is {group.task} but the manifest says {found}")
+    if group.task is None and len(problems.items) == before:
+        problems.add(f"{key}.task", "cannot be read from a manifest for these sources; set it (t2i, t2v, ...)")
+
+
+def load_run(config_path: str | None, overrides: list[str], problems: Problems) -> Run | None:
+    """Load the run YAML, apply overrides, load the dataset YAMLs, and check it all; problems are collected."""
+    data = load_yaml(config_path, problems, "--config") if config_path else {}
+    data = apply_overrides(data, overrides, problems)
+    config = from_dict(RunConfig, data, problems)
+    check(config, problems)
+    if not config.dataset_config:
+        problems.add("dataset_config", "no dataset YAML: pass --dataset_config FILE")
+        return None
+    dataset = load_dataset(config.dataset_config, problems, "dataset_config")
+    val = None
+    if config.validation.dataset_config:
+        val = load_dataset(config.validation.dataset_config, problems, "validation.dataset_config")
+    check_switches(config.model, dataset, problems)
+    return Run(config, dataset, val)
+
+
+def check_switches(model: ModelConfig, dataset: DatasetConfig, problems: Problems) -> None:
+    """Tasks in the data need the model branches that serve them; refused here, never a crash mid-run."""
+    for i, group in enumerate(dataset.groups):
+        if group.task in GEN_TASKS and not model.visual_gen:
+            problems.add(f"dataset_config.groups[{i}]", f"group '{group.name}' is a {group.task} (generation) task but "
+                         "model.visual_gen is false; set model.visual_gen=true or remove the group")
+        if group.task in UND_TASKS and not model.visual_und:
+            problems.add(f"dataset_config.groups[{i}]", f"group '{group.name}' is a {group.task} (understanding) task "
+                         "but model.visual_und is false; set model.visual_und=true or remove the group")

@@ -1,0 +1,116 @@
+"""What users watch: TensorBoard scalars, images, videos and text (rank 0), throughput and memory meters."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def host_rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; falls back to the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def host_peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+
+
+def memory_scalars() -> dict[str, float]:
+    out = {"memory/host_rss_gb": host_rss_bytes() / 2**30, "memory/host_peak_rss_gb": host_peak_rss_bytes() / 2**30}
+    if torch.cuda.is_available():
+        out["memory/device_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
+        out["memory/device_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+class Meter:
+    """Averages of named values and sums of counters between two logging steps."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, name: str, value: float) -> None:
+        self.sums[name] += float(value)
+        self.counts[name] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+class Throughput:
+    """Tokens/s, samples/s and the fraction of wall time spent waiting for data, per logging window."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.samples = 0
+        self.data_wait = 0.0
+
+    def scalars(self, world_size: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        # tokens and samples are this rank's; ranks see equal budgets, so the global rate is world_size times.
+        return {
+            "train/tokens_per_s": self.tokens * world_size / elapsed,
+            "train/samples_per_s": self.samples * world_size / elapsed,
+            "train/data_wait_fraction": self.data_wait / elapsed,
+        }
+
+
+class TensorBoard:
+    """A SummaryWriter on rank 0 and nothing elsewhere, so call sites need no rank checks."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, step: int, frame_hwc: torch.Tensor) -> None:
+        """frame_hwc: uint8 [H, W, 3]."""
+        if self.writer:
+            self.writer.add_image(tag, frame_hwc, step, dataformats="HWC")
+
+    def video_frames(self, tag: str, step: int, frames_thwc: torch.Tensor) -> None:
+        """frames_thwc: uint8 [T, H, W, 3], shown as one strip of frames (no moviepy needed)."""
+        if self.writer:
+            strip = torch.cat(list(frames_thwc), dim=1)
+            self.writer.add_image(tag, strip, step, dataformats="HWC")
+
+    def text(self, tag: str, step: int, text: str) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def hparams(self, params: dict[str, float | int | str | bool], metrics: dict[str, float]) -> None:
+        if self.writer:
+            self.writer.add_hparams(params, metrics, run_name=".")
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

@@ -1,0 +1,76 @@
+"""Entry point: parse -> check -> build -> Trainer.train() -> close.
+
+  deepspeed --num_gpus 8 lance_ds/train.py --ds_config ds_configs/zero3.json --config configs/debug.yaml \
+      --dataset_config configs/datasets/example.yaml [--output_dir DIR] [--resume latest|STEP|none] [key=value ...]
+
+Every config problem is reported at once, before any rank initialises distributed state or builds a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="run YAML (configs/*.yaml)")
+    p.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON; 'auto' values come from the run config")
+    p.add_argument("--dataset_config", help="dataset YAML (same as dataset_config=FILE)")
+    p.add_argument("--output_dir", help="same as output_dir=DIR")
+    p.add_argument("--resume", default="latest", help="latest (default: continue if a checkpoint exists), none, or a step")
+    p.add_argument("--print_config", action="store_true", help="print the resolved run config and DeepSpeed JSON, then exit")
+    p.add_argument("--check", action="store_true", help="check the configs and exit (what the launch scripts run first)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help="set by the deepspeed launcher")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 model.visual_gen=false")
+    args = p.parse_args(argv)
+    for flag in ("dataset_config", "output_dir"):
+        if getattr(args, flag):
+            args.overrides.insert(0, f"{flag}={getattr(args, flag)}")
+    return args
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from lance_ds.config import ConfigError
+    from lance_ds.config import load_and_check
+
+    is_first = int(os.environ.get("RANK", "0")) == 0
+    try:
+        run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world_size_from_env())
+    except ConfigError as e:
+        if is_first:
+            print(f"lance_ds: {e}", file=sys.stderr)
+        return 2
+    if args.print_config or args.check:
+        if is_first:
+            from lance_ds.config.core import to_dict
+
+            if args.print_config:
+                print(yaml.safe_dump(to_dict(run.config), sort_keys=False))
+                print(json.dumps(ds_config, indent=2))
+            else:
+                print("lance_ds: configs OK")
+        return 0
+
+    from lance_ds.trainer import Trainer
+
+    trainer = Trainer(run, ds_config, resume=args.resume)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
