@@ -113,7 +113,9 @@ def _convert(value: Any, tp: Any, key: str, problems: Problems) -> Any:
             return tp()
         return from_dict(tp, value, problems, key)
     if origin in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        if isinstance(value, str) and args and args[0] is str:  # `shards: dir` means `shards: [dir]`
+            value = [value]
+        if not isinstance(value, (list, tuple)):
             problems.add(key, f"expected a list, got {value!r}")
             return value
         item_tp = args[0] if args else Any
@@ -165,7 +167,12 @@ def from_dict(cls: type[T], data: dict, problems: Problems, prefix: str = "") ->
         if name not in fields:
             problems.add(key, f"unknown key{_suggest(str(name), fields)} (valid keys: {', '.join(sorted(fields))})")
             continue
-        kwargs[name] = _convert(value, hints[name], key, problems)
+        local = Problems()
+        converted = _convert(value, hints[name], key, local)
+        problems.items.extend(local.items)
+        # A value that failed conversion keeps the field's default, so `check()` only ever sees typed values.
+        if not local or dataclasses.is_dataclass(converted):
+            kwargs[name] = converted
     return cls(**kwargs)
 
 

@@ -34,8 +34,9 @@ class TrainConfig:
     def check(self, problems: Problems, key: str) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum"):
             problems.positive(getattr(self, name), join(key, name))
-        problems.require(self.lr > 0, join(key, "lr"), f"must be > 0, got {self.lr}")
-        problems.require(0 <= self.min_lr <= self.lr, join(key, "min_lr"), f"must be in [0, train.lr], got {self.min_lr}")
+        if problems.require(self.lr > 0, join(key, "lr"), f"must be > 0, got {self.lr}"):
+            problems.require(0 <= self.min_lr <= self.lr, join(key, "min_lr"),
+                             f"must be in [0, train.lr], got {self.min_lr}")
         problems.one_of(self.lr_schedule, ("constant", "cosine"), join(key, "lr_schedule"))
         problems.require(self.warmup_steps >= 0, join(key, "warmup_steps"), f"must be >= 0, got {self.warmup_steps}")
         problems.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), join(key, "betas"),
@@ -114,6 +115,25 @@ class Run:
     val_dataset: DatasetConfig | None
 
 
+# Files a run YAML reads are relative to the YAML (so configs move with their data); output_dir and paths given
+# on the command line are relative to where you launch.
+INPUT_PATH_KEYS = ("dataset_config", "validation.dataset_config", "model.path", "model.vit_path", "model.vae_path",
+                   "model.tokenizer_path")
+
+
+def resolve_input_paths(data: dict, base: Path) -> dict:
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for dotted in INPUT_PATH_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and not is_remote(node[leaf]) \
+                and not Path(node[leaf]).is_absolute():
+            node[leaf] = str(base / node[leaf])
+    return data
+
+
 def load_dataset(path: str, problems: Problems, key: str) -> DatasetConfig:
     data = load_yaml(path, problems, key)
     dataset = from_dict(DatasetConfig, data, problems, key)
@@ -165,6 +185,8 @@ def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> Non
 def load_run(config_path: str | None, overrides: list[str], problems: Problems) -> Run | None:
     """Load the run YAML, apply overrides, load the dataset YAMLs, and check it all; problems are collected."""
     data = load_yaml(config_path, problems, "--config") if config_path else {}
+    if config_path:
+        data = resolve_input_paths(data, Path(config_path).parent)
     data = apply_overrides(data, overrides, problems)
     config = from_dict(RunConfig, data, problems)
     check(config, problems)

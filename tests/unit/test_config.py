@@ -1,0 +1,175 @@
+"""Config loading: every bad config is refused at once with a message naming the dotted key."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lance_ds.config import ConfigError, Problems, load_ds_json, resolve_ds_config
+from lance_ds.config.core import apply_overrides, describe, from_dict
+from lance_ds.config.run import RunConfig, load_run
+
+REPO = Path(__file__).resolve().parents[2]
+HIDDEN = 64
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    """Two converter-like output dirs (a manifest is all the config layer reads) and a dataset YAML."""
+    for name, task in (("t2i", "t2i"), ("i2t", "i2t")):
+        d = tmp_path / "shards" / name
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"task": task, "num_samples": 0, "shards": []}))
+    ds = {"groups": [{"name": "gen", "shards": "shards/t2i".split()}, {"name": "und", "shards": ["shards/i2t"]}]}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(ds))
+    return tmp_path
+
+
+def load(tmp_path, run: dict, overrides=(), ds_json: dict | None = None, world_size: int = 2):
+    """Load a run the way train.py does, returning (run, ds) or raising one ConfigError."""
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    (tmp_path / "ds.json").write_text(json.dumps(ds_json if ds_json is not None else
+                                                 json.loads((REPO / "ds_configs/zero3.json").read_text())))
+    problems = Problems()
+    result = load_run(str(tmp_path / "run.yaml"), list(overrides), problems)
+    raw = load_ds_json(str(tmp_path / "ds.json"), problems)
+    problems.raise_if_any()
+    ds = resolve_ds_config(raw, result.config, world_size, HIDDEN, on_gpu=False, problems=problems)
+    problems.raise_if_any()
+    return result, ds
+
+
+GOOD = {"dataset_config": "data.yaml", "train": {"max_steps": 10}}
+
+
+def test_good_config_loads_and_fills_auto(dataset_dir):
+    run, ds = load(dataset_dir, GOOD, ["train.lr=2e-5", "train.micro_batch_size=2", "train.grad_accum=3",
+                                       "model.freeze_modules=[a*, b]", "model.visual_gen=true"])
+    cfg = run.config
+    assert cfg.train.lr == 2e-5 and cfg.model.freeze_modules == ["a*", "b"]
+    assert [g.task for g in run.dataset.groups] == ["t2i", "i2t"]  # read from the manifests
+    assert ds["train_batch_size"] == 2 * 3 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["optimizer"]["params"]["lr"] == 2e-5 and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["zero_optimization"]["reduce_bucket_size"] == HIDDEN * HIDDEN
+    assert ds["scheduler"]["type"] == "WarmupLR" and ds["scheduler"]["params"]["warmup_max_lr"] == 2e-5
+    assert "auto" not in json.dumps(ds)
+
+
+def test_cosine_schedule_and_explicit_agreeing_values(dataset_dir):
+    ds_json = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+    run, ds = load(dataset_dir, GOOD, ["train.lr_schedule=cosine", "train.min_lr=1e-5"], ds_json)
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert ds["scheduler"]["params"]["cos_min_ratio"] == pytest.approx(1e-5 / 1e-4)
+    assert ds["optimizer"]["type"] == "AdamW"
+
+
+BAD = [
+    # (run yaml, overrides, ds json patch, the key the message must name)
+    ({"trian": {}}, [], None, "trian"),
+    ({"train": {"lerning_rate": 1}}, [], None, "train.lerning_rate"),
+    ({}, ["train.max_step=5"], None, "train.max_step"),
+    ({}, ["train.max_steps=0"], None, "train.max_steps"),
+    ({}, ["train.max_steps=ten"], None, "train.max_steps"),
+    ({}, ["train.lr=-1"], None, "train.lr"),
+    ({}, ["train.lr=fast"], None, "train.lr"),
+    ({}, ["train.betas=0.9"], None, "train.betas"),
+    ({}, ["train.micro_batch_size=0"], None, "train.micro_batch_size"),
+    ({}, ["train.grad_accum=1.5"], None, "train.grad_accum"),
+    ({}, ["train.precision=fp8"], None, "train.precision"),
+    ({}, ["train.lr_schedule=linear"], None, "train.lr_schedule"),
+    ({}, ["train.betas=[0.9]"], None, "train.betas"),
+    ({}, ["train.ema_decay=1.5"], None, "train.ema_decay"),
+    ({}, ["checkpoint.save_every=0"], None, "checkpoint.save_every"),
+    ({}, ["checkpoint.keep_last=-1"], None, "checkpoint.keep_last"),
+    ({}, ["validation.every=10"], None, "validation.dataset_config"),
+    ({}, ["model.attention=xformers"], None, "model.attention"),
+    ({}, ["model.visual_und=false", "model.visual_gen=false"], None, "model.visual_und"),
+    ({}, ["model.lape.num_spatial_tokens=0"], None, "model.lape.num_spatial_tokens"),
+    ({}, ["model.lape.num_temporal_tokens=abc"], None, "model.lape.num_temporal_tokens"),
+    ({}, ["model.visual_gen=false"], None, "groups[0]"),
+    ({}, ["model.visual_und=false"], None, "groups[1]"),
+    ({}, ["model.visual_gen=maybe"], None, "model.visual_gen"),
+    ({}, ["model.training_type=qlora"], None, "model.training_type"),
+    ({}, ["data.packing_length=0"], None, "data.packing_length"),
+    ({}, ["dataset_config=missing.yaml"], None, "dataset_config"),
+    ({}, ["train.lr"], None, "train.lr"),
+    ({}, [], {"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu"),
+    ({}, [], {"gradient_clipping": 5.0}, "gradient_clipping"),
+    ({}, [], {"train_batch_size": 7}, "train_batch_size"),
+    ({}, [], {"bf16": {"enabled": False}}, "bf16.enabled"),
+    ({}, [], {"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, "optimizer.params.lr"),
+    ({}, [], {"zero_optimization": {"stage": 5}}, "zero_optimization.stage"),
+    ({}, [], {"some_setting": "auto"}, "some_setting"),
+]
+
+
+@pytest.mark.parametrize("run_patch, overrides, ds_patch, key", BAD, ids=[b[3] + str(i) for i, b in enumerate(BAD)])
+def test_bad_config_is_refused_naming_the_key(dataset_dir, run_patch, overrides, ds_patch, key):
+    run = {**GOOD, **run_patch}
+    ds_json = None
+    if ds_patch is not None:
+        ds_json = json.loads((REPO / "ds_configs/zero3.json").read_text())
+        ds_json.update(ds_patch)
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, run, overrides, ds_json)
+    assert key in str(err.value), str(err.value)
+
+
+def test_every_problem_is_reported_at_once(dataset_dir):
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, {**GOOD, "trian": 1}, ["train.lr=-1", "checkpoint.keep_last=0", "model.attention=x"])
+    assert len(err.value.problems) == 4
+
+
+def test_unknown_key_suggests_the_closest_name():
+    problems = Problems()
+    from_dict(RunConfig, {"train": {"warmup_step": 3}}, problems)
+    assert "did you mean 'warmup_steps'" in problems.items[0]
+
+
+def test_missing_group_shards_and_wrong_task(dataset_dir):
+    ds = {"groups": [{"name": "a", "shards": ["nowhere/*.tar"]},
+                     {"name": "b", "shards": ["shards/t2i"], "task": "i2t"},
+                     {"name": "b", "shards": ["shards/i2t"], "weight": 0}]}
+    (dataset_dir / "bad.yaml").write_text(yaml.safe_dump(ds))
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, {**GOOD, "dataset_config": "bad.yaml"})
+    text = str(err.value)
+    assert "groups[0].shards" in text and "nowhere" in text
+    assert "groups[1].task" in text and "manifest says t2i" in text
+    assert "used twice" in text and "groups[2].weight" in text
+
+
+def test_extends_and_overrides_merge(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"train": {"lr": 1e-3, "max_steps": 5}}))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "train": {"max_steps": 7}}))
+    from lance_ds.config.core import load_yaml
+
+    problems = Problems()
+    data = apply_overrides(load_yaml(tmp_path / "child.yaml", problems), ["train.seed=3", "log.every=2"], problems)
+    cfg = from_dict(RunConfig, data, problems)
+    assert not problems
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.seed, cfg.log.every) == (1e-3, 7, 3, 2)
+
+
+def test_every_shipped_config_loads():
+    """Every YAML under configs/ parses into its dataclass with no unknown keys (litgpt's rule)."""
+    from lance_ds.config.core import check, load_yaml
+    from lance_ds.config.data import DatasetConfig
+
+    shipped = sorted((REPO / "configs").rglob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        problems = Problems()
+        data = load_yaml(path, problems)
+        cls = DatasetConfig if "groups" in data else RunConfig
+        check(from_dict(cls, data, problems), problems)
+        # dataset shards may not exist before the main job makes them; everything else must be clean
+        assert not [p for p in problems.items if "shards" not in p], (path, problems.items)
+
+
+def test_every_field_is_documented():
+    undocumented = [key for key, _, text in describe(RunConfig) if not text]
+    assert not undocumented
