@@ -1,0 +1,214 @@
+"""Media bytes <-> frames: image modes, video frame sampling by timestamps, probes, errors that name the problem."""
+
+import io
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lance_ds.data.media import (
+    MediaError, decode_image, decode_video, encode_image, encode_video, probe_image, probe_video, sniff_extension)
+
+
+def counter_video(num_frames: int, width: int = 32, height: int = 24) -> np.ndarray:
+    """Frame i is uniformly grey level 20 * i: the decoded level tells which source frame was kept."""
+    levels = (np.arange(num_frames) * 20).astype(np.uint8)
+    return np.broadcast_to(levels[:, None, None, None], (num_frames, height, width, 3)).copy()
+
+
+def frame_ids(frames: torch.Tensor) -> list[int]:
+    return [round(float(f.float().mean()) / 20) for f in frames]
+
+
+def pil_bytes(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images
+
+
+def test_png_round_trip_is_exact_and_odd_sizes_work():
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 13, 3), dtype=np.uint8)
+    out = decode_image(encode_image(rgb, "png"))
+    assert out.dtype == torch.uint8 and out.shape == (1, 7, 13, 3)
+    assert np.array_equal(out[0].numpy(), rgb)
+    assert probe_image(encode_image(torch.from_numpy(rgb)[None], "png")).__dict__ == {
+        "width": 13, "height": 7, "format": "png"}
+
+
+def test_jpeg_round_trip_is_close():
+    rgb = np.full((16, 16, 3), (200, 30, 30), dtype=np.uint8)
+    data = encode_image(rgb, "jpeg")
+    assert sniff_extension(data) == "jpg" and probe_image(data).format == "jpeg"
+    assert np.abs(decode_image(data)[0].numpy().astype(int) - rgb).max() <= 6
+
+
+@pytest.mark.parametrize("mode, fmt, expected", [
+    ("L", "PNG", (90, 90, 90)),
+    ("I;16", "PNG", (255, 255, 255)),
+    ("LA", "PNG", (255, 255, 255)),  # fully transparent: composited on white
+    ("RGBA", "PNG", (255, 255, 255)),
+    ("P", "PNG", (0, 0, 0)),
+    ("CMYK", "JPEG", (255, 255, 255)),  # zero ink is white
+    ("CMYK", "TIFF", (255, 255, 255)),
+    ("1", "BMP", (0, 0, 0)),
+])
+def test_every_image_mode_becomes_rgb(mode, fmt, expected):
+    colour = {"L": 90, "I;16": 65535}.get(mode, 0)
+    data = pil_bytes(Image.new(mode, (5, 3), colour), fmt)
+    out = decode_image(data)
+    assert out.shape == (1, 3, 5, 3) and out.dtype == torch.uint8
+    assert tuple(out[0, 1, 2].tolist()) == expected
+
+
+def test_rgba_alpha_is_composited():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 255
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    out = decode_image(encode_image(rgba, "png"))[0]
+    assert tuple(out[0, 0].tolist()) == (255, 0, 0) and tuple(out[3, 0].tolist()) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"definitely not an image", "not a readable image"),
+    (encode_image(np.zeros((32, 32, 3), np.uint8) + 100, "jpeg")[:150], "not a readable image"),
+    (encode_image(np.zeros((32, 32, 3), np.uint8) + 100, "png")[:-30], "not a readable image"),
+])
+def test_bad_images_raise_media_error(data, message):
+    with pytest.raises(MediaError, match=message):
+        decode_image(data)
+    with pytest.raises(MediaError):
+        probe_image(data)
+
+
+def test_encode_image_refuses_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        encode_image(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="one frame"):
+        encode_image(np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="format"):
+        encode_image(np.zeros((4, 4, 3), np.uint8), "gif")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# videos
+
+
+def test_video_round_trip_keeps_every_frame_and_probe_reads_metadata():
+    data = encode_video(counter_video(10), fps=10)
+    assert sniff_extension(data) == "mp4"
+    frames = decode_video(data)
+    assert frames.shape == (10, 24, 32, 3) and frames.dtype == torch.uint8
+    assert frame_ids(frames) == list(range(10))
+    info = probe_video(data)
+    assert (info.width, info.height, info.num_frames) == (32, 24, 10)
+    assert info.fps == pytest.approx(10) and info.duration == pytest.approx(1.0)
+
+
+def test_encode_video_is_deterministic():
+    frames = counter_video(5)
+    assert encode_video(frames, fps=12) == encode_video(torch.from_numpy(frames), fps=12)
+
+
+@pytest.mark.parametrize("source_fps, sample_fps, expected", [
+    (24, 12, [0, 2, 4, 6, 8, 10]),  # every second frame
+    (24, 8, [0, 3, 6, 9]),
+    (10, 4, [0, 3, 5, 8, 10]),  # targets 0, .25, .5, .75, 1.0 s -> first frame at or after each
+    (10, 30, list(range(12))),  # slower source: all frames, none repeated
+])
+def test_frame_sampling_follows_timestamps(source_fps, sample_fps, expected):
+    data = encode_video(counter_video(12), fps=source_fps)
+    assert frame_ids(decode_video(data, sample_fps=sample_fps)) == expected
+
+
+def test_max_frames_and_max_duration_stop_decoding():
+    data = encode_video(counter_video(12), fps=10)
+    assert frame_ids(decode_video(data, max_frames=3)) == [0, 1, 2]
+    assert frame_ids(decode_video(data, max_duration=0.5)) == [0, 1, 2, 3, 4]  # frames at 0.0 .. 0.4 s
+    assert frame_ids(decode_video(data, sample_fps=5, max_duration=0.7, max_frames=9)) == [0, 2, 4, 6]
+    assert frame_ids(decode_video(data, sample_fps=5, max_frames=2)) == [0, 2]
+
+
+def test_timestamps_not_starting_at_zero():
+    """Sampling is measured from the first frame, whatever the stream's start time."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        for i, rgb in enumerate(counter_video(8)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i + 5  # starts at 0.5 s
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert frame_ids(decode_video(buf.getvalue(), sample_fps=5, max_duration=0.5)) == [0, 2, 4]
+
+
+def test_one_frame_video_and_odd_size():
+    data = encode_video(counter_video(1, width=33, height=17), fps=12)
+    assert decode_video(data, sample_fps=12, max_frames=9).shape == (1, 17, 33, 3)
+    info = probe_video(data)
+    assert (info.width, info.height, info.num_frames) == (33, 17, 1)
+
+
+def test_mpeg4_codec_and_sampling_arguments():
+    data = encode_video(counter_video(4), fps=8, codec="mpeg4")
+    assert frame_ids(decode_video(data)) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="sample_fps"):
+        decode_video(data, sample_fps=0)
+    with pytest.raises(ValueError, match="max_frames"):
+        decode_video(data, max_frames=0)
+    with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+        encode_video(np.zeros((4, 4, 3), np.uint8), fps=8)
+
+
+def test_bad_videos_raise_media_error():
+    data = encode_video(counter_video(12), fps=10)
+    image = encode_image(np.zeros((8, 8, 3), np.uint8), "png")
+    audio = io.BytesIO()
+    with av.open(audio, mode="w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for bad, message in [(b"", "empty"), (b"\x00" * 5000, "not a readable video"), (data[: len(data) // 2], "not a readable"),
+                         (audio.getvalue(), "no video stream")]:
+        with pytest.raises(MediaError, match=message):
+            decode_video(bad)
+        with pytest.raises(MediaError, match=message):
+            probe_video(bad)
+    assert probe_video(image).num_frames == 1  # a still image is a 1-frame video to FFmpeg, not an error
+
+
+def test_probe_catches_truncated_payload_when_index_comes_first(tmp_path):
+    """With the index (moov) at the front, a cut file still opens; probing must notice the missing frames."""
+    frames = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)  # noise: large frames
+    path = tmp_path / "faststart.mp4"  # faststart rewrites the file, so it needs a real one
+    with av.open(str(path), mode="w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for rgb in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = path.read_bytes()
+    assert data[4:8] == b"ftyp" and data.index(b"moov") < data.index(b"mdat")
+    assert probe_video(data).num_frames == 12
+    with pytest.raises(MediaError, match="truncated"):
+        probe_video(data[: len(data) * 2 // 3])
+
+
+def test_sniff_extension():
+    assert sniff_extension(pil_bytes(Image.new("RGB", (2, 2)), "WEBP")) == "webp"
+    assert sniff_extension(pil_bytes(Image.new("RGB", (2, 2)), "GIF")) == "gif"
+    assert sniff_extension(pil_bytes(Image.new("RGB", (2, 2)), "TIFF")) == "tiff"
+    assert sniff_extension(b"random bytes here") is None
