@@ -28,6 +28,8 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
+from .ema import ShardedEMA
+
 LATEST = "latest"
 TMP_SUFFIX = ".tmp"
 
@@ -121,7 +123,7 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------------------------------------------
 
     def save(self, engine, step: int, trainer_state: dict, config: dict, data_state: dict | None,
-             ema_state: dict[str, torch.Tensor] | None) -> Path:
+             ema: ShardedEMA | None) -> Path:
         """Write a complete checkpoint for `step` on every rank, then publish it atomically."""
         name = step_name(step)
         tmp = self.root / (name + TMP_SUFFIX)
@@ -135,8 +137,9 @@ class Checkpointer:
         mine.mkdir(parents=True, exist_ok=True)
         if data_state is not None:
             (mine / "data.json").write_text(json.dumps(data_state))
-        if ema_state is not None:
-            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(mine / "ema.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(mine / "ema.safetensors"),
+                      metadata=ema.metadata())
         _barrier()
         if self.rank == 0:
             state = dict(trainer_state, step=step, world_size=self.world_size)

@@ -1,0 +1,81 @@
+"""Exponential moving average of the trainable weights that never gathers the model.
+
+Under ZeRO-3 each rank keeps the EMA of its own parameter partitions (`param.ds_tensor`) in fp32, so the EMA costs
+4 bytes per parameter divided by the world size, and updating it needs no communication. Below stage 3 every rank
+holds full parameters and so a full EMA. A checkpoint stores each rank's shard; `consolidate` rebuilds full
+tensors offline from the shards, the same way ZeRO-3 partitions a flattened parameter: equal contiguous chunks in
+rank order, the last one padded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+PARTITIONED = "partitioned"
+
+
+def _local(p: torch.nn.Parameter) -> torch.Tensor:
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+def _full_shape(p: torch.nn.Parameter) -> list[int]:
+    return list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
+
+
+class ShardedEMA:
+    """EMA shadow of `model`'s trainable parameters, local to this rank."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
+        self.partitioned = any(hasattr(p, "ds_tensor") for p in self.params.values())
+        self.shapes = {n: _full_shape(p) for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, p in self.params.items():
+            self.shadow[name].lerp_(_local(p).float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def metadata(self) -> dict[str, str]:
+        return {PARTITIONED: json.dumps(self.partitioned), "shapes": json.dumps(self.shapes)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.shadow) - set(state))
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}; the checkpoint was "
+                           "saved by a different model (check model.* in its config.yaml)")
+        for name, value in state.items():
+            if name in self.shadow:
+                if value.shape != self.shadow[name].shape:
+                    raise ValueError(f"EMA shard of {name} has shape {tuple(value.shape)}, expected "
+                                     f"{tuple(self.shadow[name].shape)}: resume with the world size it was saved with")
+                self.shadow[name].copy_(value)
+
+
+def consolidate(shard_files: list[Path]) -> dict[str, torch.Tensor]:
+    """Full fp32 EMA tensors from the per-rank shard files of one checkpoint (given in rank order)."""
+    shards = []
+    meta = None
+    for path in shard_files:
+        with safe_open(str(path), framework="pt") as f:
+            meta = meta or f.metadata()
+            shards.append({k: f.get_tensor(k) for k in f.keys()})
+    if not shards:
+        return {}
+    shapes = json.loads(meta["shapes"])
+    if not json.loads(meta[PARTITIONED]):
+        return {name: shards[0][name].view(shape) for name, shape in shapes.items()}
+    out = {}
+    for name, shape in shapes.items():
+        numel = int(torch.Size(shape).numel())
+        flat = torch.cat([s[name].flatten() for s in shards])
+        out[name] = flat[:numel].view(shape).clone()
+    return out

@@ -1,0 +1,74 @@
+"""DeepSpeed set-up: the process group, the device, and the engine around the trainable model.
+
+What goes where (rule 5): the trainable LanceModel is built under `deepspeed.zero.Init` (by lance_ds.model) and
+wrapped by the engine here; the frozen VAE and the frozen ViT are plain modules on the device, outside the engine,
+so ZeRO never partitions them and checkpoints never contain them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group the launcher described (deepspeed, torchrun, or a single plain process)."""
+    # A plain `python lance_ds/train.py` is a world of one; DeepSpeed would otherwise try MPI discovery.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    import deepspeed
+
+    deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: ZeRO-3 initialises each partition from the same full-model draw."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
+    """The RNG for one micro-step's noise and timesteps: a pure function of its coordinates, so a resumed run
+    draws exactly what the uninterrupted run drew, with no RNG state to checkpoint."""
+    g = torch.Generator(device=device)
+    g.manual_seed(hash((seed, step, micro, rank)) % 2**63)
+    return g
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict):
+    """Wrap the trainable model: DeepSpeed builds the optimizer and scheduler from the resolved JSON."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: model.freeze_modules froze everything; unfreeze something")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    return engine

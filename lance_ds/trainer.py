@@ -1,0 +1,226 @@
+"""The training loop. `train()` reads like pseudocode; each part of a step is a small method below it.
+
+One optimizer step = `train.grad_accum` micro-steps; each micro-step takes one PackedBatch from this rank's loader,
+encodes its pixels with the frozen VAE/ViT, noises the latents (objectives.flow), runs the engine, and backpropagates
+the named losses (objectives). Every rank runs every trainable branch each micro-step (the packer adds zero-weight
+placeholders), so ZeRO-3's collectives always match.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from .checkpoint import Checkpointer, CheckpointError
+from .config.core import to_dict
+from .config.data import TASKS
+from .config.deepspeed import zero_stage
+from .config.run import Run
+from .ema import ShardedEMA
+from .engine import build_engine, init_distributed, seed_everything, step_generator
+from .metrics import Meter, TensorBoard, Throughput, memory_scalars
+from .steps import Step
+
+# Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
+ARCHITECTURE_KEYS = ("size", "path", "visual_und", "visual_gen", "lape", "training_type", "lora")
+
+
+class Trainer:
+    def __init__(self, run: Run, ds_config: dict, resume: str = "latest"):
+        self.run, self.cfg, self.ds_config = run, run.config, ds_config
+        self.dist = init_distributed()
+        seed_everything(self.cfg.train.seed)
+        self.out = Path(self.cfg.output_dir)
+        self.step_fn = Step.build(self.cfg, ds_config, self.dist)  # tokenizer, model parts, planner, objectives
+        self.engine = build_engine(self.step_fn.model, ds_config)
+        self.ema = ShardedEMA(self.engine.module, self.cfg.train.ema_decay) if self.cfg.train.ema_decay > 0 else None
+        self.loader = self.step_fn.build_train_loader(run.dataset)
+        self.checkpointer = Checkpointer(self.out / "checkpoints", self.cfg.checkpoint.keep_last,
+                                         self.dist.rank, self.dist.world_size)
+        self.tb = TensorBoard(self.out / "tensorboard", enabled=self.dist.is_first)
+        self.step = 0
+        self.skipped_steps = 0
+        self.started = time.time()
+        self.tokens_seen = 0
+        self.last_losses: dict[str, float] = {}
+        self._resume(resume)
+        if self.dist.is_first:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg = self.cfg
+        self.print_banner()
+        batches = iter(self.loader)
+        self.validate_if_due()
+        meter, speed = Meter(), Throughput()
+        progress = self._progress_bar()
+        while self.step < cfg.train.max_steps:
+            self.train_step(batches, meter, speed)
+            self.step += 1
+            progress.update(1)
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
+                self.log(meter, speed, progress)
+            self.validate_if_due()
+            if self._save_due():
+                self.save()
+        progress.close()
+        if self.checkpointer.resolve("latest") is None or self._latest_step() != self.step:
+            self.save()
+        self.print_summary()
+
+    def train_step(self, batches, meter: Meter, speed: Throughput) -> None:
+        """One optimizer step over `grad_accum` micro-batches."""
+        skipped_before = self.engine.skipped_steps
+        for micro in range(self.cfg.train.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            speed.data_wait += time.perf_counter() - t0
+            gen = step_generator(self.cfg.train.seed, self.step, micro, self.dist.rank, self.dist.device)
+            losses = self.step_fn.losses(self.engine, batch, gen)
+            self.engine.backward(losses.total)
+            self.engine.step()
+            self._account(batch, losses, meter, speed)
+        skipped = self.engine.skipped_steps - skipped_before
+        self.skipped_steps += skipped
+        if self.ema is not None and not skipped:
+            self.ema.update()
+        meter.add("train/grad_norm", _finite_or_nan(self.engine.get_global_grad_norm()))
+
+    def _account(self, batch, losses, meter: Meter, speed: Throughput) -> None:
+        for name, value in losses.scalars().items():
+            meter.add(name, value)
+        meter.add("data/packing_efficiency", batch.num_real_tokens / max(batch.num_tokens, 1))
+        speed.tokens += batch.num_real_tokens
+        speed.samples += sum(t != "pad" for t in batch.tasks)
+        self.tokens_seen += batch.num_real_tokens * self.dist.world_size
+
+    # -- logging ---------------------------------------------------------------------------------------------------
+
+    def log(self, meter: Meter, speed: Throughput, progress) -> None:
+        scalars = meter.means()
+        scalars.update(speed.scalars(self.dist.world_size))
+        scalars.update(memory_scalars())
+        scalars["train/lr"] = self.engine.get_lr()[0]
+        scalars["train/skipped_steps"] = self.skipped_steps
+        scalars.update(self.loader.stats_scalars())
+        self.tb.scalars(self.step, scalars)
+        self.last_losses = {k: v for k, v in scalars.items() if k in ("train/loss", "train/ce", "train/mse")}
+        progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.last_losses.items()})
+        meter.reset()
+        speed.reset()
+
+    def _progress_bar(self):
+        from tqdm import tqdm
+
+        enabled = self.dist.is_first and self.cfg.log.progress_bar
+        return tqdm(total=self.cfg.train.max_steps, initial=self.step, disable=not enabled, desc="train",
+                    dynamic_ncols=True)
+
+    def print_banner(self) -> None:
+        if not self.dist.is_first:
+            return
+        cfg, parts = self.cfg, self.step_fn
+        lines = [
+            "lance_ds: training",
+            f"  model        {parts.describe()}",
+            f"  switches     visual_und={cfg.model.visual_und} visual_gen={cfg.model.visual_gen} "
+            f"lape={cfg.model.lape.enabled} training_type={cfg.model.training_type}",
+            f"  data         " + "; ".join(f"{g.name} ({g.task}, weight {g.weight}, "
+                                          f"{self.loader.num_samples(g.name)} samples)" for g in self.run.dataset.groups),
+            f"  world        {self.dist.world_size} rank(s) on {self.dist.device.type}, ZeRO stage "
+            f"{zero_stage(self.ds_config)}, precision {cfg.train.precision}",
+            f"  batch        {cfg.train.micro_batch_size} x {cfg.data.packing_length} tokens per micro-step, "
+            f"grad_accum {cfg.train.grad_accum}, {self._tokens_per_step()} tokens per step",
+            f"  steps        {self.step} -> {cfg.train.max_steps}, lr {cfg.train.lr} ({cfg.train.lr_schedule}, "
+            f"warmup {cfg.train.warmup_steps}), save every {cfg.checkpoint.save_every}",
+            f"  output       {self.out}",
+        ]
+        print("\n".join(lines), flush=True)
+
+    def _tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * self.cfg.data.packing_length * t.grad_accum * self.dist.world_size
+
+    def print_summary(self) -> None:
+        if not self.dist.is_first:
+            return
+        elapsed = time.time() - self.started
+        losses = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in self.last_losses.items())
+        print(f"lance_ds: done: {self.step} steps in {elapsed:.0f} s, {self.tokens_seen:,} tokens, "
+              f"skipped steps {self.skipped_steps}; final {losses}\n"
+              f"  checkpoint  {self.checkpointer.root / 'latest'} -> {self._latest_name()}\n"
+              f"  tensorboard {self.out / 'tensorboard'}", flush=True)
+
+    # -- validation ------------------------------------------------------------------------------------------------
+
+    def validate_if_due(self) -> None:
+        every = self.cfg.validation.every
+        if every and self.run.val_dataset is not None and self.step % every == 0:
+            self.step_fn.validate(self.engine, self.run.val_dataset, self.step, self.tb, self.ema)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+
+    def _save_due(self) -> bool:
+        ck = self.cfg.checkpoint
+        return self.step % ck.save_every == 0 or self.step == ck.debug_step
+
+    def save(self) -> None:
+        state = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
+                 "model": to_dict(self.cfg.model)}
+        self.checkpointer.save(self.engine, self.step, state, to_dict(self.cfg), self.loader.state_dict(), self.ema)
+
+    def _latest_name(self) -> str:
+        pointer = self.checkpointer.root / "latest"
+        return pointer.read_text().strip() if pointer.is_file() else "(none)"
+
+    def _latest_step(self) -> int:
+        path = self.checkpointer.resolve("latest")
+        return int(path.name.split("_")[1]) if path else -1
+
+    def _resume(self, resume: str) -> None:
+        path = self.checkpointer.resolve(resume)
+        if path is None:
+            return
+        saved = json.loads((path / "trainer_state.json").read_text())
+        self._refuse_other_architecture(saved.get("model", {}), path)
+        resumed = self.checkpointer.load(self.engine, path)
+        self.step = resumed.step
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
+        self.tokens_seen = int(saved.get("tokens_seen", 0))
+        if resumed.data_state is not None:
+            self.loader.load_state_dict(resumed.data_state)
+        if self.ema is not None and resumed.ema_state is not None:
+            self.ema.load_state_dict(resumed.ema_state)
+        if self.dist.is_first:
+            print(f"lance_ds: resumed from {path} at step {self.step}", flush=True)
+
+    def _refuse_other_architecture(self, saved_model: dict, path: Path) -> None:
+        current = to_dict(self.cfg.model)
+        differing = [k for k in ARCHITECTURE_KEYS if k in saved_model and saved_model[k] != current.get(k)]
+        if differing:
+            detail = "; ".join(f"model.{k}: checkpoint {saved_model[k]!r}, now {current.get(k)!r}" for k in differing)
+            raise CheckpointError(f"{path} was trained with a different architecture ({detail}). Resume with the "
+                                  f"same model settings, or start a new output_dir (or --resume none).")
+
+    def close(self) -> None:
+        self.tb.close()
+        self.loader.close()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def _finite_or_nan(x) -> float:
+    if x is None:
+        return math.nan
+    x = float(x)
+    return x if math.isfinite(x) else math.nan

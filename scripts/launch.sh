@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Shared body of the sft_lance_*.sh scripts: environment knobs -> lance_ds/train.py flags and overrides.
+# It only validates the knobs (positive integers, booleans, existing files) and passes them on; the three
+# scripts differ only in the defaults they set before sourcing this file. Extra arguments are passed through
+# as overrides, e.g.:  bash scripts/sft_lance_unified.sh train.lr=2e-5 train.max_steps=1000
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+die() { echo "$(basename "$0"): $*" >&2; exit 2; }
+positive() { [[ "${!1}" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '${!1}'"; }
+boolean() { [[ "${!1}" =~ ^(true|false)$ ]] || die "$1 must be true or false, got '${!1}'"; }
+file() { [ -f "${!1}" ] || die "$1 names '${!1}', which is not a file"; }
+dir() { [ -d "${!1}" ] || die "$1 names '${!1}', which is not a directory"; }
+
+: "${CONFIG_FILE:?set by the calling script}" "${DATASET_CONFIG_FILE:?set DATASET_CONFIG_FILE to a dataset YAML}"
+RUN_NAME=${RUN_NAME:-$(basename "$CONFIG_FILE" .yaml)}
+OUTPUT_ROOT=${OUTPUT_ROOT:-runs}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
+NUM_GPUS=${NUM_GPUS:-$(bash scripts/num_ranks.sh)}
+NUM_NODES=${NUM_NODES:-1}
+MASTER_PORT=${MASTER_PORT:-29500}
+RESUME=${RESUME:-latest}
+
+file CONFIG_FILE; file DATASET_CONFIG_FILE; file DS_CONFIG
+positive NUM_GPUS; positive NUM_NODES; positive MASTER_PORT
+[[ "$RUN_NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN_NAME may hold letters, digits, '.', '_' and '-', got '$RUN_NAME'"
+
+args=(--config "$CONFIG_FILE" --dataset_config "$DATASET_CONFIG_FILE" --ds_config "$DS_CONFIG"
+      --output_dir "$OUTPUT_ROOT/$RUN_NAME" --resume "$RESUME")
+if [ -n "${VAL_DATASET_CONFIG_FILE:-}" ]; then file VAL_DATASET_CONFIG_FILE; args+=("validation.dataset_config=$VAL_DATASET_CONFIG_FILE"); fi
+if [ -n "${MODEL_PATH:-}" ]; then dir MODEL_PATH; args+=("model.path=$MODEL_PATH"); fi
+if [ -n "${VISUAL_UND:-}" ]; then boolean VISUAL_UND; args+=("model.visual_und=$VISUAL_UND"); fi
+if [ -n "${VISUAL_GEN:-}" ]; then boolean VISUAL_GEN; args+=("model.visual_gen=$VISUAL_GEN"); fi
+if [ -n "${SAVE_EVERY:-}" ]; then positive SAVE_EVERY; args+=("checkpoint.save_every=$SAVE_EVERY"); fi
+if [ -n "${CKPT_DEBUG_STEPS:-}" ]; then positive CKPT_DEBUG_STEPS; args+=("checkpoint.debug_step=$CKPT_DEBUG_STEPS"); fi
+if [ -n "${VALIDATION_STEP:-}" ]; then positive VALIDATION_STEP; args+=("validation.every=$VALIDATION_STEP"); fi
+if [ -n "${NUM_WORKERS:-}" ]; then [[ "$NUM_WORKERS" =~ ^[0-9]+$ ]] || die "NUM_WORKERS must be an integer >= 0, got '$NUM_WORKERS'"; args+=("data.num_workers=$NUM_WORKERS"); fi
+if [ -n "${ENABLE_LAPE:-}" ]; then boolean ENABLE_LAPE; args+=("model.lape.enabled=$ENABLE_LAPE"); fi
+if [ -n "${NUM_SPATIAL_TOKENS:-}" ]; then positive NUM_SPATIAL_TOKENS; args+=("model.lape.num_spatial_tokens=$NUM_SPATIAL_TOKENS"); fi
+if [ -n "${NUM_TEMPORAL_TOKENS:-}" ]; then positive NUM_TEMPORAL_TOKENS; args+=("model.lape.num_temporal_tokens=$NUM_TEMPORAL_TOKENS"); fi
+args+=("$@")
+
+launcher=(deepspeed --master_port "$MASTER_PORT")
+if [ -n "${HOSTFILE:-}" ]; then
+  file HOSTFILE
+  launcher+=(--hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --num_gpus "$NUM_GPUS")
+elif [ "$NUM_NODES" -gt 1 ]; then
+  die "NUM_NODES=$NUM_NODES needs HOSTFILE (one 'host slots=N' line per node)"
+else
+  launcher+=(--num_gpus "$NUM_GPUS")
+fi
+
+# Refuse a bad config here, before the launcher starts any rank.
+python lance_ds/train.py --check "${args[@]}"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "${launcher[@]}" lance_ds/train.py "${args[@]}"
