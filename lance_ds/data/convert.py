@@ -1,0 +1,778 @@
+"""Parquet (one of the six Lance task schemas) -> webdataset tar shards + manifest.json + rejects.jsonl.
+
+    python tools/parquet_to_wds.py --input PATH [PATH ...] --output DIR [--task auto|t2i|...]
+        [--samples-per-shard N | --shard-size-mb M] [--workers N] [--verify full|none]
+
+How the work is planned (so that the output never depends on --workers, and a re-run can resume):
+  1. Inputs are expanded (directories: every *.parquet below, sorted) and only their footers are read: row-group
+     row counts and byte sizes. One conversion holds one task; a mix of tasks is refused (Lance keeps one task per
+     directory, and a dataset group in the loader is one task): convert each task directory into its own DIR.
+  2. Row groups, in input order, are gathered into work units of at most one shard's worth of rows (or bytes); a row
+     group larger than a shard is a unit of its own. Each unit is cut into shards of equal weight. Shards never span
+     units, so every row group is read exactly once, by one worker, one record batch at a time.
+  3. Workers convert whole units. A shard is written as `NAME.tar.tmp` and renamed when complete; then its record
+     (samples, bytes, sha256, media stats, rejects) lands in `DIR/.convert_state/NAME.json`. A re-run skips every shard
+     whose record matches the plan and whose tar still has the recorded size and sha256, and redoes the rest.
+  4. manifest.json and rejects.jsonl are assembled from the records in plan order (deterministic), each written under
+     a temporary name and renamed. manifest.json exists only after a complete run.
+
+Shard layout: sample KEY = "{file index:05d}-{file stem, sanitised}-{row:09d}" (only [A-Za-z0-9_-]: no dots, no
+slashes, unique across the inputs) has `KEY.json` and one member per media column, `KEY.{column without _bytes}.{ext}`
+with the extension sniffed from the bytes (jpg, png, mp4, ...; "bin" when unknown). Media bytes are stored as they
+came. Tar headers are fixed (mtime 2000-01-01, uid/gid 0, mode 0644, USTAR), so the same input gives the same bytes.
+
+KEY.json:
+    {"key": KEY, "task": "t2i", "caption": "...",                       # every text column of the task, exact
+     "source": {"file": "data/part-0.parquet", "row": 12},              # row index within the file
+     "media": {"image": {"format": "jpg", "bytes": 51234, "width": 512, "height": 384},
+               "video": {"format": "mp4", "bytes": 912345, "width": 848, "height": 480,
+                         "frames": 121, "fps": 24.0, "duration": 5.04}}}
+
+manifest.json:
+    {"format": "lance_ds.shards/1", "task": "t2i", "num_samples": N, "num_rejects": R, "num_rows": N + R,
+     "verify": "full", "media_columns": {"image": "image"},            # member -> kind
+     "shards": [{"name": "shard-000000.tar", "num_samples": n, "bytes": b, "sha256": "...",
+                 "media": {"image": {"count": n, "width": {"min", "max", "mean"}, "height": {...},
+                                     ["frames", "fps", "duration": {...} for videos]}}}, ...]}
+Shards whose rows were all rejected are not written and not listed.
+
+rejects.jsonl, one line per rejected row: {"file": ..., "row": ..., "column": ..., "reason": ...} (+ "more": further
+problems of the same row). `--verify full` decodes every image and probes every video (container, first frame, every
+packet); `--verify none` only reads headers for the metadata (fast; unreadable headers are still rejected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import re
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lance_ds.config.core import ConfigError, Problems, doc
+from lance_ds.data import media
+from lance_ds.data.schemas import SCHEMAS, MediaKind, RowProblem, SchemaError, TaskSchema, resolve_task, validate_row
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lance_ds.shards/1"
+STATE_DIR = ".convert_state"  # per-shard records that make a re-run resumable
+SHARD_NAME = "shard-{:06d}.tar"
+_SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
+_TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so that shards are byte-identical across runs
+_TAR_RECORD = 10240  # bytes; tar archives end padded to a whole record, as tarfile and GNU tar write them
+_BATCH_BYTES = 32 << 20  # ~bytes of one record batch read from parquet: bounds a worker's memory
+_STEM_CHARS = 40  # longest file-stem part of a key (keeps member names under USTAR's 100 characters)
+
+
+class ConvertError(ValueError):
+    """The conversion cannot start (bad inputs, options, mixed tasks); the message says how to fix it."""
+
+
+@dataclass
+class ConvertOptions:
+    """The converter's command line as a config (tools/parquet_to_wds.py maps flags 1:1 onto these fields)."""
+
+    inputs: list[str] = doc(factory=list, text="parquet files or directories holding them (searched recursively)")
+    output: str = doc("", "output directory for shards, manifest.json and rejects.jsonl")
+    task: str = doc("auto", "auto (detect from the columns) or one of t2i, t2v, i2i, v2v, i2t, v2t")
+    samples_per_shard: int | None = doc(None, "rows per shard (fewer when rows are rejected)")
+    shard_size_mb: float | None = doc(None, "approximate shard size in MB (1e6 bytes); default 256 when neither is set")
+    workers: int = doc(1, "converter processes; the output is the same for any number")
+    verify: str = doc("full", "full: decode every image, probe every video; none: headers only (trusted data)")
+    progress: bool = doc(True, "show a tqdm progress bar on stderr")
+
+    def check(self, problems: Problems, key: str = "") -> None:
+        problems.require(bool(self.inputs), "--input", "give at least one parquet file or directory")
+        problems.require(bool(self.output), "--output", "give the output directory")
+        problems.one_of(self.task, ("auto", *SCHEMAS), "--task")
+        problems.one_of(self.verify, ("full", "none"), "--verify")
+        problems.positive(self.workers, "--workers")
+        if self.samples_per_shard is not None and self.shard_size_mb is not None:
+            problems.add("--samples-per-shard", "give either --samples-per-shard or --shard-size-mb, not both")
+        if self.samples_per_shard is not None:
+            problems.positive(self.samples_per_shard, "--samples-per-shard")
+        if self.shard_size_mb is not None:
+            problems.positive(self.shard_size_mb, "--shard-size-mb", float)
+
+
+DEFAULT_SHARD_SIZE_MB = 256.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One parquet input, from its footer only."""
+
+    index: int  # position among all inputs: part of every key, so keys are unique across files
+    path: str  # as given (or found under a given directory); recorded in KEY.json and rejects.jsonl
+    key_prefix: str
+    size: int  # bytes on disk
+    mtime_ns: int
+    group_rows: tuple[int, ...]  # rows per row group
+    group_bytes: tuple[int, ...]  # uncompressed bytes of the task's columns per row group
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.group_rows)
+
+    def group_start(self, group: int) -> int:
+        return sum(self.group_rows[:group])
+
+
+def find_parquet_files(inputs: list[str]) -> list[Path]:
+    """Files as given; directories expanded to every *.parquet below them, sorted. Duplicates are refused."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+            if not found:
+                raise ConvertError(f"--input {item}: the directory holds no *.parquet file")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConvertError(f"--input {item}: no such file or directory")
+    seen: dict[Path, Path] = {}
+    for path in files:
+        real = path.resolve()
+        if real in seen:
+            raise ConvertError(f"--input: {path} is given twice (also as {seen[real]}); each row must be converted once")
+        seen[real] = path
+    return files
+
+
+def sanitize_stem(stem: str) -> str:
+    """A file stem reduced to [A-Za-z0-9_-] (no dots: webdataset splits keys at the first dot)."""
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_-")
+    return clean[:_STEM_CHARS] or "file"
+
+
+def read_source(index: int, path: Path, schema_columns: list[str] | None = None) -> tuple[SourceFile, list[str]]:
+    """Footer of one parquet file -> (SourceFile, its column names)."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:  # not parquet, truncated footer, unreadable
+        raise ConvertError(f"--input {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    meta = parquet.metadata
+    columns = list(parquet.schema_arrow.names)
+    wanted = set(schema_columns or columns)
+    group_bytes = []
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        group_bytes.append(sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
+                               if group.column(c).path_in_schema in wanted))
+    stat = path.stat()
+    source = SourceFile(
+        index=index, path=str(path), key_prefix=f"{index:05d}-{sanitize_stem(path.stem)}", size=stat.st_size,
+        mtime_ns=stat.st_mtime_ns, group_rows=tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
+        group_bytes=tuple(group_bytes))
+    return source, columns
+
+
+def open_sources(inputs: list[str], task: str) -> tuple[TaskSchema, list[SourceFile]]:
+    """Read every input's footer, settle the one task of the conversion, refuse mixed tasks."""
+    paths = find_parquet_files(inputs)
+    found: list[tuple[Path, TaskSchema, list[str]]] = []
+    errors = []
+    for path in paths:
+        try:
+            _, columns = read_source(0, path)
+            found.append((path, resolve_task(columns, task, source=str(path)), columns))
+        except SchemaError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConvertError("\n".join(errors))
+    by_task: dict[str, list[str]] = {}
+    for path, schema, _ in found:
+        by_task.setdefault(schema.task, []).append(str(path))
+    if len(by_task) > 1:
+        listing = "\n".join(f"  {t} ({SCHEMAS[t].dir_name}): {', '.join(files[:5])}" + (" ..." if len(files) > 5 else "")
+                            for t, files in by_task.items())
+        raise ConvertError(
+            "the inputs hold more than one task; one conversion makes one task's shards (a dataset group is one task). "
+            f"Convert each task into its own --output directory:\n{listing}")
+    schema = found[0][1]
+    sources = []
+    for index, (path, _, columns) in enumerate(found):
+        extra = sorted(set(columns) - set(schema.columns))
+        if extra:
+            log.warning("%s: columns %s are not part of the %s schema and are not converted", path, extra, schema.task)
+        sources.append(read_source(index, path, list(schema.columns))[0])
+    return schema, sources
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass(frozen=True)
+class RowSpan:
+    """Rows [start, stop) of one file (indexes within the file)."""
+
+    file: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    spans: tuple[RowSpan, ...]
+    fingerprint: str  # hash of everything the shard's bytes depend on; a record with another one is stale
+
+    @property
+    def name(self) -> str:
+        return SHARD_NAME.format(self.index)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.stop - s.start for s in self.spans)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Consecutive row groups converted by one worker, and the shards cut from them."""
+
+    groups: tuple[tuple[int, int], ...]  # (file index, row group)
+    shards: tuple[ShardPlan, ...]
+
+
+def _row_weights(sources: list[SourceFile], by_bytes: bool) -> list[tuple[int, int, float]]:
+    """(file, group, weight of one row of that group): 1 per row, or the group's bytes per row."""
+    out = []
+    for src in sources:
+        for g, rows in enumerate(src.group_rows):
+            if rows:
+                out.append((src.index, g, src.group_bytes[g] / rows if by_bytes else 1.0))
+    return out
+
+
+def plan_work(sources: list[SourceFile], schema: TaskSchema, options: ConvertOptions) -> list[WorkUnit]:
+    """Row groups -> work units -> shards. Depends only on the inputs and the shard size, never on --workers."""
+    by_bytes = options.samples_per_shard is None
+    target = (options.shard_size_mb or DEFAULT_SHARD_SIZE_MB) * 1e6 if by_bytes else float(options.samples_per_shard)
+    groups = _row_weights(sources, by_bytes)
+    # gather row groups into units of at most one shard's weight (a bigger group is a unit of its own)
+    unit_groups: list[list[tuple[int, int, float]]] = []
+    unit_weight = 0.0
+    for file, g, row_weight in groups:
+        weight = row_weight * sources[file].group_rows[g]
+        if not unit_groups or unit_weight + weight > target:
+            unit_groups.append([])
+            unit_weight = 0.0
+        unit_groups[-1].append((file, g, row_weight))
+        unit_weight += weight
+    units = []
+    shard_index = 0
+    for members in unit_groups:
+        shards = _cut_shards(members, sources, target, shard_index, schema, options)
+        shard_index += len(shards)
+        units.append(WorkUnit(groups=tuple((f, g) for f, g, _ in members), shards=tuple(shards)))
+    return units
+
+
+def _cut_shards(members, sources, target, first_index, schema, options) -> list[ShardPlan]:
+    """Cut a unit's rows into ceil(weight / target) shards of equal weight."""
+    rows = []  # (file, row in file, weight), in order
+    for file, g, row_weight in members:
+        start = sources[file].group_start(g)
+        rows.extend((file, start + r, row_weight) for r in range(sources[file].group_rows[g]))
+    total = sum(w for _, _, w in rows)
+    num_shards = max(1, math.ceil(total / target - 1e-9))
+    cuts, acc, next_cut = [], 0.0, total / num_shards
+    for i, (_, _, w) in enumerate(rows):
+        acc += w
+        if acc >= next_cut - 1e-9 and len(cuts) < num_shards - 1 and i + 1 < len(rows):
+            cuts.append(i + 1)
+            next_cut = total * (len(cuts) + 1) / num_shards
+    bounds = [0, *cuts, len(rows)]
+    shards = []
+    for j in range(len(bounds) - 1):
+        spans = _spans(rows[bounds[j]:bounds[j + 1]])
+        shards.append(ShardPlan(first_index + j, spans, _fingerprint(first_index + j, spans, sources, schema, options)))
+    return shards
+
+
+def _spans(rows) -> tuple[RowSpan, ...]:
+    spans: list[RowSpan] = []
+    for file, row, _ in rows:
+        if spans and spans[-1].file == file and spans[-1].stop == row:
+            spans[-1] = RowSpan(file, spans[-1].start, row + 1)
+        else:
+            spans.append(RowSpan(file, row, row + 1))
+    return tuple(spans)
+
+
+def _fingerprint(index, spans, sources, schema, options) -> str:
+    files = sorted({s.file for s in spans})
+    identity = {
+        "format": FORMAT, "shard": index, "task": schema.task, "verify": options.verify,
+        "spans": [dataclasses.astuple(s) for s in spans],
+        "files": [(sources[f].path, sources[f].key_prefix, sources[f].size, sources[f].mtime_ns) for f in files],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing one shard
+
+
+class TarShardWriter:
+    """A deterministic tar written straight from bytes: fixed headers, sha256 computed while writing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp_path = path.with_name(path.name + ".tmp")
+        self._file = open(self.tmp_path, "wb")
+        self._hash = hashlib.sha256()
+        self.bytes = 0
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.bytes += len(data)
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._write(info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict"))
+        self._write(data)
+        padding = -len(data) % tarfile.BLOCKSIZE
+        if padding:
+            self._write(b"\0" * padding)
+
+    def close(self) -> str:
+        """End the archive, rename it into place; returns its sha256."""
+        end = 2 * tarfile.BLOCKSIZE
+        self._write(b"\0" * (end + (-(self.bytes + end) % _TAR_RECORD)))
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# converting one row
+
+
+@dataclass
+class MediaStats:
+    """Running min / max / sum of media metadata over a shard."""
+
+    count: int = 0
+    values: dict[str, list[float]] = field(default_factory=dict)  # name -> [min, max, sum]
+
+    def add(self, meta: dict) -> None:
+        self.count += 1
+        for name in ("width", "height", "frames", "fps", "duration"):
+            if name in meta:
+                v = float(meta[name])
+                lo_hi_sum = self.values.setdefault(name, [v, v, 0.0])
+                lo_hi_sum[0], lo_hi_sum[1] = min(lo_hi_sum[0], v), max(lo_hi_sum[1], v)
+                lo_hi_sum[2] += v
+
+    def to_json(self) -> dict:
+        out: dict = {"count": self.count}
+        for name, (lo, hi, total) in self.values.items():
+            out[name] = {"min": lo, "max": hi, "mean": round(total / self.count, 6)}
+        return out
+
+
+def media_metadata(data: bytes, kind: MediaKind, verify: str) -> dict:
+    """Probe (verify full) or peek (verify none) the bytes; raises media.MediaError for unreadable bytes."""
+    ext = media.sniff_extension(data)
+    if kind is MediaKind.IMAGE:
+        info = media.probe_image(data) if verify == "full" else media.peek_image(data)
+        meta = {"width": info.width, "height": info.height}
+        ext = ext or {"jpeg": "jpg"}.get(info.format, re.sub(r"[^a-z0-9]", "", info.format) or "bin")
+    else:
+        info = media.probe_video(data) if verify == "full" else media.peek_video(data)
+        meta = {"width": info.width, "height": info.height, "frames": info.num_frames,
+                "fps": round(info.fps, 6), "duration": round(info.duration, 6)}
+        ext = ext or "bin"
+    return {"format": ext, "bytes": len(data), **meta}
+
+
+@dataclass
+class ShardRecord:
+    """What a finished shard holds; saved under STATE_DIR so that a re-run can skip it."""
+
+    name: str
+    fingerprint: str
+    num_rows: int
+    num_samples: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    media: dict = field(default_factory=dict)
+    rejects: list[dict] = field(default_factory=list)
+
+
+class ShardBuilder:
+    """Validates, verifies and writes the rows of one planned shard."""
+
+    def __init__(self, plan: ShardPlan, schema: TaskSchema, sources: list[SourceFile], output: Path, verify: str):
+        self.plan, self.schema, self.sources, self.verify = plan, schema, sources, verify
+        self.record = ShardRecord(plan.name, plan.fingerprint, plan.num_rows)
+        self.stats = {c.member: MediaStats() for c in schema.media}
+        self.writer: TarShardWriter | None = None
+        self.output = output
+
+    def add_row(self, file: int, row: int, values: dict) -> int:
+        """Convert one row; returns the bytes it added to the shard (0 when rejected)."""
+        source = self.sources[file]
+        checked = validate_row(self.schema, values)
+        metas = {}
+        for column in self.schema.media:
+            if column.name in checked.media:
+                try:
+                    metas[column.member] = media_metadata(checked.media[column.name], column.kind, self.verify)
+                except media.MediaError as e:
+                    checked.problems.append(RowProblem(column.name, str(e)))
+        if checked.problems:
+            self.record.rejects.append(_reject_line(source.path, row, checked.problems))
+            return 0
+        key = f"{source.key_prefix}-{row:09d}"
+        sample = {"key": key, "task": self.schema.task, **checked.texts,
+                  "source": {"file": source.path, "row": row}, "media": metas}
+        if self.writer is None:
+            self.writer = TarShardWriter(self.output / self.plan.name)
+        before = self.writer.bytes
+        self.writer.add(f"{key}.json", json.dumps(sample, ensure_ascii=False).encode("utf-8"))
+        for column in self.schema.media:
+            self.writer.add(f"{key}.{column.member}.{metas[column.member]['format']}", checked.media[column.name])
+            self.stats[column.member].add(metas[column.member])
+        self.record.num_samples += 1
+        return self.writer.bytes - before
+
+    def finish(self) -> ShardRecord:
+        if self.writer is not None:
+            self.record.sha256 = self.writer.close()
+            self.record.bytes = self.writer.bytes
+        self.record.media = {m: s.to_json() for m, s in self.stats.items() if s.count}
+        return self.record
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def _reject_line(path: str, row: int, problems) -> dict:
+    line = {"file": path, "row": row, "column": problems[0].column, "reason": problems[0].reason}
+    if len(problems) > 1:
+        line["more"] = [{"column": p.column, "reason": p.reason} for p in problems[1:]]
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# converting one work unit (runs in a worker process)
+
+
+def _record_path(output: Path, name: str) -> Path:
+    return output / STATE_DIR / (name.removesuffix(".tar") + ".json")
+
+
+def load_done_record(output: Path, plan: ShardPlan) -> ShardRecord | None:
+    """The saved record of a shard if it matches the plan and its tar is intact (size and sha256), else None."""
+    path = _record_path(output, plan.name)
+    try:
+        record = ShardRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # no record, or a damaged one: convert the shard again
+    if record.fingerprint != plan.fingerprint:
+        return None
+    tar = output / plan.name
+    if record.num_samples == 0:
+        return record if not tar.exists() else None
+    if not tar.is_file() or tar.stat().st_size != record.bytes or file_sha256(tar) != record.sha256:
+        return None
+    return record
+
+
+def save_record(output: Path, record: ShardRecord) -> None:
+    path = _record_path(output, record.name)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(record), ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def _iter_unit_rows(unit: WorkUnit, sources: list[SourceFile], columns: list[str]) -> Iterator[tuple[int, int, dict]]:
+    """(file, row in file, column -> value) for every row of the unit, one record batch in memory at a time."""
+    by_file: dict[int, list[int]] = {}
+    for file, g in unit.groups:
+        by_file.setdefault(file, []).append(g)
+    for file, groups in by_file.items():
+        source = sources[file]
+        row_bytes = max(g_bytes / max(rows, 1) for g_bytes, rows in zip(source.group_bytes, source.group_rows))
+        batch_rows = max(1, min(65536, int(_BATCH_BYTES / max(row_bytes, 1))))
+        # buffered reads: pages stream in instead of whole column chunks, so memory stays ~ one batch
+        parquet = pq.ParquetFile(source.path, buffer_size=1 << 20, pre_buffer=False)
+        for g in groups:
+            row = source.group_start(g)
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns, use_threads=False):
+                values = {name: batch.column(name).to_pylist() for name in columns}
+                for i in range(batch.num_rows):
+                    yield file, row + i, {name: values[name][i] for name in columns}
+                row += batch.num_rows
+        parquet.close()
+
+
+@dataclass
+class UnitResult:
+    records: list[ShardRecord]
+    num_resumed: int
+
+
+def convert_unit(unit: WorkUnit, schema: TaskSchema, sources: list[SourceFile], output: Path, verify: str,
+                 on_progress: Callable[[int, int], None]) -> UnitResult:
+    """Convert (or skip, when already done) every shard of one unit. on_progress(rows, bytes) is called as rows go."""
+    done = {plan.index: load_done_record(output, plan) for plan in unit.shards}
+    todo = [plan for plan in unit.shards if done[plan.index] is None]
+    resumed_rows = sum(plan.num_rows for plan in unit.shards if done[plan.index] is not None)
+    if resumed_rows:
+        on_progress(resumed_rows, 0)
+    if todo:
+        shard_of_row = {}  # (file, row) -> plan, only for shards still to make
+        for plan in todo:
+            for span in plan.spans:
+                for row in range(span.start, span.stop):
+                    shard_of_row[(span.file, row)] = plan
+        builders = {plan.index: ShardBuilder(plan, schema, sources, output, verify) for plan in todo}
+        remaining = {plan.index: plan.num_rows for plan in todo}
+        pending_rows = pending_bytes = 0
+        try:
+            for file, row, values in _iter_unit_rows(unit, sources, list(schema.columns)):
+                plan = shard_of_row.get((file, row))
+                if plan is None:
+                    continue  # its shard is already complete
+                pending_bytes += builders[plan.index].add_row(file, row, values)
+                pending_rows += 1
+                remaining[plan.index] -= 1
+                if remaining[plan.index] == 0:  # last row of the shard: finish it now, not at the end of the unit
+                    done[plan.index] = builders[plan.index].finish()
+                    save_record(output, done[plan.index])
+                if pending_rows >= 64:
+                    on_progress(pending_rows, pending_bytes)
+                    pending_rows = pending_bytes = 0
+        except BaseException:
+            for index, builder in builders.items():
+                if done[index] is None:
+                    builder.abort()
+            raise
+        on_progress(pending_rows, pending_bytes)
+        missing = [plan.name for plan in todo if done[plan.index] is None]
+        if missing:
+            raise RuntimeError(f"rows of {missing} were not found in their parquet files; did an input change while "
+                               "converting? Re-run the command.")
+    return UnitResult([done[plan.index] for plan in unit.shards], num_resumed=len(unit.shards) - len(todo))
+
+
+# worker-process state, set once by the pool initializer (fork shares it without pickling per task)
+_WORKER: dict = {}
+
+
+def _init_worker(schema_task, sources, output, verify, progress_queue) -> None:
+    _WORKER.update(schema=SCHEMAS[schema_task], sources=sources, output=output, verify=verify, queue=progress_queue)
+
+
+def _worker_convert(unit: WorkUnit) -> UnitResult:
+    q = _WORKER["queue"]
+    return convert_unit(unit, _WORKER["schema"], _WORKER["sources"], _WORKER["output"], _WORKER["verify"],
+                        lambda rows, nbytes: q.put((rows, nbytes)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the whole conversion
+
+
+@dataclass
+class ConvertSummary:
+    task: str
+    num_rows: int
+    num_samples: int
+    num_rejects: int
+    num_shards: int
+    bytes: int
+    seconds: float
+    num_resumed: int  # shards found complete from an earlier run
+    reject_reasons: Counter
+
+    def line(self) -> str:
+        mb = self.bytes / 1e6
+        rate = mb / self.seconds if self.seconds > 0 else 0.0
+        resumed = f" ({self.num_resumed} resumed)" if self.num_resumed else ""
+        return (f"{self.task}: read {self.num_rows} rows, wrote {self.num_samples} samples, rejected {self.num_rejects}, "
+                f"{self.num_shards} shards{resumed}, {mb:.1f} MB in {self.seconds:.1f} s ({rate:.1f} MB/s)")
+
+
+def _prepare_output(output: Path, planned: set[str]) -> None:
+    """Create DIR, drop leftovers of an interrupted run (temp files) and shards of an older, different plan."""
+    (output / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    (output / "manifest.json").unlink(missing_ok=True)  # present only after a complete run
+    for path in list(output.iterdir()) + list((output / STATE_DIR).iterdir()):
+        if path.name.endswith(".tmp"):
+            path.unlink()
+        elif path.parent == output and _SHARD_PATTERN.match(path.name) and path.name not in planned:
+            log.warning("removing %s: not part of this conversion's plan (left by an earlier run)", path)
+            path.unlink()
+            _record_path(output, path.name).unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _run_units(units, schema, sources, output, options, on_progress) -> list[UnitResult]:
+    if options.workers == 1 or len(units) <= 1:
+        return [convert_unit(u, schema, sources, output, options.verify, on_progress) for u in units]
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")  # fork: no re-import per worker
+    progress_queue = context.Queue()
+    results: dict[int, UnitResult] = {}
+    with context.Pool(min(options.workers, len(units)), initializer=_init_worker,
+                      initargs=(schema.task, sources, output, options.verify, progress_queue)) as pool:
+        pending = pool.imap_unordered(_indexed_convert, list(enumerate(units)), chunksize=1)
+        finished = 0
+        while finished < len(units):
+            try:
+                index, result = pending.next(timeout=0.2)
+                results[index] = result
+                finished += 1
+            except multiprocessing.TimeoutError:
+                pass
+            _drain(progress_queue, on_progress)
+        _drain(progress_queue, on_progress)
+    return [results[i] for i in range(len(units))]
+
+
+def _indexed_convert(item: tuple[int, WorkUnit]) -> tuple[int, UnitResult]:
+    return item[0], _worker_convert(item[1])
+
+
+def _drain(progress_queue, on_progress) -> None:
+    while True:
+        try:
+            rows, nbytes = progress_queue.get_nowait()
+        except queue.Empty:
+            return
+        on_progress(rows, nbytes)
+
+
+def convert(options: ConvertOptions) -> ConvertSummary:
+    """Run a conversion (see the module docstring). Raises ConfigError / ConvertError before any work when refused."""
+    problems = Problems()
+    options.check(problems)
+    problems.raise_if_any()
+    start = time.perf_counter()
+    schema, sources = open_sources(options.inputs, options.task)
+    units = plan_work(sources, schema, options)
+    output = Path(options.output)
+    _prepare_output(output, {plan.name for unit in units for plan in unit.shards})
+
+    total_rows = sum(s.num_rows for s in sources)
+    bar = _progress_bar(total_rows, schema.task, options.progress)
+    written = [0]
+
+    def on_progress(rows: int, nbytes: int) -> None:
+        written[0] += nbytes
+        if bar is not None:
+            bar.update(rows)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{written[0] / 1e6 / elapsed:.1f} MB/s", refresh=False)
+
+    try:
+        results = _run_units(units, schema, sources, output, options, on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    records = [r for result in results for r in result.records]
+    _write_outputs(output, schema, options, records)
+    reasons = Counter(f"{line['column']}: {_reason_kind(line['reason'])}" for r in records for line in r.rejects)
+    return ConvertSummary(
+        task=schema.task, num_rows=total_rows, num_samples=sum(r.num_samples for r in records),
+        num_rejects=sum(len(r.rejects) for r in records), num_shards=sum(1 for r in records if r.num_samples),
+        bytes=sum(r.bytes for r in records), seconds=time.perf_counter() - start,
+        num_resumed=sum(result.num_resumed for result in results), reject_reasons=reasons)
+
+
+def _reason_kind(reason: str) -> str:
+    """The stable head of a reason (before the first '(' or ':'), for counting rejects by kind."""
+    return re.split(r"[(:]", reason, maxsplit=1)[0].strip()
+
+
+def _progress_bar(total: int, task: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"convert {task}", unit="rows", file=sys.stderr, dynamic_ncols=True)
+
+
+def _write_outputs(output: Path, schema: TaskSchema, options: ConvertOptions, records: list[ShardRecord]) -> None:
+    rejects = "".join(json.dumps(line, ensure_ascii=False) + "\n" for r in records for line in r.rejects)
+    _write_atomic(output / "rejects.jsonl", rejects)
+    shards = [{"name": r.name, "num_samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256, "media": r.media}
+              for r in records if r.num_samples]
+    manifest = {
+        "format": FORMAT,
+        "task": schema.task,
+        "num_samples": sum(r.num_samples for r in records),
+        "num_rejects": sum(len(r.rejects) for r in records),
+        "num_rows": sum(r.num_rows for r in records),
+        "verify": options.verify,
+        "media_columns": {c.member: c.kind.value for c in schema.media},
+        "text_columns": list(schema.text_columns),
+        "shards": shards,
+    }
+    _write_atomic(output / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """A converter output's manifest.json, checked for the fields the loader relies on."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise ConvertError(f"{path} not found: {directory} is not a finished converter output "
+                           "(run tools/parquet_to_wds.py, or re-run it if it was interrupted)")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT or manifest.get("task") not in SCHEMAS or "shards" not in manifest:
+        raise ConvertError(f"{path} is not a {FORMAT} manifest (format {manifest.get('format')!r}); re-run the converter")
+    return manifest
+
+
+__all__ = [
+    "ConfigError", "ConvertError", "ConvertOptions", "ConvertSummary", "convert", "read_manifest", "plan_work",
+    "open_sources", "find_parquet_files", "sanitize_stem", "TarShardWriter", "FORMAT",
+]
