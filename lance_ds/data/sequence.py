@@ -1,0 +1,481 @@
+"""One decoded `Sample` -> a `SequencePlan`: token ids, attention splits, multimodal RoPE ids, loss targets, and the
+pixels of every vision block, laid out as reference/LANCE_FACTS.md "Sequence layout per task" says.
+
+Chat template: `<|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n...`
+Every vision block is its own split: <|vision_start|>, one <|video_pad|> per token, <|vision_end|>.
+
+  t2i / t2v   header | caption | <|im_end|>\\n<|im_start|>assistant\\n | [VS vae target VE] noise | <|im_end|>
+  i2i / v2v   header | [VS vit VE] full | [VS vae source VE] full (t = 0) | instruction | assistant prefix |
+              [VS vae target VE] noise | <|im_end|>
+  i2t / v2t   header | [VS vit VE] full | question <|im_end|>\\n<|im_start|>assistant\\n answer <|im_end|>  (CE: answer + <|im_end|>)
+
+(header = `<|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n`; text pieces are causal splits.)
+
+Multimodal RoPE ids (temporal, height, width): text is sequential; a vision block whose <|vision_start|> sits at
+position p gets (p+1+t*tokens_per_second, p+1+h, p+1+w) over its merged grid, <|vision_end|> takes max+1 and the
+next text continues from there. Then every ViT block (vision_start..vision_end) has its temporal ids moved to start
+at REFERENCE_TEMPORAL_START, and an edit target's latent tokens reuse its source latents' ids.
+
+Pixels: ViT input is resized/cropped to sides that are multiples of patch*merge (28), images repeated to
+temporal_patch (2) frames, normalised with the CLIP mean/std as Qwen2.5-VL's processor does, and cut into patches in
+Qwen2.5-VL order; VAE input is resized/cropped to multiples of the VAE's spatial factor, trimmed to 4k+1 frames (for a
+temporal factor 4) and scaled to [-1, 1]. Both pick the aspect-ratio bucket closest to the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config.data import GroupConfig
+from .batch import AttnMode, Sample
+from .tokenizer import SpecialTokenIds, TextTokenizer
+
+# Lance moves the temporal RoPE ids of understanding (ViT) blocks here, away from the text and latent ids.
+REFERENCE_TEMPORAL_START = 1000
+
+# Qwen2.5-VL image processor normalisation (OpenAI CLIP statistics), applied to pixels scaled to [0, 1].
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_GEN_SYSTEM = ("Describe the {m} by detailing the color, quantity, visible text, shape, size, texture, spatial "
+               "relationships and motion/camera movements of the objects and background:")
+_EDIT_SYSTEM = ("Describe the key features of the input {m} (color, shape, size, texture, objects, background), then "
+                "explain how the user’s instruction should alter or modify the {m}. Generate a new {m} that meets "
+                "the user’s requirements while maintaining consistency with the original input where appropriate.")
+_UND_SYSTEM = ("You are a helpful assistant. Answer the question about the {m} with a detailed and accurate "
+               "description, including all moments and visual details.")
+
+# System prompts when neither the group (GroupConfig.system_prompt) nor the sample (caption_i) gives one.
+# t2i's is Lance's (reference/lance_tiny/case_min.json); the others follow its wording.
+DEFAULT_SYSTEM_PROMPTS = {
+    "t2i": _GEN_SYSTEM.format(m="image"),
+    "t2v": _GEN_SYSTEM.format(m="video"),
+    "i2i": _EDIT_SYSTEM.format(m="image"),
+    "v2v": _EDIT_SYSTEM.format(m="video"),
+    "i2t": _UND_SYSTEM.format(m="image"),
+    "v2t": _UND_SYSTEM.format(m="video"),
+}
+
+# The media each task needs, by Sample.media key (the parquet column without `_bytes`).
+TASK_MEDIA = {
+    "t2i": ("image",), "t2v": ("video",), "i2i": ("input_image", "output_image"),
+    "v2v": ("input_video", "output_video"), "i2t": ("image",), "v2t": ("video",),
+}
+TASK_TEXTS = {
+    "t2i": ("caption",), "t2v": ("caption",), "i2i": ("caption",), "v2v": ("caption",),
+    "i2t": ("caption_a",), "v2t": ("caption_a",),  # caption_i and caption_q may be absent or empty
+}
+
+PLACEHOLDER_TASK = "placeholder"  # the zero-weight sample the packer adds so every branch runs (DESIGN rule 3)
+
+
+class PlanError(ValueError):
+    """A sample that cannot become a sequence (missing media or text, unknown task); the stream counts and skips it."""
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    """What the planner needs to know about the model's encoders. The trainer fills it from the built model.
+
+    Wan2.2's VAE: spatial 16, temporal 4; Qwen2.5-VL's ViT: patch 14, temporal patch 2, merge 2, 2 tokens/second.
+    """
+
+    vae_spatial_factor: int = 16  # pixels per latent row/column
+    vae_temporal_factor: int = 4  # frames per latent frame after the first (VAE clips have 4k + 1 frames)
+    vit_patch_size: int = 14  # pixels per ViT patch side
+    vit_temporal_patch: int = 2  # frames per ViT patch (images are repeated to this many frames)
+    vit_merge_size: int = 2  # ViT patches merged per side into one LLM token
+    tokens_per_second: float = 2.0  # temporal RoPE step per grid frame (Qwen2.5-VL's vision_config.tokens_per_second)
+    max_latent_size: int = 64  # S: latent rows/columns the position table holds (latent h, w <= S)
+    max_latent_frames: int = 31  # latent frames the position table holds (max_num_frames // 4 + 1)
+
+    @property
+    def vit_multiple(self) -> int:
+        """ViT image sides must be multiples of this many pixels (28 for Qwen2.5-VL)."""
+        return self.vit_patch_size * self.vit_merge_size
+
+    @property
+    def vit_patch_dim(self) -> int:
+        return 3 * self.vit_temporal_patch * self.vit_patch_size ** 2
+
+    def vae_num_frames(self, num_frames: int) -> int:
+        """Frames a clip is trimmed to: the most of the form k * temporal_factor + 1 that fit (and fit the table)."""
+        f = self.vae_temporal_factor
+        fits = (num_frames - 1) // f * f + 1
+        return min(fits, (self.max_latent_frames - 1) * f + 1)
+
+
+@dataclass
+class VitBlock:
+    """One understanding block: Qwen2.5-VL patches of an image or clip."""
+
+    patches: Tensor  # [P, 3 * temporal_patch * patch * patch] float32, Qwen2.5-VL patch order
+    grid_thw: tuple[int, int, int]  # patch grid (T / temporal_patch, H / patch, W / patch)
+    positions: Tensor  # [P / merge**2] long; sample-local positions of the merged tokens
+
+
+@dataclass
+class VaeBlock:
+    """One generation block: pixels the frozen VAE encodes, and where its latent tokens sit."""
+
+    pixels: Tensor  # [3, T, H, W] float32 in [-1, 1]; T = 4k + 1
+    grid_thw: tuple[int, int, int]  # latent grid (t, h, w)
+    positions: Tensor  # [t * h * w] long; sample-local positions, (t, h, w) raster
+    is_target: bool  # noised flow-matching target, or a clean condition (t = 0)
+    weight: float  # MSE weight: 1 for a real target, 0 for a condition or a placeholder
+
+    @property
+    def coords(self) -> Tensor:
+        """[t * h * w, 3] long (t, h, w) latent coordinates in raster order."""
+        return grid_coords(*self.grid_thw)
+
+
+@dataclass
+class SequencePlan:
+    """One sample as a token sequence, ready to pack. Positions are sample-local (0 = its first token)."""
+
+    task: str
+    input_ids: Tensor  # [n] long; text ids, <|video_pad|> in vision slots
+    position_ids: Tensor  # [3, n] long; multimodal RoPE ids
+    split_lens: list[int]  # attention splits, in order, summing to n
+    split_modes: list[AttnMode]
+    ce_positions: Tensor  # [c] long; positions whose next-token logits are scored
+    ce_targets: Tensor  # [c] long
+    vit: list[VitBlock] = field(default_factory=list)
+    vae: list[VaeBlock] = field(default_factory=list)
+    ce_weight: float = 1.0  # 0 for a placeholder
+    key: str = ""
+    group: str = ""
+    address: object = None  # where the stream read it (used to re-read it on resume)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def is_real(self) -> bool:
+        return self.task != PLACEHOLDER_TASK
+
+    @property
+    def has_vae_target(self) -> bool:
+        return any(b.is_target for b in self.vae)
+
+
+def grid_coords(t: int, h: int, w: int) -> Tensor:
+    """[t*h*w, 3] long (t, h, w) in raster order."""
+    grids = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids], dim=1)
+
+
+def unit_hash(*keys) -> float:
+    """A uniform number in [0, 1) fixed by `keys` (stable across processes, runs and Python versions)."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pixels
+
+
+def fit_size(height: int, width: int, *, resolution: int, buckets, multiple: int,
+             max_pixels: int | None = None, max_side: int | None = None) -> tuple[int, int]:
+    """(h, w) in pixels for a source of height x width: the bucket (w / h) nearest its aspect ratio, with area
+    resolution**2 (capped by max_pixels), each side at most max_side and a multiple of `multiple` (at least one)."""
+    ratio = width / height
+    bucket = min(buckets, key=lambda b: abs(math.log(b / ratio)))
+    area = float(resolution * resolution)
+    if max_pixels is not None:
+        area = min(area, float(max_pixels))
+    w, h = math.sqrt(area * bucket), math.sqrt(area / bucket)
+    if max_side is not None and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        w, h = w * scale, h * scale
+    return max(multiple, int(h // multiple) * multiple), max(multiple, int(w // multiple) * multiple)
+
+
+def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:
+    """uint8 [T, H, W, 3] -> uint8 [T, height, width, 3]: scale to cover (antialiased bilinear), crop the centre."""
+    _, src_h, src_w, _ = frames.shape
+    if (src_h, src_w) == (height, width):
+        return frames
+    scale = max(height / src_h, width / src_w)
+    cover = (max(height, round(src_h * scale)), max(width, round(src_w * scale)))
+    x = frames.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=cover, mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (cover[0] - height) // 2, (cover[1] - width) // 2
+    x = x[:, :, top:top + height, left:left + width]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def vit_patchify(frames: Tensor, geometry: VisionGeometry) -> tuple[Tensor, tuple[int, int, int]]:
+    """uint8 [T, H, W, 3] (T a multiple of temporal_patch; H, W of patch*merge) -> (patches [P, D], patch grid).
+
+    Qwen2.5-VL order: patches are grouped merge window by merge window (each window's merge*merge patches
+    consecutive), windows in (t, h, w) raster; a patch vector is (channel, frame, row, column) flattened.
+    """
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    x = (frames.permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # [T, 3, H, W]
+    return vit_patch_order(x, geometry)
+
+
+def vit_patch_order(x: Tensor, geometry: VisionGeometry) -> tuple[Tensor, tuple[int, int, int]]:
+    """Normalised pixels [T, 3, H, W] -> (patches [P, 3 * temporal_patch * patch**2], patch grid), Qwen2.5-VL order."""
+    tp, p, m = geometry.vit_temporal_patch, geometry.vit_patch_size, geometry.vit_merge_size
+    num_frames, _, height, width = x.shape
+    gt, gh, gw = num_frames // tp, height // p, width // p
+    x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, h-window, w-window, h-in-window, w-in-window, C, frame, row, col
+    return x.reshape(gt * gh * gw, 3 * tp * p * p).contiguous(), (gt, gh, gw)
+
+
+def to_vae_pixels(frames: Tensor) -> Tensor:
+    """uint8 [T, H, W, 3] -> float32 [3, T, H, W] in [-1, 1]."""
+    return frames.permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def pad_frames(frames: Tensor, multiple: int) -> Tensor:
+    """Repeat the last frame until the frame count is a multiple of `multiple` (an image becomes `multiple` frames)."""
+    short = -frames.shape[0] % multiple
+    if short == 0:
+        return frames
+    return torch.cat([frames, frames[-1:].expand(short, *frames.shape[1:])], dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building one sequence
+
+
+class _SequenceBuilder:
+    """Appends text and vision blocks, tracking splits, RoPE ids and loss targets."""
+
+    def __init__(self, special: SpecialTokenIds, tokens_per_second: float):
+        self.special = special
+        self.tokens_per_second = tokens_per_second
+        self.ids: list[int] = []
+        self.positions: list[Tensor] = []  # [3, k] pieces
+        self.split_lens: list[int] = []
+        self.split_modes: list[AttnMode] = []
+        self.ce_positions: list[int] = []
+        self.ce_targets: list[int] = []
+        self.vit_starts: list[tuple[int, int]] = []  # (index of vision_start, index of vision_end) per ViT block
+        self.next_position = 0  # RoPE id of the next text token
+
+    def text(self, ids: list[int], *, new_split: bool, ce: bool = False) -> None:
+        """Causal text; `ce` scores every one of these tokens (from the logits one position earlier)."""
+        if not ids:
+            return
+        start = len(self.ids)
+        if new_split or not self.split_modes or self.split_modes[-1] != AttnMode.CAUSAL:
+            self.split_lens.append(0)
+            self.split_modes.append(AttnMode.CAUSAL)
+        self.split_lens[-1] += len(ids)
+        self.ids.extend(ids)
+        self.positions.append(torch.arange(self.next_position, self.next_position + len(ids)).expand(3, -1))
+        self.next_position += len(ids)
+        if ce:
+            if start == 0:
+                raise PlanError("a CE target cannot be the first token of a sequence")
+            self.ce_positions.extend(range(start - 1, start - 1 + len(ids)))
+            self.ce_targets.extend(ids)
+
+    def vision(self, grid_thw: tuple[int, int, int], mode: AttnMode) -> Tensor:
+        """[VS, t*h*w tokens, VE] as one split over a merged grid; returns the tokens' sample-local positions."""
+        t, h, w = grid_thw
+        num = t * h * w
+        vs_index = len(self.ids)
+        p = self.next_position  # RoPE id of <|vision_start|>
+        coords = grid_coords(t, h, w)
+        token_pos = torch.stack([
+            p + 1 + (coords[:, 0].double() * self.tokens_per_second).long(),
+            p + 1 + coords[:, 1], p + 1 + coords[:, 2]])
+        end = int(token_pos.max()) + 1
+        self.positions += [torch.full((3, 1), p), token_pos, torch.full((3, 1), end)]
+        self.ids += [self.special.vision_start] + [self.special.video_pad] * num + [self.special.vision_end]
+        self.split_lens.append(num + 2)
+        self.split_modes.append(mode)
+        self.next_position = end + 1
+        return torch.arange(vs_index + 1, vs_index + 1 + num)
+
+    def vit(self, block_grid: tuple[int, int, int], merge: int) -> Tensor:
+        gt, gh, gw = block_grid
+        positions = self.vision((gt, gh // merge, gw // merge), AttnMode.FULL)
+        self.vit_starts.append((int(positions[0]) - 1, int(positions[-1]) + 1))
+        return positions
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        ids = torch.tensor(self.ids, dtype=torch.long)
+        position_ids = torch.cat(self.positions, dim=1).long()
+        for vs, ve in self.vit_starts:  # understanding blocks: temporal ids moved to start at 1000
+            position_ids[0, vs:ve + 1] += REFERENCE_TEMPORAL_START - position_ids[0, vs]
+        return ids, position_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the planner
+
+
+class SequencePlanner:
+    """Sample -> SequencePlan. Deterministic: the same sample (key, epoch) always gives the same plan.
+
+    tokenizer: lance_ds.data.tokenizer.load_tokenizer(...); geometry: from the model; seed: train.seed (it fixes
+    which captions are dropped for classifier-free guidance).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, geometry: VisionGeometry | None = None, seed: int = 0):
+        self.tokenizer = tokenizer
+        self.special = tokenizer.special
+        self.geometry = geometry or VisionGeometry()
+        self.seed = seed
+
+    # -- public --------------------------------------------------------------------------------------------------
+
+    def plan(self, sample: Sample, group: GroupConfig | None = None) -> SequencePlan:
+        group = group or GroupConfig(name=sample.group, task=sample.task)
+        for name in TASK_MEDIA.get(sample.task, ()):
+            if name not in sample.media:
+                raise PlanError(f"{sample.task} sample {sample.key!r} has no {name!r} media "
+                                f"(it has {sorted(sample.media)})")
+        for name in TASK_TEXTS.get(sample.task, ()):
+            if not sample.texts.get(name):
+                raise PlanError(f"{sample.task} sample {sample.key!r} has no {name!r} text")
+        if sample.task in ("t2i", "t2v"):
+            plan = self._plan_generation(sample, group)
+        elif sample.task in ("i2i", "v2v"):
+            plan = self._plan_edit(sample, group)
+        elif sample.task in ("i2t", "v2t"):
+            plan = self._plan_understanding(sample, group)
+        else:
+            raise PlanError(f"sample {sample.key!r} has unknown task {sample.task!r}; expected one of "
+                            f"{sorted(TASK_MEDIA)}")
+        plan.key, plan.group = sample.key, sample.group
+        return plan
+
+    def drops_caption(self, sample: Sample, group: GroupConfig) -> bool:
+        """Caption dropout, fixed per (seed, group, key, epoch): a resumed run drops the same captions."""
+        if group.caption_dropout <= 0:
+            return False
+        epoch = int(sample.meta.get("epoch", 0))
+        return unit_hash(self.seed, "caption_dropout", sample.group, sample.key, epoch) < group.caption_dropout
+
+    def placeholder(self, *, vit: bool, vae: bool, ce: bool) -> SequencePlan:
+        """A tiny zero-weight sample that makes the missing branches run (DESIGN rule 3): one CE position with
+        weight 0, a 2-frame 28x28 ViT block (one merged token), a 1-token VAE target with weight 0."""
+        g, s = self.geometry, self.special
+        b = _SequenceBuilder(s, g.tokens_per_second)
+        b.text([s.im_start], new_split=True)
+        vit_blocks, vae_blocks = [], []
+        if vit:
+            side = g.vit_multiple
+            frames = torch.zeros(g.vit_temporal_patch, side, side, 3, dtype=torch.uint8)
+            patches, grid = vit_patchify(frames, g)
+            vit_blocks.append(VitBlock(patches, grid, b.vit(grid, g.vit_merge_size)))
+        if vae:
+            pixels = torch.zeros(3, 1, g.vae_spatial_factor, g.vae_spatial_factor)
+            vae_blocks.append(VaeBlock(pixels, (1, 1, 1), b.vision((1, 1, 1), AttnMode.NOISE), True, 0.0))
+        if ce:
+            b.text([s.im_end], new_split=True, ce=True)
+        return self._finish(PLACEHOLDER_TASK, b, vit_blocks, vae_blocks, ce_weight=0.0)
+
+    # -- per task ------------------------------------------------------------------------------------------------
+
+    def _plan_generation(self, sample: Sample, group: GroupConfig) -> SequencePlan:
+        media = sample.media["image" if sample.task == "t2i" else "video"]
+        target = self._vae_frames(media, group, sample.task == "t2v")
+        b = self._header(sample, group)
+        b.text(self._caption(sample, group), new_split=True)
+        b.text(self._assistant_prefix(), new_split=True)
+        target_block = self._vae_block(b, target, is_target=True)
+        b.text([self.special.im_end], new_split=True)
+        return self._finish(sample.task, b, [], [target_block])
+
+    def _plan_edit(self, sample: Sample, group: GroupConfig) -> SequencePlan:
+        video = sample.task == "v2v"
+        source = sample.media["input_video" if video else "input_image"]
+        target = sample.media["output_video" if video else "output_image"]
+        if video:  # source and target latents share RoPE ids, so they need the same number of frames
+            frames = min(source.shape[0], target.shape[0])
+            source, target = source[:frames], target[:frames]
+        target = self._vae_frames(target, group, video)
+        source_vae = resize_crop(source[:target.shape[0]], target.shape[1], target.shape[2])
+        b = self._header(sample, group)
+        vit_block = self._vit_block(b, source, group, video)
+        source_block = self._vae_block(b, source_vae, is_target=False)
+        b.text(self._caption(sample, group), new_split=True)
+        b.text(self._assistant_prefix(), new_split=True)
+        target_block = self._vae_block(b, target, is_target=True)
+        b.text([self.special.im_end], new_split=True)
+        ids, position_ids = b.finish()
+        # the edit target reuses the source latents' RoPE ids (same grid by construction)
+        position_ids[:, target_block.positions] = position_ids[:, source_block.positions]
+        return self._finish(sample.task, b, [vit_block], [source_block, target_block], finished=(ids, position_ids))
+
+    def _plan_understanding(self, sample: Sample, group: GroupConfig) -> SequencePlan:
+        video = sample.task == "v2t"
+        media = sample.media["video" if video else "image"]
+        b = self._header(sample, group, system=sample.texts.get("caption_i") or None)
+        vit_block = self._vit_block(b, media, group, video)
+        enc, s = self.tokenizer.encode, self.special
+        b.text(enc(sample.texts.get("caption_q", "")) + self._assistant_prefix(), new_split=True)
+        b.text(enc(sample.texts["caption_a"]) + [s.im_end], new_split=False, ce=True)
+        return self._finish(sample.task, b, [vit_block], [])
+
+    # -- pieces --------------------------------------------------------------------------------------------------
+
+    def _header(self, sample: Sample, group: GroupConfig, system: str | None = None) -> _SequenceBuilder:
+        """`<|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n` as one causal split."""
+        system = system or group.system_prompt or DEFAULT_SYSTEM_PROMPTS[sample.task]
+        s, enc = self.special, self.tokenizer.encode
+        b = _SequenceBuilder(s, self.geometry.tokens_per_second)
+        b.text([s.im_start] + enc("system\n" + system) + [s.im_end] + enc("\n") + [s.im_start] + enc("user\n"),
+               new_split=True)
+        return b
+
+    def _assistant_prefix(self) -> list[int]:
+        s, enc = self.special, self.tokenizer.encode
+        return [s.im_end] + enc("\n") + [s.im_start] + enc("assistant\n")
+
+    def _caption(self, sample: Sample, group: GroupConfig) -> list[int]:
+        if self.drops_caption(sample, group):
+            return [self.special.uncond]
+        return self.tokenizer.encode(sample.texts["caption"])
+
+    def _resolution(self, group: GroupConfig, video: bool) -> int:
+        return (group.video.resolution if video and group.video.resolution else group.image.resolution)
+
+    def _vae_frames(self, frames: Tensor, group: GroupConfig, video: bool) -> Tensor:
+        """uint8 [T, H, W, 3] resized/cropped to a VAE bucket and trimmed to 4k + 1 frames."""
+        g = self.geometry
+        h, w = fit_size(frames.shape[1], frames.shape[2], resolution=self._resolution(group, video),
+                        buckets=group.image.buckets, multiple=g.vae_spatial_factor,
+                        max_pixels=group.image.max_pixels, max_side=g.max_latent_size * g.vae_spatial_factor)
+        return resize_crop(frames[:g.vae_num_frames(frames.shape[0])], h, w)
+
+    def _vae_block(self, b: _SequenceBuilder, frames: Tensor, *, is_target: bool) -> VaeBlock:
+        g = self.geometry
+        grid = ((frames.shape[0] - 1) // g.vae_temporal_factor + 1,
+                frames.shape[1] // g.vae_spatial_factor, frames.shape[2] // g.vae_spatial_factor)
+        positions = b.vision(grid, AttnMode.NOISE if is_target else AttnMode.FULL)
+        return VaeBlock(to_vae_pixels(frames), grid, positions, is_target, 1.0 if is_target else 0.0)
+
+    def _vit_block(self, b: _SequenceBuilder, frames: Tensor, group: GroupConfig, video: bool) -> VitBlock:
+        g = self.geometry
+        h, w = fit_size(frames.shape[1], frames.shape[2], resolution=self._resolution(group, video),
+                        buckets=group.image.buckets, multiple=g.vit_multiple, max_pixels=group.image.max_pixels)
+        frames = pad_frames(resize_crop(frames, h, w), g.vit_temporal_patch)
+        patches, grid = vit_patchify(frames, g)
+        return VitBlock(patches, grid, b.vit(grid, g.vit_merge_size))
+
+    def _finish(self, task: str, b: _SequenceBuilder, vit: list[VitBlock], vae: list[VaeBlock],
+                ce_weight: float = 1.0, finished: tuple[Tensor, Tensor] | None = None) -> SequencePlan:
+        ids, position_ids = finished if finished is not None else b.finish()
+        return SequencePlan(
+            task=task, input_ids=ids, position_ids=position_ids, split_lens=list(b.split_lens),
+            split_modes=list(b.split_modes), ce_positions=torch.tensor(b.ce_positions, dtype=torch.long),
+            ce_targets=torch.tensor(b.ce_targets, dtype=torch.long), vit=vit, vae=vae, ce_weight=ce_weight)
