@@ -1,0 +1,489 @@
+"""Synthetic but real example data for all six Lance tasks, and the judges that score a model trained on it.
+
+The world is one large, flat-coloured shape on a dark grey background: 4 colours x 3 shapes, and in videos a
+motion in one of 4 directions. Captions are templated from a 13-word vocabulary, so a very small model can learn
+the mapping and a program can check it:
+  t2i  caption "a red circle"                     -> image
+  t2v  caption "a red circle moving left"         -> video (the shape crosses ~40% of the frame)
+  i2i  "make it blue" | "turn it into a square"   -> input image, output image (same place and size)
+  v2v  "make it blue"                             -> input video, output video (same motion, recoloured)
+  i2t  image, question ("What is in the image?", "What colour is the shape?", "What shape is it?" or "")
+       -> answer ("a red circle", "red", "circle")
+  v2t  video, question ("What happens in the video?", "Which way does the shape move?" or "")
+       -> answer ("a red circle moving left", "left")
+Media are really encoded: images alternate PNG / JPEG by row, videos are H.264 mp4 made with PyAV.
+
+Held-out data: `--split val` draws from its own random stream AND only from scenes whose hash falls in the val
+bucket (1 in 5), while train draws only from the other buckets, so no val image or video ever occurs in training.
+
+Judges (for generated pixels, uint8 [T, H, W, 3] or [H, W, 3]): `read_frame` finds the shape (dominant colour by
+hue over saturated pixels, shape by mask geometry), `read_video` adds the direction (centroid motion across frames);
+`judge_generation(task, caption, output, source)` says whether colour / shape / direction / the requested edit are
+right; `parse_answer` maps an answer string to (colour, shape, direction) and `judge_answer` compares it with the
+reference answer for understanding accuracy.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from lance_ds.config.data import TASKS
+from lance_ds.data.media import encode_image, encode_video
+from lance_ds.data.schemas import SCHEMAS
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),  # hue 0
+    "yellow": (230, 210, 40),  # hue 54
+    "green": (40, 180, 60),  # hue 129
+    "blue": (50, 80, 230),  # hue 230
+}
+SHAPES = ("circle", "square", "triangle")  # triangles point up
+DIRECTIONS = ("left", "right", "up", "down")
+BACKGROUND = (40, 40, 40)  # grey: no hue, so the judges' saturation mask ignores it
+_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # image axes: y grows downwards
+
+GRID = 64  # scenes are laid out on a 64 x 64 grid and scaled to the requested pixel size
+SUPERSAMPLE = 4  # shapes are drawn 4x larger and box-filtered down: smooth, deterministic edges
+VAL_BUCKETS = 5  # one scene hash bucket in 5 is held out for the val split
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+IMAGE_QUESTIONS = ("What is in the image?", "What colour is the shape?", "What shape is it?", "")
+VIDEO_QUESTIONS = ("What happens in the video?", "Which way does the shape move?", "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scenes and rendering
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One shape on the grid; `direction` and `travel` (grid cells, whole clip) only for videos."""
+
+    colour: str
+    shape: str
+    radius: int  # half the side of the shape's bounding box, grid cells
+    cx: int  # centre, grid cells (for a video: the centre at mid-clip)
+    cy: int
+    direction: str | None = None
+    travel: int = 0
+
+    def caption(self) -> str:
+        text = f"a {self.colour} {self.shape}"
+        return f"{text} moving {self.direction}" if self.direction else text
+
+    def held_out(self) -> bool:
+        """True for scenes of the val split; every other scene belongs to train."""
+        return zlib.crc32(repr(self).encode()) % VAL_BUCKETS == 0
+
+
+def _draw(scene: Scene, cx: float, cy: float, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: the scene's shape centred at (cx, cy) grid cells."""
+    big = size * SUPERSAMPLE
+    scale = big / GRID
+    image = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    x, y, r = cx * scale, cy * scale, scene.radius * scale
+    fill = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    elif scene.shape == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {scene.shape!r}; choose one of {SHAPES}")
+    return np.asarray(image.resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
+
+
+def render_image(scene: Scene, size: int = 64) -> np.ndarray:
+    """uint8 [1, size, size, 3]."""
+    return _draw(scene, scene.cx, scene.cy, size)[None]
+
+
+def render_video(scene: Scene, size: int = 64, frames: int = 9) -> np.ndarray:
+    """uint8 [frames, size, size, 3]: the shape moves `travel` cells in `direction`, centred on (cx, cy) at mid-clip."""
+    dx, dy = _STEP[scene.direction]
+    out = []
+    for t in range(frames):
+        progress = t / (frames - 1) - 0.5 if frames > 1 else 0.0  # -0.5 .. 0.5 of the travel
+        out.append(_draw(scene, scene.cx + dx * scene.travel * progress, scene.cy + dy * scene.travel * progress, size))
+    return np.stack(out)
+
+
+def _random_image_scene(rng: np.random.Generator) -> Scene:
+    radius = int(rng.integers(14, 21))  # the shape spans 44..64% of the side
+    return Scene(
+        colour=str(rng.choice(list(COLOURS))), shape=str(rng.choice(SHAPES)), radius=radius,
+        cx=int(rng.integers(radius + 2, GRID - radius - 1)), cy=int(rng.integers(radius + 2, GRID - radius - 1)))
+
+
+def _random_video_scene(rng: np.random.Generator) -> Scene:
+    radius = int(rng.integers(9, 13))  # 28..41% of the side: room to move
+    travel = int(rng.integers(22, 31))  # 34..48% of the side over the clip
+    direction = str(rng.choice(DIRECTIONS))
+    along = int(rng.integers(radius + 1 + travel // 2 + 1, GRID - radius - 1 - travel // 2))  # both ends inside
+    across = int(rng.integers(radius + 2, GRID - radius - 1))
+    cx, cy = (along, across) if direction in ("left", "right") else (across, along)
+    return Scene(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), radius, cx, cy, direction, travel)
+
+
+def _draw_scene(rng: np.random.Generator, video: bool, split: str) -> Scene:
+    """A random scene of the split (rejection sampling on the held-out hash)."""
+    while True:
+        scene = _random_video_scene(rng) if video else _random_image_scene(rng)
+        if scene.held_out() == (split == "val"):
+            return scene
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rows of the six tasks
+
+
+@dataclass
+class ExampleConfig:
+    """Sizes of the example dataset (tools/make_example_dataset.py flags)."""
+
+    num_per_task: int = 256  # rows per task
+    seed: int = 0
+    size: int = 64  # image and video side, pixels
+    frames: int = 9  # frames per video (4k + 1 for the Wan VAE)
+    fps: float = 12.0  # video frame rate; the loader samples at 12 fps by default, so every frame is kept
+    split: str = "train"  # train or val (disjoint scenes)
+    rows_per_group: int = 64  # parquet row-group size: several groups per file
+    tasks: tuple[str, ...] = TASKS
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.split not in ("train", "val"):
+            problems.append(f"split must be train or val, got {self.split!r}")
+        for name in ("num_per_task", "size", "frames", "rows_per_group"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.size < 16:
+            problems.append(f"size must be >= 16 pixels for the shapes to be recognisable, got {self.size}")
+        if not self.fps > 0:
+            problems.append(f"fps must be > 0, got {self.fps}")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            problems.append(f"unknown tasks {unknown}; choose from {list(TASKS)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def _rng(cfg: ExampleConfig, task: str) -> np.random.Generator:
+    """Independent, reproducible stream per (seed, task, split)."""
+    return np.random.default_rng([cfg.seed, TASKS.index(task), ("train", "val").index(cfg.split)])
+
+
+def _image_bytes(frames: np.ndarray, row: int) -> bytes:
+    return encode_image(frames, "png" if row % 2 == 0 else "jpeg")
+
+
+def _video_bytes(frames: np.ndarray, cfg: ExampleConfig) -> bytes:
+    return encode_video(frames, cfg.fps)
+
+
+def _edited(scene: Scene, rng: np.random.Generator, allow_shape: bool) -> tuple[Scene, str]:
+    """The scene after a random edit, and the instruction asking for it."""
+    if allow_shape and rng.random() < 0.5:
+        shape = str(rng.choice([s for s in SHAPES if s != scene.shape]))
+        return Scene(scene.colour, shape, scene.radius, scene.cx, scene.cy, scene.direction, scene.travel), \
+            f"turn it into a {shape}"
+    colour = str(rng.choice([c for c in COLOURS if c != scene.colour]))
+    return Scene(colour, scene.shape, scene.radius, scene.cx, scene.cy, scene.direction, scene.travel), \
+        f"make it {colour}"
+
+
+def _question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """(question, answer) about the scene."""
+    questions = VIDEO_QUESTIONS if scene.direction else IMAGE_QUESTIONS
+    question = questions[int(rng.integers(len(questions)))]
+    answer = {"What colour is the shape?": scene.colour, "What shape is it?": scene.shape,
+              "Which way does the shape move?": scene.direction}.get(question, scene.caption())
+    return question, answer
+
+
+def make_row(task: str, row: int, rng: np.random.Generator, cfg: ExampleConfig) -> dict:
+    """One row of `task` in its Lance parquet schema (column -> str or encoded bytes)."""
+    video = task in ("t2v", "v2v", "v2t")
+    scene = _draw_scene(rng, video, cfg.split)
+
+    def encode(s: Scene) -> bytes:
+        if video:
+            return _video_bytes(render_video(s, cfg.size, cfg.frames), cfg)
+        return _image_bytes(render_image(s, cfg.size), row)
+
+    if task in ("t2i", "t2v"):
+        return {"caption": scene.caption(), f"{'video' if video else 'image'}_bytes": encode(scene)}
+    if task in ("i2i", "v2v"):
+        target, instruction = _edited(scene, rng, allow_shape=task == "i2i")
+        kind = "video" if video else "image"
+        return {"caption": instruction, f"input_{kind}_bytes": encode(scene), f"output_{kind}_bytes": encode(target)}
+    question, answer = _question(scene, rng)
+    return {f"{'video' if video else 'image'}_bytes": encode(scene), "caption_i": SYSTEM_PROMPT,
+            "caption_q": question, "caption_a": answer}
+
+
+def make_table(task: str, cfg: ExampleConfig) -> pa.Table:
+    rng = _rng(cfg, task)
+    rows = [make_row(task, i, rng, cfg) for i in range(cfg.num_per_task)]
+    schema = SCHEMAS[task]
+    fields = [pa.field(c, pa.string()) for c in schema.text_columns] + \
+             [pa.field(c, pa.binary()) for c in schema.media_columns]
+    return pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in fields})
+
+
+def write_example_dataset(out: str | Path, cfg: ExampleConfig | None = None) -> dict[str, Path]:
+    """Write OUT/{text2image,...}/{split}-00000.parquet for every task; returns task -> file.
+
+    A val split may not share directories with a train split (converting the directory would mix them).
+    """
+    cfg = cfg or ExampleConfig()
+    written = {}
+    for task in cfg.tasks:
+        directory = Path(out) / SCHEMAS[task].dir_name
+        other = "val" if cfg.split == "train" else "train"
+        clash = sorted(directory.glob(f"{other}-*.parquet")) if directory.is_dir() else []
+        if clash:
+            raise ValueError(f"{directory} already holds the {other} split ({clash[0].name}); write the {cfg.split} "
+                             f"split under another --out, or converting the directory would mix the splits")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{cfg.split}-00000.parquet"
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(make_table(task, cfg), tmp, row_group_size=cfg.rows_per_group)
+        tmp.replace(path)
+        written[task] = path
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# judges
+
+_SATURATION_MIN = 0.35  # a pixel belongs to the shape when it is this saturated ...
+_VALUE_MIN = 0.25  # ... and this bright; the grey background is neither
+_MIN_AREA = 0.01  # a frame shows a shape when >= 1% of its pixels are in the mask
+# bounding-box fill of an ideal shape: square 1.0, circle pi/4 = 0.785 (triangle 0.5, told apart by where its mass
+# lies); thresholds halfway, so that soft edges and small shapes still read right
+_SQUARE_FILL, _CIRCLE_FILL = 0.89, 0.64
+_MIN_TRAVEL = 0.08  # a video moves when its centroid travels >= 8% of the side ...
+_AXIS_DOMINANCE = 2.0  # ... at least twice as far along one axis as along the other
+_EDIT_POSITION_TOL = 0.2  # an edited shape stays within 20% of the side of where it was
+
+
+@dataclass
+class Reading:
+    """What a judge sees in one frame (or a whole video)."""
+
+    colour: str | None = None
+    shape: str | None = None
+    direction: str | None = None
+    centroid: tuple[float, float] | None = None  # (x, y) in pixels
+    area: float = 0.0  # fraction of the frame in the shape's mask
+
+    def as_dict(self) -> dict:
+        return {"colour": self.colour, "shape": self.shape, "direction": self.direction}
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    expected: dict
+    found: dict
+    reason: str = ""
+    details: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _as_frames(pixels) -> np.ndarray:
+    """Tensor or array, [H, W, 3] or [T, H, W, 3], uint8 -> uint8 [T, H, W, 3]."""
+    array = pixels.detach().cpu().numpy() if hasattr(pixels, "detach") else np.asarray(pixels)
+    if array.dtype != np.uint8:
+        raise ValueError(f"judges take uint8 pixels (0..255), got {array.dtype}")
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"judges take [H, W, 3] or [T, H, W, 3] pixels, got shape {array.shape}")
+    return array
+
+
+_HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 360 for name, rgb in COLOURS.items()}
+
+
+def _colour_labels(frame: np.ndarray) -> np.ndarray:
+    """int [H, W]: index into COLOURS of each saturated pixel's nearest hue, -1 for background."""
+    rgb = frame.astype(np.float32) / 255
+    top, bottom = rgb.max(axis=2), rgb.min(axis=2)
+    chroma = top - bottom
+    saturation = np.where(top > 0, chroma / np.maximum(top, 1e-6), 0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    safe = np.maximum(chroma, 1e-6)
+    hue = np.where(top == r, ((g - b) / safe) % 6, np.where(top == g, (b - r) / safe + 2, (r - g) / safe + 4)) * 60
+    centres = np.array(list(_HUES.values()), dtype=np.float32)
+    distance = np.abs(hue[..., None] - centres)
+    distance = np.minimum(distance, 360 - distance)  # hue is circular
+    labels = distance.argmin(axis=2)
+    return np.where((saturation > _SATURATION_MIN) & (top > _VALUE_MIN), labels, -1)
+
+
+def _shape_of(mask: np.ndarray) -> str | None:
+    """circle / square / triangle from how much of its bounding box the mask fills and where its mass lies."""
+    ys, xs = np.nonzero(mask)
+    y0, y1 = np.percentile(ys, [0.5, 99.5])  # trimmed box: a few stray pixels do not stretch it
+    x0, x1 = np.percentile(xs, [0.5, 99.5])
+    y0, y1, x0, x1 = int(round(y0)), int(round(y1)), int(round(x0)), int(round(x1))
+    box = mask[y0:y1 + 1, x0:x1 + 1]
+    if box.shape[0] < 3 or box.shape[1] < 3:
+        return None
+    fill = box.mean()
+    rows = box.sum(axis=1).astype(np.float64)
+    third = max(1, len(rows) // 3)
+    top, bottom = rows[:third].sum(), rows[-third:].sum()
+    aspect = box.shape[1] / box.shape[0]
+    if not 0.6 <= aspect <= 1.6:
+        return None  # every shape of this world fits a square box
+    mass_ratio = (bottom + 1) / (top + 1)  # triangle (apex up) ~5, circle and square ~1
+    if mass_ratio > 2 and fill < _SQUARE_FILL:
+        return "triangle"
+    if mass_ratio <= 1.6 and fill >= _SQUARE_FILL:
+        return "square"
+    if mass_ratio <= 1.6 and fill >= _CIRCLE_FILL:
+        return "circle"
+    return None
+
+
+def read_frame(frame) -> Reading:
+    """Colour (dominant hue), shape (mask geometry), centroid and area of the shape in one frame."""
+    frame = _as_frames(frame)[0]
+    labels = _colour_labels(frame)
+    shape_pixels = labels >= 0
+    if shape_pixels.mean() < _MIN_AREA:
+        return Reading(area=float(shape_pixels.mean()))
+    counts = np.bincount(labels[shape_pixels], minlength=len(COLOURS))
+    index = int(counts.argmax())
+    mask = labels == index
+    ys, xs = np.nonzero(mask)
+    return Reading(colour=list(COLOURS)[index], shape=_shape_of(mask), centroid=(float(xs.mean()), float(ys.mean())),
+                   area=float(mask.mean()))
+
+
+def read_video(frames) -> Reading:
+    """Majority colour and shape over the frames, and the direction of the centroid's motion."""
+    frames = _as_frames(frames)
+    readings = [read_frame(f) for f in frames]
+    seen = [(t, r) for t, r in enumerate(readings) if r.centroid is not None]
+    if not seen:
+        return Reading()
+    colour = Counter(r.colour for _, r in seen).most_common(1)[0][0]
+    shapes = Counter(r.shape for _, r in seen if r.colour == colour)
+    shape = shapes.most_common(1)[0][0] if shapes else None
+    direction, travel = None, (0.0, 0.0)
+    if len(seen) >= 2:
+        t = np.array([t for t, _ in seen], dtype=np.float64)
+        xy = np.array([r.centroid for _, r in seen])
+        slope = np.polyfit(t, xy, 1)[0]  # pixels per frame, (x, y)
+        travel = tuple(float(v) for v in slope * (len(frames) - 1))
+        direction = _direction(travel, side=frames.shape[2])
+    middle = seen[len(seen) // 2][1]
+    return Reading(colour, shape, direction, middle.centroid, float(np.mean([r.area for _, r in seen])))
+
+
+def _direction(travel: tuple[float, float], side: int) -> str | None:
+    dx, dy = travel
+    major, minor = (dx, dy) if abs(dx) >= abs(dy) else (dy, dx)
+    if abs(major) < _MIN_TRAVEL * side or abs(major) < _AXIS_DOMINANCE * abs(minor):
+        return None
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+_WORDS = re.compile(r"[a-z]+")
+_SHAPE_SYNONYMS = {"ball": "circle", "disk": "circle", "disc": "circle", "box": "square"}
+
+
+def parse_answer(text: str) -> dict:
+    """An answer or caption -> {"colour", "shape", "direction"}, each the first word of its kind found, else None."""
+    found = {"colour": None, "shape": None, "direction": None}
+    for word in _WORDS.findall(text.lower()):
+        if found["colour"] is None and word in COLOURS:
+            found["colour"] = word
+        elif found["shape"] is None and (word in SHAPES or word in _SHAPE_SYNONYMS):
+            found["shape"] = _SHAPE_SYNONYMS.get(word, word)
+        elif found["direction"] is None and word in DIRECTIONS:
+            found["direction"] = word
+    return found
+
+
+def judge_answer(answer: str, reference: str) -> bool:
+    """Understanding accuracy: every attribute the reference answer names is named, the same, in the answer."""
+    want, got = parse_answer(reference), parse_answer(answer)
+    named = {k: v for k, v in want.items() if v is not None}
+    if not named:
+        raise ValueError(f"reference answer {reference!r} names no colour, shape or direction")
+    return all(got[k] == v for k, v in named.items())
+
+
+def _verdict(expected: dict, found: Reading, extra: dict | None = None) -> Verdict:
+    got = found.as_dict()
+    wrong = [f"{k}: expected {v}, found {got[k]}" for k, v in expected.items() if got[k] != v]
+    details = extra or {}
+    if "position_error" in details and details["position_error"] > _EDIT_POSITION_TOL:
+        wrong.append(f"position: moved {details['position_error']:.0%} of the side (tolerance {_EDIT_POSITION_TOL:.0%})")
+    return Verdict(ok=not wrong, expected=expected, found=got, reason="; ".join(wrong), details=details)
+
+
+def judge_image(pixels, caption: str) -> Verdict:
+    """t2i: the generated image shows the caption's colour and shape."""
+    expected = {k: v for k, v in parse_answer(caption).items() if k in ("colour", "shape") and v}
+    return _verdict(expected, read_frame(_as_frames(pixels)[0]))
+
+
+def judge_video(pixels, caption: str) -> Verdict:
+    """t2v: the generated video shows the caption's colour and shape moving in its direction."""
+    expected = {k: v for k, v in parse_answer(caption).items() if v}
+    return _verdict(expected, read_video(pixels))
+
+
+def judge_edit(source, output, instruction: str) -> Verdict:
+    """i2i / v2v: the output is the source with the instruction's colour or shape applied, in the same place
+    (and, for videos, with the same motion)."""
+    source, output = _as_frames(source), _as_frames(output)
+    video = source.shape[0] > 1
+    before = read_video(source) if video else read_frame(source[0])
+    after = read_video(output) if video else read_frame(output[0])
+    change = {k: v for k, v in parse_answer(instruction).items() if k in ("colour", "shape") and v}
+    if not change:
+        raise ValueError(f"instruction {instruction!r} names no colour or shape to change to")
+    expected = {"colour": before.colour, "shape": before.shape, **change}
+    if video:
+        expected["direction"] = before.direction
+    extra = {}
+    if before.centroid and after.centroid:
+        extra["position_error"] = float(np.hypot(after.centroid[0] - before.centroid[0],
+                                                 after.centroid[1] - before.centroid[1]) / source.shape[2])
+    return _verdict(expected, after, extra)
+
+
+def judge_generation(task: str, caption: str, output, source=None) -> Verdict:
+    """Dispatch on the task: t2i, t2v (caption describes the output), i2i, v2v (caption is the edit; needs source)."""
+    if task == "t2i":
+        return judge_image(output, caption)
+    if task == "t2v":
+        return judge_video(output, caption)
+    if task in ("i2i", "v2v"):
+        if source is None:
+            raise ValueError(f"judging {task} needs the source pixels the edit was applied to")
+        return judge_edit(source, output, caption)
+    raise ValueError(f"judge_generation takes t2i, t2v, i2i or v2v; score {task} answers with judge_answer")
