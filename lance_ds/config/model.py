@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .core import Problems, doc, join
 
@@ -38,21 +39,33 @@ class LoraConfig:
         problems.require(0.0 <= self.dropout < 1.0, join(key, "dropout"), f"must be in [0, 1), got {self.dropout}")
 
 
+# Named geometries of lance_ds.model.registry (kept here so that config checks need no torch import).
+MODEL_SIZES = ("debug", "tiny", "100m", "3b")
+VAE_KINDS = ("auto", "wan", "kl", "patch")
+
+
 @dataclass
 class ModelConfig:
     """The unified model: a Qwen2 Mixture-of-Transformers decoder, a ViT for understanding, a frozen VAE for generation."""
 
-    size: str = doc("debug", "named geometry from lance_ds.model.registry (debug, tiny, 3b); ignored when path is set")
-    path: str | None = doc(None, "local checkpoint directory (Lance or Qwen2.5-VL) to initialise from")
+    size: str = doc("debug", "named geometry from lance_ds.model.registry (debug, tiny, 100m, 3b); ignored when path is set")
+    path: str | None = doc(None, "local checkpoint directory to initialise from: Lance (model.safetensors + "
+                                 "llm_config.json) or Qwen2.5-VL (config.json + *.safetensors; gen expert copied)")
     vit_path: str | None = doc(None, "local ViT weights (Qwen2.5-VL checkpoint or Lance vit.safetensors dir)")
     vae_path: str | None = doc(None, "local diffusers VAE directory (AutoencoderKLWan for real runs)")
+    vae: str = doc("auto", "generation codec: auto (the class in vae_path, else the size's codec), wan, kl, or patch "
+                           "(exactly invertible space-to-depth, the debug default)")
     tokenizer_path: str | None = doc(None, "local tokenizer directory (Qwen2.5 tokenizer for real runs)")
     visual_und: bool = doc(True, "build the understanding path (ViT tokens, CE on answers)")
     visual_gen: bool = doc(True, "build the generation path (VAE tokens, flow-matching MSE)")
+    vit_trainable: bool = doc(False, "train the ViT (then it is part of the engine and the checkpoint); frozen by default")
     attention: str = doc("sdpa", "attention backend over packed sequences: sdpa, flex or flash")
     dtype: str = doc("bf16", "dtype of the trainable model (bf16, fp16 or fp32)")
     vit_dtype: str = doc("bf16", "dtype of the frozen ViT")
     vae_dtype: str = doc("fp32", "dtype of the frozen VAE")
+    max_latent_size: int | None = doc(None, "latent rows/columns the sin-cos position table covers (None: the size's, 64 for 3b)")
+    max_num_frames: int | None = doc(None, "pixel frames the position table covers, as num_frames // 4 + 1 latent "
+                                           "frames (None: the size's, 121 for 3b)")
     training_type: str = doc("full", "full fine-tuning or lora adapters")
     freeze_modules: list[str] = doc(factory=list, text="glob patterns of parameter names to freeze, e.g. 'language_model.model.embed_tokens*'")
     gradient_checkpointing: bool = doc(False, "recompute each decoder layer in backward to save activation memory")
@@ -62,21 +75,45 @@ class ModelConfig:
     def check(self, problems: Problems, key: str) -> None:
         problems.require(self.visual_und or self.visual_gen, join(key, "visual_und"),
                          "at least one of model.visual_und and model.visual_gen must be true")
+        if self.path is None:
+            problems.one_of(self.size, MODEL_SIZES, join(key, "size"))
         problems.one_of(self.attention, ("sdpa", "flex", "flash"), join(key, "attention"))
+        problems.one_of(self.vae, VAE_KINDS, join(key, "vae"))
         for name in ("dtype", "vit_dtype", "vae_dtype"):
             problems.one_of(getattr(self, name), PRECISIONS, join(key, name))
         problems.one_of(self.training_type, ("full", "lora"), join(key, "training_type"))
+        for name in ("max_latent_size", "max_num_frames"):
+            if getattr(self, name) is not None:
+                problems.positive(getattr(self, name), join(key, name))
+        for name in ("path", "vit_path", "vae_path"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_dir():
+                problems.add(join(key, name), f"{value} is not a directory; point it at a local checkpoint directory")
+        if self.vae == "patch" and self.vae_path is not None:
+            problems.add(join(key, "vae"), "the patch codec has no weights; unset model.vae_path or choose wan/kl")
+        for i, pattern in enumerate(self.freeze_modules):
+            problems.require(isinstance(pattern, str) and bool(pattern.strip()), f"{join(key, 'freeze_modules')}[{i}]",
+                             "must be a non-empty glob pattern over parameter names")
 
 
 @dataclass
 class ObjectiveConfig:
-    """How predictions become losses: CE on answers, flow matching on noised latents."""
+    """How predictions become losses: CE on answers, flow matching on noised latents; and how samples are drawn."""
 
     ce_weight: float = doc(0.25, "weight of the text cross-entropy in the total loss")
     mse_weight: float = doc(1.0, "weight of the flow-matching MSE in the total loss")
     timestep_shift: float = doc(4.0, "shift s of logit-normal timesteps: t' = s t / (1 + (s - 1) t)")
+    timestep_mean: float = doc(0.0, "mean of the normal draw z in t = sigmoid(z)")
+    timestep_std: float = doc(1.0, "standard deviation of the normal draw z in t = sigmoid(z)")
+    sample_shift: float = doc(3.5, "shift of the Euler sampler's linspace(1, 0) schedule")
+    cfg_interval: list[float] = doc(factory=lambda: [0.4, 1.0], text="classifier-free guidance applies for t in [lo, hi]")
 
     def check(self, problems: Problems, key: str) -> None:
         problems.require(self.ce_weight >= 0, join(key, "ce_weight"), f"must be >= 0, got {self.ce_weight}")
         problems.require(self.mse_weight >= 0, join(key, "mse_weight"), f"must be >= 0, got {self.mse_weight}")
         problems.positive(self.timestep_shift, join(key, "timestep_shift"), float)
+        problems.positive(self.timestep_std, join(key, "timestep_std"), float)
+        problems.positive(self.sample_shift, join(key, "sample_shift"), float)
+        lo_hi = self.cfg_interval
+        problems.require(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, join(key, "cfg_interval"),
+                         f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")

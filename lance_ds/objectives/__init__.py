@@ -1,0 +1,23 @@
+"""Objectives (DESIGN rule 1): everything between the network's predictions and a scalar loss, and the samplers.
+
+  flow    timesteps (logit-normal + shift), noising, velocity target, per-token MSE, Euler sampler with CFG
+  text    per-token CE, greedy / top-p decoding
+  losses  named losses normalised by global token counts (rule 2)
+
+A training micro-step, in the trainer:
+    flow = prepare_flow(clean_latents, batch, cfg.objective.timestep_shift, generator)
+    pred = engine(batch, vit_embeds, flow.noisy, flow.timesteps)
+    losses = compute_losses(pred.logits, pred.velocity, batch, flow, cfg.objective)
+    engine.backward(losses.total)
+"""
+
+from .flow import (FlowInputs, SamplerInputs, euler_sample, lance_velocity_fn, mse_per_token, prepare_flow,
+                   sample_timesteps, sampling_schedule, shift_timesteps, token_blocks)
+from .losses import Losses, compute_losses, global_sums, normalised
+from .text import append_token, ce_per_token, decode_text, pick_token
+
+__all__ = [
+    "FlowInputs", "Losses", "SamplerInputs", "append_token", "ce_per_token", "compute_losses", "decode_text",
+    "euler_sample", "global_sums", "lance_velocity_fn", "mse_per_token", "normalised", "pick_token", "prepare_flow",
+    "sample_timesteps", "sampling_schedule", "shift_timesteps", "token_blocks",
+]

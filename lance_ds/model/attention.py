@@ -1,0 +1,259 @@
+"""Attention over one packed sequence: the causal / full / noise split rule, and three backends that compute it.
+
+Shape legend:
+  L  packed tokens (every sample of the micro-batch, back to back, padding included)
+  nh query heads, kv key/value heads (nh % kv == 0), d head dim
+  S  query segments of the varlen (flash) plan; Lk their concatenated key lists
+
+The rule (reference/LANCE_FACTS.md, "Attention mask over a packed sequence"): token q may attend to token k when
+  both are in the same sample, and
+  (q >= k, or q and k are in the same full/noise split), and
+  k is not in a *different* noise split (a noised target is invisible to everything outside itself).
+
+Backends (`model.attention`):
+  sdpa   PyTorch scaled_dot_product_attention with a dense boolean mask per sample (works everywhere; CPU default)
+  flex   torch flex_attention with a BlockMask built from the same rule as a mask_mod (compiled on CUDA)
+  flash  flash_attn_varlen_func over a segment plan: every split sees "the visible prefix of its sample, then
+         itself" (causally for text, fully for vision), so two varlen calls (causal, bidirectional) cover the rule
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lance_ds.data.batch import AttnMode
+
+BACKENDS = ("sdpa", "flex", "flash")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the rule
+
+
+def allowed(q_sample: Tensor, k_sample: Tensor, q_split: Tensor, k_split: Tensor, q_mode: Tensor, k_mode: Tensor,
+            q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """The attention rule on broadcastable index tensors; shared by the dense mask and the flex mask_mod."""
+    same_split = q_split == k_split
+    bidirectional = same_split & (q_mode != AttnMode.CAUSAL)
+    hidden_noise = (k_mode == AttnMode.NOISE) & ~same_split
+    return (q_sample == k_sample) & ((q_pos >= k_pos) | bidirectional) & ~hidden_noise
+
+
+def dense_mask(sample_ids: Tensor, split_ids: Tensor, attn_modes: Tensor) -> Tensor:
+    """[L, L] bool, True where query row may attend key column."""
+    pos = torch.arange(sample_ids.numel(), device=sample_ids.device)
+    return allowed(sample_ids[:, None], sample_ids[None, :], split_ids[:, None], split_ids[None, :],
+                   attn_modes[:, None], attn_modes[None, :], pos[:, None], pos[None, :])
+
+
+@dataclass
+class PackedLayout:
+    """Per-token attention metadata of one packed sequence; built once per forward, shared by all layers."""
+
+    sample_ids: Tensor  # [L] long
+    split_ids: Tensor  # [L] long
+    attn_modes: Tensor  # [L] long, AttnMode
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sample_ids.numel())
+
+    def sample_runs(self) -> list[tuple[int, int]] | None:
+        """(start, end) of each sample when every sample is one contiguous run (the packer's layout), else None."""
+        ids, counts = torch.unique_consecutive(self.sample_ids, return_counts=True)
+        if ids.numel() != torch.unique(ids).numel():
+            return None
+        ends = torch.cumsum(counts, 0).tolist()
+        return list(zip([0] + ends[:-1], ends))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backends: each is built once per forward from the layout, then called per layer as attend(q, k, v) -> out
+# q [L, nh, d], k / v [L, kv, d] -> [L, nh, d]
+
+
+class SdpaAttention:
+    """Dense boolean masks, one per sample (block-diagonal packing needs no cross-sample L x L mask)."""
+
+    def __init__(self, layout: PackedLayout):
+        runs = layout.sample_runs()
+        if runs is None:  # samples interleave: fall back to one mask over the whole sequence
+            runs = [(0, layout.num_tokens)]
+        self.blocks = []
+        for start, end in runs:
+            sl = slice(start, end)
+            mask = dense_mask(layout.sample_ids[sl], layout.split_ids[sl], layout.attn_modes[sl])
+            self.blocks.append((sl, mask))
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        outs = []
+        for sl, mask in self.blocks:
+            outs.append(_sdpa(q[sl], k[sl], v[sl], mask))
+        return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """[l, nh, d] x [l', kv, d] -> [l, nh, d] with grouped-query heads."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=None)
+
+
+class FlexAttention:
+    """flex_attention with a BlockMask from the rule; fully masked 128x128 blocks are skipped.
+
+    On CUDA the kernel is torch.compile'd once per process; on CPU flex runs its eager reference (it materialises
+    the scores, so it is a correctness path for tests, not a fast one).
+    """
+
+    BLOCK = 128
+
+    def __init__(self, layout: PackedLayout):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        sample, split, mode = layout.sample_ids, layout.split_ids, layout.attn_modes
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed(sample[q_idx], sample[kv_idx], split[q_idx], split[kv_idx], mode[q_idx], mode[kv_idx],
+                           q_idx, kv_idx)
+
+        n = layout.num_tokens
+        self.on_cuda = sample.is_cuda
+        self.block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=sample.device,
+                                            BLOCK_SIZE=self.BLOCK)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        if self.on_cuda:
+            out = _compiled_flex()(*args, block_mask=self.block_mask, enable_gqa=True)
+        else:
+            with warnings.catch_warnings():  # "called without torch.compile": intended on CPU, see the class doc
+                warnings.simplefilter("ignore", UserWarning)
+                out = flex_attention(*args, block_mask=self.block_mask, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+
+@dataclass
+class VarlenGroup:
+    """Query segments that share a causal flag: queries[q_index], keys[k_index], split by cu_seqlens."""
+
+    q_index: Tensor  # [sum of segment lengths] long
+    k_index: Tensor  # [Lk] long
+    cu_q: Tensor  # [S + 1] int32
+    cu_k: Tensor  # [S + 1] int32
+    max_q: int
+    max_k: int
+
+
+def varlen_plan(layout: PackedLayout) -> tuple[VarlenGroup | None, VarlenGroup | None]:
+    """Decompose the rule into (causal, bidirectional) query segments with their key lists.
+
+    Every split sees the non-noise tokens of its sample that come before it, then itself: causally (bottom-right
+    aligned, as flash-attn >= 2.1 does when seqlen_k > seqlen_q) for text, fully for full/noise splits.
+    Consecutive causal splits merge into one segment. Needs each sample and split to be a contiguous run.
+    """
+    runs = layout.sample_runs()
+    if runs is None:
+        raise ValueError("attention 'flash' needs every sample to be one contiguous run of the packed sequence; "
+                         "use model.attention=flex or sdpa for interleaved layouts")
+    splits = layout.split_ids.tolist()
+    modes = layout.attn_modes.tolist()
+    groups: dict[bool, list[tuple[list[int], list[int]]]] = {True: [], False: []}
+    for start, end in runs:
+        visible: list[int] = []  # non-noise tokens of this sample before the current segment
+        i = start
+        while i < end:
+            j = i
+            causal = modes[i] == AttnMode.CAUSAL
+            # one segment: a run of causal splits, or a single full/noise split
+            while j < end and (splits[j] == splits[i] or (causal and modes[j] == AttnMode.CAUSAL)):
+                j += 1
+            own = list(range(i, j))
+            groups[causal].append((own, visible + own))
+            if modes[i] != AttnMode.NOISE:
+                visible = visible + own
+            i = j
+    return _pack_group(groups[True], layout), _pack_group(groups[False], layout)
+
+
+def _pack_group(segments: list[tuple[list[int], list[int]]], layout: PackedLayout) -> VarlenGroup | None:
+    if not segments:
+        return None
+    device = layout.sample_ids.device
+    q_lens = [len(q) for q, _ in segments]
+    k_lens = [len(k) for _, k in segments]
+
+    def cu(lens):
+        return torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+
+    return VarlenGroup(
+        q_index=torch.tensor([i for q, _ in segments for i in q], device=device),
+        k_index=torch.tensor([i for _, k in segments for i in k], device=device),
+        cu_q=cu(q_lens), cu_k=cu(k_lens), max_q=max(q_lens), max_k=max(k_lens))
+
+
+def import_flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise RuntimeError("model.attention=flash needs the flash_attn package (pip install flash-attn, CUDA only), "
+                           f"which does not import here ({e}); use model.attention=flex or sdpa") from e
+    return flash_attn_varlen_func
+
+
+class VarlenAttention:
+    """Two varlen calls over the segment plan; `kernel` is flash_attn_varlen_func (or a reference, in tests)."""
+
+    def __init__(self, layout: PackedLayout, kernel=None):
+        self.kernel = kernel or import_flash_varlen()
+        self.groups = [(g, causal) for g, causal in zip(varlen_plan(layout), (True, False)) if g is not None]
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = torch.empty_like(q)
+        for g, causal in self.groups:
+            o = self.kernel(q[g.q_index], k[g.k_index], v[g.k_index], g.cu_q, g.cu_k, g.max_q, g.max_k,
+                            causal=causal)
+            out = out.index_copy(0, g.q_index, o.to(q.dtype))
+        return out
+
+
+def reference_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                     causal: bool = False) -> Tensor:
+    """flash_attn_varlen_func's contract in plain SDPA (bottom-right causal), to test the plan on CPU."""
+    outs = []
+    for i in range(cu_q.numel() - 1):
+        qs = q[int(cu_q[i]):int(cu_q[i + 1])]
+        ks, vs = k[int(cu_k[i]):int(cu_k[i + 1])], v[int(cu_k[i]):int(cu_k[i + 1])]
+        mask = None
+        if causal:
+            offset = ks.shape[0] - qs.shape[0]
+            mask = torch.arange(ks.shape[0], device=q.device)[None, :] <= \
+                torch.arange(qs.shape[0], device=q.device)[:, None] + offset
+        outs.append(_sdpa(qs, ks, vs, mask))
+    return torch.cat(outs, dim=0)
+
+
+def build_attention(backend: str, layout: PackedLayout):
+    """The per-forward attention callable for `model.attention`."""
+    if backend == "sdpa":
+        return SdpaAttention(layout)
+    if backend == "flex":
+        return FlexAttention(layout)
+    if backend == "flash":
+        return VarlenAttention(layout)
+    raise ValueError(f"model.attention must be one of {list(BACKENDS)}, got {backend!r}")

@@ -1,0 +1,348 @@
+"""`build_model`: the one entry point the trainer calls. It builds the three parts where DESIGN rule 5 wants them:
+
+  frozen VAE and frozen ViT   plain modules, outside zero.Init and outside the engine, never checkpointed
+  trainable LanceModel        under deepspeed.zero.Init when the DeepSpeed config is ZeRO-3 (and a trainable ViT
+                              inside it, built by transformers under a kept-alive HfDeepSpeedConfig)
+
+then loads weights (model.path / vit_path / vae_path), initialises the generation expert as a copy of the
+understanding weights, applies freeze_modules / LoRA / gradient checkpointing, and reports the geometry the data
+side needs to cut inputs for this model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lance_ds.config.model import ModelConfig
+
+from .lance import LanceConfig, LanceModel
+from .llm import RMSNorm, copy_und_to_gen, gen_to_und_name
+from .positions import LearnablePositions, lape_cost
+from .registry import ModelSpec, resolve_spec
+from .vae import FrozenVAE, VaeConfig, build_vae, detect_kind
+from .vision import build_vision_tower, freeze, load_vision_weights
+from .weights import (LANCE_WEIGHTS, complete_from_qwen, is_lance_dir, lance_to_model, qwen_text_names,
+                      qwen_to_model, read_tensors, safetensors_index)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# codecs that `model.vae` can ask for without a directory (tiny, built from a config)
+TINY_CODECS = {
+    "patch": VaeConfig(kind="patch", latent_channels=3 * 4 * 8 * 8, spatial_factor=8, temporal_factor=4),
+    "kl": VaeConfig(kind="kl", latent_channels=4, spatial_factor=4, temporal_factor=1, diffusers_config=dict(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16], latent_channels=4,
+        norm_num_groups=4, layers_per_block=1)),
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the data side needs to cut inputs for this model."""
+
+    latent_channels: int  # z: channels of one latent token
+    vae_spatial_factor: int  # pixels per latent row/column
+    vae_temporal_factor: int  # latent frames = (T - 1) // factor + 1
+    vit_patch_size: int  # ViT patch side in pixels (14)
+    vit_temporal_patch_size: int  # frames per ViT patch (2: images are repeated to 2 frames)
+    vit_merge_size: int  # merged tokens are merge x merge patches
+    tokens_per_second: int  # temporal RoPE step of ViT blocks
+    max_latent_size: int  # latent rows/columns the position table covers
+    max_latent_frames: int  # latent frames the position table covers
+    hidden_size: int
+    vocab_size: int
+    num_text_classes: int
+
+
+@dataclass
+class ModelBundle:
+    """What `build_model` returns."""
+
+    model: LanceModel  # the trainable part (give it to deepspeed.initialize)
+    vit: nn.Module | None  # frozen ViT outside the engine (None: visual_und off, or trainable inside model.vit_model)
+    vae: FrozenVAE | None  # frozen codec outside the engine (None: visual_gen off)
+    geometry: Geometry
+    spec: ModelSpec
+    lape: dict | None = None  # extra parameters and memory of LAPE when enabled (see positions.lape_cost)
+    hf_ds_config: object = None  # transformers' HfDeepSpeedConfig, kept alive while the model lives
+
+    def describe(self) -> str:
+        llm = self.spec.llm
+        num_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.model.parameters())
+        num_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                        for p in self.model.parameters() if p.requires_grad)
+        parts = [f"LLM {llm.num_layers}x{llm.hidden_size} ({llm.num_heads} heads, {llm.num_kv_heads} KV, "
+                 f"MoT={llm.mot}), {num_params / 1e6:.1f} M params, {num_train / 1e6:.1f} M trainable"]
+        if self.vit is not None:
+            parts.append(f"frozen ViT {self.spec.vit.depth}x{self.spec.vit.hidden_size}")
+        if self.vae is not None:
+            parts.append(f"frozen {type(self.vae).__name__} (z {self.vae.latent_channels}, "
+                         f"{self.vae.spatial_factor}x/{self.vae.temporal_factor}x)")
+        if self.lape:
+            parts.append(f"LAPE +{self.lape['num_params']:,} params")
+        return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None = None,
+                device: torch.device | str | None = None) -> ModelBundle:
+    """Build the model `cfg` describes for a tokenizer of `num_text_classes` tokens.
+
+    ds_config: the resolved DeepSpeed JSON (dict); ZeRO-3 builds the trainable model partitioned under zero.Init.
+    None builds a plain module in `model.dtype` (tests, inference). Frozen parts go to `device` (default: cuda
+    when available, else cpu); the trainable model stays where the engine will put it.
+    """
+    spec = resolve_spec(cfg)
+    device = torch.device(device) if device is not None else default_device()
+    zero3 = is_zero3(ds_config)
+    vae = build_codec(cfg, spec).to(device) if cfg.visual_gen else None
+    hf_ds = None
+    vit = None
+    if cfg.visual_und:
+        if cfg.vit_trainable and zero3:
+            hf_ds = keep_hf_deepspeed_config(ds_config)
+        vit = build_vision_tower(spec.vit, DTYPES[cfg.vit_dtype] if not cfg.vit_trainable else torch.float32)
+        load_vit(vit, cfg)
+    lance_cfg = LanceConfig(
+        llm=replace(spec.llm, mot=cfg.visual_gen), num_text_classes=num_text_classes,
+        latent_channels=vae.latent_channels if vae is not None else spec.vae.latent_channels,
+        max_latent_size=spec.max_latent_size, max_num_frames=spec.max_num_frames,
+        visual_und=cfg.visual_und, visual_gen=cfg.visual_gen, attention=cfg.attention,
+        lape_spatial=cfg.lape.num_spatial_tokens if cfg.lape.enabled and cfg.visual_gen else 0,
+        lape_temporal=cfg.lape.num_temporal_tokens if cfg.lape.enabled and cfg.visual_gen else 0)
+    trainable_vit = vit if cfg.visual_und and cfg.vit_trainable else None
+    with zero_init(ds_config) if zero3 else contextlib.nullcontext():
+        model = LanceModel(lance_cfg, vit_model=trainable_vit)
+    init_weights(model)
+    if cfg.path:
+        load_llm_weights(model, Path(cfg.path))
+    else:
+        with gathered(list(model.language_model.parameters())):
+            copy_und_to_gen(model.language_model)
+    if trainable_vit is not None:
+        vit = None  # it lives in the model (and its checkpoint) now
+    elif vit is not None:
+        vit = freeze(vit).to(device)
+    freeze_by_patterns(model, cfg.freeze_modules)
+    if cfg.training_type == "lora":
+        from .lora import add_lora
+
+        add_lora(model, cfg.lora, ds_config if zero3 else None)
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    if ds_config is None:
+        model.to(DTYPES[cfg.dtype])
+    lape = None
+    if lance_cfg.lape_spatial:
+        lape = lape_cost(lance_cfg.llm.hidden_size, lance_cfg.lape_spatial, lance_cfg.lape_temporal,
+                         torch.finfo(DTYPES[cfg.dtype]).bits // 8)
+    geometry = geometry_of(spec, lance_cfg, vae)
+    return ModelBundle(model=model, vit=vit, vae=vae, geometry=geometry, spec=spec, lape=lape, hf_ds_config=hf_ds)
+
+
+def geometry_of(spec: ModelSpec, lance_cfg: LanceConfig, vae: FrozenVAE | None) -> Geometry:
+    codec = vae if vae is not None else spec.vae
+    return Geometry(
+        latent_channels=lance_cfg.latent_channels, vae_spatial_factor=codec.spatial_factor,
+        vae_temporal_factor=codec.temporal_factor, vit_patch_size=spec.vit.patch_size,
+        vit_temporal_patch_size=spec.vit.temporal_patch_size, vit_merge_size=spec.vit.spatial_merge_size,
+        tokens_per_second=spec.vit.tokens_per_second, max_latent_size=lance_cfg.max_latent_size,
+        max_latent_frames=lance_cfg.max_latent_frames, hidden_size=lance_cfg.llm.hidden_size,
+        vocab_size=lance_cfg.llm.vocab_size, num_text_classes=lance_cfg.num_text_classes)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_zero3(ds_config: dict | None) -> bool:
+    return bool(ds_config) and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def zero_init(ds_config: dict):
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def keep_hf_deepspeed_config(ds_config: dict):
+    """transformers builds its models under zero.Init while an HfDeepSpeedConfig object is alive (weak ref)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def gathered(params: list[nn.Parameter]):
+    """Full parameters inside the block on ZeRO-3 (rank 0's writes are kept and broadcast); a no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parts
+
+
+def build_codec(cfg: ModelConfig, spec: ModelSpec) -> FrozenVAE:
+    kind = cfg.vae
+    if kind == "auto":
+        kind = detect_kind(cfg.vae_path) if cfg.vae_path else spec.vae.kind
+    if cfg.vae_path is None:
+        codec = spec.vae if spec.vae.kind == kind else TINY_CODECS.get(kind)
+        if codec is None or (codec.kind != "patch" and not codec.diffusers_config):
+            raise ValueError(f"model.vae={kind} for size '{cfg.size}' needs weights: set model.vae_path to a local "
+                             f"diffusers {'AutoencoderKLWan' if kind == 'wan' else 'AutoencoderKL'} directory")
+        return build_vae(codec, None, DTYPES[cfg.vae_dtype])
+    if cfg.vae != "auto" and detect_kind(cfg.vae_path) != cfg.vae:
+        raise ValueError(f"model.vae={cfg.vae} but model.vae_path {cfg.vae_path} holds a "
+                         f"{detect_kind(cfg.vae_path)} VAE; set model.vae=auto or point vae_path at the right dir")
+    return build_vae(spec.vae, cfg.vae_path, DTYPES[cfg.vae_dtype])
+
+
+def load_vit(vit: nn.Module, cfg: ModelConfig) -> None:
+    """ViT weights from model.vit_path, else from model.path when it holds a ViT; random otherwise (debug sizes)."""
+    for source in (cfg.vit_path, cfg.path):
+        if source is None:
+            continue
+        try:
+            with gathered(list(vit.parameters())):
+                load_vision_weights(vit, source)
+            return
+        except FileNotFoundError:
+            if source == cfg.vit_path:
+                raise
+    if cfg.path is not None:
+        raise FileNotFoundError(f"model.path {cfg.path} holds no ViT weights; set model.vit_path to a Qwen2.5-VL "
+                                "or Lance ViT directory, or model.visual_und=false")
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Normal(0, std) linears and embeddings, zero biases, unit norms, zero LAPE (Qwen2 / HF conventions).
+
+    Leaves a trainable ViT alone (transformers initialised it); gathers each module under ZeRO-3.
+    """
+    for name, module in model.named_modules():
+        if name.startswith("vit_model"):
+            continue
+        params = list(module.parameters(recurse=False))
+        if not params:
+            continue
+        with gathered(params):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, LearnablePositions):
+                module.spatial.zero_()
+                module.temporal.zero_()
+
+
+@torch.no_grad()
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> set[str]:
+    """Copy `state` into the model's parameters of the same name (shape-checked); returns the names loaded."""
+    loaded = set()
+    for mod_name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        names = {f"{mod_name}.{p}" if mod_name else p: p for p in params}
+        hits = [n for n in names if n in state]
+        if not hits:
+            continue
+        with gathered([params[names[n]] for n in hits]):
+            for full in hits:
+                p = params[names[full]]
+                src = state[full]
+                if tuple(p.shape) != tuple(src.shape):
+                    raise ValueError(f"{where}: {full} has shape {tuple(src.shape)} but the model expects "
+                                     f"{tuple(p.shape)}; the model geometry does not match the checkpoint")
+                p.copy_(src.to(p.dtype))
+                loaded.add(full)
+    return loaded
+
+
+def model_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    return {n: torch.Size(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in model.named_parameters()}
+
+
+def load_llm_weights(model: LanceModel, path: Path) -> None:
+    """Lance checkpoint key for key, or a Qwen2.5-VL checkpoint's text weights (+ gen expert copied)."""
+    shapes = model_shapes(model)
+    own = {n for n in shapes if not n.startswith("vit_model.")}
+    if is_lance_dir(path):
+        where = str(path / LANCE_WEIGHTS)
+        index = safetensors_index(path / LANCE_WEIGHTS)
+        wanted = [k for k in index if hasattr(model, "vit_model") or not k.startswith("vit_model.")]
+        state, vit_state, table = lance_to_model(read_tensors(index, wanted))
+        check_position_table(model, table, where)
+        if hasattr(model, "vit_model"):
+            state.update({f"vit_model.{k}": v for k, v in vit_state.items()})
+            own = set(shapes)
+    else:
+        where = f"{path} (Qwen2.5-VL)"
+        index = safetensors_index(path)
+        state = complete_from_qwen(qwen_to_model(read_tensors(index, qwen_text_names(index))), shapes)
+    loaded = load_state(model, state, where)
+    missing = sorted(own - loaded - {n for n in own if n.startswith("lape.")})
+    if missing:
+        # gen-side heads absent from a Qwen2.5-VL checkpoint keep their fresh init; anything else must be there
+        fresh = ("time_embedder.", "vae2llm.", "llm2vae.")
+        hard = [n for n in missing if not n.startswith(fresh) or is_lance_dir(path)]
+        if hard:
+            raise ValueError(f"{where} lacks {len(hard)} parameters the model needs, e.g. {hard[:4]}; is this the "
+                             "right checkpoint for these model switches (visual_und / visual_gen)?")
+    unused = sorted(set(state) - loaded)
+    allowed = [n for n in unused if _optional_key(n, model)]
+    if len(allowed) != len(unused):
+        extra = sorted(set(unused) - set(allowed))
+        raise ValueError(f"{where} has {len(extra)} tensors the model does not know, e.g. {extra[:4]}; the model "
+                         "geometry or switches do not match the checkpoint")
+
+
+def _optional_key(name: str, model: LanceModel) -> bool:
+    """Checkpoint tensors a model built without some branch may leave unused."""
+    if not model.cfg.visual_gen and (gen_to_und_name(name) is not None or
+                                     name.startswith(("time_embedder.", "vae2llm.", "llm2vae."))):
+        return True
+    return False
+
+
+def check_position_table(model: LanceModel, table: torch.Tensor | None, where: str) -> None:
+    """A stored sin-cos table must equal the recomputed one: else positions would silently mean something else."""
+    if table is None or not model.cfg.visual_gen:
+        return
+    ours = model.latent_pos_embed.table()
+    if ours.shape != table.shape:
+        raise ValueError(f"{where}: latent_pos_embed.pos_embed has shape {tuple(table.shape)}, this model's table "
+                         f"{tuple(ours.shape)}; set model.max_latent_size / model.max_num_frames to the checkpoint's")
+    err = (ours - table.float()).abs().max().item()
+    if not math.isfinite(err) or err > 1e-3:
+        raise ValueError(f"{where}: the stored latent position table differs from the sin-cos table by {err:.3g}; "
+                         "this checkpoint uses another position scheme")
+
+
+def freeze_by_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
+    """requires_grad=False for parameters whose name matches any glob in `patterns`; every pattern must match."""
+    names = [n for n, _ in model.named_parameters()]
+    frozen = []
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"model.freeze_modules pattern {pattern!r} matches no parameter; names look like "
+                             f"{names[:3]} (use globs such as 'language_model.model.embed_tokens*')")
+        frozen.extend(hits)
+    params = dict(model.named_parameters())
+    for n in frozen:
+        params[n].requires_grad_(False)
+    return frozen

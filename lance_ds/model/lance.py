@@ -1,0 +1,155 @@
+"""LanceModel: token embeddings, ViT and VAE token inputs, expert routing, and the two heads.
+
+Shape legend:
+  L  packed tokens;  H  hidden size;  z  latent channels
+  C  positions scored by CE (PackedBatch.ce_indexes);  V' = num_text_classes (len(tokenizer)) <= vocab_size
+  M  merged ViT tokens (PackedBatch.vit_indexes);  N  VAE latent tokens (PackedBatch.vae_indexes)
+
+The network returns predictions only (DESIGN rule 1): the noise, timesteps and targets come in from objectives/,
+the losses are computed there. VAE-token input = vae2llm(x_t) + time_embedder(t) + sin-cos position (+ LAPE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from lance_ds.data.batch import PackedBatch
+
+from .attention import PackedLayout, build_attention
+from .llm import LLMConfig, MoTForCausalLM, Routing
+from .positions import LatentPositions, LearnablePositions, TimestepEmbedder
+from .vision import encode_vit
+
+
+@dataclass(frozen=True)
+class LanceConfig:
+    """What LanceModel builds: the decoder geometry, the branches, the latent geometry and the attention backend."""
+
+    llm: LLMConfig
+    num_text_classes: int  # len(tokenizer): CE logits are sliced to this many classes
+    latent_channels: int = 48  # z of the VAE (48 for Wan2.2)
+    max_latent_size: int = 64  # S: latent rows/columns of the sin-cos table
+    max_num_frames: int = 121  # pixel frames; the table holds max_num_frames // 4 + 1 latent frames (as Lance)
+    visual_und: bool = True
+    visual_gen: bool = True
+    attention: str = "sdpa"
+    lape_spatial: int = 0  # LAPE table rows (0: LAPE off)
+    lape_temporal: int = 0
+
+    @property
+    def max_latent_frames(self) -> int:
+        return self.max_num_frames // 4 + 1
+
+    def check(self) -> None:
+        if self.num_text_classes > self.llm.vocab_size:
+            raise ValueError(f"the tokenizer has {self.num_text_classes} tokens but the model's vocabulary only "
+                             f"{self.llm.vocab_size}; use a tokenizer that fits or a model with a larger vocab_size")
+        if self.num_text_classes <= 0:
+            raise ValueError(f"num_text_classes must be positive (len(tokenizer)), got {self.num_text_classes}")
+
+
+@dataclass
+class Predictions:
+    """What the network predicts for one packed batch."""
+
+    logits: Tensor  # [C, V'] next-token logits at batch.ce_indexes
+    velocity: Tensor  # [N, z] flow velocity at every latent token (conditions included; objectives weight them)
+    hidden: Tensor | None = None  # [L, H] final normed hidden states (return_hidden=True)
+    inputs_embeds: Tensor | None = None  # [L, H] the decoder's input sequence (return_hidden=True)
+
+
+class LanceModel(nn.Module):
+    """The trainable part of Lance. The frozen ViT and VAE live outside (DESIGN rule 5) unless `vit_model` is set,
+    which holds a trainable ViT (module name `vit_model`, as in Lance's checkpoint)."""
+
+    def __init__(self, cfg: LanceConfig, vit_model: nn.Module | None = None):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        hidden = cfg.llm.hidden_size
+        self.language_model = MoTForCausalLM(cfg.llm)
+        if cfg.visual_gen:
+            self.time_embedder = TimestepEmbedder(hidden)
+            self.vae2llm = nn.Linear(cfg.latent_channels, hidden)
+            self.llm2vae = nn.Linear(hidden, cfg.latent_channels)
+            self.latent_pos_embed = LatentPositions(hidden, cfg.max_latent_size, cfg.max_latent_frames)
+            if cfg.lape_spatial:
+                self.lape = LearnablePositions(hidden, cfg.lape_spatial, cfg.lape_temporal)
+        if vit_model is not None:
+            if not cfg.visual_und:
+                raise ValueError("a trainable ViT was given but model.visual_und is false")
+            self.vit_model = vit_model
+
+    # -------------------------------------------------------------------------------------------------------------
+
+    def embed_latents(self, noisy_latents: Tensor, timesteps: Tensor, coords: Tensor) -> Tensor:
+        """x_t [N, z], t [N], coords [N, 3] -> VAE token inputs [N, H]."""
+        x = self.vae2llm(noisy_latents.to(self.vae2llm.weight.dtype))
+        x = x + self.time_embedder(timesteps) + self.latent_pos_embed(coords).to(x.dtype)
+        if hasattr(self, "lape"):
+            x = x + self.lape(coords).to(x.dtype)
+        return x
+
+    def forward(self, batch: PackedBatch, vit_embeds: Tensor | None = None, noisy_latents: Tensor | None = None,
+                timesteps: Tensor | None = None, return_hidden: bool = False) -> Predictions:
+        """Predict next-token logits at `batch.ce_indexes` and velocities at `batch.vae_indexes`.
+
+        vit_embeds [M, H]: the frozen ViT's merged tokens for batch.vit_patches (None when the ViT is trainable and
+        held here, or when visual_und is off). noisy_latents [N, z] and timesteps [N]: x_t and t per latent token
+        from objectives.flow (conditions: x_0 and t = 0).
+        """
+        cfg = self.cfg
+        num_tokens = batch.num_tokens
+        self._check_inputs(batch, vit_embeds, noisy_latents, timesteps)
+        decoder = self.language_model.model
+        x = decoder.embed_tokens(batch.input_ids)  # vision slots are overwritten below
+        if cfg.visual_und:
+            if hasattr(self, "vit_model"):
+                vit_embeds = encode_vit(self.vit_model, batch.vit_patches, batch.vit_grid_thw)
+            x = x.index_copy(0, batch.vit_indexes, vit_embeds.to(x.dtype))
+        if cfg.visual_gen:
+            x = x.index_copy(0, batch.vae_indexes, self.embed_latents(noisy_latents, timesteps, batch.vae_coords))
+            routing = Routing.build(num_tokens, batch.vae_indexes)
+        else:
+            routing = Routing.build(num_tokens, batch.vae_indexes[:0])
+        attend = build_attention(cfg.attention, PackedLayout(batch.sample_ids, batch.split_ids, batch.attn_modes))
+        hidden = decoder(x, batch.position_ids, routing, attend)
+        logits = self.language_model.lm_head(hidden.index_select(0, batch.ce_indexes))[:, : cfg.num_text_classes]
+        if cfg.visual_gen:
+            velocity = self.llm2vae(hidden.index_select(0, batch.vae_indexes))
+        else:
+            velocity = hidden.new_zeros(0, cfg.latent_channels)
+        return Predictions(logits, velocity, hidden if return_hidden else None, x if return_hidden else None)
+
+    def _check_inputs(self, batch: PackedBatch, vit_embeds, noisy_latents, timesteps) -> None:
+        cfg = self.cfg
+        num_vit, num_vae = batch.vit_indexes.numel(), batch.vae_indexes.numel()
+        if not cfg.visual_und and num_vit:
+            raise ValueError(f"the batch has {num_vit} ViT tokens but the model was built with model.visual_und=false")
+        if not cfg.visual_gen and num_vae:
+            raise ValueError(f"the batch has {num_vae} VAE tokens but the model was built with model.visual_gen=false")
+        if cfg.visual_und and not hasattr(self, "vit_model"):
+            if vit_embeds is None or vit_embeds.shape[0] != num_vit:
+                got = None if vit_embeds is None else tuple(vit_embeds.shape)
+                raise ValueError(f"vit_embeds must be [{num_vit}, {cfg.llm.hidden_size}] (one row per "
+                                 f"batch.vit_indexes), got {got}; run the frozen ViT on batch.vit_patches first")
+        if cfg.visual_gen:
+            for name, value, shape in (("noisy_latents", noisy_latents, (num_vae, cfg.latent_channels)),
+                                       ("timesteps", timesteps, (num_vae,))):
+                if value is None or tuple(value.shape) != shape:
+                    got = None if value is None else tuple(value.shape)
+                    raise ValueError(f"{name} must have shape {list(shape)} (one row per batch.vae_indexes), got "
+                                     f"{got}; build them with lance_ds.objectives.flow")
+
+    # -------------------------------------------------------------------------------------------------------------
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.language_model.model.gradient_checkpointing = enabled
+
+    @property
+    def num_text_classes(self) -> int:
+        return self.cfg.num_text_classes

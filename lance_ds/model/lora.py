@@ -1,0 +1,90 @@
+"""LoRA through peft: adapters on chosen projections, only adapters train, saved and loaded in peft's format.
+
+peft's `inject_adapter_in_model` keeps LanceModel's module tree (a wrapped projection becomes
+`...q_proj.base_layer` + `...q_proj.lora_A/B.default`), so the engine, ZeRO-3 and the checkpointer see ordinary
+parameters. Files: `adapter_config.json` + `adapter_model.safetensors` with PeftModel's key prefix
+`base_model.model.`, so `peft.PeftModel.from_pretrained(lance_model, dir)` reads them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from lance_ds.config.model import LoraConfig as LoraSettings
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def peft_config(settings: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), bias="none")
+
+
+def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = None) -> nn.Module:
+    """Inject adapters (in place) and freeze everything else. Under ZeRO-3 the adapters are created partitioned."""
+    from peft import inject_adapter_in_model
+
+    suffixes = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = [t for t in settings.target_modules if t not in suffixes]
+    if unknown:
+        raise ValueError(f"model.lora.target_modules {unknown} name no linear layer of the model; choose from "
+                         f"{sorted(suffixes)}")
+    context = contextlib.nullcontext()
+    if ds_config is not None:
+        import deepspeed
+
+        context = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    with context:
+        inject_adapter_in_model(peft_config(settings), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_lora_param(name))
+    return model
+
+
+def is_lora_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors under peft's names (adapter name dropped, PeftModel prefix added).
+
+    state_dict: a full (e.g. ZeRO-3-gathered) state dict of the model; default model.state_dict().
+    """
+    from peft import get_peft_model_state_dict
+
+    adapters = get_peft_model_state_dict(model, state_dict=state_dict)
+    return {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in adapters.items()}
+
+
+def save_lora(model: nn.Module, settings: LoraSettings, directory: str | Path,
+              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (call on one rank with gathered weights)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    peft_config(settings).save_pretrained(str(directory))
+    save_file(lora_state_dict(model, state_dict), str(directory / ADAPTER_WEIGHTS))
+    return directory
+
+
+@torch.no_grad()
+def load_lora(model: nn.Module, directory: str | Path) -> None:
+    """Load adapters saved by `save_lora` into a model that already has them (add_lora with the same settings)."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; a LoRA directory holds adapter_config.json + {ADAPTER_WEIGHTS}")
+    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in load_file(str(path)).items()}
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"{path} holds adapters the model lacks, e.g. {unexpected[:3]}; build the model with the "
+                         "same model.lora settings it was trained with")

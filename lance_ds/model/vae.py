@@ -1,0 +1,221 @@
+"""The frozen generation codec behind one interface: pixels <-> normalised latents.
+
+Shape legend:
+  B  clips;  T  pixel frames;  H, W  pixels;  z  latent channels;  t, h, w  latent grid
+  t = (T - 1) // temporal_factor + 1  (Wan's causal rule: the first frame alone, then groups of temporal_factor)
+  h = H / spatial_factor,  w = W / spatial_factor
+
+Three codecs:
+  wan    diffusers AutoencoderKLWan (Wan2.2: z 48, 16x, 4x) from a local directory, or a tiny one from a config.
+         Latent = (mean - latents_mean) / latents_std, plus eps * exp(logvar / 2) when sampling (as Lance: the
+         posterior noise is added after the per-channel normalisation).
+  kl     diffusers AutoencoderKL (2-D; frames are encoded one by one, temporal_factor 1) for tiny configs.
+         Latent = (mean - shift_factor) * scaling_factor (+ the same posterior noise when sampling).
+  patch  an exactly invertible space-to-depth codec with a fixed normalisation, for the debug model: a later check
+         judges generated pixels, and a random-weight VAE would not decode faithfully.
+All are frozen, built outside zero.Init and outside the engine, and never checkpointed (DESIGN rule 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+KINDS = ("wan", "kl", "patch")
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """Which codec and, for codecs built from a config (tests, debug), its geometry."""
+
+    kind: str = "patch"
+    latent_channels: int = 48  # patch: must equal 3 * temporal_factor * spatial_factor**2
+    spatial_factor: int = 16
+    temporal_factor: int = 4
+    diffusers_config: dict = field(default_factory=dict, hash=False)  # kwargs of the diffusers class (tiny ones)
+
+
+class FrozenVAE(nn.Module):
+    """encode(pixels [B, 3, T, H, W] in [-1, 1]) -> latents [B, z, t, h, w]; decode is the inverse map."""
+
+    latent_channels: int
+    spatial_factor: int
+    temporal_factor: int
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.temporal_factor + 1
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (self.latent_channels, self.latent_frames(num_frames), height // self.spatial_factor,
+                width // self.spatial_factor)
+
+    def check_pixels(self, pixels: Tensor) -> None:
+        if pixels.dim() != 5 or pixels.shape[1] != 3:
+            raise ValueError(f"VAE input must be [B, 3, T, H, W], got {tuple(pixels.shape)}")
+        _, _, frames, height, width = pixels.shape
+        sf, tf = self.spatial_factor, self.temporal_factor
+        if height % sf or width % sf or (frames - 1) % tf:
+            raise ValueError(f"VAE input {frames}x{height}x{width} (TxHxW) must have H and W divisible by {sf} and "
+                             f"T = {tf}k + 1 frames; the data side's resize/frame sampling must follow the VAE")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters(), torch.empty(0)).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters(), torch.empty(0)).dtype
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PatchCodec(FrozenVAE):
+    """Space-to-depth: each latent voxel holds the tf x sf x sf pixels it covers (3 * tf * sf^2 channels).
+
+    The first frame forms a group alone (Wan's rule); it is repeated tf times so every group has the same width.
+    Decoding keeps the first copy, so decode(encode(x)) == x exactly. Normalisation: latent = pixels / 0.5 (natural
+    images in [-1, 1] have a standard deviation near 0.5, so latents have roughly unit scale, like the noise).
+    """
+
+    SCALE = 0.5
+
+    def __init__(self, spatial_factor: int = 8, temporal_factor: int = 4):
+        super().__init__()
+        self.spatial_factor = spatial_factor
+        self.temporal_factor = temporal_factor
+        self.latent_channels = 3 * temporal_factor * spatial_factor ** 2
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        self.check_pixels(pixels)
+        sf, tf = self.spatial_factor, self.temporal_factor
+        first = pixels[:, :, :1].expand(-1, -1, tf, -1, -1)
+        x = torch.cat([first, pixels[:, :, 1:]], dim=2).float()  # [B, 3, t * tf, H, W]
+        b, c, frames, height, width = x.shape
+        t, h, w = frames // tf, height // sf, width // sf
+        x = x.view(b, c, t, tf, h, sf, w, sf).permute(0, 1, 3, 5, 7, 2, 4, 6)  # [B, 3, tf, sf, sf, t, h, w]
+        return x.reshape(b, c * tf * sf * sf, t, h, w) / self.SCALE
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        sf, tf = self.spatial_factor, self.temporal_factor
+        b, z, t, h, w = latents.shape
+        if z != self.latent_channels:
+            raise ValueError(f"patch codec latents need {self.latent_channels} channels, got {z}")
+        x = (latents.float() * self.SCALE).view(b, 3, tf, sf, sf, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(b, 3, t * tf, h * sf, w * sf)
+        return torch.cat([x[:, :, :1], x[:, :, tf:]], dim=2)  # drop the repeats of the first frame
+
+
+class WanVAE(FrozenVAE):
+    """diffusers AutoencoderKLWan with Wan's per-channel latent normalisation."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        cfg = vae.config
+        self.vae = vae
+        self.latent_channels = cfg.z_dim
+        self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+        self.temporal_factor = 2 ** sum(bool(d) for d in cfg.temperal_downsample)
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        if mean.numel() != self.latent_channels or std.numel() != self.latent_channels:
+            raise ValueError(f"the Wan VAE config has {mean.numel()} latents_mean / {std.numel()} latents_std values "
+                             f"for z_dim {self.latent_channels}; fix its config.json")
+        self.register_buffer("latents_mean", mean, persistent=False)
+        self.register_buffer("latents_std", std, persistent=False)
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        self.check_pixels(pixels)
+        dist = self.vae.encode(pixels.to(self.dtype)).latent_dist
+        latents = (dist.mean.float() - self.latents_mean) / self.latents_std
+        if sample:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            latents = latents + noise * torch.exp(0.5 * dist.logvar.float())
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        z = latents.float() * self.latents_std + self.latents_mean
+        return self.vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)
+
+
+class KLVAE(FrozenVAE):
+    """diffusers AutoencoderKL (2-D): frames are folded into the batch; temporal_factor is 1."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        cfg = vae.config
+        self.vae = vae
+        self.latent_channels = cfg.latent_channels
+        self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.temporal_factor = 1
+        self.shift = float(cfg.shift_factor or 0.0)
+        self.scale = float(cfg.scaling_factor)
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        self.check_pixels(pixels)
+        b, c, t, h, w = pixels.shape
+        frames = pixels.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        dist = self.vae.encode(frames.to(self.dtype)).latent_dist
+        latents = (dist.mean.float() - self.shift) * self.scale
+        if sample:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            latents = latents + noise * torch.exp(0.5 * dist.logvar.float())
+        return latents.view(b, t, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        b, z, t, h, w = latents.shape
+        frames = latents.permute(0, 2, 1, 3, 4).reshape(b * t, z, h, w).float() / self.scale + self.shift
+        out = self.vae.decode(frames.to(self.dtype)).sample.float().clamp(-1, 1)
+        return out.view(b, t, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def detect_kind(path: str | Path) -> str:
+    """wan or kl from a diffusers directory's config.json `_class_name`."""
+    import json
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model.vae_path {path} has no config.json; it must be a diffusers VAE directory "
+                                "(save_pretrained output, e.g. Wan2.2's vae/ folder)")
+    name = json.loads(cfg_file.read_text()).get("_class_name", "")
+    if name == "AutoencoderKLWan":
+        return "wan"
+    if name == "AutoencoderKL":
+        return "kl"
+    raise ValueError(f"{cfg_file}: _class_name {name!r} is not a supported VAE (AutoencoderKLWan or AutoencoderKL)")
+
+
+def build_vae(cfg: VaeConfig, path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> FrozenVAE:
+    """The frozen codec: loaded from `path` (a diffusers directory) when given, else built from `cfg`."""
+    from diffusers import AutoencoderKL, AutoencoderKLWan
+
+    kind = detect_kind(path) if path else cfg.kind
+    if kind == "patch":
+        if path:
+            raise ValueError("the patch codec has no weights; unset model.vae_path or set model.vae to wan/kl")
+        vae: FrozenVAE = PatchCodec(cfg.spatial_factor, cfg.temporal_factor)
+    elif kind in ("wan", "kl"):
+        cls = AutoencoderKLWan if kind == "wan" else AutoencoderKL
+        if path:
+            inner = cls.from_pretrained(str(path), torch_dtype=dtype)
+        else:
+            inner = cls(**cfg.diffusers_config)
+            inner = inner if dtype == torch.float32 else inner.to(dtype)
+        vae = (WanVAE if kind == "wan" else KLVAE)(inner)
+    else:
+        raise ValueError(f"model.vae must be one of {list(KINDS)}, got {kind!r}")
+    vae.requires_grad_(False)
+    return vae.eval()

@@ -1,0 +1,130 @@
+"""The understanding encoder: transformers' Qwen2.5-VL vision tower (frozen by default).
+
+Shape legend:
+  P  ViT patches of the micro-batch (Qwen2.5-VL patch order: merge windows of 2x2 patches, row-major), each a
+     vector of 3 * temporal_patch * patch * patch values (1176 for 14 x 14 x 2)
+  I  ViT blocks (images repeated to 2 frames, or clips);  grid_thw [I, 3] = (T / 2, H / 14, W / 14)
+  M  merged tokens = P / merge**2;  H  LLM hidden size (the merger's output width)
+
+Weights load from a local directory: a Qwen2.5-VL checkpoint (keys `visual.*` or `model.visual.*`), a Lance
+checkpoint (`vit_model.*` inside model.safetensors) or Lance's `vit.safetensors` (the same keys, no prefix).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .weights import read_tensors, safetensors_index, strip_prefix
+
+# Key prefixes a ViT can have in the checkpoints we load, most specific first.
+VIT_PREFIXES = ("model.visual.", "visual.", "vit_model.", "")
+VIT_TOP_MODULES = ("patch_embed", "blocks", "merger")
+
+
+@dataclass(frozen=True)
+class VitConfig:
+    """Geometry of the Qwen2.5-VL vision tower (Qwen2_5_VLVisionConfig's fields we set)."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    out_hidden_size: int = 2048  # = LLM hidden size
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: int = 2
+    in_channels: int = 3
+    hidden_act: str = "silu"
+
+    def to_hf(self):
+        """transformers' Qwen2_5_VLVisionConfig (imported here: transformers is slow to import for config checks)."""
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+        kwargs = asdict(self)
+        kwargs["fullatt_block_indexes"] = list(self.fullatt_block_indexes)
+        return Qwen2_5_VLVisionConfig(**kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VitConfig":
+        """From a Qwen2_5_VLVisionConfig-like mapping (unknown keys ignored, missing keys default)."""
+        names = set(cls.__dataclass_fields__)
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if "fullatt_block_indexes" in kwargs:
+            kwargs["fullatt_block_indexes"] = tuple(kwargs["fullatt_block_indexes"])
+        if "out_hidden_size" not in kwargs and "hidden_size" in data and "embed_dim" in data:
+            kwargs["out_hidden_size"] = data["hidden_size"]  # Qwen2-VL style: embed_dim is the ViT width
+            kwargs["hidden_size"] = data["embed_dim"]
+        return cls(**kwargs)
+
+
+def encode_vit(tower: torch.nn.Module, patches: Tensor, grid_thw: Tensor) -> Tensor:
+    """patches [P, 3 * tp * p * p], grid_thw [I, 3] -> merged tokens [M, H] in the tower's dtype.
+
+    Runs without autograd when the tower is frozen (no activations kept for a backward that never comes).
+    """
+    dtype = tower.patch_embed.proj.weight.dtype
+    trainable = any(p.requires_grad for p in tower.parameters())
+    with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+        return tower(patches.to(dtype), grid_thw=grid_thw).pooler_output
+
+
+def build_vision_tower(cfg: VitConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """transformers' Qwen2_5_VisionTransformerPretrainedModel, randomly initialised (HF's init), in `dtype`.
+
+    Its parameter names are Lance's `vit_model.*` without the prefix. Under an active HfDeepSpeedConfig (ZeRO-3),
+    `_from_config` builds it inside zero.Init by itself.
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg.to_hf(), attn_implementation="sdpa")
+    return tower.to(dtype)
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def vision_config_from_dir(path: str | Path) -> VitConfig | None:
+    """The tower geometry from a directory's config.json (a Qwen2.5-VL config, or a bare vision config)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    data = json.loads(cfg_file.read_text())
+    vision = data.get("vision_config", data)
+    if "depth" not in vision:
+        return None
+    return VitConfig.from_dict(vision)
+
+
+def load_vision_weights(tower: torch.nn.Module, path: str | Path) -> None:
+    """Load the tower from a local checkpoint directory (any of the layouts in the module doc), strictly."""
+    index = safetensors_index(path)
+    prefix = next((p for p in VIT_PREFIXES if p + "patch_embed.proj.weight" in index), None)
+    if prefix is None:
+        raise FileNotFoundError(f"no ViT weights in {path}: expected a key 'visual.patch_embed.proj.weight' "
+                                "(Qwen2.5-VL), 'vit_model.patch_embed.proj.weight' (Lance model.safetensors) or "
+                                "'patch_embed.proj.weight' (Lance vit.safetensors); set model.vit_path to such a dir")
+    names = [k for k in index if k.startswith(prefix) and k[len(prefix):].split(".")[0] in VIT_TOP_MODULES]
+    state = strip_prefix(read_tensors(index, names), prefix)
+    own = tower.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"ViT weights in {path} (prefix '{prefix}') do not match the tower geometry: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; the vision config must match "
+                         "the checkpoint (put its config.json next to the weights)")
+    for name, value in state.items():
+        if own[name].shape != value.shape:
+            raise ValueError(f"ViT weight {name} in {path} has shape {tuple(value.shape)}, the tower expects "
+                             f"{tuple(own[name].shape)}; the vision config does not match the checkpoint")
+    tower.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)

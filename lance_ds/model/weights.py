@@ -1,0 +1,140 @@
+"""Checkpoint names, in one place: reading safetensors directories, and mapping Lance / Qwen2.5-VL keys onto
+LanceModel's parameter names.
+
+LanceModel's own names *are* Lance's (`language_model.model.layers.{i}.self_attn.q_proj_moe_gen.weight`, ...), so
+a Lance `model.safetensors` maps key for key, with two exceptions stated here:
+  - `latent_pos_embed.pos_embed` is a fixed sin-cos table; it is checked against the recomputed one and dropped.
+  - `vit_model.*` is the ViT, which lives outside the trainable model when frozen (DESIGN rule 5).
+A Qwen2.5-VL checkpoint maps `model.language_model.*` / `model.*` -> `language_model.model.*` and `lm_head.*` ->
+`language_model.lm_head.*`; QK-norms start at 1, a tied lm_head is untied by copying the embeddings, and the
+generation expert is copied from the understanding weights.
+Only safetensors is read (DESIGN rule 10: no pickles from checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+LANCE_POS_TABLE = "latent_pos_embed.pos_embed"
+LANCE_VIT_PREFIX = "vit_model."
+LANCE_LLM_CONFIG = "llm_config.json"
+LANCE_WEIGHTS = "model.safetensors"
+
+# Qwen2.5-VL text weights: (prefix in the checkpoint, prefix in LanceModel); transformers >= 4.52 writes the first
+QWEN_TEXT_PREFIXES = (("model.language_model.", "language_model.model."), ("model.", "language_model.model."),
+                      ("lm_head.", "language_model.lm_head."))
+
+
+def safetensors_index(path: str | Path) -> dict[str, Path]:
+    """Tensor name -> file, over every *.safetensors file of a directory (or a single file)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}; point the config at a local checkpoint directory "
+                                "(pickled .bin/.pt checkpoints are not loaded, convert them to safetensors)")
+    index: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                index.setdefault(name, f)
+    return index
+
+
+def read_tensors(index: dict[str, Path], names) -> dict[str, Tensor]:
+    """Read only `names` (lazily per file: a 7 GB checkpoint is not loaded to take its ViT)."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(index[name], []).append(name)
+    out = {}
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as handle:
+            for k in keys:
+                out[k] = handle.get_tensor(k)
+    return out
+
+
+def strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def is_lance_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / LANCE_LLM_CONFIG).is_file() and (path / LANCE_WEIGHTS).is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# key mapping
+
+
+def lance_to_model(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None]:
+    """Lance checkpoint -> (LanceModel state, ViT state without prefix, the stored sin-cos table or None)."""
+    model_state, vit_state, table = {}, {}, None
+    for k, v in state.items():
+        if k == LANCE_POS_TABLE:
+            table = v
+        elif k.startswith(LANCE_VIT_PREFIX):
+            vit_state[k[len(LANCE_VIT_PREFIX):]] = v
+        else:
+            model_state[k] = v
+    return model_state, vit_state, table
+
+
+def model_to_lance(model_state: dict[str, Tensor], vit_state: dict[str, Tensor] | None = None,
+                   pos_table: Tensor | None = None) -> dict[str, Tensor]:
+    """The inverse of `lance_to_model`: a state dict Lance's code loads."""
+    out = dict(model_state)
+    for k, v in (vit_state or {}).items():
+        out[LANCE_VIT_PREFIX + k] = v
+    if pos_table is not None:
+        out[LANCE_POS_TABLE] = pos_table
+    return out
+
+
+def qwen_to_model(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Qwen2.5-VL text weights -> LanceModel names (und expert only; the ViT keys are left out)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith(("visual.", "model.visual.")):
+            continue
+        for src, dst in QWEN_TEXT_PREFIXES:
+            if k.startswith(src):
+                out[dst + k[len(src):]] = v
+                break
+    return out
+
+
+def qwen_text_names(index: dict[str, Path]) -> list[str]:
+    return [k for k in index if not k.startswith(("visual.", "model.visual."))
+            and any(k.startswith(src) for src, _ in QWEN_TEXT_PREFIXES)]
+
+
+def complete_from_qwen(state: dict[str, Tensor], model_names: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """Fill what a Qwen2.5-VL checkpoint lacks: an untied lm_head, QK-norms (ones) and the gen expert (copies)."""
+    from .llm import gen_to_und_name
+
+    state = dict(state)
+    head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+    if head not in state and embed in state:
+        state[head] = state[embed].clone()  # Qwen2.5-VL-3B ties them; Lance unties
+    for name, shape in model_names.items():
+        if name in state:
+            continue
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            state[name] = torch.ones(shape)
+        elif (und := gen_to_und_name(name)) is not None and und in state:
+            state[name] = state[und].clone()
+        elif und is not None and und.endswith(("q_norm.weight", "k_norm.weight")):
+            state[name] = torch.ones(shape)
+    return state

@@ -1,0 +1,140 @@
+"""Flow matching on VAE latents (rectified flow, as Lance): timesteps, noising, velocity target, MSE, Euler sampler.
+
+Shape legend:
+  G  VAE blocks of the micro-batch (PackedBatch.vae_grid_thw rows);  N  latent tokens (t * h * w per block)
+  z  latent channels
+
+Convention: x_t = (1 - t) x_0 + t eps, so t = 0 is data and t = 1 is noise; the network predicts the velocity
+dx_t/dt = eps - x_0. Target blocks draw one t each (logit-normal, shifted); condition blocks (edit sources) get
+t = 0 (x_t = x_0) and carry no MSE. Sampling integrates from t = 1 down to 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lance_ds.data.batch import PackedBatch
+
+
+def shift_timesteps(t: Tensor, shift: float) -> Tensor:
+    """t' = s t / (1 + (s - 1) t): s > 1 moves mass toward t = 1 (more noise), where high-resolution latents need it."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_timesteps(num: int, shift: float, mean: float = 0.0, std: float = 1.0,
+                     generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """[num] logit-normal timesteps: t = sigmoid(z), z ~ N(mean, std^2), then shifted."""
+    z = torch.randn(num, generator=generator, device=device) * std + mean
+    return shift_timesteps(torch.sigmoid(z), shift)
+
+
+def token_blocks(vae_grid_thw: Tensor) -> Tensor:
+    """[N] block index of every latent token (blocks are laid out one after the other, t*h*w tokens each)."""
+    counts = vae_grid_thw.prod(dim=-1)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=vae_grid_thw.device), counts)
+
+
+@dataclass
+class FlowInputs:
+    """What the network gets and what its velocity is compared with, per latent token."""
+
+    noisy: Tensor  # [N, z] x_t (x_0 itself for condition tokens)
+    timesteps: Tensor  # [N] t per token (0 for conditions)
+    target: Tensor  # [N, z] eps - x_0
+    weights: Tensor  # [N] MSE weight: the block's vae_weights for targets, 0 for conditions
+
+
+def prepare_flow(clean: Tensor, batch: PackedBatch, shift: float, generator: torch.Generator | None = None,
+                 mean: float = 0.0, std: float = 1.0, noise: Tensor | None = None,
+                 block_timesteps: Tensor | None = None) -> FlowInputs:
+    """Noise the clean latents x_0 [N, z] of `batch`'s VAE tokens (block after block, (t, h, w) raster).
+
+    noise / block_timesteps: given eps [N, z] and t [G] instead of drawing them (tests, parity with a reference).
+    """
+    blocks = token_blocks(batch.vae_grid_thw.to(clean.device))
+    if blocks.numel() != clean.shape[0]:
+        raise ValueError(f"{clean.shape[0]} latent tokens but vae_grid_thw describes {blocks.numel()}; the latents "
+                         "must be the VAE blocks of the batch flattened in order")
+    num_blocks = batch.vae_grid_thw.shape[0]
+    is_target = batch.vae_is_target.to(clean.device).bool()
+    if block_timesteps is None:
+        block_timesteps = sample_timesteps(num_blocks, shift, mean, std, generator, clean.device)
+    block_timesteps = torch.where(is_target, block_timesteps.to(clean.device), torch.zeros_like(block_timesteps))
+    t = block_timesteps[blocks]
+    x0 = clean.float()
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device) if noise is None else noise.float()
+    noisy = (1 - t[:, None]) * x0 + t[:, None] * eps
+    weights = (batch.vae_weights.to(clean.device).float() * is_target.float())[blocks]
+    return FlowInputs(noisy=noisy, timesteps=t, target=eps - x0, weights=weights)
+
+
+def mse_per_token(velocity: Tensor, target: Tensor) -> Tensor:
+    """[N] mean squared error over the z channels of each token, in fp32."""
+    return (velocity.float() - target.float()).pow(2).mean(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling
+
+VelocityFn = Callable[[Tensor, float, bool], Tensor]  # (x_t, t, conditional) -> velocity, same shape as x_t
+
+
+def sampling_schedule(num_steps: int, shift: float, device: torch.device | str = "cpu") -> Tensor:
+    """[num_steps + 1] times from 1 to 0: a shifted linspace(1, 0)."""
+    return shift_timesteps(torch.linspace(1.0, 0.0, num_steps + 1, device=device, dtype=torch.float64), shift)
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn: VelocityFn, noise: Tensor, num_steps: int = 30, shift: float = 3.5,
+                 cfg_scale: float = 4.0, cfg_interval: tuple[float, float] = (0.4, 1.0)) -> Tensor:
+    """Integrate dx/dt = v from t = 1 (x = noise) to t = 0 with Euler steps; returns x_0.
+
+    Classifier-free guidance v = v_u + scale (v_c - v_u) applies while t is inside cfg_interval (Lance: [0.4, 1]);
+    outside it, and when cfg_scale == 1, only the conditional velocity is computed.
+    """
+    times = sampling_schedule(num_steps, shift, noise.device)
+    x = noise.float()
+    lo, hi = cfg_interval
+    for i in range(num_steps):
+        t, t_next = float(times[i]), float(times[i + 1])
+        v = velocity_fn(x, t, True).float()
+        if cfg_scale != 1.0 and lo <= t <= hi:
+            v_uncond = velocity_fn(x, t, False).float()
+            v = v_uncond + cfg_scale * (v - v_uncond)
+        x = x + (t_next - t) * v
+    return x
+
+
+@dataclass
+class SamplerInputs:
+    """One prompt as the model sees it while sampling: the packed batch with its VAE tokens, and which of them are
+    generated (the rest are clean conditions, e.g. the source image of an edit, kept at t = 0)."""
+
+    batch: PackedBatch
+    latents: Tensor  # [N, z] clean latents of condition tokens (rows of target tokens are ignored)
+    target_mask: Tensor  # [N] bool, True for tokens being generated
+    vit_embeds: Tensor | None = None  # [M, H] frozen-ViT tokens of the batch
+
+
+def lance_velocity_fn(model: torch.nn.Module, cond: SamplerInputs, uncond: SamplerInputs | None = None) -> VelocityFn:
+    """A VelocityFn over LanceModel: x_t [n_target, z] is placed at the target tokens of the conditional (or, for
+    guidance, the unconditional: caption dropped) batch; the prediction at those tokens comes back."""
+
+    def run(inputs: SamplerInputs, x: Tensor, t: float) -> Tensor:
+        mask = inputs.target_mask
+        latents = inputs.latents.float().clone()
+        latents[mask] = x
+        timesteps = torch.where(mask, torch.full_like(mask, t, dtype=torch.float32), torch.zeros_like(latents[:, 0]))
+        pred = model(inputs.batch, inputs.vit_embeds, latents, timesteps)
+        return pred.velocity[mask]
+
+    def velocity(x: Tensor, t: float, conditional: bool) -> Tensor:
+        if conditional or uncond is None:
+            return run(cond, x, t)
+        return run(uncond, x, t)
+
+    return velocity
