@@ -137,7 +137,7 @@ def _random_video_scene(rng: np.random.Generator) -> Scene:
     return Scene(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), radius, cx, cy, direction, travel)
 
 
-def _draw_scene(rng: np.random.Generator, video: bool, split: str) -> Scene:
+def draw_scene(rng: np.random.Generator, video: bool, split: str) -> Scene:
     """A random scene of the split (rejection sampling on the held-out hash)."""
     while True:
         scene = _random_video_scene(rng) if video else _random_image_scene(rng)
@@ -216,7 +216,7 @@ def _question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 def make_row(task: str, row: int, rng: np.random.Generator, cfg: ExampleConfig) -> dict:
     """One row of `task` in its Lance parquet schema (column -> str or encoded bytes)."""
     video = task in ("t2v", "v2v", "v2t")
-    scene = _draw_scene(rng, video, cfg.split)
+    scene = draw_scene(rng, video, cfg.split)
 
     def encode(s: Scene) -> bytes:
         if video:
@@ -351,7 +351,7 @@ def _shape_of(mask: np.ndarray) -> str | None:
     third = max(1, len(rows) // 3)
     top, bottom = rows[:third].sum(), rows[-third:].sum()
     aspect = box.shape[1] / box.shape[0]
-    if not 0.6 <= aspect <= 1.6:
+    if not 0.75 <= aspect <= 1.33:
         return None  # every shape of this world fits a square box
     mass_ratio = (bottom + 1) / (top + 1)  # triangle (apex up) ~5, circle and square ~1
     if mass_ratio > 2 and fill < _SQUARE_FILL:
