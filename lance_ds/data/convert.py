@@ -7,9 +7,10 @@ How the work is planned (so that the output never depends on --workers, and a re
   1. Inputs are expanded (directories: every *.parquet below, sorted) and only their footers are read: row-group
      row counts and byte sizes. One conversion holds one task; a mix of tasks is refused (Lance keeps one task per
      directory, and a dataset group in the loader is one task): convert each task directory into its own DIR.
-  2. Row groups, in input order, are gathered into work units of at most one shard's worth of rows (or bytes); a row
-     group larger than a shard is a unit of its own. Each unit is cut into shards of equal weight. Shards never span
-     units, so every row group is read exactly once, by one worker, one record batch at a time.
+  2. Row groups, in input order, are gathered into work units of at most 4 shards' worth of rows (or bytes); a row
+     group larger than that is a unit of its own. Each unit is cut into the fewest shards of at most the requested
+     size, of equal weight. Shards never span units, so every row group is read exactly once, by one worker, one
+     record batch at a time. Parallelism is over units: a file written as one huge row group is one worker's job.
   3. Workers convert whole units. A shard is written as `NAME.tar.tmp` and renamed when complete; then its record
      (samples, bytes, sha256, media stats, rejects) lands in `DIR/.convert_state/NAME.json`. A re-run skips every shard
      whose record matches the plan and whose tar still has the recorded size and sha256, and redoes the rest.
@@ -76,6 +77,7 @@ _SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
 _TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so that shards are byte-identical across runs
 _TAR_RECORD = 10240  # bytes; tar archives end padded to a whole record, as tarfile and GNU tar write them
 _BATCH_BYTES = 32 << 20  # ~bytes of one record batch read from parquet: bounds a worker's memory
+_SHARDS_PER_UNIT = 4  # shards' worth of row groups per work unit: fuller shards when row groups are small
 _STEM_CHARS = 40  # longest file-stem part of a key (keeps member names under USTAR's 100 characters)
 
 
@@ -271,12 +273,12 @@ def plan_work(sources: list[SourceFile], schema: TaskSchema, options: ConvertOpt
     by_bytes = options.samples_per_shard is None
     target = (options.shard_size_mb or DEFAULT_SHARD_SIZE_MB) * 1e6 if by_bytes else float(options.samples_per_shard)
     groups = _row_weights(sources, by_bytes)
-    # gather row groups into units of at most one shard's weight (a bigger group is a unit of its own)
+    # gather row groups into units of at most _SHARDS_PER_UNIT shards' weight (a bigger group is a unit of its own)
     unit_groups: list[list[tuple[int, int, float]]] = []
     unit_weight = 0.0
     for file, g, row_weight in groups:
         weight = row_weight * sources[file].group_rows[g]
-        if not unit_groups or unit_weight + weight > target:
+        if not unit_groups or unit_weight + weight > target * _SHARDS_PER_UNIT:
             unit_groups.append([])
             unit_weight = 0.0
         unit_groups[-1].append((file, g, row_weight))

@@ -16,10 +16,17 @@ import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 
+from typing import TYPE_CHECKING
+
 import av
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the decoders only: the converter (and its worker processes) never needs it, and
+# importing it costs ~2 s per process.
 
 # A frame may sit this far (seconds) before its sampling target and still count as on time: timestamps are
 # rational numbers turned into floats, so 1/12 s can come out a hair early.
@@ -127,6 +134,8 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image bytes -> uint8 [1, H, W, 3] RGB (grayscale, RGBA, CMYK, palette and 16-bit converted)."""
+    import torch
+
     rgb = _to_rgb(_open_image(data))
     return torch.from_numpy(rgb).unsqueeze(0)
 
@@ -176,7 +185,7 @@ def encode_image(frames_or_array, format: str = "png", quality: int = 95) -> byt
 
 
 def _as_uint8_array(frames) -> np.ndarray:
-    array = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    array = frames.detach().cpu().numpy() if hasattr(frames, "detach") else np.asarray(frames)  # torch or numpy
     if array.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (0..255), got {array.dtype}; convert with (x * 255).round().to(torch.uint8)")
     return np.ascontiguousarray(array)
@@ -261,6 +270,8 @@ def decode_video(
         container.close()
     if not kept:
         raise MediaError(f"video stream ({stream.codec_context.name}) holds no decodable frame")
+    import torch
+
     return torch.from_numpy(np.stack(kept))
 
 

@@ -1,0 +1,404 @@
+"""Converter: round trip of all six tasks with bad rows mixed in, stock readers, determinism, resumability, refusals."""
+
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from lance_ds.config.core import ConfigError
+from lance_ds.data import convert as convert_module
+from lance_ds.data.convert import ConvertError, ConvertOptions, convert, read_manifest
+from lance_ds.data.media import encode_video
+from lance_ds.data.schemas import SCHEMAS, MediaKind
+
+ROOT = Path(__file__).resolve().parents[2]
+MEMBER_NAME = re.compile(r"^[0-9]{5}-[A-Za-z0-9_-]+-[0-9]{9}\.(json|[a-z_]+\.[a-z0-9]+)$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# test data made on the fly
+
+
+def pil_bytes(mode: str, size: tuple[int, int], fmt: str, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# (bytes, extension, width, height): grayscale, RGBA, CMYK, odd sizes, PNG / JPEG / TIFF
+GOOD_IMAGES = [
+    (pil_bytes("RGB", (17, 11), "PNG", 0), "png", 17, 11),
+    (pil_bytes("RGB", (16, 16), "JPEG", 1), "jpg", 16, 16),
+    (pil_bytes("L", (9, 13), "PNG", 2), "png", 9, 13),
+    (pil_bytes("RGBA", (12, 8), "PNG", 3), "png", 12, 8),
+    (pil_bytes("CMYK", (10, 10), "JPEG", 4), "jpg", 10, 10),
+    (pil_bytes("RGB", (7, 5), "TIFF", 5), "tiff", 7, 5),
+]
+
+
+def video_bytes(frames: int, width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+    return encode_video(pixels, fps=8, codec="mpeg4")
+
+
+# (bytes, extension, width, height, frames): a 1-frame video, odd sizes
+GOOD_VIDEOS = [
+    (video_bytes(3, 16, 12, 0), "mp4", 16, 12, 3),
+    (video_bytes(1, 16, 16, 1), "mp4", 16, 16, 1),
+    (video_bytes(2, 17, 11, 2), "mp4", 17, 11, 2),
+]
+
+TEXTS = ["a red circle", "Größe: 🟥 über 中文 «quoted» \"q\" \\ back\nnew line\ttab", "x" * 200_000, "é" * 3, " lead"]
+
+# (what to put in the media column, reject reason expected)
+BAD_MEDIA = {
+    MediaKind.IMAGE: [(None, "null value"), (b"", "empty bytes"), (GOOD_IMAGES[0][0][:60], "not a readable image"),
+                      (np.random.default_rng(9).bytes(500), "not a readable image")],
+    MediaKind.VIDEO: [(None, "null value"), (GOOD_VIDEOS[0][0][: len(GOOD_VIDEOS[0][0]) // 2], "not a readable video"),
+                      (np.random.default_rng(9).bytes(500), "not a readable video")],
+}
+
+
+GOOD_INFO = {g[0]: g[1:] for g in GOOD_IMAGES + GOOD_VIDEOS}  # bytes -> (extension, width, height[, frames])
+
+
+def make_rows(task: str) -> tuple[list[dict], dict[int, tuple[str, str]], dict[int, dict]]:
+    """Rows of one task, a bad row after each good one: (rows, row -> (column, reason) of each bad row,
+    row -> {member: (extension, width, height[, frames])} of each good row)."""
+    schema = SCHEMAS[task]
+    good_rows = []
+    for i in range(9):
+        row = {}
+        for j, column in enumerate(schema.texts):  # unicode, 200k-character, and empty (where allowed) texts
+            row[column.name] = "" if column.may_be_empty and (i + j) % 3 == 0 else TEXTS[(i + j) % len(TEXTS)]
+        for j, column in enumerate(schema.media):
+            good = GOOD_IMAGES if column.kind is MediaKind.IMAGE else GOOD_VIDEOS
+            row[column.name] = good[(i + j) % len(good)][0]
+        good_rows.append(row)
+    bad_rows = [(dict(good_rows[0], **{column.name: value}), column.name, reason)
+                for column in schema.media for value, reason in BAD_MEDIA[column.kind]]
+    text = schema.texts[-1].name  # caption or caption_a: never empty, never null
+    bad_rows.append((dict(good_rows[0], **{text: None}), text, "null value"))
+
+    rows, rejects = [], {}
+    for good, bad in zip(good_rows, bad_rows + [None] * len(good_rows)):
+        rows.append(good)
+        if bad is not None:
+            rejects[len(rows)] = bad[1:]
+            rows.append(bad[0])
+    assert len(rejects) == len(bad_rows)
+    infos = {i: {c.member: GOOD_INFO[row[c.name]] for c in schema.media} for i, row in enumerate(rows) if i not in rejects}
+    return rows, rejects, infos
+
+
+def write_parquet(path: Path, task: str, rows: list[dict], row_group_size: int = 4, types: dict | None = None) -> Path:
+    schema = SCHEMAS[task]
+    types = types or {}
+    arrays = {c: pa.array([r[c] for r in rows], types.get(c, pa.string())) for c in schema.text_columns}
+    arrays.update({c: pa.array([r[c] for r in rows], types.get(c, pa.binary())) for c in schema.media_columns})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(arrays), path, row_group_size=row_group_size)
+    return path
+
+
+def run(inputs, output, **kw) -> convert_module.ConvertSummary:
+    return convert(ConvertOptions(inputs=[str(i) for i in inputs], output=str(output), progress=False, **kw))
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def read_rejects(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def shard_urls(output: Path) -> list[str]:
+    return [str(output / s["name"]) for s in read_manifest(output)["shards"]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# round trip
+
+
+@pytest.mark.parametrize("task", list(SCHEMAS))
+def test_round_trip_good_rows_exact_bad_rows_rejected(task, tmp_path):
+    schema = SCHEMAS[task]
+    rows, rejects, infos = make_rows(task)
+    good_file = write_parquet(tmp_path / "in" / "good.parquet", task, rows)
+    # a second file whose text column holds integers, and a third whose media column holds strings (paths)
+    typed_rows = [{c: (7 if c in schema.text_columns else rows[0][c]) for c in schema.columns} for _ in range(2)]
+    int_file = write_parquet(tmp_path / "in" / "ints.parquet", task, typed_rows,
+                             types={c: pa.int64() for c in schema.text_columns})
+    path_rows = [{c: ("/data/x.bin" if c in schema.media_columns else rows[0][c]) for c in schema.columns}]
+    path_file = write_parquet(tmp_path / "in" / "paths.parquet", task, path_rows,
+                              types={c: pa.string() for c in schema.media_columns})
+    out = tmp_path / "out"
+    summary = run([tmp_path / "in"], out, samples_per_shard=4)
+
+    num_bad = len(rejects) + len(typed_rows) + len(path_rows)
+    assert (summary.task, summary.num_samples, summary.num_rejects) == (task, len(infos), num_bad)
+    assert summary.num_rows == len(rows) + len(typed_rows) + len(path_rows)
+    manifest = read_manifest(out)
+    assert manifest["task"] == task and manifest["num_samples"] == len(infos) and manifest["num_rejects"] == num_bad
+    assert sum(s["num_samples"] for s in manifest["shards"]) == len(infos)
+    assert all(s["bytes"] == (out / s["name"]).stat().st_size for s in manifest["shards"])
+
+    # rejects: file, row, column and reason of every bad row, and nothing else
+    lines = read_rejects(out)
+    got = {(r["file"], r["row"]): (r["column"], r["reason"]) for r in lines}
+    assert len(got) == len(lines) == num_bad
+    for row, (column, reason) in rejects.items():
+        assert got[(str(good_file), row)][0] == column and reason in got[(str(good_file), row)][1]
+    for row in range(len(typed_rows)):
+        assert got[(str(int_file), row)][0] == schema.text_columns[0]
+        assert "expected a string, got int" in got[(str(int_file), row)][1]
+    assert got[(str(path_file), 0)][0] == schema.media_columns[0] and "got a string" in got[(str(path_file), 0)][1]
+
+    # stock webdataset reads every good row back, texts and media byte-exact
+    seen = set()
+    for sample in wds.WebDataset(shard_urls(out), shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"])
+        assert meta["key"] == sample["__key__"] and meta["task"] == task
+        assert meta["source"]["file"] == str(good_file)
+        row = meta["source"]["row"]
+        assert row not in rejects and row not in seen
+        seen.add(row)
+        for column in schema.text_columns:
+            assert meta[column] == rows[row][column]
+        for column in schema.media:
+            ext, width, height, *frames = infos[row][column.member]
+            assert sample[f"{column.member}.{ext}"] == rows[row][column.name]
+            media_meta = meta["media"][column.member]
+            assert (media_meta["format"], media_meta["width"], media_meta["height"]) == (ext, width, height)
+            assert media_meta["bytes"] == len(rows[row][column.name])
+            if frames:
+                assert media_meta["frames"] == frames[0] and media_meta["fps"] == 8.0
+    assert seen == set(infos)
+
+    # stock tarfile: safe member names; per-shard media stats add up
+    for shard in manifest["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            names = tar.getnames()
+            assert all(MEMBER_NAME.match(n) and "/" not in n and ".." not in n for n in names), names
+            assert len(names) == shard["num_samples"] * (1 + len(schema.media))
+        for member, stats in shard["media"].items():
+            assert stats["count"] == shard["num_samples"]
+            assert stats["width"]["min"] <= stats["width"]["mean"] <= stats["width"]["max"]
+    assert manifest["media_columns"] == {c.member: c.kind.value for c in schema.media}
+
+
+def test_stock_tar_lists_and_extracts(tmp_path):
+    rows, _, infos = make_rows("t2i")
+    write_parquet(tmp_path / "in.parquet", "t2i", rows)
+    out = tmp_path / "out"
+    run([tmp_path / "in.parquet"], out, samples_per_shard=100)
+    shard = shard_urls(out)[0]
+    listing = subprocess.run(["tar", "-tf", shard], check=True, capture_output=True, text=True).stdout.split()
+    assert len(listing) == 2 * len(infos)
+    extracted = tmp_path / "x"
+    extracted.mkdir()
+    subprocess.run(["tar", "-xf", shard, "-C", str(extracted)], check=True, capture_output=True)
+    key = listing[1].split(".")[0]
+    row = json.loads((extracted / f"{key}.json").read_text(encoding="utf-8"))["source"]["row"]
+    assert (extracted / listing[1]).read_bytes() == rows[row]["image_bytes"]
+
+
+def test_keys_unique_and_sanitised_across_inputs(tmp_path):
+    rows = make_rows("t2i")[0][:3]
+    a = write_parquet(tmp_path / "a" / "part.0 (copy)..parquet", "t2i", rows)
+    b = write_parquet(tmp_path / "b" / "part.0 (copy)..parquet", "t2i", rows)
+    c = write_parquet(tmp_path / "../" / tmp_path.name / "c" / "..%2F..%2Fetc.parquet", "t2i", rows)
+    out = tmp_path / "out"
+    run([a, b, c], out)
+    keys = [s["__key__"] for s in wds.WebDataset(shard_urls(out), shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == 9 - 3  # the first three rows hold one bad row per file
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", k) for k in keys), keys
+    assert {k.split("-")[0] for k in keys} == {"00000", "00001", "00002"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# determinism and resumability
+
+
+@pytest.fixture
+def many_groups(tmp_path) -> Path:
+    rows, _, _ = make_rows("i2t")
+    return write_parquet(tmp_path / "in" / "data.parquet", "i2t", rows * 3, row_group_size=3)
+
+
+def test_same_output_twice_and_for_any_number_of_workers(many_groups, tmp_path):
+    one = run([many_groups], tmp_path / "one", samples_per_shard=5, workers=1)
+    two = run([many_groups], tmp_path / "two", samples_per_shard=5, workers=2)
+    again = run([many_groups], tmp_path / "again", samples_per_shard=5, workers=1)
+    assert one.num_shards > 4 and one.num_rejects > 0
+    reference = snapshot(tmp_path / "one")
+    assert snapshot(tmp_path / "two") == reference
+    assert snapshot(tmp_path / "again") == reference
+    assert (one.num_samples, one.num_rejects, one.num_shards) == (two.num_samples, two.num_rejects, two.num_shards)
+
+
+def test_resume_redoes_only_damaged_shards_and_gives_identical_output(many_groups, tmp_path):
+    reference_dir = tmp_path / "ref"
+    first = run([many_groups], reference_dir, samples_per_shard=5)
+    reference = snapshot(reference_dir)
+    names = [s["name"] for s in read_manifest(reference_dir)["shards"]]
+
+    out = tmp_path / "out"
+    run([many_groups], out, samples_per_shard=5, workers=2)
+    (out / names[0]).unlink()  # deleted
+    data = bytearray((out / names[1]).read_bytes())
+    data[700] ^= 0xFF  # corrupted, same size
+    (out / names[1]).write_bytes(bytes(data))
+    (out / names[2]).write_bytes((out / names[2]).read_bytes()[:1000])  # truncated
+    (out / (names[3] + ".tmp")).write_bytes(b"half a shard")  # left by a killed run
+    (out / "manifest.json").unlink()
+    resumed = run([many_groups], out, samples_per_shard=5, workers=2)
+    assert resumed.num_resumed == first.num_shards - 3
+    assert snapshot(out) == reference
+
+    untouched = run([many_groups], out, samples_per_shard=5)
+    assert untouched.num_resumed == first.num_shards and snapshot(out) == reference
+
+
+def test_interrupted_run_leaves_no_partial_shard_and_resumes(many_groups, tmp_path, monkeypatch):
+    reference_dir = tmp_path / "ref"
+    run([many_groups], reference_dir, samples_per_shard=5)
+    out = tmp_path / "out"
+    original = convert_module.ShardBuilder.add_row
+    calls = {"n": 0}
+
+    def failing_add_row(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-shard
+        return original(self, *args)
+
+    monkeypatch.setattr(convert_module.ShardBuilder, "add_row", failing_add_row)
+    with pytest.raises(KeyboardInterrupt):
+        run([many_groups], out, samples_per_shard=5)
+    assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
+    finished = sorted(p.name for p in out.glob("shard-*.tar"))  # the shards completed before the interruption
+    assert finished and len(finished) == len(list((out / convert_module.STATE_DIR).glob("*.json")))
+    monkeypatch.setattr(convert_module.ShardBuilder, "add_row", original)
+    resumed = run([many_groups], out, samples_per_shard=5)
+    assert resumed.num_resumed == len(finished) < resumed.num_shards
+    assert snapshot(out) == snapshot(reference_dir)
+
+
+def test_changed_options_replace_the_old_plan(many_groups, tmp_path):
+    out = tmp_path / "out"
+    run([many_groups], out, samples_per_shard=3)
+    run([many_groups], out, samples_per_shard=9)
+    fresh = tmp_path / "fresh"
+    run([many_groups], fresh, samples_per_shard=9)
+    assert snapshot(out) == snapshot(fresh)
+
+
+def test_small_record_batches_change_nothing(many_groups, tmp_path, monkeypatch):
+    run([many_groups], tmp_path / "big", samples_per_shard=6)
+    monkeypatch.setattr(convert_module, "_BATCH_BYTES", 1)  # one row per record batch
+    run([many_groups], tmp_path / "small", samples_per_shard=6)
+    assert snapshot(tmp_path / "big") == snapshot(tmp_path / "small")
+
+
+def test_shard_size_mb_bounds_shards(tmp_path):
+    images = [pil_bytes("RGB", (64, 64), "PNG", i) for i in range(40)]  # ~12 kB each, incompressible
+    rows = [{"caption": f"noise {i}", "image_bytes": b} for i, b in enumerate(images)]
+    source = write_parquet(tmp_path / "in.parquet", "t2i", rows, row_group_size=7)
+    out = tmp_path / "out"
+    summary = run([source], out, shard_size_mb=0.1)
+    sizes = [s["bytes"] for s in read_manifest(out)["shards"]]
+    assert summary.num_samples == 40 and len(sizes) >= 4
+    assert max(sizes) < 0.1e6 * 1.5, sizes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# verification modes and refusals
+
+
+def test_verify_none_reads_headers_only(tmp_path):
+    png = GOOD_IMAGES[0][0]
+    cut_body = png[: len(png) - 40]  # header intact, pixels missing
+    rows = [{"caption": "ok", "image_bytes": png}, {"caption": "cut", "image_bytes": cut_body},
+            {"caption": "junk", "image_bytes": b"junk" * 50}]
+    source = write_parquet(tmp_path / "in.parquet", "t2i", rows)
+    full = run([source], tmp_path / "full")
+    fast = run([source], tmp_path / "fast", verify="none")
+    assert (full.num_samples, full.num_rejects) == (1, 2)
+    assert (fast.num_samples, fast.num_rejects) == (2, 1)  # trusted mode keeps the cut file, not the junk
+    assert read_rejects(tmp_path / "fast")[0]["row"] == 2
+    sample = next(iter(wds.WebDataset(shard_urls(tmp_path / "fast"), shardshuffle=False)))
+    assert json.loads(sample["json"])["media"]["image"]["width"] == 17  # metadata without decoding
+
+
+def test_mixed_tasks_are_refused_with_a_listing(tmp_path):
+    write_parquet(tmp_path / "in" / "images.parquet", "t2i", make_rows("t2i")[0])
+    write_parquet(tmp_path / "in" / "videos.parquet", "t2v", make_rows("t2v")[0])
+    with pytest.raises(ConvertError, match=r"(?s)more than one task.*t2i \(text2image\).*images\.parquet.*t2v"):
+        run([tmp_path / "in"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_columns_are_refused_naming_them_and_the_schemas(tmp_path):
+    pq.write_table(pa.table({"text": ["a"], "jpg": [b"x"]}), tmp_path / "odd.parquet")
+    with pytest.raises(ConvertError) as err:
+        run([tmp_path / "odd.parquet"], tmp_path / "out")
+    message = str(err.value)
+    assert "odd.parquet" in message and "'jpg'" in message and "'text'" in message
+    assert all(task in message for task in SCHEMAS) and "caption_q" in message
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(inputs=["missing.parquet"]), "no such file"),
+    (dict(inputs=["empty_dir"]), "no \\*.parquet"),
+    (dict(inputs=["data.parquet", "./data.parquet"]), "given twice"),
+    (dict(inputs=["notes.parquet"]), "not a readable parquet"),
+    (dict(task="i2i"), "are missing"),
+])
+def test_bad_inputs_are_refused(tmp_path, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)
+    write_parquet(tmp_path / "data.parquet", "t2i", make_rows("t2i")[0][:2])
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "notes.parquet").write_text("not parquet")
+    options = dict(inputs=["data.parquet"], output=str(tmp_path / "out"), progress=False)
+    with pytest.raises(ConvertError, match=message):
+        convert(ConvertOptions(**{**options, **change}))
+
+
+def test_bad_options_are_collected():
+    options = ConvertOptions(inputs=[], output="", task="text2image", samples_per_shard=0, shard_size_mb=5.0,
+                             workers=0, verify="some")
+    with pytest.raises(ConfigError) as err:
+        convert(options)
+    for flag in ("--input", "--output", "--task", "--verify", "--workers", "--samples-per-shard"):
+        assert flag in str(err.value)
+
+
+def test_cli_summary_and_refusal(tmp_path):
+    write_parquet(tmp_path / "in.parquet", "t2v", make_rows("t2v")[0])
+    tool = str(ROOT / "tools" / "parquet_to_wds.py")
+    done = subprocess.run([sys.executable, tool, "--input", str(tmp_path / "in.parquet"), "--output",
+                           str(tmp_path / "out"), "--samples-per-shard", "4", "--workers", "2"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.match(r"t2v: read 13 rows, wrote 9 samples, rejected 4, 4 shards, [0-9.]+ MB in [0-9.]+ s", last), last
+    assert "rows/s" in done.stderr and "MB/s" in done.stderr  # the progress bar
+    refused = subprocess.run([sys.executable, tool, "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "no such file or directory" in refused.stderr
