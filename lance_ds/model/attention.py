@@ -30,6 +30,8 @@ from torch import Tensor
 from lance_ds.data.batch import AttnMode
 
 BACKENDS = ("sdpa", "flex", "flash")
+# plain ints: flex's eager path mis-evaluates tensor comparisons against IntEnum members
+CAUSAL, NOISE = int(AttnMode.CAUSAL), int(AttnMode.NOISE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,8 +42,8 @@ def allowed(q_sample: Tensor, k_sample: Tensor, q_split: Tensor, k_split: Tensor
             q_pos: Tensor, k_pos: Tensor) -> Tensor:
     """The attention rule on broadcastable index tensors; shared by the dense mask and the flex mask_mod."""
     same_split = q_split == k_split
-    bidirectional = same_split & (q_mode != AttnMode.CAUSAL)
-    hidden_noise = (k_mode == AttnMode.NOISE) & ~same_split
+    bidirectional = same_split & (q_mode != CAUSAL)
+    hidden_noise = (k_mode == NOISE) & ~same_split
     return (q_sample == k_sample) & ((q_pos >= k_pos) | bidirectional) & ~hidden_noise
 
 
@@ -124,13 +126,17 @@ class FlexAttention:
     def __init__(self, layout: PackedLayout):
         from torch.nn.attention.flex_attention import create_block_mask
 
-        sample, split, mode = layout.sample_ids, layout.split_ids, layout.attn_modes
+        # flex evaluates the mask_mod on indices up to the next multiple of the block size: pad the captured
+        # per-token tensors so those reads stay in bounds (padding is a sample of its own, seen by nobody)
+        n = layout.num_tokens
+        pad = -n % self.BLOCK
+        sample, split, mode = (F.pad(x, (0, pad), value=-1) for x in
+                               (layout.sample_ids, layout.split_ids, layout.attn_modes))
 
         def mask_mod(b, h, q_idx, kv_idx):
             return allowed(sample[q_idx], sample[kv_idx], split[q_idx], split[kv_idx], mode[q_idx], mode[kv_idx],
                            q_idx, kv_idx)
 
-        n = layout.num_tokens
         self.on_cuda = sample.is_cuda
         self.block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=sample.device,
                                             BLOCK_SIZE=self.BLOCK)
@@ -138,7 +144,10 @@ class FlexAttention:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         from torch.nn.attention.flex_attention import flex_attention
 
-        args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        if not self.on_cuda and torch.is_grad_enabled() and q.requires_grad:
+            raise RuntimeError("model.attention=flex has no backward on CPU in this torch; train with "
+                               "model.attention=sdpa on CPU (flex is for CUDA, or CPU inference)")
+        args = tuple(x.transpose(0, 1)[None] for x in (q, k, v))
         if self.on_cuda:
             out = _compiled_flex()(*args, block_mask=self.block_mask, enable_gqa=True)
         else:
@@ -179,13 +188,13 @@ def varlen_plan(layout: PackedLayout) -> tuple[VarlenGroup | None, VarlenGroup |
         i = start
         while i < end:
             j = i
-            causal = modes[i] == AttnMode.CAUSAL
+            causal = modes[i] == CAUSAL
             # one segment: a run of causal splits, or a single full/noise split
-            while j < end and (splits[j] == splits[i] or (causal and modes[j] == AttnMode.CAUSAL)):
+            while j < end and (splits[j] == splits[i] or (causal and modes[j] == CAUSAL)):
                 j += 1
             own = list(range(i, j))
             groups[causal].append((own, visible + own))
-            if modes[i] != AttnMode.NOISE:
+            if modes[i] != NOISE:
                 visible = visible + own
             i = j
     return _pack_group(groups[True], layout), _pack_group(groups[False], layout)

@@ -211,16 +211,16 @@ def build_codec(cfg: ModelConfig, spec: ModelSpec) -> FrozenVAE:
 
 def load_vit(vit: nn.Module, cfg: ModelConfig) -> None:
     """ViT weights from model.vit_path, else from model.path when it holds a ViT; random otherwise (debug sizes)."""
-    for source in (cfg.vit_path, cfg.path):
+    for key, source in (("model.vit_path", cfg.vit_path), ("model.path", cfg.path)):
         if source is None:
             continue
         try:
             with gathered(list(vit.parameters())):
                 load_vision_weights(vit, source)
             return
-        except FileNotFoundError:
-            if source == cfg.vit_path:
-                raise
+        except FileNotFoundError as e:
+            if key == "model.vit_path":
+                raise FileNotFoundError(f"model.vit_path: {e}") from e
     if cfg.path is not None:
         raise FileNotFoundError(f"model.path {cfg.path} holds no ViT weights; set model.vit_path to a Qwen2.5-VL "
                                 "or Lance ViT directory, or model.visual_und=false")

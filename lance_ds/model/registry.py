@@ -121,14 +121,19 @@ def spec_from_dir(path: str | Path, base: ModelSpec) -> ModelSpec:
 
 
 def position_range_of(path: Path) -> dict:
-    """max_latent_size / max_num_frames from the shape of a Lance checkpoint's table (Lf * S^2 rows): the largest
-    S <= 64 whose square divides the row count. Empty when the checkpoint has no table."""
+    """max_latent_size / max_num_frames of a Lance checkpoint: written in llm_config.json by lance_ds, else read
+    from the shape of its stored table (Lf * S^2 rows): the largest power-of-two S <= 64 whose square divides the
+    row count (Lance uses 64), then any S. Empty when neither is there."""
+    data = read_json(path / LANCE_LLM_CONFIG)
+    if "max_latent_size" in data and "max_num_frames" in data:
+        return {"max_latent_size": int(data["max_latent_size"]), "max_num_frames": int(data["max_num_frames"])}
     index = safetensors_index(path / LANCE_WEIGHTS)
     if LANCE_POS_TABLE not in index:
         return {}
     with safe_open(str(index[LANCE_POS_TABLE]), framework="pt") as f:
         rows = f.get_slice(LANCE_POS_TABLE).get_shape()[0]
-    size = next(s for s in range(64, 0, -1) if rows % (s * s) == 0)
+    candidates = [64, 32, 16, 8, 4, 2, 1] + list(range(63, 0, -1))
+    size = next(s for s in candidates if rows % (s * s) == 0)
     return {"max_latent_size": size, "max_num_frames": (rows // (size * size) - 1) * 4 + 1}
 
 

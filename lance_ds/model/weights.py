@@ -138,3 +138,40 @@ def complete_from_qwen(state: dict[str, Tensor], model_names: dict[str, torch.Si
         elif und is not None and und.endswith(("q_norm.weight", "k_norm.weight")):
             state[name] = torch.ones(shape)
     return state
+
+
+def llm_config_json(llm, vit=None, extra: dict | None = None) -> dict:
+    """Lance's llm_config.json for a decoder geometry (Qwen2 fields + mrope section + the ViT's config)."""
+    data = {
+        "model_type": "qwen2", "layer_module": "Qwen2MoTDecoderLayer", "qk_norm": True, "tie_word_embeddings": False,
+        "vocab_size": llm.vocab_size, "hidden_size": llm.hidden_size, "intermediate_size": llm.intermediate_size,
+        "num_hidden_layers": llm.num_layers, "num_attention_heads": llm.num_heads,
+        "num_key_value_heads": llm.num_kv_heads, "hidden_act": "silu", "rms_norm_eps": llm.rms_norm_eps,
+        "rope_theta": llm.rope_theta,
+        "rope_scaling": {"type": "mrope", "rope_type": "mrope", "mrope_section": list(llm.mrope_section)},
+    }
+    if vit is not None:
+        from dataclasses import asdict
+
+        data["vision_config"] = {**asdict(vit), "fullatt_block_indexes": list(vit.fullatt_block_indexes)}
+    data.update(extra or {})
+    return data
+
+
+def save_lance_dir(directory: str | Path, model_state: dict[str, Tensor], llm, vit=None,
+                   vit_state: dict[str, Tensor] | None = None, pos_table: Tensor | None = None,
+                   extra_config: dict | None = None) -> Path:
+    """Write a Lance checkpoint directory (model.safetensors under Lance's names + llm_config.json).
+
+    model_state: a full (on ZeRO-3: consolidated) LanceModel state dict; LoRA-wrapped names lose `.base_layer`.
+    extra_config: more llm_config.json fields (e.g. max_latent_size / max_num_frames, read back on load).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k.replace(".base_layer.", "."): v for k, v in model_state.items() if ".lora_" not in k}
+    state = model_to_lance(state, vit_state, pos_table)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / LANCE_WEIGHTS))
+    (directory / LANCE_LLM_CONFIG).write_text(json.dumps(llm_config_json(llm, vit, extra_config), indent=1))
+    return directory

@@ -1,0 +1,139 @@
+"""The packed attention rule and its backends (sdpa, flex, the flash varlen plan) on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lance_ds.data.batch import AttnMode
+from lance_ds.model.attention import (FlexAttention, PackedLayout, SdpaAttention, VarlenAttention, build_attention,
+                                      dense_mask, reference_varlen, varlen_plan)
+
+C, F, N = AttnMode.CAUSAL, AttnMode.FULL, AttnMode.NOISE
+
+# reference/LANCE_FACTS.md: sample lengths [8, 2]; splits [3 causal, 2 full, 2 noise, 1 causal | 2 causal]
+REFERENCE_MASK = """
+1000000000
+1100000000
+1110000000
+1111100000
+1111100000
+1111111000
+1111111000
+1111100100
+0000000010
+0000000011
+"""
+
+
+def layout_from(samples: list[list[tuple[int, AttnMode]]]) -> PackedLayout:
+    """samples: per sample, its splits as (length, mode)."""
+    sample_ids, split_ids, modes = [], [], []
+    split = 0
+    for s, splits in enumerate(samples):
+        for length, mode in splits:
+            sample_ids += [s] * length
+            split_ids += [split] * length
+            modes += [int(mode)] * length
+            split += 1
+    return PackedLayout(torch.tensor(sample_ids), torch.tensor(split_ids), torch.tensor(modes))
+
+
+def test_reference_mask_exactly():
+    layout = layout_from([[(3, C), (2, F), (2, N), (1, C)], [(2, C)]])
+    mask = dense_mask(layout.sample_ids, layout.split_ids, layout.attn_modes)
+    expected = torch.tensor([[c == "1" for c in row] for row in REFERENCE_MASK.split()])
+    assert torch.equal(mask, expected), "\n" + "\n".join("".join("1" if v else "0" for v in row) for row in mask.tolist())
+
+
+# a packed sequence with every kind of neighbourhood: t2i, an edit (full vit, full clean source, noise target),
+# two noise splits in one sample, a pure text sample and a padding sample
+MIXED = [
+    [(5, C), (4, N), (1, C)],
+    [(3, C), (6, F), (4, F), (3, C), (8, N), (2, C)],
+    [(2, C), (3, N), (2, C), (5, N), (1, C)],
+    [(7, C)],
+    [(9, C)],
+]
+
+
+def reference_attention(q, k, v, layout):
+    """Softmax over the dense whole-sequence mask, written out (no SDPA): the ground truth."""
+    mask = dense_mask(layout.sample_ids, layout.split_ids, layout.attn_modes)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def random_qkv(num_tokens: int, heads: int = 4, kv_heads: int = 2, dim: int = 16, grad: bool = False):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(num_tokens, h, dim, generator=g, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    return [x.requires_grad_(grad) for x in (q, k, v)]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "varlen", "flex"])
+def test_backends_match_the_rule(backend):
+    layout = layout_from(MIXED)
+    grad = backend != "flex"  # flex has no CPU backward; its forward is checked here
+    q, k, v = random_qkv(layout.num_tokens, grad=grad)
+    if backend == "sdpa":
+        attend = SdpaAttention(layout)
+    elif backend == "varlen":
+        attend = VarlenAttention(layout, kernel=reference_varlen)
+    else:
+        attend = FlexAttention(layout)
+        q, k, v = (x.float() for x in (q, k, v))
+    out = attend(q, k, v)
+    ref = reference_attention(*(x.detach().double().requires_grad_(grad) for x in (q, k, v)), layout)
+    tol = 1e-10 if q.dtype == torch.float64 else 1e-5
+    assert (out.double() - ref).abs().max().item() < tol
+    if grad:
+        qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+        w = torch.randn_like(ref)
+        (reference_attention(qr, kr, vr, layout) * w).sum().backward()
+        (out * w).sum().backward()
+        for a, b in ((q, qr), (k, kr), (v, vr)):
+            assert (a.grad - b.grad).abs().max().item() < 1e-10
+
+
+def test_varlen_plan_segments():
+    """Consecutive causal splits merge; every segment's keys are the visible prefix, then itself."""
+    layout = layout_from([[(3, C), (2, F), (2, N), (1, C)], [(2, C)]])
+    causal, bidir = varlen_plan(layout)
+    assert causal.cu_q.tolist() == [0, 3, 4, 6]  # [0..2], [7] after the noise split, sample two
+    assert causal.k_index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 7, 8, 9]  # the trailing token skips 5, 6
+    assert bidir.cu_q.tolist() == [0, 2, 4]
+    assert bidir.k_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]
+
+
+def test_interleaved_samples_fall_back_to_one_mask():
+    layout = PackedLayout(torch.tensor([0, 1, 0, 1, 0]), torch.tensor([0, 1, 0, 1, 0]), torch.zeros(5, dtype=torch.long))
+    q, k, v = random_qkv(5)
+    out = SdpaAttention(layout)(q, k, v)
+    assert (out - reference_attention(q, k, v, layout)).abs().max() < 1e-10
+    with pytest.raises(ValueError, match="contiguous"):
+        varlen_plan(layout)
+
+
+def test_flash_refused_clearly_without_flash_attn():
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="flash_attn.*model.attention=flex or sdpa"):
+            build_attention("flash", layout_from(MIXED))
+    else:  # a machine with flash-attn: the backend must build
+        assert isinstance(build_attention("flash", layout_from(MIXED)), VarlenAttention)
+
+
+def test_flex_backward_on_cpu_is_refused_clearly():
+    layout = layout_from(MIXED)
+    q, k, v = (x.float() for x in random_qkv(layout.num_tokens, grad=True))
+    with pytest.raises(RuntimeError, match="model.attention=sdpa"):
+        FlexAttention(layout)(q, k, v)
+
+
+def test_unknown_backend_named():
+    with pytest.raises(ValueError, match="model.attention"):
+        build_attention("xformers", layout_from(MIXED))

@@ -1,0 +1,168 @@
+"""Weights from local directories: Lance round trip, Qwen2.5-VL init, ViT-only dirs, diffusers VAEs, the patch codec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lance_ds.config.model import ModelConfig
+from lance_ds.model import build_model, build_vae, encode_vit
+from lance_ds.model.registry import resolve_spec
+from lance_ds.model.synthetic import Text, Vae, Vit, random_latents, synthetic_batch
+from lance_ds.model.vae import PatchCodec, VaeConfig
+from lance_ds.model.weights import save_lance_dir
+
+NUM_CLASSES = 1000
+
+
+def cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{"size": "tiny", "dtype": "fp32", "vit_dtype": "fp32", **kw})
+
+
+def outputs(bundle, seed: int = 0):
+    batch = synthetic_batch([[Text(5), Vae(1, 2, 2), Text(1)], [Text(3), Vit(1, 2, 2), Text(4, scored=True)]],
+                            NUM_CLASSES, seed=seed)
+    vit = encode_vit(bundle.vit, batch.vit_patches, batch.vit_grid_thw)
+    latents = random_latents(batch, bundle.geometry.latent_channels)
+    with torch.no_grad():
+        pred = bundle.model(batch, vit, latents, torch.full((latents.shape[0],), 0.5))
+    return pred.logits, pred.velocity, vit
+
+
+def test_lance_checkpoint_round_trip(tmp_path):
+    """Save under Lance's names + llm_config.json, build from model.path: same weights, same outputs."""
+    torch.manual_seed(0)
+    first = build_model(cfg(), NUM_CLASSES)
+    with torch.no_grad():  # make the experts differ, so a routing or naming mix-up cannot pass
+        for name, p in first.model.named_parameters():
+            if "_moe_gen" in name:
+                p.add_(0.01 * torch.randn_like(p))
+    save_lance_dir(tmp_path, first.model.state_dict(), first.spec.llm, first.spec.vit, first.vit.state_dict(),
+                   first.model.latent_pos_embed.table())
+    second = build_model(cfg(path=str(tmp_path)), NUM_CLASSES)
+    assert second.spec.max_latent_size == first.spec.max_latent_size  # read back from the stored table's shape
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for x, y in zip(outputs(first), outputs(second)):
+        assert torch.equal(x, y)
+
+
+def test_lance_checkpoint_mismatch_is_named(tmp_path):
+    first = build_model(cfg(), NUM_CLASSES)
+    state = first.model.state_dict()
+    state.pop("language_model.model.layers.1.mlp_moe_gen.up_proj.weight")
+    save_lance_dir(tmp_path, state, first.spec.llm, first.spec.vit, first.vit.state_dict())
+    with pytest.raises(ValueError, match="mlp_moe_gen.up_proj.weight"):
+        build_model(cfg(path=str(tmp_path)), NUM_CLASSES)
+
+
+def tiny_qwen25vl(directory, tied: bool):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1)
+    vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+                  fullatt_block_indexes=[1], tokens_per_second=2)
+    torch.manual_seed(1)
+    hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                             tie_word_embeddings=tied))
+    hf.save_pretrained(directory)
+    return hf
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_init_from_qwen25vl_dir(tmp_path, tied):
+    hf = tiny_qwen25vl(tmp_path, tied)
+    bundle = build_model(cfg(path=str(tmp_path)), NUM_CLASSES)
+    ours = dict(bundle.model.named_parameters())
+    hf_state = hf.state_dict()
+    text = {k.split("language_model.", 1)[-1] if "language_model." in k else k.removeprefix("model."): v
+            for k, v in hf_state.items() if "visual" not in k and not k.startswith("lm_head")}
+    for name, value in text.items():
+        assert torch.equal(ours[f"language_model.model.{name}"], value), name
+        gen = name.replace("self_attn.q_proj", "self_attn.q_proj_moe_gen").replace("mlp.", "mlp_moe_gen.")
+        if gen != name:
+            assert torch.equal(ours[f"language_model.model.{gen}"], value), f"gen copy of {name}"
+    head = hf_state.get("lm_head.weight", hf_state["model.language_model.embed_tokens.weight"]
+                        if "model.language_model.embed_tokens.weight" in hf_state else None)
+    assert torch.equal(ours["language_model.lm_head.weight"], hf.get_output_embeddings().weight)
+    assert head is None or torch.equal(ours["language_model.lm_head.weight"], head)
+    assert torch.equal(ours["language_model.model.layers.0.self_attn.q_norm.weight"], torch.ones(16))
+    assert torch.equal(ours["language_model.model.layers.0.self_attn.k_norm_moe_gen.weight"], torch.ones(16))
+    # the ViT: transformers' own tower on the same patches gives the same merged tokens
+    batch = synthetic_batch([[Text(2), Vit(1, 4, 4), Text(2)]], NUM_CLASSES)
+    ours_vit = encode_vit(bundle.vit, batch.vit_patches, batch.vit_grid_thw)
+    with torch.no_grad():
+        theirs = hf.model.visual(batch.vit_patches, grid_thw=batch.vit_grid_thw).pooler_output
+    assert torch.allclose(ours_vit, theirs, atol=1e-6)
+    assert bundle.geometry.tokens_per_second == 2
+
+
+def test_vit_from_a_lance_vit_safetensors_dir(tmp_path):
+    first = build_model(cfg(), NUM_CLASSES)
+    vit_dir = tmp_path / "vit"
+    vit_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in first.vit.state_dict().items()}, str(vit_dir / "vit.safetensors"))
+    spec = resolve_spec(cfg(vit_path=str(vit_dir)))
+    assert (spec.vit.depth, spec.vit.hidden_size, spec.vit.intermediate_size) == (2, 32, 64)  # read from shapes
+    second = build_model(cfg(vit_path=str(vit_dir)), NUM_CLASSES)
+    a, b = first.vit.state_dict(), second.vit.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="model.vit_path: no \\*.safetensors files"):
+        build_model(cfg(vit_path=str(tmp_path)), NUM_CLASSES)  # a directory without safetensors
+    save_file({"foo": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(FileNotFoundError, match="model.vit_path: no ViT weights"):
+        build_model(cfg(vit_path=str(tmp_path)), NUM_CLASSES)
+
+
+def test_wan_vae_from_save_pretrained(tmp_path):
+    from diffusers import AutoencoderKLWan
+
+    spec = resolve_spec(cfg())
+    torch.manual_seed(0)
+    kwargs = dict(spec.vae.diffusers_config, latents_mean=[0.1 * i for i in range(16)], latents_std=[1.0 + 0.1 * i for i in range(16)])
+    AutoencoderKLWan(**kwargs).save_pretrained(tmp_path)
+    bundle = build_model(cfg(vae_path=str(tmp_path)), NUM_CLASSES)
+    vae = bundle.vae
+    assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor) == (16, 16, 4)
+    assert (bundle.geometry.vae_spatial_factor, bundle.geometry.vae_temporal_factor) == (16, 4)
+    pixels = torch.rand(1, 3, 5, 32, 48) * 2 - 1
+    latents = vae.encode(pixels)
+    assert latents.shape == (1, 16, 2, 2, 3)  # (5 - 1) // 4 + 1 frames
+    raw = AutoencoderKLWan.from_pretrained(tmp_path).encode(pixels).latent_dist.mean
+    mean = torch.tensor(kwargs["latents_mean"]).view(1, -1, 1, 1, 1)
+    std = torch.tensor(kwargs["latents_std"]).view(1, -1, 1, 1, 1)
+    assert torch.allclose(latents, (raw - mean) / std, atol=1e-5)
+    sampled = vae.encode(pixels, sample=True, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(sampled, latents) and sampled.shape == latents.shape
+    assert vae.decode(latents).shape == pixels.shape
+    with pytest.raises(ValueError, match="T = 4k \\+ 1"):
+        vae.encode(torch.zeros(1, 3, 4, 32, 32))
+
+
+@pytest.mark.parametrize("frames", [1, 9])
+def test_patch_codec_is_exactly_invertible(frames):
+    codec = PatchCodec(spatial_factor=8, temporal_factor=4)
+    pixels = torch.rand(2, 3, frames, 16, 24) * 2 - 1
+    latents = codec.encode(pixels)
+    assert latents.shape == (2, 768, (frames - 1) // 4 + 1, 2, 3)
+    assert torch.equal(codec.decode(latents), pixels.float())
+    assert 0.5 < latents.std() < 1.5  # roughly unit scale for uniform pixels (std 0.577 / 0.5)
+
+
+def test_kl_vae_from_config_folds_frames():
+    from lance_ds.model.build import TINY_CODECS
+
+    vae = build_vae(TINY_CODECS["kl"])
+    latents = vae.encode(torch.rand(1, 3, 2, 16, 16) * 2 - 1)
+    assert latents.shape == (1, 4, 2, 4, 4)
+    assert vae.decode(latents).shape == (1, 3, 2, 16, 16)
+
+
+def test_codec_choice_errors_are_clear():
+    with pytest.raises(ValueError, match="model.vae_path"):
+        build_model(cfg(size="3b", visual_und=False, path=None), NUM_CLASSES)  # Wan2.2 needs its weights
+    with pytest.raises(ValueError, match="model.vae must be one of"):
+        build_vae(VaeConfig(kind="vq"))
