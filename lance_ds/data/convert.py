@@ -12,8 +12,9 @@ How the work is planned (so that the output never depends on --workers, and a re
      size, of equal weight. Shards never span units, so every row group is read exactly once, by one worker, one
      record batch at a time. Parallelism is over units: a file written as one huge row group is one worker's job.
   3. Workers convert whole units. A shard is written as `NAME.tar.tmp` and renamed when complete; then its record
-     (samples, bytes, sha256, media stats, rejects) lands in `DIR/.convert_state/NAME.json`. A re-run skips every shard
-     whose record matches the plan and whose tar still has the recorded size and sha256, and redoes the rest.
+     (samples, bytes, crc32, media stats, rejects) lands in `DIR/.convert_state/NAME.json`. A re-run skips every shard
+     whose record matches the plan and whose tar still has the recorded size and CRC-32, and redoes the rest.
+     (CRC-32 rather than SHA-256: it catches accidental damage and costs half as much, ~2.5 GB/s against ~1.2.)
   4. manifest.json and rejects.jsonl are assembled from the records in plan order (deterministic), each written under
      a temporary name and renamed. manifest.json exists only after a complete run.
 
@@ -32,7 +33,7 @@ KEY.json:
 manifest.json:
     {"format": "lance_ds.shards/1", "task": "t2i", "num_samples": N, "num_rejects": R, "num_rows": N + R,
      "verify": "full", "media_columns": {"image": "image"},            # member -> kind
-     "shards": [{"name": "shard-000000.tar", "num_samples": n, "bytes": b, "sha256": "...",
+     "shards": [{"name": "shard-000000.tar", "num_samples": n, "bytes": b, "crc32": "8 hex digits",
                  "media": {"image": {"count": n, "width": {"min", "max", "mean"}, "height": {...},
                                      ["frames", "fps", "duration": {...} for videos]}}}, ...]}
 Shards whose rows were all rejected are not written and not listed.
@@ -56,11 +57,13 @@ import re
 import sys
 import tarfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -338,51 +341,79 @@ def _fingerprint(index, spans, sources, schema, options) -> str:
 # writing one shard
 
 
+def _header_template() -> bytes:
+    """A USTAR header with our fixed fields (mode, owner, mtime) and blank name, size and checksum."""
+    info = tarfile.TarInfo("x")
+    info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = _TAR_MTIME, 0o644, 0, 0, "", ""
+    header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict"))
+    header[0:100] = bytes(100)  # name
+    header[124:136] = bytes(12)  # size
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    return bytes(header)
+
+
+_HEADER = _header_template()
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header of a regular file: what tarfile writes for it, ~20x faster."""
+    encoded = name.encode("ascii")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name longer than 100 characters: {name}")
+    if size >= 8 ** 11:
+        raise ValueError(f"tar member {name} is {size} bytes; USTAR members must be under 8 GiB")
+    header = bytearray(_HEADER)
+    header[0:len(encoded)] = encoded
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
 class TarShardWriter:
-    """A deterministic tar written straight from bytes: fixed headers, sha256 computed while writing."""
+    """A deterministic tar written straight from bytes: fixed headers, CRC-32 computed while writing."""
 
     def __init__(self, path: Path):
         self.path = path
         self.tmp_path = path.with_name(path.name + ".tmp")
         self._file = open(self.tmp_path, "wb")
-        self._hash = hashlib.sha256()
+        self._crc = 0
         self.bytes = 0
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data) -> None:
         self._file.write(data)
-        self._hash.update(data)
+        self._crc = zlib.crc32(data, self._crc)
         self.bytes += len(data)
 
-    def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), _TAR_MTIME, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._write(info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict"))
+    def add(self, name: str, data: bytes | memoryview) -> None:
+        size = len(data)
+        padding = -size % tarfile.BLOCKSIZE
+        self._write(tar_header(name, size))
         self._write(data)
-        padding = -len(data) % tarfile.BLOCKSIZE
         if padding:
-            self._write(b"\0" * padding)
+            self._write(_ZEROS[:padding])
 
     def close(self) -> str:
-        """End the archive, rename it into place; returns its sha256."""
+        """End the archive, rename it into place; returns its CRC-32 as 8 hex digits."""
         end = 2 * tarfile.BLOCKSIZE
-        self._write(b"\0" * (end + (-(self.bytes + end) % _TAR_RECORD)))
+        self._write(bytes(end + (-(self.bytes + end) % _TAR_RECORD)))
         self._file.close()
         os.replace(self.tmp_path, self.path)
-        return self._hash.hexdigest()
+        return f"{self._crc:08x}"
 
     def abort(self) -> None:
         self._file.close()
         self.tmp_path.unlink(missing_ok=True)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+_ZEROS = bytes(tarfile.BLOCKSIZE)
+
+
+def file_crc32(path: Path) -> str:
+    crc = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,7 +467,7 @@ class ShardRecord:
     num_rows: int
     num_samples: int = 0
     bytes: int = 0
-    sha256: str = ""
+    crc32: str = ""
     media: dict = field(default_factory=dict)
     rejects: list[dict] = field(default_factory=list)
 
@@ -480,7 +511,7 @@ class ShardBuilder:
 
     def finish(self) -> ShardRecord:
         if self.writer is not None:
-            self.record.sha256 = self.writer.close()
+            self.record.crc32 = self.writer.close()
             self.record.bytes = self.writer.bytes
         self.record.media = {m: s.to_json() for m, s in self.stats.items() if s.count}
         return self.record
@@ -506,7 +537,7 @@ def _record_path(output: Path, name: str) -> Path:
 
 
 def load_done_record(output: Path, plan: ShardPlan) -> ShardRecord | None:
-    """The saved record of a shard if it matches the plan and its tar is intact (size and sha256), else None."""
+    """The saved record of a shard if it matches the plan and its tar is intact (size and CRC-32), else None."""
     path = _record_path(output, plan.name)
     try:
         record = ShardRecord(**json.loads(path.read_text()))
@@ -517,7 +548,7 @@ def load_done_record(output: Path, plan: ShardPlan) -> ShardRecord | None:
     tar = output / plan.name
     if record.num_samples == 0:
         return record if not tar.exists() else None
-    if not tar.is_file() or tar.stat().st_size != record.bytes or file_sha256(tar) != record.sha256:
+    if not tar.is_file() or tar.stat().st_size != record.bytes or file_crc32(tar) != record.crc32:
         return None
     return record
 
@@ -527,6 +558,23 @@ def save_record(output: Path, record: ShardRecord) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(record), ensure_ascii=False))
     os.replace(tmp, path)
+
+
+def _column_values(column: pa.Array) -> list:
+    """Python values of one column of a record batch. Binary columns come as memoryviews into the arrow buffer:
+    media bytes are then copied once, into the shard, instead of twice."""
+    large = pa.types.is_large_binary(column.type)
+    if not (large or pa.types.is_binary(column.type)):
+        return column.to_pylist()
+    _, offsets, data = column.buffers()
+    bounds = np.frombuffer(offsets, np.int64 if large else np.int32)[column.offset:column.offset + len(column) + 1]
+    bounds = bounds.tolist()
+    view = memoryview(data).cast("B") if data is not None else memoryview(b"")  # arrow exports signed chars
+    values = [view[bounds[i]:bounds[i + 1]] for i in range(len(column))]
+    if column.null_count:
+        for i in np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)).tolist():
+            values[i] = None
+    return values
 
 
 def _iter_unit_rows(unit: WorkUnit, sources: list[SourceFile], columns: list[str]) -> Iterator[tuple[int, int, dict]]:
@@ -543,9 +591,9 @@ def _iter_unit_rows(unit: WorkUnit, sources: list[SourceFile], columns: list[str
         for g in groups:
             row = source.group_start(g)
             for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns, use_threads=False):
-                values = {name: batch.column(name).to_pylist() for name in columns}
+                values = [_column_values(batch.column(name)) for name in columns]
                 for i in range(batch.num_rows):
-                    yield file, row + i, {name: values[name][i] for name in columns}
+                    yield file, row + i, {name: column[i] for name, column in zip(columns, values)}
                 row += batch.num_rows
         parquet.close()
 
@@ -746,7 +794,7 @@ def _progress_bar(total: int, task: str, enabled: bool):
 def _write_outputs(output: Path, schema: TaskSchema, options: ConvertOptions, records: list[ShardRecord]) -> None:
     rejects = "".join(json.dumps(line, ensure_ascii=False) + "\n" for r in records for line in r.rejects)
     _write_atomic(output / "rejects.jsonl", rejects)
-    shards = [{"name": r.name, "num_samples": r.num_samples, "bytes": r.bytes, "sha256": r.sha256, "media": r.media}
+    shards = [{"name": r.name, "num_samples": r.num_samples, "bytes": r.bytes, "crc32": r.crc32, "media": r.media}
               for r in records if r.num_samples]
     manifest = {
         "format": FORMAT,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -60,8 +61,15 @@ class VideoInfo:
 # sniffing
 
 
+def _unsigned(data) -> memoryview:
+    """A byte view whose items are 0..255 (a memoryview exported by arrow holds signed chars)."""
+    view = memoryview(data)
+    return view if view.format == "B" else view.cast("B")
+
+
 def sniff_extension(data: bytes) -> str | None:
     """The file extension the bytes' magic number says ("jpg", "png", "mp4", ...), or None when unknown."""
+    data = _unsigned(data)
     head = bytes(data[:64])
     if head.startswith(b"\xff\xd8\xff"):
         return "jpg"
@@ -96,7 +104,7 @@ def sniff_extension(data: bytes) -> str | None:
 
 
 def _open_image(data: bytes) -> Image.Image:
-    """Open and fully decode an image (first frame of an animation), with EXIF orientation applied."""
+    """Open and fully decode an image (the first frame of an animation), as stored (EXIF orientation not applied)."""
     if not data:
         raise MediaError("image bytes are empty")
     try:
@@ -104,11 +112,20 @@ def _open_image(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()  # decodes every pixel: a truncated file fails here, not later
-            return ImageOps.exif_transpose(img)
+            return img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaError(f"image is too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image" / "truncated"
         raise MediaError(f"not a readable image ({len(data)} bytes, starts {bytes(data[:8])!r}): {_pil_reason(e)}") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation 1..8 (1: upright; 5..8: turned by 90 degrees); 1 when absent or unreadable."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError):  # a damaged EXIF block does not make the pixels unusable
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _pil_reason(error: Exception) -> str:
@@ -136,29 +153,91 @@ def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image bytes -> uint8 [1, H, W, 3] RGB (grayscale, RGBA, CMYK, palette and 16-bit converted)."""
     import torch
 
-    rgb = _to_rgb(_open_image(data))
-    return torch.from_numpy(rgb).unsqueeze(0)
+    img = _open_image(data)
+    if _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)  # as a photo viewer shows it
+    return torch.from_numpy(_to_rgb(img)).unsqueeze(0)
 
 
 def probe_image(data: bytes) -> ImageInfo:
-    """Decode the whole image (verification) and report its size and encoding."""
+    """Decode the whole image (verification) and report its size as `decode_image` returns it, and its encoding."""
     img = _open_image(data)
-    fmt = (Image.open(io.BytesIO(data)).format or "unknown").lower()
-    return ImageInfo(width=img.width, height=img.height, format=fmt)
+    width, height = (img.height, img.width) if _orientation(img) >= 5 else (img.width, img.height)
+    return ImageInfo(width=width, height=height, format=(img.format or "unknown").lower())
 
 
 def peek_image(data: bytes) -> ImageInfo:
-    """Size and encoding from the header only (~30 us, no pixel decode); for trusted data (`--verify none`).
+    """Size and encoding from the header only (no pixel decode); for trusted data (`--verify none`).
 
-    EXIF orientation is not applied here, so a rotated JPEG reports its stored (not displayed) size.
+    PNG, JPEG and GIF headers are parsed here (~5 us), anything else by PIL (~30 us). A JPEG's EXIF orientation is
+    honoured (width and height swapped for rotated photos), so the size matches what `decode_image` returns.
     """
-    if not data:
+    if not len(data):
         raise MediaError("image bytes are empty")
+    fast = _header_size(data)
+    if fast is not None:
+        return fast
     try:
         img = Image.open(io.BytesIO(data))
     except (OSError, SyntaxError, ValueError) as e:
         raise MediaError(f"not a readable image header ({len(data)} bytes, starts {bytes(data[:8])!r}): {_pil_reason(e)}") from None
     return ImageInfo(width=img.width, height=img.height, format=(img.format or "unknown").lower())
+
+
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
+
+
+def _header_size(data) -> ImageInfo | None:
+    """Width and height read straight from a PNG, JPEG or GIF header; None for other formats or odd headers."""
+    head = bytes(data[:32])
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", head[16:24])
+        return ImageInfo(width, height, "png") if width and height else None
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        width, height = struct.unpack("<HH", head[6:10])
+        return ImageInfo(width, height, "gif") if width and height else None
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    view, pos, end = _unsigned(data), 2, len(data)
+    rotated = False  # EXIF orientation 5..8: the displayed image is the stored one turned by 90 degrees
+    while pos + 9 < end:  # walk the JPEG segments up to the frame header
+        if view[pos] != 0xFF:
+            return None
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", view[pos + 5:pos + 9])
+            if rotated:
+                width, height = height, width
+            return ImageInfo(width, height, "jpeg") if width and height else None
+        if marker == 0xDA or marker == 0xD9:  # scan data or end of image before any frame header
+            return None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # segments without a length
+            pos += 2
+            continue
+        length = struct.unpack(">H", view[pos + 2:pos + 4])[0]
+        if marker == 0xE1 and bytes(view[pos + 4:pos + 10]) == b"Exif\0\0":
+            rotated = _exif_orientation(bytes(view[pos + 10:pos + 2 + length])) in (5, 6, 7, 8)
+        pos += 2 + length
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of IFD0 in an EXIF TIFF block; 1 (upright) when absent or unreadable."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "I", tiff[4:8])
+    if ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack(order + "H", tiff[ifd:ifd + 2])
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        tag, kind = struct.unpack(order + "HH", tiff[entry:entry + 4])
+        if tag == 0x0112 and kind == 3:  # SHORT, stored in the first two bytes of the value field
+            return struct.unpack(order + "H", tiff[entry + 8:entry + 10])[0]
+    return 1
 
 
 def encode_image(frames_or_array, format: str = "png", quality: int = 95) -> bytes:

@@ -142,7 +142,7 @@ class CheckedRow:
     """A row's values in the types the rest of the pipeline uses, and everything wrong with it."""
 
     texts: dict[str, str] = field(default_factory=dict)
-    media: dict[str, bytes] = field(default_factory=dict)  # by parquet column name
+    media: dict[str, bytes | memoryview] = field(default_factory=dict)  # by parquet column name
     problems: list[RowProblem] = field(default_factory=list)
 
     @property
@@ -172,16 +172,18 @@ def _check_text(column: TextColumn, value: object) -> tuple[str | None, str | No
     return value, None
 
 
-def _check_media(value: object) -> tuple[bytes | None, str | None]:
+def _check_media(value: object) -> tuple[bytes | memoryview | None, str | None]:
+    """(the bytes, None) or (None, reason). A memoryview (zero-copy from an arrow buffer) is passed on as is."""
     if value is None:
         return None, "null value"
-    if isinstance(value, (bytearray, memoryview)):
-        value = bytes(value)
     if isinstance(value, str):
-        return None, f"expected encoded bytes (a binary column), got a string {value!r:.40}; store the file's bytes, not a path or base64"
-    if not isinstance(value, bytes):
+        return None, (f"expected encoded bytes (a binary column), got a string {value!r:.40}; "
+                      "store the file's bytes, not a path or base64")
+    if isinstance(value, bytearray):
+        value = bytes(value)
+    if not isinstance(value, (bytes, memoryview)):
         return None, f"expected encoded bytes (a binary column), got {_type_name(value)} {value!r:.40}"
-    if not value:
+    if not len(value):
         return None, "empty bytes"
     return value, None
 

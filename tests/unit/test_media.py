@@ -1,15 +1,18 @@
 """Media bytes <-> frames: image modes, video frame sampling by timestamps, probes, errors that name the problem."""
 
 import io
+import struct
 
 import av
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
 
 from lance_ds.data.media import (
-    MediaError, decode_image, decode_video, encode_image, encode_video, probe_image, probe_video, sniff_extension)
+    MediaError, decode_image, decode_video, encode_image, encode_video, peek_image, peek_video, probe_image, probe_video,
+    sniff_extension)
 
 
 def counter_video(num_frames: int, width: int = 32, height: int = 24) -> np.ndarray:
@@ -106,9 +109,9 @@ def test_video_round_trip_keeps_every_frame_and_probe_reads_metadata():
     frames = decode_video(data)
     assert frames.shape == (10, 24, 32, 3) and frames.dtype == torch.uint8
     assert frame_ids(frames) == list(range(10))
-    info = probe_video(data)
-    assert (info.width, info.height, info.num_frames) == (32, 24, 10)
-    assert info.fps == pytest.approx(10) and info.duration == pytest.approx(1.0)
+    for info in (probe_video(data), peek_video(data)):
+        assert (info.width, info.height, info.num_frames) == (32, 24, 10)
+        assert info.fps == pytest.approx(10) and info.duration == pytest.approx(1.0)
 
 
 def test_encode_video_is_deterministic():
@@ -212,3 +215,43 @@ def test_sniff_extension():
     assert sniff_extension(pil_bytes(Image.new("RGB", (2, 2)), "GIF")) == "gif"
     assert sniff_extension(pil_bytes(Image.new("RGB", (2, 2)), "TIFF")) == "tiff"
     assert sniff_extension(b"random bytes here") is None
+
+
+def jpeg_with_orientation(orientation: int, big_endian: bool) -> bytes:
+    """A 6 x 4 JPEG whose EXIF block (written by hand, either byte order) carries an orientation tag."""
+    order = ">" if big_endian else "<"
+    tiff = (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(order + "I", 8)
+    tiff += struct.pack(order + "H", 1) + struct.pack(order + "HHIHH", 0x0112, 3, 1, orientation, 0)
+    tiff += struct.pack(order + "I", 0)
+    app1 = b"Exif\x00\x00" + tiff
+    plain = pil_bytes(Image.new("RGB", (6, 4), (200, 30, 30)), "JPEG")
+    return plain[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + plain[2:]
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_agrees_between_peek_probe_and_decode(orientation, big_endian):
+    data = jpeg_with_orientation(orientation, big_endian)
+    expected = (4, 6) if orientation >= 5 else (6, 4)  # (width, height) as displayed
+    frames = decode_image(data)
+    assert (frames.shape[2], frames.shape[1]) == expected
+    for info in (probe_image(data), peek_image(data)):
+        assert (info.width, info.height, info.format) == (*expected, "jpeg")
+
+
+def test_peek_reads_headers_from_arrow_buffers():
+    """Arrow exports buffers as signed chars; the header parsers must read 0xFF as 255."""
+    images = [encode_image(np.zeros((5, 7, 3), np.uint8), fmt) for fmt in ("png", "jpeg")]
+    images.append(pil_bytes(Image.new("RGB", (7, 5)), "GIF"))
+    images.append(pil_bytes(Image.new("RGB", (7, 5)), "WEBP"))  # through PIL
+    column = pa.array(images, pa.binary())
+    view = memoryview(column.buffers()[2])
+    assert view.format == "b"
+    offsets = np.frombuffer(column.buffers()[1], np.int32).tolist()
+    for i, data in enumerate(images):
+        piece = view[offsets[i]:offsets[i + 1]]
+        assert sniff_extension(piece) == sniff_extension(data)
+        info = peek_image(piece)
+        assert (info.width, info.height) == (7, 5)
+    with pytest.raises(MediaError, match="header"):
+        peek_image(b"\x00" * 40)
