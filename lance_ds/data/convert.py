@@ -46,7 +46,9 @@ packet); `--verify none` only reads headers for the metadata (fast; unreadable h
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -122,7 +124,7 @@ DEFAULT_SHARD_SIZE_MB = 256.0
 # inputs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SourceFile:
     """One parquet input, from its footer only."""
 
@@ -139,7 +141,12 @@ class SourceFile:
         return sum(self.group_rows)
 
     def group_start(self, group: int) -> int:
-        return sum(self.group_rows[:group])
+        """Index within the file of the group's first row."""
+        return self._starts[group]
+
+    @functools.cached_property
+    def _starts(self) -> tuple[int, ...]:
+        return tuple(itertools.accumulate(self.group_rows, initial=0))
 
 
 def find_parquet_files(inputs: list[str]) -> list[Path]:
@@ -171,43 +178,42 @@ def sanitize_stem(stem: str) -> str:
     return clean[:_STEM_CHARS] or "file"
 
 
-def read_source(index: int, path: Path, schema_columns: list[str] | None = None) -> tuple[SourceFile, list[str]]:
-    """Footer of one parquet file -> (SourceFile, its column names)."""
+def read_footer(path: Path) -> pq.FileMetaData:
     try:
-        parquet = pq.ParquetFile(path)
+        return pq.ParquetFile(path).metadata
     except (pa.ArrowException, OSError, ValueError) as e:  # not parquet, truncated footer, unreadable
         raise ConvertError(f"--input {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
-    meta = parquet.metadata
-    columns = list(parquet.schema_arrow.names)
-    wanted = set(schema_columns or columns)
+
+
+def make_source(index: int, path: Path, meta: pq.FileMetaData, columns: tuple[str, ...]) -> SourceFile:
+    """A SourceFile from a footer; row-group sizes count only the columns that are converted."""
+    wanted = set(columns)
     group_bytes = []
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
         group_bytes.append(sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
                                if group.column(c).path_in_schema in wanted))
     stat = path.stat()
-    source = SourceFile(
+    return SourceFile(
         index=index, path=str(path), key_prefix=f"{index:05d}-{sanitize_stem(path.stem)}", size=stat.st_size,
         mtime_ns=stat.st_mtime_ns, group_rows=tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
         group_bytes=tuple(group_bytes))
-    return source, columns
 
 
 def open_sources(inputs: list[str], task: str) -> tuple[TaskSchema, list[SourceFile]]:
     """Read every input's footer, settle the one task of the conversion, refuse mixed tasks."""
-    paths = find_parquet_files(inputs)
-    found: list[tuple[Path, TaskSchema, list[str]]] = []
+    found: list[tuple[Path, pq.FileMetaData, TaskSchema]] = []
     errors = []
-    for path in paths:
+    for path in find_parquet_files(inputs):
+        meta = read_footer(path)
         try:
-            _, columns = read_source(0, path)
-            found.append((path, resolve_task(columns, task, source=str(path)), columns))
+            found.append((path, meta, resolve_task(meta.schema.to_arrow_schema().names, task, source=str(path))))
         except SchemaError as e:
             errors.append(str(e))
     if errors:
         raise ConvertError("\n".join(errors))
     by_task: dict[str, list[str]] = {}
-    for path, schema, _ in found:
+    for path, _, schema in found:
         by_task.setdefault(schema.task, []).append(str(path))
     if len(by_task) > 1:
         listing = "\n".join(f"  {t} ({SCHEMAS[t].dir_name}): {', '.join(files[:5])}" + (" ..." if len(files) > 5 else "")
@@ -215,13 +221,13 @@ def open_sources(inputs: list[str], task: str) -> tuple[TaskSchema, list[SourceF
         raise ConvertError(
             "the inputs hold more than one task; one conversion makes one task's shards (a dataset group is one task). "
             f"Convert each task into its own --output directory:\n{listing}")
-    schema = found[0][1]
+    schema = found[0][2]
     sources = []
-    for index, (path, _, columns) in enumerate(found):
-        extra = sorted(set(columns) - set(schema.columns))
+    for index, (path, meta, _) in enumerate(found):
+        extra = sorted(set(meta.schema.to_arrow_schema().names) - set(schema.columns))
         if extra:
             log.warning("%s: columns %s are not part of the %s schema and are not converted", path, extra, schema.task)
-        sources.append(read_source(index, path, list(schema.columns))[0])
+        sources.append(make_source(index, path, meta, schema.columns))
     return schema, sources
 
 
@@ -296,35 +302,40 @@ def plan_work(sources: list[SourceFile], schema: TaskSchema, options: ConvertOpt
 
 
 def _cut_shards(members, sources, target, first_index, schema, options) -> list[ShardPlan]:
-    """Cut a unit's rows into ceil(weight / target) shards of equal weight."""
-    rows = []  # (file, row in file, weight), in order
-    for file, g, row_weight in members:
-        start = sources[file].group_start(g)
-        rows.extend((file, start + r, row_weight) for r in range(sources[file].group_rows[g]))
-    total = sum(w for _, _, w in rows)
+    """Cut a unit's rows into ceil(weight / target) shards of equal weight; all rows of a row group weigh the same,
+    so the cuts are found group by group, without a list of rows."""
+    total = sum(w * sources[f].group_rows[g] for f, g, w in members)
     num_shards = max(1, math.ceil(total / target - 1e-9))
-    cuts, acc, next_cut = [], 0.0, total / num_shards
-    for i, (_, _, w) in enumerate(rows):
-        acc += w
-        if acc >= next_cut - 1e-9 and len(cuts) < num_shards - 1 and i + 1 < len(rows):
-            cuts.append(i + 1)
-            next_cut = total * (len(cuts) + 1) / num_shards
-    bounds = [0, *cuts, len(rows)]
-    shards = []
-    for j in range(len(bounds) - 1):
-        spans = _spans(rows[bounds[j]:bounds[j + 1]])
-        shards.append(ShardPlan(first_index + j, spans, _fingerprint(first_index + j, spans, sources, schema, options)))
-    return shards
+    shards: list[list[RowSpan]] = [[] for _ in range(num_shards)]
+    shard, placed = 0, 0.0  # current shard, weight of the rows placed so far
+    for file, g, row_weight in members:
+        row, stop = sources[file].group_start(g), sources[file].group_start(g + 1)
+        while row < stop:
+            take = stop - row
+            if shard < num_shards - 1:
+                boundary = total * (shard + 1) / num_shards
+                take = min(take, max(1, math.ceil((boundary - placed) / row_weight - 1e-9)))
+            shards[shard].append(RowSpan(file, row, row + take))
+            row += take
+            placed += take * row_weight
+            if shard < num_shards - 1 and placed >= total * (shard + 1) / num_shards - 1e-9:
+                shard += 1
+    plans = []
+    for spans in (s for s in shards if s):  # very heavy rows can leave trailing shards empty
+        index = first_index + len(plans)
+        spans = _merge_spans(spans)
+        plans.append(ShardPlan(index, spans, _fingerprint(index, spans, sources, schema, options)))
+    return plans
 
 
-def _spans(rows) -> tuple[RowSpan, ...]:
-    spans: list[RowSpan] = []
-    for file, row, _ in rows:
-        if spans and spans[-1].file == file and spans[-1].stop == row:
-            spans[-1] = RowSpan(file, spans[-1].start, row + 1)
+def _merge_spans(spans: list[RowSpan]) -> tuple[RowSpan, ...]:
+    merged: list[RowSpan] = []
+    for span in spans:
+        if merged and merged[-1].file == span.file and merged[-1].stop == span.start:
+            merged[-1] = RowSpan(span.file, merged[-1].start, span.stop)
         else:
-            spans.append(RowSpan(file, row, row + 1))
-    return tuple(spans)
+            merged.append(span)
+    return tuple(merged)
 
 
 def _fingerprint(index, spans, sources, schema, options) -> str:
@@ -613,39 +624,47 @@ def convert_unit(unit: WorkUnit, schema: TaskSchema, sources: list[SourceFile], 
     if resumed_rows:
         on_progress(resumed_rows, 0)
     if todo:
-        shard_of_row = {}  # (file, row) -> plan, only for shards still to make
-        for plan in todo:
-            for span in plan.spans:
-                for row in range(span.start, span.stop):
-                    shard_of_row[(span.file, row)] = plan
         builders = {plan.index: ShardBuilder(plan, schema, sources, output, verify) for plan in todo}
-        remaining = {plan.index: plan.num_rows for plan in todo}
-        pending_rows = pending_bytes = 0
         try:
-            for file, row, values in _iter_unit_rows(unit, sources, list(schema.columns)):
-                plan = shard_of_row.get((file, row))
-                if plan is None:
-                    continue  # its shard is already complete
-                pending_bytes += builders[plan.index].add_row(file, row, values)
-                pending_rows += 1
-                remaining[plan.index] -= 1
-                if remaining[plan.index] == 0:  # last row of the shard: finish it now, not at the end of the unit
-                    done[plan.index] = builders[plan.index].finish()
-                    save_record(output, done[plan.index])
-                if pending_rows >= 64:
-                    on_progress(pending_rows, pending_bytes)
-                    pending_rows = pending_bytes = 0
-        except BaseException:
+            _build_shards(unit, schema, sources, output, builders, done, on_progress)
+        except BaseException:  # Ctrl-C included: no half-written shard may stay behind
             for index, builder in builders.items():
                 if done[index] is None:
                     builder.abort()
             raise
-        on_progress(pending_rows, pending_bytes)
-        missing = [plan.name for plan in todo if done[plan.index] is None]
-        if missing:
-            raise RuntimeError(f"rows of {missing} were not found in their parquet files; did an input change while "
-                               "converting? Re-run the command.")
     return UnitResult([done[plan.index] for plan in unit.shards], num_resumed=len(unit.shards) - len(todo))
+
+
+def _build_shards(unit, schema, sources, output, builders, done, on_progress) -> None:
+    """Stream the unit's rows into the builders of the shards still to make, finishing each at its last row."""
+    # rows arrive in plan order, so a cursor over the spans finds each row's shard
+    spans = [(span, plan) for plan in unit.shards for span in plan.spans]
+    cursor = 0
+    remaining = {index: builder.plan.num_rows for index, builder in builders.items()}
+    pending_rows = pending_bytes = 0
+    for file, row, values in _iter_unit_rows(unit, sources, list(schema.columns)):
+        while cursor < len(spans) and not (spans[cursor][0].file == file and row < spans[cursor][0].stop):
+            cursor += 1
+        if cursor == len(spans) or row < spans[cursor][0].start:
+            raise RuntimeError(f"{sources[file].path} row {row} is not where the plan put it; did the file change "
+                               "while converting? Re-run the command.")
+        plan = spans[cursor][1]
+        if plan.index not in builders:
+            continue  # its shard is already complete
+        pending_bytes += builders[plan.index].add_row(file, row, values)
+        pending_rows += 1
+        remaining[plan.index] -= 1
+        if remaining[plan.index] == 0:  # the shard's last row: finish it now, not at the end of the unit
+            done[plan.index] = builders[plan.index].finish()
+            save_record(output, done[plan.index])
+        if pending_rows >= 64:
+            on_progress(pending_rows, pending_bytes)
+            pending_rows = pending_bytes = 0
+    on_progress(pending_rows, pending_bytes)
+    missing = [index for index in builders if done[index] is None]
+    if missing:
+        raise RuntimeError(f"rows of shards {missing} were not found in their parquet files; did an input change "
+                           "while converting? Re-run the command.")
 
 
 # worker-process state, set once by the pool initializer (fork shares it without pickling per task)

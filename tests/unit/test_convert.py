@@ -232,6 +232,43 @@ def test_keys_unique_and_sanitised_across_inputs(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_covers_every_row_once_in_order_within_the_shard_size(seed):
+    rng = np.random.default_rng(seed)
+    sources = []
+    for index in range(int(rng.integers(1, 4))):
+        rows = tuple(int(r) for r in rng.integers(0, 40, int(rng.integers(1, 6))))  # empty row groups too
+        sizes = tuple(int(r * rng.integers(100, 5000)) for r in rows)
+        sources.append(convert_module.SourceFile(index, f"f{index}.parquet", f"{index:05d}-f", 1, 1, rows, sizes))
+    samples_per_shard = int(rng.integers(1, 30))
+    for options in (ConvertOptions(samples_per_shard=samples_per_shard), ConvertOptions(shard_size_mb=0.02)):
+        units = convert_module.plan_work(sources, SCHEMAS["t2i"], options)
+        plans = [plan for unit in units for plan in unit.shards]
+        assert [p.index for p in plans] == list(range(len(plans)))
+        covered = [(span.file, row) for plan in plans for span in plan.spans for row in range(span.start, span.stop)]
+        assert covered == [(s.index, r) for s in sources for r in range(s.num_rows)]  # each row once, in order
+        grouped = [(f, g) for unit in units for f, g in unit.groups]
+        assert grouped == [(s.index, g) for s in sources for g, n in enumerate(s.group_rows) if n]  # each group once
+        if options.samples_per_shard:
+            assert all(0 < p.num_rows <= samples_per_shard for p in plans)
+            # units hold whole groups: only a unit's last shard (or a lone big group's) may be short
+            assert sum(p.num_rows for p in plans) == sum(s.num_rows for s in sources)
+        assert len({p.fingerprint for p in plans}) == len(plans)
+
+
+def test_plan_by_bytes_balances_shards():
+    source = convert_module.SourceFile(0, "f.parquet", "00000-f", 1, 1, (100, 100), (100 * 1000, 100 * 3000))
+    units = convert_module.plan_work([source], SCHEMAS["t2i"], ConvertOptions(shard_size_mb=0.1))
+    weights = []
+    for plan in (p for u in units for p in u.shards):
+        weights.append(sum((1000 if row < 100 else 3000) for span in plan.spans for row in range(span.start, span.stop)))
+    assert len(weights) == 4 and max(weights) <= 0.1e6 + 3000 and min(weights) >= 0.1e6 - 3000, weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # determinism and resumability
 
 
