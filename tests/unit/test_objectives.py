@@ -1,0 +1,125 @@
+"""Objectives: timestep shift, noising, loss normalisation, the Euler sampler with guidance, text decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lance_ds.config.model import ObjectiveConfig
+from lance_ds.data.batch import AttnMode
+from lance_ds.model.synthetic import Text, Vae, synthetic_batch
+from lance_ds.objectives import (append_token, compute_losses, decode_text, euler_sample, normalised, pick_token,
+                                 prepare_flow, sample_timesteps, sampling_schedule, shift_timesteps)
+
+
+def test_timestep_shift_table():
+    """reference/LANCE_FACTS.md: z = -2..2 -> t' = 0.3512, 0.5954, 0.8000, 0.9158, 0.9673 with s = 4."""
+    z = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])
+    t = shift_timesteps(torch.sigmoid(z), 4.0)
+    assert torch.allclose(t, torch.tensor([0.3512, 0.5954, 0.8000, 0.9158, 0.9673]), atol=5e-5)
+    draws = sample_timesteps(10000, 4.0, generator=torch.Generator().manual_seed(0))
+    assert 0 < draws.min() and draws.max() < 1 and abs(draws.median() - 0.8) < 0.02  # median of z is 0
+
+
+def edit_batch():
+    """An edit-like sample (clean 2x2 source, 2x3 target) and a t2i sample (1x2x2 target with MSE weight 0.5)."""
+    return synthetic_batch([[Text(3), Vae(1, 2, 2, target=False), Text(2), Vae(1, 2, 3), Text(1)],
+                            [Text(2), Vae(1, 2, 2, weight=0.5), Text(1)]], num_text_classes=100)
+
+
+def test_prepare_flow_noises_targets_only():
+    batch = edit_batch()
+    clean = torch.randn(4 + 6 + 4, 8)
+    flow = prepare_flow(clean, batch, shift=4.0, generator=torch.Generator().manual_seed(0))
+    source, target, t2i = slice(0, 4), slice(4, 10), slice(10, 14)
+    assert torch.equal(flow.timesteps[source], torch.zeros(4)) and torch.equal(flow.noisy[source], clean[source])
+    assert flow.timesteps[target].unique().numel() == 1 and flow.timesteps[t2i].unique().numel() == 1  # one t per block
+    assert flow.timesteps[target][0] != flow.timesteps[t2i][0]
+    assert flow.weights.tolist() == [0.0] * 4 + [1.0] * 6 + [0.5] * 4
+    eps = flow.target + clean
+    t = flow.timesteps[:, None]
+    assert torch.allclose(flow.noisy, (1 - t) * clean + t * eps, atol=1e-6)
+    with pytest.raises(ValueError, match="vae_grid_thw"):
+        prepare_flow(clean[:5], batch, 4.0)
+
+
+def test_losses_are_weighted_means_and_named():
+    batch = edit_batch()
+    batch = dataclasses.replace(batch, ce_indexes=torch.tensor([0, 1, 2]), ce_targets=torch.tensor([1, 2, 3]),
+                                ce_weights=torch.tensor([1.0, 1.0, 0.0]))
+    flow = prepare_flow(torch.randn(14, 8), batch, 4.0, generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(3, 100, requires_grad=True)
+    velocity = torch.randn(14, 8, requires_grad=True)
+    losses = compute_losses(logits, velocity, batch, flow, ObjectiveConfig(ce_weight=0.25, mse_weight=1.0))
+    ce_tok = torch.nn.functional.cross_entropy(logits, batch.ce_targets, reduction="none")
+    mse_tok = (velocity - flow.target).pow(2).mean(-1)
+    assert torch.allclose(losses.ce, ce_tok[:2].mean())  # the zero-weight placeholder does not count
+    assert torch.allclose(losses.mse, (mse_tok * flow.weights).sum() / 8.0)  # 6 + 0.5 * 4 weighted tokens
+    assert torch.allclose(losses.total, 0.25 * losses.ce + losses.mse)
+    assert (losses.num_ce_tokens, losses.num_mse_tokens) == (2.0, 8.0)
+    assert set(losses.scalars()) >= {"train/loss", "train/ce", "train/mse"}
+    losses.total.backward()
+    assert logits.grad[2].abs().sum() == 0 and velocity.grad[:4].abs().sum() == 0  # placeholders / conditions
+
+
+def test_global_normalisation_across_ranks():
+    """Two ranks with 1 and 3 tokens: after DeepSpeed's gradient average every token weighs the same."""
+    per_rank = [torch.tensor([2.0]), torch.tensor([1.0, 1.0, 4.0])]
+    count = torch.tensor(4.0)
+    losses = [normalised(l, torch.ones_like(l), count, num_ranks=2) for l in per_rank]
+    assert torch.allclose(sum(losses) / 2, torch.cat(per_rank).mean())
+    nothing = normalised(torch.tensor([3.0], requires_grad=True), torch.zeros(1), torch.tensor(0.0), 2)
+    assert nothing.item() == 0.0 and nothing.requires_grad  # a placeholder-only micro-batch stays in the graph
+
+
+def test_euler_sampler_recovers_the_point_and_guides_in_the_interval():
+    """For data that is a single point x0, the exact velocity is (x_t - x0) / t: Euler lands on x0 exactly."""
+    x0 = torch.tensor([[1.5, -2.0, 0.25]])
+    calls = []
+
+    def velocity(x, t, conditional):
+        calls.append((round(t, 6), conditional))
+        return (x - x0) / t if conditional else torch.zeros_like(x)
+
+    out = euler_sample(velocity, torch.randn(1, 3), num_steps=30, shift=3.5, cfg_scale=1.0)
+    assert torch.allclose(out, x0, atol=1e-5)
+    assert all(c for _, c in calls)  # scale 1: no unconditional pass
+    calls.clear()
+    euler_sample(velocity, torch.randn(1, 3), num_steps=30, shift=3.5, cfg_scale=4.0, cfg_interval=(0.4, 1.0))
+    guided = {t for t, c in calls if not c}
+    assert guided and all(0.4 <= t <= 1.0 for t in guided)
+    assert {t for t, _ in calls if t < 0.4} and not ({t for t, _ in calls if t < 0.4} & guided)
+    times = sampling_schedule(30, 3.5)
+    assert times[0] == 1.0 and times[-1] == 0.0 and bool((times[1:] < times[:-1]).all())
+
+
+def test_pick_token_greedy_and_top_p():
+    logits = torch.tensor([1.0, 3.0, 2.9, -5.0])
+    assert pick_token(logits) == 1
+    g = torch.Generator().manual_seed(0)
+    picks = {pick_token(logits, temperature=1.0, top_p=0.4, generator=g) for _ in range(50)}
+    assert picks == {1}  # the top token alone holds 0.49 >= 0.4 of the mass
+    picks = {pick_token(logits, temperature=1.0, top_p=0.9, generator=g) for _ in range(200)}
+    assert picks == {1, 2}
+
+
+class CountingModel(torch.nn.Module):
+    """Predicts (last input id + 1) % V: decoding must feed its own outputs back in order."""
+
+    def forward(self, batch, vit_embeds, noisy, timesteps):
+        last = batch.input_ids[batch.ce_indexes]
+        logits = torch.nn.functional.one_hot((last + 1) % 50, 50).float()
+        return type("P", (), {"logits": logits, "velocity": torch.zeros(0, 1)})()
+
+
+def test_decode_text_greedy_stops_at_eos():
+    prompt = synthetic_batch([[Text(4)]], num_text_classes=40, seed=3)
+    start = int(prompt.input_ids[-1])
+    eos = (start + 5) % 50
+    out = decode_text(CountingModel(), prompt, max_new_tokens=20, eos_token_id=eos)
+    assert out == [(start + i) % 50 for i in range(1, 6)]
+    grown = append_token(prompt, 7)
+    assert grown.position_ids[:, -1].tolist() == [4, 4, 4] and grown.ce_indexes.tolist() == [4]
+    assert int(grown.attn_modes[-1]) == AttnMode.CAUSAL and grown.split_ids[-1] == prompt.split_ids[-1]
