@@ -16,18 +16,14 @@ import struct
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
-
 from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 from PIL import Image, ImageOps
 
-if TYPE_CHECKING:
-    import torch
-
-# torch is imported inside the decoders only: the converter (and its worker processes) never needs it, and
-# importing it costs ~2 s per process.
+if TYPE_CHECKING:  # torch is imported inside the decoders only: the converter and its workers never need it,
+    import torch  # and importing it costs ~2 s per process
 
 # A frame may sit this far (seconds) before its sampling target and still count as on time: timestamps are
 # rational numbers turned into floats, so 1/12 s can come out a hair early.
@@ -361,28 +357,16 @@ def probe_video(data: bytes) -> VideoInfo:
     the container declares frames raises MediaError.
     """
     container, stream = _open_container(data)
+    codec = stream.codec_context.name
     try:
-        first = None
-        num_packets = 0  # packets carrying data; one per frame for video
-        for packet in container.demux(stream):
-            if packet.size == 0:
-                continue  # the demuxer's end-of-stream flush packet
-            num_packets += 1
-            if first is None:
-                decoded = packet.decode()
-                first = decoded[0] if decoded else None
-        if first is None:  # codecs with delay (B-frames) hand the first frame out on flush
-            flushed = stream.codec_context.decode(None)
-            first = flushed[0] if flushed else None
+        declared, rate, duration = stream.frames, _stream_rate(stream), _stream_duration(container, stream)
+        first, num_packets = _first_frame_and_packet_count(container, stream)
     except av.FFmpegError as e:
-        raise MediaError(f"video is damaged ({stream.codec_context.name}): {e}") from None
+        raise MediaError(f"video is damaged ({codec}): {e}") from None
     finally:
-        declared = stream.frames
-        duration = _stream_duration(container, stream)
-        rate = _stream_rate(stream)
         container.close()
     if first is None:
-        raise MediaError(f"video stream ({stream.codec_context.name}) holds no decodable frame")
+        raise MediaError(f"video stream ({codec}) holds no decodable frame")
     if declared and num_packets < declared:
         raise MediaError(f"video is truncated: the container declares {declared} frames but only {num_packets} are present")
     num_frames = declared or num_packets
@@ -391,6 +375,22 @@ def probe_video(data: bytes) -> VideoInfo:
     if not duration and rate:
         duration = num_frames / rate
     return VideoInfo(width=first.width, height=first.height, num_frames=num_frames, fps=rate, duration=duration)
+
+
+def _first_frame_and_packet_count(container, stream) -> tuple[av.VideoFrame | None, int]:
+    """Decode only the first frame; count the data packets (one per frame for video) of the whole stream."""
+    first, num_packets = None, 0
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            continue  # the demuxer's end-of-stream flush packet
+        num_packets += 1
+        if first is None:
+            decoded = packet.decode()
+            first = decoded[0] if decoded else None
+    if first is None:  # codecs with delay (B-frames) hand the first frame out on flush
+        flushed = stream.codec_context.decode(None)
+        first = flushed[0] if flushed else None
+    return first, num_packets
 
 
 def peek_video(data: bytes) -> VideoInfo:
