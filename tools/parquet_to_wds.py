@@ -45,6 +45,10 @@ def main(argv=None) -> int:
         return 2
     for reason, count in summary.reject_reasons.most_common(10):
         print(f"  rejected {count} x {reason}", file=sys.stderr)
+    if summary.num_rejects:
+        print(f"  every rejected row is listed in {options.output}/rejects.jsonl", file=sys.stderr)
+    if summary.num_samples == 0:
+        print("WARNING no sample was written: the inputs hold no rows, or every row was rejected", file=sys.stderr)
     print(summary.line())
     return 0
 
