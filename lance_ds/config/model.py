@@ -48,7 +48,8 @@ VAE_KINDS = ("auto", "wan", "kl", "patch")
 class ModelConfig:
     """The unified model: a Qwen2 Mixture-of-Transformers decoder, a ViT for understanding, a frozen VAE for generation."""
 
-    size: str = doc("debug", "named geometry from lance_ds.model.registry (debug, tiny, 100m, 3b); ignored when path is set")
+    size: str = doc("debug", "named geometry from lance_ds.model.registry (debug, tiny, 100m, 3b); with path set, the "
+                             "checkpoint's geometry replaces the decoder's and the size still picks the codec")
     path: str | None = doc(None, "local checkpoint directory to initialise from: Lance (model.safetensors + "
                                  "llm_config.json) or Qwen2.5-VL (config.json + *.safetensors; gen expert copied)")
     vit_path: str | None = doc(None, "local ViT weights (Qwen2.5-VL checkpoint or Lance vit.safetensors dir)")

@@ -110,7 +110,8 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
     if cfg.visual_und:
         if cfg.vit_trainable and zero3:
             hf_ds = keep_hf_deepspeed_config(ds_config)
-        vit = build_vision_tower(spec.vit, DTYPES[cfg.vit_dtype] if not cfg.vit_trainable else torch.float32)
+        # a trainable ViT follows the model: the engine (or zero.Init) sets its dtype, or model.dtype below
+        vit = build_vision_tower(spec.vit, None if cfg.vit_trainable else DTYPES[cfg.vit_dtype])
         load_vit(vit, cfg)
     lance_cfg = LanceConfig(
         llm=replace(spec.llm, mot=cfg.visual_gen), num_text_classes=num_text_classes,

@@ -76,8 +76,9 @@ def encode_vit(tower: torch.nn.Module, patches: Tensor, grid_thw: Tensor) -> Ten
         return tower(patches.to(dtype), grid_thw=grid_thw).pooler_output
 
 
-def build_vision_tower(cfg: VitConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """transformers' Qwen2_5_VisionTransformerPretrainedModel, randomly initialised (HF's init), in `dtype`.
+def build_vision_tower(cfg: VitConfig, dtype: torch.dtype | None = torch.float32) -> torch.nn.Module:
+    """transformers' Qwen2_5_VisionTransformerPretrainedModel, randomly initialised (HF's init), in `dtype` (None:
+    as built, e.g. by zero.Init in the DeepSpeed config's dtype).
 
     Its parameter names are Lance's `vit_model.*` without the prefix. Under an active HfDeepSpeedConfig (ZeRO-3),
     `_from_config` builds it inside zero.Init by itself.
@@ -85,7 +86,7 @@ def build_vision_tower(cfg: VitConfig, dtype: torch.dtype = torch.float32) -> to
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(cfg.to_hf(), attn_implementation="sdpa")
-    return tower.to(dtype)
+    return tower if dtype is None else tower.to(dtype)
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

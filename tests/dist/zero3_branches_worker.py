@@ -22,6 +22,7 @@ NUM_CLASSES = 1000
 
 def ds_config() -> dict:
     return {
+        "bf16": {"enabled": True},  # the trainer's default precision: zero.Init builds the parameters in bf16
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
@@ -55,7 +56,8 @@ def train(mode: str, steps: int, rank: int) -> dict:
     from lance_ds.objectives import compute_losses, prepare_flow
 
     torch.manual_seed(0)
-    cfg = ModelConfig(size="debug", dtype="fp32", vit_dtype="fp32", gradient_checkpointing=True, training_type=mode,
+    cfg = ModelConfig(size="debug", dtype="fp32", vit_dtype="fp32", gradient_checkpointing=True,
+                      training_type="lora" if mode == "lora" else "full", vit_trainable=mode == "vit",
                       lora=LoraConfig(r=4, target_modules=["q_proj", "v_proj", "q_proj_moe_gen", "v_proj_moe_gen"]))
     config = ds_config()
     bundle = build_model(cfg, NUM_CLASSES, config)
@@ -64,6 +66,8 @@ def train(mode: str, steps: int, rank: int) -> dict:
     watched = ["llm2vae.weight", "language_model.lm_head.weight",
                "language_model.model.layers.1.mlp_moe_gen.down_proj.weight",
                "language_model.model.layers.1.mlp.down_proj.weight"]
+    if mode == "vit":
+        watched = ["vit_model.blocks.0.attn.qkv.weight", "vit_model.merger.mlp.2.weight"] + watched[:2]
     if mode == "lora":
         watched = [n for n in params if "lora_B" in n and "moe_gen" in n][:1] + \
                   [n for n in params if "lora_B" in n and "moe_gen" not in n][:1] + watched[:2]
@@ -79,7 +83,7 @@ def train(mode: str, steps: int, rank: int) -> dict:
     objective = ObjectiveConfig()
     records = []
     for step in range(steps):
-        vit = encode_vit(bundle.vit, batch.vit_patches, batch.vit_grid_thw)
+        vit = encode_vit(bundle.vit, batch.vit_patches, batch.vit_grid_thw) if bundle.vit is not None else None
         latents = torch.cat([bundle.vae.encode(p)[0].flatten(1).T for p in batch.vae_pixels])  # [N, z] raster
         flow = prepare_flow(latents, batch, objective.timestep_shift, torch.Generator().manual_seed(step * 10 + rank))
         pred = engine(batch, vit, flow.noisy, flow.timesteps)

@@ -252,3 +252,14 @@ def test_lora_trains_only_adapters_and_round_trips(tmp_path):
             assert torch.equal(p, dict(model.named_parameters())[name]), name
     with pytest.raises(ValueError, match="target_modules"):
         build(training_type="lora", lora=LoraConfig(target_modules=["qkv_proj"]))
+
+
+def test_trainable_vit_lives_in_the_model():
+    bundle = build(vit_trainable=True)
+    assert bundle.vit is None and hasattr(bundle.model, "vit_model")
+    assert any(n.startswith("vit_model.blocks.0.attn.qkv") for n, _ in bundle.model.named_parameters())
+    batch = mixed_batch()
+    latents = random_latents(batch, bundle.geometry.latent_channels)
+    pred = bundle.model(batch, None, latents, torch.zeros(latents.shape[0]))
+    pred.logits.logsumexp(-1).sum().backward()
+    assert bundle.model.vit_model.patch_embed.proj.weight.grad.abs().sum() > 0
