@@ -364,6 +364,8 @@ def _header_template() -> bytes:
 
 
 _HEADER = _header_template()
+_HEADER_SUM = sum(_HEADER)  # the checksum is a plain byte sum: add the name's and the size's bytes to it
+_SMALL = 64 << 10  # bytes; members smaller than this are gathered into one write with their neighbours
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -373,40 +375,56 @@ def tar_header(name: str, size: int) -> bytes:
         raise ValueError(f"tar member name longer than 100 characters: {name}")
     if size >= 8 ** 11:
         raise ValueError(f"tar member {name} is {size} bytes; USTAR members must be under 8 GiB")
-    header = bytearray(_HEADER)
-    header[0:len(encoded)] = encoded
-    header[124:136] = b"%011o\0" % size
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    size_field = b"%011o\0" % size
+    checksum = _HEADER_SUM + sum(encoded) + sum(size_field)
+    return b"".join((encoded, _HEADER[len(encoded):124], size_field, _HEADER[136:148], b"%06o\0 " % checksum,
+                     _HEADER[156:]))
 
 
 class TarShardWriter:
-    """A deterministic tar written straight from bytes: fixed headers, CRC-32 computed while writing."""
+    """A deterministic tar written straight from bytes: fixed headers, CRC-32 computed while writing.
+
+    Headers, padding and small members are gathered and written together; a large member's bytes go to the file
+    as they are (no copy into a buffer).
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.tmp_path = path.with_name(path.name + ".tmp")
         self._file = open(self.tmp_path, "wb")
+        self._pending: list[bytes] = []  # small pieces not yet written
         self._crc = 0
-        self.bytes = 0
+        self.bytes = 0  # archive bytes so far, pending pieces included
 
     def _write(self, data) -> None:
         self._file.write(data)
         self._crc = zlib.crc32(data, self._crc)
-        self.bytes += len(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._write(b"".join(self._pending))
+            self._pending.clear()
 
     def add(self, name: str, data: bytes | memoryview) -> None:
         size = len(data)
+        self._pending.append(tar_header(name, size))
+        if size < _SMALL:
+            self._pending.append(data)
+        else:
+            self._flush()
+            self._write(data)
         padding = -size % tarfile.BLOCKSIZE
-        self._write(tar_header(name, size))
-        self._write(data)
         if padding:
-            self._write(_ZEROS[:padding])
+            self._pending.append(_ZEROS[:padding])
+        self.bytes += tarfile.BLOCKSIZE + size + padding
 
     def close(self) -> str:
         """End the archive, rename it into place; returns its CRC-32 as 8 hex digits."""
         end = 2 * tarfile.BLOCKSIZE
-        self._write(bytes(end + (-(self.bytes + end) % _TAR_RECORD)))
+        end += -(self.bytes + end) % _TAR_RECORD
+        self._pending.append(bytes(end))
+        self.bytes += end
+        self._flush()
         self._file.close()
         os.replace(self.tmp_path, self.path)
         return f"{self._crc:08x}"

@@ -231,6 +231,16 @@ def test_keys_unique_and_sanitised_across_inputs(tmp_path):
     assert {k.split("-")[0] for k in keys} == {"00000", "00001", "00002"}
 
 
+@pytest.mark.parametrize("name, size", [("a.json", 0), ("00001-x-000000001.input_image.png", 12345),
+                                         ("k" * 100, 8 ** 11 - 1)])
+def test_tar_header_is_what_tarfile_writes(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, convert_module._TAR_MTIME, 0o644, "", ""
+    assert convert_module.tar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii")
+    with pytest.raises(ValueError, match="100 characters"):
+        convert_module.tar_header("k" * 101, 1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the plan
 
