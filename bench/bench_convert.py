@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,24 @@ def timed_cp(source: Path, work: Path, repeats: int) -> float:
                         lambda: target.unlink(missing_ok=True), repeats)
 
 
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+def machine_scaling(repeats: int, n: int = 3_000_000) -> float:
+    """How much faster 2 processes finish 2 pure-CPU jobs than 1 process does, on this machine right now: the
+    ceiling for any 2-worker figure (other tenants' load shows up here too)."""
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with context.Pool(2) as pool:
+        pool.map(_spin, [1000, 1000])  # start the workers before timing
+        one = best_seconds(lambda: [_spin(n), _spin(n)], lambda: None, repeats)
+        two = best_seconds(lambda: pool.map(_spin, [n, n]), lambda: None, repeats)
+    return one / two
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=2000, help="rows of the cp comparison (verify none)")
@@ -99,6 +118,7 @@ def main(argv=None) -> int:
         full_1 = timed_convert(small, work, args.repeats, verify="full", samples_per_shard=args.samples_per_shard)
         full_2 = timed_convert(small, work, args.repeats, verify="full", samples_per_shard=args.samples_per_shard,
                                workers=2)
+        ceiling = machine_scaling(args.repeats)
 
     print(f"cp comparison: {args.rows} rows of {args.side}px JPEG, {big_mb:.0f} MB parquet; "
           f"scaling: {args.verify_rows} rows of {args.verify_side}px JPEG, {small_mb:.0f} MB; best of {args.repeats}")
@@ -109,7 +129,8 @@ def main(argv=None) -> int:
                               ("convert --verify full, 2 workers", full_2, small_mb)]:
         print(f"{name:34s} {seconds:8.2f} {mb / seconds:8.1f}")
     print(f"verify none vs cp: {cp_s / none_1:.2f}x (1 worker), {cp_s / none_2:.2f}x (2 workers)   goal >= 0.7x")
-    print(f"verify full, 2 workers vs 1: {full_1 / full_2:.2f}x   goal >= 1.7x")
+    print(f"verify full, 2 workers vs 1: {full_1 / full_2:.2f}x   goal >= 1.7x "
+          f"(a pure-CPU loop in 2 processes vs 1 on this machine right now: {ceiling:.2f}x)")
     return 0
 
 
