@@ -724,7 +724,15 @@ class ConvertSummary:
 
 
 def _prepare_output(output: Path, planned: set[str]) -> None:
-    """Create DIR, drop leftovers of an interrupted run (temp files) and shards of an older, different plan."""
+    """Create DIR, drop leftovers of an interrupted run (temp files) and shards of an older, different plan.
+
+    Only a directory this converter made (it has STATE_DIR) is cleaned; shard files in any other are refused.
+    """
+    if output.is_dir() and not (output / STATE_DIR).is_dir():
+        foreign = sorted(p.name for p in output.iterdir() if _SHARD_PATTERN.match(p.name))
+        if foreign:
+            raise ConvertError(f"--output {output} already holds {foreign[0]} (and {len(foreign) - 1} more) that this "
+                               "converter did not make; choose an empty directory or a previous output of this tool")
     (output / STATE_DIR).mkdir(parents=True, exist_ok=True)
     (output / "manifest.json").unlink(missing_ok=True)  # present only after a complete run
     for path in list(output.iterdir()) + list((output / STATE_DIR).iterdir()):

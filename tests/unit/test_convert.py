@@ -356,6 +356,15 @@ def test_changed_options_replace_the_old_plan(many_groups, tmp_path):
     assert snapshot(out) == snapshot(fresh)
 
 
+def test_foreign_shards_in_the_output_are_refused_not_deleted(many_groups, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"someone else's")
+    with pytest.raises(ConvertError, match="did not make"):
+        run([many_groups], out, samples_per_shard=5)
+    assert (out / "shard-000000.tar").read_bytes() == b"someone else's"
+
+
 def test_small_record_batches_change_nothing(many_groups, tmp_path, monkeypatch):
     run([many_groups], tmp_path / "big", samples_per_shard=6)
     monkeypatch.setattr(convert_module, "_BATCH_BYTES", 1)  # one row per record batch
