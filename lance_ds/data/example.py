@@ -26,6 +26,7 @@ reference answer for understanding accuracy.
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import re
 import zlib
 from collections import Counter
@@ -185,23 +186,13 @@ def _rng(cfg: ExampleConfig, task: str) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, TASKS.index(task), ("train", "val").index(cfg.split)])
 
 
-def _image_bytes(frames: np.ndarray, row: int) -> bytes:
-    return encode_image(frames, "png" if row % 2 == 0 else "jpeg")
-
-
-def _video_bytes(frames: np.ndarray, cfg: ExampleConfig) -> bytes:
-    return encode_video(frames, cfg.fps)
-
-
 def _edited(scene: Scene, rng: np.random.Generator, allow_shape: bool) -> tuple[Scene, str]:
-    """The scene after a random edit, and the instruction asking for it."""
+    """The scene after a random edit (half recolour, half reshape when allowed), and the instruction asking for it."""
     if allow_shape and rng.random() < 0.5:
         shape = str(rng.choice([s for s in SHAPES if s != scene.shape]))
-        return Scene(scene.colour, shape, scene.radius, scene.cx, scene.cy, scene.direction, scene.travel), \
-            f"turn it into a {shape}"
+        return dataclasses.replace(scene, shape=shape), f"turn it into a {shape}"
     colour = str(rng.choice([c for c in COLOURS if c != scene.colour]))
-    return Scene(colour, scene.shape, scene.radius, scene.cx, scene.cy, scene.direction, scene.travel), \
-        f"make it {colour}"
+    return dataclasses.replace(scene, colour=colour), f"make it {colour}"
 
 
 def _question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
@@ -216,31 +207,29 @@ def _question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 def make_row(task: str, row: int, rng: np.random.Generator, cfg: ExampleConfig) -> dict:
     """One row of `task` in its Lance parquet schema (column -> str or encoded bytes)."""
     video = task in ("t2v", "v2v", "v2t")
+    kind = "video" if video else "image"
     scene = draw_scene(rng, video, cfg.split)
 
     def encode(s: Scene) -> bytes:
         if video:
-            return _video_bytes(render_video(s, cfg.size, cfg.frames), cfg)
-        return _image_bytes(render_image(s, cfg.size), row)
+            return encode_video(render_video(s, cfg.size, cfg.frames), cfg.fps)
+        return encode_image(render_image(s, cfg.size), "png" if row % 2 == 0 else "jpeg")
 
     if task in ("t2i", "t2v"):
-        return {"caption": scene.caption(), f"{'video' if video else 'image'}_bytes": encode(scene)}
+        return {"caption": scene.caption(), f"{kind}_bytes": encode(scene)}
     if task in ("i2i", "v2v"):
         target, instruction = _edited(scene, rng, allow_shape=task == "i2i")
-        kind = "video" if video else "image"
         return {"caption": instruction, f"input_{kind}_bytes": encode(scene), f"output_{kind}_bytes": encode(target)}
     question, answer = _question(scene, rng)
-    return {f"{'video' if video else 'image'}_bytes": encode(scene), "caption_i": SYSTEM_PROMPT,
-            "caption_q": question, "caption_a": answer}
+    return {f"{kind}_bytes": encode(scene), "caption_i": SYSTEM_PROMPT, "caption_q": question, "caption_a": answer}
 
 
 def make_table(task: str, cfg: ExampleConfig) -> pa.Table:
     rng = _rng(cfg, task)
     rows = [make_row(task, i, rng, cfg) for i in range(cfg.num_per_task)]
     schema = SCHEMAS[task]
-    fields = [pa.field(c, pa.string()) for c in schema.text_columns] + \
-             [pa.field(c, pa.binary()) for c in schema.media_columns]
-    return pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in fields})
+    types = {**{c: pa.string() for c in schema.text_columns}, **{c: pa.binary() for c in schema.media_columns}}
+    return pa.table({name: pa.array([r[name] for r in rows], kind) for name, kind in types.items()})
 
 
 def write_example_dataset(out: str | Path, cfg: ExampleConfig | None = None) -> dict[str, Path]:
