@@ -39,8 +39,19 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def quiet_libraries() -> None:
+    """Keep the console for what the user watches: DeepSpeed's per-call INFO lines and torch's deprecation notices
+    about calls DeepSpeed makes are not actionable for a lance_ds user."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     from lance_ds.config import ConfigError
     from lance_ds.config import load_and_check
 

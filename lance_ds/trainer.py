@@ -25,8 +25,14 @@ from .config.deepspeed import zero_stage
 from .config.run import Run
 from .ema import ShardedEMA
 from .engine import build_engine, init_distributed, seed_everything, step_generator
+from .data.packing import Branches
+from .data.sequence import SequencePlanner, VisionGeometry
+from .data.stream import build_train_loader
+from .data.tokenizer import load_tokenizer
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars
-from .steps import Step
+from .model import build_model, encode_vit
+from .objectives import compute_losses, prepare_flow
+from .validation import TaskLosses, Validator
 
 # Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
 ARCHITECTURE_KEYS = ("size", "path", "visual_und", "visual_gen", "lape", "training_type", "lora")
@@ -38,10 +44,17 @@ class Trainer:
         self.dist = init_distributed()
         seed_everything(self.cfg.train.seed)
         self.out = Path(self.cfg.output_dir)
-        self.step_fn = Step.build(self.cfg, ds_config, self.dist)  # tokenizer, model parts, planner, objectives
-        self.engine = build_engine(self.step_fn.model, ds_config)
+        self.tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
+        self.parts = build_model(self.cfg.model, len(self.tokenizer), ds_config, device=self.dist.device)
+        self.engine = build_engine(self.parts.model, ds_config)
         self.ema = ShardedEMA(self.engine.module, self.cfg.train.ema_decay) if self.cfg.train.ema_decay > 0 else None
-        self.loader = self.step_fn.build_train_loader(run.dataset)
+        self.planner = SequencePlanner(self.tokenizer, vision_geometry(self.parts.geometry), seed=self.cfg.train.seed)
+        self.branches = Branches(vit=self.cfg.model.visual_und, vae_target=self.cfg.model.visual_gen,
+                                 ce=self.cfg.model.visual_und)
+        self.loader = build_train_loader(run.dataset, self.cfg.data, self.planner, rank=self.dist.rank,
+                                         world_size=self.dist.world_size, seed=self.cfg.train.seed,
+                                         micro_batch_size=self.cfg.train.micro_batch_size, branches=self.branches)
+        self.validator = Validator(self, run.val_dataset) if run.val_dataset is not None else None
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size)
         self.tb = TensorBoard(self.out / "tensorboard", enabled=self.dist.is_first)
@@ -63,6 +76,7 @@ class Trainer:
         batches = iter(self.loader)
         self.validate_if_due()
         meter, speed = Meter(), Throughput()
+        self.task_losses = TaskLosses(self.dist.device)
         progress = self._progress_bar()
         while self.step < cfg.train.max_steps:
             self.train_step(batches, meter, speed)
@@ -86,15 +100,33 @@ class Trainer:
             batch = next(batches)
             speed.data_wait += time.perf_counter() - t0
             gen = step_generator(self.cfg.train.seed, self.step, micro, self.dist.rank, self.dist.device)
-            losses = self.step_fn.losses(self.engine, batch, gen)
+            batch = batch.to(self.dist.device)
+            pred, flow = self.forward(batch, gen)
+            losses = compute_losses(pred.logits, pred.velocity, batch, flow, self.cfg.objective)
             self.engine.backward(losses.total)
             self.engine.step()
             self._account(batch, losses, meter, speed)
+            self.task_losses.add(batch, pred, flow)
         skipped = self.engine.skipped_steps - skipped_before
         self.skipped_steps += skipped
         if self.ema is not None and not skipped:
             self.ema.update()
         meter.add("train/grad_norm", _finite_or_nan(self.engine.get_global_grad_norm()))
+
+    def forward(self, batch, generator: torch.Generator):
+        """Frozen encoders (no grad) -> noised latents -> the engine's predictions, for one batch on the device."""
+        with torch.no_grad():
+            vit_embeds = None
+            if self.parts.vit is not None:
+                vit_embeds = encode_vit(self.parts.vit, batch.vit_patches, batch.vit_grid_thw)
+            clean = encode_latents(self.parts.vae, batch.vae_pixels, generator) if self.parts.vae is not None else None
+        flow = None
+        if clean is not None:
+            flow = prepare_flow(clean, batch, self.cfg.objective.timestep_shift, generator)
+            pred = self.engine(batch, vit_embeds, flow.noisy, flow.timesteps)
+        else:
+            pred = self.engine(batch, vit_embeds)
+        return pred, flow
 
     def _account(self, batch, losses, meter: Meter, speed: Throughput) -> None:
         for name, value in losses.scalars().items():
@@ -113,6 +145,7 @@ class Trainer:
         scalars["train/lr"] = self.engine.get_lr()[0]
         scalars["train/skipped_steps"] = self.skipped_steps
         scalars.update(self.loader.stats_scalars())
+        scalars.update(self.task_losses.scalars("train"))
         self.tb.scalars(self.step, scalars)
         self.last_losses = {k: v for k, v in scalars.items() if k in ("train/loss", "train/ce", "train/mse")}
         progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.last_losses.items()})
@@ -129,7 +162,7 @@ class Trainer:
     def print_banner(self) -> None:
         if not self.dist.is_first:
             return
-        cfg, parts = self.cfg, self.step_fn
+        cfg, parts = self.cfg, self.parts
         lines = [
             "lance_ds: training",
             f"  model        {parts.describe()}",
@@ -165,8 +198,8 @@ class Trainer:
 
     def validate_if_due(self) -> None:
         every = self.cfg.validation.every
-        if every and self.run.val_dataset is not None and self.step % every == 0:
-            self.step_fn.validate(self.engine, self.run.val_dataset, self.step, self.tb, self.ema)
+        if every and self.validator is not None and self.step % every == 0:
+            self.validator.run(self.step)
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
@@ -217,6 +250,34 @@ class Trainer:
         self.loader.close()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+
+
+def vision_geometry(g) -> VisionGeometry:
+    """The planner's view of the model's encoders."""
+    return VisionGeometry(
+        vae_spatial_factor=g.vae_spatial_factor, vae_temporal_factor=g.vae_temporal_factor,
+        vit_patch_size=g.vit_patch_size, vit_temporal_patch=g.vit_temporal_patch_size, vit_merge_size=g.vit_merge_size,
+        tokens_per_second=g.tokens_per_second, max_latent_size=g.max_latent_size,
+        max_latent_frames=g.max_latent_frames)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: list[torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+    """Latent tokens [N, z] of a batch's VAE blocks, block after block in (t, h, w) raster order.
+
+    Blocks of the same shape are encoded together (one VAE call per shape)."""
+    out: list[torch.Tensor | None] = [None] * len(pixels)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, p in enumerate(pixels):
+        by_shape.setdefault(tuple(p.shape), []).append(i)
+    for indexes in by_shape.values():
+        clips = torch.stack([pixels[i] for i in indexes]).to(vae.device, vae.dtype)
+        latents = vae.encode(clips, sample=True, generator=generator)  # [B, z, t, h, w]
+        for i, lat in zip(indexes, latents):
+            out[i] = lat.flatten(1).T  # [t*h*w, z]
+    if not out:
+        return torch.zeros(0, vae.latent_channels, device=vae.device)
+    return torch.cat(out).float()
 
 
 def _finite_or_nan(x) -> float:

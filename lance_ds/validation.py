@@ -1,0 +1,105 @@
+"""Losses per task (training and validation) and the validation run.
+
+Validation evaluates a fixed held-out set: the ValLoader gives batch j of the set to rank j % world_size, and the
+noise and timesteps of batch j come from a generator seeded by j alone, so the per-task losses are the same for any
+number of ranks. Every rank runs the same number of forward passes (placeholders where a rank runs out), and every
+rank takes part in generating the samples (ZeRO-3 gathers parameters collectively), which rank 0 writes to
+TensorBoard.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from .config.data import TASKS
+from .data.batch import PackedBatch
+from .objectives import mse_per_token
+from .objectives.text import ce_per_token
+
+if TYPE_CHECKING:
+    from .config.data import DatasetConfig
+    from .trainer import Trainer
+
+CE_SUM, CE_COUNT, MSE_SUM, MSE_COUNT = range(4)
+
+
+class TaskLosses:
+    """Sums of per-token CE and MSE (and their weights) per task, reduced over ranks when read."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(TASKS), 4, device=device, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, batch: PackedBatch, pred, flow) -> None:
+        task_of_sample = torch.tensor([TASKS.index(t) if t in TASKS else -1 for t in batch.tasks],
+                                      device=self.sums.device)
+        if batch.ce_indexes.numel():
+            ce = ce_per_token(pred.logits.detach(), batch.ce_targets)
+            self._scatter(task_of_sample[batch.sample_ids[batch.ce_indexes]], ce, batch.ce_weights, CE_SUM)
+        if flow is not None and batch.vae_indexes.numel():
+            mse = mse_per_token(pred.velocity.detach(), flow.target)
+            self._scatter(task_of_sample[batch.sample_ids[batch.vae_indexes]], mse, flow.weights, MSE_SUM)
+
+    def _scatter(self, task: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, column: int) -> None:
+        real = task >= 0
+        task, w = task[real], weights[real].double()
+        self.sums[:, column].index_add_(0, task, values[real].double() * w)
+        self.sums[:, column + 1].index_add_(0, task, w)
+
+    def scalars(self, prefix: str) -> dict[str, float]:
+        """Per-task means over all ranks since the last call (collective: every rank must call it); then reset."""
+        sums = self.sums.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        self.sums.zero_()
+        out = {}
+        for i, task in enumerate(TASKS):
+            if sums[i, CE_COUNT] > 0:
+                out[f"{prefix}/ce/{task}"] = float(sums[i, CE_SUM] / sums[i, CE_COUNT])
+            if sums[i, MSE_COUNT] > 0:
+                out[f"{prefix}/mse/{task}"] = float(sums[i, MSE_SUM] / sums[i, MSE_COUNT])
+        total = sums.sum(0)
+        if total[CE_COUNT] > 0:
+            out[f"{prefix}/ce"] = float(total[CE_SUM] / total[CE_COUNT])
+        if total[MSE_COUNT] > 0:
+            out[f"{prefix}/mse"] = float(total[MSE_SUM] / total[MSE_COUNT])
+        return out
+
+
+class Validator:
+    """Held-out losses per task and generated samples, on every rank together."""
+
+    def __init__(self, trainer: "Trainer", dataset: "DatasetConfig"):
+        from .data.stream import build_val_loader
+
+        self.trainer = trainer
+        cfg = trainer.cfg
+        self.loader = build_val_loader(dataset, cfg.data, trainer.planner, rank=trainer.dist.rank,
+                                       world_size=trainer.dist.world_size, branches=trainer.branches,
+                                       max_samples=cfg.validation.max_samples)
+
+    @torch.no_grad()
+    def run(self, step: int) -> dict[str, float]:
+        tr = self.trainer
+        was_training = tr.engine.module.training
+        tr.engine.module.eval()
+        losses = TaskLosses(tr.dist.device)
+        for k, batch in enumerate(self.loader):
+            batch = batch.to(tr.dist.device)
+            global_index = k * tr.dist.world_size + tr.dist.rank  # the loader's batch j lives on rank j % world
+            gen = torch.Generator(device=tr.dist.device)
+            gen.manual_seed(hash((tr.cfg.train.seed, -1, global_index)) % 2**63)
+            pred, flow = tr.forward(batch, gen)
+            losses.add(batch, pred, flow)
+        scalars = losses.scalars("val")
+        scalars["val/loss"] = (tr.cfg.objective.ce_weight * scalars.get("val/ce", 0.0)
+                               + tr.cfg.objective.mse_weight * scalars.get("val/mse", 0.0))
+        scalars.update(self.loader.stats_scalars())
+        tr.tb.scalars(step, scalars)
+        tr.tb.flush()
+        if was_training:
+            tr.engine.module.train()
+        return scalars
