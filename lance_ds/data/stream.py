@@ -1,0 +1,934 @@
+"""The streaming loader: webdataset shards -> decoded samples -> sequence plans -> packed micro-batches, with an exact,
+resumable position and equal steps on every rank.
+
+Order of a slot's pipeline (open_clip's order, made explicit and resumable):
+  split by node, then by worker -> mix groups by weight -> shuffle raw bytes -> decode -> plan -> pack.
+
+Slots. A slot is one (rank, data-loader worker): slot = rank * num_workers + worker, num_slots = world_size *
+num_workers. Each group's shards are split over the slots explicitly (webdataset's split_by_node then split_by_worker,
+done here with the slot index so that it does not depend on environment variables):
+  - shards >= slots: in epoch e the shards are permuted (seeded by seed, group, e) and slot s reads shards[s::slots];
+  - shards <  slots: every slot reads every shard (permuted per epoch) and keeps the samples whose running index in
+    the group's endless stream is s modulo num_slots (sample-level split: no slot is left without data, each sample
+    of an epoch goes to exactly one slot).
+Equal steps. Every slot loops over its group's data epoch after epoch, so a rank's stream never ends: every rank
+yields a batch whenever asked, for any shard/worker/rank counts, and training stops at train.max_steps. (A finite
+epoch would give ranks different batch counts and deadlock ZeRO-3.) `stats_scalars()` reports epochs per group.
+Exact resume. A slot's position is small JSON-able state: per group (epoch, unit, byte offset of the next sample,
+running index), the number of mixture and shuffle draws (draws are hashes of (seed, slot, counter): no RNG state to
+save), and the addresses (group, shard, byte offset, key) of the raw samples in the shuffle buffer and of the plans
+in the packing buffer. Resuming seeks to the byte offsets (HTTP: a Range request) and re-reads only the buffered
+samples; nothing that was consumed is read or decoded again. Each packed batch travels from its DataLoader worker
+with the worker's state right after producing it, so the main process knows the position of what it consumed
+(prefetched batches are not counted) and which worker comes next.
+Bad input is skipped and counted by reason (SKIP_REASONS), never fatal and never silent: the counts come with every
+batch (`stats_scalars()` -> `data/skipped`, `data/skipped/<reason>`), and the first few of each reason are logged.
+
+Sources of a group (`GroupConfig.shards`): converter output directories (manifest.json lists the shards and their
+sample counts), .tar paths, globs, brace patterns (`shard-{000..009}.tar`), http(s) URLs (a `.../manifest.json` URL
+expands to its shards), and webdataset's `pipe:COMMAND` URLs (the command writes a tar to stdout).
+Shard layout (DESIGN.md): sample KEY has KEY.json (task, text columns, media metadata) and KEY.<column>.<ext> media.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import http.client
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import braceexpand
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..config.data import DataConfig, DatasetConfig, GroupConfig
+from .batch import PackedBatch, Sample
+from .media import MediaError, decode_image, decode_video
+from .packing import Branches, OverlongSampleError, TokenBudgetPacker, build_micro_batch, check_length, collate
+from .schemas import SCHEMAS, MediaKind
+from .sequence import PlanError, SequencePlan, SequencePlanner, unit_hash
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+SKIP_REASONS = (
+    "unreadable_shard",  # a shard could not be opened or read (missing file, HTTP error, failing pipe command)
+    "truncated_tar",  # a shard ends in the middle of a member or without the end-of-archive blocks
+    "corrupt_tar",  # a tar header is damaged (bad checksum); the rest of the shard is skipped
+    "bad_json",  # KEY.json is missing or not valid JSON
+    "task_mismatch",  # KEY.json names a task other than the group's
+    "missing_media",  # a media member the task needs is absent
+    "undecodable_media",  # an image or video that does not decode
+    "bad_sample",  # decoded but cannot become a sequence (e.g. an empty answer)
+    "overlong",  # longer than data.packing_length (data.filter_overlong)
+)
+_LOGGED_PER_REASON = 5  # log the first few skips of each reason per slot; the rest are only counted
+_BLOCK = 512  # tar block size (bytes)
+
+
+class DataError(RuntimeError):
+    """The data cannot feed training at all (no shards, a group with no readable sample, a mismatched resume)."""
+
+
+class ShardError(Exception):
+    """Reading a shard failed; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class SkipSample(Exception):
+    """One sample is unusable; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shard lists
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str  # local path, http(s) URL or pipe: command
+    num_samples: int | None = None  # from manifest.json when known
+
+
+@dataclass
+class ResolvedGroup:
+    """A dataset group with its shard list expanded."""
+
+    config: GroupConfig
+    task: str | None  # None: read from each sample's KEY.json
+    shards: list[ShardInfo]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def num_samples(self) -> int | None:
+        counts = [s.num_samples for s in self.shards]
+        return None if any(c is None for c in counts) else sum(counts)
+
+
+def is_remote(source: str) -> bool:
+    return "://" in source or source.startswith("pipe:")
+
+
+def _read_manifest_text(text: str, where: str) -> dict:
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{where} is not valid JSON ({e}); re-run the converter") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise DataError(f"{where} is not a converter manifest (no 'shards' list); re-run tools/parquet_to_wds.py")
+    return manifest
+
+
+def _manifest_shards(manifest: dict, base: str, join) -> list[ShardInfo]:
+    return [ShardInfo(join(base, s["name"]), s.get("num_samples")) for s in manifest["shards"]]
+
+
+def resolve_sources(sources: list[str], where: str = "shards") -> tuple[list[ShardInfo], set[str]]:
+    """Expand a group's sources into shards (in the order given; globs sorted) and the tasks manifests name."""
+    shards: list[ShardInfo] = []
+    tasks: set[str] = set()
+    for source in sources:
+        if source.startswith(("http://", "https://")) and source.endswith("manifest.json"):
+            with urllib.request.urlopen(source, timeout=60) as response:
+                manifest = _read_manifest_text(response.read().decode("utf-8"), source)
+            shards += _manifest_shards(manifest, source, urllib.parse.urljoin)
+            tasks.add(manifest.get("task"))
+        elif is_remote(source):
+            shards += [ShardInfo(u) for u in braceexpand.braceexpand(source)]
+        elif Path(source).is_dir():
+            path = Path(source) / "manifest.json"
+            if path.is_file():
+                manifest = _read_manifest_text(path.read_text(encoding="utf-8"), str(path))
+                shards += _manifest_shards(manifest, source, lambda base, name: str(Path(base) / name))
+                tasks.add(manifest.get("task"))
+            else:
+                found = sorted(glob.glob(str(Path(source) / "*.tar")))
+                if not found:
+                    raise DataError(f"{where}: {source} has neither manifest.json nor *.tar files")
+                shards += [ShardInfo(p) for p in found]
+        else:
+            expanded = [p for pattern in braceexpand.braceexpand(source) for p in sorted(glob.glob(pattern))]
+            if not expanded:
+                raise DataError(f"{where}: {source} matches no file; give a converter output dir, .tar paths, a glob "
+                                "or a URL")
+            shards += [ShardInfo(p) for p in expanded]
+    return shards, {t for t in tasks if t}
+
+
+def resolve_group(group: GroupConfig, where: str = "") -> ResolvedGroup:
+    where = where or f"group {group.name!r}"
+    shards, tasks = resolve_sources(group.shards, f"{where}.shards")
+    if not shards:
+        raise DataError(f"{where}: no shards (list a converter output dir, .tar files, a glob or URLs)")
+    if len(tasks) > 1:
+        raise DataError(f"{where}: its manifests mix tasks {sorted(tasks)}; put each task in its own group")
+    task = group.task or (next(iter(tasks)) if tasks else None)
+    if group.task and tasks and group.task not in tasks:
+        raise DataError(f"{where}: task is {group.task} but the manifest says {next(iter(tasks))}")
+    return ResolvedGroup(group, task, shards)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading tar shards with byte offsets
+
+
+@dataclass
+class RawSample:
+    """The undecoded members of one sample and where it lies in its shard."""
+
+    key: str
+    members: dict[str, bytes]  # suffix after the key ("json", "image.jpg") -> bytes
+    start: int  # byte offset of its first tar header
+    end: int  # byte offset just past its last member (the next sample's start)
+    address: list | None = None  # [group, shard index, start, epoch, key], set by the group reader
+
+
+def open_shard(url: str, offset: int = 0) -> BinaryIO:
+    """A readable binary stream positioned at byte `offset` of the shard. Raises ShardError("unreadable_shard")."""
+    try:
+        if url.startswith("pipe:"):
+            from webdataset.gopen import gopen_pipe
+
+            stream = gopen_pipe(url, "rb", bufsize=1 << 20)
+            _discard(stream, offset)
+            return stream
+        if url.startswith(("http://", "https://")):
+            request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+            stream = urllib.request.urlopen(request, timeout=120)
+            if offset and stream.status != 206:  # the server ignored Range: read up to the offset
+                _discard(stream, offset)
+            return stream
+        path = url[len("file://"):] if url.startswith("file://") else url
+        stream = open(path, "rb", buffering=1 << 20)
+        stream.seek(offset)
+        return stream
+    except (OSError, ValueError, urllib.error.URLError) as e:
+        raise ShardError("unreadable_shard", f"cannot open {url} at byte {offset}: {e}") from None
+
+
+def _discard(stream: BinaryIO, count: int) -> None:
+    while count > 0:
+        chunk = stream.read(min(count, 1 << 20))
+        if not chunk:
+            raise OSError(f"stream ended {count} bytes before the resume offset")
+        count -= len(chunk)
+
+
+def _read_exact(stream: BinaryIO, size: int, url: str, where: int) -> bytes:
+    parts, left = [], size
+    while left:
+        try:
+            chunk = stream.read(left)
+        except (OSError, http.client.HTTPException) as e:  # I/O error, dropped connection, failing pipe command
+            raise ShardError("unreadable_shard", f"{url}: reading at byte {where} failed: {e}") from None
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    data = b"".join(parts)
+    if len(data) != size and data:
+        raise ShardError("truncated_tar", f"{url} is cut short in the tar block at byte {where}")
+    return data
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header ("LEN path=VALUE\\n" records)."""
+    for record in data.split(b"\n"):
+        _, _, kv = record.partition(b" ")
+        if kv.startswith(b"path="):
+            return kv[len(b"path="):].decode("utf-8", "surrogateescape")
+    return None
+
+
+def iter_tar_members(stream: BinaryIO, url: str, base: int = 0) -> Iterator[tuple[str, bytes, int, int]]:
+    """(name, data, start, end) of every regular file, where start is the offset of its first header (a pax or GNU
+    long-name header counts) and end the offset past its padded data. Raises ShardError when the tar is cut short
+    (including a missing end-of-archive) or a header is damaged."""
+    pos, start, long_name = base, None, None
+    while True:
+        header = _read_exact(stream, _BLOCK, url, pos)
+        if not header:
+            raise ShardError("truncated_tar", f"{url} ends at byte {pos} without the end-of-archive blocks")
+        if len(header) < _BLOCK:
+            raise ShardError("truncated_tar", f"{url} ends inside a header at byte {pos}")
+        if header == b"\0" * _BLOCK:
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise ShardError("corrupt_tar", f"{url} has a damaged header at byte {pos}: {e}") from None
+        start = pos if start is None else start
+        padded = info.size + (-info.size % _BLOCK)
+        data = _read_exact(stream, padded, url, pos)
+        if len(data) != padded:
+            raise ShardError("truncated_tar", f"{url} ends inside the member {info.name!r} at byte {pos}")
+        pos += _BLOCK + padded
+        data = data[:info.size]
+        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE):
+            long_name = (data.rstrip(b"\0").decode("utf-8", "surrogateescape") if info.type == tarfile.GNUTYPE_LONGNAME
+                         else _pax_path(data) or long_name)
+            continue
+        if info.type == tarfile.XGLTYPE:
+            start = None
+            continue
+        name = long_name or info.name
+        member_start, start, long_name = start, None, None
+        if info.isreg():
+            yield name, data, member_start, pos
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is the path up to the first dot of the file name; the suffix is the rest."""
+    directory, _, base = name.rpartition("/")
+    stem, _, suffix = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), suffix
+
+
+def iter_raw_samples(url: str, offset: int = 0) -> Iterator[RawSample]:
+    """Samples of a shard from byte `offset` (a sample start). A shard cut short yields what it completed (the last
+    sample possibly missing members) and then raises ShardError."""
+    stream = open_shard(url, offset)
+    key, members, start, end = None, {}, offset, offset
+    complete = False
+    try:
+        for name, data, m_start, m_end in iter_tar_members(stream, url, offset):
+            member_key, suffix = split_member_name(name)
+            if member_key != key:
+                if members:
+                    yield RawSample(key, members, start, m_start)
+                key, members, start = member_key, {}, m_start
+            members[suffix] = data
+            end = m_end
+        complete = True
+    except ShardError:
+        if members:
+            yield RawSample(key, members, start, end)
+        raise
+    finally:
+        if not complete:  # cut short or abandoned: a pipe's exit status says nothing more
+            _close_quietly(stream)
+    try:
+        stream.close()
+    except OSError as e:  # a pipe: command that exited with an error status
+        raise ShardError("unreadable_shard", f"{url}: {e}") from None
+    if members:
+        yield RawSample(key, members, start, end)
+
+
+def _close_quietly(stream: BinaryIO) -> None:
+    try:
+        stream.close()
+    except OSError:
+        pass  # the stream is being abandoned (early stop, or an error already reported)
+
+
+def fetch_raw(url: str, offset: int, key: str) -> RawSample:
+    """Re-read the one sample that starts at `offset` (resume); refuse if the shard changed since."""
+    samples = iter_raw_samples(url, offset)
+    try:
+        raw = next(samples)
+    except (StopIteration, ShardError) as e:
+        raise DataError(f"cannot re-read sample {key!r} at byte {offset} of {url} ({e}); the shards changed since "
+                        "the checkpoint was written: resume with the same data") from None
+    finally:
+        samples.close()
+    if raw.key != key:
+        raise DataError(f"{url} holds {raw.key!r} at byte {offset}, not {key!r} as when the checkpoint was written; "
+                        "the shards changed: resume with the same data")
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0) -> Sample:
+    """Raw members -> Sample (media frame-sampled by the group's video options). Raises SkipSample."""
+    if "json" not in raw.members:
+        raise SkipSample("bad_json", f"{raw.key}: no {raw.key}.json member (members: {sorted(raw.members)})")
+    try:
+        meta = json.loads(raw.members["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SkipSample("bad_json", f"{raw.key}.json is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise SkipSample("bad_json", f"{raw.key}.json holds {type(meta).__name__}, not an object")
+    task = meta.get("task") or group.task
+    if task not in SCHEMAS or (group.task and task != group.task):
+        raise SkipSample("task_mismatch", f"{raw.key}: task {task!r} in a group of task {group.task!r}")
+    schema = SCHEMAS[task]
+    texts = {c: meta[c] for c in schema.text_columns if isinstance(meta.get(c), str)}
+    by_column = {suffix.partition(".")[0]: data for suffix, data in raw.members.items() if suffix != "json"}
+    media = {}
+    video = group.config.video
+    for column in schema.media:
+        data = by_column.get(column.member)
+        if data is None:
+            raise SkipSample("missing_media", f"{raw.key}: no {column.member} member (members: {sorted(raw.members)})")
+        try:
+            if column.kind == MediaKind.IMAGE:
+                media[column.member] = decode_image(data)
+            else:
+                media[column.member] = decode_video(data, sample_fps=video.sample_fps, max_frames=video.max_frames,
+                                                    max_duration=video.max_duration)
+        except MediaError as e:
+            raise SkipSample("undecodable_media", f"{raw.key}.{column.member}: {e}") from None
+    return Sample(task=task, texts=texts, media=media, key=raw.key, group=group.name,
+                  meta={"epoch": epoch, "source": meta.get("source"), "media": meta.get("media")})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one group's endless stream for one slot
+
+
+@dataclass
+class GroupCursor:
+    """Where a slot is in one group's stream."""
+
+    epoch: int = 0
+    unit: int = 0  # index into this epoch's shard list of the slot
+    offset: int = 0  # byte offset in that shard of the next sample to read
+    index: int = 0  # raw samples read from the group so far (sample-level split: sample i goes to slot i % slots)
+    kept_in_epoch: int = 0
+    last_epoch_size: int = 0  # samples this slot kept in its last complete epoch
+    empty_epochs: int = 0  # consecutive epochs that handed this slot no sample
+
+
+class GroupReader:
+    """A slot's share of one group, epoch after epoch: raw samples with their addresses."""
+
+    def __init__(self, group: ResolvedGroup, slot: int, num_slots: int, seed: int, skips: "SkipCounter"):
+        self.group, self.slot, self.num_slots, self.seed, self.skips = group, slot, num_slots, seed, skips
+        self.sample_split = len(group.shards) < num_slots
+        self.cursor = GroupCursor()
+        self._samples: Iterator[RawSample] | None = None
+        self._units_epoch, self._units = -1, []
+
+    def units(self, epoch: int) -> list[int]:
+        """Shard indexes this slot reads in `epoch`."""
+        if epoch != self._units_epoch:
+            order = list(range(len(self.group.shards)))
+            random.Random(int(unit_hash(self.seed, "shards", self.group.name, epoch) * 2 ** 62)).shuffle(order)
+            self._units_epoch = epoch
+            self._units = order if self.sample_split else order[self.slot::self.num_slots]
+        return self._units
+
+    def _owns(self, index: int) -> bool:
+        return not self.sample_split or index % self.num_slots == self.slot
+
+    def next(self) -> RawSample:
+        c = self.cursor
+        while True:
+            shard = self.units(c.epoch)[c.unit]
+            if self._samples is None:
+                self._samples = iter_raw_samples(self.group.shards[shard].url, c.offset)
+            try:
+                raw = next(self._samples)
+            except StopIteration:
+                self._next_unit()
+                continue
+            except ShardError as e:
+                if self._owns(c.index):  # with a sample-level split every slot sees it; one counts it
+                    self.skips.add(e.reason, str(e))
+                self._next_unit()
+                continue
+            c.offset = raw.end
+            index, c.index = c.index, c.index + 1
+            if not self._owns(index):
+                continue
+            c.kept_in_epoch += 1
+            raw.address = [self.group.name, shard, raw.start, c.epoch, raw.key]
+            return raw
+
+    def _next_unit(self) -> None:
+        c = self.cursor
+        self.close()
+        c.unit, c.offset = c.unit + 1, 0
+        if c.unit < len(self.units(c.epoch)):
+            return
+        c.empty_epochs = c.empty_epochs + 1 if c.kept_in_epoch == 0 else 0
+        c.last_epoch_size = c.kept_in_epoch
+        # a sample-level split hands a slot a sample at least every num_slots samples, i.e. every num_slots epochs
+        if c.empty_epochs > 2 * (self.num_slots + len(self.group.shards)):
+            raise DataError(
+                f"group {self.group.name!r}: slot {self.slot} of {self.num_slots} read {c.empty_epochs} epochs of its "
+                f"{len(self.group.shards)} shard(s) without one usable sample (skips so far: {dict(self.skips.counts)}); "
+                f"check the shards ({self.group.shards[0].url}, ...)")
+        c.epoch, c.unit, c.kept_in_epoch = c.epoch + 1, 0, 0
+
+    def close(self) -> None:
+        if self._samples is not None:
+            self._samples.close()
+            self._samples = None
+
+    def state(self) -> dict:
+        return dict(vars(self.cursor))
+
+    def load(self, state: dict) -> None:
+        self.close()
+        self.cursor = GroupCursor(**state)
+
+
+class SkipCounter:
+    """Skipped samples by reason; logs the first few of each reason."""
+
+    def __init__(self, where: str = ""):
+        self.counts: Counter = Counter()
+        self.where = where
+
+    def add(self, reason: str, message: str) -> None:
+        self.counts[reason] += 1
+        if self.counts[reason] <= _LOGGED_PER_REASON:
+            more = " (further ones are only counted)" if self.counts[reason] == _LOGGED_PER_REASON else ""
+            logger.warning("data%s: skipped (%s): %s%s", self.where, reason, message, more)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one slot: mixture -> shuffle -> decode -> plan -> pack
+
+
+@dataclass
+class StreamSpec:
+    """Everything a slot needs; copied into each DataLoader worker."""
+
+    groups: list[ResolvedGroup]
+    planner: SequencePlanner
+    data: DataConfig
+    branches: Branches
+    micro_batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+
+    def fingerprint(self) -> str:
+        """Identifies the data order: the groups, their shards and weights, and the packing that consumes them."""
+        identity = [[g.name, g.config.weight, [s.url for s in g.shards]] for g in self.groups]
+        identity += [self.seed, self.data.shuffle_buffer, self.data.packing_length, self.data.packing,
+                     self.data.packing_buffer, self.micro_batch_size]
+        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+
+class SlotStream:
+    """The endless stream of packed micro-batches of one slot, with its exact position (`state()` / `load()`)."""
+
+    def __init__(self, spec: StreamSpec, slot: int, num_slots: int):
+        self.spec, self.slot, self.num_slots = spec, slot, num_slots
+        self.skips = SkipCounter(f" rank {spec.rank} slot {slot}")
+        self.readers = {g.name: GroupReader(g, slot, num_slots, spec.seed, self.skips) for g in spec.groups}
+        self.groups = {g.name: g for g in spec.groups}
+        total = sum(g.config.weight for g in spec.groups)
+        self.cumulative = [sum(g.config.weight for g in spec.groups[:i + 1]) / total for i in range(len(spec.groups))]
+        self.mix_draws = 0
+        self.shuffle_draws = 0
+        self.shuffle: list[RawSample] = []
+        data = spec.data
+        self.packer = TokenBudgetPacker(data.packing_length, data.packing_buffer, data.packing)
+        self.failing = {g.name: 0 for g in spec.groups}  # consecutive unusable samples per group
+        self.num_batches = 0
+        self.num_samples = 0  # plans packed into batches
+        self.real_tokens = 0
+        self.total_tokens = 0
+
+    # -- pipeline ------------------------------------------------------------------------------------------------
+
+    def _draw(self, stream: str, counter: int) -> float:
+        return unit_hash(self.spec.seed, stream, self.slot, self.num_slots, counter)
+
+    def _next_mixed(self) -> RawSample:
+        u = self._draw("mix", self.mix_draws)
+        self.mix_draws += 1
+        index = next((i for i, c in enumerate(self.cumulative) if u < c), len(self.cumulative) - 1)
+        return self.readers[self.spec.groups[index].name].next()
+
+    def _next_shuffled(self) -> RawSample:
+        size = self.spec.data.shuffle_buffer
+        if size == 0:
+            return self._next_mixed()
+        while len(self.shuffle) < size:
+            self.shuffle.append(self._next_mixed())
+        j = int(self._draw("shuffle", self.shuffle_draws) * size)
+        self.shuffle_draws += 1
+        raw, self.shuffle[j] = self.shuffle[j], self._next_mixed()
+        return raw
+
+    def plan_raw(self, raw: RawSample) -> SequencePlan:
+        """Decode and plan one raw sample (raises SkipSample)."""
+        group = self.groups[raw.address[0]]
+        sample = decode_sample(raw, group, epoch=raw.address[3])
+        try:
+            plan = self.spec.planner.plan(sample, group.config)
+        except PlanError as e:
+            raise SkipSample("bad_sample", str(e)) from None
+        plan.address = raw.address
+        return plan
+
+    def _next_plan(self) -> SequencePlan:
+        data = self.spec.data
+        while True:
+            raw = self._next_shuffled()
+            name = raw.address[0]
+            try:
+                plan = self.plan_raw(raw)
+            except SkipSample as e:
+                self._failed(name, e.reason, str(e))
+                continue
+            if check_length(plan, data.packing_length, data.filter_overlong):
+                self.failing[name] = 0
+                return plan
+            self._failed(name, "overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens > "
+                                           f"packing_length {data.packing_length}")
+
+    def _failed(self, group: str, reason: str, message: str) -> None:
+        """Count a skipped sample; a group whose every sample of two epochs fails cannot feed training."""
+        self.skips.add(reason, message)
+        self.failing[group] += 1
+        cursor = self.readers[group].cursor
+        if cursor.epoch >= 2 and self.failing[group] > self.spec.data.shuffle_buffer + 2 * cursor.last_epoch_size:
+            raise DataError(
+                f"group {group!r}: rank {self.spec.rank} slot {self.slot} got {self.failing[group]} unusable samples "
+                f"in a row, two epochs' worth, without one usable sample (skips so far by reason: "
+                f"{dict(self.skips.counts)}); fix or remove the group's shards "
+                f"({self.groups[group].shards[0].url}, ...)")
+
+    def _next_sequence(self) -> list[SequencePlan]:
+        while not self.packer.ready():
+            self.packer.add(self._next_plan())
+        return self.packer.pop_sequence()
+
+    def next_batch(self) -> PackedBatch:
+        spec = self.spec
+        sequences = [self._next_sequence() for _ in range(spec.micro_batch_size)]
+        batch = build_micro_batch(sequences, spec.planner, spec.branches, spec.data.packing_length)
+        self.num_batches += 1
+        self.num_samples += sum(len(s) for s in sequences)
+        self.real_tokens += batch.num_real_tokens
+        self.total_tokens += batch.num_tokens
+        return batch
+
+    # -- position --------------------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "slot": self.slot,
+            "num_slots": self.num_slots,
+            "groups": {name: r.state() for name, r in self.readers.items()},
+            "mix_draws": self.mix_draws,
+            "shuffle_draws": self.shuffle_draws,
+            "shuffle_buffer": [r.address for r in self.shuffle],
+            "failing": dict(self.failing),
+            "packing_buffer": [p.address for p in self.packer.buffer],
+            "skipped": dict(self.skips.counts),
+            "num_batches": self.num_batches,
+            "num_samples": self.num_samples,
+            "real_tokens": self.real_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+    def load(self, state: dict) -> None:
+        """Restore a position: cursors and counters, then re-read the buffered samples by address."""
+        if (state["slot"], state["num_slots"]) != (self.slot, self.num_slots):
+            raise DataError(f"data position of slot {state['slot']}/{state['num_slots']} given to slot "
+                            f"{self.slot}/{self.num_slots}")
+        for name, cursor in state["groups"].items():
+            self.readers[name].load(cursor)
+        self.mix_draws, self.shuffle_draws = state["mix_draws"], state["shuffle_draws"]
+        self.skips.counts = Counter(state["skipped"])
+        self.failing = dict(state["failing"])
+        self.num_batches, self.num_samples = state["num_batches"], state["num_samples"]
+        self.real_tokens, self.total_tokens = state["real_tokens"], state["total_tokens"]
+        self.shuffle = [self._fetch(a) for a in state["shuffle_buffer"]]
+        self.packer.buffer = []
+        for address in state["packing_buffer"]:
+            plan = self.plan_raw(self._fetch(address))  # it planned before, so it plans again (deterministic)
+            self.packer.buffer.append(plan)
+
+    def _fetch(self, address: list) -> RawSample:
+        name, shard, offset, _, key = address
+        raw = fetch_raw(self.groups[name].shards[shard].url, offset, key)
+        raw.address = list(address)
+        return raw
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the per-rank training loader
+
+
+@dataclass
+class WorkerReport:
+    """Travels with each batch from its worker: which logical worker made it, and its position right after."""
+
+    worker: int
+    state: dict
+
+
+class _TrainStream(IterableDataset):
+    def __init__(self, spec: StreamSpec, num_workers: int, states: list[dict | None], rotation: int):
+        self.spec, self.num_workers, self.states, self.rotation = spec, num_workers, states, rotation
+
+    def __iter__(self) -> Iterator[tuple[PackedBatch, WorkerReport]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        # DataLoader asks workers 0, 1, ... in turn; worker 0 plays the logical worker whose batch is due next
+        worker = (physical + self.rotation) % self.num_workers
+        slot = SlotStream(self.spec, self.spec.rank * self.num_workers + worker, self.spec.world_size * self.num_workers)
+        if self.states[worker] is not None:
+            slot.load(self.states[worker])
+        try:
+            while True:
+                batch = slot.next_batch()
+                yield batch, WorkerReport(worker, slot.state())
+        finally:
+            slot.close()
+
+
+def _keep(item):
+    return item
+
+
+def _init_worker(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode and resize; the trainer's threads stay with the trainer
+
+
+class TrainLoader:
+    """This rank's endless iterable of PackedBatch, with a resumable position.
+
+    for batch in loader: ...            # never ends; every rank yields a batch whenever asked
+    loader.state_dict() / load_state_dict(state)   # the position of the batches consumed so far (JSON-able)
+    loader.stats_scalars()              # TensorBoard scalars: data/skipped, data/skipped/<reason>, data/epoch/<group>, ...
+    A new `iter(loader)` continues from the current position (load_state_dict before iterating to resume).
+    """
+
+    def __init__(self, spec: StreamSpec, num_workers: int, prefetch_factor: int = 2):
+        self.spec = spec
+        self.num_workers = max(1, num_workers)
+        self.use_processes = num_workers > 0
+        self.prefetch_factor = prefetch_factor
+        self.worker_states: list[dict | None] = [None] * self.num_workers
+        self.next_worker = 0
+        self._iterator = None
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        self.close()
+        dataset = _TrainStream(self.spec, self.num_workers, list(self.worker_states), self.next_worker)
+        if self.use_processes:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers + fork: no thread pool
+            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep,
+                                     prefetch_factor=self.prefetch_factor, worker_init_fn=_init_worker,
+                                     persistent_workers=False))
+        else:
+            source = iter(dataset)
+        self._iterator = source
+        return self._consume(source)
+
+    def _consume(self, source) -> Iterator[PackedBatch]:
+        for batch, report in source:
+            self.worker_states[report.worker] = report.state
+            self.next_worker = (report.worker + 1) % self.num_workers
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "rank": self.spec.rank,
+            "world_size": self.spec.world_size,
+            "num_workers": self.num_workers,
+            "fingerprint": self.spec.fingerprint(),
+            "next_worker": self.next_worker,
+            "workers": list(self.worker_states),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = (STATE_VERSION, self.spec.world_size, self.num_workers, self.spec.rank)
+        saved = (state.get("version"), state.get("world_size"), state.get("num_workers"), state.get("rank"))
+        if saved != expected:
+            raise DataError(
+                f"the saved data position is for (version, world_size, num_workers, rank) = {saved}, this run is "
+                f"{expected}; resume with the same number of ranks and data.num_workers (the position is per rank "
+                "and per worker), or start a new output_dir")
+        if state.get("fingerprint") != self.spec.fingerprint():
+            raise DataError("the dataset (groups, shards, weights), train.seed or the packing settings changed since "
+                            "the checkpoint: its data position does not apply. Resume with the same dataset YAML and "
+                            "data settings, or start a new output_dir")
+        self.close()
+        self.worker_states = list(state["workers"])
+        self.next_worker = int(state["next_worker"])
+
+    # -- reporting -------------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Totals over this rank's workers, for the batches consumed so far."""
+        skipped: Counter = Counter()
+        out = {"batches": 0, "samples": 0, "real_tokens": 0, "total_tokens": 0}
+        epochs: dict[str, float] = {}
+        for state in self.worker_states:
+            if state is None:
+                continue
+            skipped.update(state["skipped"])
+            out["batches"] += state["num_batches"]
+            out["samples"] += state["num_samples"]
+            out["real_tokens"] += state["real_tokens"]
+            out["total_tokens"] += state["total_tokens"]
+            for name, cursor in state["groups"].items():
+                epochs[name] = max(epochs.get(name, 0), cursor["epoch"])
+        out["skipped"] = dict(skipped)
+        out["epochs"] = epochs
+        return out
+
+    def stats_scalars(self) -> dict[str, float]:
+        """data/skipped (all reasons), data/skipped/<reason>, data/epoch/<group>, data/samples,
+        data/packing_efficiency_total — cumulative for this rank (sum over ranks for the run's totals)."""
+        stats = self.stats()
+        scalars = {"data/skipped": float(sum(stats["skipped"].values())), "data/samples": float(stats["samples"])}
+        for reason in SKIP_REASONS:
+            scalars[f"data/skipped/{reason}"] = float(stats["skipped"].get(reason, 0))
+        for name, epoch in stats["epochs"].items():
+            scalars[f"data/epoch/{name}"] = float(epoch)
+        if stats["total_tokens"]:
+            scalars["data/packing_efficiency_total"] = stats["real_tokens"] / stats["total_tokens"]
+        return scalars
+
+    def num_samples(self, group: str) -> int | None:
+        """Samples in a group according to its manifests (None when a source has no manifest)."""
+        return next(g.num_samples for g in self.spec.groups if g.name == group)
+
+    def close(self) -> None:
+        """Stop the worker processes (a later iter() restarts them from the saved position)."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+def build_train_loader(dataset: DatasetConfig, data: DataConfig, planner: SequencePlanner, *, rank: int,
+                       world_size: int, seed: int, micro_batch_size: int,
+                       branches: Branches | None = None) -> TrainLoader:
+    """The training loader of one rank. See the module docstring for the split, equal steps and resume."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    groups = [resolve_group(g, f"groups[{i}] ({g.name})") for i, g in enumerate(dataset.groups)]
+    if not groups:
+        raise DataError("the dataset has no groups")
+    spec = StreamSpec(groups, planner, data, branches or Branches(), micro_batch_size, seed, rank, world_size)
+    return TrainLoader(spec, data.num_workers, data.prefetch_factor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation: finite, every sample once across ranks, the same number of batches on every rank
+
+
+class ValLoader:
+    """A held-out set in a fixed order (groups as listed, shards as listed, samples in tar order).
+
+    Sample i (counting every raw sample, up to max_samples) belongs to batch i // samples_per_batch, and batch j to
+    rank j % world_size: every sample is evaluated once across ranks and the batches do not depend on the number of
+    ranks. Each rank reads every shard (only its own samples are decoded) and ends with placeholder-only batches up to
+    ceil(num_batches / world_size), so every rank runs the same number of forward passes. Caption dropout is off.
+    Each iteration starts from the beginning.
+    """
+
+    def __init__(self, groups: list[ResolvedGroup], planner: SequencePlanner, *, rank: int, world_size: int,
+                 samples_per_batch: int, branches: Branches, max_samples: int | None = None):
+        self.groups = [replace(g, config=replace(g.config, caption_dropout=0.0)) for g in groups]
+        self.planner, self.rank, self.world_size = planner, rank, world_size
+        self.samples_per_batch, self.branches, self.max_samples = samples_per_batch, branches, max_samples
+        self.skips = SkipCounter(f" validation rank {rank}")
+
+    def _raw_samples(self) -> Iterator[tuple[ResolvedGroup, RawSample]]:
+        for group in self.groups:
+            for shard in group.shards:
+                try:
+                    for raw in iter_raw_samples(shard.url):
+                        yield group, raw
+                except ShardError as e:
+                    if self.rank == 0:  # every rank sees the same shards; one counts
+                        self.skips.add(e.reason, str(e))
+
+    def _plan(self, group: ResolvedGroup, raw: RawSample) -> SequencePlan | None:
+        try:
+            return self.planner.plan(decode_sample(raw, group), group.config)
+        except SkipSample as e:
+            self.skips.add(e.reason, str(e))
+        except PlanError as e:
+            self.skips.add("bad_sample", str(e))
+        return None
+
+    def _batch(self, plans: list[SequencePlan]) -> PackedBatch:
+        missing = self.branches.missing(plans)
+        if any(missing.values()) or not plans:
+            plans = plans + [self.planner.placeholder(**missing)]
+        return collate(plans, pad_id=self.planner.special.pad)
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        for plans in self.iter_plans():
+            yield self._batch(plans)
+
+    def iter_plans(self) -> Iterator[list[SequencePlan]]:
+        """This rank's batches as plan lists (an empty list: a placeholder-only batch)."""
+        k, world = self.samples_per_batch, self.world_size
+        plans: list[SequencePlan] = []
+        num_raw = own_batches = 0
+        current = None  # the batch index being collected (one of ours)
+        for group, raw in self._raw_samples():
+            if self.max_samples is not None and num_raw >= self.max_samples:
+                break
+            batch_index = num_raw // k
+            num_raw += 1
+            if batch_index % world != self.rank:
+                continue
+            if current is not None and batch_index != current:
+                own_batches += 1
+                yield plans
+                plans = []
+            current = batch_index
+            plan = self._plan(group, raw)
+            if plan is not None:
+                plans.append(plan)
+        if current is not None:
+            own_batches += 1
+            yield plans
+        per_rank = math.ceil(math.ceil(num_raw / k) / world)
+        for _ in range(per_rank - own_batches):
+            yield []
+
+    def stats_scalars(self) -> dict[str, float]:
+        scalars = {"val/skipped": float(sum(self.skips.counts.values()))}
+        scalars.update({f"val/skipped/{r}": float(n) for r, n in self.skips.counts.items()})
+        return scalars
+
+
+def build_val_loader(dataset: DatasetConfig, data: DataConfig, planner: SequencePlanner, *, rank: int,
+                     world_size: int, branches: Branches | None = None,
+                     max_samples: int | None = None) -> ValLoader:
+    """The validation loader of one rank (finite; see ValLoader)."""
+    groups = [resolve_group(g, f"validation groups[{i}] ({g.name})") for i, g in enumerate(dataset.groups)]
+    return ValLoader(groups, planner, rank=rank, world_size=world_size, samples_per_batch=data.val_samples_per_batch,
+                     branches=branches or Branches(), max_samples=max_samples)
+
+
+__all__ = [
+    "build_train_loader", "build_val_loader", "TrainLoader", "ValLoader", "SlotStream", "StreamSpec", "DataError",
+    "SKIP_REASONS", "resolve_group", "resolve_sources", "iter_raw_samples", "decode_sample", "ShardInfo",
+]

@@ -1,0 +1,439 @@
+"""The streaming loader: shard splits, equal steps on every rank, exact resume, mixing, bad input, HTTP/pipe shards,
+placeholders, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import http.server
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from lance_ds.config.data import DataConfig, DatasetConfig, GroupConfig, ImageOptions, VideoOptions
+from lance_ds.data import stream as stream_module
+from lance_ds.data.batch import PackedBatch
+from lance_ds.data.convert import TarShardWriter
+from lance_ds.data.media import encode_image, encode_video
+from lance_ds.data.packing import Branches, OverlongSampleError
+from lance_ds.data.sequence import SequencePlanner, VisionGeometry
+from lance_ds.data.stream import (GroupReader, SkipCounter, SlotStream, StreamSpec, build_train_loader,
+                                  build_val_loader, fetch_raw, iter_raw_samples, resolve_group)
+from lance_ds.data.tokenizer import load_tokenizer
+
+# small buffers and sequences keep each loader cheap; a t2i sample of a 32x32 image is ~45 tokens
+DATA = DataConfig(packing_length=192, packing_buffer=4, shuffle_buffer=6, num_workers=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fixtures: shards in the converter's layout
+
+
+def _png(seed: int, size: int = 32) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    return encode_image(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8), "png")
+
+
+def write_shards(directory: Path, task: str, num_shards: int, per_shard: int, prefix: str = "s",
+                 media=None, manifest: bool = True) -> list[str]:
+    """Converter-layout shards: KEY.json + media members; manifest.json. Returns every key in order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    keys, records = [], []
+    for shard in range(num_shards):
+        name = f"shard-{shard:06d}.tar"
+        writer = TarShardWriter(directory / name)
+        for i in range(per_shard):
+            key = f"{prefix}{shard:03d}x{i:04d}"
+            seed = len(keys)
+            texts = ({"caption_i": "", "caption_q": "what is it?", "caption_a": f"answer {seed}"}
+                     if task in ("i2t", "v2t") else {"caption": f"a red circle number {seed}"})
+            members = media(seed) if media else {"image.png": _png(seed)}
+            writer.add(f"{key}.json", json.dumps({"key": key, "task": task, **texts}).encode())
+            for suffix, data in members.items():
+                writer.add(f"{key}.{suffix}", data)
+            keys.append(key)
+        writer.close()
+        records.append({"name": name, "num_samples": per_shard, "bytes": (directory / name).stat().st_size})
+    if manifest:
+        (directory / "manifest.json").write_text(json.dumps(
+            {"format": "lance_ds.shards/1", "task": task, "num_samples": len(keys), "shards": records}))
+    return keys
+
+
+@pytest.fixture(scope="module")
+def planner():
+    return SequencePlanner(load_tokenizer(None), VisionGeometry(), seed=0)
+
+
+def group(name: str, shards, task: str = "t2i", weight: float = 1.0, **kw) -> GroupConfig:
+    return GroupConfig(name=name, shards=[str(s) for s in shards], weight=weight, task=task,
+                       image=ImageOptions(resolution=32), **kw)
+
+
+def batch_signature(batch: PackedBatch) -> list:
+    """Every tensor of a batch, for exact comparisons."""
+    out = []
+    for f in dataclasses.fields(batch):
+        v = getattr(batch, f.name)
+        out.append([x.clone() for x in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else
+                   (v.clone() if torch.is_tensor(v) else v))
+    return out
+
+
+def assert_same_batches(a: list[PackedBatch], b: list[PackedBatch]) -> None:
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        for f, u, v in zip(dataclasses.fields(PackedBatch), batch_signature(x), batch_signature(y)):
+            if torch.is_tensor(u):
+                assert u.shape == v.shape and torch.equal(u, v), f"batch {i} differs in {f.name}"
+            elif isinstance(u, list) and u and torch.is_tensor(u[0]):
+                assert len(u) == len(v) and all(torch.equal(p, q) for p, q in zip(u, v)), f"batch {i}: {f.name}"
+            else:
+                assert u == v, f"batch {i} differs in {f.name}"
+
+
+def take(loader, n: int) -> list[PackedBatch]:
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def take_within(loader, n: int, seconds: float) -> list[PackedBatch]:
+    """take() that fails instead of hanging when a rank's stream stalls."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.extend(take(loader, n)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the loader hung: {len(out)} of {n} batches after {seconds} s"
+    assert len(out) == n, "the loader stopped early (see the thread's exception above)"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# splitting and equal steps
+
+
+@pytest.mark.parametrize("num_shards,per_shard,num_slots", [(1, 5, 4), (3, 4, 8), (8, 3, 4), (5, 2, 3), (2, 1, 6)])
+def test_split_gives_every_sample_of_an_epoch_to_one_slot(tmp_path, num_shards, per_shard, num_slots):
+    keys = write_shards(tmp_path, "t2i", num_shards, per_shard)
+    resolved = resolve_group(group("g", [tmp_path]))
+    seen = []
+    for slot in range(num_slots):
+        reader = GroupReader(resolved, slot, num_slots, seed=3, skips=SkipCounter())
+        mine = []
+        while True:
+            raw = reader.next()
+            if raw.address[3] > 0:  # the epoch of this sample
+                break
+            mine.append(raw.key)
+        reader.close()
+        seen += mine
+    assert sorted(seen) == sorted(keys)  # each sample exactly once per epoch, over all slots
+
+
+@pytest.mark.parametrize("num_shards", [1, 3, 8])
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_every_rank_takes_the_same_number_of_steps(tmp_path_factory, planner, num_shards, num_workers, world_size):
+    """Any shard/worker/rank counts, fewer shards than ranks x workers included: every rank yields as many batches as
+    asked, each with real samples, and every worker contributes (no hang, no error, no idle rank)."""
+    root = tmp_path_factory.mktemp(f"steps{num_shards}")
+    write_shards(root, "t2i", num_shards, 4)
+    dataset = DatasetConfig(groups=[group("g", [root])])
+    data = dataclasses.replace(DATA, num_workers=num_workers)
+    num_steps = max(2, num_workers) * 2
+    for rank in range(world_size):
+        loader = build_train_loader(dataset, data, planner, rank=rank, world_size=world_size, seed=1,
+                                    micro_batch_size=1)
+        batches = take_within(loader, num_steps, seconds=60)
+        assert all(b.num_real_tokens > 0 for b in batches)
+        assert all(s is not None for s in loader.worker_states)  # every worker produced batches
+        assert loader.stats()["batches"] == num_steps
+        loader.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exact resume
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_gives_the_same_batches(tmp_path, planner, num_workers):
+    write_shards(tmp_path / "a", "t2i", 3, 5, prefix="a")
+    write_shards(tmp_path / "b", "i2t", 2, 4, prefix="b")
+    dataset = DatasetConfig(groups=[group("a", [tmp_path / "a"], weight=2.0, caption_dropout=0.3),
+                                    group("b", [tmp_path / "b"], task="i2t")])
+    data = dataclasses.replace(DATA, num_workers=num_workers)
+    build = functools.partial(build_train_loader, dataset, data, planner, rank=1, world_size=2, seed=5,
+                              micro_batch_size=2)
+    loader = build()
+    it = iter(loader)
+    first = [next(it) for _ in range(5)]
+    state = json.loads(json.dumps(loader.state_dict()))  # the position survives a JSON round trip
+    rest = [next(it) for _ in range(6)]  # crosses an epoch of both groups
+    loader.close()
+
+    resumed = build()
+    resumed.load_state_dict(state)
+    assert_same_batches(take(resumed, 6), rest)
+    resumed.close()
+    assert_same_batches(take(build(), 5), first)  # and a fresh loader starts over
+
+
+def test_resume_rereads_only_the_buffered_samples(tmp_path, planner, monkeypatch):
+    write_shards(tmp_path, "t2i", 1, 60)
+    resolved = [resolve_group(group("g", [tmp_path]))]
+    spec = StreamSpec(resolved, planner, DATA, Branches(), 1, 0, 0, 1)
+    slot = SlotStream(spec, 0, 1)
+    for _ in range(4):
+        slot.next_batch()
+    state = slot.state()
+    cursor = state["groups"]["g"]
+    assert cursor["epoch"] == 0 and cursor["offset"] > 0  # mid-shard
+    decoded, opened = [], []
+    real_decode, real_iter = stream_module.decode_sample, stream_module.iter_raw_samples
+    monkeypatch.setattr(stream_module, "decode_sample", lambda raw, *a, **k: decoded.append(raw.key) or
+                        real_decode(raw, *a, **k))
+    monkeypatch.setattr(stream_module, "iter_raw_samples", lambda url, offset=0: opened.append(offset) or
+                        real_iter(url, offset))
+    resumed = SlotStream(spec, 0, 1)
+    resumed.load(state)
+    # only the samples waiting in the buffers are read again, each at its own offset; only the packer's are decoded
+    assert len(opened) == len(state["shuffle_buffer"]) + len(state["packing_buffer"])
+    assert sorted(opened) == sorted(a[2] for a in state["shuffle_buffer"] + state["packing_buffer"])
+    assert len(decoded) == len(state["packing_buffer"])
+    assert resumed.state() == state
+    opened.clear()
+    assert_same_batches([resumed.next_batch()], [slot.next_batch()])
+    assert opened[0] == cursor["offset"]  # the stream continues where it was, without re-reading the consumed part
+
+
+def test_resume_with_other_world_size_or_data_is_refused(tmp_path, planner):
+    write_shards(tmp_path, "t2i", 2, 4)
+    dataset = DatasetConfig(groups=[group("g", [tmp_path])])
+    loader = build_train_loader(dataset, DATA, planner, rank=0, world_size=2, seed=0, micro_batch_size=1)
+    take(loader, 1)
+    state = loader.state_dict()
+    other = build_train_loader(dataset, DATA, planner, rank=0, world_size=3, seed=0, micro_batch_size=1)
+    with pytest.raises(stream_module.DataError, match="same number of ranks"):
+        other.load_state_dict(state)
+    other = build_train_loader(dataset, DATA, planner, rank=0, world_size=2, seed=1, micro_batch_size=1)
+    with pytest.raises(stream_module.DataError, match="changed since the checkpoint"):
+        other.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mixing
+
+
+def test_mixture_weights_are_honoured(tmp_path, planner):
+    for name in "abc":
+        write_shards(tmp_path / name, "t2i", 2, 10, prefix=name)
+    weights = {"a": 5.0, "b": 3.0, "c": 2.0}
+    resolved = [resolve_group(group(n, [tmp_path / n], weight=w)) for n, w in weights.items()]
+    spec = StreamSpec(resolved, planner, DATA, Branches(), 1, 11, 0, 1)
+    slot = SlotStream(spec, 0, 1)
+    draws = 3000
+    counts = Counter(slot._next_mixed().address[0] for _ in range(draws))
+    for name, w in weights.items():
+        assert abs(counts[name] / draws - w / 10.0) < 0.03, counts
+    slot.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def _corrupt_shards(root: Path) -> None:
+    write_shards(root / "good", "t2i", 1, 6, prefix="g")
+    # a truncated tar: cut inside the third sample's image
+    write_shards(root / "trunc", "t2i", 1, 4, prefix="t")
+    path = root / "trunc" / "shard-000000.tar"
+    data = path.read_bytes()
+    third = data.index(b"t000x0002.image.png")
+    path.write_bytes(data[:third + 1200])
+    # undecodable image, bad json, missing media
+    bad = root / "bad"
+    bad.mkdir()
+    writer = TarShardWriter(bad / "shard-000000.tar")
+    writer.add("b1.json", json.dumps({"task": "t2i", "caption": "x"}).encode())
+    writer.add("b1.image.png", b"\x89PNG\r\n\x1a\nnot really a png")
+    writer.add("b2.json", b"{not json")
+    writer.add("b2.image.png", _png(1))
+    writer.add("b3.json", json.dumps({"task": "t2i", "caption": "x"}).encode())
+    writer.add("b4.json", json.dumps({"task": "t2i", "caption": "ok"}).encode())
+    writer.add("b4.image.png", _png(2))
+    writer.close()
+    # a damaged header: flip bytes of the second member's header (bad checksum)
+    write_shards(root / "hdr", "t2i", 1, 3, prefix="h")
+    path = root / "hdr" / "shard-000000.tar"
+    data = bytearray(path.read_bytes())
+    second = data.index(b"h000x0001.json")
+    data[second:second + 4] = b"XXXX"
+    data[second + 148:second + 150] = b"99"
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_input_is_skipped_and_counted(tmp_path, planner):
+    _corrupt_shards(tmp_path)
+    dataset = DatasetConfig(groups=[group("g", [tmp_path / "good", tmp_path / "trunc/shard-000000.tar",
+                                                tmp_path / "bad/*.tar", tmp_path / "hdr"])])
+    loader = build_train_loader(dataset, DATA, planner, rank=0, world_size=1, seed=0, micro_batch_size=1)
+    batches = take(loader, 12)  # several epochs over 6 + 2 + 1 + 1 usable samples
+    assert all(b.num_real_tokens > 0 for b in batches)
+    scalars = loader.stats_scalars()
+    for reason in ("truncated_tar", "corrupt_tar", "undecodable_media", "bad_json", "missing_media"):
+        assert scalars[f"data/skipped/{reason}"] >= 1, (reason, scalars)
+    assert scalars["data/skipped"] == sum(scalars[f"data/skipped/{r}"] for r in stream_module.SKIP_REASONS)
+    # the samples before the cut of the truncated shard are read; the one cut in half is not
+    keys = [r.key for r in _read_all(tmp_path / "trunc/shard-000000.tar")]
+    assert keys == ["t000x0000", "t000x0001", "t000x0002"]
+
+
+def _read_all(path) -> list:
+    out = []
+    try:
+        for raw in iter_raw_samples(str(path)):
+            out.append(raw)
+    except stream_module.ShardError as e:
+        assert e.reason == "truncated_tar"
+    return out
+
+
+def test_a_group_without_any_usable_sample_is_reported(tmp_path, planner):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    writer = TarShardWriter(bad / "x.tar")
+    writer.add("k.json", b"{broken")
+    writer.close()
+    dataset = DatasetConfig(groups=[group("g", [bad / "x.tar"])])
+    loader = build_train_loader(dataset, DATA, planner, rank=0, world_size=1, seed=0, micro_batch_size=1)
+    with pytest.raises(stream_module.DataError, match="without one usable sample"):
+        take(loader, 1)
+
+
+def test_overlong_samples_are_dropped_or_refused(tmp_path, planner):
+    write_shards(tmp_path / "small", "t2i", 1, 4, prefix="s")
+    write_shards(tmp_path / "big", "t2i", 1, 2, prefix="b", media=lambda i: {"image.png": _png(i, 128)})
+    groups = [group("s", [tmp_path / "small"]),
+              dataclasses.replace(group("b", [tmp_path / "big"]), image=ImageOptions(resolution=256))]
+    loader = build_train_loader(DatasetConfig(groups=groups), DATA, planner, rank=0, world_size=1, seed=0,
+                                micro_batch_size=1)
+    take(loader, 3)
+    assert loader.stats_scalars()["data/skipped/overlong"] >= 1
+    strict = dataclasses.replace(DATA, filter_overlong=False)
+    loader = build_train_loader(DatasetConfig(groups=groups), strict, planner, rank=0, world_size=1, seed=0,
+                                micro_batch_size=1)
+    with pytest.raises(OverlongSampleError, match="data.packing_length=192"):
+        take(loader, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# remote shards
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_http_and_pipe_shards_stream_like_local_ones(http_root, planner):
+    root, url = http_root
+    write_shards(root / "d", "t2i", 3, 4)
+    local = build_train_loader(DatasetConfig(groups=[group("g", [root / "d"])]), DATA, planner, rank=0,
+                               world_size=1, seed=2, micro_batch_size=1)
+    expected = take(local, 4)
+    for sources in ([f"{url}/d/manifest.json"], [f"{url}/d/shard-{{000000..000002}}.tar"],
+                    [f"pipe:cat {root}/d/shard-{i:06d}.tar" for i in range(3)]):
+        remote = build_train_loader(DatasetConfig(groups=[group("g", sources)]), DATA, planner, rank=0,
+                                    world_size=1, seed=2, micro_batch_size=1)
+        assert_same_batches(take(remote, 4), expected)
+    # resume over HTTP: the server ignores Range, so the reader skips up to the offset
+    raws = list(iter_raw_samples(f"{url}/d/shard-000001.tar"))
+    again = fetch_raw(f"{url}/d/shard-000001.tar", raws[2].start, raws[2].key)
+    assert again.members == raws[2].members
+
+
+def test_unreachable_shards_are_counted(http_root, planner):
+    root, url = http_root
+    write_shards(root / "d", "t2i", 1, 4)
+    sources = [f"{url}/d/shard-000000.tar", f"{url}/d/missing.tar", "pipe:exit 3"]
+    loader = build_train_loader(DatasetConfig(groups=[group("g", sources)]), DATA, planner, rank=0, world_size=1,
+                                seed=0, micro_batch_size=1)
+    take(loader, 3)
+    assert loader.stats_scalars()["data/skipped/unreadable_shard"] >= 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# placeholders, videos
+
+
+def test_batches_carry_placeholders_for_missing_branches(tmp_path, planner):
+    write_shards(tmp_path, "t2i", 1, 6)
+    loader = build_train_loader(DatasetConfig(groups=[group("g", [tmp_path])]), DATA, planner, rank=0,
+                                world_size=1, seed=0, micro_batch_size=2)
+    for batch in take(loader, 2):
+        assert "placeholder" in batch.tasks and batch.tasks[-1] == "pad"
+        assert batch.vit_grid_thw.shape[0] == 1 and batch.vit_indexes.numel() == 1  # a ViT block runs
+        assert batch.ce_weights.numel() == 1 and batch.ce_weights.sum() == 0  # lm_head runs, weight 0
+        assert batch.vae_weights.sum() > 0  # real targets, no VAE placeholder needed
+        assert batch.num_tokens == 2 * DATA.packing_length
+    only_gen = build_train_loader(DatasetConfig(groups=[group("g", [tmp_path])]), DATA, planner, rank=0,
+                                  world_size=1, seed=0, micro_batch_size=1,
+                                  branches=Branches(vit=False, vae_target=True, ce=False))
+    assert "placeholder" not in take(only_gen, 1)[0].tasks
+
+
+def test_video_groups_sample_frames(tmp_path, planner):
+    def clip(i):
+        frames = torch.full((12, 32, 32, 3), 20 * (i % 10), dtype=torch.uint8)
+        return {"video.mp4": encode_video(frames, fps=24, codec="mpeg4")}
+
+    write_shards(tmp_path, "t2v", 1, 3, media=clip)
+    g = dataclasses.replace(group("v", [tmp_path], task="t2v"),
+                            video=VideoOptions(sample_fps=12, max_frames=9, max_duration=10.0))
+    loader = build_train_loader(DatasetConfig(groups=[g]), dataclasses.replace(DATA, packing_length=256), planner,
+                                rank=0, world_size=1, seed=0, micro_batch_size=1)
+    batch = take(loader, 1)[0]
+    targets = [p for p, t in zip(batch.vae_pixels, batch.vae_is_target) if t and p.shape[1] > 1]
+    assert targets and all(p.shape == (3, 5, 32, 32) for p in targets)  # 12 frames at 24 fps -> 6 at 12 -> 5 = 4k+1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def test_validation_covers_every_sample_once_with_equal_batch_counts(tmp_path, planner):
+    keys = write_shards(tmp_path / "a", "t2i", 2, 5, prefix="a") + write_shards(tmp_path / "b", "i2t", 1, 4,
+                                                                                 prefix="b")
+    dataset = DatasetConfig(groups=[group("a", [tmp_path / "a"]), group("b", [tmp_path / "b"], task="i2t")])
+    data = dataclasses.replace(DATA, val_samples_per_batch=3)
+    batches_by_world = {}
+    for world in (1, 2, 4):
+        per_rank = []
+        for rank in range(world):
+            loader = build_val_loader(dataset, data, planner, rank=rank, world_size=world)
+            per_rank.append([[p.key for p in plans] for plans in loader.iter_plans()])
+            batches = list(loader)
+            assert len(batches) == len(per_rank[-1])
+            assert all("placeholder" in b.tasks for b in batches if b.num_real_tokens == 0)
+        assert len({len(b) for b in per_rank}) == 1  # the same number of batches on every rank
+        seen = [k for batches in per_rank for batch in batches for k in batch]
+        assert sorted(seen) == sorted(keys)  # every sample exactly once
+        batches_by_world[world] = sorted(tuple(b) for batches in per_rank for b in batches if b)
+    assert batches_by_world[1] == batches_by_world[2] == batches_by_world[4]  # independent of the rank count
+    limited = build_val_loader(dataset, data, planner, rank=0, world_size=1, max_samples=4)
+    assert sum(len(b) for b in limited.iter_plans()) == 4
