@@ -888,6 +888,7 @@ class ValLoader:
     def iter_plans(self) -> Iterator[list[SequencePlan]]:
         """This rank's batches as plan lists (an empty list: a placeholder-only batch)."""
         k, world = self.samples_per_batch, self.world_size
+        self.skips = SkipCounter(f" validation rank {self.rank}")  # counts of this pass
         plans: list[SequencePlan] = []
         num_raw = own_batches = 0
         current = None  # the batch index being collected (one of ours)
