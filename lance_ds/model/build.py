@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from lance_ds.config.model import ModelConfig
 
+from .attention import import_flash_varlen
 from .lance import LanceConfig, LanceModel
 from .llm import RMSNorm, copy_und_to_gen, gen_to_und_name
 from .positions import LearnablePositions, lape_cost
@@ -86,7 +87,8 @@ class ModelBundle:
             parts.append(f"frozen {type(self.vae).__name__} (z {self.vae.latent_channels}, "
                          f"{self.vae.spatial_factor}x/{self.vae.temporal_factor}x)")
         if self.lape:
-            parts.append(f"LAPE +{self.lape['num_params']:,} params")
+            parts.append(f"LAPE +{self.lape['num_params']:,} params ({self.lape['weight_bytes'] / 2**20:.2f} MiB "
+                         f"weights, {self.lape['train_bytes'] / 2**20:.2f} MiB with fp32 master + Adam states)")
         return "; ".join(parts)
 
 
@@ -102,6 +104,8 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
     when available, else cpu); the trainable model stays where the engine will put it.
     """
     spec = resolve_spec(cfg)
+    if cfg.attention == "flash":
+        import_flash_varlen()  # refuse now, with the fix, rather than at the first forward
     device = torch.device(device) if device is not None else default_device()
     zero3 = is_zero3(ds_config)
     vae = build_codec(cfg, spec).to(device) if cfg.visual_gen else None

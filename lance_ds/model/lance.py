@@ -108,9 +108,12 @@ class LanceModel(nn.Module):
         decoder = self.language_model.model
         x = decoder.embed_tokens(batch.input_ids)  # vision slots are overwritten below
         if cfg.visual_und:
-            if hasattr(self, "vit_model"):
+            if hasattr(self, "vit_model") and batch.vit_indexes.numel() == 0:
+                x = x + 0.0 * self._idle_vit_pass().sum().to(x.dtype)
+            elif hasattr(self, "vit_model"):
                 vit_embeds = encode_vit(self.vit_model, batch.vit_patches, batch.vit_grid_thw)
-            x = x.index_copy(0, batch.vit_indexes, vit_embeds.to(x.dtype))
+            if vit_embeds is not None:  # None only for a batch without ViT tokens (a frozen ViT has no params here)
+                x = x.index_copy(0, batch.vit_indexes, vit_embeds.to(x.dtype))
         if cfg.visual_gen:
             x = x.index_copy(0, batch.vae_indexes, self.embed_latents(noisy_latents, timesteps, batch.vae_coords))
             routing = Routing.build(num_tokens, batch.vae_indexes)
@@ -125,6 +128,16 @@ class LanceModel(nn.Module):
             velocity = hidden.new_zeros(0, cfg.latent_channels)
         return Predictions(logits, velocity, hidden if return_hidden else None, x if return_hidden else None)
 
+    def _idle_vit_pass(self) -> Tensor:
+        """The trainable ViT on one blank merge window: a batch without ViT blocks still runs the tower (zero-weighted,
+        in the graph), so ZeRO-3 ranks never disagree on which modules ran (DESIGN rule 3)."""
+        embed = self.vit_model.patch_embed
+        merge = self.vit_model.spatial_merge_size
+        dim = embed.in_channels * embed.temporal_patch_size * embed.patch_size ** 2
+        device = embed.proj.weight.device
+        patches = torch.zeros(merge * merge, dim, device=device)
+        return encode_vit(self.vit_model, patches, torch.tensor([[1, merge, merge]], device=device))
+
     def _check_inputs(self, batch: PackedBatch, vit_embeds, noisy_latents, timesteps) -> None:
         cfg = self.cfg
         num_vit, num_vae = batch.vit_indexes.numel(), batch.vae_indexes.numel()
@@ -132,7 +145,7 @@ class LanceModel(nn.Module):
             raise ValueError(f"the batch has {num_vit} ViT tokens but the model was built with model.visual_und=false")
         if not cfg.visual_gen and num_vae:
             raise ValueError(f"the batch has {num_vae} VAE tokens but the model was built with model.visual_gen=false")
-        if cfg.visual_und and not hasattr(self, "vit_model"):
+        if cfg.visual_und and not hasattr(self, "vit_model") and (vit_embeds is not None or num_vit):
             if vit_embeds is None or vit_embeds.shape[0] != num_vit:
                 got = None if vit_embeds is None else tuple(vit_embeds.shape)
                 raise ValueError(f"vit_embeds must be [{num_vit}, {cfg.llm.hidden_size}] (one row per "

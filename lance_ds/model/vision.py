@@ -68,9 +68,13 @@ class VitConfig:
 def encode_vit(tower: torch.nn.Module, patches: Tensor, grid_thw: Tensor) -> Tensor:
     """patches [P, 3 * tp * p * p], grid_thw [I, 3] -> merged tokens [M, H] in the tower's dtype.
 
-    Runs without autograd when the tower is frozen (no activations kept for a backward that never comes).
+    Runs without autograd when the tower is frozen (no activations kept for a backward that never comes). An empty
+    batch gives [0, H] without running the tower: use it for a frozen tower (a trainable one inside LanceModel
+    gets a zero-weighted pass instead, see LanceModel._idle_vit_pass).
     """
     dtype = tower.patch_embed.proj.weight.dtype
+    if patches.shape[0] == 0:  # no ViT block in this batch (transformers' tower cannot take an empty grid)
+        return torch.zeros(0, tower.config.out_hidden_size, dtype=dtype, device=patches.device)
     trainable = any(p.requires_grad for p in tower.parameters())
     with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
         return tower(patches.to(dtype), grid_thw=grid_thw).pooler_output

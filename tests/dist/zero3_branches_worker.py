@@ -31,9 +31,15 @@ def ds_config() -> dict:
     }
 
 
-def batch_for(rank: int):
+def batch_for(rank: int, placeholders: bool = True):
     from lance_ds.model.synthetic import Text, Vae, Vit, synthetic_batch
 
+    if not placeholders:  # beyond the data contract: each rank holds only its own branch's tokens
+        if rank == 0:
+            batch = synthetic_batch([[Text(4), Vit(1, 4, 4), Text(3), Text(6, scored=True)]], NUM_CLASSES, seed=rank)
+            return dataclasses.replace(batch, vae_pixels=[])
+        batch = synthetic_batch([[Text(5), Vae(1, 2, 3), Text(1)]], NUM_CLASSES, seed=rank)
+        return dataclasses.replace(batch, vae_pixels=[torch.rand(1, 3, 1, 16, 24) * 2 - 1])
     if rank == 0:  # i2t + a VAE placeholder (weight 0) so the gen expert and heads run
         batch = synthetic_batch([[Text(4), Vit(1, 4, 4), Text(3), Text(6, scored=True)],
                                  [Vae(1, 1, 1, weight=0.0)]], NUM_CLASSES, seed=rank, tasks=["i2t", "pad"])
@@ -47,6 +53,8 @@ def batch_for(rank: int):
 
 
 def train(mode: str, steps: int, rank: int) -> dict:
+    placeholders = not mode.endswith("-bare")
+    mode = mode.removesuffix("-bare")
     """Build (ZeRO-3), train `steps` steps on this rank's batch, report losses and which weights moved."""
     import deepspeed
 
@@ -79,12 +87,13 @@ def train(mode: str, steps: int, rank: int) -> dict:
     before = snapshot()
     engine, _, _, _ = deepspeed.initialize(model=model, config=config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
-    batch = batch_for(rank)
+    batch = batch_for(rank, placeholders)
     objective = ObjectiveConfig()
     records = []
     for step in range(steps):
         vit = encode_vit(bundle.vit, batch.vit_patches, batch.vit_grid_thw) if bundle.vit is not None else None
-        latents = torch.cat([bundle.vae.encode(p)[0].flatten(1).T for p in batch.vae_pixels])  # [N, z] raster
+        latents = torch.cat([bundle.vae.encode(p)[0].flatten(1).T for p in batch.vae_pixels] or
+                            [torch.zeros(0, bundle.geometry.latent_channels)])  # [N, z] raster
         flow = prepare_flow(latents, batch, objective.timestep_shift, torch.Generator().manual_seed(step * 10 + rank))
         pred = engine(batch, vit, flow.noisy, flow.timesteps)
         losses = compute_losses(pred.logits, pred.velocity, batch, flow, objective)

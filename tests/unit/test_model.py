@@ -263,3 +263,13 @@ def test_trainable_vit_lives_in_the_model():
     pred = bundle.model(batch, None, latents, torch.zeros(latents.shape[0]))
     pred.logits.logsumexp(-1).sum().backward()
     assert bundle.model.vit_model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_trainable_vit_runs_on_batches_without_vit_blocks():
+    bundle = build(vit_trainable=True)
+    batch = synthetic_batch([[Text(3), Vae(1, 2, 2), Text(1)], [Text(4, scored=True)]], NUM_CLASSES)
+    latents = random_latents(batch, bundle.geometry.latent_channels)
+    pred = bundle.model(batch, None, latents, torch.zeros(latents.shape[0]))
+    (pred.logits.logsumexp(-1).sum() + pred.velocity.sum()).backward()
+    grad = bundle.model.vit_model.patch_embed.proj.weight.grad
+    assert grad is not None and grad.abs().sum() == 0  # ran (ZeRO-3 sees it), contributed nothing
