@@ -163,6 +163,11 @@ def example_world_corpus() -> list[str]:
     for shape, direction in itertools.product(SHAPES[:10], DIRECTIONS):
         lines.append(f"Which direction does the {shape} move? It moves {direction}.")
         lines.append(f"reverse the video so the {shape} moves {direction}")
+    # the templates of lance_ds/data/example.py, written out here so that the tokenizer does not change with it
+    for colour, shape, direction in itertools.product(COLOURS[:12], SHAPES[:12], DIRECTIONS[:4]):
+        lines += [f"a {colour} {shape} moving {direction}", f"make it {colour}", f"turn it into a {shape}"]
+    lines += ["You are a helpful assistant.", "What is in the image?", "What colour is the shape?", "What shape is it?",
+              "What happens in the video?", "Which way does the shape move?"] * 100
     return lines
 
 
