@@ -29,8 +29,8 @@ from .positions import LearnablePositions, lape_cost
 from .registry import ModelSpec, resolve_spec
 from .vae import FrozenVAE, VaeConfig, build_vae, detect_kind
 from .vision import build_vision_tower, freeze, load_vision_weights
-from .weights import (LANCE_WEIGHTS, complete_from_qwen, is_lance_dir, lance_to_model, qwen_text_names,
-                      qwen_to_model, read_tensors, safetensors_index)
+from .weights import (LANCE_POS_TABLE, LANCE_WEIGHTS, LazyState, is_lance_dir, lance_sources, qwen_sources,
+                      read_tensors, safetensors_index)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -282,22 +282,20 @@ def model_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 def load_llm_weights(model: LanceModel, path: Path) -> None:
-    """Lance checkpoint key for key, or a Qwen2.5-VL checkpoint's text weights (+ gen expert copied)."""
+    """Lance checkpoint key for key, or a Qwen2.5-VL checkpoint's text weights (+ gen expert copied), read lazily."""
     shapes = model_shapes(model)
-    own = {n for n in shapes if not n.startswith("vit_model.")}
+    with_vit = hasattr(model, "vit_model")
+    own = {n for n in shapes if with_vit or not n.startswith("vit_model.")}
     if is_lance_dir(path):
         where = str(path / LANCE_WEIGHTS)
         index = safetensors_index(path / LANCE_WEIGHTS)
-        wanted = [k for k in index if hasattr(model, "vit_model") or not k.startswith("vit_model.")]
-        state, vit_state, table = lance_to_model(read_tensors(index, wanted))
-        check_position_table(model, table, where)
-        if hasattr(model, "vit_model"):
-            state.update({f"vit_model.{k}": v for k, v in vit_state.items()})
-            own = set(shapes)
+        state = LazyState(index, lance_sources(index, with_vit))
+        if LANCE_POS_TABLE in index:
+            check_position_table(model, read_tensors(index, [LANCE_POS_TABLE])[LANCE_POS_TABLE], where)
     else:
         where = f"{path} (Qwen2.5-VL)"
         index = safetensors_index(path)
-        state = complete_from_qwen(qwen_to_model(read_tensors(index, qwen_text_names(index))), shapes)
+        state = LazyState(index, qwen_sources(index, shapes))
     loaded = load_state(model, state, where)
     missing = sorted(own - loaded - {n for n in own if n.startswith("lape.")})
     if missing:
@@ -323,9 +321,9 @@ def _optional_key(name: str, model: LanceModel) -> bool:
     return False
 
 
-def check_position_table(model: LanceModel, table: torch.Tensor | None, where: str) -> None:
+def check_position_table(model: LanceModel, table: torch.Tensor, where: str) -> None:
     """A stored sin-cos table must equal the recomputed one: else positions would silently mean something else."""
-    if table is None or not model.cfg.visual_gen:
+    if not model.cfg.visual_gen:
         return
     ours = model.latent_pos_embed.table()
     if ours.shape != table.shape:

@@ -96,11 +96,21 @@ def llm_config_from_hf(data: dict, where: str) -> LLMConfig:
             intermediate_size=text["intermediate_size"], num_layers=text["num_hidden_layers"],
             num_heads=text["num_attention_heads"], num_kv_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
             rope_theta=float(text.get("rope_theta", rope.get("rope_theta", 1e6))),
-            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+            mrope_section=tuple(rope.get("mrope_section") or default_mrope_section(
+                text["hidden_size"] // text["num_attention_heads"])),
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)))
     except KeyError as e:
         raise ValueError(f"{where} lacks the Qwen2 field {e}; it must be a Lance llm_config.json or a Qwen2.5-VL "
                          "config.json") from e
+
+
+def default_mrope_section(head_dim: int) -> tuple[int, int, int]:
+    """Qwen2.5-VL's split of the head_dim / 2 frequencies (t, h, w = 1/4, 3/8, 3/8: [16, 24, 24] for 128), for
+    text-only Qwen2 checkpoints that carry none (for text tokens every split is plain RoPE)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return t, h, half - t - h
 
 
 def spec_from_dir(path: str | Path, base: ModelSpec) -> ModelSpec:

@@ -14,6 +14,7 @@ Only safetensors is read (DESIGN rule 10: no pickles from checkpoints).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -102,42 +103,71 @@ def model_to_lance(model_state: dict[str, Tensor], vit_state: dict[str, Tensor] 
     return out
 
 
-def qwen_to_model(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Qwen2.5-VL text weights -> LanceModel names (und expert only; the ViT keys are left out)."""
-    out = {}
-    for k, v in state.items():
-        if k.startswith(("visual.", "model.visual.")):
-            continue
-        for src, dst in QWEN_TEXT_PREFIXES:
-            if k.startswith(src):
-                out[dst + k[len(src):]] = v
-                break
-    return out
+def qwen_name(key: str) -> str | None:
+    """A Qwen2.5-VL / Qwen2 checkpoint key -> LanceModel name (und expert); None for the ViT and unknown keys."""
+    if key.startswith(("visual.", "model.visual.")):
+        return None
+    for src, dst in QWEN_TEXT_PREFIXES:
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
 
 
-def qwen_text_names(index: dict[str, Path]) -> list[str]:
-    return [k for k in index if not k.startswith(("visual.", "model.visual."))
-            and any(k.startswith(src) for src, _ in QWEN_TEXT_PREFIXES)]
+class LazyState(Mapping):
+    """Model name -> tensor, read from the checkpoint only when asked for (one module's tensors in memory at a
+    time, so N ranks loading a 3B checkpoint do not each hold all of it). A source is a checkpoint key, or a
+    function making the tensor (fills for what a checkpoint lacks)."""
+
+    def __init__(self, index: dict[str, Path], sources: dict[str, str | Callable[[], Tensor]]):
+        self.index, self.sources = index, sources
+        self._handles: dict[Path, object] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        src = self.sources[name]
+        if callable(src):
+            return src()
+        f = self.index[src]
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), framework="pt")
+        return self._handles[f].get_tensor(src)
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the tensor to answer
+        return name in self.sources
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
 
 
-def complete_from_qwen(state: dict[str, Tensor], model_names: dict[str, torch.Size]) -> dict[str, Tensor]:
-    """Fill what a Qwen2.5-VL checkpoint lacks: an untied lm_head, QK-norms (ones) and the gen expert (copies)."""
+def lance_sources(index: dict[str, Path], with_vit: bool) -> dict[str, str]:
+    """Lance's checkpoint names are the model's: identity, minus the fixed table (and the ViT when it is frozen)."""
+    return {k: k for k in index if k != LANCE_POS_TABLE and (with_vit or not k.startswith(LANCE_VIT_PREFIX))}
+
+
+def qwen_sources(index: dict[str, Path], model_shapes: dict[str, torch.Size]) -> dict[str, str | Callable[[], Tensor]]:
+    """Qwen2.5-VL / Qwen2 text weights for LanceModel, plus what they lack: an untied lm_head (the embeddings,
+    when the checkpoint ties them, as Qwen2.5-VL-3B does), QK-norms (ones) and the gen expert (its und twin)."""
     from .llm import gen_to_und_name
 
-    state = dict(state)
+    sources: dict = {}
+    for key in index:
+        name = qwen_name(key)
+        if name is not None:
+            sources[name] = key
     head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
-    if head not in state and embed in state:
-        state[head] = state[embed].clone()  # Qwen2.5-VL-3B ties them; Lance unties
-    for name, shape in model_names.items():
-        if name in state:
+    if head not in sources and embed in sources:
+        sources[head] = sources[embed]
+    for name, shape in model_shapes.items():
+        und = gen_to_und_name(name) or name
+        if name in sources:
             continue
-        if name.endswith(("q_norm.weight", "k_norm.weight")):
-            state[name] = torch.ones(shape)
-        elif (und := gen_to_und_name(name)) is not None and und in state:
-            state[name] = state[und].clone()
-        elif und is not None and und.endswith(("q_norm.weight", "k_norm.weight")):
-            state[name] = torch.ones(shape)
-    return state
+        if und.endswith(("q_norm.weight", "k_norm.weight")):
+            sources[name] = lambda shape=shape: torch.ones(shape)
+        elif und in sources:
+            sources[name] = sources[und]
+    return sources
 
 
 def llm_config_json(llm, vit=None, extra: dict | None = None) -> dict:

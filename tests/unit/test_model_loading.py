@@ -166,3 +166,43 @@ def test_codec_choice_errors_are_clear():
         build_model(cfg(size="3b", visual_und=False, path=None), NUM_CLASSES)  # Wan2.2 needs its weights
     with pytest.raises(ValueError, match="model.vae must be one of"):
         build_vae(VaeConfig(kind="vq"))
+
+
+def test_init_from_plain_qwen2_dir(tmp_path):
+    """A text-only Qwen2 checkpoint (keys model.* / lm_head.*) initialises the decoder; it has no ViT, so the
+    understanding branch must be off or get model.vit_path."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(2)
+    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    hf.save_pretrained(tmp_path)
+    bundle = build_model(cfg(path=str(tmp_path), visual_und=False), NUM_CLASSES)
+    assert bundle.spec.llm.mrope_section == (2, 3, 3)  # Qwen2.5-VL's 1/4, 3/8, 3/8 split of head_dim / 2
+    ours = dict(bundle.model.named_parameters())
+    assert torch.equal(ours["language_model.lm_head.weight"], hf.lm_head.weight)
+    assert torch.equal(ours["language_model.model.layers.1.mlp_moe_gen.gate_proj.weight"],
+                       hf.model.layers[1].mlp.gate_proj.weight)
+    with pytest.raises(FileNotFoundError, match="model.vit_path"):
+        build_model(cfg(path=str(tmp_path)), NUM_CLASSES)
+
+
+def test_3b_geometry_on_the_meta_device():
+    """Lance_3B's shapes (LANCE_FACTS "Checkpoint layout") without allocating: ~6.1 B decoder parameters, both experts."""
+    from lance_ds.model.lance import LanceConfig, LanceModel
+
+    spec = resolve_spec(cfg(size="3b"))
+    with torch.device("meta"):
+        model = LanceModel(LanceConfig(llm=spec.llm, num_text_classes=151665, latent_channels=48,
+                                       max_latent_size=spec.max_latent_size, max_num_frames=spec.max_num_frames))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    layer = "language_model.model.layers.35."
+    assert shapes[layer + "self_attn.q_proj_moe_gen.weight"] == (2048, 2048)
+    assert shapes[layer + "self_attn.k_proj.weight"] == (256, 2048) and shapes[layer + "self_attn.k_norm.weight"] == (128,)
+    assert shapes[layer + "mlp_moe_gen.down_proj.weight"] == (2048, 11008)
+    assert shapes["language_model.model.embed_tokens.weight"] == (151936, 2048)
+    assert shapes["time_embedder.mlp.0.weight"] == (2048, 256) and shapes["vae2llm.weight"] == (2048, 48)
+    assert model.latent_pos_embed.max_latent_frames * spec.max_latent_size ** 2 == 31 * 64 * 64
+    total = sum(p.numel() for p in model.parameters())
+    assert total == spec.llm.num_params() + 2048 * 256 + 2048 + 2048 * 2048 + 2048 + 2 * 48 * 2048 + 48 + 2048
+    assert 6.0e9 < total < 6.3e9
