@@ -6,8 +6,10 @@
 
   python bench/bench_convert.py [--rows 2000] [--image-kb 100] [--repeats 3]
 
-Throughput is parquet bytes in / wall seconds. Each figure is the best of --repeats runs (the machine is shared),
-every run into a fresh output directory (a re-run into the same one would resume and skip the work).
+Throughput is parquet bytes in / wall seconds. Compared runs are interleaved round by round and each figure is the
+best of --repeats rounds (the machine is shared), every run into a fresh output directory (a re-run into the same one
+would resume and skip the work). A pure-CPU loop on 1 and 2 processes is timed beside the scaling runs: its ratio is
+what 2 workers can reach on this machine at that moment.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,29 +54,40 @@ def make_t2i_parquet(path: Path, rows: int, side: int, quality: int, row_group_s
     return path
 
 
-def best_seconds(fn, clean, repeats: int) -> float:
-    """Best wall time of fn() over `repeats` runs, each after clean() (which is not timed)."""
-    times = []
+@dataclass
+class Timed:
+    """One contender: what to run, what to clean (untimed) before each run, and its wall times."""
+
+    name: str
+    run: Callable[[], object]
+    clean: Callable[[], object] = lambda: None
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+
+def race(contenders: list[Timed], repeats: int) -> None:
+    """Run the contenders round-robin, `repeats` rounds: a neighbour's load hits all of them alike."""
     for _ in range(repeats):
-        clean()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    clean()
-    return min(times)
+        for c in contenders:
+            c.clean()
+            start = time.perf_counter()
+            c.run()
+            c.times.append(time.perf_counter() - start)
+    for c in contenders:
+        c.clean()
 
 
-def timed_convert(source: Path, work: Path, repeats: int, **options) -> float:
-    out = work / "out"
-    return best_seconds(
-        lambda: convert(ConvertOptions(inputs=[str(source)], output=str(out), progress=False, **options)),
-        lambda: shutil.rmtree(out, ignore_errors=True), repeats)
+def converting(name: str, source: Path, out: Path, **options) -> Timed:
+    return Timed(name, lambda: convert(ConvertOptions(inputs=[str(source)], output=str(out), progress=False, **options)),
+                 lambda: shutil.rmtree(out, ignore_errors=True))
 
 
-def timed_cp(source: Path, work: Path, repeats: int) -> float:
-    target = work / "copy.parquet"
-    return best_seconds(lambda: subprocess.run(["cp", str(source), str(target)], check=True),
-                        lambda: target.unlink(missing_ok=True), repeats)
+def copying(source: Path, target: Path) -> Timed:
+    return Timed("cp", lambda: subprocess.run(["cp", str(source), str(target)], check=True),
+                 lambda: target.unlink(missing_ok=True))
 
 
 def _spin(n: int) -> int:
@@ -82,15 +97,12 @@ def _spin(n: int) -> int:
     return total
 
 
-def machine_scaling(repeats: int, n: int = 3_000_000) -> float:
-    """How much faster 2 processes finish 2 pure-CPU jobs than 1 process does, on this machine right now: the
-    ceiling for any 2-worker figure (other tenants' load shows up here too)."""
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(2) as pool:
-        pool.map(_spin, [1000, 1000])  # start the workers before timing
-        one = best_seconds(lambda: [_spin(n), _spin(n)], lambda: None, repeats)
-        two = best_seconds(lambda: pool.map(_spin, [n, n]), lambda: None, repeats)
-    return one / two
+def spinning(pool, workers: int, n: int = 2_000_000) -> Timed:
+    """Two pure-CPU jobs on 1 or 2 processes: their ratio is the ceiling of any 2-worker figure on this machine right
+    now (other tenants' load shows up here too)."""
+    if workers == 1:
+        return Timed("pure-CPU loop, 1 process", lambda: [_spin(n), _spin(n)])
+    return Timed("pure-CPU loop, 2 processes", lambda: pool.map(_spin, [n, n]))
 
 
 def main(argv=None) -> int:
@@ -104,33 +116,37 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp, context.Pool(2) as pool:
         work = Path(tmp)
         big = make_t2i_parquet(work / "big.parquet", args.rows, args.side, 90, row_group_size=50)
         small = make_t2i_parquet(work / "small.parquet", args.verify_rows, args.verify_side, 90, row_group_size=25)
         big_mb, small_mb = big.stat().st_size / 1e6, small.stat().st_size / 1e6
         big.read_bytes(), small.read_bytes()  # into the page cache for everyone alike
+        pool.map(_spin, [1, 1])  # workers started before timing
 
-        cp_s = timed_cp(big, work, args.repeats)
-        none_1 = timed_convert(big, work, args.repeats, verify="none", samples_per_shard=args.samples_per_shard)
-        none_2 = timed_convert(big, work, args.repeats, verify="none", samples_per_shard=args.samples_per_shard,
-                               workers=2)
-        full_1 = timed_convert(small, work, args.repeats, verify="full", samples_per_shard=args.samples_per_shard)
-        full_2 = timed_convert(small, work, args.repeats, verify="full", samples_per_shard=args.samples_per_shard,
-                               workers=2)
-        ceiling = machine_scaling(args.repeats)
+        shards = args.samples_per_shard
+        cp = copying(big, work / "copy.parquet")
+        none_1 = converting("convert --verify none, 1 worker", big, work / "out", verify="none", samples_per_shard=shards)
+        none_2 = converting("convert --verify none, 2 workers", big, work / "out", verify="none", samples_per_shard=shards,
+                            workers=2)
+        race([cp, none_1, none_2], args.repeats)
+        full_1 = converting("convert --verify full, 1 worker", small, work / "out", verify="full", samples_per_shard=shards)
+        full_2 = converting("convert --verify full, 2 workers", small, work / "out", verify="full",
+                            samples_per_shard=shards, workers=2)
+        spin_1, spin_2 = spinning(pool, 1), spinning(pool, 2)
+        race([full_1, full_2, spin_1, spin_2], args.repeats)
 
-    print(f"cp comparison: {args.rows} rows of {args.side}px JPEG, {big_mb:.0f} MB parquet; "
-          f"scaling: {args.verify_rows} rows of {args.verify_side}px JPEG, {small_mb:.0f} MB; best of {args.repeats}")
+    print(f"cp comparison: {args.rows} rows of {args.side}px JPEG, {big_mb:.0f} MB parquet; scaling: "
+          f"{args.verify_rows} rows of {args.verify_side}px JPEG, {small_mb:.0f} MB; best of {args.repeats} interleaved rounds")
     print(f"{'run':34s} {'seconds':>8s} {'MB/s':>8s}")
-    for name, seconds, mb in [("cp", cp_s, big_mb), ("convert --verify none, 1 worker", none_1, big_mb),
-                              ("convert --verify none, 2 workers", none_2, big_mb),
-                              ("convert --verify full, 1 worker", full_1, small_mb),
-                              ("convert --verify full, 2 workers", full_2, small_mb)]:
-        print(f"{name:34s} {seconds:8.2f} {mb / seconds:8.1f}")
-    print(f"verify none vs cp: {cp_s / none_1:.2f}x (1 worker), {cp_s / none_2:.2f}x (2 workers)   goal >= 0.7x")
-    print(f"verify full, 2 workers vs 1: {full_1 / full_2:.2f}x   goal >= 1.7x "
-          f"(a pure-CPU loop in 2 processes vs 1 on this machine right now: {ceiling:.2f}x)")
+    for timed, mb in [(cp, big_mb), (none_1, big_mb), (none_2, big_mb), (full_1, small_mb), (full_2, small_mb),
+                      (spin_1, 0), (spin_2, 0)]:
+        print(f"{timed.name:34s} {timed.best:8.2f} " + (f"{mb / timed.best:8.1f}" if mb else f"{'':>8s}"))
+    print(f"verify none vs cp: {cp.best / none_1.best:.2f}x (1 worker), {cp.best / none_2.best:.2f}x (2 workers)"
+          "   goal >= 0.7x")
+    print(f"verify full, 2 workers vs 1: {full_1.best / full_2.best:.2f}x   goal >= 1.7x "
+          f"(ceiling on this machine right now, pure-CPU loop 2 vs 1 processes: {spin_1.best / spin_2.best:.2f}x)")
     return 0
 
 
