@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Loader benchmark: samples/s per worker (images, videos) and packing efficiency, measured side by side in one run.
+
+    OMP_NUM_THREADS=1 python bench/bench_loader.py [--num-per-task 96] [--size 64] [--packing-length 1024]
+
+Data: the example dataset (lance_ds/data/example.py, all six tasks) converted to shards in a temporary directory.
+1. Per worker (one slot in this process, no DataLoader): raw shard reading alone, and read + decode + plan, for the
+   image tasks (t2i, i2i, i2t) and the video tasks (t2v, v2v, v2t); then whole packed batches through a DataLoader
+   with 1 and 2 worker processes (the ratio shows how decode scales with workers on this machine).
+2. Packing efficiency (real tokens / tokens) on the six-task mixture: first-fit from a 64-plan buffer (the default),
+   next-fit, and the padded-batch baseline (batches of B samples, each padded to the longest). Goal: >= 95%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from lance_ds.config.data import TASKS, DataConfig, DatasetConfig, GroupConfig, ImageOptions  # noqa: E402
+from lance_ds.data.convert import ConvertOptions, convert  # noqa: E402
+from lance_ds.data.example import ExampleConfig, write_example_dataset  # noqa: E402
+from lance_ds.data.packing import Branches, TokenBudgetPacker  # noqa: E402
+from lance_ds.data.schemas import SCHEMAS  # noqa: E402
+from lance_ds.data.sequence import SequencePlanner, VisionGeometry  # noqa: E402
+from lance_ds.data.stream import SlotStream, StreamSpec, build_train_loader, resolve_group  # noqa: E402
+from lance_ds.data.tokenizer import load_tokenizer  # noqa: E402
+
+IMAGE_TASKS = ("t2i", "i2i", "i2t")
+VIDEO_TASKS = ("t2v", "v2v", "v2t")
+
+
+def make_shards(root: Path, num_per_task: int, size: int) -> dict[str, Path]:
+    write_example_dataset(root / "parquet", ExampleConfig(num_per_task=num_per_task, size=size))
+    out = {}
+    for task in TASKS:
+        out[task] = root / "shards" / task
+        convert(ConvertOptions(inputs=[str(root / "parquet" / SCHEMAS[task].dir_name)], output=str(out[task]),
+                               samples_per_shard=32, verify="none", progress=False))
+    return out
+
+
+def groups_for(shards: dict[str, Path], tasks, size: int) -> list[GroupConfig]:
+    return [GroupConfig(name=t, shards=[str(shards[t])], task=t, image=ImageOptions(resolution=size)) for t in tasks]
+
+
+def slot(groups, planner, data) -> SlotStream:
+    spec = StreamSpec([resolve_group(g) for g in groups], planner, data, Branches(), 1, 0, 0, 1)
+    return SlotStream(spec, 0, 1)
+
+
+def per_worker_rates(groups, planner, data, n: int) -> tuple[float, float]:
+    """(raw samples/s, decoded+planned samples/s) of one slot."""
+    s = slot(groups, planner, data)
+    start = time.perf_counter()
+    for _ in range(n):
+        s._next_mixed()
+    raw_rate = n / (time.perf_counter() - start)
+    s.close()
+    s = slot(groups, planner, data)
+    for _ in range(8):  # warm-up: first shard opens, interpolation kernels
+        s._next_plan()
+    start = time.perf_counter()
+    for _ in range(n):
+        s._next_plan()
+    rate = n / (time.perf_counter() - start)
+    s.close()
+    return raw_rate, rate
+
+
+def loader_rate(groups, planner, data, num_workers: int, num_batches: int) -> float:
+    """Samples/s of whole packed batches through the rank's loader with `num_workers` processes."""
+    loader = build_train_loader(DatasetConfig(groups=groups), dataclasses.replace(data, num_workers=num_workers),
+                                planner, rank=0, world_size=1, seed=0, micro_batch_size=1)
+    it = iter(loader)
+    for _ in range(max(2, num_workers)):  # warm-up: worker start, buffers filled
+        next(it)
+    before = loader.stats()["samples"]
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(it)
+    elapsed = time.perf_counter() - start
+    samples = loader.stats()["samples"] - before
+    loader.close()
+    return samples / elapsed
+
+
+def packing_efficiencies(lengths: list[int], packing_length: int, buffer: int) -> dict[str, float]:
+    class Item:  # the packer only looks at num_tokens
+        def __init__(self, n):
+            self.num_tokens = n
+
+    out = {}
+    for strategy in ("first_fit", "next_fit"):
+        packer = TokenBudgetPacker(packing_length, buffer, strategy)
+        used = total = 0
+        for n in lengths:
+            packer.add(Item(n))
+            if packer.ready():
+                seq = packer.pop_sequence()
+                used, total = used + sum(p.num_tokens for p in seq), total + packing_length
+        out[strategy] = used / total
+    for b in (8, 32):
+        batches = [lengths[i:i + b] for i in range(0, len(lengths) - b + 1, b)]
+        out[f"padded_batch_{b}"] = sum(map(sum, batches)) / sum(len(x) * max(x) for x in batches)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-per-task", type=int, default=96)
+    p.add_argument("--size", type=int, default=64, help="image / video side of the example data and target resolution")
+    p.add_argument("--packing-length", type=int, default=1024)
+    p.add_argument("--samples", type=int, default=200, help="samples timed per measurement")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    planner = SequencePlanner(load_tokenizer(None), VisionGeometry(), seed=0)
+    data = DataConfig(packing_length=args.packing_length, shuffle_buffer=64, packing_buffer=64, num_workers=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        shards = make_shards(Path(tmp), args.num_per_task, args.size)
+        print(f"example data: {args.num_per_task} samples x 6 tasks, {args.size}px, 9-frame videos "
+              f"({time.perf_counter() - t0:.1f} s to make and convert)\n")
+
+        print("1. loader throughput (one worker = one slot in this process)")
+        print(f"   {'tasks':<22}{'raw read/s':>12}{'decode+plan/s':>15}{'decode+plan / raw':>19}")
+        rates = {}
+        for name, tasks in (("images (t2i,i2i,i2t)", IMAGE_TASKS), ("videos (t2v,v2v,v2t)", VIDEO_TASKS)):
+            raw, full = per_worker_rates(groups_for(shards, tasks, args.size), planner, data, args.samples)
+            rates[name] = full
+            print(f"   {name:<22}{raw:>12.0f}{full:>15.1f}{full / raw:>19.3f}")
+        print(f"   videos / images per worker: {rates['videos (t2v,v2v,v2t)'] / rates['images (t2i,i2i,i2t)']:.3f}")
+        mix = groups_for(shards, TASKS, args.size)
+        one = loader_rate(mix, planner, data, 1, 12)
+        two = loader_rate(mix, planner, data, 2, 24)
+        print(f"   six-task mixture, packed batches via DataLoader: 1 worker {one:.1f} samples/s, "
+              f"2 workers {two:.1f} samples/s (x{two / one:.2f}; this machine has {torch.get_num_threads()} "
+              f"torch thread(s), cores shared)\n")
+
+        print(f"2. packing efficiency, six-task mixture, packing_length {args.packing_length}")
+        s = slot(mix, planner, data)
+        plans = [s._next_plan() for _ in range(1200)]
+        s.close()
+        lengths = [p.num_tokens for p in plans]
+        by_task = {t: sum(p.num_tokens for p in plans if p.task == t) / max(1, sum(p.task == t for p in plans))
+                   for t in TASKS}
+        print("   mean tokens per sample: " + ", ".join(f"{t} {n:.0f}" for t, n in by_task.items()))
+        eff = packing_efficiencies(lengths, args.packing_length, data.packing_buffer)
+        for name, value in eff.items():
+            print(f"   {name:<16} {100 * value:6.2f}% real tokens   (x{value / eff['padded_batch_8']:.2f} of padded "
+                  f"batches of 8)")
+        print(f"   goal >= 95%: {'met' if eff['first_fit'] >= 0.95 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
