@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing
+import resource
 import shutil
 import subprocess
 import sys
@@ -62,10 +63,21 @@ class Timed:
     run: Callable[[], object]
     clean: Callable[[], object] = lambda: None
     times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # CPU seconds of this process and its finished children
 
     @property
     def best(self) -> float:
         return min(self.times)
+
+    @property
+    def best_cpu(self) -> float:
+        return min(self.cpu)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of its children that have exited (cp, converter workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def race(contenders: list[Timed], repeats: int) -> None:
@@ -73,9 +85,10 @@ def race(contenders: list[Timed], repeats: int) -> None:
     for _ in range(repeats):
         for c in contenders:
             c.clean()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), cpu_seconds()
             c.run()
             c.times.append(time.perf_counter() - start)
+            c.cpu.append(cpu_seconds() - start_cpu)
     for c in contenders:
         c.clean()
 
@@ -139,14 +152,17 @@ def main(argv=None) -> int:
 
     print(f"cp comparison: {args.rows} rows of {args.side}px JPEG, {big_mb:.0f} MB parquet; scaling: "
           f"{args.verify_rows} rows of {args.verify_side}px JPEG, {small_mb:.0f} MB; best of {args.repeats} interleaved rounds")
-    print(f"{'run':34s} {'seconds':>8s} {'MB/s':>8s}")
+    print(f"{'run':34s} {'seconds':>8s} {'MB/s':>8s} {'CPU s':>8s}")
     for timed, mb in [(cp, big_mb), (none_1, big_mb), (none_2, big_mb), (full_1, small_mb), (full_2, small_mb),
                       (spin_1, 0), (spin_2, 0)]:
-        print(f"{timed.name:34s} {timed.best:8.2f} " + (f"{mb / timed.best:8.1f}" if mb else f"{'':>8s}"))
+        rate = f"{mb / timed.best:8.1f}" if mb else f"{'':>8s}"
+        cpu = f"{timed.best_cpu:8.2f}" if timed is not spin_2 else f"{'':>8s}"  # pool workers are reaped at the end
+        print(f"{timed.name:34s} {timed.best:8.2f} {rate} {cpu}")
     print(f"verify none vs cp: {cp.best / none_1.best:.2f}x (1 worker), {cp.best / none_2.best:.2f}x (2 workers)"
           "   goal >= 0.7x")
     print(f"verify full, 2 workers vs 1: {full_1.best / full_2.best:.2f}x   goal >= 1.7x "
-          f"(ceiling on this machine right now, pure-CPU loop 2 vs 1 processes: {spin_1.best / spin_2.best:.2f}x)")
+          f"(ceiling on this machine right now, pure-CPU loop 2 vs 1 processes: {spin_1.best / spin_2.best:.2f}x; "
+          f"CPU work 2 workers / 1 worker: {full_2.best_cpu / full_1.best_cpu:.2f})")
     return 0
 
 
