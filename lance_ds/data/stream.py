@@ -472,8 +472,8 @@ class GroupReader:
         if c.empty_epochs > 2 * (self.num_slots + len(self.group.shards)):
             raise DataError(
                 f"group {self.group.name!r}: slot {self.slot} of {self.num_slots} read {c.empty_epochs} epochs of its "
-                f"{len(self.group.shards)} shard(s) without one usable sample (skips so far: {dict(self.skips.counts)}); "
-                f"check the shards ({self.group.shards[0].url}, ...)")
+                f"{len(self.group.shards)} shard(s) without getting one sample (skips so far: "
+                f"{dict(self.skips.counts)}); check the shards ({self.group.shards[0].url}, ...)")
         c.epoch, c.unit, c.kept_in_epoch = c.epoch + 1, 0, 0
 
     def close(self) -> None:
