@@ -130,9 +130,8 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
     init_weights(model)
     if cfg.path:
         load_llm_weights(model, Path(cfg.path))
-    else:
-        with gathered(list(model.language_model.parameters())):
-            copy_und_to_gen(model.language_model)
+    elif cfg.visual_gen:
+        init_gen_expert(model)
     if trainable_vit is not None:
         vit = None  # it lives in the model (and its checkpoint) now
     elif vit is not None:
@@ -253,6 +252,17 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
             elif isinstance(module, LearnablePositions):
                 module.spatial.zero_()
                 module.temporal.zero_()
+
+
+@torch.no_grad()
+def init_gen_expert(model: LanceModel) -> None:
+    """The generation expert starts as a copy of the understanding weights (gathered one layer at a time)."""
+    decoder = model.language_model.model
+    for layer in decoder.layers:
+        with gathered(list(layer.parameters())):
+            copy_und_to_gen(layer)
+    with gathered([decoder.norm.weight, decoder.norm_moe_gen.weight]):
+        decoder.norm_moe_gen.weight.copy_(decoder.norm.weight)
 
 
 @torch.no_grad()

@@ -103,30 +103,33 @@ class LanceModel(nn.Module):
         from objectives.flow (conditions: x_0 and t = 0).
         """
         cfg = self.cfg
-        num_tokens = batch.num_tokens
         self._check_inputs(batch, vit_embeds, noisy_latents, timesteps)
-        decoder = self.language_model.model
-        x = decoder.embed_tokens(batch.input_ids)  # vision slots are overwritten below
-        if cfg.visual_und:
-            if hasattr(self, "vit_model") and batch.vit_indexes.numel() == 0:
-                x = x + 0.0 * self._idle_vit_pass().sum().to(x.dtype)
-            elif hasattr(self, "vit_model"):
-                vit_embeds = encode_vit(self.vit_model, batch.vit_patches, batch.vit_grid_thw)
-            if vit_embeds is not None:  # None only for a batch without ViT tokens (a frozen ViT has no params here)
-                x = x.index_copy(0, batch.vit_indexes, vit_embeds.to(x.dtype))
-        if cfg.visual_gen:
-            x = x.index_copy(0, batch.vae_indexes, self.embed_latents(noisy_latents, timesteps, batch.vae_coords))
-            routing = Routing.build(num_tokens, batch.vae_indexes)
-        else:
-            routing = Routing.build(num_tokens, batch.vae_indexes[:0])
+        x = self.input_sequence(batch, vit_embeds, noisy_latents, timesteps)
+        gen_indexes = batch.vae_indexes if cfg.visual_gen else batch.vae_indexes[:0]
+        routing = Routing.build(batch.num_tokens, gen_indexes)
         attend = build_attention(cfg.attention, PackedLayout(batch.sample_ids, batch.split_ids, batch.attn_modes))
-        hidden = decoder(x, batch.position_ids, routing, attend)
+        hidden = self.language_model.model(x, batch.position_ids, routing, attend)
         logits = self.language_model.lm_head(hidden.index_select(0, batch.ce_indexes))[:, : cfg.num_text_classes]
         if cfg.visual_gen:
             velocity = self.llm2vae(hidden.index_select(0, batch.vae_indexes))
         else:
             velocity = hidden.new_zeros(0, cfg.latent_channels)
         return Predictions(logits, velocity, hidden if return_hidden else None, x if return_hidden else None)
+
+    def input_sequence(self, batch: PackedBatch, vit_embeds: Tensor | None, noisy_latents: Tensor | None,
+                       timesteps: Tensor | None) -> Tensor:
+        """[L, H]: token embeddings, with ViT tokens and VAE tokens written over their slots."""
+        x = self.language_model.model.embed_tokens(batch.input_ids)
+        if hasattr(self, "vit_model"):
+            if batch.vit_indexes.numel() == 0:
+                x = x + 0.0 * self._idle_vit_pass().sum().to(x.dtype)
+            else:
+                vit_embeds = encode_vit(self.vit_model, batch.vit_patches, batch.vit_grid_thw)
+        if self.cfg.visual_und and vit_embeds is not None:  # None: no ViT block (a frozen ViT has no params here)
+            x = x.index_copy(0, batch.vit_indexes, vit_embeds.to(x.dtype))
+        if self.cfg.visual_gen:
+            x = x.index_copy(0, batch.vae_indexes, self.embed_latents(noisy_latents, timesteps, batch.vae_coords))
+        return x
 
     def _idle_vit_pass(self) -> Tensor:
         """The trainable ViT on one blank merge window: a batch without ViT blocks still runs the tower (zero-weighted,
