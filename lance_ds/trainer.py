@@ -133,7 +133,7 @@ class Trainer:
             meter.add(name, value)
         meter.add("data/packing_efficiency", batch.num_real_tokens / max(batch.num_tokens, 1))
         speed.tokens += batch.num_real_tokens
-        speed.samples += sum(t != "pad" for t in batch.tasks)
+        speed.samples += sum(t in TASKS for t in batch.tasks)  # not padding or placeholders
         self.tokens_seen += batch.num_real_tokens * self.dist.world_size
 
     # -- logging ---------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import http.client
 import json
 import logging
@@ -842,7 +843,7 @@ def build_train_loader(dataset: DatasetConfig, data: DataConfig, planner: Sequen
 class ValLoader:
     """A held-out set in a fixed order (groups as listed, shards as listed, samples in tar order).
 
-    Sample i (counting every raw sample, up to max_samples) belongs to batch i // samples_per_batch, and batch j to
+    Sample i (counting the first max_samples raw samples of every group, groups in order) belongs to batch i // samples_per_batch, and batch j to
     rank j % world_size: every sample is evaluated once across ranks and the batches do not depend on the number of
     ranks. Each rank reads every shard (only its own samples are decoded) and ends with placeholder-only batches up to
     ceil(num_batches / world_size), so every rank runs the same number of forward passes. Caption dropout is off.
@@ -858,13 +859,16 @@ class ValLoader:
 
     def _raw_samples(self) -> Iterator[tuple[ResolvedGroup, RawSample]]:
         for group in self.groups:
-            for shard in group.shards:
-                try:
-                    for raw in iter_raw_samples(shard.url):
-                        yield group, raw
-                except ShardError as e:
-                    if self.rank == 0:  # every rank sees the same shards; one counts
-                        self.skips.add(e.reason, str(e))
+            yield from itertools.islice(self._group_samples(group), self.max_samples)
+
+    def _group_samples(self, group: ResolvedGroup) -> Iterator[tuple[ResolvedGroup, RawSample]]:
+        for shard in group.shards:
+            try:
+                for raw in iter_raw_samples(shard.url):
+                    yield group, raw
+            except ShardError as e:
+                if self.rank == 0:  # every rank sees the same shards; one counts
+                    self.skips.add(e.reason, str(e))
 
     def _plan(self, group: ResolvedGroup, raw: RawSample) -> SequencePlan | None:
         try:
@@ -893,8 +897,6 @@ class ValLoader:
         num_raw = own_batches = 0
         current = None  # the batch index being collected (one of ours)
         for group, raw in self._raw_samples():
-            if self.max_samples is not None and num_raw >= self.max_samples:
-                break
             batch_index = num_raw // k
             num_raw += 1
             if batch_index % world != self.rank:

@@ -436,4 +436,5 @@ def test_validation_covers_every_sample_once_with_equal_batch_counts(tmp_path, p
         batches_by_world[world] = sorted(tuple(b) for batches in per_rank for b in batches if b)
     assert batches_by_world[1] == batches_by_world[2] == batches_by_world[4]  # independent of the rank count
     limited = build_val_loader(dataset, data, planner, rank=0, world_size=1, max_samples=4)
-    assert sum(len(b) for b in limited.iter_plans()) == 4
+    kept = [k for plans in limited.iter_plans() for k in (p.key for p in plans)]
+    assert len([k for k in kept if k.startswith("a")]) == 4 and len([k for k in kept if k.startswith("b")]) == 4  # per group
