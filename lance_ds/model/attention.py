@@ -76,8 +76,8 @@ class PackedLayout:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# backends: each is built once per forward from the layout, then called per layer as attend(q, k, v) -> out
-# q [L, nh, d], k / v [L, kv, d] -> [L, nh, d]
+# backends: each is built once per forward from the layout, then called per layer as attend(q, k, v, layer) -> out
+# q [L, nh, d], k / v [L, kv, d] -> [L, nh, d]; `layer` (the decoder layer's index) matters only to the KV cache
 
 
 class SdpaAttention:
@@ -93,7 +93,7 @@ class SdpaAttention:
             mask = dense_mask(layout.sample_ids[sl], layout.split_ids[sl], layout.attn_modes[sl])
             self.blocks.append((sl, mask))
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, layer: int = 0) -> Tensor:
         outs = []
         for sl, mask in self.blocks:
             outs.append(_sdpa(q[sl], k[sl], v[sl], mask))
@@ -141,7 +141,7 @@ class FlexAttention:
         self.block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=sample.device,
                                             BLOCK_SIZE=self.BLOCK)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, layer: int = 0) -> Tensor:
         from torch.nn.attention.flex_attention import flex_attention
 
         if not self.on_cuda and torch.is_grad_enabled() and q.requires_grad:
@@ -232,7 +232,7 @@ class VarlenAttention:
         self.kernel = kernel or import_flash_varlen()
         self.groups = [(g, causal) for g, causal in zip(varlen_plan(layout), (True, False)) if g is not None]
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, layer: int = 0) -> Tensor:
         out = torch.empty_like(q)
         for g, causal in self.groups:
             o = self.kernel(q[g.q_index], k[g.k_index], v[g.k_index], g.cu_q, g.cu_k, g.max_q, g.max_k,
@@ -255,6 +255,52 @@ def reference_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor
                 torch.arange(qs.shape[0], device=q.device)[:, None] + offset
         outs.append(_sdpa(qs, ks, vs, mask))
     return torch.cat(outs, dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache for decoding text after a prompt
+
+
+class KVCache:
+    """Keys and values of a prompt and the tokens decoded after it, per layer, and which of those tokens new text
+    may attend to (everything of the prompt's sample except noise splits, by the rule above)."""
+
+    def __init__(self, num_layers: int, visible: Tensor):
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+        self.visible = visible  # [T] bool
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.visible.numel())
+
+
+class RecordingAttention:
+    """A backend's attention over the prompt that also fills the cache."""
+
+    def __init__(self, inner, cache: KVCache):
+        self.inner, self.cache = inner, cache
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, layer: int = 0) -> Tensor:
+        self.cache.keys[layer], self.cache.values[layer] = k, v
+        return self.inner(q, k, v, layer)
+
+
+class CachedAttention:
+    """n new causal text tokens: they see the cache's visible tokens, then each other causally."""
+
+    def __init__(self, cache: KVCache, num_new: int):
+        self.cache = cache
+        device = cache.visible.device
+        causal = torch.ones(num_new, num_new, dtype=torch.bool, device=device).tril()
+        self.mask = torch.cat([cache.visible[None, :].expand(num_new, -1), causal], dim=1)  # [n, T + n]
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, layer: int = 0) -> Tensor:
+        cache = self.cache
+        k = torch.cat([cache.keys[layer], k])
+        v = torch.cat([cache.values[layer], v])
+        cache.keys[layer], cache.values[layer] = k, v
+        return _sdpa(q, k, v, self.mask)
 
 
 def build_attention(backend: str, layout: PackedLayout):

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lance_ds.data.batch import PackedBatch
+from lance_ds.data.batch import AttnMode, PackedBatch
 
-from .attention import PackedLayout, build_attention
+from .attention import CachedAttention, KVCache, PackedLayout, RecordingAttention, build_attention
 from .llm import LLMConfig, MoTForCausalLM, Routing
 from .positions import LatentPositions, LearnablePositions, TimestepEmbedder
 from .vision import encode_vit
@@ -102,12 +102,18 @@ class LanceModel(nn.Module):
         held here, or when visual_und is off). noisy_latents [N, z] and timesteps [N]: x_t and t per latent token
         from objectives.flow (conditions: x_0 and t = 0).
         """
+        return self._forward(batch, vit_embeds, noisy_latents, timesteps, return_hidden)
+
+    def _forward(self, batch: PackedBatch, vit_embeds, noisy_latents, timesteps, return_hidden: bool = False,
+                 cache: KVCache | None = None) -> Predictions:
         cfg = self.cfg
         self._check_inputs(batch, vit_embeds, noisy_latents, timesteps)
         x = self.input_sequence(batch, vit_embeds, noisy_latents, timesteps)
         gen_indexes = batch.vae_indexes if cfg.visual_gen else batch.vae_indexes[:0]
         routing = Routing.build(batch.num_tokens, gen_indexes)
         attend = build_attention(cfg.attention, PackedLayout(batch.sample_ids, batch.split_ids, batch.attn_modes))
+        if cache is not None:
+            attend = RecordingAttention(attend, cache)
         hidden = self.language_model.model(x, batch.position_ids, routing, attend)
         logits = self.language_model.lm_head(hidden.index_select(0, batch.ce_indexes))[:, : cfg.num_text_classes]
         if cfg.visual_gen:
@@ -115,6 +121,31 @@ class LanceModel(nn.Module):
         else:
             velocity = hidden.new_zeros(0, cfg.latent_channels)
         return Predictions(logits, velocity, hidden if return_hidden else None, x if return_hidden else None)
+
+    # -- decoding with a KV cache ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, prompt: PackedBatch, vit_embeds: Tensor | None = None, noisy_latents: Tensor | None = None,
+                timesteps: Tensor | None = None) -> tuple[Predictions, KVCache]:
+        """Run a one-sample prompt and keep its keys/values: `extend` then decodes text after it.
+
+        New text may see every prompt token except noise splits (the attention rule for a trailing causal split).
+        """
+        if int(prompt.sample_ids.unique().numel()) != 1:
+            raise ValueError("prefill takes a batch holding one sample (the prompt to answer)")
+        visible = prompt.attn_modes != int(AttnMode.NOISE)
+        cache = KVCache(self.cfg.llm.num_layers, visible)
+        return self._forward(prompt, vit_embeds, noisy_latents, timesteps, cache=cache), cache
+
+    @torch.no_grad()
+    def extend(self, token_ids: Tensor, position_ids: Tensor, cache: KVCache) -> Tensor:
+        """Append n text tokens [n] at RoPE ids [3, n] after the cached ones -> their next-token logits [n, V']."""
+        decoder = self.language_model.model
+        x = decoder.embed_tokens(token_ids)
+        routing = Routing.build(token_ids.numel(), token_ids[:0])
+        hidden = decoder(x, position_ids, routing, CachedAttention(cache, token_ids.numel()))
+        cache.visible = torch.cat([cache.visible, torch.ones_like(token_ids, dtype=torch.bool)])
+        return self.language_model.lm_head(hidden)[:, : self.cfg.num_text_classes]
 
     def input_sequence(self, batch: PackedBatch, vit_embeds: Tensor | None, noisy_latents: Tensor | None,
                        timesteps: Tensor | None) -> Tensor:

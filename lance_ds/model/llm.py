@@ -142,8 +142,9 @@ class MLP(nn.Module):
 class MoTAttention(nn.Module):
     """Grouped-query attention with QK-RMSNorm (per head, before RoPE); q/k/v/o and q/k norms per expert."""
 
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # tells a KV cache which layer's keys it is given
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h, d = cfg.hidden_size, cfg.head_dim
         experts = ("", GEN_SUFFIX) if cfg.mot else ("",)
@@ -177,17 +178,17 @@ class MoTAttention(nn.Module):
         q = apply_rope(self._project("q_proj", "q_norm", h_und, h_gen, self.num_heads, routing), cos, sin)
         k = apply_rope(self._project("k_proj", "k_norm", h_und, h_gen, self.num_kv_heads, routing), cos, sin)
         v = self._project("v_proj", None, h_und, h_gen, self.num_kv_heads, routing)
-        out = attend(q, k, v)  # [L, nh, d]
+        out = attend(q, k, v, self.layer_idx)  # [L, nh, d]
         return expert(self.o_proj, self._gen("o_proj"), out.reshape(out.shape[0], -1), routing)
 
 
 class MoTDecoderLayer(nn.Module):
     """Pre-norm residual block; `input_layernorm`, `post_attention_layernorm`, `mlp` per expert."""
 
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, layer_idx: int = 0):
         super().__init__()
         self.mot = cfg.mot
-        self.self_attn = MoTAttention(cfg)
+        self.self_attn = MoTAttention(cfg, layer_idx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
@@ -217,7 +218,7 @@ class MoTDecoder(nn.Module):
         cfg.check()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.mot:
             self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

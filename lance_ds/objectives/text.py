@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -70,26 +71,55 @@ def pick_token(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
 @torch.no_grad()
 def decode_text(model: torch.nn.Module, prompt: PackedBatch, vit_embeds: Tensor | None = None,
                 max_new_tokens: int = 64, eos_token_id: int | None = None, temperature: float = 0.0,
-                top_p: float = 1.0, generator: torch.Generator | None = None) -> list[int]:
-    """Answer one prompt (a single-sample batch ending with `<|im_start|>assistant\\n`); returns the new token ids
+                top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
+                latents: Tensor | None = None, timesteps: Tensor | None = None, group=None) -> list[int]:
+    """Answer one prompt (a single-sample batch ending with `<|im_start|>assistant\n`); returns the new token ids
     (eos included when reached).
 
-    Each step re-runs the whole sequence: simple and exactly the training-time function, fine for the model sizes
-    validation uses on one device; a KV cache would make long answers on big models faster.
+    model: a LanceModel (or a DeepSpeed engine around one). latents / timesteps: the prompt's VAE tokens [N, z] / [N]
+    if it has any (clean conditions at t = 0 by default: zeros). use_cache: keep keys/values (LanceModel.prefill /
+    extend) instead of re-running the whole sequence each token (same function, exercised by the tests).
+    Under ZeRO-3 every rank must run the same number of forwards: with a process group, a rank that reached eos
+    keeps stepping (its extra tokens are dropped) until every rank has, or max_new_tokens.
     """
+    model = getattr(model, "module", model)
     if int(prompt.sample_ids.unique().numel()) != 1:
         raise ValueError("decode_text takes a batch holding one sample (the prompt)")
-    latents_dim = getattr(getattr(model, "cfg", None), "latent_channels", 0)
+    device = prompt.input_ids.device
     num_vae = prompt.vae_indexes.numel()
-    latents = torch.zeros(num_vae, latents_dim, device=prompt.input_ids.device)
-    timesteps = torch.zeros(num_vae, device=prompt.input_ids.device)
-    batch = dataclasses.replace(prompt, ce_indexes=torch.tensor([prompt.num_tokens - 1], device=prompt.input_ids.device))
+    if latents is None:
+        latents = torch.zeros(num_vae, getattr(getattr(model, "cfg", None), "latent_channels", 0), device=device)
+    if timesteps is None:
+        timesteps = torch.zeros(num_vae, device=device)
+    batch = dataclasses.replace(prompt, ce_indexes=torch.tensor([prompt.num_tokens - 1], device=device))
+    if use_cache:
+        pred, cache = model.prefill(batch, vit_embeds, latents, timesteps)
+    else:
+        pred = model(batch, vit_embeds, latents, timesteps)
+    logits = pred.logits[-1]
+    position = batch.position_ids[:, -1:]
     out: list[int] = []
+    done = False
     for _ in range(max_new_tokens):
-        logits = model(batch, vit_embeds, latents, timesteps).logits[-1]
         token = pick_token(logits, temperature, top_p, generator)
-        out.append(token)
-        if eos_token_id is not None and token == eos_token_id:
+        if not done:
+            out.append(token)
+            done = eos_token_id is not None and token == eos_token_id
+        if all_ranks_done(done, device, group) or len(out) == max_new_tokens:
             break
-        batch = append_token(batch, token)
+        position = position + 1  # text after text: the last token's id + 1 on all three axes
+        if use_cache:
+            logits = model.extend(torch.tensor([token], device=device), position, cache)[-1]
+        else:
+            batch = append_token(batch, token)
+            logits = model(batch, vit_embeds, latents, timesteps).logits[-1]
     return out
+
+
+def all_ranks_done(done: bool, device: torch.device, group=None) -> bool:
+    """True when every rank of `group` is done (just `done` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return done
+    flag = torch.tensor([0 if done else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag) == 0

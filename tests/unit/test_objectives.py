@@ -118,7 +118,7 @@ def test_decode_text_greedy_stops_at_eos():
     prompt = synthetic_batch([[Text(4)]], num_text_classes=40, seed=3)
     start = int(prompt.input_ids[-1])
     eos = (start + 5) % 50
-    out = decode_text(CountingModel(), prompt, max_new_tokens=20, eos_token_id=eos)
+    out = decode_text(CountingModel(), prompt, max_new_tokens=20, eos_token_id=eos, use_cache=False)
     assert out == [(start + i) % 50 for i in range(1, 6)]
     grown = append_token(prompt, 7)
     assert grown.position_ids[:, -1].tolist() == [4, 4, 4] and grown.ce_indexes.tolist() == [4]
@@ -148,3 +148,34 @@ def test_samplers_run_on_a_lance_model():
     velocity = lance_velocity_fn(bundle.model, SamplerInputs(edit, latents, mask), SamplerInputs(uncond, latents, mask))
     out = euler_sample(velocity, torch.randn(6, z), num_steps=2, cfg_scale=4.0)
     assert out.shape == (6, z) and torch.isfinite(out).all()
+
+
+def test_kv_cache_decoding_matches_recomputing_the_sequence():
+    """prefill + extend gives the logits a full forward over the grown sequence gives, with a prompt holding a
+    ViT block and a noised latent block (which later text must not see)."""
+    from lance_ds.config.model import ModelConfig
+    from lance_ds.model import build_model, encode_vit
+    from lance_ds.model.synthetic import Vit
+
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(size="debug", dtype="fp32", vit_dtype="fp32"), 500)
+    model = bundle.model
+    prompt = synthetic_batch([[Text(3), Vit(1, 4, 4), Text(2), Vae(1, 2, 2), Text(4)]], num_text_classes=500)
+    prompt = dataclasses.replace(prompt, ce_indexes=torch.tensor([prompt.num_tokens - 1]))
+    vit = encode_vit(bundle.vit, prompt.vit_patches, prompt.vit_grid_thw)
+    latents = torch.randn(4, bundle.geometry.latent_channels)
+    t = torch.full((4,), 0.7)
+    pred, cache = model.prefill(prompt, vit, latents, t)
+    batch, position = prompt, prompt.position_ids[:, -1:]
+    with torch.no_grad():
+        assert torch.allclose(pred.logits, model(batch, vit, latents, t).logits, atol=1e-5)
+        for token in (17, 42, 301):
+            position = position + 1
+            cached = model.extend(torch.tensor([token]), position, cache)
+            batch = append_token(batch, token)
+            full = model(batch, vit, latents, t).logits
+            assert torch.allclose(cached, full, atol=1e-4), (cached - full).abs().max()
+    assert cache.num_tokens == prompt.num_tokens + 3 and not cache.visible[prompt.vae_indexes].any()
+    cached = decode_text(model, prompt, vit, max_new_tokens=5, latents=latents, timesteps=t)
+    recomputed = decode_text(model, prompt, vit, max_new_tokens=5, latents=latents, timesteps=t, use_cache=False)
+    assert len(cached) == 5 and cached == recomputed
