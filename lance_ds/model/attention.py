@@ -81,22 +81,28 @@ class PackedLayout:
 
 
 class SdpaAttention:
-    """Dense boolean masks, one per sample (block-diagonal packing needs no cross-sample L x L mask)."""
+    """Dense boolean masks, one per sample (block-diagonal packing needs no cross-sample L x L mask); an all-causal
+    sample (text, padding) takes SDPA's built-in causal path with no mask at all.
+
+    Correct on any device, but a long bidirectional sample costs its length squared in mask memory: use flex on GPUs.
+    """
 
     def __init__(self, layout: PackedLayout):
         runs = layout.sample_runs()
-        if runs is None:  # samples interleave: fall back to one mask over the whole sequence
+        interleaved = runs is None
+        if interleaved:  # samples interleave: fall back to one mask over the whole sequence
             runs = [(0, layout.num_tokens)]
         self.blocks = []
         for start, end in runs:
             sl = slice(start, end)
-            mask = dense_mask(layout.sample_ids[sl], layout.split_ids[sl], layout.attn_modes[sl])
-            self.blocks.append((sl, mask))
+            modes = layout.attn_modes[sl]
+            if not interleaved and bool((modes == CAUSAL).all()):
+                self.blocks.append((sl, None))
+            else:
+                self.blocks.append((sl, dense_mask(layout.sample_ids[sl], layout.split_ids[sl], modes)))
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, layer: int = 0) -> Tensor:
-        outs = []
-        for sl, mask in self.blocks:
-            outs.append(_sdpa(q[sl], k[sl], v[sl], mask))
+        outs = [_sdpa(q[sl], k[sl], v[sl], mask, is_causal=mask is None) for sl, mask in self.blocks]
         return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 
 
