@@ -869,5 +869,5 @@ def read_manifest(directory: str | Path) -> dict:
 
 __all__ = [
     "ConfigError", "ConvertError", "ConvertOptions", "ConvertSummary", "convert", "read_manifest", "plan_work",
-    "open_sources", "find_parquet_files", "sanitize_stem", "TarShardWriter", "FORMAT",
-]
+    "open_sources", "find_parquet_files", "sanitize_stem", "TarShardWriter", "tar_header", "FORMAT", "STATE_DIR",
+]  # ConfigError is re-exported: convert() raises it for bad options
