@@ -1,0 +1,92 @@
+"""Shared test fixtures: example shards made by the real tools, and the real `deepspeed` launcher on CPU ranks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_DIRS = {"t2i": "text2image", "t2v": "text2video", "i2i": "image2image", "v2v": "video2video",
+             "i2t": "image2text", "v2t": "video2text"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+def make_shards(root: Path, split: str, num_per_task: int, tasks=tuple(TASK_DIRS)) -> Path:
+    """Parquet from tools/make_example_dataset.py, shards from tools/parquet_to_wds.py, and a dataset YAML."""
+    parquet = root / f"parquet_{split}"
+    run_tool("tools/make_example_dataset.py", "--out", str(parquet), "--split", split, "--num-per-task",
+             str(num_per_task), "--tasks", *tasks)
+    groups = []
+    for task in tasks:
+        out = root / f"shards_{split}" / TASK_DIRS[task]
+        run_tool("tools/parquet_to_wds.py", "--input", str(parquet / TASK_DIRS[task]), "--output", str(out),
+                 "--samples-per-shard", str(max(1, num_per_task // 4)), "--no-progress")
+        groups.append({"name": task, "shards": [str(out)], "weight": 1.0})
+    path = root / f"{split}.yaml"
+    path.write_text(yaml.safe_dump({"groups": groups}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def example_data(tmp_path_factory) -> dict[str, Path]:
+    """Train and held-out dataset YAMLs over converter shards of all six tasks (small, made once per session)."""
+    root = tmp_path_factory.mktemp("example")
+    return {"train": make_shards(root, "train", 24), "val": make_shards(root, "val", 8)}
+
+
+def deepspeed_cmd(num_ranks: int, *args: str) -> list[str]:
+    launcher = Path(sys.executable).with_name("deepspeed")
+    return [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+            str(REPO / "lance_ds" / "train.py"), *args]
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def launch(args: list[str], num_ranks: int = 2, timeout: float = 240, env: dict | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run lance_ds/train.py under the real deepspeed launcher (its own process group, killed on timeout)."""
+    proc = subprocess.Popen(deepspeed_cmd(num_ranks, *args), cwd=REPO, env=env or launch_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"training hung for {timeout} s:\n{out[-4000:]}")
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    if check:
+        assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{out[-4000:]}"
+    return result
+
+
+def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """TensorBoard scalars read back from the event files: tag -> step -> the most recently written value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    out: dict[str, dict[int, float]] = {}
+    for tag in acc.Tags()["scalars"]:
+        for event in sorted(acc.Scalars(tag), key=lambda e: e.wall_time):
+            out.setdefault(tag, {})[event.step] = event.value
+    return out

@@ -1,0 +1,99 @@
+"""The trainer under the real `deepspeed` launcher with 2 CPU ranks, on shards made by the real converter:
+the loss falls, TensorBoard and checkpoints are written, and every way a run can stop - a clean end, SIGKILL during
+training, SIGKILL during a save - resumes to exactly the losses of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, deepspeed_cmd, launch, launch_env, read_scalars
+
+STEPS = 8
+
+
+def train_args(out: Path, data: dict, steps: int = STEPS, *extra: str) -> list[str]:
+    return ["--ds_config", str(REPO / "ds_configs/zero3.json"), "--config", str(REPO / "configs/debug.yaml"),
+            "--dataset_config", str(data["train"]), "--output_dir", str(out),
+            f"train.max_steps={steps}", "train.warmup_steps=2", "log.every=1", "data.packing_length=512",
+            "checkpoint.save_every=2", "checkpoint.keep_last=2", "train.ema_decay=0.9", *extra]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return read_scalars(run_dir)["train/loss"]
+
+
+def latest(run_dir: Path) -> str:
+    pointer = run_dir / "checkpoints" / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else ""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, example_data) -> Path:
+    """An uninterrupted 2-rank run with validation at steps 0, 4 and 8."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    launch(train_args(out, example_data, STEPS, "validation.every=4",
+                      f"validation.dataset_config={example_data['val']}", "validation.max_samples=4"))
+    return out
+
+
+def test_training_writes_what_users_watch(reference):
+    scalars = read_scalars(reference)
+    for tag in ("train/loss", "train/ce", "train/mse", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/ce/i2t", "train/mse/t2i", "train/mse/v2v", "data/skipped", "memory/host_rss_gb",
+                "val/loss", "val/ce/v2t", "val/mse/i2i"):
+        assert tag in scalars, f"missing TensorBoard scalar {tag}"
+    loss = scalars["train/loss"]
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert sum(loss[s] for s in (6, 7, 8)) < sum(loss[s] for s in (1, 2, 3))  # it learns
+    assert sorted(scalars["val/loss"]) == [0, 4, 8] and scalars["val/loss"][8] < scalars["val/loss"][0]
+    assert scalars["train/lr"][1] < scalars["train/lr"][STEPS]  # warmup
+    config = yaml.safe_load((reference / "config.yaml").read_text())
+    assert config["train"]["max_steps"] == STEPS and config["checkpoint"]["save_every"] == 2
+    ckpts = sorted(p.name for p in (reference / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000006", "step_00000008"]  # keep_last=2
+    assert latest(reference) == "step_00000008"
+    assert len(list((reference / "checkpoints" / "step_00000008").glob("rank_*/ema.safetensors"))) == 2
+
+
+def test_kill9_during_save_and_during_training_resume_exactly(reference, example_data, tmp_path):
+    out = tmp_path / "run"
+    # 1. SIGKILL inside the save of step 4, after the engine files are written but before they are published
+    killed = launch(train_args(out, example_data), env=launch_env(LANCE_DS_FAULT="kill_during_save:4"), check=False)
+    assert killed.returncode != 0
+    assert latest(out) == "step_00000002" and (out / "checkpoints" / "step_00000004.tmp").is_dir()
+    # 2. resume from step 2; SIGKILL the whole job from outside as soon as step 6 is saved (i.e. mid step 7)
+    proc = subprocess.Popen(deepspeed_cmd(2, *train_args(out, example_data)), cwd=REPO, env=launch_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while latest(out) != "step_00000006" and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest(out) == "step_00000006", "the job ended before it could be killed after step 6"
+    assert not (out / "checkpoints" / "step_00000004.tmp").exists()  # the next save cleaned the partial one
+    # 3. resume from step 6 to the end
+    launch(train_args(out, example_data))
+    expected, got = losses(reference), losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
+
+
+def test_resume_refuses_another_architecture_and_world_size(reference, example_data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    other = launch(train_args(out, example_data, STEPS + 2, "model.visual_gen=false",
+                              "--dataset_config", str(example_data["train"])), check=False)
+    assert other.returncode != 0
+    # visual_gen=false with generation groups in the data is refused before any rank starts work
+    assert "model.visual_gen is false" in other.stdout
+    one_rank = launch(train_args(out, example_data, STEPS + 2), num_ranks=1, check=False)
+    assert one_rank.returncode != 0 and "saved by 2 ranks" in one_rank.stdout and "ds_to_universal" in one_rank.stdout
