@@ -5,7 +5,10 @@ The trainer calls `build_model(cfg.model, len(tokenizer), ds_config)` and gets a
   bundle.vit       frozen ViT outside the engine: vit_embeds = encode_vit(bundle.vit, batch.vit_patches, batch.vit_grid_thw)
   bundle.vae       frozen codec outside the engine: latents = bundle.vae.encode(pixels [B, 3, T, H, W])
   bundle.geometry  what the data side needs (VAE factors, latent channels, ViT patch/merge, RoPE tokens_per_second)
-`model(batch, vit_embeds, noisy_latents, timesteps)` returns `Predictions(logits [C, V'], velocity [N, z])`.
+`model(batch, vit_embeds, noisy_latents, timesteps)` returns `Predictions(logits [C, V'], velocity [N, z])`;
+`model.prefill(prompt, ...)` / `model.extend(ids, position_ids, cache)` decode text with a KV cache.
+Checkpoints: Lance directories load through model.path; `save_lance_dir` writes one; LoRA adapters in peft's format
+via `save_lora` / `load_lora`.
 """
 
 from .build import DTYPES, Geometry, ModelBundle, build_model, freeze_by_patterns, init_weights
@@ -15,10 +18,11 @@ from .lora import add_lora, load_lora, lora_state_dict, save_lora
 from .registry import SIZES, ModelSpec, hidden_size_of, resolve_spec
 from .vae import FrozenVAE, KLVAE, PatchCodec, VaeConfig, WanVAE, build_vae
 from .vision import VitConfig, build_vision_tower, encode_vit
+from .weights import save_lance_dir
 
 __all__ = [
     "DTYPES", "FrozenVAE", "Geometry", "KLVAE", "LLMConfig", "LanceConfig", "LanceModel", "ModelBundle", "ModelSpec",
     "PatchCodec", "Predictions", "SIZES", "VaeConfig", "VitConfig", "WanVAE", "add_lora", "build_model",
     "build_vae", "build_vision_tower", "encode_vit", "freeze_by_patterns", "hidden_size_of", "init_weights",
-    "load_lora", "lora_state_dict", "resolve_spec", "save_lora",
+    "load_lora", "lora_state_dict", "resolve_spec", "save_lance_dir", "save_lora",
 ]
