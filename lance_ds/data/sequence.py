@@ -16,6 +16,11 @@ position p gets (p+1+t*tokens_per_second, p+1+h, p+1+w) over its merged grid, <|
 next text continues from there. Then every ViT block (vision_start..vision_end) has its temporal ids moved to start
 at REFERENCE_TEMPORAL_START, and an edit target's latent tokens reuse its source latents' ids.
 
+Inference (`SequencePlanner.prompt`): the same layouts cut where generation starts. i2t / v2t end with
+`<|im_start|>assistant\n` (nothing scored); generation tasks keep the whole layout with a blank target block of the
+requested size (the sampler writes its latents), and `drop_caption=True` gives the unconditional twin for
+classifier-free guidance (the caption replaced by <|endoftext|>, as caption dropout does in training).
+
 Pixels: ViT input is resized/cropped to sides that are multiples of patch*merge (28), images repeated to
 temporal_patch (2) frames, normalised with the CLIP mean/std as Qwen2.5-VL's processor does, and cut into patches in
 Qwen2.5-VL order; VAE input is resized/cropped to multiples of the VAE's spatial factor, trimmed to 4k+1 frames (for a
@@ -71,6 +76,12 @@ TASK_TEXTS = {
     "t2i": ("caption",), "t2v": ("caption",), "i2i": ("caption",), "v2v": ("caption",),
     "i2t": ("caption_a",), "v2t": ("caption_a",),  # caption_i and caption_q may be absent or empty
 }
+
+# Inference prompts: the media a prompt conditions on, and the media key of the target (its size, when given).
+PROMPT_MEDIA = {"t2i": (), "t2v": (), "i2i": ("input_image",), "v2v": ("input_video",), "i2t": ("image",),
+                "v2t": ("video",)}
+TARGET_MEDIA = {"t2i": "image", "t2v": "video", "i2i": "output_image", "v2v": "output_video"}
+VIDEO_TASKS = ("t2v", "v2v", "v2t")
 
 PLACEHOLDER_TASK = "placeholder"  # the zero-weight sample the packer adds so every branch runs (DESIGN rule 3)
 
@@ -240,6 +251,12 @@ def to_vae_pixels(frames: Tensor) -> Tensor:
     return frames.permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
+def blank_frames(shape: tuple[int, int, int]) -> Tensor:
+    """uint8 [T, H, W, 3] zeros: the pixels of a target block that is generated, not encoded."""
+    num_frames, height, width = shape
+    return torch.zeros(num_frames, height, width, 3, dtype=torch.uint8)
+
+
 def pad_frames(frames: Tensor, multiple: int) -> Tensor:
     """Repeat the last frame until the frame count is a multiple of `multiple` (an image becomes `multiple` frames)."""
     short = -frames.shape[0] % multiple
@@ -382,6 +399,119 @@ class SequencePlanner:
         if ce:
             b.text([s.im_end], new_split=True, ce=True)
         return self._finish(PLACEHOLDER_TASK, b, vit_blocks, vae_blocks, ce_weight=0.0)
+
+    def prompt(self, sample: Sample, group: GroupConfig | None = None, drop_caption: bool = False,
+               target_shape: tuple[int, int, int] | None = None) -> SequencePlan:
+        """The sequence up to where generation starts (inference): nothing is scored.
+
+        i2t / v2t: header | [VS vit VE] | question <|im_end|>\\n<|im_start|>assistant\\n   (the answer is decoded after it)
+        t2i / t2v / i2i / v2v: the training layout, with a target block of blank pixels (the sampler writes its
+        latents) whose size, in pixels (frames, height, width), is `target_shape`; else the sample's target media
+        cut as training cuts it; else, for edits, the source's; else the group's square resolution and, for video,
+        video.max_frames. drop_caption: the caption / instruction replaced by the unconditional token (the CFG twin).
+        """
+        group = group or GroupConfig(name=sample.group, task=sample.task)
+        if sample.task not in PROMPT_MEDIA:
+            raise PlanError(f"sample {sample.key!r} has unknown task {sample.task!r}; expected one of "
+                            f"{sorted(PROMPT_MEDIA)}")
+        for name in PROMPT_MEDIA[sample.task]:
+            if name not in sample.media:
+                raise PlanError(f"{sample.task} prompt {sample.key!r} needs {name!r} media to condition on "
+                                f"(it has {sorted(sample.media)})")
+        if sample.task in ("i2t", "v2t"):
+            plan = self._prompt_understanding(sample, group)
+        else:
+            if not drop_caption and not sample.texts.get("caption"):
+                raise PlanError(f"{sample.task} prompt {sample.key!r} has no 'caption' text (the prompt or edit "
+                                "instruction)")
+            shape = self._prompt_target_shape(sample, group, target_shape)
+            if sample.task in ("t2i", "t2v"):
+                plan = self._prompt_generation(sample, group, shape, drop_caption)
+            else:
+                plan = self._prompt_edit(sample, group, shape, drop_caption)
+        plan.key, plan.group = sample.key, sample.group
+        return plan
+
+    def _prompt_generation(self, sample: Sample, group: GroupConfig, shape: tuple[int, int, int],
+                           drop_caption: bool) -> SequencePlan:
+        b = self._header(sample, group)
+        b.text(self._prompt_caption(sample, drop_caption), new_split=True)
+        b.text(self._assistant_prefix(), new_split=True)
+        target_block = self._vae_block(b, blank_frames(shape), is_target=True)
+        b.text([self.special.im_end], new_split=True)
+        return self._finish(sample.task, b, [], [target_block])
+
+    def _prompt_edit(self, sample: Sample, group: GroupConfig, shape: tuple[int, int, int],
+                     drop_caption: bool) -> SequencePlan:
+        video = sample.task == "v2v"
+        source = sample.media["input_video" if video else "input_image"]
+        num_frames, height, width = shape
+        b = self._header(sample, group)
+        vit_block = self._vit_block(b, source, group, video)
+        source_block = self._vae_block(b, resize_crop(source[:num_frames], height, width), is_target=False)
+        b.text(self._prompt_caption(sample, drop_caption), new_split=True)
+        b.text(self._assistant_prefix(), new_split=True)
+        target_block = self._vae_block(b, blank_frames(shape), is_target=True)
+        b.text([self.special.im_end], new_split=True)
+        ids, position_ids = b.finish()
+        position_ids[:, target_block.positions] = position_ids[:, source_block.positions]  # as in training
+        return self._finish(sample.task, b, [vit_block], [source_block, target_block], finished=(ids, position_ids))
+
+    def _prompt_understanding(self, sample: Sample, group: GroupConfig) -> SequencePlan:
+        video = sample.task == "v2t"
+        b = self._header(sample, group, system=sample.texts.get("caption_i") or None)
+        vit_block = self._vit_block(b, sample.media["video" if video else "image"], group, video)
+        b.text(self.tokenizer.encode(sample.texts.get("caption_q", "")) + self._assistant_prefix(), new_split=True)
+        return self._finish(sample.task, b, [vit_block], [])
+
+    def _prompt_caption(self, sample: Sample, drop_caption: bool) -> list[int]:
+        return [self.special.uncond] if drop_caption else self.tokenizer.encode(sample.texts["caption"])
+
+    def _prompt_target_shape(self, sample: Sample, group: GroupConfig,
+                             target_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels of the block to generate; see `prompt`."""
+        video = sample.task in VIDEO_TASKS
+        source_key = {"i2i": "input_image", "v2v": "input_video"}.get(sample.task)
+        source = sample.media.get(source_key) if source_key else None
+        if target_shape is not None:
+            shape = self._check_target_shape(sample, tuple(int(x) for x in target_shape), video)
+        elif TARGET_MEDIA[sample.task] in sample.media:
+            target = sample.media[TARGET_MEDIA[sample.task]]
+            if source is not None and video:  # source and target share RoPE ids: the same frame count
+                target = target[:source.shape[0]]
+            shape = tuple(self._vae_frames(target, group, video).shape[:3])
+        elif source is not None:
+            shape = tuple(self._vae_frames(source, group, video).shape[:3])
+        else:
+            g = self.geometry
+            height, width = fit_size(1, 1, resolution=self._resolution(group, video), buckets=[1.0],
+                                     multiple=g.vae_spatial_factor, max_pixels=group.image.max_pixels,
+                                     max_side=g.max_latent_size * g.vae_spatial_factor)
+            shape = (g.vae_num_frames(group.video.max_frames) if video else 1, height, width)
+        if source is not None and source.shape[0] < shape[0]:
+            raise PlanError(f"{sample.task} prompt {sample.key!r}: the target has {shape[0]} frames but the source "
+                            f"only {source.shape[0]}; an edit keeps the source's frame count (ask for at most "
+                            f"{self.geometry.vae_num_frames(source.shape[0])} frames)")
+        return shape
+
+    def _check_target_shape(self, sample: Sample, shape: tuple[int, int, int], video: bool) -> tuple[int, int, int]:
+        g = self.geometry
+        num_frames, height, width = shape
+        problems = []
+        side = g.vae_spatial_factor
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % side or value > g.max_latent_size * side:
+                problems.append(f"{name} {value} must be a positive multiple of {side} (the VAE's spatial factor) "
+                                f"and at most {g.max_latent_size * side} (the latent position table)")
+        if not video and num_frames != 1:
+            problems.append(f"an image has 1 frame, not {num_frames}")
+        if video and (num_frames < 1 or g.vae_num_frames(num_frames) != num_frames):
+            problems.append(f"{num_frames} frames: a clip needs k * {g.vae_temporal_factor} + 1 frames, at most "
+                            f"{g.vae_num_frames(10 ** 6)}; e.g. {g.vae_num_frames(max(num_frames, 1))}")
+        if problems:
+            raise PlanError(f"{sample.task} prompt {sample.key!r}: target size {num_frames}x{height}x{width} "
+                            f"(frames x height x width): " + "; ".join(problems))
+        return shape
 
     # -- per task ------------------------------------------------------------------------------------------------
 
