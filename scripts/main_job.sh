@@ -9,12 +9,16 @@ bash scripts/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RUN_DIR=${RUN_DIR:-runs/main}
 
-echo "== 1/4 example data (parquet in the Lance schemas) -> datasets/"
+echo "== 1/4 example data (parquet in the Lance schemas) -> datasets/, held-out scenes -> datasets_val/"
 python tools/make_example_dataset.py --out datasets/ ${EXAMPLE_ARGS:-}
+python tools/make_example_dataset.py --out datasets_val/ --split val --num-per-task 32 ${EXAMPLE_ARGS:-}
 
-echo "== 2/4 parquet -> webdataset shards -> shards/"
+echo "== 2/4 parquet -> webdataset shards -> shards/, shards_val/"
 for task_dir in datasets/*/; do
-  python tools/parquet_to_wds.py --input "$task_dir" --output "shards/$(basename "$task_dir")"
+  python tools/parquet_to_wds.py --input "$task_dir" --output "shards/$(basename "$task_dir")" --samples-per-shard 64 --no-progress
+done
+for task_dir in datasets_val/*/; do
+  python tools/parquet_to_wds.py --input "$task_dir" --output "shards_val/$(basename "$task_dir")" --no-progress
 done
 
 echo "== 3/4 train (deepspeed, $(bash scripts/num_ranks.sh) ranks) -> $RUN_DIR"

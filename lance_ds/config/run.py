@@ -195,7 +195,7 @@ def load_run(config_path: str | None, overrides: list[str], problems: Problems) 
         return None
     dataset = load_dataset(config.dataset_config, problems, "dataset_config")
     val = None
-    if config.validation.dataset_config:
+    if config.validation.every > 0 and config.validation.dataset_config:
         val = load_dataset(config.validation.dataset_config, problems, "validation.dataset_config")
     check_switches(config.model, dataset, problems)
     return Run(config, dataset, val)
