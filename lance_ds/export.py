@@ -1,0 +1,470 @@
+"""Training checkpoint -> inference directory, on CPU, without a launcher.
+
+  python tools/export_checkpoint.py --checkpoint RUN_DIR | RUN_DIR/checkpoints | RUN_DIR/checkpoints/step_XXXXXXXX
+                                    --out EXPORT_DIR [--ema] [--dtype fp32|bf16] [--overwrite]
+
+A run dir or a checkpoints dir means the checkpoint `latest` names. The weights are the fp32 master weights that
+DeepSpeed's ZeRO consolidation (`deepspeed.utils.zero_to_fp32`) rebuilds from every rank's partitions, or, with
+--ema, the EMA that `lance_ds.ema.consolidate` rebuilds from the per-rank shards (parameters the EMA does not track,
+i.e. frozen ones, keep their trained values). LoRA runs are exported merged (W + alpha / r * B @ A), and their
+adapters alone in peft's format.
+
+EXPORT_DIR/
+  model.safetensors     Lance's names: both experts, the heads, latent_pos_embed.pos_embed, vit_model.* (the ViT)
+  llm_config.json       Qwen2 fields, mrope section, vision_config, latent table range: `model.path=EXPORT_DIR` loads it
+  tokenizer.json, ...   the run's tokenizer: `model.tokenizer_path=EXPORT_DIR`
+  lance_ds.yaml         the run's `model` and `objective` sections, paths relative to EXPORT_DIR, so the codec, sizes
+                        and sampling settings are rebuilt as trained (`load_export` reads it)
+  export.json           what was exported: source checkpoint, step, plain or EMA weights, LoRA merged or not
+  llm/                  the understanding expert alone as transformers' Qwen3ForCausalLM (config.json,
+                        model.safetensors, tokenizer): AutoModelForCausalLM.from_pretrained(EXPORT_DIR/llm)
+  lora/                 LoRA runs: adapter_config.json + adapter_model.safetensors (peft's format)
+  vae/                  only when the codec has random weights (no model.vae_path): its diffusers save_pretrained
+
+Why Qwen3ForCausalLM for llm/: Lance's understanding expert is a Qwen2 decoder with per-head q/k RMSNorm before
+RoPE and biases on q/k/v only. Qwen2ForCausalLM has no q/k norms; Qwen3ForCausalLM has them (per head, before RoPE,
+the same RMSNorm) and, with attention_bias=true, biases on q/k/v *and* o_proj, so o_proj gets a zero bias. On
+text (all three mRoPE ids equal) Qwen2.5-VL's multimodal RoPE is plain RoPE, so the logits are the same function.
+
+Safety (DESIGN rule 10): our own files are safetensors / JSON / YAML. DeepSpeed's `*.pt` files are pickles that only
+DeepSpeed's reader understands; before handing them to it, every global they reference is listed without running
+anything (`torch.serialization.get_unsafe_globals_in_checkpoint`) and a file naming anything beyond the few
+DeepSpeed types below is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .config.core import Problems, from_dict, to_dict
+from .config.model import LoraConfig, ModelConfig, ObjectiveConfig
+from .config.run import RunConfig
+
+EXPORT_CONFIG = "lance_ds.yaml"
+EXPORT_INFO = "export.json"
+LLM_DIR, LORA_DIR, VAE_DIR = "llm", "lora", "vae"
+CHECKPOINTS, LATEST, TRAINER_STATE = "checkpoints", "latest", "trainer_state.json"
+
+# Globals DeepSpeed's checkpoint files reference besides tensors and plain containers (those are on torch's
+# weights_only allowlist and never reported): the ZeRO stage enum and the fp16 loss scaler in the optimizer states.
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+})
+
+LORA_A, LORA_B, BASE_LAYER = ".lora_A.", ".lora_B.", ".base_layer."
+PEFT_ADAPTER = "default"  # the adapter name lance_ds.model.lora injects (peft's default)
+
+
+class ExportError(RuntimeError):
+    """A checkpoint that cannot be exported or loaded for inference; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finding checkpoints
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A step directory from a step dir, a checkpoints dir or a run dir (the last two: the one `latest` names)."""
+    path = Path(path)
+    if (path / TRAINER_STATE).is_file():
+        return path
+    for root in (path, path / CHECKPOINTS):
+        pointer = root / LATEST
+        if pointer.is_file():
+            step_dir = root / pointer.read_text().strip()
+            if not (step_dir / TRAINER_STATE).is_file():
+                raise ExportError(f"{pointer} names {step_dir.name}, which is not a complete checkpoint (no "
+                                  f"{TRAINER_STATE}); pass a complete step directory instead")
+            return step_dir
+    raise ExportError(f"{path} is not a training checkpoint: expected a step directory (with {TRAINER_STATE}), a "
+                      f"checkpoints directory or a run directory (with {CHECKPOINTS}/{LATEST})")
+
+
+def is_export_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / EXPORT_CONFIG).is_file() and (path / "model.safetensors").is_file()
+
+
+def read_run_config(step_dir: Path) -> RunConfig:
+    """The resolved run config saved in the checkpoint (not checked again: its data paths may be gone)."""
+    config_file = step_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ExportError(f"{config_file} is missing; lance_ds writes it with every checkpoint, so {step_dir} was "
+                          "not written by lance_ds (or is damaged)")
+    problems = Problems()
+    config = from_dict(RunConfig, yaml.safe_load(config_file.read_text()) or {}, problems)
+    if problems:
+        raise ExportError(f"{config_file} does not match this lance_ds version's config: {'; '.join(problems.items)}")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weights
+
+
+@dataclass
+class TrainedWeights:
+    """A checkpoint's model weights, full size, under LanceModel's parameter names."""
+
+    step_dir: Path
+    config: RunConfig
+    step: int
+    state: dict[str, Tensor]  # fp32; LoRA merged into the base weights
+    adapters: dict[str, Tensor] | None  # LoRA runs: the adapters under peft's names (PeftModel prefix)
+    ema: bool  # the EMA weights instead of the trained ones
+
+
+def load_trained_weights(path: str | Path, ema: bool = False) -> TrainedWeights:
+    """Consolidate a training checkpoint (step, checkpoints or run dir) on CPU."""
+    step_dir = find_checkpoint(path)
+    config = read_run_config(step_dir)
+    trainer_state = json.loads((step_dir / TRAINER_STATE).read_text())
+    state = zero_consolidated_state(step_dir)
+    if ema:
+        state = with_ema(state, step_dir, int(trainer_state.get("world_size", 1)))
+    adapters = None
+    if config.model.training_type == "lora":
+        state, adapters = merge_lora(state, config.model.lora)
+    return TrainedWeights(step_dir, config, int(trainer_state["step"]), state, adapters, ema)
+
+
+def check_deepspeed_files(step_dir: Path) -> list[Path]:
+    """DeepSpeed's pickled files of a checkpoint, after checking that they reference only DeepSpeed's own types."""
+    files = sorted(step_dir.glob("*.pt"))
+    if not files:
+        raise ExportError(f"{step_dir} holds no DeepSpeed files (*.pt); it is not a complete DeepSpeed checkpoint")
+    for f in files:
+        unexpected = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f))) - DEEPSPEED_GLOBALS)
+        if unexpected:
+            raise ExportError(f"{f} references {unexpected}, which DeepSpeed checkpoints do not hold; refusing to "
+                              "unpickle it (it may run code). If you trust the file, consolidate it with the "
+                              "zero_to_fp32.py script DeepSpeed saved next to it.")
+    return files
+
+
+def zero_consolidated_state(step_dir: Path) -> dict[str, Tensor]:
+    """Full fp32 weights from the ZeRO partitions of every rank (deepspeed.utils.zero_to_fp32, on CPU)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    files = check_deepspeed_files(step_dir)
+    if not any(f.name.startswith("zero_pp_rank_") for f in files):
+        raise ExportError(f"{step_dir} is not a ZeRO checkpoint (no zero_pp_rank_* files); lance_ds trains with "
+                          "ds_configs/zero2.json or zero3.json, whose checkpoints this exporter reads")
+    chatter = io.StringIO()  # the library prints its progress; keep it for the error message only
+    try:
+        with contextlib.redirect_stdout(chatter):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ExportError(f"DeepSpeed could not consolidate {step_dir}: {e}\n{chatter.getvalue()[-2000:]}") from e
+    return {k: v.float() for k, v in state.items()}
+
+
+def with_ema(state: dict[str, Tensor], step_dir: Path, world_size: int) -> dict[str, Tensor]:
+    """`state` with every EMA-tracked parameter replaced by its EMA (rebuilt from the per-rank shards)."""
+    from .checkpoint import rank_dir
+    from .ema import consolidate
+
+    shards = [rank_dir(step_dir, r) / "ema.safetensors" for r in range(world_size)]
+    present = [f for f in shards if f.is_file()]
+    if not present:
+        raise ExportError(f"{step_dir} has no EMA weights (rank_*/ema.safetensors): the run trained with "
+                          "train.ema_decay=0. Export without --ema, or train with train.ema_decay > 0 (Lance: 0.9999)")
+    if len(present) != len(shards):
+        missing = sorted(str(f.relative_to(step_dir)) for f in set(shards) - set(present))
+        raise ExportError(f"{step_dir} lacks EMA shards {missing} of its {world_size} ranks; the checkpoint is "
+                          "incomplete, export another step")
+    averaged = consolidate(shards)
+    unknown = sorted(set(averaged) - set(state))
+    if unknown:
+        raise ExportError(f"the EMA of {step_dir} tracks parameters the model does not have, e.g. {unknown[:3]}")
+    return {**state, **{k: v.float() for k, v in averaged.items()}}
+
+
+def merge_lora(state: dict[str, Tensor], lora: LoraConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """LoRA-wrapped weights -> (plain weights with W + alpha / r * B @ A, the adapters under peft's names)."""
+    from .model.lora import PEFT_PREFIX
+
+    scale = lora.alpha / lora.r  # peft's scaling without rank-stabilisation, as lance_ds.model.lora configures it
+    merged: dict[str, Tensor] = {}
+    adapters: dict[str, Tensor] = {}
+    for name, value in state.items():
+        if LORA_A in name or LORA_B in name:
+            adapters[PEFT_PREFIX + name.replace(f".{PEFT_ADAPTER}.", ".")] = value
+        else:
+            merged[name.replace(BASE_LAYER, ".")] = value
+    for name in [n for n in state if LORA_A in n and n.endswith(f".{PEFT_ADAPTER}.weight")]:
+        module = name.split(LORA_A)[0]
+        down, up = state[name].float(), state[f"{module}{LORA_B}{PEFT_ADAPTER}.weight"].float()
+        merged[f"{module}.weight"] = merged[f"{module}.weight"] + scale * (up @ down)
+    if state and not adapters:
+        raise ExportError("model.training_type is lora but the checkpoint holds no lora_A / lora_B tensors")
+    return merged, adapters
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building an inference model
+
+
+@dataclass
+class InferenceParts:
+    """Everything inference needs, built outside DeepSpeed (lance_ds.generate.Generator takes these)."""
+
+    bundle: object  # lance_ds.model.ModelBundle with the weights loaded, in eval mode
+    tokenizer: object  # lance_ds.data.tokenizer.TextTokenizer
+    model_config: ModelConfig  # as built (LoRA merged: training_type full; ViT frozen)
+    objective: ObjectiveConfig
+    source: str  # where the weights came from, for messages and export.json
+
+
+def inference_model_config(model: ModelConfig, dtype: str) -> ModelConfig:
+    """A run's model section rebuilt for inference: merged LoRA, frozen ViT, no gradient checkpointing."""
+    return dataclasses.replace(model, training_type="full", vit_trainable=False, gradient_checkpointing=False,
+                               freeze_modules=[], dtype=dtype)
+
+
+def build_from_trained(weights: TrainedWeights, dtype: str = "fp32",
+                       device: torch.device | str | None = None) -> InferenceParts:
+    """Rebuild the trained model from a checkpoint's weights.
+
+    The frozen parts that are not in the checkpoint (ViT, VAE) are rebuilt as the trainer built them: from their
+    paths, or, with random weights (debug sizes), from the same seed (the trainer seeds with train.seed right
+    before build_model), so they equal the ones the model was trained with.
+    """
+    from .data.tokenizer import load_tokenizer
+    from .model import build_model
+    from .model.build import default_device, load_state
+
+    device = torch.device(device) if device is not None else default_device()
+    cfg = weights.config
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path)
+    model_cfg = inference_model_config(cfg.model, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        bundle = build_model(model_cfg, len(tokenizer), None, device=device)
+    state = dict(weights.state)
+    vit_state = {k[len("vit_model."):]: state.pop(k) for k in list(state) if k.startswith("vit_model.")}
+    if vit_state:  # trained with model.vit_trainable: the tower's weights are in the checkpoint
+        bundle.vit.load_state_dict({k: v.to(bundle.vit.dtype) for k, v in vit_state.items()}, strict=True)
+    loaded = load_state(bundle.model, state, str(weights.step_dir))
+    missing = sorted(set(dict(bundle.model.named_parameters())) - loaded)
+    unused = sorted(set(state) - loaded)
+    if missing or unused:
+        raise ExportError(f"{weights.step_dir} does not match the model its config.yaml describes: missing "
+                          f"{missing[:4]}, unused {unused[:4]}")
+    bundle.model.to(device).eval()
+    return InferenceParts(bundle, tokenizer, model_cfg, cfg.objective,
+                          f"{weights.step_dir} ({'EMA' if weights.ema else 'trained'} weights, step {weights.step})")
+
+
+def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | str | None = None) -> InferenceParts:
+    """Build the model of an export directory (its lance_ds.yaml, with model.path and the tokenizer there)."""
+    from .data.tokenizer import load_tokenizer
+    from .model import build_model
+    from .model.build import default_device
+
+    device = torch.device(device) if device is not None else default_device()
+    path = Path(path).resolve()
+    data = yaml.safe_load((path / EXPORT_CONFIG).read_text()) or {}
+    problems = Problems()
+    model_data = {**data.get("model", {})}
+    for key in ("path", "tokenizer_path", "vit_path", "vae_path"):
+        if isinstance(model_data.get(key), str) and not Path(model_data[key]).is_absolute():
+            model_data[key] = str(path / model_data[key])
+    model_cfg = dataclasses.replace(from_dict(ModelConfig, model_data, problems, "model"), dtype=dtype)
+    objective = from_dict(ObjectiveConfig, data.get("objective", {}), problems, "objective")
+    if problems:
+        raise ExportError(f"{path / EXPORT_CONFIG} does not match this lance_ds version: {'; '.join(problems.items)}")
+    tokenizer = load_tokenizer(model_cfg.tokenizer_path)
+    bundle = build_model(model_cfg, len(tokenizer), None, device=device)
+    bundle.model.to(device).eval()
+    return InferenceParts(bundle, tokenizer, model_cfg, objective, str(path))
+
+
+def load_inference_parts(path: str | Path, ema: bool = False, dtype: str = "fp32",
+                         device: torch.device | str | None = None) -> InferenceParts:
+    """An export directory, or a training checkpoint (step, checkpoints or run dir) consolidated on the fly."""
+    if is_export_dir(path):
+        if ema:
+            raise ExportError(f"{path} is an export; its weights were chosen when it was exported (export.json says "
+                              "which). Drop --ema, or export the training checkpoint again with --ema")
+        return load_export(path, dtype, device)
+    return build_from_trained(load_trained_weights(path, ema), dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing an export directory
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False, dtype: str = "fp32",
+                      overwrite: bool = False) -> Path:
+    """Write EXPORT_DIR (see the module doc) for a training checkpoint; returns it. Written under a temporary name
+    and renamed, so an interrupted export leaves no half-written directory behind."""
+    from .model.build import DTYPES
+
+    out = Path(out)
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ExportError(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    if is_export_dir(checkpoint):
+        raise ExportError(f"{checkpoint} is already an export; give a training checkpoint (run, checkpoints or "
+                          "step directory)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    weights = load_trained_weights(checkpoint, ema)
+    parts = build_from_trained(weights, "fp32", device="cpu")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch_dtype = DTYPES[dtype]
+    vae_saved = write_lance_dir(tmp, weights.state, parts, torch_dtype)
+    parts.tokenizer.hf.save_pretrained(str(tmp))
+    write_export_config(tmp, weights.config, vae_saved)
+    save_transformers_llm(tmp / LLM_DIR, weights.state, parts, torch_dtype)
+    if weights.adapters is not None:
+        save_adapters(tmp / LORA_DIR, weights.adapters, weights.config.model.lora)
+    info = {"source": str(weights.step_dir.resolve()), "step": weights.step,
+            "weights": "ema" if weights.ema else "trained", "lora": "merged" if weights.adapters else None,
+            "dtype": dtype, "consolidation": "deepspeed.utils.zero_to_fp32" + (" + lance_ds.ema.consolidate"
+                                                                               if weights.ema else "")}
+    (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def write_lance_dir(directory: Path, state: dict[str, Tensor], parts: InferenceParts, dtype: torch.dtype) -> bool:
+    """model.safetensors + llm_config.json in Lance's layout (+ vae/ for a random codec); True when vae/ was written."""
+    from .model.weights import save_lance_dir
+
+    bundle = parts.bundle
+    model_state = {k: v.to(dtype) for k, v in state.items() if not k.startswith("vit_model.")}
+    vit_state = {k: v.to(dtype) for k, v in bundle.vit.state_dict().items()} if bundle.vit is not None else None
+    table = bundle.model.latent_pos_embed.table().to(dtype) if bundle.model.cfg.visual_gen else None
+    special = parts.tokenizer.special
+    extra = {"max_latent_size": bundle.spec.max_latent_size, "max_num_frames": bundle.spec.max_num_frames,
+             "latent_channels": bundle.geometry.latent_channels, "num_text_classes": len(parts.tokenizer),
+             "vision_start_token_id": special.vision_start, "vision_end_token_id": special.vision_end,
+             "video_token_id": special.video_pad, "eos_token_id": special.im_end}
+    save_lance_dir(directory, model_state, bundle.spec.llm, bundle.spec.vit if vit_state is not None else None,
+                   vit_state, table, extra)
+    random_codec = bundle.vae is not None and parts.model_config.vae_path is None and \
+        any(True for _ in bundle.vae.parameters())
+    if random_codec:  # a debug codec with random weights: keep it, so the export decodes as the run did
+        bundle.vae.vae.save_pretrained(str(directory / VAE_DIR))
+    return random_codec
+
+
+def write_export_config(directory: Path, config: RunConfig, vae_saved: bool) -> None:
+    """lance_ds.yaml: the run's model section pointing at this directory, and its objective (sampling settings)."""
+    model = to_dict(inference_model_config(config.model, config.model.dtype))
+    model.update(path=".", tokenizer_path=".", vit_path=None)
+    if vae_saved:
+        model["vae_path"] = VAE_DIR
+    elif model["vae_path"] is not None:
+        model["vae_path"] = str(Path(model["vae_path"]).resolve())  # not copied: Lance never ships the VAE
+    data = {"model": model, "objective": to_dict(config.objective)}
+    header = "# Written by lance_ds.export: the model section to rebuild this export (paths relative to this dir).\n"
+    (directory / EXPORT_CONFIG).write_text(header + yaml.safe_dump(data, sort_keys=False))
+
+
+def save_adapters(directory: Path, adapters: dict[str, Tensor], lora: LoraConfig) -> Path:
+    """adapter_config.json + adapter_model.safetensors, as lance_ds.model.lora.save_lora writes them."""
+    from .model.lora import ADAPTER_WEIGHTS, peft_config
+
+    directory.mkdir(parents=True, exist_ok=True)
+    peft_config(lora).save_pretrained(str(directory))
+    save_file({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_WEIGHTS))
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the understanding expert for transformers
+
+
+def transformers_llm_state(state: dict[str, Tensor], num_layers: int, hidden_size: int) -> dict[str, Tensor]:
+    """LanceModel's understanding expert under Qwen3ForCausalLM's names (+ the zero o_proj biases Qwen3 needs)."""
+    from .model.llm import gen_to_und_name
+
+    out = {}
+    for name, value in state.items():
+        if gen_to_und_name(name) is not None:
+            continue  # the generation expert only ever sees VAE tokens
+        if name.startswith("language_model.model."):
+            out["model." + name[len("language_model.model."):]] = value
+        elif name == "language_model.lm_head.weight":
+            out["lm_head.weight"] = value
+    for i in range(num_layers):
+        out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(hidden_size)
+    return out
+
+
+def transformers_llm_config(llm, special, dtype: torch.dtype):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+        num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
+        head_dim=llm.head_dim, hidden_act="silu", rms_norm_eps=llm.rms_norm_eps, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta}, attention_bias=True,
+        use_sliding_window=False, max_position_embeddings=32768, bos_token_id=None, eos_token_id=special.im_end,
+        pad_token_id=special.pad, architectures=["Qwen3ForCausalLM"], dtype=dtype)
+
+
+def save_transformers_llm(directory: Path, state: dict[str, Tensor], parts: InferenceParts,
+                          dtype: torch.dtype) -> Path:
+    """EXPORT_DIR/llm: config.json, model.safetensors and the tokenizer, for AutoModelForCausalLM."""
+    llm = parts.bundle.spec.llm
+    directory.mkdir(parents=True, exist_ok=True)
+    transformers_llm_config(llm, parts.tokenizer.special, dtype).save_pretrained(str(directory))
+    tensors = transformers_llm_state(state, llm.num_layers, llm.hidden_size)
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    parts.tokenizer.hf.save_pretrained(str(directory))
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line (tools/export_checkpoint.py)
+
+
+def parse_args(argv: list[str] | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="export_checkpoint.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run dir, its checkpoints dir (both: latest) or a step dir")
+    p.add_argument("--out", required=True, help="the export directory to write")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (train.ema_decay > 0 runs)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the written weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype, overwrite=args.overwrite)
+    except ExportError as e:
+        print(f"export_checkpoint: {e}", file=sys.stderr)
+        return 2
+    info = json.loads((out / EXPORT_INFO).read_text())
+    print(f"exported {info['source']} (step {info['step']}, {info['weights']} weights"
+          f"{', LoRA merged' if info['lora'] else ''}) to {out}\n"
+          f"  lance_ds:     model.path={out} model.tokenizer_path={out}  (or python -m lance_ds.generate "
+          f"--checkpoint {out} ...)\n"
+          f"  transformers: AutoModelForCausalLM.from_pretrained('{out / LLM_DIR}')")
+    return 0

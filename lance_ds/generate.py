@@ -1,0 +1,451 @@
+"""Inference: images and videos for t2i / t2v / i2i / v2v, answers for i2t / v2t. A library API and a CLI.
+
+Library (the trainer's validation, the main job's evaluation):
+    gen = Generator(engine_or_model, vit, vae, planner, tokenizer, objective)   # or Generator.from_checkpoint(DIR)
+    videos = gen.generate(samples, num_steps=30, cfg_scale=4.0, seed=0)         # list of uint8 [T, H, W, 3]
+    texts = gen.answer(samples, max_new_tokens=64)                              # list of str
+
+CLI (DIR: a training checkpoint - run, checkpoints or step dir - or an export of tools/export_checkpoint.py):
+    python -m lance_ds.generate --checkpoint DIR --task t2i --prompt "a red circle" --out out.png [--size 64|HxW]
+    python -m lance_ds.generate --checkpoint DIR --task t2v --prompt "..." --out out.mp4 [--frames 9] [--size ...]
+    python -m lance_ds.generate --checkpoint DIR --task i2i|v2v --input FILE --prompt "make it blue" --out out.png|mp4
+    python -m lance_ds.generate --checkpoint DIR --task i2t|v2t --input FILE [--question "..."]   (prints the answer)
+    common: --steps 30 --cfg 4.0 --seed 0 --ema --dtype fp32|bf16 --device cpu|cuda
+
+How it runs. Prompts are planned by SequencePlanner.prompt and packed into one sequence per forward (attention stays
+inside each sample), up to `max_batch_tokens` per forward. Generation integrates the flow with Euler steps over a
+shifted linspace(1, 0) (objective.sample_shift); while t is inside objective.cfg_interval the prompts and their
+caption-dropped twins share one forward and v = v_u + cfg (v_c - v_u). Edits condition on the source's clean
+latents (t = 0) and its ViT tokens, as in training. Answers are decoded for all prompts at once, one forward per
+new token, greedily unless a temperature is given.
+
+Multi-rank safety (a ZeRO-3 engine): every forward gathers the partitioned weights collectively, so every rank must
+run the same number of forwards. Euler step counts are fixed; answers stop when every prompt on every rank is done
+(an all-reduced flag) or at max_new_tokens. Ranks must therefore pass the same number of prompts of the same sizes
+(typically the same inputs): that is checked collectively before the first forward, and refused on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config.data import GEN_TASKS, GroupConfig, UND_TASKS
+from .config.model import ObjectiveConfig
+from .data.batch import AttnMode, PackedBatch, Sample
+from .data.packing import collate
+from .data.sequence import SequencePlan, SequencePlanner
+from .model.vision import encode_vit
+from .objectives import SamplerInputs, lance_velocity_fn, pick_token, sampling_schedule
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VIDEO_SUFFIXES = (".mp4",)
+
+
+class GenerateError(ValueError):
+    """A request the model or the inputs cannot serve; the message names the input and the fix."""
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The RNG of prompt `index` (noise, token sampling): its output does not depend on what it is packed with."""
+    return torch.Generator().manual_seed(hash((seed, index)) % 2**63)
+
+
+def to_uint8_frames(pixels: Tensor) -> Tensor:
+    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the CPU."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().contiguous()
+
+
+def with_answer(plan: SequencePlan, tokens: list[int]) -> SequencePlan:
+    """The prompt with `tokens` appended to its trailing causal split, scored (next token) at its last position."""
+    if plan.split_modes[-1] != AttnMode.CAUSAL:
+        raise GenerateError(f"prompt {plan.key!r} does not end with text; an answer continues a causal split")
+    n = len(tokens)
+    ids = torch.cat([plan.input_ids, torch.tensor(tokens, dtype=torch.long)])
+    # text after text: the last token's RoPE id + 1, + 2, ... on all three axes
+    grown = plan.position_ids[:, -1:] + torch.arange(1, n + 1)
+    return dataclasses.replace(
+        plan, input_ids=ids, position_ids=torch.cat([plan.position_ids, grown], dim=1),
+        split_lens=plan.split_lens[:-1] + [plan.split_lens[-1] + n],
+        ce_positions=torch.tensor([ids.numel() - 1]), ce_targets=torch.zeros(1, dtype=torch.long))
+
+
+def token_chunks(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indexes of consecutive items grouped so each group's total size stays within `budget` (a larger item alone)."""
+    chunks: list[list[int]] = []
+    total = budget + 1
+    for i, size in enumerate(sizes):
+        if total + size > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += size
+    return chunks
+
+
+class Generator:
+    """Generation and answering with one model, on one rank or on every rank of a ZeRO-3 engine together.
+
+    model: a LanceModel or a DeepSpeed engine around one. vit / vae: the frozen encoders outside it (ModelBundle.vit
+    / .vae; None when the model lacks that branch, or holds a trainable ViT itself). planner / tokenizer: as the
+    trainer built them. objective: its sampling settings (sample_shift, cfg_interval); defaults otherwise.
+    max_batch_tokens: tokens packed into one forward (prompts beyond it go into further forwards).
+    """
+
+    def __init__(self, model: torch.nn.Module, vit: torch.nn.Module | None, vae, planner: SequencePlanner,
+                 tokenizer, objective: ObjectiveConfig | None = None, max_batch_tokens: int = 32768,
+                 device: torch.device | str | None = None):
+        self.model = model
+        self.lance = getattr(model, "module", model)  # the LanceModel inside an engine
+        self.vit, self.vae = vit, vae
+        self.planner, self.tokenizer = planner, tokenizer
+        self.objective = objective or ObjectiveConfig()
+        self.max_batch_tokens = max_batch_tokens
+        self.device = torch.device(device) if device is not None else self._model_device()
+        self.source = ""  # where the weights came from (from_checkpoint)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, ema: bool = False, dtype: str = "fp32",
+                        device: torch.device | str | None = None, **kwargs) -> "Generator":
+        """A training checkpoint (run, checkpoints or step dir; consolidated on the fly) or an export dir."""
+        from .export import load_inference_parts
+        from .trainer import vision_geometry
+
+        parts = load_inference_parts(path, ema=ema, dtype=dtype, device=device)
+        bundle = parts.bundle
+        planner = SequencePlanner(parts.tokenizer, vision_geometry(bundle.geometry))
+        gen = cls(bundle.model, bundle.vit, bundle.vae, planner, parts.tokenizer, parts.objective, **kwargs)
+        gen.source = parts.source
+        return gen
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, samples: list[Sample], num_steps: int = 30, cfg_scale: float = 4.0, seed: int = 0,
+                 target_shape: tuple[int, int, int] | None = None, group: GroupConfig | None = None) -> list[Tensor]:
+        """t2i / t2v / i2i / v2v samples -> uint8 frames [T, H, W, 3] each (an image has T = 1).
+
+        The output size is target_shape (frames, height, width) when given, else the sample's target media cut as
+        training cuts it (held-out samples), else the source's (edits), else the group's resolution.
+        """
+        self._require(samples, GEN_TASKS, self.lance.cfg.visual_gen, "model.visual_gen")
+        if num_steps < 1:
+            raise GenerateError(f"num_steps must be >= 1, got {num_steps}")
+        times = sampling_schedule(num_steps, self.objective.sample_shift)
+        lo, hi = self.objective.cfg_interval
+        guided_steps = [cfg_scale != 1.0 and lo <= float(t) <= hi for t in times[:-1]]
+        pairs = [(self.planner.prompt(s, group, target_shape=target_shape),
+                  self.planner.prompt(s, group, drop_caption=True, target_shape=target_shape)) for s in samples]
+        sizes = [c.num_tokens + (u.num_tokens if any(guided_steps) else 0) for c, u in pairs]
+        chunks = token_chunks(sizes, self.max_batch_tokens)
+        self._check_same_work("generate", len(chunks), num_steps, sum(guided_steps))
+        out: list[Tensor] = []
+        with self._inference():
+            for chunk in chunks:
+                out += self._generate_chunk([pairs[i] for i in chunk], chunk, times, guided_steps, cfg_scale, seed)
+        return out
+
+    def _generate_chunk(self, pairs, indexes: list[int], times: Tensor, guided_steps: list[bool],
+                        cfg_scale: float, seed: int) -> list[Tensor]:
+        cond_plans = [c for c, _ in pairs]
+        cond = self._sampler_inputs(cond_plans)
+        joint = self._sampler_inputs(cond_plans + [u for _, u in pairs]) if any(guided_steps) else None
+        noise = [torch.randn(p.vae[-1].coords.shape[0], self.lance.cfg.latent_channels,
+                             generator=sample_generator(seed, i)) for p, i in zip(cond_plans, indexes)]
+        x = torch.cat(noise).to(self.device)
+        cond_velocity = lance_velocity_fn(self.model, cond)
+        joint_velocity = lance_velocity_fn(self.model, joint) if joint is not None else None
+        for i, guided in enumerate(guided_steps):
+            t, t_next = float(times[i]), float(times[i + 1])
+            if guided:  # prompts and their caption-dropped twins in one forward
+                v_cond, v_uncond = joint_velocity(torch.cat([x, x]), t, True).float().chunk(2)
+                v = v_uncond + cfg_scale * (v_cond - v_uncond)
+            else:
+                v = cond_velocity(x, t, True).float()
+            x = x + (t_next - t) * v
+        return self._decode_latents(x, cond_plans)
+
+    def _sampler_inputs(self, plans: list[SequencePlan]) -> SamplerInputs:
+        """Packed prompts with their ViT tokens and clean condition latents; targets marked for the sampler."""
+        batch = collate(plans).to(self.device)
+        counts = batch.vae_grid_thw.prod(dim=-1)
+        target_mask = torch.repeat_interleave(batch.vae_is_target, counts)
+        return SamplerInputs(batch, self._condition_latents(batch), target_mask, self._vit_embeds(batch))
+
+    def _condition_latents(self, batch: PackedBatch) -> Tensor:
+        """[N, z]: the VAE's latent mean of every condition block (one VAE call per shape), zeros at targets."""
+        z = self.lance.cfg.latent_channels
+        counts = batch.vae_grid_thw.prod(dim=-1).tolist()
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        latents = torch.zeros(sum(counts), z, device=self.device)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, is_target in enumerate(batch.vae_is_target.tolist()):
+            if not is_target:
+                by_shape.setdefault(tuple(batch.vae_pixels[i].shape), []).append(i)
+        for blocks in by_shape.values():
+            clips = torch.stack([batch.vae_pixels[i] for i in blocks]).to(self.vae.device, self.vae.dtype)
+            for i, lat in zip(blocks, self.vae.encode(clips, sample=False)):  # [z, t, h, w] each
+                latents[starts[i]:starts[i] + counts[i]] = lat.flatten(1).T.to(self.device)
+        return latents
+
+    def _decode_latents(self, x: Tensor, plans: list[SequencePlan]) -> list[Tensor]:
+        """Generated target latents [n, z], prompt after prompt -> uint8 frames per prompt."""
+        grids = [p.vae[-1].grid_thw for p in plans]
+        pieces = x.split([t * h * w for t, h, w in grids])
+        out: list[Tensor | None] = [None] * len(plans)
+        by_grid: dict[tuple, list[int]] = {}
+        for i, grid in enumerate(grids):
+            by_grid.setdefault(grid, []).append(i)
+        for grid, members in by_grid.items():
+            latents = torch.stack([pieces[i].T.reshape(-1, *grid) for i in members])  # [B, z, t, h, w]
+            pixels = self.vae.decode(latents.to(self.vae.device))
+            for i, clip in zip(members, pixels):
+                out[i] = to_uint8_frames(clip)
+        return out
+
+    # -- answers -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def answer(self, samples: list[Sample], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0, eos_token_id: int | None = None, group: GroupConfig | None = None) -> list[str]:
+        """i2t / v2t samples (caption_q the question, may be empty; caption_i an optional system prompt) -> answers.
+
+        Greedy when temperature == 0, else sampled (top-p). Decoding stops at eos (default <|im_end|>, not part of
+        the answer) or after max_new_tokens.
+        """
+        self._require(samples, UND_TASKS, self.lance.cfg.visual_und, "model.visual_und")
+        if max_new_tokens < 1:
+            raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        eos = self.tokenizer.special.im_end if eos_token_id is None else eos_token_id
+        plans = [self.planner.prompt(s, group) for s in samples]
+        chunks = token_chunks([p.num_tokens + max_new_tokens for p in plans], self.max_batch_tokens)
+        self._check_same_work("answer", len(chunks), max_new_tokens, 0)
+        tokens: list[list[int]] = []
+        with self._inference():
+            for chunk in chunks:
+                tokens += self._decode_chunk([plans[i] for i in chunk], chunk, max_new_tokens, eos, temperature,
+                                             top_p, seed)
+        return [self.tokenizer.decode(t[:-1] if t and t[-1] == eos else t) for t in tokens]
+
+    def _decode_chunk(self, plans: list[SequencePlan], indexes: list[int], max_new_tokens: int, eos: int,
+                      temperature: float, top_p: float, seed: int) -> list[list[int]]:
+        base = collate(plans).to(self.device)
+        vit_embeds = self._vit_embeds(base)  # the prompts' ViT blocks do not change as the answers grow
+        latents, timesteps = self._no_latents(base)
+        generators = [sample_generator(seed, i) for i in indexes]
+        answers: list[list[int]] = [[] for _ in plans]
+        done = [False] * len(plans)
+        for _ in range(max_new_tokens):
+            batch = collate([with_answer(p, a) for p, a in zip(plans, answers)]).to(self.device)
+            logits = self.model(batch, vit_embeds, latents, timesteps).logits  # [prompts, V']: one per prompt end
+            for i in range(len(plans)):
+                if not done[i]:
+                    token = pick_token(logits[i], temperature, top_p, generators[i])
+                    answers[i].append(token)
+                    done[i] = token == eos
+            if every_rank_done(all(done), self.device):
+                break
+        return answers
+
+    def _no_latents(self, batch: PackedBatch) -> tuple[Tensor | None, Tensor | None]:
+        """A prompt without VAE tokens still passes (empty) latents when the model has a generation branch."""
+        if not self.lance.cfg.visual_gen:
+            return None, None
+        n = batch.vae_indexes.numel()
+        return torch.zeros(n, self.lance.cfg.latent_channels, device=self.device), torch.zeros(n, device=self.device)
+
+    # -- shared --------------------------------------------------------------------------------------------------
+
+    def _vit_embeds(self, batch: PackedBatch) -> Tensor | None:
+        if self.vit is None or batch.vit_indexes.numel() == 0:
+            return None  # no ViT block, or a trainable ViT that the model runs itself
+        return encode_vit(self.vit, batch.vit_patches, batch.vit_grid_thw)
+
+    def _require(self, samples: list[Sample], tasks: tuple[str, ...], switch_on: bool, switch: str) -> None:
+        wrong = sorted({s.task for s in samples} - set(tasks))
+        if wrong:
+            other = "answer" if tasks == GEN_TASKS else "generate"
+            raise GenerateError(f"{'generate' if tasks == GEN_TASKS else 'answer'} takes {list(tasks)} samples, got "
+                                f"{wrong}; use Generator.{other} for those")
+        if samples and not switch_on:
+            raise GenerateError(f"the model was built with {switch}=false, so it cannot serve {sorted({s.task for s in samples})}")
+
+    def _check_same_work(self, what: str, *counts: int) -> None:
+        """Refuse, on every rank alike, when ranks would run different numbers of forwards (a ZeRO-3 hang)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        mine = torch.tensor(list(counts), dtype=torch.float64, device=self.device)
+        spread = torch.cat([mine, -mine])
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+        highest, lowest = spread[:len(counts)], -spread[len(counts):]
+        if not torch.equal(highest, lowest):
+            raise GenerateError(
+                f"{what}: ranks disagree on (forward batches, steps, guided steps): this rank {list(counts)}, the "
+                f"ranks range from {lowest.long().tolist()} to {highest.long().tolist()}. Under ZeRO-3 every forward "
+                "is collective: call it on every rank with the same number of prompts of the same sizes and the "
+                "same step settings.")
+
+    @contextlib.contextmanager
+    def _inference(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def _model_device(self) -> torch.device:
+        if hasattr(self.model, "device") and isinstance(self.model.device, torch.device):
+            return self.model.device  # a DeepSpeed engine
+        return next(self.model.parameters()).device
+
+
+def every_rank_done(done: bool, device: torch.device) -> bool:
+    """True when `done` holds on every rank (the same answer on all ranks, so all stop at the same step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return done
+    flag = torch.tensor([0.0 if done else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lance_ds.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (run, checkpoints or step dir) or export")
+    p.add_argument("--task", required=True, choices=GEN_TASKS + UND_TASKS)
+    p.add_argument("--prompt", help="what to generate (t2i, t2v) or the edit instruction (i2i, v2v)")
+    p.add_argument("--input", help="the image (i2i, i2t) or video (v2v, v2t) file to condition on")
+    p.add_argument("--question", default="", help="i2t / v2t: the question (default: none, as in captioning)")
+    p.add_argument("--out", help="output file: .png / .jpg for images, .mp4 for videos")
+    p.add_argument("--steps", type=int, default=30, help="Euler steps (Lance: 30)")
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (Lance: 4.0; 1 = none)")
+    p.add_argument("--seed", type=int, default=0, help="noise / sampling seed")
+    p.add_argument("--size", help="t2i / t2v output size: SIDE or HEIGHTxWIDTH in pixels (default: 64, square)")
+    p.add_argument("--frames", type=int, help="t2v: frames to generate (4k + 1); v2v: frames read from --input")
+    p.add_argument("--fps", type=float, default=12.0, help="frame rate of a written mp4, and of reading --input")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="i2t / v2t: answer length limit")
+    p.add_argument("--temperature", type=float, default=0.0, help="i2t / v2t: 0 = greedy")
+    p.add_argument("--ema", action="store_true", help="a training checkpoint's EMA weights")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="model dtype")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> list[str]:
+    """Every problem with the request at once, each naming the flag and the fix."""
+    problems = []
+    generation = args.task in GEN_TASKS
+    video = args.task in ("t2v", "v2v")
+    needs_input = args.task not in ("t2i", "t2v")
+    if generation and not args.prompt:
+        problems.append(f"--prompt: {args.task} needs a prompt (what to generate, or the edit instruction)")
+    if needs_input and not args.input:
+        problems.append(f"--input: {args.task} needs the {'video' if args.task[0] == 'v' else 'image'} to work on")
+    elif needs_input and not Path(args.input).is_file():
+        problems.append(f"--input: {args.input} is not a file")
+    if generation:
+        suffixes = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
+        if not args.out or Path(args.out).suffix.lower() not in suffixes:
+            problems.append(f"--out: {args.task} writes {'a video' if video else 'an image'}: give a path ending in "
+                            f"{' or '.join(suffixes)}, got {args.out!r}")
+    elif args.out:
+        problems.append(f"--out: {args.task} prints its answer; drop --out")
+    if args.size is not None and args.task not in ("t2i", "t2v"):
+        problems.append(f"--size: {args.task} keeps the size of its input (as in training); resize the input instead")
+    if args.size is not None and parse_size(args.size) is None:
+        problems.append(f"--size: give SIDE or HEIGHTxWIDTH in pixels, e.g. 64 or 64x96, got {args.size!r}")
+    if args.frames is not None and args.task not in ("t2v", "v2v"):
+        problems.append(f"--frames: only t2v and v2v have frames, not {args.task}")
+    if args.steps < 1:
+        problems.append(f"--steps must be >= 1, got {args.steps}")
+    return problems
+
+
+def parse_size(text: str) -> tuple[int, int] | None:
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        return None
+    height, width = (int(parts[0]), int(parts[-1]))
+    return height, width
+
+
+def cli_sample(args) -> Sample:
+    from .data.media import decode_image, decode_video
+
+    media = {}
+    if args.input:
+        data = Path(args.input).read_bytes()
+        if args.task in ("i2i", "i2t"):
+            frames = decode_image(data)
+        else:
+            max_frames = args.frames or GroupConfig().video.max_frames
+            frames = decode_video(data, sample_fps=args.fps, max_frames=max_frames)
+        media["input_image" if args.task == "i2i" else "input_video" if args.task == "v2v" else
+              "image" if args.task == "i2t" else "video"] = frames
+    texts = {"caption": args.prompt or ""} if args.task in GEN_TASKS else {"caption_q": args.question}
+    return Sample(task=args.task, texts=texts, media=media, key=args.input or "prompt")
+
+
+def cli_target_shape(args, planner: SequencePlanner) -> tuple[int, int, int] | None:
+    """--size / --frames for t2i / t2v; None keeps the defaults (the planner's: 64 pixels, 9 frames)."""
+    if args.task not in ("t2i", "t2v") or (args.size is None and args.frames is None):
+        return None
+    default = GroupConfig()
+    height, width = parse_size(args.size) if args.size else (default.image.resolution,) * 2
+    frames = 1 if args.task == "t2i" else args.frames or planner.geometry.vae_num_frames(default.video.max_frames)
+    return frames, height, width
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data.sequence import PlanError
+    from .export import ExportError
+
+    args = parse_args(argv)
+    problems = check_args(args)
+    if problems:
+        print("lance_ds.generate: " + "\n  ".join([f"{len(problems)} problem(s):"] + problems), file=sys.stderr)
+        return 2
+    try:
+        gen = Generator.from_checkpoint(args.checkpoint, ema=args.ema, dtype=args.dtype, device=args.device)
+        print(f"lance_ds.generate: {gen.source}", file=sys.stderr)
+        sample = cli_sample(args)
+        if args.task in UND_TASKS:
+            print(gen.answer([sample], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             seed=args.seed)[0])
+            return 0
+        (frames,) = gen.generate([sample], num_steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
+                                 target_shape=cli_target_shape(args, gen.planner))
+    except (ExportError, GenerateError, PlanError, FileNotFoundError) as e:
+        print(f"lance_ds.generate: {e}", file=sys.stderr)
+        return 2
+    write_media(frames, Path(args.out), args.fps)
+    print(f"lance_ds.generate: wrote {args.out} ({frames.shape[0]} frame(s), {frames.shape[1]}x{frames.shape[2]})",
+          file=sys.stderr)
+    return 0
+
+
+def write_media(frames: Tensor, path: Path, fps: float) -> None:
+    from .data.media import encode_image, encode_video
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        path.write_bytes(encode_video(frames, fps))
+    else:
+        path.write_bytes(encode_image(frames[:1], "jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "png"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
