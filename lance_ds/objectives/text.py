@@ -72,15 +72,16 @@ def pick_token(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
 def decode_text(model: torch.nn.Module, prompt: PackedBatch, vit_embeds: Tensor | None = None,
                 max_new_tokens: int = 64, eos_token_id: int | None = None, temperature: float = 0.0,
                 top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
-                latents: Tensor | None = None, timesteps: Tensor | None = None, group=None) -> list[int]:
+                latents: Tensor | None = None, timesteps: Tensor | None = None, sync_group=None) -> list[int]:
     """Answer one prompt (a single-sample batch ending with `<|im_start|>assistant\n`); returns the new token ids
     (eos included when reached).
 
     model: a LanceModel (or a DeepSpeed engine around one). latents / timesteps: the prompt's VAE tokens [N, z] / [N]
     if it has any (clean conditions at t = 0 by default: zeros). use_cache: keep keys/values (LanceModel.prefill /
     extend) instead of re-running the whole sequence each token (same function, exercised by the tests).
-    Under ZeRO-3 every rank must run the same number of forwards: with a process group, a rank that reached eos
-    keeps stepping (its extra tokens are dropped) until every rank has, or max_new_tokens.
+    Under ZeRO-3 every rank must run the same number of forwards: pass sync_group (e.g. dist.group.WORLD) and a
+    rank that reached eos keeps stepping (its extra tokens are dropped) until every rank of the group has, or
+    max_new_tokens. None: this rank decodes alone (a plain model on one process).
     """
     model = getattr(model, "module", model)
     if int(prompt.sample_ids.unique().numel()) != 1:
@@ -100,12 +101,13 @@ def decode_text(model: torch.nn.Module, prompt: PackedBatch, vit_embeds: Tensor 
     position = batch.position_ids[:, -1:]
     out: list[int] = []
     done = False
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = pick_token(logits, temperature, top_p, generator)
         if not done:
             out.append(token)
             done = eos_token_id is not None and token == eos_token_id
-        if all_ranks_done(done, device, group) or len(out) == max_new_tokens:
+        # the step count, not len(out), ends the loop: it is the same on every rank of the group
+        if step == max_new_tokens - 1 or all_ranks_done(done, device, sync_group):
             break
         position = position + 1  # text after text: the last token's id + 1 on all three axes
         if use_cache:
@@ -117,8 +119,8 @@ def decode_text(model: torch.nn.Module, prompt: PackedBatch, vit_embeds: Tensor 
 
 
 def all_ranks_done(done: bool, device: torch.device, group=None) -> bool:
-    """True when every rank of `group` is done (just `done` without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+    """True when every rank of `group` is done; just `done` when group is None (no synchronisation)."""
+    if group is None or dist.get_world_size(group) == 1:
         return done
     flag = torch.tensor([0 if done else 1], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)

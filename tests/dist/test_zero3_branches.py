@@ -42,6 +42,8 @@ def test_zero3_und_only_and_gen_only_ranks(tmp_path):
     assert full_und[-1]["train/ce"] < full_und[0]["train/ce"]  # the und rank's batch is being fitted
     # full fine-tuning moved both experts and both heads (the same values on both ranks: one ZeRO-3 model)
     assert all(und["full"]["changed"].values()) and und["full"]["changed"] == gen["full"]["changed"]
+    # KV-cache decoding through the engine, ranks stopping at different lengths but stepping together
+    assert len(und["full"]["decoded"]) == 1 and len(gen["full"]["decoded"]) == 4
     # LoRA under ZeRO-3: adapters of both experts move, the heads do not
     changed = und["lora"]["changed"]
     assert [v for k, v in changed.items() if "lora_B" in k] == [True, True]

@@ -101,9 +101,25 @@ def train(mode: str, steps: int, rank: int) -> dict:
         engine.step()
         records.append(losses.scalars())
     after = snapshot()
-    return {"records": records, "changed": {n: bool((after[n] - before[n]).abs().max() > 0) for n in watched},
+    decoded = decode_answers(engine, bundle, rank) if mode == "full" else None
+    return {"records": records, "decoded": decoded, "changed": {n: bool((after[n] - before[n]).abs().max() > 0) for n in watched},
             "trainable": sorted(n for n, p in params.items() if p.requires_grad)[:3],
             "finite": all(math.isfinite(r["train/loss"]) for r in records)}
+
+
+def decode_answers(engine, bundle, rank: int) -> list[int]:
+    """Greedy answers through the ZeRO-3 engine with the KV cache: rank 0 stops at eos after one token, rank 1 runs
+    to max_new_tokens; with sync_group both keep stepping together, so neither waits forever on the other."""
+    from lance_ds.model import encode_vit
+    from lance_ds.model.synthetic import Text, Vit, synthetic_batch
+    from lance_ds.objectives import decode_text
+
+    prompt = synthetic_batch([[Text(3), Vit(1, 4, 4), Text(4)]], NUM_CLASSES, seed=rank)
+    vit = encode_vit(bundle.vit, prompt.vit_patches, prompt.vit_grid_thw)
+    world = torch.distributed.group.WORLD
+    first = decode_text(engine, prompt, vit, max_new_tokens=1, sync_group=world)
+    return decode_text(engine, prompt, vit, max_new_tokens=4, eos_token_id=first[0] if rank == 0 else None,
+                       sync_group=world)
 
 
 def main() -> None:
