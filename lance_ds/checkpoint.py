@@ -177,11 +177,13 @@ class Checkpointer:
         saved_world = trainer_state.get("world_size")
         if saved_world != self.world_size:
             raise CheckpointError(
-                f"{path} was saved by {saved_world} ranks but this run has {self.world_size}. Its data position "
-                f"and ZeRO optimizer shards are per rank. Convert it to a universal checkpoint and load only the "
-                f"weights and optimizer state:\n  python -m deepspeed.checkpoint.ds_to_universal "
-                f"--input_folder {path} --output_folder {path}_universal\n"
-                f"or resume with the same number of ranks ({saved_world}).")
+                f"{path} was saved by {saved_world} ranks but this run has {self.world_size}: its ZeRO optimizer "
+                f"shards and data positions are per rank, so an exact resume needs {saved_world} ranks. To go on "
+                f"with {self.world_size}, convert it to weights and start a new run from them (the optimizer "
+                f"state and data position restart):\n  python tools/export_checkpoint.py {path} --out {path}_export"
+                f"\n  ... model.path={path}_export --output_dir NEW_DIR\n(DeepSpeed's own converter, "
+                f"python -m deepspeed.checkpoint.ds_to_universal, keeps optimizer state for DeepSpeed's "
+                f"load_universal, but not lance_ds's per-rank data position.)")
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
                                               load_optimizer_states=load_optimizer,
                                               load_lr_scheduler_states=load_optimizer)

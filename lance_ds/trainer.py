@@ -250,6 +250,7 @@ class Trainer:
         self.loader.close()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+            dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
 
 
 def vision_geometry(g) -> VisionGeometry:

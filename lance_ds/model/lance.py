@@ -12,6 +12,7 @@ the losses are computed there. VAE-token input = vae2llm(x_t) + time_embedder(t)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -52,9 +53,8 @@ class LanceConfig:
             raise ValueError(f"num_text_classes must be positive (len(tokenizer)), got {self.num_text_classes}")
 
 
-@dataclass
-class Predictions:
-    """What the network predicts for one packed batch."""
+class Predictions(NamedTuple):
+    """What the network predicts for one packed batch. A NamedTuple so that ZeRO-3's module hooks see the tensors."""
 
     logits: Tensor  # [C, V'] next-token logits at batch.ce_indexes
     velocity: Tensor  # [N, z] flow velocity at every latent token (conditions included; objectives weight them)

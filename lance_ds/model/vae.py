@@ -200,14 +200,14 @@ def detect_kind(path: str | Path) -> str:
 
 def build_vae(cfg: VaeConfig, path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> FrozenVAE:
     """The frozen codec: loaded from `path` (a diffusers directory) when given, else built from `cfg`."""
-    from diffusers import AutoencoderKL, AutoencoderKLWan
-
     kind = detect_kind(path) if path else cfg.kind
     if kind == "patch":
         if path:
             raise ValueError("the patch codec has no weights; unset model.vae_path or set model.vae to wan/kl")
         vae: FrozenVAE = PatchCodec(cfg.spatial_factor, cfg.temporal_factor)
     elif kind in ("wan", "kl"):
+        from diffusers import AutoencoderKL, AutoencoderKLWan  # ~2.5 s of imports: only for the codecs that need it
+
         cls = AutoencoderKLWan if kind == "wan" else AutoencoderKL
         if path:
             inner = cls.from_pretrained(str(path), torch_dtype=dtype)

@@ -8,13 +8,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, deepspeed_cmd, launch, launch_env, read_scalars
+from conftest import REPO, deepspeed_cmd, free_port, launch, launch_env, read_scalars
 
 STEPS = 8
 
@@ -23,7 +24,7 @@ def train_args(out: Path, data: dict, steps: int = STEPS, *extra: str) -> list[s
     return ["--ds_config", str(REPO / "ds_configs/zero3.json"), "--config", str(REPO / "configs/debug.yaml"),
             "--dataset_config", str(data["train"]), "--output_dir", str(out),
             f"train.max_steps={steps}", "train.warmup_steps=2", "log.every=1", "data.packing_length=512",
-            "checkpoint.save_every=2", "checkpoint.keep_last=2", "train.ema_decay=0.9", *extra]
+            "checkpoint.save_every=2", "checkpoint.keep_last=2", "train.ema_decay=0.9", "validation.every=0", *extra]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -90,10 +91,17 @@ def test_kill9_during_save_and_during_training_resume_exactly(reference, example
 def test_resume_refuses_another_architecture_and_world_size(reference, example_data, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    other = launch(train_args(out, example_data, STEPS + 2, "model.visual_gen=false",
-                              "--dataset_config", str(example_data["train"])), check=False)
-    assert other.returncode != 0
-    # visual_gen=false with generation groups in the data is refused before any rank starts work
-    assert "model.visual_gen is false" in other.stdout
-    one_rank = launch(train_args(out, example_data, STEPS + 2), num_ranks=1, check=False)
-    assert one_rank.returncode != 0 and "saved by 2 ranks" in one_rank.stdout and "ds_to_universal" in one_rank.stdout
+    # a switch that does not match the data is refused by the config check, before any rank starts
+    check = subprocess.run([sys.executable, "lance_ds/train.py", "--check", *train_args(out, example_data),
+                            "model.visual_gen=false"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2 and "model.visual_gen is false" in check.stderr
+    # a different architecture, or a different number of ranks, is refused when the checkpoint is opened
+    for extra in (["model.lape.enabled=true"], []):
+        one_rank = subprocess.run([sys.executable, "lance_ds/train.py", *train_args(out, example_data, STEPS + 2),
+                                   *extra], cwd=REPO, env=launch_env(MASTER_PORT=str(free_port())),
+                                  capture_output=True, text=True, timeout=120)
+        assert one_rank.returncode != 0
+        if extra:
+            assert "different architecture (model.lape" in one_rank.stderr, one_rank.stderr[-2000:]
+        else:
+            assert "saved by 2 ranks" in one_rank.stderr and "export_checkpoint.py" in one_rank.stderr

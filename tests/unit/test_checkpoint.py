@@ -1,0 +1,106 @@
+"""Checkpointer bookkeeping (atomic publish, `latest`, retention, refusals) and the sharded EMA, without a launcher;
+the 2-rank DeepSpeed behaviour is in tests/dist/test_train.py."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lance_ds.checkpoint import Checkpointer, CheckpointError, step_name
+from lance_ds.ema import ShardedEMA, consolidate
+
+
+class FakeEngine:
+    """Writes one file per save, like DeepSpeed's engine files, and records loads."""
+
+    def __init__(self):
+        self.loaded = None
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        assert not save_latest  # `latest` is ours to move, after the directory is complete
+        path = f"{root}/{tag}"
+        import os
+
+        os.makedirs(path, exist_ok=True)
+        with open(f"{path}/engine.bin", "w") as f:
+            f.write(json.dumps(client_state))
+
+    def load_checkpoint(self, root, tag, **kw):
+        self.loaded = (root, tag)
+        return f"{root}/{tag}", {}
+
+
+def save(ck: Checkpointer, step: int, ema=None):
+    return ck.save(FakeEngine(), step, {"model": {"size": "debug"}}, {"train": {"lr": 1.0}}, {"position": step}, ema)
+
+
+def test_save_publishes_atomically_and_keeps_the_last(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    assert ck.resolve("latest") is None and ck.resolve("none") is None
+    for step in (10, 20, 30):
+        save(ck, step)
+    assert ck.complete_steps() == [20, 30]
+    assert (tmp_path / "latest").read_text() == step_name(30)
+    assert not list(tmp_path.glob("*.tmp"))
+    path = ck.resolve("latest")
+    assert json.loads((path / "trainer_state.json").read_text())["step"] == 30
+    assert (path / "rank_00000" / "data.json").is_file() and (path / "config.yaml").is_file()
+    assert ck.resolve("20") == tmp_path / step_name(20)
+    resumed = ck.load(FakeEngine(), path)
+    assert resumed.step == 30 and resumed.data_state == {"position": 30} and resumed.ema_state is None
+
+
+def test_a_save_killed_midway_is_ignored_then_cleaned(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=1)
+    save(ck, 10)
+    partial = tmp_path / (step_name(20) + ".tmp")
+    (partial / "rank_00000").mkdir(parents=True)  # what a SIGKILL during the save of step 20 leaves
+    assert ck.resolve("latest") == tmp_path / step_name(10)
+    assert ck.complete_steps() == [10]
+    save(ck, 30)
+    assert not partial.exists()
+
+
+def test_refusals_name_the_fix(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=1)
+    save(ck, 10)
+    with pytest.raises(CheckpointError, match="complete steps: \\[10\\]"):
+        ck.resolve("15")
+    with pytest.raises(CheckpointError, match="latest, none or a step"):
+        ck.resolve("newest")
+    (tmp_path / "latest").write_text(step_name(99))
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        ck.resolve("latest")
+    two_ranks = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=2)
+    with pytest.raises(CheckpointError, match="(?s)saved by 1 ranks but this run has 2.*export_checkpoint.py"):
+        two_ranks.load(FakeEngine(), tmp_path / step_name(10))
+
+
+def test_ema_follows_the_weights_and_round_trips(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    ema = ShardedEMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update()
+    assert torch.allclose(ema.shadow["weight"], start + 1.0)  # halfway, decay 0.5
+    ck = Checkpointer(tmp_path, keep_last=1, rank=0, world_size=1)
+    save(ck, 1, ema)
+    restored = ShardedEMA(torch.nn.Linear(3, 2), decay=0.5)
+    restored.load_state_dict(ck.load(FakeEngine(), ck.resolve("latest")).ema_state)
+    assert torch.equal(restored.shadow["weight"], ema.shadow["weight"])
+    full = consolidate([tmp_path / step_name(1) / "rank_00000" / "ema.safetensors"])
+    assert torch.equal(full["weight"], ema.shadow["weight"]) and full["bias"].shape == (2,)
+
+
+def test_consolidate_reassembles_zero3_partitions(tmp_path):
+    """ZeRO-3 gives rank r the r-th equal chunk of each flattened (padded) parameter."""
+    full = torch.arange(7, dtype=torch.float32).view(7)
+    chunks = [full[0:4], torch.cat([full[4:7], torch.zeros(1)])]  # 2 ranks, padded to 8
+    meta = {"partitioned": "true", "shapes": json.dumps({"w": [7]})}
+    files = []
+    for rank, chunk in enumerate(chunks):
+        files.append(tmp_path / f"ema{rank}.safetensors")
+        save_file({"w": chunk}, str(files[-1]), metadata=meta)
+    assert torch.equal(consolidate(files)["w"], full)
