@@ -219,6 +219,15 @@ class Generator:
         Greedy when temperature == 0, else sampled (top-p). Decoding stops at eos (default <|im_end|>, not part of
         the answer) or after max_new_tokens.
         """
+        eos = self.tokenizer.special.im_end if eos_token_id is None else eos_token_id
+        ids = self.answer_ids(samples, max_new_tokens, temperature, top_p, seed, eos, group)
+        return [self.tokenizer.decode(t[:-1] if t and t[-1] == eos else t) for t in ids]
+
+    @torch.no_grad()
+    def answer_ids(self, samples: list[Sample], max_new_tokens: int = 64, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
+                   group: GroupConfig | None = None) -> list[list[int]]:
+        """`answer` as token ids, eos included when it was reached."""
         self._require(samples, UND_TASKS, self.lance.cfg.visual_und, "model.visual_und")
         if max_new_tokens < 1:
             raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -231,7 +240,7 @@ class Generator:
             for chunk in chunks:
                 tokens += self._decode_chunk([plans[i] for i in chunk], chunk, max_new_tokens, eos, temperature,
                                              top_p, seed)
-        return [self.tokenizer.decode(t[:-1] if t and t[-1] == eos else t) for t in tokens]
+        return tokens
 
     def _decode_chunk(self, plans: list[SequencePlan], indexes: list[int], max_new_tokens: int, eos: int,
                       temperature: float, top_p: float, seed: int) -> list[list[int]]:
@@ -268,13 +277,13 @@ class Generator:
         return encode_vit(self.vit, batch.vit_patches, batch.vit_grid_thw)
 
     def _require(self, samples: list[Sample], tasks: tuple[str, ...], switch_on: bool, switch: str) -> None:
+        method, other = ("generate", "answer") if tasks == GEN_TASKS else ("answer", "generate")
         wrong = sorted({s.task for s in samples} - set(tasks))
         if wrong:
-            other = "answer" if tasks == GEN_TASKS else "generate"
-            raise GenerateError(f"{'generate' if tasks == GEN_TASKS else 'answer'} takes {list(tasks)} samples, got "
-                                f"{wrong}; use Generator.{other} for those")
+            raise GenerateError(f"{method} takes {list(tasks)} samples, got {wrong}; use Generator.{other} for those")
         if samples and not switch_on:
-            raise GenerateError(f"the model was built with {switch}=false, so it cannot serve {sorted({s.task for s in samples})}")
+            raise GenerateError(f"the model was built with {switch}=false, so it cannot serve "
+                                f"{sorted({s.task for s in samples})}")
 
     def _check_same_work(self, what: str, *counts: int) -> None:
         """Refuse, on every rank alike, when ranks would run different numbers of forwards (a ZeRO-3 hang)."""

@@ -1,0 +1,164 @@
+"""lance_ds.export and tools/export_checkpoint.py on real 2-rank ZeRO-3 checkpoints (made once by the worker in
+test_generate.py): Lance's layout loads with model.path and predicts what the trained engine predicted; EMA weights
+are the live EMA; LoRA is merged as peft merges it and its adapters load back; transformers loads the
+understanding expert with the same logits; bad inputs are refused with the fix."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_generate import exported, from_checkpoint, reference_inputs, trained_runs  # noqa: F401 (fixtures)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def predictions(bundle, tokenizer) -> dict[str, torch.Tensor]:
+    batch, vit_embeds, latents, t = reference_inputs(bundle.vit, bundle.geometry.latent_channels, len(tokenizer))
+    with torch.no_grad():
+        pred = bundle.model(batch, vit_embeds, latents, t)
+    return {"logits": pred.logits.float(), "velocity": pred.velocity.float()}
+
+
+def assert_close_predictions(got: dict, reference: dict, prefix: str) -> None:
+    for name in ("logits", "velocity"):
+        expected = reference[f"{prefix}.{name}"]
+        assert got[name].shape == expected.shape
+        assert torch.allclose(got[name], expected, atol=1e-5, rtol=1e-4), (got[name] - expected).abs().max()
+
+
+def test_export_is_lances_layout_and_model_path_loads_it(trained_runs, exported):
+    from lance_ds.config.model import ModelConfig
+    from lance_ds.data.tokenizer import load_tokenizer
+    from lance_ds.model import build_model
+
+    reference = trained_runs["reference"]
+    weights = load_file(str(exported / "model.safetensors"))
+    trained = {k[len("weights."):]: v for k, v in reference.items() if k.startswith("weights.")}
+    for name, value in trained.items():  # LanceModel's names are Lance's; fp32 master weights, exactly
+        assert torch.equal(weights[name], value), name
+    for name, value in {k[len("vit."):]: v for k, v in reference.items() if k.startswith("vit.")}.items():
+        assert torch.equal(weights["vit_model." + name].float(), value), name  # the trainer's own frozen ViT
+    assert "language_model.model.layers.1.self_attn.q_proj_moe_gen.bias" in weights
+    assert weights["latent_pos_embed.pos_embed"].shape == (9 * 32 * 32, 128)
+    llm_config = json.loads((exported / "llm_config.json").read_text())
+    assert llm_config["rope_scaling"]["mrope_section"] == [4, 6, 6] and llm_config["max_latent_size"] == 32
+    info = json.loads((exported / "export.json").read_text())
+    assert info["step"] == 3 and info["weights"] == "trained" and info["lora"] is None
+    # model.path=EXPORT_DIR (and its tokenizer) rebuild the trained model: same predictions as the live engine
+    tokenizer = load_tokenizer(exported)
+    bundle = build_model(ModelConfig(size="debug", path=str(exported), dtype="fp32"), len(tokenizer), None, "cpu")
+    assert_close_predictions(predictions(bundle, tokenizer), reference, "pred")
+
+
+def test_ema_export_is_the_live_ema_and_differs_from_the_trained_weights(trained_runs, exported, tmp_path):
+    from lance_ds.export import export_checkpoint
+
+    reference = trained_runs["reference"]
+    out = export_checkpoint(trained_runs["full"] / "checkpoints", tmp_path / "ema", ema=True)
+    ema_weights, plain = load_file(str(out / "model.safetensors")), load_file(str(exported / "model.safetensors"))
+    averaged = {k[len("ema."):]: v for k, v in reference.items() if k.startswith("ema.")}
+    assert averaged, "the run kept an EMA"
+    for name, value in averaged.items():
+        assert torch.allclose(ema_weights[name], value, atol=1e-7), name
+    differing = [n for n in averaged if not torch.equal(ema_weights[n], plain[n])]
+    assert len(differing) > 0.9 * len(averaged)  # decay 0.5 over 3 steps: nearly every tensor moved
+    assert json.loads((out / "export.json").read_text())["weights"] == "ema"
+
+
+def test_transformers_loads_the_understanding_expert_with_the_same_logits(exported, from_checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lance_ds.model.synthetic import Text, synthetic_batch
+
+    hf = AutoModelForCausalLM.from_pretrained(str(exported / "llm"))
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    gen = from_checkpoint
+    num_classes = len(gen.tokenizer)
+    batch = synthetic_batch([[Text(16, scored=True)]], num_text_classes=num_classes, seed=9)
+    batch.ce_indexes = torch.arange(16)
+    z = gen.lance.cfg.latent_channels
+    with torch.no_grad():
+        ours = gen.model(batch, None, torch.zeros(0, z), torch.zeros(0)).logits
+        theirs = hf(batch.input_ids[None]).logits[0, :, :num_classes]
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    text = "a red circle moving left"
+    assert AutoTokenizer.from_pretrained(str(exported / "llm")).encode(text) == gen.tokenizer.encode(text)
+
+
+def test_lora_export_merges_as_peft_does_and_keeps_the_adapters(trained_runs, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    from lance_ds.config.model import LoraConfig, ModelConfig
+    from lance_ds.data.tokenizer import load_tokenizer
+    from lance_ds.export import export_checkpoint, find_checkpoint, load_export, zero_consolidated_state
+    from lance_ds.model import build_model, load_lora
+    from lance_ds.model.build import load_state
+
+    out = export_checkpoint(trained_runs["lora"], tmp_path / "lora")
+    assert json.loads((out / "export.json").read_text())["lora"] == "merged"
+    parts = load_export(out, device="cpu")
+    assert_close_predictions(predictions(parts.bundle, parts.tokenizer), trained_runs["reference"], "lora_pred")
+    # peft's own merge of the same checkpoint gives the same weights; the adapters load back into a LoRA model
+    tokenizer = load_tokenizer()
+    cfg = ModelConfig(size="debug", dtype="fp32", training_type="lora", lora=LoraConfig(r=4))
+    model = build_model(cfg, len(tokenizer), None, "cpu").model
+    trained = zero_consolidated_state(find_checkpoint(trained_runs["lora"]))
+    load_state(model, trained, "lora checkpoint")
+    before = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert any(p.abs().sum() > 0 for n, p in before.items() if "lora_B" in n)  # the adapters trained
+    with torch.no_grad():
+        for p in before:
+            dict(model.named_parameters())[p].zero_()
+    load_lora(model, out / "lora")
+    for name, value in model.named_parameters():
+        if name in before:
+            assert torch.equal(value, before[name]), name
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    merged = load_file(str(out / "model.safetensors"))
+    for name, value in model.named_parameters():
+        if "lora_" not in name:
+            assert torch.allclose(merged[name.replace(".base_layer.", ".")], value, atol=1e-6), name
+
+
+def test_checkpoint_paths_resolve_and_bad_inputs_are_refused(trained_runs, exported, tmp_path, capsys):
+    from lance_ds.export import ExportError, export_checkpoint, find_checkpoint
+
+    run = trained_runs["full"]
+    step = run / "checkpoints" / "step_00000003"
+    assert find_checkpoint(run) == find_checkpoint(run / "checkpoints") == find_checkpoint(step) == step
+    with pytest.raises(ExportError, match="not a training checkpoint"):
+        find_checkpoint(tmp_path)
+    with pytest.raises(ExportError, match="train.ema_decay=0"):
+        export_checkpoint(trained_runs["lora"], tmp_path / "x", ema=True)
+    with pytest.raises(ExportError, match="--overwrite"):
+        export_checkpoint(run, exported)
+    with pytest.raises(ExportError, match="already an export"):
+        export_checkpoint(exported, tmp_path / "y")
+    # a pickle naming anything but DeepSpeed's own types is never unpickled
+    forged = tmp_path / "forged" / "step_00000003"
+    shutil.copytree(step, forged)
+    torch.save({"optimizer": argparse.Namespace(lr=1.0)}, forged / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    with pytest.raises(ExportError, match="argparse.Namespace.*refusing to unpickle"):
+        export_checkpoint(forged, tmp_path / "z")
+    assert not (tmp_path / "z").exists() and not (tmp_path / "z.tmp").exists()
+    # the tool: exit status 2 and the message on stderr
+    sys_argv = sys.argv
+    sys.argv = ["export_checkpoint.py", "--checkpoint", str(trained_runs["lora"]), "--out", str(tmp_path / "w"),
+                "--ema"]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(REPO / "tools" / "export_checkpoint.py"), run_name="__main__")
+    finally:
+        sys.argv = sys_argv
+    assert exit_info.value.code == 2 and "train.ema_decay=0" in capsys.readouterr().err

@@ -1,0 +1,482 @@
+"""lance_ds.generate: inference prompts, packed generation for t2i / t2v / i2i / v2v, batched answers for i2t / v2t,
+from a live ZeRO-3 engine on 2 ranks, from a training checkpoint and from an export, and the CLI end to end.
+
+One launch of the real `deepspeed` launcher (2 CPU ranks) trains the debug model for 3 steps with the real Trainer
+(ZeRO-3, EMA) and a LoRA variant, saves their checkpoints, records references (gathered weights and EMA, the
+trainer's frozen ViT, predictions on a fixed batch) and runs the Generator on the live engine on both ranks. This
+file is also that worker (`python test_generate.py --worker ...`); tests/unit/test_export.py uses the same runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_STEPS = 3  # Euler steps in these tests (30 in real use; the code path is the same)
+MAX_NEW_TOKENS = 6
+
+RUN_YAML = """\
+model:
+  size: debug
+data:
+  packing_length: 512
+  num_workers: 0
+train:
+  max_steps: 3
+  lr: 1.0e-2
+  warmup_steps: 1
+  precision: fp32
+checkpoint:
+  save_every: 3
+log:
+  every: 1
+  progress_bar: false
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs shared by the worker and the tests
+
+
+def probe_samples() -> list:
+    """One fixed sample per task, made of example-world media (no target media: sizes come from the defaults)."""
+    from lance_ds.data.batch import Sample
+    from lance_ds.data.example import draw_scene, render_image, render_video
+
+    rng = np.random.default_rng(7)
+    image = torch.from_numpy(np.array(render_image(draw_scene(rng, False, "val"))))
+    video = torch.from_numpy(np.array(render_video(draw_scene(rng, True, "val"))))
+    return [
+        Sample("t2i", {"caption": "a red circle"}, {}, key="t2i"),
+        Sample("t2v", {"caption": "a blue square moving left"}, {}, key="t2v"),
+        Sample("i2i", {"caption": "make it green"}, {"input_image": image}, key="i2i"),
+        Sample("v2v", {"caption": "make it yellow"}, {"input_video": video}, key="v2v"),
+        Sample("i2t", {"caption_q": "What colour is the shape?"}, {"image": image}, key="i2t"),
+        Sample("v2t", {"caption_q": ""}, {"video": video}, key="v2t"),
+    ]
+
+
+def gen_samples():
+    return probe_samples()[:4]
+
+
+def und_samples():
+    return probe_samples()[4:]
+
+
+def reference_inputs(vit, latent_channels: int, num_text_classes: int):
+    """A fixed packed batch (text, ViT block, noised latents, scored text) and its encoder outputs."""
+    from lance_ds.model import encode_vit
+    from lance_ds.model.synthetic import Text, Vae, Vit, random_latents, synthetic_batch
+
+    batch = synthetic_batch([[Text(5, scored=True), Vit(1, 4, 4), Vae(1, 2, 3), Text(4, scored=True)],
+                             [Text(6, scored=True)]], num_text_classes=num_text_classes, seed=3)
+    vit_embeds = encode_vit(vit, batch.vit_patches, batch.vit_grid_thw)
+    latents = random_latents(batch, latent_channels, seed=4)
+    return batch, vit_embeds, latents, torch.full((latents.shape[0],), 0.6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the 2-rank worker (run under the deepspeed launcher)
+
+
+def train(run_yaml: Path, out: Path, dataset: Path, ds_json: Path, *overrides: str):
+    from lance_ds.config import load_and_check
+    from lance_ds.trainer import Trainer
+
+    args = [f"dataset_config={dataset}", f"output_dir={out}", *overrides]
+    run, ds_config = load_and_check(str(run_yaml), args, str(ds_json), int(os.environ["WORLD_SIZE"]))
+    trainer = Trainer(run, ds_config, resume="none")
+    trainer.train()
+    return trainer
+
+
+def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {n: p.detach().float().clone() for n, p in module.named_parameters()}
+
+
+def gathered_ema(ema) -> dict[str, torch.Tensor]:
+    """Full EMA tensors from the live per-rank partitions (independent of the files the export reads)."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, shard in ema.shadow.items():
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, shard.contiguous())
+        numel = int(torch.Size(ema.shapes[name]).numel())
+        out[name] = torch.cat([p.flatten() for p in parts])[:numel].view(ema.shapes[name]).clone()
+    return out
+
+
+@torch.no_grad()
+def engine_predictions(trainer) -> dict[str, torch.Tensor]:
+    engine = trainer.engine
+    engine.eval()
+    batch, vit_embeds, latents, t = reference_inputs(trainer.parts.vit, trainer.parts.geometry.latent_channels,
+                                                     len(trainer.tokenizer))
+    pred = engine(batch, vit_embeds, latents, t)
+    engine.train()
+    return {"logits": pred.logits.float(), "velocity": pred.velocity.float()}
+
+
+def count_forwards(module: torch.nn.Module) -> list[int]:
+    counter = [0]
+    module.register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    return counter
+
+
+def generator_phases(trainer, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The Generator on the live ZeRO-3 engine, called by both ranks: same inputs; different answers that end at
+    different steps; and mismatched work, which must be refused on both ranks instead of hanging."""
+    from lance_ds.generate import GenerateError, Generator
+
+    gen = Generator(trainer.engine, trainer.parts.vit, trainer.parts.vae, trainer.planner, trainer.tokenizer,
+                    trainer.cfg.objective)
+    forwards = count_forwards(trainer.engine.module)
+    record: dict = {"forwards": {}}
+    videos = gen.generate(gen_samples(), num_steps=NUM_STEPS)
+    record["forwards"]["generate"] = forwards[0]
+    record["answers"] = gen.answer(und_samples(), max_new_tokens=MAX_NEW_TOKENS)
+    record["forwards"]["answer"] = forwards[0] - record["forwards"]["generate"]
+    # rank 0 stops at its first token (its eos is that token), rank 1 never stops: both must run 6 forwards
+    first = gen.answer_ids(und_samples()[:1], max_new_tokens=1)[0][0]
+    before = forwards[0]
+    eos = first if rank == 0 else -1
+    record["uneven_ids"] = gen.answer_ids([und_samples()[rank]], max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos)[0]
+    record["first_token"] = first
+    record["forwards"]["uneven"] = forwards[0] - before
+    gen.max_batch_tokens = 1  # one prompt per forward: rank 1's two prompts need two forward batches, rank 0's one
+    record["refused"] = []
+    for call in (lambda: gen.answer(und_samples()[:rank + 1], max_new_tokens=2),
+                 lambda: gen.generate(gen_samples()[:1], num_steps=2 + rank)):
+        try:
+            call()
+            record["refused"].append("")
+        except GenerateError as e:
+            record["refused"].append(str(e))
+    return record, {f"video.{i}": v for i, v in enumerate(videos)}
+
+
+def run_worker(out: Path, dataset: Path, ds_json: Path) -> None:
+    from safetensors.torch import save_file
+
+    run_yaml = out / "run.yaml"
+    rank = int(os.environ["RANK"])
+    trainer = train(run_yaml, out / "full", dataset, ds_json, "train.ema_decay=0.5")
+    reference = {f"weights.{k}": v for k, v in gathered_state(trainer.engine.module).items()}
+    reference.update({f"ema.{k}": v for k, v in gathered_ema(trainer.ema).items()})
+    reference.update({f"pred.{k}": v for k, v in engine_predictions(trainer).items()})
+    reference.update({f"vit.{k}": v.float() for k, v in trainer.parts.vit.state_dict().items()})
+    record, videos = generator_phases(trainer, rank)
+    trainer.tb.close()  # not trainer.close(): that ends the process group, which the LoRA run below still needs
+    lora = train(run_yaml, out / "lora", dataset, ds_json, "model.training_type=lora", "model.lora.r=4")
+    reference.update({f"lora_pred.{k}": v for k, v in engine_predictions(lora).items()})
+    lora.close()
+    save_file({k: v.contiguous() for k, v in videos.items()}, str(out / f"videos_rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in reference.items()}, str(out / "reference.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the launch, once per session (test_export.py uses it too)
+
+_RUNS: dict[str, dict] = {}
+
+
+def launch_runs(root: Path) -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import free_port, make_shards
+
+    dataset = make_shards(root, "train", 4, tasks=("t2i", "i2t"))
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny params (test rule)
+    (root / "ds.json").write_text(json.dumps(ds))
+    (root / "run.yaml").write_text(RUN_YAML)
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
+           __file__, "--worker", "--out", str(root), "--dataset", str(dataset), "--ds_json", str(root / "ds.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        raise AssertionError(f"the 2-rank worker hung:\n{log[-4000:]}")
+    assert proc.returncode == 0, f"the 2-rank worker failed ({proc.returncode}):\n{log[-5000:]}"
+    from safetensors.torch import load_file
+
+    return {"root": root, "full": root / "full", "lora": root / "lora",
+            "ranks": [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)],
+            "videos": [load_file(str(root / f"videos_rank{r}.safetensors")) for r in (0, 1)],
+            "reference": load_file(str(root / "reference.safetensors"))}
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory) -> dict:
+    if "runs" not in _RUNS:
+        _RUNS["runs"] = launch_runs(tmp_path_factory.mktemp("generate_runs"))
+    return _RUNS["runs"]
+
+
+@pytest.fixture(scope="session")
+def exported(trained_runs, tmp_path_factory) -> Path:
+    """The full run exported (plain weights), shared by the generate and export tests."""
+    if "export" not in _RUNS:
+        from lance_ds.export import export_checkpoint
+
+        _RUNS["export"] = export_checkpoint(trained_runs["full"], tmp_path_factory.mktemp("exp") / "plain")
+    return _RUNS["export"]
+
+
+@pytest.fixture(scope="session")
+def from_checkpoint(trained_runs):
+    from lance_ds.generate import Generator
+
+    return Generator.from_checkpoint(trained_runs["full"], device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts (no model needed)
+
+
+@pytest.fixture(scope="module")
+def planner():
+    from lance_ds.data.sequence import SequencePlanner, VisionGeometry
+    from lance_ds.data.tokenizer import load_tokenizer
+
+    return SequencePlanner(load_tokenizer(), VisionGeometry(vae_spatial_factor=8, max_latent_size=32,
+                                                             max_latent_frames=9))
+
+
+def test_answer_prompt_is_the_training_sequence_up_to_the_answer(planner):
+    from lance_ds.data.batch import Sample
+
+    for sample in und_samples():
+        full = planner.plan(dataclasses.replace(sample, texts={**sample.texts, "caption_a": "a red circle"}))
+        prompt = planner.prompt(sample)
+        n = prompt.num_tokens
+        assert torch.equal(full.input_ids[:n], prompt.input_ids)
+        assert torch.equal(full.position_ids[:, :n], prompt.position_ids)
+        assert planner.tokenizer.decode(prompt.input_ids[-3:].tolist()).endswith("<|im_start|>assistant\n")
+        assert full.ce_positions[0] == n - 1 and prompt.ce_targets.numel() == 0
+        assert [b.grid_thw for b in prompt.vit] == [b.grid_thw for b in full.vit]
+    with pytest.raises(ValueError, match="needs 'image' media"):
+        planner.prompt(Sample("i2t", {"caption_q": "?"}, {}))
+
+
+def test_generation_prompt_has_the_training_layout_and_a_caption_dropped_twin(planner):
+    from lance_ds.config.data import GroupConfig
+    from lance_ds.data.batch import AttnMode
+
+    no_dropout = GroupConfig(name="g", task="t2v", caption_dropout=0.0)
+    t2v = gen_samples()[1]
+    target = torch.zeros(9, 64, 64, 3, dtype=torch.uint8)
+    trained = planner.plan(dataclasses.replace(t2v, media={"video": target}), no_dropout)
+    prompt = planner.prompt(t2v, no_dropout, target_shape=(9, 64, 64))
+    assert torch.equal(trained.input_ids, prompt.input_ids) and torch.equal(trained.position_ids, prompt.position_ids)
+    assert trained.split_modes == prompt.split_modes and prompt.vae[-1].grid_thw == (3, 8, 8)
+    # a held-out sample's target media decides the size, cut as training cuts it (here: to a 4:3 bucket)
+    wide = GroupConfig(name="g", task="t2v", caption_dropout=0.0)
+    wide.image.buckets = [1.0, 4 / 3]
+    held_out = dataclasses.replace(t2v, media={"video": torch.zeros(13, 48, 64, 3, dtype=torch.uint8)})
+    assert planner.prompt(held_out, wide).vae[-1].grid_thw == planner.plan(held_out, wide).vae[-1].grid_thw == (4, 6, 9)
+    twin = planner.prompt(t2v, no_dropout, drop_caption=True, target_shape=(9, 48, 64))
+    prompt = planner.prompt(t2v, no_dropout, target_shape=(9, 48, 64))
+    assert planner.special.uncond in twin.input_ids.tolist() and twin.vae[-1].grid_thw == (3, 6, 8)
+    assert twin.num_tokens < prompt.num_tokens and twin.split_modes[-2] == AttnMode.NOISE
+    edit = planner.prompt(gen_samples()[2])  # source latents (full) then the target (noise), sharing RoPE ids
+    source, target_block = edit.vae
+    assert not source.is_target and target_block.is_target and len(edit.vit) == 1
+    assert torch.equal(edit.position_ids[:, source.positions], edit.position_ids[:, target_block.positions])
+    with pytest.raises(ValueError, match="multiple of 8.*k \\* 4 \\+ 1"):
+        planner.prompt(t2v, target_shape=(6, 30, 64))
+    with pytest.raises(ValueError, match="the source only 9"):
+        planner.prompt(gen_samples()[3], target_shape=(13, 64, 64))
+
+
+def test_helpers_grow_answers_and_cut_chunks(planner):
+    from lance_ds.generate import token_chunks, with_answer
+
+    prompt = planner.prompt(und_samples()[0])
+    grown = with_answer(prompt, [11, 12])
+    assert grown.input_ids[-2:].tolist() == [11, 12] and sum(grown.split_lens) == prompt.num_tokens + 2
+    assert grown.position_ids[:, -1].tolist() == [int(prompt.position_ids[0, -1]) + 2] * 3
+    assert grown.ce_positions.tolist() == [prompt.num_tokens + 1]
+    assert token_chunks([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2 ranks, live engine
+
+
+def test_two_ranks_run_the_same_forwards_and_refuse_mismatched_work(trained_runs):
+    rank0, rank1 = trained_runs["ranks"]
+    assert rank0["forwards"] == rank1["forwards"]
+    # 4 prompts packed: cfg 4.0 over 3 steps, every step inside [0.4, 1] for this schedule -> 3 joint forwards
+    assert rank0["forwards"]["generate"] == NUM_STEPS
+    assert rank0["forwards"]["uneven"] == MAX_NEW_TOKENS  # rank 0 finished at token 1 and kept stepping
+    assert rank0["uneven_ids"] == [rank0["first_token"]] and len(rank1["uneven_ids"]) == MAX_NEW_TOKENS
+    assert rank0["answers"] == rank1["answers"] and len(rank0["answers"]) == 2
+    for record in (rank0, rank1):
+        assert all("ranks disagree" in message for message in record["refused"]), record["refused"]
+    videos0, videos1 = trained_runs["videos"]
+    for key in videos0:
+        assert torch.equal(videos0[key], videos1[key])
+    shapes = [tuple(videos0[f"video.{i}"].shape) for i in range(4)]
+    assert shapes == [(1, 64, 64, 3), (9, 64, 64, 3), (1, 64, 64, 3), (9, 64, 64, 3)]
+
+
+def test_checkpoint_generation_equals_the_live_engine(trained_runs, from_checkpoint):
+    videos = from_checkpoint.generate(gen_samples(), num_steps=NUM_STEPS)
+    for i, frames in enumerate(videos):
+        live = trained_runs["videos"][0][f"video.{i}"]
+        assert frames.shape == live.shape
+        assert (frames.int() - live.int()).abs().max() <= 1  # float rounding only
+    assert from_checkpoint.answer(und_samples(), max_new_tokens=MAX_NEW_TOKENS) == trained_runs["ranks"][0]["answers"]
+
+
+def test_export_generates_what_the_checkpoint_generates(from_checkpoint, exported):
+    from lance_ds.generate import Generator
+
+    gen = Generator.from_checkpoint(exported, device="cpu")
+    for a, b in zip(gen.generate(gen_samples(), num_steps=NUM_STEPS),
+                    from_checkpoint.generate(gen_samples(), num_steps=NUM_STEPS)):
+        assert torch.equal(a, b)
+    assert gen.answer(und_samples(), max_new_tokens=MAX_NEW_TOKENS) == \
+        from_checkpoint.answer(und_samples(), max_new_tokens=MAX_NEW_TOKENS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sampler and the decoder against the single-prompt references in lance_ds.objectives
+
+
+def test_packed_sampling_equals_euler_sample_and_does_not_depend_on_packing(from_checkpoint):
+    from lance_ds.generate import sample_generator
+    from lance_ds.objectives import euler_sample, lance_velocity_fn
+
+    gen = from_checkpoint
+    samples = gen_samples()
+    packed = gen.generate(samples, num_steps=NUM_STEPS, seed=5)
+    gen.max_batch_tokens = 1  # one prompt per forward
+    try:
+        alone = gen.generate(samples, num_steps=NUM_STEPS, seed=5)
+    finally:
+        gen.max_batch_tokens = 32768
+    for a, b in zip(packed, alone):
+        assert (a.int() - b.int()).abs().max() <= 1
+    edit = samples[2]  # the i2i prompt: condition latents, ViT tokens, guidance
+    cond, uncond = gen.planner.prompt(edit), gen.planner.prompt(edit, drop_caption=True)
+    noise = torch.randn(cond.vae[-1].coords.shape[0], gen.lance.cfg.latent_channels, generator=sample_generator(5, 2))
+    velocity = lance_velocity_fn(gen.model, gen._sampler_inputs([cond]), gen._sampler_inputs([uncond]))
+    x = euler_sample(velocity, noise, num_steps=NUM_STEPS, shift=gen.objective.sample_shift, cfg_scale=4.0,
+                     cfg_interval=tuple(gen.objective.cfg_interval))
+    reference = gen._decode_latents(x, [cond])[0]
+    assert (reference.int() - packed[2].int()).abs().max() <= 1
+    unguided = gen.generate(samples[:1], num_steps=NUM_STEPS, cfg_scale=1.0, seed=5)[0]
+    assert not torch.equal(unguided, packed[0])  # guidance changes the result
+
+
+def test_batched_answers_equal_one_prompt_decoding(from_checkpoint):
+    from lance_ds.data.packing import collate
+    from lance_ds.objectives import decode_text
+
+    gen = from_checkpoint
+    eos = gen.tokenizer.special.im_end
+    ids = gen.answer_ids(und_samples(), max_new_tokens=MAX_NEW_TOKENS)
+    for sample, got in zip(und_samples(), ids):
+        prompt = collate([gen.planner.prompt(sample)])
+        expected = decode_text(gen.model, prompt, gen._vit_embeds(prompt), max_new_tokens=MAX_NEW_TOKENS,
+                               eos_token_id=eos)
+        assert got == expected
+    sampled = gen.answer(und_samples(), max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=1)
+    assert sampled == gen.answer(und_samples(), max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=1)
+    with pytest.raises(ValueError, match="takes \\['i2t', 'v2t'\\] samples"):
+        gen.answer(gen_samples()[:1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def decoded(path: Path) -> tuple[int, int, int]:
+    """(frames, height, width) of a written image or video, read back with PIL / PyAV."""
+    if path.suffix == ".mp4":
+        import av
+
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        return len(frames), frames[0].shape[0], frames[0].shape[1]
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return 1, image.height, image.width
+
+
+def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, exported, tmp_path, capsys):
+    from lance_ds.data.media import encode_image, encode_video
+    from lance_ds.generate import main
+
+    image, video = (tmp_path / "in.png"), (tmp_path / "in.mp4")
+    image.write_bytes(encode_image(und_samples()[0].media["image"]))
+    video.write_bytes(encode_video(und_samples()[1].media["video"], fps=12))
+    common = ["--steps", "2", "--seed", "3"]
+    jobs = [(trained_runs["full"], ["--task", "t2i", "--prompt", "a red circle", "--size", "32x48"], "a.png", (1, 32, 48)),
+            (exported, ["--task", "i2i", "--input", str(image), "--prompt", "make it blue"], "b.jpg", (1, 64, 64)),
+            (exported, ["--task", "v2v", "--input", str(video), "--prompt", "make it red", "--frames", "5"], "c.mp4",
+             (5, 64, 64))]
+    for checkpoint, args, name, shape in jobs:
+        assert main(["--checkpoint", str(checkpoint), *args, *common, "--out", str(tmp_path / name)]) == 0
+        assert decoded(tmp_path / name) == shape
+    capsys.readouterr()
+    question = und_samples()[0].texts["caption_q"]  # the PNG is lossless: the live engine's prompt, exactly
+    assert main(["--checkpoint", str(exported), "--task", "i2t", "--input", str(image), "--question", question,
+                 "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+    assert capsys.readouterr().out == trained_runs["ranks"][0]["answers"][0] + "\n"
+    # problems are all reported at once, with the flag and the fix, and nothing is loaded
+    assert main(["--checkpoint", str(exported), "--task", "t2v", "--out", "x.png", "--size", "big"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt: t2v needs a prompt" in err and "ending in .mp4" in err and "SIDE or HEIGHTxWIDTH" in err
+    assert main(["--checkpoint", str(exported), "--task", "t2i", "--prompt", "x", "--size", "30", "--out",
+                 str(tmp_path / "d.png")]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_cli_as_a_module_writes_an_mp4(exported, tmp_path):
+    out = tmp_path / "clip.mp4"
+    proc = subprocess.run([sys.executable, "-m", "lance_ds.generate", "--checkpoint", str(exported), "--task", "t2v",
+                           "--prompt", "a green triangle moving up", "--out", str(out), "--steps", "2", "--frames",
+                           "5", "--size", "32"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert decoded(out) == (5, 32, 32) and "wrote" in proc.stderr
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--dataset", type=Path)
+    parser.add_argument("--ds_json", type=Path)
+    parser.add_argument("--local_rank", type=int, default=0)
+    known, _ = parser.parse_known_args()
+    run_worker(known.out, known.dataset, known.ds_json)
+    # Everything is written; skip the interpreter's teardown of the process group and library threads (~7 s).
+    sys.stdout.flush()
+    os._exit(0)
