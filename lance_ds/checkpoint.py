@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .ema import ShardedEMA
+from .faults import kill_if_armed
 
 LATEST = "latest"
 TMP_SUFFIX = ".tmp"
@@ -64,13 +64,6 @@ def _write_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def fault_point(name: str, step: int) -> None:
-    """Crash-test hook: `LANCE_DS_FAULT=kill_during_save:STEP` SIGKILLs this process at this point of that step's
-    save, exactly as a machine failure would (tests/dist prove that a resume after it is exact)."""
-    if os.environ.get("LANCE_DS_FAULT") == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CheckpointError(RuntimeError):
@@ -149,7 +142,7 @@ class Checkpointer:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(mine / "ema.safetensors"),
                       metadata=ema.metadata())
         _barrier()
-        fault_point("kill_during_save", step)
+        kill_if_armed("kill_during_save", step)  # crash tests: after the engine files, before publishing
         if self.rank == 0:
             state = dict(trainer_state, step=step, world_size=self.world_size)
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

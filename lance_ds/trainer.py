@@ -25,6 +25,7 @@ from .config.deepspeed import zero_stage
 from .config.run import Run
 from .ema import ShardedEMA
 from .engine import build_engine, init_distributed, seed_everything, step_generator
+from .faults import armed
 from .data.packing import Branches
 from .data.sequence import SequencePlanner, VisionGeometry
 from .data.stream import build_train_loader
@@ -32,7 +33,7 @@ from .data.tokenizer import load_tokenizer
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars
 from .model import build_model, encode_vit
 from .objectives import compute_losses, prepare_flow
-from .validation import TaskLosses, Validator
+from .validation import TaskLosses, Validator, total_loss
 
 # Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
 ARCHITECTURE_KEYS = ("size", "path", "visual_und", "visual_gen", "lape", "training_type", "lora")
@@ -103,6 +104,8 @@ class Trainer:
             batch = batch.to(self.dist.device)
             pred, flow = self.forward(batch, gen)
             losses = compute_losses(pred.logits, pred.velocity, batch, flow, self.cfg.objective)
+            if armed("nan_loss", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
+                losses.total = losses.total * float("nan")  # crash tests: one rank's loss goes non-finite
             self.engine.backward(losses.total)
             self.engine.step()
             self._account(batch, losses, meter, speed)
@@ -129,8 +132,8 @@ class Trainer:
         return pred, flow
 
     def _account(self, batch, losses, meter: Meter, speed: Throughput) -> None:
-        for name, value in losses.scalars().items():
-            meter.add(name, value)
+        meter.add("train/ce_tokens", losses.num_ce_tokens)  # global counts (summed over ranks)
+        meter.add("train/mse_tokens", losses.num_mse_tokens)
         meter.add("data/packing_efficiency", batch.num_real_tokens / max(batch.num_tokens, 1))
         speed.tokens += batch.num_real_tokens
         speed.samples += sum(t in TASKS for t in batch.tasks)  # not padding or placeholders
@@ -145,7 +148,8 @@ class Trainer:
         scalars["train/lr"] = self.engine.get_lr()[0]
         scalars["train/skipped_steps"] = self.skipped_steps
         scalars.update(self.loader.stats_scalars())
-        scalars.update(self.task_losses.scalars("train"))
+        scalars.update(self.task_losses.scalars("train"))  # token-weighted means over all ranks
+        scalars["train/loss"] = total_loss(scalars, "train", self.cfg.objective)
         self.tb.scalars(self.step, scalars)
         self.last_losses = {k: v for k, v in scalars.items() if k in ("train/loss", "train/ce", "train/mse")}
         progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.last_losses.items()})
@@ -185,6 +189,7 @@ class Trainer:
         return t.micro_batch_size * self.cfg.data.packing_length * t.grad_accum * self.dist.world_size
 
     def print_summary(self) -> None:
+        self.tb.hparams(flat_hparams(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in self.last_losses.items()})
         if not self.dist.is_first:
             return
         elapsed = time.time() - self.started
@@ -251,6 +256,18 @@ class Trainer:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
+
+
+def flat_hparams(tree: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
+    """The run config as TensorBoard hparams: dotted keys; lists and None as strings."""
+    out: dict = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 def vision_geometry(g) -> VisionGeometry:

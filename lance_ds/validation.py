@@ -69,6 +69,11 @@ class TaskLosses:
         return out
 
 
+def total_loss(scalars: dict[str, float], prefix: str, objective) -> float:
+    """The weighted total of the global CE and MSE means, as the objective defines it."""
+    return objective.ce_weight * scalars.get(f"{prefix}/ce", 0.0) + objective.mse_weight * scalars.get(f"{prefix}/mse", 0.0)
+
+
 class Validator:
     """Held-out losses per task and generated samples, on every rank together."""
 
@@ -95,8 +100,7 @@ class Validator:
             pred, flow = tr.forward(batch, gen)
             losses.add(batch, pred, flow)
         scalars = losses.scalars("val")
-        scalars["val/loss"] = (tr.cfg.objective.ce_weight * scalars.get("val/ce", 0.0)
-                               + tr.cfg.objective.mse_weight * scalars.get("val/mse", 0.0))
+        scalars["val/loss"] = total_loss(scalars, "val", tr.cfg.objective)
         scalars.update(self.loader.stats_scalars())
         tr.tb.scalars(step, scalars)
         tr.tb.flush()

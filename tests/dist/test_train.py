@@ -18,13 +18,14 @@ import yaml
 from conftest import REPO, deepspeed_cmd, free_port, launch, launch_env, read_scalars
 
 STEPS = 8
+NAN_AT = "nan_loss:3"  # every run: one rank's loss of step 3 is NaN, so step 3 is skipped on both ranks
 
 
 def train_args(out: Path, data: dict, steps: int = STEPS, *extra: str) -> list[str]:
     return ["--ds_config", str(REPO / "ds_configs/zero3.json"), "--config", str(REPO / "configs/debug.yaml"),
             "--dataset_config", str(data["train"]), "--output_dir", str(out),
             f"train.max_steps={steps}", "train.warmup_steps=2", "log.every=1", "data.packing_length=512",
-            "checkpoint.save_every=2", "checkpoint.keep_last=2", "train.ema_decay=0.9", "validation.every=0", *extra]
+            "checkpoint.save_every=2", "checkpoint.keep_last=2", "train.ema_decay=0.9", "validation.every=0", "train.grad_accum=2", *extra]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -41,7 +42,8 @@ def reference(tmp_path_factory, example_data) -> Path:
     """An uninterrupted 2-rank run with validation at steps 0, 4 and 8."""
     out = tmp_path_factory.mktemp("reference") / "run"
     launch(train_args(out, example_data, STEPS, "validation.every=4",
-                      f"validation.dataset_config={example_data['val']}", "validation.max_samples=4"))
+                      f"validation.dataset_config={example_data['val']}", "validation.max_samples=4"),
+           env=launch_env(LANCE_DS_FAULT=NAN_AT))
     return out
 
 
@@ -56,6 +58,7 @@ def test_training_writes_what_users_watch(reference):
     assert sum(loss[s] for s in (6, 7, 8)) < sum(loss[s] for s in (1, 2, 3))  # it learns
     assert sorted(scalars["val/loss"]) == [0, 4, 8] and scalars["val/loss"][8] < scalars["val/loss"][0]
     assert scalars["train/lr"][1] < scalars["train/lr"][STEPS]  # warmup
+    assert scalars["train/skipped_steps"][2] == 0 and scalars["train/skipped_steps"][STEPS] == 1  # the NaN step
     config = yaml.safe_load((reference / "config.yaml").read_text())
     assert config["train"]["max_steps"] == STEPS and config["checkpoint"]["save_every"] == 2
     ckpts = sorted(p.name for p in (reference / "checkpoints").glob("step_*"))
@@ -67,11 +70,13 @@ def test_training_writes_what_users_watch(reference):
 def test_kill9_during_save_and_during_training_resume_exactly(reference, example_data, tmp_path):
     out = tmp_path / "run"
     # 1. SIGKILL inside the save of step 4, after the engine files are written but before they are published
-    killed = launch(train_args(out, example_data), env=launch_env(LANCE_DS_FAULT="kill_during_save:4"), check=False)
+    killed = launch(train_args(out, example_data), env=launch_env(LANCE_DS_FAULT=f"{NAN_AT},kill_during_save:4"),
+                    check=False)
     assert killed.returncode != 0
     assert latest(out) == "step_00000002" and (out / "checkpoints" / "step_00000004.tmp").is_dir()
     # 2. resume from step 2; SIGKILL the whole job from outside as soon as step 6 is saved (i.e. mid step 7)
-    proc = subprocess.Popen(deepspeed_cmd(2, *train_args(out, example_data)), cwd=REPO, env=launch_env(),
+    proc = subprocess.Popen(deepspeed_cmd(2, *train_args(out, example_data)), cwd=REPO,
+                            env=launch_env(LANCE_DS_FAULT=NAN_AT),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while latest(out) != "step_00000006" and proc.poll() is None and time.time() < deadline:
