@@ -1,0 +1,65 @@
+"""The three launch scripts: each runs the debug config for a step through the real launcher, and bad knobs are
+refused with a message naming the knob before anything starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import REPO, free_port
+
+SCRIPTS = {  # script -> the tasks its default switches serve
+    "sft_lance_unified.sh": ("t2i", "i2t"),
+    "sft_lance_generation.sh": ("t2i", "i2i"),
+    "sft_lance_understand.sh": ("i2t", "v2t"),
+}
+
+
+def subset(example_data, tmp_path, tasks) -> str:
+    groups = [g for g in yaml.safe_load(example_data["train"].read_text())["groups"] if g["name"] in tasks]
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump({"groups": groups}))
+    return str(path)
+
+
+def run_script(name: str, tmp_path, timeout: float = 180, **knobs: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONFIG_FILE": "configs/debug.yaml", "OUTPUT_ROOT": str(tmp_path),
+           "RUN_NAME": "run", "NUM_GPUS": "1", "MASTER_PORT": str(free_port()), **knobs}
+    return subprocess.run(["bash", f"scripts/{name}", "train.max_steps=1", "validation.every=0",
+                           "data.packing_length=512", "log.progress_bar=false"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_script_trains_the_debug_config(script, example_data, tmp_path):
+    proc = run_script(script, tmp_path, DATASET_CONFIG_FILE=subset(example_data, tmp_path, SCRIPTS[script]),
+                      SAVE_EVERY="1", NUM_WORKERS="0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["num_workers"] == 0 and config["checkpoint"]["save_every"] == 1
+    assert config["model"]["visual_gen"] == (script != "sft_lance_understand.sh")
+
+
+@pytest.mark.parametrize("knob, value, message", [
+    ("NUM_GPUS", "0", "NUM_GPUS must be a positive integer"),
+    ("SAVE_EVERY", "ten", "SAVE_EVERY must be a positive integer"),
+    ("VISUAL_GEN", "maybe", "VISUAL_GEN must be true or false"),
+    ("MODEL_PATH", "/no/such/model", "MODEL_PATH names '/no/such/model', which is not a directory"),
+    ("DATASET_CONFIG_FILE", "/no/such.yaml", "DATASET_CONFIG_FILE names '/no/such.yaml', which is not a file"),
+    ("NUM_NODES", "2", "NUM_NODES=2 needs HOSTFILE"),
+])
+def test_bad_knob_is_refused_before_launch(knob, value, message, example_data, tmp_path):
+    knobs = {"DATASET_CONFIG_FILE": str(example_data["train"]), knob: value}
+    proc = run_script("sft_lance_unified.sh", tmp_path, timeout=30, **knobs)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_config_problem_is_refused_before_launch(example_data, tmp_path):
+    proc = run_script("sft_lance_understand.sh", tmp_path, timeout=60, DATASET_CONFIG_FILE=str(example_data["train"]))
+    assert proc.returncode == 2
+    assert "model.visual_gen is false" in proc.stderr and "deepspeed" not in proc.stdout.lower()
