@@ -57,11 +57,14 @@ LLM_DIR, LORA_DIR, VAE_DIR = "llm", "lora", "vae"
 CHECKPOINTS, LATEST, TRAINER_STATE = "checkpoints", "latest", "trainer_state.json"
 
 # Globals DeepSpeed's checkpoint files reference besides tensors and plain containers (those are on torch's
-# weights_only allowlist and never reported): the ZeRO stage enum and the fp16 loss scaler in the optimizer states.
+# weights_only allowlist and never reported), all in the optimizer states: the ZeRO stage enum, the loss scaler,
+# and (ZeRO-1/2) the offsets of each parameter's fragment in the flat partition. Seen in ZeRO-2 and ZeRO-3
+# checkpoints, fp32 and bf16, of DeepSpeed 0.19.
 DEEPSPEED_GLOBALS = frozenset({
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
 })
 
 LORA_A, LORA_B, BASE_LAYER = ".lora_A.", ".lora_B.", ".base_layer."
@@ -160,8 +163,8 @@ def zero_consolidated_state(step_dir: Path) -> dict[str, Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     files = check_deepspeed_files(step_dir)
-    if not any(f.name.startswith("zero_pp_rank_") for f in files):
-        raise ExportError(f"{step_dir} is not a ZeRO checkpoint (no zero_pp_rank_* files); lance_ds trains with "
+    if not any("zero_pp_rank_" in f.name for f in files):
+        raise ExportError(f"{step_dir} is not a ZeRO checkpoint (no *zero_pp_rank_* files); lance_ds trains with "
                           "ds_configs/zero2.json or zero3.json, whose checkpoints this exporter reads")
     chatter = io.StringIO()  # the library prints its progress; keep it for the error message only
     try:
@@ -230,9 +233,11 @@ class InferenceParts:
 
 
 def inference_model_config(model: ModelConfig, dtype: str) -> ModelConfig:
-    """A run's model section rebuilt for inference: merged LoRA, frozen ViT, no gradient checkpointing."""
+    """A run's model section rebuilt for inference: merged LoRA, frozen ViT, no gradient checkpointing, weights in
+    `dtype` (a ViT trained with the model too: it was trained in full precision, not in model.vit_dtype)."""
+    vit_dtype = dtype if model.vit_trainable else model.vit_dtype
     return dataclasses.replace(model, training_type="full", vit_trainable=False, gradient_checkpointing=False,
-                               freeze_modules=[], dtype=dtype)
+                               freeze_modules=[], dtype=dtype, vit_dtype=vit_dtype)
 
 
 def build_from_trained(weights: TrainedWeights, dtype: str = "fp32",
@@ -329,7 +334,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     torch_dtype = DTYPES[dtype]
     vae_saved = write_lance_dir(tmp, weights.state, parts, torch_dtype)
     parts.tokenizer.hf.save_pretrained(str(tmp))
-    write_export_config(tmp, weights.config, vae_saved)
+    write_export_config(tmp, weights.config, dtype, vae_saved)
     save_transformers_llm(tmp / LLM_DIR, weights.state, parts, torch_dtype)
     if weights.adapters is not None:
         save_adapters(tmp / LORA_DIR, weights.adapters, weights.config.model.lora)
@@ -366,9 +371,9 @@ def write_lance_dir(directory: Path, state: dict[str, Tensor], parts: InferenceP
     return random_codec
 
 
-def write_export_config(directory: Path, config: RunConfig, vae_saved: bool) -> None:
+def write_export_config(directory: Path, config: RunConfig, dtype: str, vae_saved: bool) -> None:
     """lance_ds.yaml: the run's model section pointing at this directory, and its objective (sampling settings)."""
-    model = to_dict(inference_model_config(config.model, config.model.dtype))
+    model = to_dict(inference_model_config(config.model, dtype))
     model.update(path=".", tokenizer_path=".", vit_path=None)
     if vae_saved:
         model["vae_path"] = VAE_DIR

@@ -134,17 +134,21 @@ class Generator:
         The output size is target_shape (frames, height, width) when given, else the sample's target media cut as
         training cuts it (held-out samples), else the source's (edits), else the group's resolution.
         """
-        self._require(samples, GEN_TASKS, self.lance.cfg.visual_gen, "model.visual_gen")
-        if num_steps < 1:
-            raise GenerateError(f"num_steps must be >= 1, got {num_steps}")
-        times = sampling_schedule(num_steps, self.objective.sample_shift)
+        times = sampling_schedule(max(num_steps, 1), self.objective.sample_shift)
         lo, hi = self.objective.cfg_interval
         guided_steps = [cfg_scale != 1.0 and lo <= float(t) <= hi for t in times[:-1]]
-        pairs = [(self.planner.prompt(s, group, target_shape=target_shape),
-                  self.planner.prompt(s, group, drop_caption=True, target_shape=target_shape)) for s in samples]
+
+        def plan() -> list[tuple[SequencePlan, SequencePlan]]:
+            self._require(samples, GEN_TASKS, self.lance.cfg.visual_gen, "model.visual_gen")
+            if num_steps < 1:
+                raise GenerateError(f"num_steps must be >= 1, got {num_steps}")
+            return [(self.planner.prompt(s, group, target_shape=target_shape),
+                     self.planner.prompt(s, group, drop_caption=True, target_shape=target_shape)) for s in samples]
+
+        pairs, problem = planned(plan)
         sizes = [c.num_tokens + (u.num_tokens if any(guided_steps) else 0) for c, u in pairs]
         chunks = token_chunks(sizes, self.max_batch_tokens)
-        self._check_same_work("generate", len(chunks), num_steps, sum(guided_steps))
+        self._agree("generate", problem, len(chunks), num_steps, sum(guided_steps))
         out: list[Tensor] = []
         with self._inference():
             for chunk in chunks:
@@ -228,13 +232,17 @@ class Generator:
                    top_p: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
                    group: GroupConfig | None = None) -> list[list[int]]:
         """`answer` as token ids, eos included when it was reached."""
-        self._require(samples, UND_TASKS, self.lance.cfg.visual_und, "model.visual_und")
-        if max_new_tokens < 1:
-            raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos = self.tokenizer.special.im_end if eos_token_id is None else eos_token_id
-        plans = [self.planner.prompt(s, group) for s in samples]
+
+        def plan() -> list[SequencePlan]:
+            self._require(samples, UND_TASKS, self.lance.cfg.visual_und, "model.visual_und")
+            if max_new_tokens < 1:
+                raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            return [self.planner.prompt(s, group) for s in samples]
+
+        plans, problem = planned(plan)
         chunks = token_chunks([p.num_tokens + max_new_tokens for p in plans], self.max_batch_tokens)
-        self._check_same_work("answer", len(chunks), max_new_tokens, 0)
+        self._agree("answer", problem, len(chunks), max_new_tokens, 0)
         tokens: list[list[int]] = []
         with self._inference():
             for chunk in chunks:
@@ -285,20 +293,29 @@ class Generator:
             raise GenerateError(f"the model was built with {switch}=false, so it cannot serve "
                                 f"{sorted({s.task for s in samples})}")
 
-    def _check_same_work(self, what: str, *counts: int) -> None:
-        """Refuse, on every rank alike, when ranks would run different numbers of forwards (a ZeRO-3 hang)."""
+    def _agree(self, what: str, problem: Exception | None, *counts: int) -> None:
+        """Before the first forward: raise on every rank alike when any rank could not plan its prompts or when
+        ranks would run different numbers of forwards (under ZeRO-3 either would leave the others waiting in a
+        collective until the timeout). Without a process group: just raise this rank's problem."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            if problem is not None:
+                raise problem
             return
-        mine = torch.tensor(list(counts), dtype=torch.float64, device=self.device)
+        mine = torch.tensor([float(problem is not None), *counts], dtype=torch.float64, device=self.device)
         spread = torch.cat([mine, -mine])
         dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-        highest, lowest = spread[:len(counts)], -spread[len(counts):]
-        if not torch.equal(highest, lowest):
+        highest, lowest = spread[:mine.numel()], -spread[mine.numel():]
+        if problem is not None:
+            raise problem
+        if highest[0] > 0:
+            raise GenerateError(f"{what}: another rank could not plan its prompts (its error says why); every rank "
+                                "stops here so that none waits for the others")
+        if not torch.equal(highest[1:], lowest[1:]):
             raise GenerateError(
                 f"{what}: ranks disagree on (forward batches, steps, guided steps): this rank {list(counts)}, the "
-                f"ranks range from {lowest.long().tolist()} to {highest.long().tolist()}. Under ZeRO-3 every forward "
-                "is collective: call it on every rank with the same number of prompts of the same sizes and the "
-                "same step settings.")
+                f"ranks range from {lowest[1:].long().tolist()} to {highest[1:].long().tolist()}. Under ZeRO-3 every "
+                "forward is collective: call it on every rank with the same number of prompts of the same sizes and "
+                "the same step settings.")
 
     @contextlib.contextmanager
     def _inference(self):
@@ -313,6 +330,16 @@ class Generator:
         if hasattr(self.model, "device") and isinstance(self.model.device, torch.device):
             return self.model.device  # a DeepSpeed engine
         return next(self.model.parameters()).device
+
+
+def planned(plan):
+    """(plan(), None), or ([], the error) when the prompts cannot be planned: raised after the ranks agree."""
+    from .data.sequence import PlanError
+
+    try:
+        return plan(), None
+    except (GenerateError, PlanError) as e:
+        return [], e
 
 
 def every_rank_done(done: bool, device: torch.device) -> bool:

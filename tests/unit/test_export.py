@@ -131,6 +131,35 @@ def test_lora_export_merges_as_peft_does_and_keeps_the_adapters(trained_runs, tm
             assert torch.allclose(merged[name.replace(".base_layer.", ".")], value, atol=1e-6), name
 
 
+def test_a_trained_vit_comes_back_from_the_checkpoint_in_full_precision(tmp_path):
+    """model.vit_trainable runs keep the ViT in the checkpoint (vit_model.*): it is rebuilt frozen, from those
+    weights, in the inference dtype rather than model.vit_dtype (bf16)."""
+    from lance_ds.config.model import ModelConfig
+    from lance_ds.config.run import RunConfig
+    from lance_ds.data.tokenizer import load_tokenizer
+    from lance_ds.export import TrainedWeights, build_from_trained
+    from lance_ds.model import build_model
+
+    config = RunConfig(model=ModelConfig(size="debug", vit_trainable=True, dtype="fp32"))
+    tokenizer = load_tokenizer()
+    trained = build_model(config.model, len(tokenizer), None, "cpu").model
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # "trained": no longer what any seed initialises
+    state = {n: p.detach().clone() for n, p in trained.named_parameters()}
+    parts = build_from_trained(TrainedWeights(tmp_path, config, 1, state, None, False), device="cpu")
+    vit = parts.bundle.vit
+    assert vit.dtype == torch.float32 and not hasattr(parts.bundle.model, "vit_model")
+    for name, value in vit.state_dict().items():
+        assert torch.equal(value, state["vit_model." + name]), name
+    batch, vit_embeds, latents, t = reference_inputs(vit, parts.bundle.geometry.latent_channels, len(tokenizer))
+    with torch.no_grad():
+        ours = parts.bundle.model(batch, vit_embeds, latents, t)
+        theirs = trained(batch, None, latents, t)  # the ViT inside the trained model
+    assert torch.allclose(ours.logits, theirs.logits, atol=1e-5)
+    assert torch.allclose(ours.velocity, theirs.velocity, atol=1e-5)
+
+
 def test_checkpoint_paths_resolve_and_bad_inputs_are_refused(trained_runs, exported, tmp_path, capsys):
     from lance_ds.export import ExportError, export_checkpoint, find_checkpoint
 
