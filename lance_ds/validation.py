@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from .config.data import TASKS
+from .config.data import GEN_TASKS, TASKS, UND_TASKS
 from .data.batch import PackedBatch
 from .objectives import mse_per_token
 from .objectives.text import ce_per_token
@@ -69,6 +69,17 @@ class TaskLosses:
         return out
 
 
+def side_by_side(*clips: torch.Tensor) -> torch.Tensor:
+    """uint8 [T, H, W, 3] clips (e.g. source and output) as one clip; frames repeat the last where one is shorter."""
+    frames = max(c.shape[0] for c in clips)
+    height = max(c.shape[1] for c in clips)
+    padded = []
+    for c in clips:
+        c = torch.cat([c, c[-1:].expand(frames - c.shape[0], -1, -1, -1)]) if c.shape[0] < frames else c
+        padded.append(torch.nn.functional.pad(c, (0, 0, 0, 0, 0, height - c.shape[1])))
+    return torch.cat(padded, dim=2)
+
+
 def total_loss(scalars: dict[str, float], prefix: str, objective) -> float:
     """The weighted total of the global CE and MSE means, as the objective defines it."""
     return objective.ce_weight * scalars.get(f"{prefix}/ce", 0.0) + objective.mse_weight * scalars.get(f"{prefix}/mse", 0.0)
@@ -78,13 +89,15 @@ class Validator:
     """Held-out losses per task and generated samples, on every rank together."""
 
     def __init__(self, trainer: "Trainer", dataset: "DatasetConfig"):
-        from .data.stream import build_val_loader
+        from .data.stream import build_val_loader, first_samples
 
         self.trainer = trainer
         cfg = trainer.cfg
         self.loader = build_val_loader(dataset, cfg.data, trainer.planner, rank=trainer.dist.rank,
                                        world_size=trainer.dist.world_size, branches=trainer.branches,
                                        max_samples=cfg.validation.max_samples)
+        # the same fixed prompts on every rank (generation runs on all ranks together under ZeRO-3)
+        self.prompts = first_samples(dataset, cfg.validation.num_generations) if cfg.validation.num_generations else []
 
     @torch.no_grad()
     def run(self, step: int) -> dict[str, float]:
@@ -103,7 +116,34 @@ class Validator:
         scalars["val/loss"] = total_loss(scalars, "val", tr.cfg.objective)
         scalars.update(self.loader.stats_scalars())
         tr.tb.scalars(step, scalars)
+        self.samples(step)
         tr.tb.flush()
         if was_training:
             tr.engine.module.train()
         return scalars
+
+    def samples(self, step: int) -> None:
+        """Generated images / videos for fixed prompts and answers to fixed questions, to TensorBoard (rank 0)."""
+        from .generate import Generator
+
+        tr = self.trainer
+        cfg = tr.cfg.validation
+        gen_prompts = [s for s in self.prompts if s.task in GEN_TASKS]
+        und_prompts = [s for s in self.prompts if s.task in UND_TASKS]
+        generator = Generator(tr.engine, tr.parts.vit, tr.parts.vae, tr.planner, tr.tokenizer, tr.cfg.objective)
+        if gen_prompts:
+            outputs = generator.generate(gen_prompts, num_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
+                                         seed=tr.cfg.train.seed)
+            seen: dict[str, int] = {}
+            for sample, frames in zip(gen_prompts, outputs):
+                k = seen[sample.task] = seen.get(sample.task, -1) + 1
+                source = sample.media.get("input_image", sample.media.get("input_video"))
+                clip = side_by_side(source, frames) if source is not None else frames
+                tr.tb.video_frames(f"samples/{sample.task}/{k}", step, clip)
+                tr.tb.text(f"samples/{sample.task}/{k}/prompt", step, sample.texts.get("caption", ""))
+        if und_prompts:
+            answers = generator.answer(und_prompts)
+            rows = ["| task | question | reference | answer |", "|---|---|---|---|"]
+            rows += [f"| {s.task} | {s.texts.get('caption_q', '')} | {s.texts.get('caption_a', '')} | {a} |"
+                     for s, a in zip(und_prompts, answers)]
+            tr.tb.text("samples/answers", step, "\n".join(rows))

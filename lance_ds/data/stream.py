@@ -922,6 +922,27 @@ class ValLoader:
         return scalars
 
 
+def first_samples(dataset: DatasetConfig, per_group: int) -> list[Sample]:
+    """The first `per_group` decodable samples of every group, in shard order: fixed prompts for validation
+    samples and evaluation (every rank reads the same ones). Undecodable samples are passed over."""
+    out: list[Sample] = []
+    for i, config in enumerate(dataset.groups):
+        group = resolve_group(config, f"groups[{i}] ({config.name})")
+        found = 0
+        for shard in group.shards:
+            for raw in iter_raw_samples(shard.url):
+                if found == per_group:
+                    break
+                try:
+                    out.append(decode_sample(raw, group))
+                    found += 1
+                except SkipSample:
+                    continue
+            if found == per_group:
+                break
+    return out
+
+
 def build_val_loader(dataset: DatasetConfig, data: DataConfig, planner: SequencePlanner, *, rank: int,
                      world_size: int, branches: Branches | None = None,
                      max_samples: int | None = None) -> ValLoader:
@@ -932,6 +953,6 @@ def build_val_loader(dataset: DatasetConfig, data: DataConfig, planner: Sequence
 
 
 __all__ = [
-    "build_train_loader", "build_val_loader", "TrainLoader", "ValLoader", "SlotStream", "StreamSpec", "DataError",
+    "build_train_loader", "build_val_loader", "first_samples", "TrainLoader", "ValLoader", "SlotStream", "StreamSpec", "DataError",
     "SKIP_REASONS", "resolve_group", "resolve_sources", "iter_raw_samples", "decode_sample", "ShardInfo",
 ]

@@ -32,6 +32,15 @@ def losses(run_dir: Path) -> dict[int, float]:
     return read_scalars(run_dir)["train/loss"]
 
 
+def read_images(run_dir: Path) -> dict[str, dict[int, tuple[int, int]]]:
+    """TensorBoard images: tag -> step -> (height, width)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: {e.step: (e.height, e.width) for e in acc.Images(tag)} for tag in acc.Tags()["images"]}
+
+
 def latest(run_dir: Path) -> str:
     pointer = run_dir / "checkpoints" / "latest"
     return pointer.read_text().strip() if pointer.is_file() else ""
@@ -42,7 +51,8 @@ def reference(tmp_path_factory, example_data) -> Path:
     """An uninterrupted 2-rank run with validation at steps 0, 4 and 8."""
     out = tmp_path_factory.mktemp("reference") / "run"
     launch(train_args(out, example_data, STEPS, "validation.every=4",
-                      f"validation.dataset_config={example_data['val']}", "validation.max_samples=4"),
+                      f"validation.dataset_config={example_data['val']}", "validation.max_samples=4",
+                      "validation.num_generations=1", "validation.sample_steps=2"),
            env=launch_env(LANCE_DS_FAULT=NAN_AT))
     return out
 
@@ -59,6 +69,10 @@ def test_training_writes_what_users_watch(reference):
     assert sorted(scalars["val/loss"]) == [0, 4, 8] and scalars["val/loss"][8] < scalars["val/loss"][0]
     assert scalars["train/lr"][1] < scalars["train/lr"][STEPS]  # warmup
     assert scalars["train/skipped_steps"][2] == 0 and scalars["train/skipped_steps"][STEPS] == 1  # the NaN step
+    images = read_images(reference)
+    for task in ("t2i", "t2v", "i2i", "v2v"):
+        assert sorted(images[f"samples/{task}/0"]) == [0, 4, 8]  # generated at every validation, on all ranks
+    assert images["samples/i2i/0"][8][1] == 2 * images["samples/t2i/0"][8][1]  # edits shown source | output
     config = yaml.safe_load((reference / "config.yaml").read_text())
     assert config["train"]["max_steps"] == STEPS and config["checkpoint"]["save_every"] == 2
     ckpts = sorted(p.name for p in (reference / "checkpoints").glob("step_*"))
