@@ -1,6 +1,6 @@
 """Training checkpoint -> inference directory, on CPU, without a launcher.
 
-  python tools/export_checkpoint.py --checkpoint RUN_DIR | RUN_DIR/checkpoints | RUN_DIR/checkpoints/step_XXXXXXXX
+  python tools/export_checkpoint.py [--checkpoint] RUN_DIR | RUN_DIR/checkpoints | RUN_DIR/checkpoints/step_XXXXXXXX
                                     --out EXPORT_DIR [--ema] [--dtype fp32|bf16] [--overwrite]
 
 A run dir or a checkpoints dir means the checkpoint `latest` names. The weights are the fp32 master weights that
@@ -47,6 +47,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .checkpoint import LATEST, rank_dir
 from .config.core import Problems, from_dict, to_dict
 from .config.model import LoraConfig, ModelConfig, ObjectiveConfig
 from .config.run import RunConfig
@@ -54,7 +55,7 @@ from .config.run import RunConfig
 EXPORT_CONFIG = "lance_ds.yaml"
 EXPORT_INFO = "export.json"
 LLM_DIR, LORA_DIR, VAE_DIR = "llm", "lora", "vae"
-CHECKPOINTS, LATEST, TRAINER_STATE = "checkpoints", "latest", "trainer_state.json"
+CHECKPOINTS, TRAINER_STATE = "checkpoints", "trainer_state.json"
 
 # Globals DeepSpeed's checkpoint files reference besides tensors and plain containers (those are on torch's
 # weights_only allowlist and never reported), all in the optimizer states: the ZeRO stage enum, the loss scaler,
@@ -177,7 +178,6 @@ def zero_consolidated_state(step_dir: Path) -> dict[str, Tensor]:
 
 def with_ema(state: dict[str, Tensor], step_dir: Path, world_size: int) -> dict[str, Tensor]:
     """`state` with every EMA-tracked parameter replaced by its EMA (rebuilt from the per-rank shards)."""
-    from .checkpoint import rank_dir
     from .ema import consolidate
 
     shards = [rank_dir(step_dir, r) / "ema.safetensors" for r in range(world_size)]
@@ -449,12 +449,17 @@ def parse_args(argv: list[str] | None = None):
 
     p = argparse.ArgumentParser(prog="export_checkpoint.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a run dir, its checkpoints dir (both: latest) or a step dir")
+    p.add_argument("source", nargs="?", help="same as --checkpoint")
+    p.add_argument("--checkpoint", help="a run dir, its checkpoints dir (both: latest) or a step dir")
     p.add_argument("--out", required=True, help="the export directory to write")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (train.ema_decay > 0 runs)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the written weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.source is None) == (args.checkpoint is None):
+        p.error("give the checkpoint once: --checkpoint DIR (or DIR as the first argument)")
+    args.checkpoint = args.checkpoint or args.source
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -404,7 +404,7 @@ class SequencePlanner:
                target_shape: tuple[int, int, int] | None = None) -> SequencePlan:
         """The sequence up to where generation starts (inference): nothing is scored.
 
-        i2t / v2t: header | [VS vit VE] | question <|im_end|>\\n<|im_start|>assistant\\n   (the answer is decoded after it)
+        i2t / v2t: header | [VS vit VE] | question <|im_end|>\\n<|im_start|>assistant\\n  (the answer follows)
         t2i / t2v / i2i / v2v: the training layout, with a target block of blank pixels (the sampler writes its
         latents) whose size, in pixels (frames, height, width), is `target_shape`; else the sample's target media
         cut as training cuts it; else, for edits, the source's; else the group's square resolution and, for video,

@@ -183,8 +183,7 @@ def test_checkpoint_paths_resolve_and_bad_inputs_are_refused(trained_runs, expor
     assert not (tmp_path / "z").exists() and not (tmp_path / "z.tmp").exists()
     # the tool: exit status 2 and the message on stderr
     sys_argv = sys.argv
-    sys.argv = ["export_checkpoint.py", "--checkpoint", str(trained_runs["lora"]), "--out", str(tmp_path / "w"),
-                "--ema"]
+    sys.argv = ["export_checkpoint.py", str(trained_runs["lora"]), "--out", str(tmp_path / "w"), "--ema"]
     try:
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(REPO / "tools" / "export_checkpoint.py"), run_name="__main__")

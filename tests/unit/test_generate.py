@@ -443,10 +443,11 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     image.write_bytes(encode_image(und_samples()[0].media["image"]))
     video.write_bytes(encode_video(und_samples()[1].media["video"], fps=12))
     common = ["--steps", "2", "--seed", "3"]
-    jobs = [(trained_runs["full"], ["--task", "t2i", "--prompt", "a red circle", "--size", "32x48"], "a.png", (1, 32, 48)),
-            (exported, ["--task", "i2i", "--input", str(image), "--prompt", "make it blue"], "b.jpg", (1, 64, 64)),
-            (exported, ["--task", "v2v", "--input", str(video), "--prompt", "make it red", "--frames", "5"], "c.mp4",
-             (5, 64, 64))]
+    jobs = [  # (checkpoint, arguments, output file, its (frames, height, width))
+        (trained_runs["full"], ["--task", "t2i", "--prompt", "a red circle", "--size", "32x48"], "a.png", (1, 32, 48)),
+        (exported, ["--task", "i2i", "--input", str(image), "--prompt", "make it blue"], "b.jpg", (1, 64, 64)),
+        (exported, ["--task", "v2v", "--input", str(video), "--prompt", "make it red", "--frames", "5"], "c.mp4",
+         (5, 64, 64))]
     for checkpoint, args, name, shape in jobs:
         assert main(["--checkpoint", str(checkpoint), *args, *common, "--out", str(tmp_path / name)]) == 0
         assert decoded(tmp_path / name) == shape
