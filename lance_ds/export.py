@@ -232,12 +232,14 @@ class InferenceParts:
     source: str  # where the weights came from, for messages and export.json
 
 
-def inference_model_config(model: ModelConfig, dtype: str) -> ModelConfig:
+def inference_model_config(model: ModelConfig, dtype: str, device: torch.device | None = None) -> ModelConfig:
     """A run's model section rebuilt for inference: merged LoRA, frozen ViT, no gradient checkpointing, weights in
-    `dtype` (a ViT trained with the model too: it was trained in full precision, not in model.vit_dtype)."""
+    `dtype` (a ViT trained with the model too: it was trained in full precision, not in model.vit_dtype). Off CUDA
+    the attention backend is sdpa: flash needs CUDA and flex has no fast CPU kernel (all three compute the same)."""
     vit_dtype = dtype if model.vit_trainable else model.vit_dtype
+    attention = model.attention if device is None or device.type == "cuda" else "sdpa"
     return dataclasses.replace(model, training_type="full", vit_trainable=False, gradient_checkpointing=False,
-                               freeze_modules=[], dtype=dtype, vit_dtype=vit_dtype)
+                               freeze_modules=[], dtype=dtype, vit_dtype=vit_dtype, attention=attention)
 
 
 def build_from_trained(weights: TrainedWeights, dtype: str = "fp32",
@@ -255,7 +257,7 @@ def build_from_trained(weights: TrainedWeights, dtype: str = "fp32",
     device = torch.device(device) if device is not None else default_device()
     cfg = weights.config
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
-    model_cfg = inference_model_config(cfg.model, dtype)
+    model_cfg = inference_model_config(cfg.model, dtype, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         bundle = build_model(model_cfg, len(tokenizer), None, device=device)
@@ -288,7 +290,7 @@ def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | st
     for key in ("path", "tokenizer_path", "vit_path", "vae_path"):
         if isinstance(model_data.get(key), str) and not Path(model_data[key]).is_absolute():
             model_data[key] = str(path / model_data[key])
-    model_cfg = dataclasses.replace(from_dict(ModelConfig, model_data, problems, "model"), dtype=dtype)
+    model_cfg = inference_model_config(from_dict(ModelConfig, model_data, problems, "model"), dtype, device)
     objective = from_dict(ObjectiveConfig, data.get("objective", {}), problems, "objective")
     if problems:
         raise ExportError(f"{path / EXPORT_CONFIG} does not match this lance_ds version: {'; '.join(problems.items)}")
@@ -356,7 +358,8 @@ def write_lance_dir(directory: Path, state: dict[str, Tensor], parts: InferenceP
     bundle = parts.bundle
     model_state = {k: v.to(dtype) for k, v in state.items() if not k.startswith("vit_model.")}
     vit_state = {k: v.to(dtype) for k, v in bundle.vit.state_dict().items()} if bundle.vit is not None else None
-    table = bundle.model.latent_pos_embed.table().to(dtype) if bundle.model.cfg.visual_gen else None
+    # the fixed sin-cos table stays fp32: loading checks it against the recomputed one to 1e-3, which bf16 misses
+    table = bundle.model.latent_pos_embed.table().float() if bundle.model.cfg.visual_gen else None
     special = parts.tokenizer.special
     extra = {"max_latent_size": bundle.spec.max_latent_size, "max_num_frames": bundle.spec.max_num_frames,
              "latent_channels": bundle.geometry.latent_channels, "num_text_classes": len(parts.tokenizer),

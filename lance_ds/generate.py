@@ -446,7 +446,6 @@ def cli_target_shape(args, planner: SequencePlanner) -> tuple[int, int, int] | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data.sequence import PlanError
     from .export import ExportError
 
     args = parse_args(argv)
@@ -464,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         (frames,) = gen.generate([sample], num_steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
                                  target_shape=cli_target_shape(args, gen.planner))
-    except (ExportError, GenerateError, PlanError, FileNotFoundError) as e:
+    except (ExportError, ValueError, FileNotFoundError) as e:  # ValueError: GenerateError, PlanError, model checks
         print(f"lance_ds.generate: {e}", file=sys.stderr)
         return 2
     write_media(frames, Path(args.out), args.fps)
