@@ -159,7 +159,7 @@ class Generator:
                         cfg_scale: float, seed: int) -> list[Tensor]:
         cond_plans = [c for c, _ in pairs]
         cond = self._sampler_inputs(cond_plans)
-        joint = self._sampler_inputs(cond_plans + [u for _, u in pairs]) if any(guided_steps) else None
+        joint = self._with_twins(cond, cond_plans, [u for _, u in pairs]) if any(guided_steps) else None
         noise = [torch.randn(p.vae[-1].coords.shape[0], self.lance.cfg.latent_channels,
                              generator=sample_generator(seed, i)) for p, i in zip(cond_plans, indexes)]
         x = torch.cat(noise).to(self.device)
@@ -181,6 +181,17 @@ class Generator:
         counts = batch.vae_grid_thw.prod(dim=-1)
         target_mask = torch.repeat_interleave(batch.vae_is_target, counts)
         return SamplerInputs(batch, self._condition_latents(batch), target_mask, self._vit_embeds(batch))
+
+    def _with_twins(self, cond: SamplerInputs, cond_plans: list[SequencePlan],
+                    twins: list[SequencePlan]) -> SamplerInputs:
+        """The prompts followed by their caption-dropped twins in one batch. A twin differs from its prompt only in
+        the caption, so its vision blocks - and the encoders' outputs for them - repeat the prompt's."""
+        batch = collate(cond_plans + twins).to(self.device)
+        if not torch.equal(batch.vae_grid_thw, cond.batch.vae_grid_thw.repeat(2, 1)):
+            raise GenerateError("a caption-dropped twin has other vision blocks than its prompt; "
+                                "SequencePlanner.prompt must keep them")
+        vit_embeds = cond.vit_embeds.repeat(2, 1) if cond.vit_embeds is not None else None
+        return SamplerInputs(batch, cond.latents.repeat(2, 1), cond.target_mask.repeat(2), vit_embeds)
 
     def _condition_latents(self, batch: PackedBatch) -> Tensor:
         """[N, z]: the VAE's latent mean of every condition block (one VAE call per shape), zeros at targets."""
