@@ -20,9 +20,10 @@ latents (t = 0) and its ViT tokens, as in training. Answers are decoded for all 
 new token, greedily unless a temperature is given.
 
 Multi-rank safety (a ZeRO-3 engine): every forward gathers the partitioned weights collectively, so every rank must
-run the same number of forwards. Euler step counts are fixed; answers stop when every prompt on every rank is done
-(an all-reduced flag) or at max_new_tokens. Ranks must therefore pass the same number of prompts of the same sizes
-(typically the same inputs): that is checked collectively before the first forward, and refused on every rank.
+run the same number of forwards. Before the first one the ranks agree (one all-reduce): a rank with fewer forward
+batches than another (fewer prompts, or none) adds idle batches of a placeholder prompt; different step settings,
+or a prompt that some rank cannot plan, are refused on every rank alike. Euler step counts are fixed; answers stop
+when every prompt on every rank is done (an all-reduced flag) or at max_new_tokens.
 """
 
 from __future__ import annotations
@@ -148,15 +149,21 @@ class Generator:
         pairs, problem = planned(plan)
         sizes = [c.num_tokens + (u.num_tokens if any(guided_steps) else 0) for c, u in pairs]
         chunks = token_chunks(sizes, self.max_batch_tokens)
-        self._agree("generate", problem, len(chunks), num_steps, sum(guided_steps))
+        num_idle = self._agree("generate", problem, len(chunks), num_steps, sum(guided_steps))
         out: list[Tensor] = []
         with self._inference():
             for chunk in chunks:
-                out += self._generate_chunk([pairs[i] for i in chunk], chunk, times, guided_steps, cfg_scale, seed)
+                chunk_pairs = [pairs[i] for i in chunk]
+                latents = self._sample_latents(chunk_pairs, chunk, times, guided_steps, cfg_scale, seed)
+                out += self._decode_latents(latents, [c for c, _ in chunk_pairs])
+            idle = self.planner.placeholder(vit=False, vae=True, ce=False)
+            for _ in range(num_idle):  # the forwards other ranks run for prompts this rank does not have
+                self._sample_latents([(idle, idle)], [0], times, guided_steps, cfg_scale, seed)
         return out
 
-    def _generate_chunk(self, pairs, indexes: list[int], times: Tensor, guided_steps: list[bool],
-                        cfg_scale: float, seed: int) -> list[Tensor]:
+    def _sample_latents(self, pairs, indexes: list[int], times: Tensor, guided_steps: list[bool],
+                        cfg_scale: float, seed: int) -> Tensor:
+        """Euler integration of the prompts' target latents [n, z] (prompt after prompt), from their seeded noise."""
         cond_plans = [c for c, _ in pairs]
         cond = self._sampler_inputs(cond_plans)
         joint = self._with_twins(cond, cond_plans, [u for _, u in pairs]) if any(guided_steps) else None
@@ -173,7 +180,7 @@ class Generator:
             else:
                 v = cond_velocity(x, t, True).float()
             x = x + (t_next - t) * v
-        return self._decode_latents(x, cond_plans)
+        return x
 
     def _sampler_inputs(self, plans: list[SequencePlan]) -> SamplerInputs:
         """Packed prompts with their ViT tokens and clean condition latents; targets marked for the sampler."""
@@ -253,22 +260,25 @@ class Generator:
 
         plans, problem = planned(plan)
         chunks = token_chunks([p.num_tokens + max_new_tokens for p in plans], self.max_batch_tokens)
-        self._agree("answer", problem, len(chunks), max_new_tokens, 0)
+        num_idle = self._agree("answer", problem, len(chunks), max_new_tokens)
         tokens: list[list[int]] = []
         with self._inference():
             for chunk in chunks:
                 tokens += self._decode_chunk([plans[i] for i in chunk], chunk, max_new_tokens, eos, temperature,
                                              top_p, seed)
+            idle = self.planner.placeholder(vit=False, vae=False, ce=False)
+            for _ in range(num_idle):  # steps in time with the other ranks' prompts, done from the start
+                self._decode_chunk([idle], [0], max_new_tokens, eos, temperature, top_p, seed, idle=True)
         return tokens
 
     def _decode_chunk(self, plans: list[SequencePlan], indexes: list[int], max_new_tokens: int, eos: int,
-                      temperature: float, top_p: float, seed: int) -> list[list[int]]:
+                      temperature: float, top_p: float, seed: int, idle: bool = False) -> list[list[int]]:
         base = collate(plans).to(self.device)
         vit_embeds = self._vit_embeds(base)  # the prompts' ViT blocks do not change as the answers grow
         latents, timesteps = self._no_latents(base)
         generators = [sample_generator(seed, i) for i in indexes]
         answers: list[list[int]] = [[] for _ in plans]
-        done = [False] * len(plans)
+        done = [idle] * len(plans)
         for _ in range(max_new_tokens):
             batch = collate([with_answer(p, a) for p, a in zip(plans, answers)]).to(self.device)
             logits = self.model(batch, vit_embeds, latents, timesteps).logits  # [prompts, V']: one per prompt end
@@ -304,15 +314,18 @@ class Generator:
             raise GenerateError(f"the model was built with {switch}=false, so it cannot serve "
                                 f"{sorted({s.task for s in samples})}")
 
-    def _agree(self, what: str, problem: Exception | None, *counts: int) -> None:
-        """Before the first forward: raise on every rank alike when any rank could not plan its prompts or when
-        ranks would run different numbers of forwards (under ZeRO-3 either would leave the others waiting in a
-        collective until the timeout). Without a process group: just raise this rank's problem."""
+    def _agree(self, what: str, problem: Exception | None, num_chunks: int, *settings: int) -> int:
+        """Before the first forward, with every rank: how many idle forward batches this rank adds so that it runs
+        as many as the rank with the most prompts (0 without a process group).
+
+        Raises on every rank alike when any rank could not plan its prompts, or when the step settings differ
+        (under ZeRO-3 either would leave the others waiting in a collective until the timeout)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             if problem is not None:
                 raise problem
-            return
-        mine = torch.tensor([float(problem is not None), *counts], dtype=torch.float64, device=self.device)
+            return 0
+        mine = torch.tensor([float(problem is not None), num_chunks, *settings], dtype=torch.float64,
+                            device=self.device)
         spread = torch.cat([mine, -mine])
         dist.all_reduce(spread, op=dist.ReduceOp.MAX)
         highest, lowest = spread[:mine.numel()], -spread[mine.numel():]
@@ -321,12 +334,12 @@ class Generator:
         if highest[0] > 0:
             raise GenerateError(f"{what}: another rank could not plan its prompts (its error says why); every rank "
                                 "stops here so that none waits for the others")
-        if not torch.equal(highest[1:], lowest[1:]):
+        if not torch.equal(highest[2:], lowest[2:]):
             raise GenerateError(
-                f"{what}: ranks disagree on (forward batches, steps, guided steps): this rank {list(counts)}, the "
-                f"ranks range from {lowest[1:].long().tolist()} to {highest[1:].long().tolist()}. Under ZeRO-3 every "
-                "forward is collective: call it on every rank with the same number of prompts of the same sizes and "
-                "the same step settings.")
+                f"{what}: ranks disagree on the step settings: this rank {list(settings)}, the ranks range from "
+                f"{lowest[2:].long().tolist()} to {highest[2:].long().tolist()} ((steps, guided steps) for generate, "
+                "max_new_tokens for answer). Under ZeRO-3 every forward is collective: give every rank the same.")
+        return int(highest[1]) - num_chunks
 
     @contextlib.contextmanager
     def _inference(self):

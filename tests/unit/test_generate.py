@@ -141,8 +141,9 @@ def count_forwards(module: torch.nn.Module) -> list[int]:
 
 
 def generator_phases(trainer, rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The Generator on the live ZeRO-3 engine, called by both ranks: same inputs; different answers that end at
-    different steps; and mismatched work, which must be refused on both ranks instead of hanging."""
+    """The Generator on the live ZeRO-3 engine, called by both ranks: same inputs; answers that end at different
+    steps; fewer prompts on one rank (it runs idle batches); and requests that cannot be evened out, which must be
+    refused on both ranks instead of hanging."""
     from lance_ds.data.batch import Sample
     from lance_ds.generate import Generator
 
@@ -161,11 +162,15 @@ def generator_phases(trainer, rank: int) -> tuple[dict, dict[str, torch.Tensor]]
     record["uneven_ids"] = gen.answer_ids([und_samples()[rank]], max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos)[0]
     record["first_token"] = first
     record["forwards"]["uneven"] = forwards[0] - before
-    gen.max_batch_tokens = 1  # one prompt per forward: rank 1's two prompts need two forward batches, rank 0's one
+    gen.max_batch_tokens = 1  # one prompt per forward batch
+    # uneven work: rank 1 has two prompts (two forward batches), rank 0 one; then rank 0 has none at all
+    before = forwards[0]
+    record["uneven_answers"] = gen.answer(und_samples()[:rank + 1], max_new_tokens=2)
+    record["uneven_videos"] = len(gen.generate(gen_samples()[:rank], num_steps=2))
+    record["forwards"]["uneven_prompts"] = forwards[0] - before
     unplannable = Sample("i2t", {"caption_q": "?"}, {}, key="no-image")
     record["refused"] = []
-    for call in (lambda: gen.answer(und_samples()[:rank + 1], max_new_tokens=2),
-                 lambda: gen.generate(gen_samples()[:1], num_steps=2 + rank),
+    for call in (lambda: gen.generate(gen_samples()[:1], num_steps=2 + rank),
                  lambda: gen.answer([und_samples()[0] if rank == 0 else unplannable], max_new_tokens=2)):
         try:
             call()
@@ -338,10 +343,15 @@ def test_two_ranks_run_the_same_forwards_and_refuse_mismatched_work(trained_runs
     assert rank0["forwards"]["uneven"] == MAX_NEW_TOKENS  # rank 0 finished at token 1 and kept stepping
     assert rank0["uneven_ids"] == [rank0["first_token"]] and len(rank1["uneven_ids"]) == MAX_NEW_TOKENS
     assert rank0["answers"] == rank1["answers"] and len(rank0["answers"]) == 2
-    for record in (rank0, rank1):
-        assert all("ranks disagree" in message for message in record["refused"][:2]), record["refused"]
+    # fewer prompts (or none) on a rank: it runs idle forward batches in step with the others
+    assert len(rank0["uneven_answers"]) == 1 and len(rank1["uneven_answers"]) == 2
+    assert rank0["uneven_answers"][0] == rank1["uneven_answers"][0]  # the same prompt, the same answer
+    assert (rank0["uneven_videos"], rank1["uneven_videos"]) == (0, 1)
+    assert rank0["forwards"]["uneven_prompts"] >= 2 + 2  # two answer batches (>= 1 token each), two Euler steps
+    # different step counts cannot be evened out: refused on both ranks before any forward
+    assert all("disagree on the step settings" in record["refused"][0] for record in (rank0, rank1))
     # a sample one rank cannot plan: that rank raises its own error, the other stops too instead of waiting
-    assert "another rank could not plan" in rank0["refused"][2] and "needs 'image' media" in rank1["refused"][2]
+    assert "another rank could not plan" in rank0["refused"][1] and "needs 'image' media" in rank1["refused"][1]
     videos0, videos1 = trained_runs["videos"]
     for key in videos0:
         assert torch.equal(videos0[key], videos1[key])
