@@ -7,6 +7,8 @@ so ZeRO never partitions them and checkpoints never contain them.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from datetime import timedelta
 
 import numpy as np
 import torch
+
+from .config.run import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -63,12 +67,30 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
     return g
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict):
-    """Wrap the trainable model: DeepSpeed builds the optimizer and scheduler from the resolved JSON."""
+def lr_multiplier(step: int, train: TrainConfig) -> float:
+    """train.lr times this is the learning rate of optimizer step `step` (0-based): linear warmup that reaches the
+    peak at step warmup_steps - 1 (the first step already moves the weights), then constant or cosine to min_lr."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.lr_schedule == "cosine":
+        progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+        floor = train.min_lr / train.lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
+    """Wrap the trainable model: DeepSpeed builds the optimizer from the resolved JSON; the schedule is the run
+    config's (a LambdaLR, checkpointed by the engine) unless the JSON spells out a DeepSpeed scheduler."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: model.freeze_modules froze everything; unfreeze something")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    schedule = None
+    if "scheduler" not in ds_config:
+        def schedule(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
+                                           lr_scheduler=schedule)
     return engine

@@ -47,7 +47,7 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
         self.parts = build_model(self.cfg.model, len(self.tokenizer), ds_config, device=self.dist.device)
-        self.engine = build_engine(self.parts.model, ds_config)
+        self.engine = build_engine(self.parts.model, ds_config, self.cfg.train)
         self.ema = ShardedEMA(self.engine.module, self.cfg.train.ema_decay) if self.cfg.train.ema_decay > 0 else None
         self.planner = SequencePlanner(self.tokenizer, vision_geometry(self.parts.geometry), seed=self.cfg.train.seed)
         self.branches = Branches(vit=self.cfg.model.visual_und, vae_target=self.cfg.model.visual_gen,
@@ -96,6 +96,7 @@ class Trainer:
     def train_step(self, batches, meter: Meter, speed: Throughput) -> None:
         """One optimizer step over `grad_accum` micro-batches."""
         skipped_before = self.engine.skipped_steps
+        meter.add("train/lr", self.engine.get_lr()[0])  # the rate this step applies
         for micro in range(self.cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
@@ -145,7 +146,6 @@ class Trainer:
         scalars = meter.means()
         scalars.update(speed.scalars(self.dist.world_size))
         scalars.update(memory_scalars())
-        scalars["train/lr"] = self.engine.get_lr()[0]
         scalars["train/skipped_steps"] = self.skipped_steps
         scalars.update(self.loader.stats_scalars())
         scalars.update(self.task_losses.scalars("train"))  # token-weighted means over all ranks

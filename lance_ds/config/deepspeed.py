@@ -1,7 +1,7 @@
 """DeepSpeed JSON resolution: "auto" values are filled from the run config; explicit values must agree with it.
 
 The JSON holds engine settings (ZeRO stage, offload, bucket sizes); the run config holds the training recipe.
-Where both can say something (batch size, clipping, precision, optimizer, schedule) the run config decides, and
+Where both can say something (batch size, clipping, precision, optimizer) the run config decides, and
 an explicit JSON value that disagrees is an error naming both keys rather than a silent pick.
 """
 
@@ -32,16 +32,6 @@ def load_ds_json(path: str, problems: Problems) -> dict:
         problems.add("--ds_config", f"{path} must hold a JSON object")
         return {}
     return data
-
-
-def _scheduler(cfg: RunConfig) -> dict:
-    t = cfg.train
-    if t.lr_schedule == "cosine":
-        return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.max_steps, "warmup_num_steps": t.warmup_steps, "warmup_min_ratio": 0.0,
-            "cos_min_ratio": t.min_lr / t.lr, "warmup_type": "linear"}}
-    return {"type": "WarmupLR", "params": {
-        "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear"}}
 
 
 def recipe_values(cfg: RunConfig, world_size: int, hidden_size: int, on_gpu: bool) -> dict[str, tuple[Any, str]]:
@@ -101,7 +91,7 @@ _ALWAYS_OWNED = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
 
 def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: int, on_gpu: bool,
                       problems: Problems) -> dict:
-    """Fill "auto" from the run config, report conflicts, and add what is missing (optimizer, scheduler)."""
+    """Fill "auto" from the run config, report conflicts, and add what is missing (the optimizer)."""
     ds = copy.deepcopy(raw)
     if "optimizer" not in ds:  # the recipe's AdamW; every param below is then filled from the run config
         ds["optimizer"] = {"type": "AdamW", "params": {k: AUTO for k in ("lr", "betas", "eps", "weight_decay")}}
@@ -114,20 +104,10 @@ def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: i
                          "(recommended) or make the two agree")
         elif not present and key in _ALWAYS_OWNED:
             _set(ds, key, value)
-    sched = ds.get("scheduler")
-    if sched is None or sched == AUTO:
-        ds["scheduler"] = _scheduler(cfg)
-    elif isinstance(sched, dict):
-        implied = _scheduler(cfg)
-        if sched.get("type", AUTO) == AUTO:
-            sched["type"] = implied["type"]
-        for k, v in list(sched.get("params", {}).items()):
-            if v == AUTO:
-                if k not in implied["params"]:
-                    problems.add(f"--ds_config scheduler.params.{k}", f"cannot be \"auto\" for {sched['type']}; "
-                                 f"give a value (auto fills {sorted(implied['params'])})")
-                else:
-                    sched["params"][k] = implied["params"][k]
+    # The learning-rate schedule is the run config's (train.warmup_steps, lr_schedule, min_lr), built by
+    # lance_ds.engine; a scheduler written out in the JSON is DeepSpeed's and is used exactly as written.
+    if ds.get("scheduler", AUTO) == AUTO:
+        ds.pop("scheduler", None)
     for key in _find_auto(ds):
         problems.add(f"--ds_config {key}", "is \"auto\" but lance_ds has no value for it; give a number")
     zero = ds.get("zero_optimization", {})

@@ -339,8 +339,10 @@ def check_position_table(model: LanceModel, table: torch.Tensor, where: str) -> 
     if ours.shape != table.shape:
         raise ValueError(f"{where}: latent_pos_embed.pos_embed has shape {tuple(table.shape)}, this model's table "
                          f"{tuple(ours.shape)}; set model.max_latent_size / model.max_num_frames to the checkpoint's")
+    # sin-cos values lie in [-1, 1]; a table stored in bf16 (8 mantissa bits) is off by up to 2^-8 of that, while
+    # another position scheme differs by order 1
     err = (ours - table.float()).abs().max().item()
-    if not math.isfinite(err) or err > 1e-3:
+    if not math.isfinite(err) or err > 1e-2:
         raise ValueError(f"{where}: the stored latent position table differs from the sin-cos table by {err:.3g}; "
                          "this checkpoint uses another position scheme")
 

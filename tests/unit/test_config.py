@@ -53,16 +53,28 @@ def test_good_config_loads_and_fills_auto(dataset_dir):
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["optimizer"]["params"]["lr"] == 2e-5 and ds["optimizer"]["params"]["torch_adam"] is True
     assert ds["zero_optimization"]["reduce_bucket_size"] == HIDDEN * HIDDEN
-    assert ds["scheduler"]["type"] == "WarmupLR" and ds["scheduler"]["params"]["warmup_max_lr"] == 2e-5
+    assert "scheduler" not in ds  # "auto": lance_ds.engine builds the run config's schedule
     assert "auto" not in json.dumps(ds)
 
 
-def test_cosine_schedule_and_explicit_agreeing_values(dataset_dir):
-    ds_json = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
-    run, ds = load(dataset_dir, GOOD, ["train.lr_schedule=cosine", "train.min_lr=1e-5"], ds_json)
-    assert ds["scheduler"]["type"] == "WarmupCosineLR"
-    assert ds["scheduler"]["params"]["cos_min_ratio"] == pytest.approx(1e-5 / 1e-4)
-    assert ds["optimizer"]["type"] == "AdamW"
+def test_explicit_agreeing_values_and_a_deepspeed_scheduler_as_written(dataset_dir):
+    sched = {"type": "WarmupDecayLR", "params": {"total_num_steps": 10, "warmup_num_steps": 2}}
+    ds_json = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2},
+               "scheduler": sched}
+    run, ds = load(dataset_dir, GOOD, [], ds_json)
+    assert ds["scheduler"] == sched and ds["optimizer"]["type"] == "AdamW"
+
+
+def test_lr_schedule_warms_up_from_the_first_step_then_holds_or_decays():
+    from lance_ds.config.run import TrainConfig
+    from lance_ds.engine import lr_multiplier
+
+    constant = TrainConfig(max_steps=10, warmup_steps=4)
+    assert [lr_multiplier(s, constant) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_multiplier(0, TrainConfig(warmup_steps=0)) == 1.0  # no warmup: full lr at once
+    cosine = TrainConfig(max_steps=12, warmup_steps=2, lr=1e-3, min_lr=1e-4, lr_schedule="cosine")
+    decay = [lr_multiplier(s, cosine) for s in range(2, 13)]
+    assert decay[0] == 1.0 and decay[-1] == pytest.approx(0.1) and decay == sorted(decay, reverse=True)
 
 
 BAD = [
