@@ -230,7 +230,7 @@ class Trainer:
         if path is None:
             return
         saved = json.loads((path / "trainer_state.json").read_text())
-        self._refuse_other_architecture(saved.get("model", {}), path)
+        refuse_other_architecture(saved.get("model", {}), to_dict(self.cfg.model), path)
         resumed = self.checkpointer.load(self.engine, path)
         self.step = resumed.step
         self.skipped_steps = int(saved.get("skipped_steps", 0))
@@ -242,20 +242,21 @@ class Trainer:
         if self.dist.is_first:
             print(f"lance_ds: resumed from {path} at step {self.step}", flush=True)
 
-    def _refuse_other_architecture(self, saved_model: dict, path: Path) -> None:
-        current = to_dict(self.cfg.model)
-        differing = [k for k in ARCHITECTURE_KEYS if k in saved_model and saved_model[k] != current.get(k)]
-        if differing:
-            detail = "; ".join(f"model.{k}: checkpoint {saved_model[k]!r}, now {current.get(k)!r}" for k in differing)
-            raise CheckpointError(f"{path} was trained with a different architecture ({detail}). Resume with the "
-                                  f"same model settings, or start a new output_dir (or --resume none).")
-
     def close(self) -> None:
         self.tb.close()
         self.loader.close()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
+
+
+def refuse_other_architecture(saved_model: dict, current_model: dict, path: Path) -> None:
+    """A checkpoint resumes only into the architecture that wrote it; the error names every differing key."""
+    differing = [k for k in ARCHITECTURE_KEYS if k in saved_model and saved_model[k] != current_model.get(k)]
+    if differing:
+        detail = "; ".join(f"model.{k}: checkpoint {saved_model[k]!r}, now {current_model.get(k)!r}" for k in differing)
+        raise CheckpointError(f"{path} was trained with a different architecture ({detail}). Resume with the "
+                              f"same model settings, or start a new output_dir (or --resume none).")
 
 
 def flat_hparams(tree: dict, prefix: str = "") -> dict[str, float | int | str | bool]:

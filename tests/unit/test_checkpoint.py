@@ -104,3 +104,16 @@ def test_consolidate_reassembles_zero3_partitions(tmp_path):
         files.append(tmp_path / f"ema{rank}.safetensors")
         save_file({"w": chunk}, str(files[-1]), metadata=meta)
     assert torch.equal(consolidate(files)["w"], full)
+
+
+def test_resume_into_another_architecture_is_refused_naming_the_keys(tmp_path):
+    from lance_ds.config.core import to_dict
+    from lance_ds.config.model import ModelConfig
+    from lance_ds.trainer import refuse_other_architecture
+
+    saved = to_dict(ModelConfig())
+    refuse_other_architecture(saved, to_dict(ModelConfig(attention="flex", gradient_checkpointing=True)), tmp_path)
+    other = to_dict(ModelConfig(visual_gen=False))
+    other["lape"]["enabled"] = True
+    with pytest.raises(CheckpointError, match="model.visual_gen: checkpoint True, now False; model.lape"):
+        refuse_other_architecture(saved, other, tmp_path)
