@@ -16,7 +16,8 @@ example data before any timing, then closes it; both loops then cycle through th
                computed before timing: how much of a step is the frozen encoders and the noising.
   bare, LOCAL_SIZE unset  (for reading) the bare loop as torchrun or a plain `python` run sees DeepSpeed's CPU
                accelerator (see WithoutLocalSize).
-Rounds rotate which loop goes first. Per round, ratio = lance_ds steps/s / bare steps/s, by wall time and by CPU time
+The loops take turns step by step (the first one rotates), in rounds of --steps steps (one log.every period).
+Per round, ratio = lance_ds steps/s / bare steps/s, by wall time and by CPU time
 (summed over ranks; robust to other jobs on a shared machine); the medians are reported. Goal: overhead
 (1 / ratio - 1) <= 10%.
 
@@ -275,6 +276,26 @@ def timed(loop, batches, num_steps: int) -> tuple[float, float]:
     return wall, float(cpu)
 
 
+def interleaved_rounds(loops: dict, batches: list, rounds: int, steps: int) -> dict[str, list[tuple[float, float]]]:
+    """Per loop, (wall, CPU) seconds of each round of `steps` optimizer steps. The loops take turns STEP BY STEP
+    (who goes first rotates), so a burst of load from other jobs falls on all of them alike; each loop walks the
+    same batch sequence with its own cursor."""
+    names = list(loops)
+    cursors = {name: cycle_from(batches, 0) for name in names}
+    seconds = {name: [] for name in names}
+    for r in range(rounds):
+        spent = {name: [0.0, 0.0] for name in names}
+        for i in range(steps):
+            turn = r * steps + i
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                wall, cpu = timed(loops[name], cursors[name], 1)
+                spent[name][0] += wall
+                spent[name][1] += cpu
+        for name in names:
+            seconds[name].append(tuple(spent[name]))
+    return seconds
+
+
 def worker(args) -> None:
     import torch
 
@@ -285,11 +306,7 @@ def worker(args) -> None:
              "bare_no_local_size": WithoutLocalSize(bare)}
     for loop in loops.values():  # warm-up: allocator, ZeRO-3 parameter trace, the first optimizer states
         timed(loop, cycle_from(batches, 0), args.warmup)
-    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}  # (wall, cpu) per round
-    names = list(loops)
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-            seconds[name].append(timed(loops[name], cycle_from(batches, r * args.steps), args.steps))
+    seconds = interleaved_rounds(loops, batches, args.rounds, args.steps)
     if trainer.dist.is_first:
         grad_accum = trainer.cfg.train.grad_accum
         tokens = [b.num_real_tokens for b in batches]
@@ -336,7 +353,7 @@ def report(ranks: int, res: dict) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", default="1,2", help="world sizes to measure, comma-separated")
-    p.add_argument("--rounds", type=int, default=12, help="timed rounds per loop (median reported)")
+    p.add_argument("--rounds", type=int, default=16, help="timed rounds per loop (median reported)")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per timed round (a multiple of --log_every)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per loop before the rounds")
     p.add_argument("--batches", type=int, default=20, help="pre-collated batches per rank (cycled)")
