@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,13 +22,13 @@ from .config.core import to_dict
 from .config.data import TASKS
 from .config.deepspeed import zero_stage
 from .config.run import Run
-from .ema import ShardedEMA
-from .engine import build_engine, init_distributed, seed_everything, step_generator
-from .faults import armed
 from .data.packing import Branches
 from .data.sequence import SequencePlanner, VisionGeometry
 from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
+from .ema import ShardedEMA
+from .engine import build_engine, init_distributed, seed_everything, step_generator
+from .faults import armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars
 from .model import build_model, encode_vit
 from .objectives import compute_losses, prepare_flow
@@ -64,6 +63,7 @@ class Trainer:
         self.started = time.time()
         self.tokens_seen = 0
         self.last_losses: dict[str, float] = {}
+        self.task_losses = TaskLosses(self.dist.device)
         self._resume(resume)
         if self.dist.is_first:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,6 @@ class Trainer:
         batches = iter(self.loader)
         self.validate_if_due()
         meter, speed = Meter(), Throughput()
-        self.task_losses = TaskLosses(self.dist.device)
         progress = self._progress_bar()
         while self.step < cfg.train.max_steps:
             self.train_step(batches, meter, speed)
@@ -172,7 +171,7 @@ class Trainer:
             f"  model        {parts.describe()}",
             f"  switches     visual_und={cfg.model.visual_und} visual_gen={cfg.model.visual_gen} "
             f"lape={cfg.model.lape.enabled} training_type={cfg.model.training_type}",
-            f"  data         " + "; ".join(f"{g.name} ({g.task}, weight {g.weight}, "
+            "  data         " + "; ".join(f"{g.name} ({g.task}, weight {g.weight}, "
                                           f"{self.loader.num_samples(g.name)} samples)" for g in self.run.dataset.groups),
             f"  world        {self.dist.world_size} rank(s) on {self.dist.device.type}, ZeRO stage "
             f"{zero_stage(self.ds_config)}, precision {cfg.train.precision}",

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config.data import DataConfig, DatasetConfig, GroupConfig
 from .batch import PackedBatch, Sample
 from .media import MediaError, decode_image, decode_video
-from .packing import Branches, OverlongSampleError, TokenBudgetPacker, build_micro_batch, check_length, collate
+from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length, collate
 from .schemas import SCHEMAS, MediaKind
 from .sequence import PlanError, SequencePlan, SequencePlanner, unit_hash
 

@@ -291,7 +291,7 @@ def many_groups(tmp_path) -> Path:
 def test_same_output_twice_and_for_any_number_of_workers(many_groups, tmp_path):
     one = run([many_groups], tmp_path / "one", samples_per_shard=5, workers=1)
     two = run([many_groups], tmp_path / "two", samples_per_shard=5, workers=2)
-    again = run([many_groups], tmp_path / "again", samples_per_shard=5, workers=1)
+    run([many_groups], tmp_path / "again", samples_per_shard=5, workers=1)
     assert one.num_shards > 4 and one.num_rejects > 0
     reference = snapshot(tmp_path / "one")
     assert snapshot(tmp_path / "two") == reference
