@@ -56,8 +56,9 @@ def machine_line() -> str:
     return f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average {load}"
 
 
-def example_dataset(root: Path, num_per_task: int = 32) -> str:
-    """The six-task example data as shards under `root`; returns the dataset YAML's path."""
+def example_dataset(root: Path, num_per_task: int = 32, split: str = "train") -> str:
+    """The six-task example data (`split`: train, or the held-out val scenes) as shards under `root`; returns the
+    dataset YAML's path."""
     import yaml
 
     from lance_ds.config.data import TASKS
@@ -65,7 +66,7 @@ def example_dataset(root: Path, num_per_task: int = 32) -> str:
     from lance_ds.data.example import ExampleConfig, write_example_dataset
     from lance_ds.data.schemas import SCHEMAS
 
-    write_example_dataset(root / "parquet", ExampleConfig(num_per_task=num_per_task))
+    write_example_dataset(root / "parquet", ExampleConfig(num_per_task=num_per_task, split=split))
     groups = []
     for task in TASKS:
         out = root / "shards" / task
