@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def memory_worker(args) -> None:
     held = zero3_held_bytes(trainer.engine)
     held["frozen_vit"] = frozen_bytes(trainer.parts.vit)
     held["frozen_vae"] = frozen_bytes(trainer.parts.vae)
+    held["process_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     everyone = [None] * trainer.dist.world_size
     dist.all_gather_object(everyone, held)
     if trainer.dist.is_first:
@@ -127,6 +129,9 @@ def report_zero3(size: str, one: dict, two: dict) -> float:
           f"(the larger rank): {ratio:.3f}x (goal <= 0.55x: {'met' if ratio <= 0.55 else 'NOT met'})")
     with_buckets = (goal_two + worst["buckets"]) / (goal_one + one["ranks"][0]["buckets"])
     print(f"     with the reduce bucket: {with_buckets:.3f}x")
+    rss = [r["process_peak_rss"] / MIB for r in (one["ranks"][0], *two["ranks"])]
+    print(f"     whole rank process, peak RSS (libraries, activations, frozen parts, allocator included): 1 rank "
+          f"{rss[0]:.0f} MiB; 2 ranks {rss[1]:.0f}, {rss[2]:.0f} MiB ({max(rss[1:]) / rss[0]:.2f}x)")
     return ratio
 
 
@@ -256,7 +261,7 @@ def tensorboard_max(log_dir: Path, tag: str) -> float | None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="debug", help="model sizes for part 1, comma-separated (debug, tiny, ...)")
+    p.add_argument("--sizes", default="debug,100m", help="model sizes for part 1, comma-separated (debug, tiny, ...)")
     p.add_argument("--steps", type=int, default=3, help="Trainer steps before counting (optimizer states exist)")
     p.add_argument("--no_main_job", action="store_true", help="skip part 2 (the main job's peak host memory)")
     p.add_argument("--dataset_config", help="dataset YAML (default: example data made in a temp dir)")
