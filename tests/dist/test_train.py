@@ -103,3 +103,15 @@ def test_kill9_during_save_and_during_training_resume_exactly(reference, example
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
+
+
+def test_validation_losses_do_not_depend_on_the_number_of_ranks(reference, example_data, tmp_path):
+    """Held-out batch j goes to rank j % world and draws its noise from j alone: 1 rank scores what 2 ranks did."""
+    out = tmp_path / "one_rank"
+    launch(train_args(out, example_data, 1, "validation.every=4", f"validation.dataset_config={example_data['val']}",
+                      "validation.max_samples=4", "validation.num_generations=0"), num_ranks=1)
+    one, two = read_scalars(out), read_scalars(reference)
+    val_tags = [t for t in two if t.startswith(("val/ce", "val/mse", "val/loss"))]
+    assert len(val_tags) >= 8
+    for tag in val_tags:
+        assert one[tag][0] == pytest.approx(two[tag][0], rel=1e-5), tag
