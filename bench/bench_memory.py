@@ -233,9 +233,10 @@ def main_job(dataset: str, val: str, overrides: list[str], tmp: Path) -> None:
         raise RuntimeError(f"the main job failed ({proc.returncode}):\n{(tmp / 'main_job.log').read_text()[-3000:]}")
     ranks = tree.ranks()
     for rank, pid in sorted(ranks.items()):
-        workers = [tree.hwm[p] for p, parent in tree.parent.items() if parent == pid]
-        print(f"     rank {rank}: peak RSS {tree.hwm[pid] / 1024:.0f} MiB; its {len(workers)} data-loader worker "
-              f"process(es): " + ", ".join(f"{w / 1024:.0f} MiB" for w in workers))
+        # children: the data-loader worker(s); one caught before it had any memory (a short-lived helper) is skipped
+        workers = [tree.hwm[p] for p, parent in tree.parent.items() if parent == pid and tree.hwm[p] > 0]
+        print(f"     rank {rank}: peak RSS {tree.hwm[pid] / 1024:.0f} MiB; its child process(es) (data-loader "
+              f"workers): " + ", ".join(f"{w / 1024:.0f} MiB" for w in workers))
     import yaml
 
     cfg = yaml.safe_load((out / "config.yaml").read_text())
