@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """1 -> 2 rank throughput scaling on CPU with the real launcher, measured side by side in one run.
 
-    python bench/bench_scaling.py [--rounds 3] [--steps 40] [--dataset_config FILE]
+    python bench/bench_scaling.py [--rounds 3] [--steps 40] [--size debug] [--dataset_config FILE]
 
 Three set-ups of the same training command (configs/debug.yaml on the six-task example data, ZeRO-3, fp32,
 validation off, data loader included as in a real run: data.num_workers=1 loader process per rank):
@@ -30,17 +30,18 @@ from bench_trainer import REPO, example_dataset, free_port, machine_line, work_d
 SETUPS = (("1 rank x 1 thread", 1, 1), ("2 ranks x 1 thread", 2, 1), ("1 rank x 2 threads", 1, 2))
 
 
-def launch(num_ranks: int, threads: int, dataset: str, out: Path, steps: int, log_every: int) -> list[str]:
+def launch(num_ranks: int, threads: int, dataset: str, out: Path, steps: int, log_every: int,
+           size: str) -> list[str]:
     """The training command of one set-up (what the BENCHMARKS.md line quotes)."""
     return ["deepspeed", "--num_gpus", str(num_ranks), "--master_port", str(free_port()), "lance_ds/train.py",
             "--config", "configs/debug.yaml", "--dataset_config", dataset, "--output_dir", str(out), "--resume", "none",
             "validation.every=0", f"train.max_steps={steps}", f"log.every={log_every}",
-            "checkpoint.save_every=1000000", "log.progress_bar=false"]
+            "checkpoint.save_every=1000000", "log.progress_bar=false", f"model.size={size}"]
 
 
-def run_one(num_ranks: int, threads: int, dataset: str, out: Path, steps: int, log_every: int) -> dict:
+def run_one(num_ranks: int, threads: int, dataset: str, out: Path, steps: int, log_every: int, size: str) -> dict:
     """Train once; returns tokens/s and steps/s medians over the log windows after the first."""
-    cmd = launch(num_ranks, threads, dataset, out, steps, log_every)
+    cmd = launch(num_ranks, threads, dataset, out, steps, log_every, size)
     log = out.with_suffix(".log")
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -73,16 +74,18 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=40, help="train.max_steps of each run")
     p.add_argument("--log_every", type=int, default=5, help="log.every (one throughput window)")
+    p.add_argument("--size", default="debug", help="model.size (debug: the main job's model; 100m: compute-bound)")
     p.add_argument("--dataset_config", help="dataset YAML (default: example data made in a temp dir)")
     p.add_argument("--work_dir", help="keep data, logs and runs here (default: a temp dir, removed)")
     args = p.parse_args()
-    print(f"lance_ds 1 -> 2 rank scaling on CPU: {machine_line()}")
+    print(f"lance_ds 1 -> 2 rank scaling on CPU, model {args.size}: {machine_line()}")
     results: dict[str, list[dict]] = {name: [] for name, _, _ in SETUPS}
     with work_dir(args.work_dir, "bench_scaling_") as tmp:
         dataset = args.dataset_config or example_dataset(tmp / "data", num_per_task=64)
         for r in range(args.rounds):
             for name, ranks, threads in SETUPS[r % 3:] + SETUPS[:r % 3]:
-                res = run_one(ranks, threads, dataset, tmp / f"r{r}_{ranks}x{threads}", args.steps, args.log_every)
+                res = run_one(ranks, threads, dataset, tmp / f"r{r}_{ranks}x{threads}", args.steps, args.log_every,
+                              args.size)
                 results[name].append(res)
                 print(f"   round {r}: {name:<19} {res['tokens_per_s']:7.0f} tokens/s, {res['steps_per_s']:5.2f} "
                       f"steps/s ({res['total_s']:.0f} s with start-up; load {os.getloadavg()[0]:.1f})", flush=True)
