@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ..config.data import GroupConfig
 from .batch import AttnMode, Sample
+from .schemas import SCHEMAS
 from .tokenizer import SpecialTokenIds, TextTokenizer
 
 # Lance moves the temporal RoPE ids of understanding (ViT) blocks here, away from the text and latent ids.
@@ -68,10 +69,7 @@ DEFAULT_SYSTEM_PROMPTS = {
 }
 
 # The media each task needs, by Sample.media key (the parquet column without `_bytes`).
-TASK_MEDIA = {
-    "t2i": ("image",), "t2v": ("video",), "i2i": ("input_image", "output_image"),
-    "v2v": ("input_video", "output_video"), "i2t": ("image",), "v2t": ("video",),
-}
+TASK_MEDIA = {task: tuple(column.member for column in schema.media) for task, schema in SCHEMAS.items()}
 TASK_TEXTS = {
     "t2i": ("caption",), "t2v": ("caption",), "i2i": ("caption",), "v2v": ("caption",),
     "i2t": ("caption_a",), "v2t": ("caption_a",),  # caption_i and caption_q may be absent or empty
