@@ -185,3 +185,18 @@ def test_every_shipped_config_loads():
 def test_every_field_is_documented():
     undocumented = [key for key, _, text in describe(RunConfig) if not text]
     assert not undocumented
+
+
+def test_print_config_and_check_exit_before_any_work(dataset_dir, capsys):
+    from lance_ds.train import main
+
+    (dataset_dir / "run.yaml").write_text(yaml.safe_dump(GOOD))
+    args = ["--config", str(dataset_dir / "run.yaml"), "--ds_config", str(REPO / "ds_configs/zero3.json"),
+            "train.lr=3e-5"]
+    assert main(["--print_config", *args]) == 0
+    out = capsys.readouterr().out
+    printed_run, _, printed_ds = out.partition("\n{")
+    assert yaml.safe_load(printed_run)["train"]["lr"] == 3e-5
+    assert json.loads("{" + printed_ds)["optimizer"]["params"]["lr"] == 3e-5
+    assert main(["--check", *args]) == 0 and "configs OK" in capsys.readouterr().out
+    assert main(["--check", *args, "train.lr=-1"]) == 2 and "train.lr: must be > 0" in capsys.readouterr().err
