@@ -162,7 +162,7 @@ class LanceLoop:
 
     def __init__(self, trainer):
         from lance_ds.metrics import Meter, Throughput
-        from lance_ds.validation import TaskLosses
+        from lance_ds.trainer import TaskLosses  # whatever the trainer uses, wherever it lives
 
         self.trainer = trainer
         self.meter, self.speed = Meter(), Throughput()
