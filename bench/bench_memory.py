@@ -30,7 +30,6 @@ import argparse
 import os
 import re
 import resource
-import statistics
 import subprocess
 import sys
 import time
