@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Trainer overhead: lance_ds's training step path against a bare `deepspeed.initialize` loop, side by side.
 
-    python bench/bench_trainer.py [--ranks 1,2] [--rounds 5] [--steps 10] [--dataset_config FILE]
+    python bench/bench_trainer.py [--ranks 1,2] [--rounds 16] [--steps 5] [--dataset_config FILE]
 
 Both loops train the debug model (configs/debug.yaml: ZeRO-3, fp32) on the SAME pre-collated PackedBatches, in the
 same processes. The data loader is EXCLUDED from both: each rank pulls its batches from the real loader over the
@@ -17,12 +17,12 @@ example data before any timing, then closes it; both loops then cycle through th
   bare, LOCAL_SIZE unset  (for reading) the bare loop as torchrun or a plain `python` run sees DeepSpeed's CPU
                accelerator (see WithoutLocalSize).
 The loops take turns step by step (the first one rotates), in rounds of --steps steps (one log.every period).
-Per round, ratio = lance_ds steps/s / bare steps/s, by wall time and by CPU time
-(summed over ranks; robust to other jobs on a shared machine); the medians are reported. Goal: overhead
-(1 / ratio - 1) <= 10%.
+Per round, ratio = lance_ds steps/s / bare steps/s, by wall time and by CPU time summed over ranks (less stretched
+by other jobs on a shared machine; it includes time spent spinning in collectives); the medians are reported.
+Goal: overhead (1 / ratio - 1) <= 10%.
 
-Each rank is a process of its own (RANK / WORLD_SIZE / MASTER_* set here, as torchrun would), OMP_NUM_THREADS=1 by
-default. bench_memory.py imports the helpers below (example data, rank spawning, trainer construction).
+Each rank is a process of its own (RANK / WORLD_SIZE / LOCAL_SIZE / MASTER_* set here, as the deepspeed launcher
+sets them), OMP_NUM_THREADS=1 by default. bench_memory.py imports the helpers below (example data, rank spawning, trainer construction).
 """
 
 from __future__ import annotations
