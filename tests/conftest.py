@@ -13,6 +13,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# A tiny Lance model, one packed batch and the original code's outputs for it (a copy of reference/lance_tiny from
+# the project's shared reference, kept in the repo so that a clean clone tests parity); LANCE_REFERENCE_DIR overrides.
+LANCE_TINY = Path(os.environ.get("LANCE_REFERENCE_DIR", REPO / "tests" / "fixtures")) / "lance_tiny"
 TASK_DIRS = {"t2i": "text2image", "t2v": "text2video", "i2i": "image2image", "v2v": "video2video",
              "i2t": "image2text", "v2t": "video2text"}
 

@@ -1,19 +1,19 @@
 """Parity with the original Lance code: the same weights and batch give the same numbers (reference/lance_tiny).
 
-The reference directory is `$LANCE_REFERENCE_DIR`, by default `<repo>/../shared/reference`. Its absence is a
+The reference files are tests/fixtures/lance_tiny (or `$LANCE_REFERENCE_DIR/lance_tiny`). Their absence is a
 failure, not a skip: this is the check that lance_ds trains Lance rather than something Lance-shaped.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import LANCE_TINY
 from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import AttnMode, PackedBatch
 from lance_ds.model.build import load_state
@@ -25,7 +25,7 @@ from lance_ds.model.weights import lance_to_model
 from lance_ds.objectives import compute_losses, prepare_flow, shift_timesteps
 
 REPO = Path(__file__).resolve().parents[2]
-REFERENCE = Path(os.environ.get("LANCE_REFERENCE_DIR", REPO.parent / "shared" / "reference")) / "lance_tiny"
+REFERENCE = LANCE_TINY
 MODES = {"causal": AttnMode.CAUSAL, "full": AttnMode.FULL, "noise": AttnMode.NOISE}
 
 

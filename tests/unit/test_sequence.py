@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import LANCE_TINY
 from lance_ds.config.data import GroupConfig, ImageOptions, VideoOptions
 from lance_ds.data.batch import AttnMode, Sample
 from lance_ds.data.packing import collate
@@ -18,7 +19,7 @@ from lance_ds.data.sequence import (CLIP_MEAN, CLIP_STD, DEFAULT_SYSTEM_PROMPTS,
                                     resize_crop, vit_patch_order, vit_patchify)
 from lance_ds.data.tokenizer import QWEN_SPECIAL_TOKENS, load_tokenizer
 
-REFERENCE = Path("/work/shared/reference/lance_tiny")
+REFERENCE = LANCE_TINY
 _MODES = {"causal": AttnMode.CAUSAL, "full": AttnMode.FULL, "full_noise": AttnMode.FULL, "noise": AttnMode.NOISE}
 
 
