@@ -1,0 +1,438 @@
+"""Held-out evaluation of the example tasks: what the model does, scored by programs that can say no.
+
+For each group of a dataset YAML of converter shards (configs/datasets/example_val.yaml: scenes that never occur in
+training), its first `num_per_task` samples become prompts for a Generator (lance_ds.generate):
+  i2t / v2t   greedy answers to the sample's question; right when every attribute the reference answer names
+              (colour, shape, direction) is named, the same (lance_ds.data.example.judge_answer)
+  t2i / t2v   pixels generated from the caption; right when a program reading them finds the caption's colour,
+              shape and, for videos, direction of motion (judge_generation: dominant hue, mask geometry, centroid)
+  i2i / v2v   pixels generated from the source and the instruction; right when the edit is applied and the rest
+              (the other attribute, the place, the motion) is kept
+Two reference points stand beside each score: chance (a uniformly random colour / shape / direction for every
+attribute that is judged) and, for generation, the same judge on the held-out target itself at the generated size
+(it shows what a perfect model would score, i.e. that the judge passes real pixels).
+
+Library (one process, or every rank of a running ZeRO-3 engine together: prompts are split evenly over the ranks,
+every rank runs the same number of forwards, and the counts are summed):
+    prompts = load_prompts(dataset, num_per_task=32)
+    result = evaluate(Generator(engine, vit, vae, planner, tokenizer, objective), prompts, EvalSettings())
+    print(format_table({"step 0": untrained, "step 400": result})); log_to_tensorboard(tb, step, result)
+
+CLI (a training checkpoint: run, checkpoints or step dir; or an export dir):
+    python -m lance_ds.evaluate --checkpoint runs/main --dataset_config configs/datasets/example_val.yaml --untrained
+prints the table (with --untrained, the same model freshly initialised from train.seed - the weights training
+starts from - side by side with the trained one), writes eval.json next to the checkpoints and `eval/<task>`
+scalars (the untrained model at step 0), generated samples (frame strips: source | output | reference) and answers
+to the run's TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config.data import GEN_TASKS, TASKS, UND_TASKS, DatasetConfig, GroupConfig
+from .data.batch import Sample
+from .data.example import COLOURS, DIRECTIONS, SHAPES, judge_answer, judge_generation, parse_answer
+from .data.sequence import TARGET_MEDIA, resize_crop
+
+# What each task's score measures (the table's second column).
+MEASURES = {
+    "t2i": "generated image shows the caption's colour and shape",
+    "t2v": "generated video: caption's colour, shape and motion direction",
+    "i2i": "edit applied (colour or shape), rest kept, same place",
+    "v2v": "edit applied (colour), shape and motion kept",
+    "i2t": "answer names the right colour / shape",
+    "v2t": "answer names the right colour / shape / direction",
+}
+GOALS = {"t2i": 0.8, "t2v": 0.8, "i2i": 0.8, "v2v": 0.8, "i2t": 0.9, "v2t": 0.9}  # issue 6: the main job's goals
+_CHOICES = {"colour": len(COLOURS), "shape": len(SHAPES), "direction": len(DIRECTIONS)}
+SOURCE_MEDIA = {"i2i": "input_image", "v2v": "input_video"}
+
+
+@dataclass
+class EvalSettings:
+    """How prompts are run. Sampling defaults are the debug model's (measured: see README, "Main job")."""
+
+    num_steps: int = 20  # Euler steps per generated sample
+    cfg_scale: float = 4.0  # classifier-free guidance (1: none)
+    seed: int = 0  # noise seed of generation
+    max_new_tokens: int = 16  # answer length limit (the example answers take <= 8 tokens)
+    batch_size: int = 16  # prompts per Generator call on each rank (all packed into one forward when they fit)
+    num_logged: int = 3  # samples per task kept for TensorBoard (rank 0's first ones)
+
+
+@dataclass
+class Prompt:
+    """One held-out sample and the group options (resolutions, frame sampling) it is cut with."""
+
+    sample: Sample
+    group: GroupConfig
+
+
+@dataclass
+class TaskScore:
+    """Counts of one task over all ranks."""
+
+    task: str
+    correct: int
+    total: int
+    chance: float  # expected accuracy of uniformly random attributes
+    reference: float | None = None  # generation: the judge's accuracy on the held-out targets themselves
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else math.nan
+
+
+@dataclass
+class Example:
+    """One judged prompt, for TensorBoard: the prompt text, the output (pixels or answer) and the verdict."""
+
+    task: str
+    prompt: str
+    ok: bool
+    found: str  # what the judge read (generation) or the answer (understanding)
+    expected: str
+    frames: Tensor | None = None  # uint8 [T, H, W, 3]: source | output | reference, side by side
+
+
+@dataclass
+class Evaluation:
+    scores: dict[str, TaskScore]  # task -> score, in TASKS order
+    examples: list[Example] = field(default_factory=list)  # rank 0's first few per task
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+
+
+def load_prompts(dataset: DatasetConfig, num_per_task: int) -> list[Prompt]:
+    """The first `num_per_task` decodable samples of every group, in shard order (every rank reads the same)."""
+    from .data.stream import SkipSample, decode_sample, iter_raw_samples, resolve_group
+
+    prompts: list[Prompt] = []
+    for i, config in enumerate(dataset.groups):
+        group = resolve_group(config, f"groups[{i}] ({config.name})")
+        taken = 0
+        for shard in group.shards:
+            for raw in iter_raw_samples(shard.url):
+                if taken == num_per_task:
+                    break
+                try:
+                    prompts.append(Prompt(decode_sample(raw, group), group.config))
+                except SkipSample:
+                    continue  # counted by the converter and the loaders; an evaluation just takes the next one
+                taken += 1
+            if taken == num_per_task:
+                break
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# judging
+
+
+def chance_of(named: dict) -> float:
+    """Probability that uniformly random values of the named attributes (colour 1/4, shape 1/3, direction 1/4) all
+    match."""
+    return math.prod(1.0 / _CHOICES[k] for k in named)
+
+
+def judge_understanding(sample: Sample, answer: str) -> tuple[bool, float]:
+    """(right, chance) of one answer against the sample's reference answer."""
+    reference = sample.texts["caption_a"]
+    named = {k: v for k, v in parse_answer(reference).items() if v is not None}
+    return judge_answer(answer, reference), chance_of(named)
+
+
+def judged_pixels(sample: Sample, output: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(source, reference target) of a generation sample cut to the output's frames and size, as the planner cuts
+    the condition block; None where the sample has none."""
+    frames, height, width = output.shape[:3]
+
+    def cut(key: str | None) -> Tensor | None:
+        media = sample.media.get(key) if key else None
+        return None if media is None else resize_crop(media[:frames], height, width)
+
+    return cut(SOURCE_MEDIA.get(sample.task)), cut(TARGET_MEDIA.get(sample.task))
+
+
+def judge_output(sample: Sample, output: Tensor):
+    """(verdict on the output, verdict on the held-out target or None, source pixels) of one generated sample."""
+    source, target = judged_pixels(sample, output)
+    caption = sample.texts["caption"]
+    verdict = judge_generation(sample.task, caption, output, source)
+    reference = judge_generation(sample.task, caption, target, source) if target is not None else None
+    return verdict, reference, source, target
+
+
+def side_by_side(*clips: Tensor | None) -> Tensor:
+    """uint8 [T, H, W, 3] clips next to each other (a 2-pixel white gap); shorter clips hold their last frame."""
+    clips = [c for c in clips if c is not None]
+    frames, height = max(c.shape[0] for c in clips), max(c.shape[1] for c in clips)
+    parts = []
+    for c in clips:
+        if c.shape[0] < frames:
+            c = torch.cat([c, c[-1:].expand(frames - c.shape[0], -1, -1, -1)])
+        c = torch.nn.functional.pad(c, (0, 0, 0, 2, 0, height - c.shape[1]), value=255)
+        parts.append(c)
+    return torch.cat(parts, dim=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share(items: list, rank: int, world: int) -> list[tuple[object, bool]]:
+    """This rank's contiguous share of `items` as (item, counted): every rank gets ceil(n / world) items, the short
+    ones padded with repeats of the first item that are run (so all ranks run the same forwards) but not counted."""
+    per_rank = math.ceil(len(items) / world)
+    mine = [(item, True) for item in items[rank * per_rank:(rank + 1) * per_rank]]
+    return mine + [(items[0], False)] * (per_rank - len(mine))
+
+
+@torch.no_grad()
+def evaluate(generator, prompts: list[Prompt], settings: EvalSettings | None = None) -> Evaluation:
+    """Run and judge every prompt; collective when a process group is up (call it on every rank with the same
+    prompts). Scores are summed over ranks; examples are rank 0's."""
+    settings = settings or EvalSettings()
+    start = time.perf_counter()
+    rank, world = _world()
+    device = getattr(generator, "device", torch.device("cpu"))
+    counts = torch.zeros(len(TASKS), 4, dtype=torch.float64)  # correct, total, chance sum, reference correct
+    examples: list[Example] = []
+    by_group: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        by_group.setdefault(p.group.name, []).append(p)
+    for name, group_prompts in by_group.items():
+        mine = share(group_prompts, rank, world)
+        for first in range(0, len(mine), settings.batch_size):
+            batch = mine[first:first + settings.batch_size]
+            samples = [p.sample for p, _ in batch]
+            task, group = samples[0].task, batch[0][0].group
+            row = counts[TASKS.index(task)]
+            logged = sum(e.task == task for e in examples)
+            if task in UND_TASKS:
+                answers = generator.answer(samples, max_new_tokens=settings.max_new_tokens, group=group)
+                for (p, counted), answer in zip(batch, answers):
+                    ok, chance = judge_understanding(p.sample, answer)
+                    if counted:
+                        row += torch.tensor([float(ok), 1.0, chance, 0.0], dtype=torch.float64)
+                        if logged < settings.num_logged:
+                            logged += 1
+                            examples.append(Example(task, _question(p.sample), ok, answer, p.sample.texts["caption_a"]))
+            else:
+                outputs = generator.generate(samples, num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
+                                             seed=settings.seed + first, group=group)
+                for (p, counted), output in zip(batch, outputs):
+                    verdict, reference, source, target = judge_output(p.sample, output)
+                    if counted:
+                        row += torch.tensor([float(verdict.ok), 1.0, chance_of(verdict.expected),
+                                             float(bool(reference))], dtype=torch.float64)
+                        if logged < settings.num_logged:
+                            logged += 1
+                            examples.append(Example(task, p.sample.texts["caption"], verdict.ok,
+                                                    _reading(verdict.found), _reading(verdict.expected),
+                                                    side_by_side(source, output, target)))
+    if world > 1:
+        summed = counts.to(device)
+        dist.all_reduce(summed)
+        counts = summed.cpu()
+    scores = {}
+    for i, task in enumerate(TASKS):
+        correct, total, chance, reference = counts[i].tolist()
+        if total:
+            scores[task] = TaskScore(task, int(correct), int(total), chance / total,
+                                     reference / total if task in GEN_TASKS else None)
+    return Evaluation(scores, examples if rank == 0 else [], time.perf_counter() - start)
+
+
+def _question(sample: Sample) -> str:
+    return sample.texts.get("caption_q") or "(no question)"
+
+
+def _reading(values: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in values.items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reporting
+
+
+def format_table(results: dict[str, Evaluation]) -> str:
+    """A Markdown table: one row per task, one score column per result (e.g. {"step 0": ..., "step 400": ...})."""
+    names = list(results)
+    tasks = [t for t in TASKS if any(t in r.scores for r in results.values())]
+    totals = {t: next(r.scores[t].total for r in results.values() if t in r.scores) for t in tasks}
+    header = ["task", "measured (held-out samples)", "n", "chance", *names, "goal", "judge on targets"]
+    rows = []
+    for t in tasks:
+        first = next(r.scores[t] for r in results.values() if t in r.scores)
+        cells = [f"{r.scores[t].accuracy:.0%}" if t in r.scores else "-" for r in results.values()]
+        reference = "-" if first.reference is None else f"{first.reference:.0%}"
+        rows.append([t, MEASURES[t], str(totals[t]), f"{first.chance:.0%}", *cells, f">= {GOALS[t]:.0%}", reference])
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def goals_met(result: Evaluation) -> dict[str, bool]:
+    return {t: s.accuracy >= GOALS[t] for t, s in result.scores.items()}
+
+
+def log_to_tensorboard(tb, step: int, result: Evaluation, prefix: str = "eval") -> None:
+    """`eval/<task>` accuracy scalars at `step`, sample strips (source | output | reference) and answers.
+
+    tb: a lance_ds.metrics.TensorBoard (writes on rank 0 only)."""
+    tb.scalars(step, {f"{prefix}/{t}": s.accuracy for t, s in result.scores.items()})
+    answers = ["| task | question | reference | answer | right |", "|---|---|---|---|---|"]
+    seen: dict[str, int] = {}
+    for e in result.examples:
+        k = seen[e.task] = seen.get(e.task, -1) + 1
+        if e.frames is not None:
+            tb.video_frames(f"{prefix}/samples/{e.task}/{k}", step, e.frames)
+            tb.text(f"{prefix}/samples/{e.task}/{k}/prompt", step,
+                    f"{e.prompt} -> judged {'right' if e.ok else 'wrong'}: found {e.found or 'nothing'}; "
+                    f"expected {e.expected} (strip: source | output | held-out target)")
+        else:
+            answers.append(f"| {e.task} | {e.prompt} | {e.expected} | {e.found} | {'yes' if e.ok else 'no'} |")
+    if len(answers) > 2:
+        tb.text(f"{prefix}/answers", step, "\n".join(answers))
+    tb.flush()
+
+
+def to_json(result: Evaluation) -> dict:
+    return {"seconds": round(result.seconds, 1),
+            "scores": {t: {**dataclasses.asdict(s), "accuracy": s.accuracy} for t, s in result.scores.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def untrained_generator(checkpoint: str | Path, trained, dtype: str = "fp32"):
+    """The checkpoint's model as training starts: built from its config.yaml with train.seed and no weights loaded
+    (the frozen ViT / codec come out the same as the trained model's, as in export.build_from_trained)."""
+    from .export import find_checkpoint, inference_model_config, is_export_dir, read_run_config
+    from .generate import Generator
+    from .model import build_model
+
+    if is_export_dir(checkpoint):
+        raise ValueError(f"{checkpoint} is an export; --untrained needs the training checkpoint (its config.yaml "
+                         "and seed say what the model looked like at step 0)")
+    config = read_run_config(find_checkpoint(checkpoint))
+    model_cfg = inference_model_config(config.model, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        bundle = build_model(model_cfg, len(trained.tokenizer), None, device=trained.device)
+    bundle.model.to(trained.device).eval()
+    return Generator(bundle.model, bundle.vit, bundle.vae, trained.planner, trained.tokenizer, config.objective)
+
+
+def checkpoint_step(checkpoint: str | Path) -> tuple[int, Path | None]:
+    """(step, run dir) of a training checkpoint; (-1, None) for an export."""
+    from .export import TRAINER_STATE, find_checkpoint, is_export_dir
+
+    if is_export_dir(checkpoint):
+        return -1, None
+    step_dir = find_checkpoint(checkpoint)
+    step = int(json.loads((step_dir / TRAINER_STATE).read_text())["step"])
+    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else None
+    return step, run_dir
+
+
+def parse_args(argv: list[str] | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lance_ds.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (run, checkpoints or step dir) or export")
+    p.add_argument("--dataset_config", "--dataset-config", required=True,
+                   help="dataset YAML of the held-out shards (e.g. configs/datasets/example_val.yaml)")
+    p.add_argument("--untrained", action="store_true", help="also evaluate the model as training starts (step 0)")
+    p.add_argument("--num-per-task", type=int, default=32, help="held-out samples per group")
+    p.add_argument("--steps", type=int, default=EvalSettings.num_steps, help="Euler steps per generated sample")
+    p.add_argument("--cfg", type=float, default=EvalSettings.cfg_scale, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=EvalSettings.seed, help="generation noise seed")
+    p.add_argument("--ema", action="store_true", help="a training checkpoint's EMA weights")
+    p.add_argument("--tensorboard", help="TensorBoard dir to write to (default: the run's tensorboard/; 'none': off)")
+    p.add_argument("--json", help="write the scores here (default: RUN_DIR/eval.json)")
+    p.add_argument("--require-goals", action="store_true", help="exit with status 1 when a task misses its goal")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .config.core import Problems
+    from .config.run import load_dataset
+    from .export import ExportError
+    from .generate import Generator, GenerateError
+    from .metrics import TensorBoard
+
+    args = parse_args(argv)
+    problems = Problems()
+    if args.num_per_task < 1:
+        problems.add("--num-per-task", f"must be >= 1, got {args.num_per_task}")
+    dataset = load_dataset(args.dataset_config, problems, "--dataset_config")
+    try:
+        problems.raise_if_any()
+    except ConfigError as e:
+        print(f"lance_ds.evaluate: {e}", file=sys.stderr)
+        return 2
+    settings = EvalSettings(num_steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
+    try:
+        step, run_dir = checkpoint_step(args.checkpoint)
+        trained = Generator.from_checkpoint(args.checkpoint, ema=args.ema)
+        prompts = load_prompts(dataset, args.num_per_task)
+        print(f"lance_ds.evaluate: {len(prompts)} held-out prompts from {args.dataset_config}; {trained.source}",
+              file=sys.stderr)
+        results = {}
+        if args.untrained:
+            results["step 0"] = evaluate(untrained_generator(args.checkpoint, trained), prompts, settings)
+        results[f"step {step}" if step >= 0 else "trained"] = evaluate(trained, prompts, settings)
+    except (ExportError, GenerateError, ValueError, FileNotFoundError) as e:
+        print(f"lance_ds.evaluate: {e}", file=sys.stderr)
+        return 2
+    final = list(results.values())[-1]
+    print(f"Held-out evaluation ({args.steps} Euler steps, CFG {args.cfg}; "
+          + ", ".join(f"{name}: {r.seconds:.0f} s" for name, r in results.items()) + ")")
+    print(format_table(results))
+    missed = [t for t, ok in goals_met(final).items() if not ok]
+    print("goals: " + ("all met" if not missed else f"missed by {', '.join(missed)}"))
+    tb_dir = args.tensorboard or (str(run_dir / "tensorboard") if run_dir else None)
+    if tb_dir and tb_dir != "none":
+        tb = TensorBoard(tb_dir, enabled=True)
+        for name, result in results.items():
+            log_to_tensorboard(tb, 0 if name == "step 0" else max(step, 0), result)
+        tb.close()
+        print(f"TensorBoard: eval/<task> scalars and eval/samples/* in {tb_dir}")
+    json_path = Path(args.json) if args.json else (run_dir / "eval.json" if run_dir else None)
+    if json_path:
+        json_path.write_text(json.dumps({"settings": dataclasses.asdict(settings), "num_per_task": args.num_per_task,
+                                         "dataset_config": str(args.dataset_config),
+                                         "results": {k: to_json(v) for k, v in results.items()}}, indent=2))
+    return 1 if args.require_goals and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""lance_ds.evaluate: the held-out scorer says yes to right outputs and no to wrong ones, splits prompts over ranks
+without changing the counts, runs a tiny random model end to end, and reports (table, TensorBoard, CLI errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from lance_ds import evaluate as ev
+from lance_ds.config.data import GEN_TASKS, TASKS, UND_TASKS, GroupConfig
+from lance_ds.data import example as ex
+from lance_ds.data.batch import Sample
+from lance_ds.data.sequence import resize_crop
+
+OUT_SIDE = 32  # the size the fake generators answer with (generation judges read any size >= 24)
+
+
+def held_out_prompts(per_task: int, seed: int = 3) -> list[ev.Prompt]:
+    """Example-world samples of every task as the val split makes them (decoded media instead of bytes)."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for task in TASKS:
+        video = task in ("t2v", "v2v", "v2t")
+        for i in range(per_task):
+            scene = ex.draw_scene(rng, video, "val")
+
+            def pixels(s):
+                return torch.from_numpy(np.array(ex.render_video(s) if video else ex.render_image(s)))
+
+            kind = "video" if video else "image"
+            if task in ("t2i", "t2v"):
+                sample = Sample(task, {"caption": scene.caption()}, {kind: pixels(scene)})
+            elif task in ("i2i", "v2v"):
+                target, instruction = ex._edited(scene, rng, allow_shape=task == "i2i")
+                sample = Sample(task, {"caption": instruction},
+                                {f"input_{kind}": pixels(scene), f"output_{kind}": pixels(target)})
+            else:
+                question, answer = ex._question(scene, rng)
+                sample = Sample(task, {"caption_q": question, "caption_a": answer}, {kind: pixels(scene)})
+            sample.key = f"{task}-{i}"
+            prompts.append(ev.Prompt(sample, GroupConfig(name=task, task=task)))
+    return prompts
+
+
+class FakeGenerator:
+    """Stands in for lance_ds.generate.Generator with crafted outputs.
+
+    right      answers the reference; generates the held-out target
+    recolour   names every attribute one value off; paints the shape in the next colour (shape and place right)
+    unedited   answers nothing useful ("I see something"); generates the source unchanged (t2i / t2v: grey)
+    noise      uniform random pixels; random words
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.calls: list[int] = []  # prompts per call
+
+    def answer(self, samples, max_new_tokens=16, group=None):
+        self.calls.append(len(samples))
+        out = []
+        for s in samples:
+            reference = s.texts["caption_a"]
+            if self.mode == "right":
+                out.append(reference)
+            elif self.mode == "recolour":  # every attribute the reference names, one value further
+                found = ex.parse_answer(reference)
+                out.append(" ".join(next_value(v) for v in found.values() if v))
+            elif self.mode == "unedited":
+                out.append("I see something")
+            else:
+                out.append("the of and")
+        return out
+
+    def generate(self, samples, num_steps=20, cfg_scale=4.0, seed=0, group=None):
+        self.calls.append(len(samples))
+        out = []
+        for s in samples:
+            target = s.media.get(ev.TARGET_MEDIA[s.task])
+            source = s.media.get(ev.SOURCE_MEDIA.get(s.task, ""))
+            if self.mode == "right":
+                pixels = target
+            elif self.mode == "recolour":
+                pixels = recoloured(target)
+            elif self.mode == "unedited":
+                pixels = source if source is not None else torch.full_like(target, 40)
+            else:
+                g = torch.Generator().manual_seed(seed)
+                pixels = torch.randint(0, 256, target.shape, generator=g, dtype=torch.uint8)
+            out.append(resize_crop(pixels, OUT_SIDE, OUT_SIDE))
+        return out
+
+
+def next_value(value: str) -> str:
+    """The next colour, shape or direction of the world (wrapping around)."""
+    names = next(n for n in (list(ex.COLOURS), ex.SHAPES, ex.DIRECTIONS) if value in n)
+    return names[(names.index(value) + 1) % len(names)]
+
+
+def recoloured(frames: torch.Tensor) -> torch.Tensor:
+    """Shape pixels repainted in the next colour of the world; the grey background kept."""
+    out = frames.clone()
+    for name, rgb in ex.COLOURS.items():
+        mask = (frames.int() - torch.tensor(rgb)).abs().sum(-1) < 30
+        out[mask] = torch.tensor(ex.COLOURS[next_value(name)], dtype=torch.uint8)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return held_out_prompts(per_task=4)
+
+
+def test_right_outputs_score_everything_and_the_judge_passes_the_targets(prompts):
+    result = ev.evaluate(FakeGenerator("right"), prompts, ev.EvalSettings(batch_size=3))
+    assert list(result.scores) == list(TASKS)
+    for task, score in result.scores.items():
+        assert (score.correct, score.total) == (4, 4), task
+        assert score.reference == (1.0 if task in GEN_TASKS else None)
+    assert ev.goals_met(result) == {t: True for t in TASKS}
+
+
+@pytest.mark.parametrize("mode", ["recolour", "unedited", "noise"])
+def test_wrong_outputs_score_nothing(prompts, mode):
+    result = ev.evaluate(FakeGenerator(mode), prompts, ev.EvalSettings())
+    for task, score in result.scores.items():
+        assert (score.correct, score.total) == (0, 4), (mode, task)
+        if task in GEN_TASKS:
+            assert score.reference == 1.0  # the targets were still right: the judge, not the data, said no
+    assert not any(ev.goals_met(result).values())
+
+
+def test_half_right_scores_half_and_chance_follows_the_judged_attributes(prompts):
+    class Mixed(FakeGenerator):
+        def answer(self, samples, **kwargs):
+            return [a if i % 2 == 0 else "nothing" for i, a in enumerate(super().answer(samples, **kwargs))]
+
+        def generate(self, samples, **kwargs):
+            out = super().generate(samples, **kwargs)
+            return [o if i % 2 == 0 else torch.zeros_like(o) for i, o in enumerate(out)]
+
+    result = ev.evaluate(Mixed("right"), prompts, ev.EvalSettings(batch_size=4))
+    assert {t: s.accuracy for t, s in result.scores.items()} == {t: 0.5 for t in TASKS}
+    chance = {t: s.chance for t, s in result.scores.items()}
+    assert chance["t2i"] == pytest.approx(1 / 12) and chance["t2v"] == pytest.approx(1 / 48)
+    assert chance["i2i"] == pytest.approx(1 / 12) and chance["v2v"] == pytest.approx(1 / 48)
+    expected_i2t = np.mean([ev.chance_of({k: v for k, v in ex.parse_answer(p.sample.texts["caption_a"]).items() if v})
+                            for p in prompts if p.sample.task == "i2t"])
+    assert chance["i2t"] == pytest.approx(expected_i2t)
+
+
+def test_an_edit_that_moves_the_shape_is_wrong():
+    (prompt,) = [p for p in held_out_prompts(per_task=1, seed=5) if p.sample.task == "i2i"]
+    target = prompt.sample.media["output_image"]
+    moved = torch.roll(target, shifts=(0, 20), dims=(1, 2))  # 20 of 64 pixels to the right, wrapping round
+    verdict, reference, _, _ = ev.judge_output(prompt.sample, resize_crop(moved, OUT_SIDE, OUT_SIDE))
+    assert reference.ok and not verdict.ok and "position" in verdict.reason
+
+
+def test_prompts_are_shared_evenly_over_ranks_and_the_counts_add_up(prompts, monkeypatch):
+    assert ev.share([1, 2, 3, 4, 5], 0, 2) == [(1, True), (2, True), (3, True)]
+    assert ev.share([1, 2, 3, 4, 5], 1, 2) == [(4, True), (5, True), (1, False)]
+    assert ev.share([1], 1, 2) == [(1, False)]
+    single = ev.evaluate(FakeGenerator("right"), prompts[:-1], ev.EvalSettings())  # v2t: 3 prompts, uneven
+    monkeypatch.setattr(ev.dist, "all_reduce", lambda tensor: None)
+    totals = {t: [0, 0] for t in TASKS}
+    calls = []
+    for rank in range(2):
+        monkeypatch.setattr(ev, "_world", lambda rank=rank: (rank, 2))
+        fake = FakeGenerator("right")
+        for t, s in ev.evaluate(fake, prompts[:-1], ev.EvalSettings()).scores.items():
+            totals[t][0] += s.correct
+            totals[t][1] += s.total
+        calls.append(fake.calls)
+    assert calls[0] == calls[1] == [2] * len(TASKS)  # the same forwards on every rank, padding included
+    assert totals == {t: [s.correct, s.total] for t, s in single.scores.items()}
+
+
+def test_a_tiny_random_model_runs_every_task_and_is_judged_wrong():
+    from lance_ds.config.model import ModelConfig
+    from lance_ds.data.sequence import SequencePlanner
+    from lance_ds.data.tokenizer import load_tokenizer
+    from lance_ds.generate import Generator
+    from lance_ds.model import build_model
+    from lance_ds.trainer import vision_geometry
+
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    bundle = build_model(ModelConfig(size="debug", dtype="fp32", vit_dtype="fp32"), len(tokenizer), None,
+                         device="cpu")
+    planner = SequencePlanner(tokenizer, vision_geometry(bundle.geometry))
+    gen = Generator(bundle.model.eval(), bundle.vit, bundle.vae, planner, tokenizer)
+    prompts = [dataclasses.replace(p, group=GroupConfig(name=p.group.name, task=p.group.task,
+                                                        image=ev_resolution(p.sample.task)))
+               for p in held_out_prompts(per_task=2)]
+    result = ev.evaluate(gen, prompts, ev.EvalSettings(num_steps=2, max_new_tokens=4, num_logged=1))
+    assert {t: (s.correct, s.total) for t, s in result.scores.items()} == {t: (0, 2) for t in TASKS}
+    strips = {e.task: e.frames for e in result.examples if e.frames is not None}
+    assert set(strips) == set(GEN_TASKS)
+    assert {e.task for e in result.examples if e.frames is None} == set(UND_TASKS)
+    assert strips["t2v"].shape[0] == 9 and strips["t2i"].shape[0] == 1  # frames of the generated clip
+
+
+def ev_resolution(task: str):
+    from lance_ds.config.data import ImageOptions
+
+    return ImageOptions(resolution=32 if task in GEN_TASKS else 64)
+
+
+def test_table_tensorboard_and_json(prompts, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lance_ds.metrics import TensorBoard
+
+    before = ev.evaluate(FakeGenerator("noise"), prompts, ev.EvalSettings())
+    after = ev.evaluate(FakeGenerator("right"), prompts, ev.EvalSettings())
+    table = ev.format_table({"step 0": before, "step 40": after}).splitlines()
+    assert "step 0" in table[0] and "step 40" in table[0] and len(table) == 2 + len(TASKS)
+    t2i = next(line for line in table if line.startswith("| t2i"))
+    assert [c.strip() for c in t2i.split("|")[3:8]] == ["4", "8%", "0%", "100%", ">= 80%"]
+    tb = TensorBoard(tmp_path, enabled=True)
+    ev.log_to_tensorboard(tb, 0, before)
+    ev.log_to_tensorboard(tb, 40, after)
+    tb.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/t2v")] == [(0, 0.0), (40, 1.0)]
+    assert "eval/samples/v2v/0" in acc.Tags()["images"]
+    assert "eval/answers/text_summary" in acc.Tags()["tensors"]
+    assert ev.to_json(after)["scores"]["i2t"]["accuracy"] == 1.0
+
+
+def test_cli_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert ev.main(["--checkpoint", str(tmp_path), "--dataset_config", str(missing), "--num-per-task", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-per-task" in err and "nope.yaml" in err
