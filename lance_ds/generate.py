@@ -170,8 +170,9 @@ class Generator:
         noise = [torch.randn(p.vae[-1].coords.shape[0], self.lance.cfg.latent_channels,
                              generator=sample_generator(seed, i)) for p, i in zip(cond_plans, indexes)]
         x = torch.cat(noise).to(self.device)
-        cond_velocity = lance_velocity_fn(self.model, cond)
-        joint_velocity = lance_velocity_fn(self.model, joint) if joint is not None else None
+        prediction = self.objective.prediction
+        cond_velocity = lance_velocity_fn(self.model, cond, prediction=prediction)
+        joint_velocity = lance_velocity_fn(self.model, joint, prediction=prediction) if joint is not None else None
         for i, guided in enumerate(guided_steps):
             t, t_next = float(times[i]), float(times[i + 1])
             if guided:  # prompts and their caption-dropped twins in one forward

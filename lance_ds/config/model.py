@@ -108,6 +108,8 @@ class ObjectiveConfig:
     timestep_std: float = doc(1.0, "standard deviation of the normal draw z in t = sigmoid(z)")
     sample_shift: float = doc(3.5, "shift of the Euler sampler's linspace(1, 0) schedule")
     cfg_interval: list[float] = doc(factory=lambda: [0.4, 1.0], text="classifier-free guidance applies for t in [lo, hi]")
+    prediction: str = doc("velocity", "what the flow head predicts: velocity (Lance) or data (the clean latent x_0; "
+                                      "for latents wider than the hidden size, e.g. the debug model's pixel patches)")
 
     def check(self, problems: Problems, key: str) -> None:
         problems.require(self.ce_weight >= 0, join(key, "ce_weight"), f"must be >= 0, got {self.ce_weight}")
@@ -115,6 +117,7 @@ class ObjectiveConfig:
         problems.positive(self.timestep_shift, join(key, "timestep_shift"), float)
         problems.positive(self.timestep_std, join(key, "timestep_std"), float)
         problems.positive(self.sample_shift, join(key, "sample_shift"), float)
+        problems.one_of(self.prediction, ("velocity", "data"), join(key, "prediction"))
         lo_hi = self.cfg_interval
         problems.require(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, join(key, "cfg_interval"),
                          f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")

@@ -4,8 +4,11 @@ Shape legend:
   G  VAE blocks of the micro-batch (PackedBatch.vae_grid_thw rows);  N  latent tokens (t * h * w per block)
   z  latent channels
 
-Convention: x_t = (1 - t) x_0 + t eps, so t = 0 is data and t = 1 is noise; the network predicts the velocity
-dx_t/dt = eps - x_0. Target blocks draw one t each (logit-normal, shifted); condition blocks (edit sources) get
+Convention: x_t = (1 - t) x_0 + t eps, so t = 0 is data and t = 1 is noise; the loss and the sampler use the velocity
+dx_t/dt = eps - x_0. The flow head predicts that velocity (Lance), or, with objective.prediction = "data", the clean
+x_0, turned into the velocity it implies, (x_t - x_0) / t: a head narrower than its tokens cannot carry the noise a
+velocity holds, but the clean data of a simple world it can (pixel patches wider than the hidden size: the debug
+model's codec). Target blocks draw one t each (logit-normal, shifted); condition blocks (edit sources) get
 t = 0 (x_t = x_0) and carry no MSE. Sampling integrates from t = 1 down to 0.
 """
 
@@ -72,6 +75,19 @@ def prepare_flow(clean: Tensor, batch: PackedBatch, shift: float, generator: tor
     return FlowInputs(noisy=noisy, timesteps=t, target=eps - x0, weights=weights)
 
 
+PREDICTIONS = ("velocity", "data")
+MIN_DATA_T = 0.05  # data prediction divides by t; below this the implied velocity would blow up
+
+
+def as_velocity(output: Tensor, noisy: Tensor, timesteps: Tensor, prediction: str) -> Tensor:
+    """The velocity [N, z] the flow head's output [N, z] stands for, given x_t [N, z] at times t [N]."""
+    if prediction == "velocity":
+        return output
+    if prediction == "data":
+        return (noisy.float() - output.float()) / timesteps.float().clamp(min=MIN_DATA_T)[:, None]
+    raise ValueError(f"objective.prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
 def mse_per_token(velocity: Tensor, target: Tensor) -> Tensor:
     """[N] mean squared error over the z channels of each token, in fp32."""
     return (velocity.float() - target.float()).pow(2).mean(dim=-1)
@@ -120,9 +136,10 @@ class SamplerInputs:
     vit_embeds: Tensor | None = None  # [M, H] frozen-ViT tokens of the batch
 
 
-def lance_velocity_fn(model: torch.nn.Module, cond: SamplerInputs, uncond: SamplerInputs | None = None) -> VelocityFn:
+def lance_velocity_fn(model: torch.nn.Module, cond: SamplerInputs, uncond: SamplerInputs | None = None,
+                      prediction: str = "velocity") -> VelocityFn:
     """A VelocityFn over LanceModel: x_t [n_target, z] is placed at the target tokens of the conditional (or, for
-    guidance, the unconditional: caption dropped) batch; the prediction at those tokens comes back."""
+    guidance, the unconditional: caption dropped) batch; the velocity predicted at those tokens comes back."""
 
     def run(inputs: SamplerInputs, x: Tensor, t: float) -> Tensor:
         mask = inputs.target_mask
@@ -130,7 +147,7 @@ def lance_velocity_fn(model: torch.nn.Module, cond: SamplerInputs, uncond: Sampl
         latents[mask] = x
         timesteps = torch.where(mask, torch.full_like(mask, t, dtype=torch.float32), torch.zeros_like(latents[:, 0]))
         pred = model(inputs.batch, inputs.vit_embeds, latents, timesteps)
-        return pred.velocity[mask]
+        return as_velocity(pred.velocity[mask], x, timesteps[mask], prediction)
 
     def velocity(x: Tensor, t: float, conditional: bool) -> Tensor:
         if conditional or uncond is None:

@@ -15,7 +15,7 @@ from torch import Tensor
 from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import PackedBatch
 
-from .flow import FlowInputs, mse_per_token
+from .flow import FlowInputs, as_velocity, mse_per_token
 from .text import ce_per_token
 
 
@@ -58,12 +58,14 @@ def compute_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: F
                    cfg: ObjectiveConfig, group=None) -> Losses:
     """CE on batch.ce_indexes (weights batch.ce_weights) and MSE on noised latents (weights flow.weights).
 
-    logits [C, V'] and velocity [N, z] are the model's Predictions; flow is None for a model without generation.
+    logits [C, V'] and velocity [N, z] (the flow head's output: see objective.prediction) are the model's
+    Predictions; flow is None for a model without generation.
     One all-reduce carries both counts.
     """
     ce_tok = ce_per_token(logits, batch.ce_targets)
     ce_w = batch.ce_weights.to(ce_tok.device).float()
     if flow is not None:
+        velocity = as_velocity(velocity, flow.noisy, flow.timesteps, cfg.prediction)
         mse_tok, mse_w = mse_per_token(velocity, flow.target), flow.weights.float()
     else:
         mse_tok, mse_w = velocity.float().sum(-1) * 0.0, torch.zeros(velocity.shape[0], device=velocity.device)

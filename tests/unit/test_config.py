@@ -104,6 +104,7 @@ BAD = [
     ({}, ["model.visual_und=false"], None, "groups[1]"),
     ({}, ["model.visual_gen=maybe"], None, "model.visual_gen"),
     ({}, ["model.training_type=qlora"], None, "model.training_type"),
+    ({}, ["objective.prediction=noise"], None, "objective.prediction"),
     ({}, ["data.packing_length=0"], None, "data.packing_length"),
     ({}, ["dataset_config=missing.yaml"], None, "dataset_config"),
     ({}, ["train.lr"], None, "train.lr"),

@@ -10,7 +10,7 @@ import torch
 from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import AttnMode
 from lance_ds.model.synthetic import Text, Vae, synthetic_batch
-from lance_ds.objectives import (append_token, compute_losses, decode_text, euler_sample, normalised, pick_token,
+from lance_ds.objectives import (append_token, as_velocity, compute_losses, decode_text, euler_sample, normalised, pick_token,
                                  prepare_flow, sample_timesteps, sampling_schedule, shift_timesteps)
 
 
@@ -72,6 +72,30 @@ def test_global_normalisation_across_ranks():
     assert torch.allclose(sum(losses) / 2, torch.cat(per_rank).mean())
     nothing = normalised(torch.tensor([3.0], requires_grad=True), torch.zeros(1), torch.tensor(0.0), 2)
     assert nothing.item() == 0.0 and nothing.requires_grad  # a placeholder-only micro-batch stays in the graph
+
+
+def no_text(batch):
+    return torch.zeros(batch.ce_targets.shape[0], 100)
+
+
+def test_data_prediction_is_scored_and_sampled_as_the_velocity_it_implies():
+    """prediction = data: a head that outputs the clean latents exactly has zero velocity loss, any other output is
+    penalised as (x_t - out) / t, and the sampler turns the same output into the step it takes."""
+    batch = edit_batch()
+    clean = torch.randn(14, 8)
+    flow = prepare_flow(clean, batch, 1.0, generator=torch.Generator().manual_seed(2))
+    cfg = ObjectiveConfig(prediction="data")
+    assert compute_losses(no_text(batch), clean, batch, flow, cfg).mse.item() < 1e-9
+    wrong = clean + 0.1
+    expected = ((flow.noisy - wrong) / flow.timesteps.clamp(min=0.05)[:, None] - flow.target).pow(2).mean(-1)
+    assert torch.allclose(compute_losses(no_text(batch), wrong, batch, flow, cfg).mse,
+                          (expected * flow.weights).sum() / flow.weights.sum())
+    assert compute_losses(no_text(batch), clean, batch, flow, ObjectiveConfig()).mse > 0.1  # read as velocity
+    x0 = torch.tensor([[1.5, -2.0, 0.25]])
+    out = euler_sample(lambda x, t, c: as_velocity(x0, x, torch.tensor([t]), "data"), torch.randn(1, 3), 10, 1.0, 1.0)
+    assert torch.allclose(out, x0, atol=1e-5)
+    with pytest.raises(ValueError, match="objective.prediction"):
+        as_velocity(x0, x0, torch.ones(1), "noise")
 
 
 def test_euler_sampler_recovers_the_point_and_guides_in_the_interval():
