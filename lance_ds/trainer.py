@@ -63,7 +63,7 @@ class Trainer:
         self.started = time.time()
         self.tokens_seen = 0
         self.last_losses: dict[str, float] = {}
-        self.task_losses = TaskLosses(self.dist.device)
+        self.task_losses = TaskLosses(self.dist.device, self.cfg.objective.prediction)
         self._resume(resume)
         if self.dist.is_first:
             self.out.mkdir(parents=True, exist_ok=True)

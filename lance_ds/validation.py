@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .config.data import GEN_TASKS, TASKS, UND_TASKS
 from .data.batch import PackedBatch
-from .objectives import mse_per_token
+from .objectives import as_velocity, mse_per_token
 from .objectives.text import ce_per_token
 
 if TYPE_CHECKING:
@@ -27,10 +27,13 @@ CE_SUM, CE_COUNT, MSE_SUM, MSE_COUNT = range(4)
 
 
 class TaskLosses:
-    """Sums of per-token CE and MSE (and their weights) per task, reduced over ranks when read."""
+    """Sums of per-token CE and MSE (and their weights) per task, reduced over ranks when read.
 
-    def __init__(self, device: torch.device):
+    prediction: objective.prediction (the MSE is on the velocity the flow head's output implies, as in training)."""
+
+    def __init__(self, device: torch.device, prediction: str = "velocity"):
         self.sums = torch.zeros(len(TASKS), 4, device=device, dtype=torch.float64)
+        self.prediction = prediction
 
     @torch.no_grad()
     def add(self, batch: PackedBatch, pred, flow) -> None:
@@ -40,7 +43,8 @@ class TaskLosses:
             ce = ce_per_token(pred.logits.detach(), batch.ce_targets)
             self._scatter(task_of_sample[batch.sample_ids[batch.ce_indexes]], ce, batch.ce_weights, CE_SUM)
         if flow is not None and batch.vae_indexes.numel():
-            mse = mse_per_token(pred.velocity.detach(), flow.target)
+            velocity = as_velocity(pred.velocity.detach(), flow.noisy, flow.timesteps, self.prediction)
+            mse = mse_per_token(velocity, flow.target)
             self._scatter(task_of_sample[batch.sample_ids[batch.vae_indexes]], mse, flow.weights, MSE_SUM)
 
     def _scatter(self, task: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, column: int) -> None:
@@ -104,7 +108,7 @@ class Validator:
         tr = self.trainer
         was_training = tr.engine.module.training
         tr.engine.module.eval()
-        losses = TaskLosses(tr.dist.device)
+        losses = TaskLosses(tr.dist.device, tr.cfg.objective.prediction)
         for k, batch in enumerate(self.loader):
             batch = batch.to(tr.dist.device)
             global_index = k * tr.dist.world_size + tr.dist.rank  # the loader's batch j lives on rank j % world

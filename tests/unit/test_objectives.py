@@ -98,6 +98,22 @@ def test_data_prediction_is_scored_and_sampled_as_the_velocity_it_implies():
         as_velocity(x0, x0, torch.ones(1), "noise")
 
 
+@pytest.mark.parametrize("prediction", ["velocity", "data"])
+def test_per_task_losses_score_what_training_scores(prediction):
+    """train/mse/<task> (validation.TaskLosses) is the MSE the optimiser sees, whatever the head predicts."""
+    from types import SimpleNamespace
+
+    from lance_ds.validation import TaskLosses
+
+    batch = dataclasses.replace(edit_batch(), tasks=["i2i", "t2i"])
+    flow = prepare_flow(torch.randn(14, 8), batch, 1.0, generator=torch.Generator().manual_seed(3))
+    pred = SimpleNamespace(logits=no_text(batch), velocity=torch.randn(14, 8))
+    per_task = TaskLosses(torch.device("cpu"), prediction)
+    per_task.add(batch, pred, flow)
+    trained = compute_losses(pred.logits, pred.velocity, batch, flow, ObjectiveConfig(prediction=prediction))
+    assert per_task.scalars("train")["train/mse"] == pytest.approx(trained.mse.item(), rel=1e-5)
+
+
 def test_euler_sampler_recovers_the_point_and_guides_in_the_interval():
     """For data that is a single point x0, the exact velocity is (x_t - x0) / t: Euler lands on x0 exactly."""
     x0 = torch.tensor([[1.5, -2.0, 0.25]])
