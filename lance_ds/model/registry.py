@@ -46,13 +46,14 @@ def _tiny_wan(z: int) -> dict:
 
 
 SIZES: dict[str, ModelSpec] = {
-    # 2-rank CPU runs: ~3 M parameters; the exactly invertible patch codec (8x8 pixels x 4 frames per token).
+    # 2-rank CPU runs (the README's main job): ~2.6 M parameters; the exactly invertible patch codec, 4x4 pixels x
+    # 4 frames per token: 192 channels, as wide as the hidden size (the debug recipe predicts data, not velocity).
     "debug": ModelSpec(
-        llm=LLMConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-                      num_kv_heads=2, mrope_section=(4, 6, 6)),
-        vit=VitConfig(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128,
+        llm=LLMConfig(vocab_size=2048, hidden_size=192, intermediate_size=384, num_layers=2, num_heads=4,
+                      num_kv_heads=2, mrope_section=(6, 9, 9)),
+        vit=VitConfig(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=192,
                       fullatt_block_indexes=(1,)),
-        vae=VaeConfig(kind="patch", latent_channels=3 * 4 * 8 * 8, spatial_factor=8, temporal_factor=4),
+        vae=VaeConfig(kind="patch", latent_channels=3 * 4 * 4 * 4, spatial_factor=4, temporal_factor=4),
         max_latent_size=32, max_num_frames=33),
     # the geometry of reference/lance_tiny (vocab raised to fit the debug tokenizer) with a tiny Wan-shaped VAE
     "tiny": ModelSpec(

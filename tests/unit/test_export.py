@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lance_ds.model.registry import SIZES
+
 from test_generate import exported, from_checkpoint, reference_inputs, trained_runs  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,9 +50,9 @@ def test_export_is_lances_layout_and_model_path_loads_it(trained_runs, exported)
     for name, value in {k[len("vit."):]: v for k, v in reference.items() if k.startswith("vit.")}.items():
         assert torch.equal(weights["vit_model." + name].float(), value), name  # the trainer's own frozen ViT
     assert "language_model.model.layers.1.self_attn.q_proj_moe_gen.bias" in weights
-    assert weights["latent_pos_embed.pos_embed"].shape == (9 * 32 * 32, 128)
+    assert weights["latent_pos_embed.pos_embed"].shape == (9 * 32 * 32, SIZES["debug"].llm.hidden_size)
     llm_config = json.loads((exported / "llm_config.json").read_text())
-    assert llm_config["rope_scaling"]["mrope_section"] == [4, 6, 6] and llm_config["max_latent_size"] == 32
+    assert llm_config["rope_scaling"]["mrope_section"] == list(SIZES["debug"].llm.mrope_section) and llm_config["max_latent_size"] == 32
     info = json.loads((exported / "export.json").read_text())
     assert info["step"] == 3 and info["weights"] == "trained" and info["lora"] is None
     # model.path=EXPORT_DIR (and its tokenizer) rebuild the trained model: same predictions as the live engine

@@ -472,7 +472,7 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     assert "--prompt: t2v needs a prompt" in err and "ending in .mp4" in err and "SIDE or HEIGHTxWIDTH" in err
     assert main(["--checkpoint", str(exported), "--task", "t2i", "--prompt", "x", "--size", "30", "--out",
                  str(tmp_path / "d.png")]) == 2
-    assert "multiple of 8" in capsys.readouterr().err
+    assert "multiple of 4" in capsys.readouterr().err
 
 
 def test_cli_as_a_module_writes_an_mp4(exported, tmp_path):

@@ -82,8 +82,9 @@ def test_lape_cost_and_tables():
     with pytest.raises(ValueError, match="LAPE"):
         lape(torch.tensor([[0, 5, 0]]))
     bundle = build(lape=LapeConfig(enabled=True, num_spatial_tokens=40, num_temporal_tokens=12))
-    assert bundle.lape["num_params"] == (40 + 12) * 128
-    assert bundle.model.lape.spatial.shape == (40, 128)
+    hidden = bundle.geometry.hidden_size
+    assert bundle.lape["num_params"] == (40 + 12) * hidden
+    assert bundle.model.lape.spatial.shape == (40, hidden)
 
 
 def test_timestep_sinusoid():
@@ -186,7 +187,8 @@ def test_forward_shapes_and_missing_inputs_named():
     assert pred.logits.shape == (batch.ce_indexes.numel(), NUM_CLASSES)
     assert pred.velocity.shape == (batch.vae_indexes.numel(), bundle.geometry.latent_channels)
     with pytest.raises(ValueError, match="vit_embeds"):
-        bundle.model(batch, None, random_latents(batch, 768), torch.zeros(batch.vae_indexes.numel()))
+        bundle.model(batch, None, random_latents(batch, bundle.geometry.latent_channels),
+                     torch.zeros(batch.vae_indexes.numel()))
 
 
 def test_attention_backends_agree_on_the_model():
