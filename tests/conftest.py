@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 LANCE_TINY = Path(os.environ.get("LANCE_REFERENCE_DIR", REPO / "tests" / "fixtures")) / "lance_tiny"
 TASK_DIRS = {"t2i": "text2image", "t2v": "text2video", "i2i": "image2image", "v2v": "video2video",
              "i2t": "image2text", "v2t": "video2text"}
+# group image.resolution of the test datasets: the main job's 16 px for generation (4 x 4 latent tokens of the debug
+# codec), 56 px for understanding (2 x 2 ViT tokens), so a 512-token pack holds every task's samples
+RESOLUTION = {"t2i": 16, "t2v": 16, "i2i": 16, "v2v": 16, "i2t": 56, "v2t": 56}
 
 
 def free_port() -> int:
@@ -42,7 +45,7 @@ def make_shards(root: Path, split: str, num_per_task: int, tasks=tuple(TASK_DIRS
         out = root / f"shards_{split}" / TASK_DIRS[task]
         run_tool("tools/parquet_to_wds.py", "--input", str(parquet / TASK_DIRS[task]), "--output", str(out),
                  "--samples-per-shard", str(max(1, num_per_task // 4)), "--no-progress")
-        groups.append({"name": task, "shards": [str(out)], "weight": 1.0})
+        groups.append({"name": task, "shards": [str(out)], "weight": 1.0, "image": {"resolution": RESOLUTION[task]}})
     path = root / f"{split}.yaml"
     path.write_text(yaml.safe_dump({"groups": groups}))
     return path

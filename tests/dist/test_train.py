@@ -22,7 +22,8 @@ NAN_AT = "nan_loss:3"  # every run: one rank's loss of step 3 is NaN, so step 3 
 def train_args(out: Path, data: dict, steps: int = STEPS, *extra: str) -> list[str]:
     return ["--ds_config", str(REPO / "ds_configs/zero3.json"), "--config", str(REPO / "configs/debug.yaml"),
             "--dataset_config", str(data["train"]), "--output_dir", str(out),
-            f"train.max_steps={steps}", "train.warmup_steps=2", "log.every=1", "data.packing_length=512",
+            f"train.max_steps={steps}", "train.warmup_steps=2", "train.lr_schedule=constant", "log.every=1",
+            "data.packing_length=512",
             "checkpoint.save_every=2", "checkpoint.keep_last=2", "train.ema_decay=0.9", "validation.every=0", "train.grad_accum=2", *extra]
 
 

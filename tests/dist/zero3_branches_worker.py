@@ -20,6 +20,12 @@ import torch
 NUM_CLASSES = 1000
 
 
+def spatial_factor() -> int:
+    from lance_ds.model.registry import SIZES
+
+    return SIZES["debug"].vae.spatial_factor
+
+
 def ds_config() -> dict:
     return {
         "bf16": {"enabled": True},  # the trainer's default precision: zero.Init builds the parameters in bf16
@@ -34,21 +40,23 @@ def ds_config() -> dict:
 def batch_for(rank: int, placeholders: bool = True):
     from lance_ds.model.synthetic import Text, Vae, Vit, synthetic_batch
 
+    SF = spatial_factor()  # pixels per latent row / column: Vae(t, h, w) blocks cover h * SF x w * SF pixels
+
     if not placeholders:  # beyond the data contract: each rank holds only its own branch's tokens
         if rank == 0:
             batch = synthetic_batch([[Text(4), Vit(1, 4, 4), Text(3), Text(6, scored=True)]], NUM_CLASSES, seed=rank)
             return dataclasses.replace(batch, vae_pixels=[])
         batch = synthetic_batch([[Text(5), Vae(1, 2, 3), Text(1)]], NUM_CLASSES, seed=rank)
-        return dataclasses.replace(batch, vae_pixels=[torch.rand(1, 3, 1, 16, 24) * 2 - 1])
+        return dataclasses.replace(batch, vae_pixels=[torch.rand(1, 3, 1, 2 * SF, 3 * SF) * 2 - 1])
     if rank == 0:  # i2t + a VAE placeholder (weight 0) so the gen expert and heads run
         batch = synthetic_batch([[Text(4), Vit(1, 4, 4), Text(3), Text(6, scored=True)],
                                  [Vae(1, 1, 1, weight=0.0)]], NUM_CLASSES, seed=rank, tasks=["i2t", "pad"])
-        pixels = [torch.zeros(1, 3, 1, 8, 8)]
+        pixels = [torch.zeros(1, 3, 1, SF, SF)]
     else:  # t2i + a ViT placeholder + a CE placeholder (weights 0) so lm_head and the und path run
         batch = synthetic_batch([[Text(5), Vae(1, 2, 3), Text(1)], [Vit(1, 2, 2), Text(2, scored=True)]],
                                 NUM_CLASSES, seed=rank, tasks=["t2i", "pad"])
         batch = dataclasses.replace(batch, ce_weights=torch.zeros_like(batch.ce_weights))
-        pixels = [torch.rand(1, 3, 1, 16, 24, generator=torch.Generator().manual_seed(rank)) * 2 - 1]
+        pixels = [torch.rand(1, 3, 1, 2 * SF, 3 * SF, generator=torch.Generator().manual_seed(rank)) * 2 - 1]
     return dataclasses.replace(batch, vae_pixels=pixels)
 
 
