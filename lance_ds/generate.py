@@ -394,7 +394,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--steps", type=int, default=30, help="Euler steps (Lance: 30)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (Lance: 4.0; 1 = none)")
     p.add_argument("--seed", type=int, default=0, help="noise / sampling seed")
-    p.add_argument("--size", help="t2i / t2v output size: SIDE or HEIGHTxWIDTH in pixels (default: 64, square)")
+    p.add_argument("--size", help="t2i / t2v output size: SIDE or HEIGHTxWIDTH in pixels (default: 64, square; use "
+                   "the size the model was trained at: 16 for the main job's debug model)")
     p.add_argument("--frames", type=int, help="t2v: frames to generate (4k + 1); v2v: frames read from --input")
     p.add_argument("--fps", type=float, default=12.0, help="frame rate of a written mp4, and of reading --input")
     p.add_argument("--max-new-tokens", type=int, default=64, help="i2t / v2t: answer length limit")

@@ -73,16 +73,6 @@ class TaskLosses:
         return out
 
 
-def side_by_side(*clips: torch.Tensor) -> torch.Tensor:
-    """uint8 [T, H, W, 3] clips (e.g. source and output) as one clip; frames repeat the last where one is shorter."""
-    frames = max(c.shape[0] for c in clips)
-    height = max(c.shape[1] for c in clips)
-    padded = []
-    for c in clips:
-        c = torch.cat([c, c[-1:].expand(frames - c.shape[0], -1, -1, -1)]) if c.shape[0] < frames else c
-        padded.append(torch.nn.functional.pad(c, (0, 0, 0, 0, 0, height - c.shape[1])))
-    return torch.cat(padded, dim=2)
-
 
 def total_loss(scalars: dict[str, float], prefix: str, objective) -> float:
     """The weighted total of the global CE and MSE means, as the objective defines it."""
@@ -128,6 +118,7 @@ class Validator:
 
     def samples(self, step: int) -> None:
         """Generated images / videos for fixed prompts and answers to fixed questions, to TensorBoard (rank 0)."""
+        from .evaluate import side_by_side
         from .generate import Generator
 
         tr = self.trainer
@@ -142,7 +133,7 @@ class Validator:
             for sample, frames in zip(gen_prompts, outputs):
                 k = seen[sample.task] = seen.get(sample.task, -1) + 1
                 source = sample.media.get("input_image", sample.media.get("input_video"))
-                clip = side_by_side(source, frames) if source is not None else frames
+                clip = side_by_side(source, frames)  # edits: source | output
                 tr.tb.video_frames(f"samples/{sample.task}/{k}", step, clip)
                 tr.tb.text(f"samples/{sample.task}/{k}/prompt", step, sample.texts.get("caption", ""))
         if und_prompts:
