@@ -7,12 +7,14 @@ so ZeRO never partitions them and checkpoints never contain them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,6 +55,19 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (/dev/shm, 66 MB per rank) once collectives are over.
+
+    DeepSpeed never unlinks it: every CPU run would leave its buffers in RAM until reboot (measured: 19 GB after a
+    day of runs on one machine), and a later run on the same port could map a stale one. The file stays usable by
+    anyone who still has it mapped.
+    """
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "")])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
 
 
 def seed_everything(seed: int) -> None:

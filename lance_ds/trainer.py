@@ -27,7 +27,7 @@ from .data.sequence import SequencePlanner, VisionGeometry
 from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
 from .ema import ShardedEMA
-from .engine import build_engine, init_distributed, seed_everything, step_generator
+from .engine import build_engine, init_distributed, release_shm_buffer, seed_everything, step_generator
 from .faults import armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars
 from .model import build_model, encode_vit
@@ -247,6 +247,7 @@ class Trainer:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
+        release_shm_buffer()
 
 
 def refuse_other_architecture(saved_model: dict, current_model: dict, path: Path) -> None:

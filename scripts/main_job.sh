@@ -30,4 +30,4 @@ echo "== 4/5 what was learned: losses"
 python tools/summarize_run.py "$RUN_DIR"
 
 echo "== 5/5 what was learned: held-out examples, judged (trained vs untrained; also in TensorBoard under eval/)"
-python -m lance_ds.evaluate --checkpoint "$RUN_DIR" --dataset_config configs/datasets/example_val.yaml --untrained
+OMP_NUM_THREADS="$(nproc)" python -m lance_ds.evaluate --checkpoint "$RUN_DIR" --dataset_config configs/datasets/example_val.yaml --untrained

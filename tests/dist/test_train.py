@@ -49,11 +49,19 @@ def latest(run_dir: Path) -> str:
 def reference(tmp_path_factory, example_data) -> Path:
     """An uninterrupted 2-rank run with validation at steps 0, 4 and 8."""
     out = tmp_path_factory.mktemp("reference") / "run"
+    shm_before = shm_buffers()
     launch(train_args(out, example_data, STEPS, "validation.every=4",
                       f"validation.dataset_config={example_data['val']}", "validation.max_samples=4",
                       "validation.num_generations=1", "validation.sample_steps=2"),
            env=launch_env(LANCE_DS_FAULT=NAN_AT))
+    left = shm_buffers() - shm_before
+    assert not left, f"a finished run left DeepSpeed's shared-memory buffers behind: {sorted(left)}"
     return out
+
+
+def shm_buffers() -> set[str]:
+    """This user's DeepSpeed CPU all-reduce buffers in /dev/shm (66 MB per rank each)."""
+    return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
 
 
 def test_training_writes_what_users_watch(reference):
