@@ -119,24 +119,9 @@ class Evaluation:
 
 def load_prompts(dataset: DatasetConfig, num_per_task: int) -> list[Prompt]:
     """The first `num_per_task` decodable samples of every group, in shard order (every rank reads the same)."""
-    from .data.stream import SkipSample, decode_sample, iter_raw_samples, resolve_group
+    from .data.stream import first_samples
 
-    prompts: list[Prompt] = []
-    for i, config in enumerate(dataset.groups):
-        group = resolve_group(config, f"groups[{i}] ({config.name})")
-        taken = 0
-        for shard in group.shards:
-            for raw in iter_raw_samples(shard.url):
-                if taken == num_per_task:
-                    break
-                try:
-                    prompts.append(Prompt(decode_sample(raw, group), group.config))
-                except SkipSample:
-                    continue  # counted by the converter and the loaders; an evaluation just takes the next one
-                taken += 1
-            if taken == num_per_task:
-                break
-    return prompts
+    return [Prompt(sample, group) for group, sample in first_samples(dataset, num_per_task)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ class Validator:
                                        world_size=trainer.dist.world_size, branches=trainer.branches,
                                        max_samples=cfg.validation.max_samples)
         # the same fixed prompts on every rank (generation runs on all ranks together under ZeRO-3)
-        self.prompts = first_samples(dataset, cfg.validation.num_generations) if cfg.validation.num_generations else []
+        self.prompts = ([sample for _, sample in first_samples(dataset, cfg.validation.num_generations)]
+                        if cfg.validation.num_generations else [])
 
     @torch.no_grad()
     def run(self, step: int) -> dict[str, float]:

@@ -922,10 +922,11 @@ class ValLoader:
         return scalars
 
 
-def first_samples(dataset: DatasetConfig, per_group: int) -> list[Sample]:
-    """The first `per_group` decodable samples of every group, in shard order: fixed prompts for validation
-    samples and evaluation (every rank reads the same ones). Undecodable samples are passed over."""
-    out: list[Sample] = []
+def first_samples(dataset: DatasetConfig, per_group: int) -> list[tuple[GroupConfig, Sample]]:
+    """The first `per_group` decodable samples of every group with the group they come from, in shard order: fixed
+    prompts for validation samples and evaluation (every rank reads the same ones). Undecodable samples are passed
+    over."""
+    out: list[tuple[GroupConfig, Sample]] = []
     for i, config in enumerate(dataset.groups):
         group = resolve_group(config, f"groups[{i}] ({config.name})")
         found = 0
@@ -934,7 +935,7 @@ def first_samples(dataset: DatasetConfig, per_group: int) -> list[Sample]:
                 if found == per_group:
                     break
                 try:
-                    out.append(decode_sample(raw, group))
+                    out.append((config, decode_sample(raw, group)))
                     found += 1
                 except SkipSample:
                     continue
