@@ -146,6 +146,9 @@ def main() -> None:
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # a clean exit: a live gloo group can abort the process at teardown
+    from lance_ds.engine import release_shm_buffer
+
+    release_shm_buffer()  # as the trainer does: DeepSpeed leaves its CPU all-reduce buffer in /dev/shm
 
 
 if __name__ == "__main__":
