@@ -97,6 +97,9 @@ class ModelConfig:
                              "must be a non-empty glob pattern over parameter names")
 
 
+PREDICTIONS = ("velocity", "data")  # what a flow head may predict (objective.prediction)
+
+
 @dataclass
 class ObjectiveConfig:
     """How predictions become losses: CE on answers, flow matching on noised latents; and how samples are drawn."""
@@ -117,7 +120,7 @@ class ObjectiveConfig:
         problems.positive(self.timestep_shift, join(key, "timestep_shift"), float)
         problems.positive(self.timestep_std, join(key, "timestep_std"), float)
         problems.positive(self.sample_shift, join(key, "sample_shift"), float)
-        problems.one_of(self.prediction, ("velocity", "data"), join(key, "prediction"))
+        problems.one_of(self.prediction, PREDICTIONS, join(key, "prediction"))
         lo_hi = self.cfg_interval
         problems.require(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, join(key, "cfg_interval"),
                          f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")

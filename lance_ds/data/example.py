@@ -2,7 +2,8 @@
 
 The world is one large, flat-coloured shape near the middle of a dark grey background: 4 colours x 3 shapes x
 7 sizes x 9 x 9 places, and in videos a motion in one of 4 directions across the middle. (Near the middle, so that
-the README's few-minute CPU run can learn to draw it; the judges read a shape anywhere.) Captions are templated from a 13-word vocabulary, so a very small model can learn
+the README's few-minute CPU run can learn to draw it; the judges read a shape anywhere.) Captions are templated
+from a 13-word vocabulary, so a very small model can learn
 the mapping and a program can check it:
   t2i  caption "a red circle"                     -> image
   t2v  caption "a red circle moving left"         -> video (the shape crosses ~40% of the frame)
@@ -130,8 +131,9 @@ def _near_centre(rng: np.random.Generator, low: int, high: int) -> int:
 
 def _random_image_scene(rng: np.random.Generator) -> Scene:
     radius = int(rng.integers(14, 21))  # the shape spans 44..64% of the side
+    low, high = radius + 2, GRID - radius - 1  # where the whole shape fits
     return Scene(colour=str(rng.choice(list(COLOURS))), shape=str(rng.choice(SHAPES)), radius=radius,
-                 cx=_near_centre(rng, radius + 2, GRID - radius - 1), cy=_near_centre(rng, radius + 2, GRID - radius - 1))
+                 cx=_near_centre(rng, low, high), cy=_near_centre(rng, low, high))
 
 
 def _random_video_scene(rng: np.random.Generator) -> Scene:

@@ -11,13 +11,14 @@ A training micro-step, in the trainer:
     engine.backward(losses.total)
 """
 
-from .flow import (PREDICTIONS, FlowInputs, SamplerInputs, as_velocity, euler_sample, lance_velocity_fn, mse_per_token, prepare_flow,
-                   sample_timesteps, sampling_schedule, shift_timesteps, token_blocks)
+from .flow import (PREDICTIONS, FlowInputs, SamplerInputs, as_velocity, euler_sample, lance_velocity_fn,
+                   mse_per_token, prepare_flow, sample_timesteps, sampling_schedule, shift_timesteps, token_blocks)
 from .losses import Losses, compute_losses, global_sums, normalised
 from .text import append_token, ce_per_token, decode_text, pick_token
 
 __all__ = [
-    "PREDICTIONS", "FlowInputs", "Losses", "as_velocity", "SamplerInputs", "append_token", "ce_per_token", "compute_losses", "decode_text",
+    "PREDICTIONS", "FlowInputs", "Losses", "SamplerInputs", "append_token", "as_velocity", "ce_per_token",
+    "compute_losses", "decode_text",
     "euler_sample", "global_sums", "lance_velocity_fn", "mse_per_token", "normalised", "pick_token", "prepare_flow",
     "sample_timesteps", "sampling_schedule", "shift_timesteps", "token_blocks",
 ]

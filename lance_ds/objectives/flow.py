@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lance_ds.config.model import PREDICTIONS
 from lance_ds.data.batch import PackedBatch
 
 
@@ -75,7 +76,6 @@ def prepare_flow(clean: Tensor, batch: PackedBatch, shift: float, generator: tor
     return FlowInputs(noisy=noisy, timesteps=t, target=eps - x0, weights=weights)
 
 
-PREDICTIONS = ("velocity", "data")
 MIN_DATA_T = 0.05  # data prediction divides by t; below this the implied velocity would blow up
 
 
