@@ -1,11 +1,14 @@
 """Converter: round trip of all six tasks with bad rows mixed in, stock readers, determinism, resumability, refusals."""
 
+import errno
 import io
 import json
+import os
 import re
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +104,8 @@ def make_rows(task: str) -> tuple[list[dict], dict[int, tuple[str, str]], dict[i
             rejects[len(rows)] = bad[1:]
             rows.append(bad[0])
     assert len(rejects) == len(bad_rows)
-    infos = {i: {c.member: GOOD_INFO[row[c.name]] for c in schema.media} for i, row in enumerate(rows) if i not in rejects}
+    infos = {i: {c.member: GOOD_INFO[row[c.name]] for c in schema.media}
+             for i, row in enumerate(rows) if i not in rejects}
     return rows, rejects, infos
 
 
@@ -241,6 +245,63 @@ def test_tar_header_is_what_tarfile_writes(name, size):
         convert_module.tar_header("k" * 101, 1)
 
 
+def tarfile_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """What the stock tarfile module writes for these members with the converter's fixed header fields."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), convert_module._TAR_MTIME, 0o644
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
+    writer = convert_module.TarShardWriter(path)
+    for name, data in members:
+        writer.add(name, memoryview(data) if len(data) % 2 else data)  # arrow hands memoryviews over
+    return writer.close()
+
+
+TAR_MEMBERS = [(f"k{i:03d}.{'json' if i % 2 else 'image.jpg'}", bytes([i]) * (i * 997 % 5000)) for i in range(60)]
+
+
+@pytest.mark.parametrize("chunk, iov_max", [(4 << 20, 1024), (3000, 1024), (3000, 4)])
+def test_tar_writer_writes_what_tarfile_writes(tmp_path, monkeypatch, chunk, iov_max):
+    # small chunks and few pieces per writev: many hand-overs to the write thread, each CRC'd over its own span
+    monkeypatch.setattr(convert_module, "_CHUNK", chunk)
+    monkeypatch.setattr(convert_module, "_IOV_MAX", iov_max)
+    crc = write_tar(tmp_path / "a.tar", TAR_MEMBERS)
+    data = (tmp_path / "a.tar").read_bytes()
+    assert data == tarfile_bytes(TAR_MEMBERS)
+    assert crc == f"{zlib.crc32(data):08x}" == convert_module.file_crc32(tmp_path / "a.tar")
+    assert not (tmp_path / "a.tar.tmp").exists()
+
+
+def test_tar_writer_finishes_short_writes(tmp_path, monkeypatch):
+    real_writev = os.writev
+
+    def short_writev(fd, pieces):  # as a write interrupted by a signal: only part of the first piece goes out
+        return real_writev(fd, [memoryview(pieces[0])[:len(pieces[0]) // 2 + 1]])
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    monkeypatch.setattr(convert_module, "_CHUNK", 3000)
+    write_tar(tmp_path / "a.tar", TAR_MEMBERS)
+    assert (tmp_path / "a.tar").read_bytes() == tarfile_bytes(TAR_MEMBERS)
+
+
+def test_write_errors_reach_the_caller_and_leave_no_partial_shard(many_groups, tmp_path, monkeypatch):
+    def full_disk(fd, pieces):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        run([many_groups], out, samples_per_shard=5)
+    assert not list(out.glob("*.tar*")) and not (out / "manifest.json").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the plan
 
@@ -274,7 +335,8 @@ def test_plan_by_bytes_balances_shards():
     units = convert_module.plan_work([source], SCHEMAS["t2i"], ConvertOptions(shard_size_mb=0.1))
     weights = []
     for plan in (p for u in units for p in u.shards):
-        weights.append(sum((1000 if row < 100 else 3000) for span in plan.spans for row in range(span.start, span.stop)))
+        rows = (row for span in plan.spans for row in range(span.start, span.stop))
+        weights.append(sum(1000 if row < 100 else 3000 for row in rows))
     assert len(weights) == 4 and max(weights) <= 0.1e6 + 3000 and min(weights) >= 0.1e6 - 3000, weights
 
 
