@@ -435,8 +435,10 @@ def encode_video(frames, fps: float, codec: str = "libx264", crf: int = 18) -> b
         stream.width, stream.height = width, height
         odd = width % 2 or height % 2
         stream.pix_fmt = "yuv444p" if odd and codec == "libx264" else "yuv420p"
-        # one thread: x264's output then depends only on the frames, not on the machine's core count
-        stream.options = {"threads": "1", "crf": str(crf)} if codec == "libx264" else {"threads": "1"}
+        # one thread: x264's output then depends only on the frames, not on the machine's core count; no
+        # macroblock-tree rate control: with it, the same frames came out as different bytes now and then
+        stream.options = ({"threads": "1", "crf": str(crf), "x264-params": "mbtree=0"} if codec == "libx264"
+                          else {"threads": "1"})
         if codec != "libx264":
             stream.bit_rate = 8 * width * height * int(math.ceil(fps))  # ~8 bits per pixel: near-lossless for MPEG-4
         for rgb in array:
