@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The README's main job: set up, make the example data, convert it to shards, train the debug model with
-# DeepSpeed ZeRO-3 on 2 CPU ranks (or every visible GPU), and show what was learned: the loss curve, and every task
-# scored on held-out examples by programs (lance_ds.evaluate), next to the same model untrained.
+# The README's main job: set up, make the example data, convert it to shards, train the example world's frame VAE
+# (the codec generation goes through), train the debug model with DeepSpeed ZeRO-3 on 2 CPU ranks (or every visible
+# GPU), and show what was learned: the loss curve, and every task scored on held-out examples by programs
+# (lance_ds.evaluate), next to the same model untrained.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -9,12 +10,13 @@ bash scripts/setup_env.sh
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RUN_DIR=${RUN_DIR:-runs/main}
+VAE_DIR=${VAE_DIR:-example_vae}
 
-echo "== 1/5 example data (parquet in the Lance schemas) -> datasets/, held-out scenes -> datasets_val/"
+echo "== 1/6 example data (parquet in the Lance schemas) -> datasets/, held-out scenes -> datasets_val/"
 python tools/make_example_dataset.py --out datasets/ --num-per-task 512 ${EXAMPLE_ARGS:-}
 python tools/make_example_dataset.py --out datasets_val/ --split val --num-per-task 32 ${EXAMPLE_ARGS:-}
 
-echo "== 2/5 parquet -> webdataset shards -> shards/, shards_val/"
+echo "== 2/6 parquet -> webdataset shards -> shards/, shards_val/"
 for task_dir in datasets/*/; do
   python tools/parquet_to_wds.py --input "$task_dir" --output "shards/$(basename "$task_dir")" --samples-per-shard 64 --no-progress
 done
@@ -22,12 +24,20 @@ for task_dir in datasets_val/*/; do
   python tools/parquet_to_wds.py --input "$task_dir" --output "shards_val/$(basename "$task_dir")" --no-progress
 done
 
-echo "== 3/5 train (deepspeed, $(bash scripts/num_ranks.sh) ranks) -> $RUN_DIR"
-deepspeed --num_gpus "$(bash scripts/num_ranks.sh)" --master_port "${MASTER_PORT:-29510}" lance_ds/train.py \
-  --ds_config ds_configs/zero3.json --config configs/debug.yaml --output_dir "$RUN_DIR" --resume none "$@"
+echo "== 3/6 the example world's frame VAE -> $VAE_DIR (deterministic: kept when already there)"
+if [ -f "$VAE_DIR/config.json" ]; then
+  echo "$VAE_DIR/config.json exists; delete $VAE_DIR to train it again"
+else
+  OMP_NUM_THREADS="$(nproc)" python tools/train_example_vae.py --out "$VAE_DIR"
+fi
 
-echo "== 4/5 what was learned: losses"
+echo "== 4/6 train (deepspeed, $(bash scripts/num_ranks.sh) ranks) -> $RUN_DIR"
+deepspeed --num_gpus "$(bash scripts/num_ranks.sh)" --master_port "${MASTER_PORT:-29510}" lance_ds/train.py \
+  --ds_config ds_configs/zero3.json --config configs/debug.yaml --output_dir "$RUN_DIR" --resume none \
+  model.vae_path="$VAE_DIR" "$@"
+
+echo "== 5/6 what was learned: losses"
 python tools/summarize_run.py "$RUN_DIR"
 
-echo "== 5/5 what was learned: held-out examples, judged (trained vs untrained; also in TensorBoard under eval/)"
+echo "== 6/6 what was learned: held-out examples, judged (trained vs untrained; also in TensorBoard under eval/)"
 OMP_NUM_THREADS="$(nproc)" python -m lance_ds.evaluate --checkpoint "$RUN_DIR" --dataset_config configs/datasets/example_val.yaml --untrained

@@ -41,7 +41,7 @@ class LoraConfig:
 
 # Named geometries of lance_ds.model.registry (kept here so that config checks need no torch import).
 MODEL_SIZES = ("debug", "tiny", "100m", "3b")
-VAE_KINDS = ("auto", "wan", "kl", "patch")
+VAE_KINDS = ("auto", "wan", "kl", "patch", "frame")
 
 
 @dataclass
@@ -53,9 +53,10 @@ class ModelConfig:
     path: str | None = doc(None, "local checkpoint directory to initialise from: Lance (model.safetensors + "
                                  "llm_config.json) or Qwen2.5-VL (config.json + *.safetensors; gen expert copied)")
     vit_path: str | None = doc(None, "local ViT weights (Qwen2.5-VL checkpoint or Lance vit.safetensors dir)")
-    vae_path: str | None = doc(None, "local diffusers VAE directory (AutoencoderKLWan for real runs)")
-    vae: str = doc("auto", "generation codec: auto (the class in vae_path, else the size's codec), wan, kl, or patch "
-                           "(exactly invertible space-to-depth, the debug default)")
+    vae_path: str | None = doc(None, "local VAE directory: diffusers AutoencoderKLWan for real runs, or a frame VAE "
+                                     "(tools/train_example_vae.py) for the example data")
+    vae: str = doc("auto", "generation codec: auto (the class in vae_path, else the size's codec), wan, kl, frame, or "
+                           "patch (exactly invertible space-to-depth, the debug size's default)")
     tokenizer_path: str | None = doc(None, "local tokenizer directory (Qwen2.5 tokenizer for real runs)")
     visual_und: bool = doc(True, "build the understanding path (ViT tokens, CE on answers)")
     visual_gen: bool = doc(True, "build the generation path (VAE tokens, flow-matching MSE)")
@@ -91,7 +92,8 @@ class ModelConfig:
             if value is not None and not Path(value).is_dir():
                 problems.add(join(key, name), f"{value} is not a directory; point it at a local checkpoint directory")
         if self.vae == "patch" and self.vae_path is not None:
-            problems.add(join(key, "vae"), "the patch codec has no weights; unset model.vae_path or choose wan/kl")
+            problems.add(join(key, "vae"), "the patch codec has no weights; unset model.vae_path or choose "
+                                           "wan / kl / frame")
         for i, pattern in enumerate(self.freeze_modules):
             problems.require(isinstance(pattern, str) and bool(pattern.strip()), f"{join(key, 'freeze_modules')}[{i}]",
                              "must be a non-empty glob pattern over parameter names")

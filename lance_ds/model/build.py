@@ -204,8 +204,10 @@ def build_codec(cfg: ModelConfig, spec: ModelSpec) -> FrozenVAE:
     if cfg.vae_path is None:
         codec = spec.vae if spec.vae.kind == kind else TINY_CODECS.get(kind)
         if codec is None or (codec.kind != "patch" and not codec.diffusers_config):
+            needs = {"wan": "diffusers AutoencoderKLWan", "kl": "diffusers AutoencoderKL",
+                     "frame": "frame VAE (tools/train_example_vae.py)"}[kind]
             raise ValueError(f"model.vae={kind} for size '{cfg.size}' needs weights: set model.vae_path to a local "
-                             f"diffusers {'AutoencoderKLWan' if kind == 'wan' else 'AutoencoderKL'} directory")
+                             f"{needs} directory")
         return build_vae(codec, None, DTYPES[cfg.vae_dtype])
     if cfg.vae != "auto" and detect_kind(cfg.vae_path) != cfg.vae:
         raise ValueError(f"model.vae={cfg.vae} but model.vae_path {cfg.vae_path} holds a "

@@ -5,7 +5,7 @@ Shape legend:
   t = (T - 1) // temporal_factor + 1  (Wan's causal rule: the first frame alone, then groups of temporal_factor)
   h = H / spatial_factor,  w = W / spatial_factor
 
-Three codecs:
+Four codecs:
   wan    diffusers AutoencoderKLWan (Wan2.2: z 48, 16x, 4x) from a local directory, or a tiny one from a config.
          Latent = (mean - latents_mean) / latents_std, plus eps * exp(logvar / 2) when sampling (as Lance: the
          posterior noise is added after the per-channel normalisation).
@@ -13,6 +13,10 @@ Three codecs:
          Latent = (mean - shift_factor) * scaling_factor (+ the same posterior noise when sampling).
   patch  an exactly invertible space-to-depth codec with a fixed normalisation, for the debug model: a later check
          judges generated pixels, and a random-weight VAE would not decode faithfully.
+  frame  a small per-frame VAE (MLPs; each frame of one fixed size <-> one latent token) trained for a narrow world
+         by tools/train_example_vae.py: the README's main job's codec (a whole frame in z numbers is what lets a
+         2.6 M-parameter model learn to draw in minutes). Latent = (mean - latents_mean) / latents_std, plus the
+         posterior noise when sampling, as for wan.
 All are frozen, built outside zero.Init and outside the engine, and never checkpointed (DESIGN rule 5).
 """
 
@@ -25,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-KINDS = ("wan", "kl", "patch")
+KINDS = ("wan", "kl", "patch", "frame")
 
 
 @dataclass(frozen=True)
@@ -179,11 +183,103 @@ class KLVAE(FrozenVAE):
         return out.view(b, t, *out.shape[1:]).permute(0, 2, 1, 3, 4)
 
 
+class FrameAutoencoder(nn.Module):
+    """The trainable network of the frame codec: one frame [N, 3, R, R] <-> a Gaussian over z numbers."""
+
+    CONFIG_NAME = "FrameVAE"  # config.json `_class_name`
+
+    def __init__(self, resolution: int, latent_channels: int, hidden_size: int):
+        super().__init__()
+        self.resolution, self.latent_channels, self.hidden_size = resolution, latent_channels, hidden_size
+        pixels = 3 * resolution * resolution
+        self.encoder = nn.Sequential(nn.Linear(pixels, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size),
+                                     nn.GELU(), nn.Linear(hidden_size, 2 * latent_channels))
+        self.decoder = nn.Sequential(nn.Linear(latent_channels, hidden_size), nn.GELU(),
+                                     nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, pixels))
+
+    def posterior(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """frames [N, 3, R, R] in [-1, 1] -> (mean, logvar), each [N, z]."""
+        mean, logvar = self.encoder(frames.flatten(1)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def reconstruct(self, z: Tensor) -> Tensor:
+        """[N, z] -> frames [N, 3, R, R] (unclamped)."""
+        return self.decoder(z).view(-1, 3, self.resolution, self.resolution)
+
+    def save(self, directory: str | Path, latents_mean: list[float], latents_std: list[float]) -> None:
+        import json
+
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"_class_name": self.CONFIG_NAME, "resolution": self.resolution,
+                  "latent_channels": self.latent_channels, "hidden_size": self.hidden_size,
+                  "latents_mean": latents_mean, "latents_std": latents_std}
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+class FrameVAE(FrozenVAE):
+    """A FrameAutoencoder with per-channel latent normalisation; every frame is its own latent frame (t = T) of one
+    token (h = w = 1), so it takes only frames of the size it was trained at."""
+
+    def __init__(self, net: FrameAutoencoder, latents_mean: list[float], latents_std: list[float]):
+        super().__init__()
+        self.net = net
+        self.latent_channels = net.latent_channels
+        self.spatial_factor = net.resolution
+        self.temporal_factor = 1
+        if len(latents_mean) != net.latent_channels or len(latents_std) != net.latent_channels:
+            raise ValueError(f"a frame VAE of {net.latent_channels} channels needs as many latents_mean / latents_std "
+                             f"values, got {len(latents_mean)} / {len(latents_std)}")
+        self.register_buffer("latents_mean", torch.tensor(latents_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(latents_std, dtype=torch.float32), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> "FrameVAE":
+        import json
+
+        from safetensors.torch import load_file
+
+        cfg = json.loads((Path(directory) / "config.json").read_text())
+        net = FrameAutoencoder(cfg["resolution"], cfg["latent_channels"], cfg["hidden_size"])
+        net.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+        return cls(net, cfg["latents_mean"], cfg["latents_std"]).to(dtype)
+
+    def check_pixels(self, pixels: Tensor) -> None:
+        super().check_pixels(pixels)
+        if pixels.shape[-2:] != (self.spatial_factor, self.spatial_factor):
+            side = self.spatial_factor
+            raise ValueError(f"this frame VAE was trained on {side}x{side} frames, got {pixels.shape[-2]}x"
+                             f"{pixels.shape[-1]}; set the generation groups' resolution to {side}")
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        self.check_pixels(pixels)
+        b, c, t, h, w = pixels.shape
+        mean, logvar = self.net.posterior(pixels.transpose(1, 2).reshape(b * t, c, h, w).to(self.dtype))
+        latents = (mean.float() - self.latents_mean) / self.latents_std
+        if sample:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            latents = latents + noise * torch.exp(0.5 * logvar.float()) / self.latents_std
+        return latents.view(b, t, -1).transpose(1, 2)[..., None, None]  # [B, z, t, 1, 1]
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        b, z, t, h, w = latents.shape
+        if h != 1 or w != 1:
+            raise ValueError(f"frame VAE latents are one token per frame (h = w = 1), got {h}x{w}")
+        mean = latents.float().transpose(1, 2).reshape(b * t, z) * self.latents_std + self.latents_mean
+        frames = self.net.reconstruct(mean.to(self.dtype)).float().clamp(-1, 1)
+        return frames.view(b, t, *frames.shape[1:]).transpose(1, 2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def detect_kind(path: str | Path) -> str:
-    """wan or kl from a diffusers directory's config.json `_class_name`."""
+    """wan, kl or frame from a VAE directory's config.json `_class_name`."""
     import json
 
     cfg_file = Path(path) / "config.json"
@@ -195,7 +291,10 @@ def detect_kind(path: str | Path) -> str:
         return "wan"
     if name == "AutoencoderKL":
         return "kl"
-    raise ValueError(f"{cfg_file}: _class_name {name!r} is not a supported VAE (AutoencoderKLWan or AutoencoderKL)")
+    if name == FrameAutoencoder.CONFIG_NAME:
+        return "frame"
+    raise ValueError(f"{cfg_file}: _class_name {name!r} is not a supported VAE (AutoencoderKLWan, AutoencoderKL or "
+                     f"{FrameAutoencoder.CONFIG_NAME})")
 
 
 def build_vae(cfg: VaeConfig, path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> FrozenVAE:
@@ -205,6 +304,10 @@ def build_vae(cfg: VaeConfig, path: str | Path | None = None, dtype: torch.dtype
         if path:
             raise ValueError("the patch codec has no weights; unset model.vae_path or set model.vae to wan/kl")
         vae: FrozenVAE = PatchCodec(cfg.spatial_factor, cfg.temporal_factor)
+    elif kind == "frame":
+        if not path:
+            raise ValueError("the frame VAE needs weights: set model.vae_path to a tools/train_example_vae.py output")
+        vae = FrameVAE.from_pretrained(path, dtype)
     elif kind in ("wan", "kl"):
         from diffusers import AutoencoderKL, AutoencoderKLWan  # ~2.5 s of imports: only for the codecs that need it
 
