@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .config.data import GEN_TASKS, GroupConfig, UND_TASKS
+from .config.data import GEN_TASKS, GroupConfig, ImageOptions, UND_TASKS
 from .config.model import ObjectiveConfig
 from .data.batch import AttnMode, PackedBatch, Sample
 from .data.packing import collate
@@ -394,8 +394,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--steps", type=int, default=30, help="Euler steps (Lance: 30)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (Lance: 4.0; 1 = none)")
     p.add_argument("--seed", type=int, default=0, help="noise / sampling seed")
-    p.add_argument("--size", help="t2i / t2v output size: SIDE or HEIGHTxWIDTH in pixels (default: 64, square; use "
-                   "the size the model was trained at: 16 for the main job's debug model)")
+    p.add_argument("--size", help="t2i / t2v output size: SIDE or HEIGHTxWIDTH in pixels (default: 64, square, or a "
+                   "frame VAE's own size; use the size the model was trained at)")
     p.add_argument("--frames", type=int, help="t2v: frames to generate (4k + 1); v2v: frames read from --input")
     p.add_argument("--fps", type=float, default=12.0, help="frame rate of a written mp4, and of reading --input")
     p.add_argument("--max-new-tokens", type=int, default=64, help="i2t / v2t: answer length limit")
@@ -461,13 +461,19 @@ def cli_sample(args) -> Sample:
     return Sample(task=args.task, texts=texts, media=media, key=args.input or "prompt")
 
 
-def cli_target_shape(args, planner: SequencePlanner) -> tuple[int, int, int] | None:
-    """--size / --frames for t2i / t2v; None keeps the defaults (the planner's: 64 pixels, 9 frames)."""
+def cli_group(vae) -> GroupConfig:
+    """The options a command-line prompt is cut with: the defaults (64 pixels), or the codec's frame size when it
+    takes only one (the main job's frame VAE: 32)."""
+    side = getattr(vae, "frame_size", None)
+    return GroupConfig(image=ImageOptions(resolution=side)) if side else GroupConfig()
+
+
+def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig) -> tuple[int, int, int] | None:
+    """--size / --frames for t2i / t2v; None keeps the group's (its resolution, 9 frames)."""
     if args.task not in ("t2i", "t2v") or (args.size is None and args.frames is None):
         return None
-    default = GroupConfig()
-    height, width = parse_size(args.size) if args.size else (default.image.resolution,) * 2
-    frames = 1 if args.task == "t2i" else args.frames or planner.geometry.vae_num_frames(default.video.max_frames)
+    height, width = parse_size(args.size) if args.size else (group.image.resolution,) * 2
+    frames = 1 if args.task == "t2i" else args.frames or planner.geometry.vae_num_frames(group.video.max_frames)
     return frames, height, width
 
 
@@ -487,8 +493,9 @@ def main(argv: list[str] | None = None) -> int:
             print(gen.answer([sample], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              seed=args.seed)[0])
             return 0
+        group = cli_group(gen.vae)
         (frames,) = gen.generate([sample], num_steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
-                                 target_shape=cli_target_shape(args, gen.planner))
+                                 target_shape=cli_target_shape(args, gen.planner, group), group=group)
     except (ExportError, ValueError, FileNotFoundError) as e:  # ValueError: GenerateError, PlanError, model checks
         print(f"lance_ds.generate: {e}", file=sys.stderr)
         return 2

@@ -49,6 +49,7 @@ class FrozenVAE(nn.Module):
     latent_channels: int
     spatial_factor: int
     temporal_factor: int
+    frame_size: int | None = None  # the one frame side a codec takes, if it takes only one
 
     def latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.temporal_factor + 1
@@ -228,7 +229,7 @@ class FrameVAE(FrozenVAE):
         super().__init__()
         self.net = net
         self.latent_channels = net.latent_channels
-        self.spatial_factor = net.resolution
+        self.spatial_factor = self.frame_size = net.resolution
         self.temporal_factor = 1
         if len(latents_mean) != net.latent_channels or len(latents_std) != net.latent_channels:
             raise ValueError(f"a frame VAE of {net.latent_channels} channels needs as many latents_mean / latents_std "

@@ -113,3 +113,17 @@ def test_tool_writes_a_loadable_codec_and_refuses_bad_flags(tmp_path):
     bad = train_example_vae.main(["--out", str(tmp_path / "x"), "--resolution", "128", "--steps", "0"])
     assert bad == 2 and not (tmp_path / "x").exists()
     assert np.isfinite(float(vae.latents_mean.sum()))
+
+
+def test_generate_cli_cuts_prompts_at_the_frame_size(tmp_path):
+    """python -m lance_ds.generate without --size: a frame VAE's prompts (and i2i / v2v inputs) are cut to its size."""
+    from argparse import Namespace
+
+    from lance_ds.generate import cli_group, cli_target_shape
+    from lance_ds.model.vae import PatchCodec
+
+    group = cli_group(build_vae(VaeConfig(), saved_vae(tmp_path)))
+    assert group.image.resolution == 16
+    assert cli_group(PatchCodec(4, 4)).image.resolution == 64
+    args = Namespace(task="t2i", size=None, frames=1)
+    assert cli_target_shape(args, planner=None, group=group) == (1, 16, 16)
