@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from .config.data import GEN_TASKS, TASKS, UND_TASKS
+from .config.data import GEN_TASKS, TASKS
 from .data.batch import PackedBatch
 from .objectives import as_velocity, mse_per_token
 from .objectives.text import ce_per_token
@@ -90,9 +90,9 @@ class Validator:
         self.loader = build_val_loader(dataset, cfg.data, trainer.planner, rank=trainer.dist.rank,
                                        world_size=trainer.dist.world_size, branches=trainer.branches,
                                        max_samples=cfg.validation.max_samples)
-        # the same fixed prompts on every rank (generation runs on all ranks together under ZeRO-3)
-        self.prompts = ([sample for _, sample in first_samples(dataset, cfg.validation.num_generations)]
-                        if cfg.validation.num_generations else [])
+        # the same fixed prompts on every rank (generation runs on all ranks together under ZeRO-3), each with the
+        # group it is cut with (its resolutions and frame sampling, as in training)
+        self.prompts = first_samples(dataset, cfg.validation.num_generations) if cfg.validation.num_generations else []
 
     @torch.no_grad()
     def run(self, step: int) -> dict[str, float]:
@@ -119,27 +119,33 @@ class Validator:
 
     def samples(self, step: int) -> None:
         """Generated images / videos for fixed prompts and answers to fixed questions, to TensorBoard (rank 0)."""
+        from .data.sequence import resize_crop
         from .evaluate import side_by_side
         from .generate import Generator
 
         tr = self.trainer
         cfg = tr.cfg.validation
-        gen_prompts = [s for s in self.prompts if s.task in GEN_TASKS]
-        und_prompts = [s for s in self.prompts if s.task in UND_TASKS]
         generator = Generator(tr.engine, tr.parts.vit, tr.parts.vae, tr.planner, tr.tokenizer, tr.cfg.objective)
-        if gen_prompts:
-            outputs = generator.generate(gen_prompts, num_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
-                                         seed=tr.cfg.train.seed)
-            seen: dict[str, int] = {}
-            for sample, frames in zip(gen_prompts, outputs):
-                k = seen[sample.task] = seen.get(sample.task, -1) + 1
-                source = sample.media.get("input_image", sample.media.get("input_video"))
-                clip = side_by_side(source, frames)  # edits: source | output
-                tr.tb.video_frames(f"samples/{sample.task}/{k}", step, clip)
-                tr.tb.text(f"samples/{sample.task}/{k}/prompt", step, sample.texts.get("caption", ""))
-        if und_prompts:
-            answers = generator.answer(und_prompts)
-            rows = ["| task | question | reference | answer |", "|---|---|---|---|"]
-            rows += [f"| {s.task} | {s.texts.get('caption_q', '')} | {s.texts.get('caption_a', '')} | {a} |"
-                     for s, a in zip(und_prompts, answers)]
+        by_group: dict[str, tuple] = {}
+        for group, sample in self.prompts:
+            by_group.setdefault(group.name, (group, []))[1].append(sample)
+        seen: dict[str, int] = {}
+        rows = ["| task | question | reference | answer |", "|---|---|---|---|"]
+        for group, samples in by_group.values():
+            if samples[0].task in GEN_TASKS:
+                outputs = generator.generate(samples, num_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
+                                             seed=tr.cfg.train.seed, group=group)
+                for sample, frames in zip(samples, outputs):
+                    k = seen[sample.task] = seen.get(sample.task, -1) + 1
+                    source = sample.media.get("input_image", sample.media.get("input_video"))
+                    if source is not None:  # cut as the model saw it
+                        source = resize_crop(source[:frames.shape[0]], frames.shape[1], frames.shape[2])
+                    clip = side_by_side(source, frames)  # edits: source | output
+                    tr.tb.video_frames(f"samples/{sample.task}/{k}", step, clip)
+                    tr.tb.text(f"samples/{sample.task}/{k}/prompt", step, sample.texts.get("caption", ""))
+            else:
+                answers = generator.answer(samples, group=group)
+                rows += [f"| {s.task} | {s.texts.get('caption_q', '')} | {s.texts.get('caption_a', '')} | {a} |"
+                         for s, a in zip(samples, answers)]
+        if len(rows) > 2:
             tr.tb.text("samples/answers", step, "\n".join(rows))

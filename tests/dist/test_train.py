@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, deepspeed_cmd, launch, launch_env, read_scalars
+from conftest import REPO, RESOLUTION, deepspeed_cmd, launch, launch_env, read_scalars
 
 STEPS = 8
 NAN_AT = "nan_loss:3"  # every run: one rank's loss of step 3 is NaN, so step 3 is skipped on both ranks
@@ -80,6 +80,7 @@ def test_training_writes_what_users_watch(reference):
     for task in ("t2i", "t2v", "i2i", "v2v"):
         assert sorted(images[f"samples/{task}/0"]) == [0, 4, 8]  # generated at every validation, on all ranks
     assert images["samples/i2i/0"][8][1] == 2 * images["samples/t2i/0"][8][1]  # edits shown source | output
+    assert images["samples/t2i/0"][8][0] == RESOLUTION["t2i"]  # prompts cut at their group's resolution
     config = yaml.safe_load((reference / "config.yaml").read_text())
     assert config["train"]["max_steps"] == STEPS and config["checkpoint"]["save_every"] == 2
     ckpts = sorted(p.name for p in (reference / "checkpoints").glob("step_*"))
