@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the frame VAE of the example world: the codec the README's main job generates through.
 
-  python tools/train_example_vae.py --out example_vae/            # ~1.5 min on 2 CPU cores
+  python tools/train_example_vae.py --out example_vae/            # ~2.5 min on 2 CPU cores
   ... configs/debug.yaml: model.vae_path: ../example_vae
 
 Frames of train-split scenes (lance_ds.data.example: images, and single frames of the videos) are drawn at the
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lance_ds.data.example import draw_scene, judge_image, judge_video, render_image, render_video
+from lance_ds.data.example import (draw_scene, judge_image, judge_video, render_image, render_video,
+                                   render_video_frame)
 from lance_ds.data.media import decode_image, encode_image
 from lance_ds.data.sequence import resize_crop
 from lance_ds.model.vae import FrameAutoencoder, FrameVAE
@@ -38,7 +39,7 @@ def draw_frames(count: int, split: str, size: int, resolution: int, seed: int) -
     for _ in range(count):
         video = rng.random() < 0.5
         scene = draw_scene(rng, video, split)
-        frame = render_video(scene, size)[rng.integers(9)] if video else render_image(scene, size)[0]
+        frame = render_video_frame(scene, int(rng.integers(9)), size) if video else render_image(scene, size)[0]
         if rng.random() < 0.5:
             frame = decode_image(encode_image(frame, "jpeg")).numpy().reshape(size, size, 3)
         frames.append(torch.from_numpy(np.array(frame)))
@@ -108,10 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--latent-channels", type=int, default=16, help="numbers per frame")
     p.add_argument("--hidden", type=int, default=512, help="width of the encoder and decoder MLPs")
     p.add_argument("--frames", type=int, default=20000, help="distinct training frames")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--size", type=int, default=64, help="side the scenes are drawn at (the example data's)")
     p.add_argument("--judge", type=int, default=200, help="held-out images and videos to judge at the end (0: none)")
     p.add_argument("--seed", type=int, default=0)

@@ -116,12 +116,14 @@ def render_image(scene: Scene, size: int = 64) -> np.ndarray:
 
 def render_video(scene: Scene, size: int = 64, frames: int = 9) -> np.ndarray:
     """uint8 [frames, size, size, 3]: the shape moves `travel` cells in `direction`, centred on (cx, cy) at mid-clip."""
+    return np.stack([render_video_frame(scene, t, size, frames) for t in range(frames)])
+
+
+def render_video_frame(scene: Scene, index: int, size: int = 64, frames: int = 9) -> np.ndarray:
+    """uint8 [size, size, 3]: frame `index` of render_video(scene, size, frames)."""
     dx, dy = _STEP[scene.direction]
-    out = []
-    for t in range(frames):
-        progress = t / (frames - 1) - 0.5 if frames > 1 else 0.0  # -0.5 .. 0.5 of the travel
-        out.append(_draw(scene, scene.cx + dx * scene.travel * progress, scene.cy + dy * scene.travel * progress, size))
-    return np.stack(out)
+    progress = index / (frames - 1) - 0.5 if frames > 1 else 0.0  # -0.5 .. 0.5 of the travel
+    return _draw(scene, scene.cx + dx * scene.travel * progress, scene.cy + dy * scene.travel * progress, size)
 
 
 def _near_centre(rng: np.random.Generator, low: int, high: int) -> int:
@@ -137,7 +139,7 @@ def _random_image_scene(rng: np.random.Generator) -> Scene:
 
 
 def _random_video_scene(rng: np.random.Generator) -> Scene:
-    radius = int(rng.integers(9, 13))  # 28..41% of the side: room to move
+    radius = int(rng.integers(11, 15))  # 34..44% of the side: room to move, and big enough at 32 px
     travel = int(rng.integers(22, 31))  # 34..48% of the side over the clip
     direction = str(rng.choice(DIRECTIONS))
     along = _near_centre(rng, radius + 1 + travel // 2 + 1, GRID - radius - 1 - travel // 2)  # both ends inside
