@@ -46,12 +46,13 @@ def _tiny_wan(z: int) -> dict:
 
 
 SIZES: dict[str, ModelSpec] = {
-    # 2-rank CPU runs (the README's main job): ~2.6 M parameters; the exactly invertible patch codec, 4x4 pixels x
-    # 4 frames per token: 192 channels, as wide as the hidden size (the debug recipe predicts data, not velocity).
+    # 2-rank CPU runs (the README's main job): ~4 M parameters with its trainable ViT (192 wide: 64 learnt shapes and
+    # motion far slower); the exactly invertible patch codec, 4x4 pixels x 4 frames per token: 192 channels, as wide
+    # as the hidden size (the debug recipe predicts data, not velocity). The main job swaps in a frame VAE.
     "debug": ModelSpec(
         llm=LLMConfig(vocab_size=2048, hidden_size=192, intermediate_size=384, num_layers=2, num_heads=4,
                       num_kv_heads=2, mrope_section=(6, 9, 9)),
-        vit=VitConfig(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=192,
+        vit=VitConfig(depth=2, hidden_size=192, num_heads=2, intermediate_size=384, out_hidden_size=192,
                       fullatt_block_indexes=(1,)),
         vae=VaeConfig(kind="patch", latent_channels=3 * 4 * 4 * 4, spatial_factor=4, temporal_factor=4),
         max_latent_size=32, max_num_frames=33),
