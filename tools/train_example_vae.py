@@ -91,7 +91,7 @@ def judge_reconstructions(vae: FrameVAE, count: int, size: int, seed: int) -> tu
     side = vae.spatial_factor
 
     def roundtrip(frames: np.ndarray) -> np.ndarray:  # uint8 [T, S, S, 3] -> the same, through the codec
-        pixels = to_unit(resize_crop(torch.from_numpy(frames), side, side)).transpose(0, 1)[None]
+        pixels = to_unit(resize_crop(torch.from_numpy(np.array(frames)), side, side)).transpose(0, 1)[None]
         out = vae.decode(vae.encode(pixels))[0].transpose(0, 1)
         return ((out + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=512, help="width of the encoder and decoder MLPs")
     p.add_argument("--frames", type=int, default=20000, help="distinct training frames")
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--size", type=int, default=64, help="side the scenes are drawn at (the example data's)")
