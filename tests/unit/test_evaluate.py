@@ -157,10 +157,14 @@ def test_half_right_scores_half_and_chance_follows_the_judged_attributes(prompts
 
 
 def test_an_edit_that_moves_the_shape_is_wrong():
-    (prompt,) = [p for p in held_out_prompts(per_task=1, seed=5) if p.sample.task == "i2i"]
-    target = prompt.sample.media["output_image"]
-    moved = torch.roll(target, shifts=(0, 20), dims=(1, 2))  # 20 of 64 pixels to the right, wrapping round
-    verdict, reference, _, _ = ev.judge_output(prompt.sample, resize_crop(moved, OUT_SIDE, OUT_SIDE))
+    def pixels(scene):
+        return torch.from_numpy(np.array(ex.render_image(scene)))
+
+    source = ex.Scene("red", "circle", radius=12, cx=20, cy=32)
+    target = dataclasses.replace(source, colour="blue")
+    sample = Sample("i2i", {"caption": "make it blue"}, {"input_image": pixels(source), "output_image": pixels(target)})
+    moved = pixels(dataclasses.replace(target, cx=44))  # the right edit, 24 of 64 cells to the right
+    verdict, reference, _, _ = ev.judge_output(sample, resize_crop(moved, OUT_SIDE, OUT_SIDE))
     assert reference.ok and not verdict.ok and "position" in verdict.reason
 
 
