@@ -15,18 +15,20 @@ Four codecs:
          judges generated pixels, and a random-weight VAE would not decode faithfully.
   frame  a small per-frame VAE (MLPs; each frame of one fixed size <-> one latent token) trained for a narrow world
          by tools/train_example_vae.py: the README's main job's codec (a whole frame in z numbers is what lets a
-         2.6 M-parameter model learn to draw in minutes). Latent = (mean - latents_mean) / latents_std, plus the
+         ~4 M-parameter model learn to draw in minutes). Latent = (mean - latents_mean) / latents_std, plus the
          posterior noise when sampling, as for wan.
 All are frozen, built outside zero.Init and outside the engine, and never checkpointed (DESIGN rule 5).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 KINDS = ("wan", "kl", "patch", "frame")
@@ -208,10 +210,6 @@ class FrameAutoencoder(nn.Module):
         return self.decoder(z).view(-1, 3, self.resolution, self.resolution)
 
     def save(self, directory: str | Path, latents_mean: list[float], latents_std: list[float]) -> None:
-        import json
-
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": self.CONFIG_NAME, "resolution": self.resolution,
@@ -239,10 +237,6 @@ class FrameVAE(FrozenVAE):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> "FrameVAE":
-        import json
-
-        from safetensors.torch import load_file
-
         cfg = json.loads((Path(directory) / "config.json").read_text())
         net = FrameAutoencoder(cfg["resolution"], cfg["latent_channels"], cfg["hidden_size"])
         net.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
@@ -281,8 +275,6 @@ class FrameVAE(FrozenVAE):
 
 def detect_kind(path: str | Path) -> str:
     """wan, kl or frame from a VAE directory's config.json `_class_name`."""
-    import json
-
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"model.vae_path {path} has no config.json; it must be a diffusers VAE directory "
