@@ -119,8 +119,7 @@ class Validator:
 
     def samples(self, step: int) -> None:
         """Generated images / videos for fixed prompts and answers to fixed questions, to TensorBoard (rank 0)."""
-        from .data.sequence import resize_crop
-        from .evaluate import side_by_side
+        from .evaluate import judged_pixels, side_by_side
         from .generate import Generator
 
         tr = self.trainer
@@ -137,9 +136,7 @@ class Validator:
                                              seed=tr.cfg.train.seed, group=group)
                 for sample, frames in zip(samples, outputs):
                     k = seen[sample.task] = seen.get(sample.task, -1) + 1
-                    source = sample.media.get("input_image", sample.media.get("input_video"))
-                    if source is not None:  # cut as the model saw it
-                        source = resize_crop(source[:frames.shape[0]], frames.shape[1], frames.shape[2])
+                    source, _ = judged_pixels(sample, frames)  # an edit's source, cut as the model saw it
                     clip = side_by_side(source, frames)  # edits: source | output
                     tr.tb.video_frames(f"samples/{sample.task}/{k}", step, clip)
                     tr.tb.text(f"samples/{sample.task}/{k}/prompt", step, sample.texts.get("caption", ""))
