@@ -463,9 +463,10 @@ def cli_sample(args) -> Sample:
 
 def cli_group(vae) -> GroupConfig:
     """The options a command-line prompt is cut with: the defaults (64 pixels), or the codec's frame size when it
-    takes only one (the main job's frame VAE: 32)."""
+    takes only one (the main job's frame VAE: 32), the ViT still seeing an edit's source at the default size."""
     side = getattr(vae, "frame_size", None)
-    return GroupConfig(image=ImageOptions(resolution=side)) if side else GroupConfig()
+    default = ImageOptions().resolution
+    return GroupConfig(image=ImageOptions(resolution=side, vit_resolution=default)) if side else GroupConfig()
 
 
 def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig) -> tuple[int, int, int] | None:

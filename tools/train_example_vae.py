@@ -25,25 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lance_ds.data.example import (draw_scene, judge_image, judge_video, render_image, render_video,
-                                   render_video_frame)
-from lance_ds.data.media import decode_image, encode_image
+from lance_ds.data.example import draw_scene, draw_training_frames, judge_image, judge_video, render_image, render_video
 from lance_ds.data.sequence import resize_crop
 from lance_ds.model.vae import FrameAutoencoder, FrameVAE
 
 
 def draw_frames(count: int, split: str, size: int, resolution: int, seed: int) -> torch.Tensor:
-    """uint8 [count, resolution, resolution, 3]: half images, half one frame of a video, half of each JPEG-coded."""
-    rng = np.random.default_rng([seed, ("train", "val").index(split)])
-    frames = []
-    for _ in range(count):
-        video = rng.random() < 0.5
-        scene = draw_scene(rng, video, split)
-        frame = render_video_frame(scene, int(rng.integers(9)), size) if video else render_image(scene, size)[0]
-        if rng.random() < 0.5:
-            frame = decode_image(encode_image(frame, "jpeg")).numpy().reshape(size, size, 3)
-        frames.append(torch.from_numpy(np.array(frame)))
-    return resize_crop(torch.stack(frames), resolution, resolution)
+    """uint8 [count, resolution, resolution, 3]: single frames (lance_ds.data.example.draw_training_frames), resized
+    the way the loader resizes them."""
+    frames = torch.from_numpy(draw_training_frames(count, split, size, seed)[:, 0])
+    return resize_crop(frames, resolution, resolution)
 
 
 def to_unit(frames: torch.Tensor) -> torch.Tensor:

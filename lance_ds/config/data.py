@@ -18,9 +18,13 @@ class ImageOptions:
     resolution: int = doc(64, "target side in pixels of a square image (buckets keep the area)")
     buckets: list[float] = doc(factory=lambda: [1.0], text="aspect ratios (w / h) an image is resized and cropped to")
     max_pixels: int | None = doc(None, "cap on height x width in pixels after bucketing (None: resolution**2)")
+    vit_resolution: int | None = doc(None, "target side of what the ViT sees, images and video frames alike (None: "
+                                           "as the VAE; an edit's source can reach the ViT sharper than it is coded)")
 
     def check(self, problems: Problems, key: str) -> None:
         problems.positive(self.resolution, join(key, "resolution"))
+        if self.vit_resolution is not None:
+            problems.positive(self.vit_resolution, join(key, "vit_resolution"))
         problems.require(bool(self.buckets) and all(b > 0 for b in self.buckets), join(key, "buckets"),
                          f"list one or more aspect ratios (w / h) > 0, got {self.buckets}")
         if self.max_pixels is not None:

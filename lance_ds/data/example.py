@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from lance_ds.config.data import TASKS
-from lance_ds.data.media import encode_image, encode_video
+from lance_ds.data.media import decode_image, encode_image, encode_video
 from lance_ds.data.schemas import SCHEMAS
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -154,6 +154,28 @@ def draw_scene(rng: np.random.Generator, video: bool, split: str) -> Scene:
         scene = _random_video_scene(rng) if video else _random_image_scene(rng)
         if scene.held_out() == (split == "val"):
             return scene
+
+
+def draw_training_frames(count: int, split: str, size: int, seed: int, span: int = 1) -> np.ndarray:
+    """uint8 [count, span, size, size, 3]: what the example world's encoders learn from (tools/train_example_*.py).
+
+    Half are images (repeated `span` times), half `span` consecutive frames of a video from a random start; half
+    are JPEG-coded and decoded again, as the dataset codes half its images.
+    """
+    rng = np.random.default_rng([seed, ("train", "val").index(split)])
+    items = []
+    for _ in range(count):
+        video = rng.random() < 0.5
+        scene = draw_scene(rng, video, split)
+        if video:
+            start = int(rng.integers(9))  # render_video's 9 frames; past the last one it repeats, like the loader
+            frames = [render_video_frame(scene, min(start + i, 8), size) for i in range(span)]
+        else:
+            frames = [render_image(scene, size)[0]] * span
+        if rng.random() < 0.5:
+            frames = [decode_image(encode_image(f, "jpeg")).numpy().reshape(f.shape) for f in frames]
+        items.append(np.stack(frames))
+    return np.stack(items)
 
 
 # ----------------------------------------------------------------------------------------------------------------

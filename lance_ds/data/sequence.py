@@ -594,8 +594,9 @@ class SequencePlanner:
 
     def _vit_block(self, b: _SequenceBuilder, frames: Tensor, group: GroupConfig, video: bool) -> VitBlock:
         g = self.geometry
-        h, w = fit_size(frames.shape[1], frames.shape[2], resolution=self._resolution(group, video),
-                        buckets=group.image.buckets, multiple=g.vit_multiple, max_pixels=group.image.max_pixels)
+        resolution = group.image.vit_resolution or self._resolution(group, video)
+        h, w = fit_size(frames.shape[1], frames.shape[2], resolution=resolution, buckets=group.image.buckets,
+                        multiple=g.vit_multiple, max_pixels=group.image.max_pixels)
         frames = pad_frames(resize_crop(frames, h, w), g.vit_temporal_patch)
         patches, grid = vit_patchify(frames, g)
         return VitBlock(patches, grid, b.vit(grid, g.vit_merge_size))

@@ -123,7 +123,7 @@ def test_generate_cli_cuts_prompts_at_the_frame_size(tmp_path):
     from lance_ds.model.vae import PatchCodec
 
     group = cli_group(build_vae(VaeConfig(), saved_vae(tmp_path)))
-    assert group.image.resolution == 16
+    assert group.image.resolution == 16 and group.image.vit_resolution == 64  # the ViT sees sources as usual
     assert cli_group(PatchCodec(4, 4)).image.resolution == 64
     args = Namespace(task="t2i", size=None, frames=1)
     assert cli_target_shape(args, planner=None, group=group) == (1, 16, 16)

@@ -179,6 +179,19 @@ def test_edit_layout_and_position_reuse(fake_tokenizer):
     assert plan.input_ids[source.positions].eq(fake_tokenizer.special.video_pad).all()
 
 
+def test_vit_resolution_sizes_only_what_the_vit_sees(fake_tokenizer):
+    """image.vit_resolution: an edit's source reaches the ViT at 56 px while both latent blocks stay at 32 px."""
+    planner = SequencePlanner(fake_tokenizer, VisionGeometry(vae_spatial_factor=32, vae_temporal_factor=1))
+    sample = Sample("i2i", {"caption": "make it blue"},
+                    {"input_image": _video(1, 64, 64), "output_image": _video(1, 64, 64, 1)}, key="k", group="edit")
+    for vit_resolution, vit_grid in ((None, (1, 2, 2)), (56, (1, 4, 4))):
+        group = GroupConfig(name="edit", task="i2i", caption_dropout=0.0,
+                            image=ImageOptions(resolution=32, vit_resolution=vit_resolution))
+        plan = planner.plan(sample, group)
+        assert plan.vit[0].grid_thw == vit_grid  # 28 px (32 cut to the ViT's multiple of 28) or 56 px
+        assert [b.pixels.shape for b in plan.vae] == [(3, 1, 32, 32)] * 2
+
+
 def test_understanding_video_ce_and_text_continuation(fake_tokenizer):
     planner = SequencePlanner(fake_tokenizer, VisionGeometry())
     group = GroupConfig(name="v2t", task="v2t", image=ImageOptions(resolution=56))
