@@ -115,6 +115,8 @@ class ObjectiveConfig:
     cfg_interval: list[float] = doc(factory=lambda: [0.4, 1.0], text="classifier-free guidance applies for t in [lo, hi]")
     prediction: str = doc("velocity", "what the flow head predicts: velocity (Lance) or data (the clean latent x_0; "
                                       "for latents wider than the hidden size, e.g. the debug model's pixel patches)")
+    mse_per: str = doc("token", "what weighs the same in the MSE: every latent token (Lance: a video outweighs an "
+                                "image by its token count) or every generated block (image or video)")
 
     def check(self, problems: Problems, key: str) -> None:
         problems.require(self.ce_weight >= 0, join(key, "ce_weight"), f"must be >= 0, got {self.ce_weight}")
@@ -123,6 +125,7 @@ class ObjectiveConfig:
         problems.positive(self.timestep_std, join(key, "timestep_std"), float)
         problems.positive(self.sample_shift, join(key, "sample_shift"), float)
         problems.one_of(self.prediction, PREDICTIONS, join(key, "prediction"))
+        problems.one_of(self.mse_per, ("token", "block"), join(key, "mse_per"))
         lo_hi = self.cfg_interval
         problems.require(len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0, join(key, "cfg_interval"),
                          f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {lo_hi}")

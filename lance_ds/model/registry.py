@@ -46,9 +46,10 @@ def _tiny_wan(z: int) -> dict:
 
 
 SIZES: dict[str, ModelSpec] = {
-    # 2-rank CPU runs (the README's main job): ~4 M parameters with its trainable ViT (192 wide: 64 learnt shapes and
-    # motion far slower); the exactly invertible patch codec, 4x4 pixels x 4 frames per token: 192 channels, as wide
-    # as the hidden size (the debug recipe predicts data, not velocity). The main job swaps in a frame VAE.
+    # 2-rank CPU runs (the README's main job): ~2.3 M decoder parameters and a 1.7 M-parameter ViT 192 wide (64 read
+    # shapes and motion far worse); the exactly invertible patch codec, 4x4 pixels x 4 frames per token: 192 channels,
+    # as wide as the hidden size (the debug recipe predicts data, not velocity). The main job swaps in the example
+    # world's frame VAE and its pretrained, frozen ViT (tools/train_example_{vae,vit}.py).
     "debug": ModelSpec(
         llm=LLMConfig(vocab_size=2048, hidden_size=192, intermediate_size=384, num_layers=2, num_heads=4,
                       num_kv_heads=2, mrope_section=(6, 9, 9)),

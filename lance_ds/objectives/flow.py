@@ -54,10 +54,12 @@ class FlowInputs:
 
 def prepare_flow(clean: Tensor, batch: PackedBatch, shift: float, generator: torch.Generator | None = None,
                  mean: float = 0.0, std: float = 1.0, noise: Tensor | None = None,
-                 block_timesteps: Tensor | None = None) -> FlowInputs:
+                 block_timesteps: Tensor | None = None, weigh_blocks: bool = False) -> FlowInputs:
     """Noise the clean latents x_0 [N, z] of `batch`'s VAE tokens (block after block, (t, h, w) raster).
 
     noise / block_timesteps: given eps [N, z] and t [G] instead of drawing them (tests, parity with a reference).
+    weigh_blocks: a target block's tokens share its weight (objective.mse_per: block), so a 9-frame video weighs
+    what an image weighs; else every token weighs the block's weight (Lance).
     """
     blocks = token_blocks(batch.vae_grid_thw.to(clean.device))
     if blocks.numel() != clean.shape[0]:
@@ -72,7 +74,10 @@ def prepare_flow(clean: Tensor, batch: PackedBatch, shift: float, generator: tor
     x0 = clean.float()
     eps = torch.randn(x0.shape, generator=generator, device=x0.device) if noise is None else noise.float()
     noisy = (1 - t[:, None]) * x0 + t[:, None] * eps
-    weights = (batch.vae_weights.to(clean.device).float() * is_target.float())[blocks]
+    block_weights = batch.vae_weights.to(clean.device).float() * is_target.float()
+    if weigh_blocks:
+        block_weights = block_weights / torch.bincount(blocks, minlength=num_blocks).clamp_min(1)
+    weights = block_weights[blocks]
     return FlowInputs(noisy=noisy, timesteps=t, target=eps - x0, weights=weights)
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from lance_ds.config.core import Problems
 from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import AttnMode
 from lance_ds.model.synthetic import Text, Vae, synthetic_batch
@@ -43,6 +44,21 @@ def test_prepare_flow_noises_targets_only():
     assert torch.allclose(flow.noisy, (1 - t) * clean + t * eps, atol=1e-6)
     with pytest.raises(ValueError, match="vae_grid_thw"):
         prepare_flow(clean[:5], batch, 4.0)
+
+
+def test_mse_per_block_weighs_each_generated_block_alike():
+    """objective.mse_per: block: the 6-token target and the 4-token t2i target each weigh their block weight in all,
+    so the MSE is the mean of the two blocks' own means (the t2i one at its weight 0.5)."""
+    batch = edit_batch()
+    flow = prepare_flow(torch.randn(14, 8), batch, 4.0, generator=torch.Generator().manual_seed(1), weigh_blocks=True)
+    assert torch.allclose(flow.weights, torch.tensor([0.0] * 4 + [1 / 6] * 6 + [0.5 / 4] * 4))
+    velocity = torch.randn(14, 8)
+    losses = compute_losses(torch.randn(0, 100), velocity, batch, flow, ObjectiveConfig(mse_per="block"))
+    mse_tok = (velocity - flow.target).pow(2).mean(-1)
+    assert torch.allclose(losses.mse, (mse_tok[4:10].mean() + 0.5 * mse_tok[10:].mean()) / 1.5)
+    found = Problems()
+    ObjectiveConfig(mse_per="sample").check(found, "objective")
+    assert any("mse_per" in item for item in found.items)
 
 
 def test_losses_are_weighted_means_and_named():
