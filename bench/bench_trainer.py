@@ -210,7 +210,9 @@ class BareLoop:
         with torch.no_grad():
             vit = encode_vit(self.parts.vit, batch.vit_patches, batch.vit_grid_thw) if self.parts.vit else None
             clean = encode_latents(self.parts.vae, batch.vae_pixels, gen) if self.parts.vae else None
-        flow = prepare_flow(clean, batch, self.cfg.objective.timestep_shift, gen) if clean is not None else None
+        objective, flow = self.cfg.objective, None
+        if clean is not None:
+            flow = prepare_flow(clean, batch, objective.timestep_shift, gen, weigh_blocks=objective.mse_per == "block")
         return batch, vit, flow
 
     def train_micro(self, batch, vit, flow) -> None:
