@@ -39,6 +39,12 @@ from lance_ds.model.vision import VitConfig, build_vision_tower
 PAIR = 2  # frames per item: Qwen2.5-VL's temporal patch
 
 
+def patch_geometry(vit: VitConfig) -> VisionGeometry:
+    """What vit_patchify needs to know about the tower."""
+    return VisionGeometry(vit_patch_size=vit.patch_size, vit_temporal_patch=vit.temporal_patch_size,
+                          vit_merge_size=vit.spatial_merge_size)
+
+
 class Pairs:
     """Frame pairs ready for the tower (uint8, patchified per batch) and their distillation targets [N, 2 * z]."""
 
@@ -128,8 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     spec = SIZES[args.model_size]
-    geometry = VisionGeometry(vit_patch_size=spec.vit.patch_size, vit_temporal_patch=spec.vit.temporal_patch_size,
-                              vit_merge_size=spec.vit.spatial_merge_size)
+    geometry = patch_geometry(spec.vit)
     problems = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in vars(args).items()
                 if k in ("pairs", "steps", "batch_size") and v < 1]
     if args.resolution < geometry.vit_multiple or args.resolution % geometry.vit_multiple:

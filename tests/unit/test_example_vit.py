@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from conftest import REPO, run_tool
 from lance_ds.config.model import ModelConfig
 from lance_ds.data.example import draw_training_frames
-from lance_ds.data.sequence import VisionGeometry
 from lance_ds.model import build_model
 from lance_ds.model.registry import SIZES
 from lance_ds.model.vae import FrameAutoencoder, FrameVAE
@@ -41,8 +40,7 @@ def test_frame_pairs_are_an_image_twice_or_consecutive_video_frames():
 def test_distillation_learns_to_read_held_out_latents():
     """A short run of the tool's loop on the tiny size's ViT: held-out latents go from unexplained to mostly read."""
     spec = SIZES["tiny"].vit
-    geometry = VisionGeometry(vit_patch_size=spec.patch_size, vit_temporal_patch=spec.temporal_patch_size,
-                              vit_merge_size=spec.spatial_merge_size)
+    geometry = train_example_vit.patch_geometry(spec)
     torch.manual_seed(0)
     vae = FrameVAE(FrameAutoencoder(16, 4, hidden_size=32), [0.0] * 4, [1.0] * 4)  # any fixed encoder is a target
     train = train_example_vit.Pairs(torch.from_numpy(draw_training_frames(768, "train", 32, 0, span=2)), vae, 28,
