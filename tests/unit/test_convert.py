@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import threading
 import zlib
 from pathlib import Path
 
@@ -379,9 +380,53 @@ def test_resume_redoes_only_damaged_shards_and_gives_identical_output(many_group
     resumed = run([many_groups], out, samples_per_shard=5, workers=2)
     assert resumed.num_resumed == first.num_shards - 3
     assert snapshot(out) == reference
+    for shard in read_manifest(out)["shards"]:
+        assert shard["crc32"] == f"{zlib.crc32((out / shard['name']).read_bytes()):08x}"
 
     untouched = run([many_groups], out, samples_per_shard=5)
     assert untouched.num_resumed == first.num_shards and snapshot(out) == reference
+
+
+def test_verify_none_skips_the_checksum_and_resumes_by_size(many_groups, tmp_path):
+    first = run([many_groups], tmp_path / "ref", samples_per_shard=5, verify="none")
+    reference = snapshot(tmp_path / "ref")
+    names = [s["name"] for s in read_manifest(tmp_path / "ref")["shards"]]
+    assert [s["crc32"] for s in read_manifest(tmp_path / "ref")["shards"]] == [None] * len(names)
+
+    out = tmp_path / "out"
+    run([many_groups], out, samples_per_shard=5, verify="none")
+    (out / names[0]).unlink()
+    (out / names[1]).write_bytes((out / names[1]).read_bytes()[:1000])  # truncated
+    resumed = run([many_groups], out, samples_per_shard=5, verify="none")
+    assert resumed.num_resumed == first.num_shards - 2
+    assert snapshot(out) == reference
+    checked = run([many_groups], out, samples_per_shard=5)  # --verify full redoes every shard, with CRCs
+    assert checked.num_resumed == 0 and all(s["crc32"] for s in read_manifest(out)["shards"])
+
+
+def _counting(n: int, closed: list, fail_at: int | None = None):
+    try:
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError("bad page")
+            yield i
+    finally:
+        closed.append(True)
+
+
+def test_read_ahead_hands_over_items_and_errors_and_stops_with_its_consumer():
+    closed: list = []
+    assert list(convert_module._read_ahead(_counting(50, closed))) == list(range(50)) and closed == [True]
+    closed.clear()
+    with pytest.raises(ValueError, match="bad page"):
+        list(convert_module._read_ahead(_counting(50, closed, fail_at=7)))
+    assert closed == [True]
+    closed.clear()
+    reader = convert_module._read_ahead(_counting(10**6, closed), depth=2)
+    assert next(reader) == 0
+    reader.close()  # the consumer stops early (an error, Ctrl-C): the producer stops and closes its input
+    assert closed == [True]
+    assert not [t for t in threading.enumerate() if t.name == "parquet-reader"]
 
 
 def test_interrupted_run_leaves_no_partial_shard_and_resumes(many_groups, tmp_path, monkeypatch):
