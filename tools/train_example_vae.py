@@ -17,7 +17,6 @@ perfect generator could reach through this codec. The same flags give the same w
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lance_ds.data.example import draw_scene, draw_training_frames, judge_image, judge_video, render_image, render_video
+from lance_ds.data.example import (draw_scene, draw_training_frames, encoder_learning_rate, judge_image, judge_video,
+                                   render_image, render_video)
 from lance_ds.data.sequence import resize_crop
 from lance_ds.model.vae import FrameAutoencoder, FrameVAE
 
@@ -51,9 +51,8 @@ def train(net: FrameAutoencoder, frames: torch.Tensor, steps: int, batch_size: i
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     start = time.perf_counter()
     for step in range(steps):
-        warmup = min(1.0, (step + 1) / 50)
-        for group in optimizer.param_groups:  # warmup, then cosine to 5% of the peak
-            group["lr"] = lr * warmup * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = encoder_learning_rate(lr, step, steps)
         x = data[torch.randint(0, len(data), (batch_size,), generator=generator)]
         mean, logvar = net.posterior(x)
         z = mean + torch.randn(mean.shape, generator=generator) * torch.exp(0.5 * logvar)

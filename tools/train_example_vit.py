@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lance_ds.data.example import draw_training_frames
+from lance_ds.data.example import draw_training_frames, encoder_learning_rate
 from lance_ds.data.sequence import VisionGeometry, resize_crop, to_vae_pixels, vit_patchify
 from lance_ds.model.registry import SIZES
 from lance_ds.model.vae import FrameVAE
@@ -88,9 +87,8 @@ def train(net: Distiller, pairs: Pairs, steps: int, batch_size: int, lr: float, 
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     start = time.perf_counter()
     for step in range(steps):
-        warmup = min(1.0, (step + 1) / 50)
         for group in optimizer.param_groups:
-            group["lr"] = lr * warmup * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            group["lr"] = encoder_learning_rate(lr, step, steps)
         index = torch.randint(0, len(pairs), (batch_size,), generator=generator)
         loss = (net(*pairs.patches(index)) - pairs.targets[index]).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)

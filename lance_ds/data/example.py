@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import math
 import re
 import zlib
 from collections import Counter
@@ -176,6 +177,13 @@ def draw_training_frames(count: int, split: str, size: int, seed: int, span: int
             frames = [decode_image(encode_image(f, "jpeg")).numpy().reshape(f.shape) for f in frames]
         items.append(np.stack(frames))
     return np.stack(items)
+
+
+def encoder_learning_rate(peak: float, step: int, steps: int) -> float:
+    """The learning rate of the example encoders' step `step` of `steps`: 50 steps of linear warmup, times a cosine
+    from the peak down to 5% of it."""
+    warmup = min(1.0, (step + 1) / 50)
+    return peak * warmup * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import pytest
 
 from lance_ds.data.example import (
     COLOURS, DIRECTIONS, SHAPES, ExampleConfig, Scene, judge_answer, judge_edit, judge_generation, judge_image,
-    judge_video, draw_scene, make_table, parse_answer, read_frame, read_video, render_image, render_video, write_example_dataset)
+    judge_video, draw_scene, make_table, parse_answer, read_frame, read_video, render_image, render_video, write_example_dataset,
+    encoder_learning_rate)
 from lance_ds.data.media import decode_image, decode_video, encode_image, encode_video, probe_video
 from lance_ds.data.schemas import SCHEMAS, detect_task, validate_row
 
@@ -222,3 +223,11 @@ def test_example_dataset_converts_cleanly_and_round_trips_to_the_judges(tmp_path
             else:
                 assert judge_generation("v2v", meta["caption"], decode(sample["output_video.mp4"]),
                                         decode(sample["input_video.mp4"]))
+
+
+def test_encoder_learning_rate_warms_up_then_decays_to_five_percent():
+    rates = [encoder_learning_rate(1e-3, step, 1000) for step in range(1000)]
+    assert rates[0] == pytest.approx(1e-3 / 50, rel=1e-3)
+    assert max(rates) == rates[49] and rates[49] > 0.99e-3  # the peak, right after the warmup
+    assert all(a >= b for a, b in zip(rates[49:], rates[50:]))  # then only down
+    assert rates[-1] == pytest.approx(0.05e-3, rel=1e-3)
