@@ -15,7 +15,7 @@ How the work is planned (so that the output never depends on --workers, and a re
      writes (and CRCs) the tar. A shard is written as `NAME.tar.tmp` and renamed when complete; then its record
      (samples, bytes, crc32, media stats, rejects) lands in `DIR/.convert_state/NAME.json`. A re-run skips every
      shard whose record matches the plan and whose tar still has the recorded size and CRC-32, and redoes the rest.
-     (CRC-32 rather than SHA-256: it catches accidental damage and costs half as much, ~4 GB/s against ~2.)
+     (CRC-32 rather than SHA-256: it catches accidental damage and costs about half as much.)
      `--verify none` skips the CRC (on a 2-core machine it costs as much as writing the bytes) and resumes by size.
   4. manifest.json and rejects.jsonl are assembled from the records in plan order (deterministic), each written under
      a temporary name and renamed. manifest.json exists only after a complete run.
