@@ -27,7 +27,7 @@ def parse_args(argv=None) -> ConvertOptions:
     size.add_argument("--shard-size-mb", type=float, metavar="M", help="approximate MB per shard (default 256)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel processes (output does not depend on it)")
     p.add_argument("--verify", default="full", choices=["full", "none"],
-                   help="full: decode images and probe videos; none: read headers only (trusted data)")
+                   help="full: decode images and probe videos; none: read headers only, no shard CRC (trusted data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     return ConvertOptions(inputs=args.input, output=args.output, task=args.task,

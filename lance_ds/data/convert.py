@@ -104,7 +104,7 @@ class ConvertOptions:
     samples_per_shard: int | None = doc(None, "rows per shard (fewer when rows are rejected)")
     shard_size_mb: float | None = doc(None, "approximate shard size in MB (1e6 bytes); default 256 when neither is set")
     workers: int = doc(1, "converter processes; the output is the same for any number")
-    verify: str = doc("full", "full: decode every image, probe every video; none: headers only (trusted data)")
+    verify: str = doc("full", "full: decode every image, probe every video; none: headers only, no CRC (trusted data)")
     progress: bool = doc(True, "show a tqdm progress bar on stderr")
 
     def check(self, problems: Problems, key: str = "") -> None:
