@@ -40,7 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from lance_ds.data.convert import ConvertOptions, TarShardWriter, _column_values, _read_ahead, convert
+from lance_ds.data.convert import ConvertOptions, _column_values, _read_ahead, convert
+from lance_ds.data.tar import TarShardWriter
 
 
 def noisy_jpeg(rng: np.random.Generator, side: int, quality: int) -> bytes:

@@ -23,7 +23,7 @@ How the work is planned (so that the output never depends on --workers, and a re
 Shard layout: sample KEY = "{file index:05d}-{file stem, sanitised}-{row:09d}" (only [A-Za-z0-9_-]: no dots, no
 slashes, unique across the inputs) has `KEY.json` and one member per media column, `KEY.{column without _bytes}.{ext}`
 with the extension sniffed from the bytes (jpg, png, mp4, ...; "bin" when unknown). Media bytes are stored as they
-came. Tar headers are fixed (mtime 2000-01-01, uid/gid 0, mode 0644, USTAR), so the same input gives the same bytes.
+came. Tar headers are fixed (lance_ds/data/tar.py), so the same input gives the same bytes.
 
 KEY.json:
     {"key": KEY, "task": "t2i", "caption": "...",                       # every text column of the task, exact
@@ -54,16 +54,13 @@ import itertools
 import json
 import logging
 import math
-import mmap
 import multiprocessing
 import os
 import queue
 import re
 import sys
-import tarfile
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -76,6 +73,7 @@ import pyarrow.parquet as pq
 from lance_ds.config.core import ConfigError, Problems, doc
 from lance_ds.data import media
 from lance_ds.data.schemas import SCHEMAS, MediaKind, RowProblem, SchemaError, TaskSchema, resolve_task, validate_row
+from lance_ds.data.tar import TarShardWriter, file_crc32
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +81,6 @@ FORMAT = "lance_ds.shards/1"
 STATE_DIR = ".convert_state"  # per-shard records that make a re-run resumable
 SHARD_NAME = "shard-{:06d}.tar"
 _SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
-_TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so that shards are byte-identical across runs
-_TAR_RECORD = 10240  # bytes; tar archives end padded to a whole record, as tarfile and GNU tar write them
 _BATCH_BYTES = 32 << 20  # ~bytes of one record batch read from parquet: bounds a worker's memory
 _SHARDS_PER_UNIT = 4  # shards' worth of row groups per work unit: fuller shards when row groups are small
 _STEM_CHARS = 40  # longest file-stem part of a key (keeps member names under USTAR's 100 characters)
@@ -354,197 +350,9 @@ def _fingerprint(index, spans, sources, schema, options) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# writing one shard
-
-
-def _header_template() -> bytes:
-    """A USTAR header with our fixed fields (mode, owner, mtime) and blank name, size and checksum."""
-    info = tarfile.TarInfo("x")
-    info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = _TAR_MTIME, 0o644, 0, 0, "", ""
-    header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict"))
-    header[0:100] = bytes(100)  # name
-    header[124:136] = bytes(12)  # size
-    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
-    return bytes(header)
-
-
-_HEADER = _header_template()
-_HEADER_SUM = sum(_HEADER)  # the checksum is a plain byte sum: add the name's and the size's bytes to it
-# the fixed fields between the ones that vary: mode/uid/gid, mtime, and everything after the checksum
-_MODE_TO_SIZE, _MTIME, _AFTER_CHECKSUM = _HEADER[100:124], _HEADER[136:148], _HEADER[156:]
-_CHUNK = 4 << 20  # bytes; pieces are handed to the write thread in lists of about this many bytes
-_QUEUED_CHUNKS = 4  # chunks waiting for the write thread: bounds a shard's memory beyond one record batch
-_IOV_MAX = 1024  # pieces per os.writev call (the POSIX minimum of IOV_MAX on Linux)
-_PAGE = mmap.ALLOCATIONGRANULARITY  # mmap offsets are multiples of this
-_ZEROS = bytes(tarfile.BLOCKSIZE)
-_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(ensure_ascii=False) builds one per call
-
-
-def tar_header(name: str, size: int) -> bytes:
-    """The 512-byte USTAR header of a regular file: what tarfile writes for it, ~30x faster."""
-    encoded = name.encode("ascii")
-    if len(encoded) > 100:
-        raise ValueError(f"tar member name longer than 100 characters: {name}")
-    if size >= 8 ** 11:
-        raise ValueError(f"tar member {name} is {size} bytes; USTAR members must be under 8 GiB")
-    size_field = b"%011o\0" % size
-    checksum = b"%06o\0 " % (_HEADER_SUM + sum(encoded) + sum(size_field))
-    return b"".join((encoded.ljust(100, b"\0"), _MODE_TO_SIZE, size_field, _MTIME, checksum, _AFTER_CHECKSUM))
-
-
-class _ChunkWriteThread:
-    """Writes chunks (lists of pieces) to a file descriptor and CRCs them, in order, on a thread of its own.
-
-    Neither step copies in Python or holds the GIL: os.writev gathers the pieces (arrow buffers included) straight
-    into the page cache, and the CRC is taken over a read-only map of the bytes just written, one zlib.crc32 call
-    per chunk. So they run beside the threads that read and convert the next rows. Without `checksum` the CRC is
-    skipped (it costs as much as the write) and finish() returns None.
-    An error (disk full) is raised by the next put() or by finish().
-    """
-
-    def __init__(self, fd: int, checksum: bool):
-        self._fd = fd
-        self._checksum = checksum
-        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUED_CHUNKS)
-        self._error: BaseException | None = None
-        self._written = 0  # bytes of the file written so far
-        self._ended = False
-        self.crc: int | None = 0 if checksum else None
-        self._thread = threading.Thread(target=self._run, name="tar-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (pieces := self._queue.get()) is not None:
-            if self._error is None:  # after an error keep draining, so that put() never blocks forever
-                try:
-                    self._write(pieces)
-                except BaseException as e:  # handed to the caller's thread
-                    self._error = e
-
-    def _write(self, pieces: list) -> None:
-        start = self._written
-        for first in range(0, len(pieces), _IOV_MAX):
-            self._written += _writev_all(self._fd, pieces[first:first + _IOV_MAX])
-        if not self._checksum:
-            return
-        mapped_from = start - start % _PAGE
-        with mmap.mmap(self._fd, self._written - mapped_from, offset=mapped_from, access=mmap.ACCESS_READ) as written:
-            with memoryview(written) as view:
-                self.crc = zlib.crc32(view[start - mapped_from:], self.crc)
-
-    def put(self, pieces: list) -> None:
-        self._raise_error()
-        self._queue.put(pieces)
-
-    def end(self) -> None:
-        """No more chunks: the thread stops once the queued ones are written (without waiting for that)."""
-        if not self._ended:
-            self._ended = True
-            self._queue.put(None)
-
-    def finish(self) -> int | None:
-        """Wait for every chunk to be written; returns the CRC-32 of all of them (None without `checksum`)."""
-        self.end()
-        self._thread.join()
-        self._raise_error()
-        return self.crc
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-
-def _writev_all(fd: int, pieces: list) -> int:
-    """Write the pieces in one os.writev call; returns their bytes. A write that stops short (a signal, a full
-    disk) is finished piece by piece, so that an error, if any, is raised."""
-    total = sum(len(piece) for piece in pieces)
-    skip = os.writev(fd, pieces)
-    if skip < total:
-        for piece in pieces:
-            view = memoryview(piece)[skip:]
-            skip = max(0, skip - len(piece))
-            while view:
-                view = view[os.write(fd, view):]
-    return total
-
-
-class TarShardWriter:
-    """A deterministic tar written straight from bytes: fixed headers, CRC-32 computed while writing (unless
-    `checksum` is False).
-
-    Headers, members and padding are gathered into lists of ~_CHUNK bytes that a thread writes with one writev
-    call: no copy in Python, and the caller goes on converting meanwhile.
-    """
-
-    def __init__(self, path: Path, checksum: bool = True):
-        self.path = path
-        self.tmp_path = path.with_name(path.name + ".tmp")
-        # read access too: the write thread maps what it wrote to CRC it
-        self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
-        self._writes = _ChunkWriteThread(self._fd, checksum)
-        self._pending: list[bytes | memoryview] = []  # pieces not yet handed to the write thread
-        self._pending_bytes = 0
-        self.bytes = 0  # archive bytes so far, pending pieces included
-        self._ended = False
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._writes.put(self._pending)
-            self._pending = []
-            self._pending_bytes = 0
-
-    def add(self, name: str, data: bytes | memoryview) -> None:
-        size = len(data)
-        padding = -size % tarfile.BLOCKSIZE
-        self._pending += (tar_header(name, size), data, _ZEROS[:padding])
-        self._pending_bytes += tarfile.BLOCKSIZE + size + padding
-        self.bytes += tarfile.BLOCKSIZE + size + padding
-        if self._pending_bytes >= _CHUNK:
-            self._flush()
-
-    def end(self) -> None:
-        """Add the end of the archive; its thread goes on writing while the caller converts the next rows."""
-        if not self._ended:
-            self._ended = True
-            end = 2 * tarfile.BLOCKSIZE
-            end += -(self.bytes + end) % _TAR_RECORD
-            self._pending.append(bytes(end))
-            self.bytes += end
-            self._flush()
-            self._writes.end()
-
-    def close(self) -> str | None:
-        """End the archive, wait until it is written, rename it into place; returns its CRC-32 as 8 hex digits
-        (None without `checksum`)."""
-        self.end()
-        crc = self._finish()
-        os.replace(self.tmp_path, self.path)
-        return None if crc is None else f"{crc:08x}"
-
-    def abort(self) -> None:
-        try:
-            self._finish()
-        except BaseException:  # the shard is thrown away; its first error was raised already
-            pass
-        self.tmp_path.unlink(missing_ok=True)
-
-    def _finish(self) -> int | None:
-        try:
-            return self._writes.finish()
-        finally:
-            os.close(self._fd)
-
-
-def file_crc32(path: Path) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            crc = zlib.crc32(block, crc)
-    return f"{crc:08x}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # converting one row
+
+_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(ensure_ascii=False) builds one per call
 
 
 @dataclass
@@ -1041,5 +849,5 @@ def read_manifest(directory: str | Path) -> dict:
 
 __all__ = [
     "ConfigError", "ConvertError", "ConvertOptions", "ConvertSummary", "convert", "read_manifest", "plan_work",
-    "open_sources", "find_parquet_files", "sanitize_stem", "TarShardWriter", "tar_header", "FORMAT", "STATE_DIR",
+    "open_sources", "find_parquet_files", "sanitize_stem", "FORMAT", "STATE_DIR",
 ]  # ConfigError is re-exported: convert() raises it for bad options

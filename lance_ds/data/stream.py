@@ -35,20 +35,17 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
-import http.client
 import json
 import logging
 import math
 import os
 import random
-import tarfile
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import braceexpand
 import torch
@@ -60,6 +57,7 @@ from .media import MediaError, decode_image, decode_video
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length, collate
 from .schemas import SCHEMAS, MediaKind
 from .sequence import PlanError, SequencePlan, SequencePlanner, unit_hash
+from .tar import RawSample, ShardError, iter_raw_samples
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +74,10 @@ SKIP_REASONS = (
     "overlong",  # longer than data.packing_length (data.filter_overlong)
 )
 _LOGGED_PER_REASON = 5  # log the first few skips of each reason per slot; the rest are only counted
-_BLOCK = 512  # tar block size (bytes)
 
 
 class DataError(RuntimeError):
     """The data cannot feed training at all (no shards, a group with no readable sample, a mismatched resume)."""
-
-
-class ShardError(Exception):
-    """Reading a shard failed; `reason` is one of SKIP_REASONS."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 class SkipSample(Exception):
@@ -188,160 +177,6 @@ def resolve_group(group: GroupConfig, where: str = "") -> ResolvedGroup:
     if group.task and tasks and group.task not in tasks:
         raise DataError(f"{where}: task is {group.task} but the manifest says {next(iter(tasks))}")
     return ResolvedGroup(group, task, shards)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reading tar shards with byte offsets
-
-
-@dataclass
-class RawSample:
-    """The undecoded members of one sample and where it lies in its shard."""
-
-    key: str
-    members: dict[str, bytes]  # suffix after the key ("json", "image.jpg") -> bytes
-    start: int  # byte offset of its first tar header
-    end: int  # byte offset just past its last member (the next sample's start)
-    address: list | None = None  # [group, shard index, start, epoch, key], set by the group reader
-
-
-def open_shard(url: str, offset: int = 0) -> BinaryIO:
-    """A readable binary stream positioned at byte `offset` of the shard. Raises ShardError("unreadable_shard")."""
-    try:
-        if url.startswith("pipe:"):
-            from webdataset.gopen import gopen_pipe
-
-            stream = gopen_pipe(url, "rb", bufsize=1 << 20)
-            _discard(stream, offset)
-            return stream
-        if url.startswith(("http://", "https://")):
-            request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-            stream = urllib.request.urlopen(request, timeout=120)
-            if offset and stream.status != 206:  # the server ignored Range: read up to the offset
-                _discard(stream, offset)
-            return stream
-        path = url[len("file://"):] if url.startswith("file://") else url
-        stream = open(path, "rb", buffering=1 << 20)
-        stream.seek(offset)
-        return stream
-    except (OSError, ValueError, urllib.error.URLError) as e:
-        raise ShardError("unreadable_shard", f"cannot open {url} at byte {offset}: {e}") from None
-
-
-def _discard(stream: BinaryIO, count: int) -> None:
-    while count > 0:
-        chunk = stream.read(min(count, 1 << 20))
-        if not chunk:
-            raise OSError(f"stream ended {count} bytes before the resume offset")
-        count -= len(chunk)
-
-
-def _read_exact(stream: BinaryIO, size: int, url: str, where: int) -> bytes:
-    parts, left = [], size
-    while left:
-        try:
-            chunk = stream.read(left)
-        except (OSError, http.client.HTTPException) as e:  # I/O error, dropped connection, failing pipe command
-            raise ShardError("unreadable_shard", f"{url}: reading at byte {where} failed: {e}") from None
-        if not chunk:
-            break
-        parts.append(chunk)
-        left -= len(chunk)
-    data = b"".join(parts)
-    if len(data) != size and data:
-        raise ShardError("truncated_tar", f"{url} is cut short in the tar block at byte {where}")
-    return data
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The `path` record of a pax extended header ("LEN path=VALUE\\n" records)."""
-    for record in data.split(b"\n"):
-        _, _, kv = record.partition(b" ")
-        if kv.startswith(b"path="):
-            return kv[len(b"path="):].decode("utf-8", "surrogateescape")
-    return None
-
-
-def iter_tar_members(stream: BinaryIO, url: str, base: int = 0) -> Iterator[tuple[str, bytes, int, int]]:
-    """(name, data, start, end) of every regular file, where start is the offset of its first header (a pax or GNU
-    long-name header counts) and end the offset past its padded data. Raises ShardError when the tar is cut short
-    (including a missing end-of-archive) or a header is damaged."""
-    pos, start, long_name = base, None, None
-    while True:
-        header = _read_exact(stream, _BLOCK, url, pos)
-        if not header:
-            raise ShardError("truncated_tar", f"{url} ends at byte {pos} without the end-of-archive blocks")
-        if len(header) < _BLOCK:
-            raise ShardError("truncated_tar", f"{url} ends inside a header at byte {pos}")
-        if header == b"\0" * _BLOCK:
-            return
-        try:
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as e:
-            raise ShardError("corrupt_tar", f"{url} has a damaged header at byte {pos}: {e}") from None
-        start = pos if start is None else start
-        padded = info.size + (-info.size % _BLOCK)
-        data = _read_exact(stream, padded, url, pos)
-        if len(data) != padded:
-            raise ShardError("truncated_tar", f"{url} ends inside the member {info.name!r} at byte {pos}")
-        pos += _BLOCK + padded
-        data = data[:info.size]
-        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE):
-            long_name = (data.rstrip(b"\0").decode("utf-8", "surrogateescape") if info.type == tarfile.GNUTYPE_LONGNAME
-                         else _pax_path(data) or long_name)
-            continue
-        if info.type == tarfile.XGLTYPE:
-            start = None
-            continue
-        name = long_name or info.name
-        member_start, start, long_name = start, None, None
-        if info.isreg():
-            yield name, data, member_start, pos
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """webdataset's rule: the key is the path up to the first dot of the file name; the suffix is the rest."""
-    directory, _, base = name.rpartition("/")
-    stem, _, suffix = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), suffix
-
-
-def iter_raw_samples(url: str, offset: int = 0) -> Iterator[RawSample]:
-    """Samples of a shard from byte `offset` (a sample start). A shard cut short yields what it completed (the last
-    sample possibly missing members) and then raises ShardError."""
-    stream = open_shard(url, offset)
-    key, members, start, end = None, {}, offset, offset
-    complete = False
-    try:
-        for name, data, m_start, m_end in iter_tar_members(stream, url, offset):
-            member_key, suffix = split_member_name(name)
-            if member_key != key:
-                if members:
-                    yield RawSample(key, members, start, m_start)
-                key, members, start = member_key, {}, m_start
-            members[suffix] = data
-            end = m_end
-        complete = True
-    except ShardError:
-        if members:
-            yield RawSample(key, members, start, end)
-        raise
-    finally:
-        if not complete:  # cut short or abandoned: a pipe's exit status says nothing more
-            _close_quietly(stream)
-    try:
-        stream.close()
-    except OSError as e:  # a pipe: command that exited with an error status
-        raise ShardError("unreadable_shard", f"{url}: {e}") from None
-    if members:
-        yield RawSample(key, members, start, end)
-
-
-def _close_quietly(stream: BinaryIO) -> None:
-    try:
-        stream.close()
-    except OSError:
-        pass  # the stream is being abandoned (early stop, or an error already reported)
 
 
 def fetch_raw(url: str, offset: int, key: str) -> RawSample:
@@ -955,5 +790,5 @@ def build_val_loader(dataset: DatasetConfig, data: DataConfig, planner: Sequence
 
 __all__ = [
     "build_train_loader", "build_val_loader", "first_samples", "TrainLoader", "ValLoader", "SlotStream", "StreamSpec", "DataError",
-    "SKIP_REASONS", "resolve_group", "resolve_sources", "iter_raw_samples", "decode_sample", "ShardInfo",
+    "SKIP_REASONS", "resolve_group", "resolve_sources", "decode_sample", "ShardInfo",
 ]

@@ -17,12 +17,20 @@ import torch
 from lance_ds.config.data import DataConfig, DatasetConfig, GroupConfig, ImageOptions, VideoOptions
 from lance_ds.data import stream as stream_module
 from lance_ds.data.batch import PackedBatch
-from lance_ds.data.convert import TarShardWriter
 from lance_ds.data.media import encode_image, encode_video
 from lance_ds.data.packing import Branches, OverlongSampleError
 from lance_ds.data.sequence import SequencePlanner, VisionGeometry
-from lance_ds.data.stream import (GroupReader, SkipCounter, SlotStream, StreamSpec, build_train_loader,
-                                  build_val_loader, fetch_raw, iter_raw_samples, resolve_group)
+from lance_ds.data.stream import (
+    GroupReader,
+    SkipCounter,
+    SlotStream,
+    StreamSpec,
+    build_train_loader,
+    build_val_loader,
+    fetch_raw,
+    resolve_group,
+)
+from lance_ds.data.tar import ShardError, TarShardWriter, iter_raw_samples
 from lance_ds.data.tokenizer import load_tokenizer
 
 # small buffers and sequences keep each loader cheap; a t2i sample of a 32x32 image is ~45 tokens
@@ -297,7 +305,7 @@ def _read_all(path) -> list:
     try:
         for raw in iter_raw_samples(str(path)):
             out.append(raw)
-    except stream_module.ShardError as e:
+    except ShardError as e:
         assert e.reason == "truncated_tar"
     return out
 
