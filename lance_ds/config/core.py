@@ -51,7 +51,8 @@ class Problems:
         return ok
 
     def positive(self, value: Any, key: str, kind: type = int) -> None:
-        ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
+        kinds = (int, float) if kind is float else kind  # 64 is a fine float (YAML and Python write it so)
+        ok = isinstance(value, kinds) and not isinstance(value, bool) and value > 0
         self.require(ok, key, f"must be a positive {kind.__name__}, got {value!r}")
 
     def one_of(self, value: Any, choices: typing.Iterable[Any], key: str) -> None:

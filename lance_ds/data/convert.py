@@ -63,6 +63,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,14 +82,15 @@ log = logging.getLogger(__name__)
 FORMAT = "lance_ds.shards/1"
 STATE_DIR = ".convert_state"  # per-shard records that make a re-run resumable
 SHARD_NAME = "shard-{:06d}.tar"
-_SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
+_SHARD_PATTERN = re.compile(r"^shard-\d{6,}\.tar$")  # SHARD_NAME's: 7 digits from the millionth shard on
 _BATCH_BYTES = 32 << 20  # ~bytes of one record batch read from parquet: bounds a worker's memory
 _SHARDS_PER_UNIT = 4  # shards' worth of row groups per work unit: fuller shards when row groups are small
 _STEM_CHARS = 40  # longest file-stem part of a key (keeps member names under USTAR's 100 characters)
 
 
 class ConvertError(ValueError):
-    """The conversion cannot start (bad inputs, options, mixed tasks); the message says how to fix it."""
+    """The conversion cannot start (bad inputs, options, mixed tasks) or go on (a worker died); the message says
+    how to fix it."""
 
 
 @dataclass
@@ -182,6 +185,9 @@ def sanitize_stem(stem: str) -> str:
 def read_footer(path: Path) -> pq.FileMetaData:
     try:
         return pq.ParquetFile(path).metadata
+    except UnicodeEncodeError:
+        raise ConvertError(f"--input {path!r}: the file name is not valid UTF-8, which pyarrow cannot open; "
+                           "rename the file") from None
     except (pa.ArrowException, OSError, ValueError) as e:  # not parquet, truncated footer, unreadable
         raise ConvertError(f"--input {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
@@ -504,6 +510,12 @@ def save_record(output: Path, record: ShardRecord) -> None:
 def _column_values(column: pa.Array) -> list:
     """Python values of one column of a record batch. Binary columns come as memoryviews into the arrow buffer
     (zero-copy slices at the offsets): media bytes are then copied once, into the shard, instead of twice."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        try:
+            return column.to_pylist()
+        except UnicodeDecodeError:  # parquet does not check UTF-8: hand the values over as bytes; the row check
+            column = column.view(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+            # decodes each one and rejects the rows that are not UTF-8, naming file, row and column
     large = pa.types.is_large_binary(column.type)
     if not (large or pa.types.is_binary(column.type)):
         return column.to_pylist()
@@ -606,6 +618,8 @@ def convert_unit(unit: WorkUnit, schema: TaskSchema, sources: list[SourceFile], 
     """Convert (or skip, when already done) every shard of one unit. on_progress(rows, bytes) is called as rows go."""
     done = {plan.index: load_done_record(output, plan) for plan in unit.shards}
     todo = [plan for plan in unit.shards if done[plan.index] is None]
+    for plan in todo:  # made again from scratch: a tar of that name is an earlier run's, and must not outlive it
+        (output / plan.name).unlink(missing_ok=True)  # (when all of this run's rows are rejected, none replaces it)
     resumed_rows = sum(plan.num_rows for plan in unit.shards if done[plan.index] is not None)
     if resumed_rows:
         on_progress(resumed_rows, 0)
@@ -707,6 +721,9 @@ def _prepare_output(output: Path, planned: set[str]) -> None:
 
     Only a directory this converter made (it has STATE_DIR) is cleaned; shard files in any other are refused.
     """
+    if output.exists() and not output.is_dir():
+        raise ConvertError(f"--output {output} is a file; give a directory (a new one or a previous output of this "
+                           "tool)")
     if output.is_dir() and not (output / STATE_DIR).is_dir():
         foreign = sorted(p.name for p in output.iterdir() if _SHARD_PATTERN.match(p.name))
         if foreign:
@@ -714,13 +731,18 @@ def _prepare_output(output: Path, planned: set[str]) -> None:
                                "converter did not make; choose an empty directory or a previous output of this tool")
     (output / STATE_DIR).mkdir(parents=True, exist_ok=True)
     (output / "manifest.json").unlink(missing_ok=True)  # present only after a complete run
-    for path in list(output.iterdir()) + list((output / STATE_DIR).iterdir()):
-        if path.name.endswith(".tmp"):
-            path.unlink()
-        elif path.parent == output and _SHARD_PATTERN.match(path.name) and path.name not in planned:
+    _remove_temp_files(output)
+    for path in output.iterdir():
+        if _SHARD_PATTERN.match(path.name) and path.name not in planned:
             log.warning("removing %s: not part of this conversion's plan (left by an earlier run)", path)
             path.unlink()
             _record_path(output, path.name).unlink(missing_ok=True)
+
+
+def _remove_temp_files(output: Path) -> None:
+    """Drop what a killed process was writing: shards, records and outputs under their temporary names."""
+    for path in list(output.glob("*.tmp")) + list((output / STATE_DIR).glob("*.tmp")):
+        path.unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -735,25 +757,30 @@ def _run_units(units, schema, sources, output, options, on_progress) -> list[Uni
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")  # fork: no re-import per worker
     progress_queue = context.Queue()
-    results: dict[int, UnitResult] = {}
-    with context.Pool(min(options.workers, len(units)), initializer=_init_worker,
-                      initargs=(schema.task, sources, output, options.verify, progress_queue)) as pool:
-        pending = pool.imap_unordered(_indexed_convert, list(enumerate(units)), chunksize=1)
-        finished = 0
-        while finished < len(units):
-            try:
-                index, result = pending.next(timeout=0.2)
-                results[index] = result
-                finished += 1
-            except multiprocessing.TimeoutError:
-                pass
+    # an executor, not a multiprocessing.Pool: a worker that dies (out of memory, SIGBUS on an input cut short) breaks
+    # it, which raises here; a Pool would quietly start another worker and wait forever for the lost unit
+    pool = ProcessPoolExecutor(min(options.workers, len(units)), mp_context=context, initializer=_init_worker,
+                               initargs=(schema.task, sources, output, options.verify, progress_queue))
+    try:
+        futures = [pool.submit(_worker_convert, unit) for unit in units]
+        running = futures
+        while running:
+            done, running = wait(running, timeout=0.2, return_when=FIRST_EXCEPTION)
             _drain(progress_queue, on_progress)
-        _drain(progress_queue, on_progress)
-    return [results[i] for i in range(len(units))]
-
-
-def _indexed_convert(item: tuple[int, WorkUnit]) -> tuple[int, UnitResult]:
-    return item[0], _worker_convert(item[1])
+            for future in done:
+                future.result()  # a worker's error is raised here, in the caller, as soon as it happens
+    except BrokenProcessPool:  # the executor has killed the other workers too, maybe mid-shard
+        pool.shutdown(wait=True, cancel_futures=True)
+        _remove_temp_files(output)
+        raise ConvertError("a converter worker process died (killed for memory, or an input file changed while "
+                           "it was read); the shards finished so far are kept: re-run the same command to resume"
+                           ) from None
+    except BaseException:  # an error or Ctrl-C: the running units end (finishing or dropping their shards), no new one
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    _drain(progress_queue, on_progress)
+    return [future.result() for future in futures]
 
 
 def _drain(progress_queue, on_progress) -> None:

@@ -103,20 +103,24 @@ def sniff_extension(data: bytes) -> str | None:
 # images
 
 
-def _open_image(data: bytes) -> Image.Image:
-    """Open and fully decode an image (the first frame of an animation), as stored (EXIF orientation not applied)."""
-    if not data:
+def _open_image(data: bytes, decode: bool = True) -> Image.Image:
+    """Open an image and decode it whole (the first frame of an animation), as stored (EXIF orientation not
+    applied); decode=False reads the header only. Images too large to decode safely are refused either way."""
+    if not len(data):
         raise MediaError("image bytes are empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            img.load()  # decodes every pixel: a truncated file fails here, not later
+            if decode:
+                img.load()  # decodes every pixel: a truncated file fails here, not later
             return img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaError(f"image is too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image" / "truncated"
-        raise MediaError(f"not a readable image ({len(data)} bytes, starts {bytes(data[:8])!r}): {_pil_reason(e)}") from None
+        what = "image" if decode else "image header"
+        raise MediaError(f"not a readable {what} ({len(data)} bytes, starts {bytes(data[:8])!r}): "
+                         f"{_pil_reason(e)}") from None
 
 
 def _orientation(img: Image.Image) -> int:
@@ -161,27 +165,32 @@ def decode_image(data: bytes) -> torch.Tensor:
 
 def probe_image(data: bytes) -> ImageInfo:
     """Decode the whole image (verification) and report its size as `decode_image` returns it, and its encoding."""
-    img = _open_image(data)
-    width, height = (img.height, img.width) if _orientation(img) >= 5 else (img.width, img.height)
-    return ImageInfo(width=width, height=height, format=(img.format or "unknown").lower())
+    return _displayed_size(_open_image(data))
 
 
 def peek_image(data: bytes) -> ImageInfo:
     """Size and encoding from the header only (no pixel decode); for trusted data (`--verify none`).
 
-    PNG, JPEG and GIF headers are parsed here (~5 us), anything else by PIL (~30 us). A JPEG's EXIF orientation is
-    honoured (width and height swapped for rotated photos), so the size matches what `decode_image` returns.
+    PNG, JPEG and GIF headers are parsed here (~5 us), anything else by PIL (~30 us). EXIF orientation is honoured
+    (width and height swapped for rotated photos) and images too large to decode are refused, as by `probe_image`.
     """
     if not len(data):
         raise MediaError("image bytes are empty")
-    fast = _header_size(data)
-    if fast is not None:
-        return fast
-    try:
-        img = Image.open(io.BytesIO(data))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise MediaError(f"not a readable image header ({len(data)} bytes, starts {bytes(data[:8])!r}): {_pil_reason(e)}") from None
-    return ImageInfo(width=img.width, height=img.height, format=(img.format or "unknown").lower())
+    info = _header_size(data)
+    if info is None:
+        return _displayed_size(_open_image(data, decode=False))
+    if info.width * info.height > Image.MAX_IMAGE_PIXELS:
+        raise MediaError(f"image is too large to decode safely: {info.width} x {info.height} pixels, more than "
+                         f"PIL's limit of {Image.MAX_IMAGE_PIXELS}")
+    return info
+
+
+def _displayed_size(img: Image.Image) -> ImageInfo:
+    """The size `decode_image` returns: EXIF orientation 5..8 turns the image by 90 degrees. (PIL turns TIFFs
+    itself: their size is the displayed one from the header on, and loading drops the orientation tag.)"""
+    turned = img.format != "TIFF" and _orientation(img) >= 5
+    width, height = (img.height, img.width) if turned else (img.width, img.height)
+    return ImageInfo(width=width, height=height, format=(img.format or "unknown").lower())
 
 
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
@@ -190,10 +199,12 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame 
 def _header_size(data) -> ImageInfo | None:
     """Width and height read straight from a PNG, JPEG or GIF header; None for other formats or odd headers."""
     head = bytes(data[:32])
-    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
         width, height = struct.unpack(">II", head[16:24])
+        if _png_orientation(_unsigned(data)) >= 5:
+            width, height = height, width
         return ImageInfo(width, height, "png") if width and height else None
-    if head.startswith((b"GIF87a", b"GIF89a")):
+    if head.startswith((b"GIF87a", b"GIF89a")) and len(head) >= 10:
         width, height = struct.unpack("<HH", head[6:10])
         return ImageInfo(width, height, "gif") if width and height else None
     if not head.startswith(b"\xff\xd8"):
@@ -222,6 +233,19 @@ def _header_size(data) -> ImageInfo | None:
             rotated = _exif_orientation(bytes(view[pos + 10:pos + 2 + length])) in (5, 6, 7, 8)
         pos += 2 + length
     return None
+
+
+def _png_orientation(view: memoryview) -> int:
+    """EXIF orientation from a PNG's eXIf chunk, looked for up to the first IDAT (where the PNG spec puts it)."""
+    pos = 8  # past the signature; each chunk: length, type, data, CRC
+    while pos + 8 <= len(view):
+        length, kind = struct.unpack(">I4s", view[pos:pos + 8])
+        if kind == b"eXIf":
+            return _exif_orientation(bytes(view[pos + 8:pos + 8 + length]))
+        if kind == b"IDAT":
+            return 1
+        pos += 12 + length
+    return 1
 
 
 def _exif_orientation(tiff: bytes) -> int:
@@ -277,14 +301,18 @@ def _as_uint8_array(frames) -> np.ndarray:
 def _open_container(data: bytes) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
     if not data:
         raise MediaError("video bytes are empty")
-    try:
-        container = av.open(io.BytesIO(data), mode="r")
+    try:  # metadata (titles, handler names) that is not UTF-8 must not make a playable video unreadable
+        container = av.open(io.BytesIO(data), mode="r", metadata_errors="replace")
     except av.FFmpegError as e:
         raise MediaError(f"not a readable video container ({len(data)} bytes, starts {bytes(data[:12])!r}): {e}") from None
     if not container.streams.video:
         container.close()
         raise MediaError(f"container ({container.format.name}) has no video stream")
-    return container, container.streams.video[0]
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # a damaged header: FFmpeg found a stream but nothing to decode it with
+        container.close()
+        raise MediaError(f"the video stream in the {container.format.name} container has no decodable codec")
+    return container, stream
 
 
 def _frame_time(frame: av.VideoFrame, index: int, rate: float) -> float:

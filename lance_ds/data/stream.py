@@ -153,6 +153,11 @@ def resolve_sources(sources: list[str], where: str = "shards") -> tuple[list[Sha
                 shards += _manifest_shards(manifest, source, lambda base, name: str(Path(base) / name))
                 tasks.add(manifest.get("task"))
             else:
+                from .convert import STATE_DIR  # here only: the converter's module imports pyarrow
+
+                if (Path(source) / STATE_DIR).is_dir():
+                    raise DataError(f"{where}: {source} is a converter output whose conversion has not finished (it "
+                                    "has no manifest.json yet); re-run the converter command to complete it")
                 found = sorted(glob.glob(str(Path(source) / "*.tar")))
                 if not found:
                     raise DataError(f"{where}: {source} has neither manifest.json nor *.tar files")
@@ -760,20 +765,23 @@ class ValLoader:
 def first_samples(dataset: DatasetConfig, per_group: int) -> list[tuple[GroupConfig, Sample]]:
     """The first `per_group` decodable samples of every group with the group they come from, in shard order: fixed
     prompts for validation samples and evaluation (every rank reads the same ones). Undecodable samples are passed
-    over."""
+    over, and so is the rest of a damaged shard (as the training loader does)."""
     out: list[tuple[GroupConfig, Sample]] = []
     for i, config in enumerate(dataset.groups):
         group = resolve_group(config, f"groups[{i}] ({config.name})")
         found = 0
         for shard in group.shards:
-            for raw in iter_raw_samples(shard.url):
-                if found == per_group:
-                    break
-                try:
-                    out.append((config, decode_sample(raw, group)))
-                    found += 1
-                except SkipSample:
-                    continue
+            try:
+                for raw in iter_raw_samples(shard.url):
+                    if found == per_group:
+                        break
+                    try:
+                        out.append((config, decode_sample(raw, group)))
+                        found += 1
+                    except SkipSample:
+                        continue
+            except ShardError as e:
+                logger.warning("passing over the rest of a damaged shard: %s", e)
             if found == per_group:
                 break
     return out

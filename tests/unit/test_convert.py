@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -19,7 +20,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from lance_ds.config.core import ConfigError
+from lance_ds.config.core import ConfigError, Problems
 from lance_ds.data import convert as convert_module
 from lance_ds.data.convert import ConvertError, ConvertOptions, convert, read_manifest
 from lance_ds.data.media import encode_video
@@ -398,6 +399,62 @@ def test_interrupted_run_leaves_no_partial_shard_and_resumes(many_groups, tmp_pa
     assert snapshot(out) == snapshot(reference_dir)
 
 
+def test_a_worker_that_dies_fails_the_run_and_a_rerun_resumes(many_groups, tmp_path, monkeypatch):
+    real = convert_module.convert_unit
+
+    def dying(unit, *args, **kwargs):  # runs in a forked worker: stands in for the OOM killer, or SIGBUS
+        if unit.shards[0].index > 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(unit, *args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "convert_unit", dying)
+    out, outcome = tmp_path / "out", {}
+
+    def attempt():
+        try:
+            run([many_groups], out, samples_per_shard=5, workers=2)
+        except BaseException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "convert() still waits for a worker that died"
+    assert isinstance(outcome.get("error"), ConvertError) and "re-run the same command" in str(outcome["error"])
+    assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
+    monkeypatch.setattr(convert_module, "convert_unit", real)
+    run([many_groups], out, samples_per_shard=5, workers=2)
+    run([many_groups], tmp_path / "fresh", samples_per_shard=5)
+    assert snapshot(out) == snapshot(tmp_path / "fresh")
+
+
+def test_a_shard_whose_rows_are_now_all_rejected_leaves_no_old_tar(tmp_path):
+    rows = make_rows("t2i")[0][:4]
+    source = write_parquet(tmp_path / "in.parquet", "t2i", rows)
+    out = tmp_path / "out"
+    run([source], out, samples_per_shard=2)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    write_parquet(source, "t2i", [dict(row, image_bytes=None) if i < 2 else row for i, row in enumerate(rows)])
+    again = run([source], out, samples_per_shard=2)  # the first shard's rows are all rejected now
+    assert [s["name"] for s in read_manifest(out)["shards"]] == ["shard-000001.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000001.tar"]  # a glob finds no stale samples
+    assert (again.num_samples, again.num_rejects) == (1, 3)
+    assert run([source], out, samples_per_shard=2).num_resumed == 2  # both shards, the empty one included
+
+
+def test_text_that_is_not_utf8_in_a_string_column_rejects_its_row(tmp_path):
+    rows = make_rows("t2i")[0][:3]
+    captions = pa.array([b"fine", b"bad \xff\xfe", b"also fine"], pa.binary()).view(pa.string())  # arrow and
+    table = pa.table({"caption": captions, "image_bytes": [r["image_bytes"] for r in rows]})  # parquet don't check
+    pq.write_table(table, tmp_path / "in.parquet")
+    summary = run([tmp_path / "in.parquet"], tmp_path / "out")
+    assert (summary.num_samples, summary.num_rejects) == (2, 1)
+    [reject] = read_rejects(tmp_path / "out")
+    assert (reject["row"], reject["column"]) == (1, "caption") and "not valid UTF-8" in reject["reason"]
+    texts = [json.loads(s["json"])["caption"] for s in wds.WebDataset(shard_urls(tmp_path / "out"), shardshuffle=False)]
+    assert texts == ["fine", "also fine"]
+
+
 def test_changed_options_replace_the_old_plan(many_groups, tmp_path):
     out = tmp_path / "out"
     run([many_groups], out, samples_per_shard=3)
@@ -476,12 +533,17 @@ def test_unknown_columns_are_refused_naming_them_and_the_schemas(tmp_path):
     (dict(inputs=["data.parquet", "./data.parquet"]), "given twice"),
     (dict(inputs=["notes.parquet"]), "not a readable parquet"),
     (dict(task="i2i"), "are missing"),
+    (dict(output="a_file"), "is a file"),
+    (dict(inputs=["odd_names"]), "not valid UTF-8"),
 ])
 def test_bad_inputs_are_refused(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)
     write_parquet(tmp_path / "data.parquet", "t2i", make_rows("t2i")[0][:2])
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "notes.parquet").write_text("not parquet")
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "odd_names").mkdir()
+    os.link(tmp_path / "data.parquet", os.fsencode(tmp_path / "odd_names") + b"/part-\xff.parquet")
     options = dict(inputs=["data.parquet"], output=str(tmp_path / "out"), progress=False)
     with pytest.raises(ConvertError, match=message):
         convert(ConvertOptions(**{**options, **change}))
@@ -494,6 +556,8 @@ def test_bad_options_are_collected():
         convert(options)
     for flag in ("--input", "--output", "--task", "--verify", "--workers", "--samples-per-shard"):
         assert flag in str(err.value)
+    ConvertOptions(inputs=["x"], output="y", shard_size_mb=64).check(problems := Problems())  # an int is a size too
+    assert not problems, problems.items
 
 
 def test_cli_summary_and_refusal(tmp_path):

@@ -2,6 +2,7 @@
 
 import io
 import struct
+import zlib
 
 import av
 import numpy as np
@@ -12,8 +13,17 @@ from PIL import Image
 
 from lance_ds.data.example import Scene, render_video
 from lance_ds.data.media import (
-    MediaError, decode_image, decode_video, encode_image, encode_video, peek_image, peek_video, probe_image, probe_video,
-    sniff_extension)
+    MediaError,
+    decode_image,
+    decode_video,
+    encode_image,
+    encode_video,
+    peek_image,
+    peek_video,
+    probe_image,
+    probe_video,
+    sniff_extension,
+)
 
 
 def counter_video(num_frames: int, width: int = 32, height: int = 24) -> np.ndarray:
@@ -26,9 +36,9 @@ def frame_ids(frames: torch.Tensor) -> list[int]:
     return [round(float(f.float().mean()) / 20) for f in frames]
 
 
-def pil_bytes(img: Image.Image, fmt: str) -> bytes:
+def pil_bytes(img: Image.Image, fmt: str, **options) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    img.save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -195,6 +205,18 @@ def test_bad_videos_raise_media_error():
     assert probe_video(image).num_frames == 1  # a still image is a 1-frame video to FFmpeg, not an error
 
 
+def test_damaged_video_headers_are_read_or_refused_never_crash():
+    data = encode_video(counter_video(4), fps=8, codec="mpeg4")
+    assert b"VideoHandler" in data and b"minf" in data
+    odd_name = data.replace(b"VideoHandler", b"V\xa0deoHandler")  # a handler name that is not UTF-8: still playable
+    assert frame_ids(decode_video(odd_name)) == [0, 1, 2, 3]
+    assert probe_video(odd_name).num_frames == peek_video(odd_name).num_frames == 4
+    no_codec = data.replace(b"minf", b"\xdcinf", 1)  # the media information box lost: a stream without a decoder
+    for read in (decode_video, probe_video, peek_video):
+        with pytest.raises(MediaError, match="no decodable codec"):
+            read(no_codec)
+
+
 def test_probe_catches_truncated_payload_when_index_comes_first(tmp_path):
     """With the index (moov) at the front, a cut file still opens; probing must notice the missing frames."""
     frames = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)  # noise: large frames
@@ -241,6 +263,42 @@ def test_exif_orientation_agrees_between_peek_probe_and_decode(orientation, big_
     assert (frames.shape[2], frames.shape[1]) == expected
     for info in (probe_image(data), peek_image(data)):
         assert (info.width, info.height, info.format) == (*expected, "jpeg")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+def test_exif_orientation_of_other_formats_agrees_too(fmt):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned by 90 degrees: a 30 x 10 picture shows as 10 x 30
+    data = pil_bytes(Image.new("RGB", (30, 10), (10, 200, 10)), fmt, exif=exif.tobytes())
+    frames = decode_image(data)
+    assert (frames.shape[2], frames.shape[1]) == (10, 30)
+    for info in (probe_image(data), peek_image(data)):
+        assert (info.width, info.height) == (10, 30)
+
+
+def _huge_bmp() -> bytes:
+    data = bytearray(pil_bytes(Image.new("RGB", (4, 4)), "BMP"))
+    data[18:26] = struct.pack("<ii", 200_000, 200_000)  # the header claims 4e10 pixels
+    return bytes(data)
+
+
+def _huge_png() -> bytes:
+    data = bytearray(encode_image(np.zeros((8, 8, 3), np.uint8), "png"))
+    data[16:24] = struct.pack(">II", 300_000, 300_000)  # IHDR claims 9e10 pixels (its CRC made to match)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("data, message", [
+    (encode_image(np.zeros((8, 8, 3), np.uint8), "png")[:20], "not a readable image"),  # PNG cut inside IHDR
+    (pil_bytes(Image.new("RGB", (4, 4)), "GIF")[:8], "not a readable image"),  # GIF cut inside its size
+    (_huge_bmp(), "too large"),
+    (_huge_png(), "too large"),
+])
+def test_damaged_headers_are_media_errors_for_peek_and_probe(data, message):
+    for read in (peek_image, probe_image):
+        with pytest.raises(MediaError, match=message):
+            read(data)
 
 
 def test_peek_reads_headers_from_arrow_buffers():

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import http.server
 import json
+import shutil
 import threading
 from collections import Counter
 from pathlib import Path
@@ -298,6 +299,24 @@ def test_corrupt_input_is_skipped_and_counted(tmp_path, planner):
     # the samples before the cut of the truncated shard are read; the one cut in half is not
     keys = [r.key for r in _read_all(tmp_path / "trunc/shard-000000.tar")]
     assert keys == ["t000x0000", "t000x0001", "t000x0002"]
+
+
+def test_first_samples_pass_over_damaged_shards_and_samples(tmp_path):
+    _corrupt_shards(tmp_path)
+    dataset = DatasetConfig(groups=[group("g", [tmp_path / "trunc/shard-000000.tar", tmp_path / "bad/*.tar",
+                                                tmp_path / "hdr", tmp_path / "good"])])
+    keys = [sample.key for _, sample in stream_module.first_samples(dataset, per_group=6)]
+    # trunc: the two samples before the cut; bad: the one decodable sample; hdr: the first, before the bad header
+    assert keys == ["t000x0000", "t000x0001", "b4", "h000x0000", "g000x0000", "g000x0001"]
+
+
+def test_an_unfinished_conversion_is_refused_not_read(tmp_path):
+    write_shards(tmp_path / "out", "t2i", 2, 2, manifest=False)
+    (tmp_path / "out" / ".convert_state").mkdir()  # what the converter leaves until its run completes
+    with pytest.raises(stream_module.DataError, match="conversion has not finished"):
+        stream_module.resolve_sources([str(tmp_path / "out")])
+    shutil.rmtree(tmp_path / "out" / ".convert_state")  # a directory of shards from elsewhere: its *.tar are read
+    assert len(stream_module.resolve_sources([str(tmp_path / "out")])[0]) == 2
 
 
 def _read_all(path) -> list:
