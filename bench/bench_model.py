@@ -57,7 +57,7 @@ def measure(size: str, attention: str, num_tokens: int, steps: int, train: bool)
     objective = ObjectiveConfig()
 
     def step(i: int):
-        flow = prepare_flow(clean, batch, objective.timestep_shift, torch.Generator().manual_seed(i))
+        flow = prepare_flow(clean, batch, objective, torch.Generator().manual_seed(i))
         if not train:
             with torch.no_grad():
                 model(batch, vit, flow.noisy, flow.timesteps)

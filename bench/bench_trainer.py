@@ -212,7 +212,7 @@ class BareLoop:
             clean = encode_latents(self.parts.vae, batch.vae_pixels, gen) if self.parts.vae else None
         objective, flow = self.cfg.objective, None
         if clean is not None:
-            flow = prepare_flow(clean, batch, objective.timestep_shift, gen, weigh_blocks=objective.mse_per == "block")
+            flow = prepare_flow(clean, batch, objective, gen)
         return batch, vit, flow
 
     def train_micro(self, batch, vit, flow) -> None:

@@ -125,8 +125,7 @@ class Trainer:
             clean = encode_latents(self.parts.vae, batch.vae_pixels, generator) if self.parts.vae is not None else None
         flow = None
         if clean is not None:
-            flow = prepare_flow(clean, batch, self.cfg.objective.timestep_shift, generator,
-                                weigh_blocks=self.cfg.objective.mse_per == "block")
+            flow = prepare_flow(clean, batch, self.cfg.objective, generator)
             pred = self.engine(batch, vit_embeds, flow.noisy, flow.timesteps)
         else:
             pred = self.engine(batch, vit_embeds)

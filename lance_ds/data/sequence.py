@@ -336,6 +336,13 @@ class _SequenceBuilder:
 # the planner
 
 
+def _paired_clips(source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """A video edit's source and target [T, H, W, 3] cut to the shorter one's frames: their latents share RoPE ids,
+    and the ViT sees the source only as far as the target goes (in training and in prompts alike)."""
+    frames = min(source.shape[0], target.shape[0])
+    return source[:frames], target[:frames]
+
+
 class SequencePlanner:
     """Sample -> SequencePlan. Deterministic: the same sample (key, epoch) always gives the same plan.
 
@@ -444,6 +451,8 @@ class SequencePlanner:
         video = sample.task == "v2v"
         source = sample.media["input_video" if video else "input_image"]
         num_frames, height, width = shape
+        if video and "output_video" in sample.media:  # the ViT sees what training showed it
+            source = _paired_clips(source, sample.media["output_video"])[0]
         b = self._header(sample, group)
         vit_block = self._vit_block(b, source, group, video)
         source_block = self._vae_block(b, resize_crop(source[:num_frames], height, width), is_target=False)
@@ -475,8 +484,8 @@ class SequencePlanner:
             shape = self._check_target_shape(sample, tuple(int(x) for x in target_shape), video)
         elif TARGET_MEDIA[sample.task] in sample.media:
             target = sample.media[TARGET_MEDIA[sample.task]]
-            if source is not None and video:  # source and target share RoPE ids: the same frame count
-                target = target[:source.shape[0]]
+            if source is not None and video:
+                target = _paired_clips(source, target)[1]
             shape = tuple(self._vae_frames(target, group, video).shape[:3])
         elif source is not None:
             shape = tuple(self._vae_frames(source, group, video).shape[:3])
@@ -527,9 +536,8 @@ class SequencePlanner:
         video = sample.task == "v2v"
         source = sample.media["input_video" if video else "input_image"]
         target = sample.media["output_video" if video else "output_image"]
-        if video:  # source and target latents share RoPE ids, so they need the same number of frames
-            frames = min(source.shape[0], target.shape[0])
-            source, target = source[:frames], target[:frames]
+        if video:
+            source, target = _paired_clips(source, target)
         target = self._vae_frames(target, group, video)
         source_vae = resize_crop(source[:target.shape[0]], target.shape[1], target.shape[2])
         b = self._header(sample, group)

@@ -5,14 +5,26 @@
   losses  named losses normalised by global token counts (rule 2)
 
 A training micro-step, in the trainer:
-    flow = prepare_flow(clean_latents, batch, cfg.objective.timestep_shift, generator)
+    flow = prepare_flow(clean_latents, batch, cfg.objective, generator)
     pred = engine(batch, vit_embeds, flow.noisy, flow.timesteps)
     losses = compute_losses(pred.logits, pred.velocity, batch, flow, cfg.objective)
     engine.backward(losses.total)
 """
 
-from .flow import (PREDICTIONS, FlowInputs, SamplerInputs, as_velocity, euler_sample, lance_velocity_fn,
-                   mse_per_token, prepare_flow, sample_timesteps, sampling_schedule, shift_timesteps, token_blocks)
+from .flow import (
+                   PREDICTIONS,
+                   FlowInputs,
+                   SamplerInputs,
+                   as_velocity,
+                   euler_sample,
+                   lance_velocity_fn,
+                   mse_per_token,
+                   prepare_flow,
+                   sample_timesteps,
+                   sampling_schedule,
+                   shift_timesteps,
+                   token_blocks,
+)
 from .losses import Losses, compute_losses, global_sums, normalised
 from .text import append_token, ce_per_token, decode_text, pick_token
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lance_ds.config.model import PREDICTIONS
+from lance_ds.config.model import PREDICTIONS, ObjectiveConfig
 from lance_ds.data.batch import PackedBatch
 
 
@@ -52,14 +52,15 @@ class FlowInputs:
     weights: Tensor  # [N] MSE weight: the block's vae_weights for targets, 0 for conditions
 
 
-def prepare_flow(clean: Tensor, batch: PackedBatch, shift: float, generator: torch.Generator | None = None,
-                 mean: float = 0.0, std: float = 1.0, noise: Tensor | None = None,
-                 block_timesteps: Tensor | None = None, weigh_blocks: bool = False) -> FlowInputs:
+def prepare_flow(clean: Tensor, batch: PackedBatch, objective: ObjectiveConfig,
+                 generator: torch.Generator | None = None, noise: Tensor | None = None,
+                 block_timesteps: Tensor | None = None) -> FlowInputs:
     """Noise the clean latents x_0 [N, z] of `batch`'s VAE tokens (block after block, (t, h, w) raster).
 
+    Timesteps are drawn per target block as `objective` says (timestep_shift, _mean, _std); objective.mse_per: block
+    makes a target block's tokens share its weight, so a 9-frame video weighs what an image weighs; token (Lance):
+    every token weighs the block's weight.
     noise / block_timesteps: given eps [N, z] and t [G] instead of drawing them (tests, parity with a reference).
-    weigh_blocks: a target block's tokens share its weight (objective.mse_per: block), so a 9-frame video weighs
-    what an image weighs; else every token weighs the block's weight (Lance).
     """
     blocks = token_blocks(batch.vae_grid_thw.to(clean.device))
     if blocks.numel() != clean.shape[0]:
@@ -68,14 +69,15 @@ def prepare_flow(clean: Tensor, batch: PackedBatch, shift: float, generator: tor
     num_blocks = batch.vae_grid_thw.shape[0]
     is_target = batch.vae_is_target.to(clean.device).bool()
     if block_timesteps is None:
-        block_timesteps = sample_timesteps(num_blocks, shift, mean, std, generator, clean.device)
+        block_timesteps = sample_timesteps(num_blocks, objective.timestep_shift, objective.timestep_mean,
+                                           objective.timestep_std, generator, clean.device)
     block_timesteps = torch.where(is_target, block_timesteps.to(clean.device), torch.zeros_like(block_timesteps))
     t = block_timesteps[blocks]
     x0 = clean.float()
     eps = torch.randn(x0.shape, generator=generator, device=x0.device) if noise is None else noise.float()
     noisy = (1 - t[:, None]) * x0 + t[:, None] * eps
     block_weights = batch.vae_weights.to(clean.device).float() * is_target.float()
-    if weigh_blocks:
+    if objective.mse_per == "block":
         block_weights = block_weights / torch.bincount(blocks, minlength=num_blocks).clamp_min(1)
     weights = block_weights[blocks]
     return FlowInputs(noisy=noisy, timesteps=t, target=eps - x0, weights=weights)
@@ -84,12 +86,17 @@ def prepare_flow(clean: Tensor, batch: PackedBatch, shift: float, generator: tor
 MIN_DATA_T = 0.05  # data prediction divides by t; below this the implied velocity would blow up
 
 
-def as_velocity(output: Tensor, noisy: Tensor, timesteps: Tensor, prediction: str) -> Tensor:
-    """The velocity [N, z] the flow head's output [N, z] stands for, given x_t [N, z] at times t [N]."""
+def as_velocity(output: Tensor, noisy: Tensor, timesteps: Tensor, prediction: str,
+                min_t: float = MIN_DATA_T) -> Tensor:
+    """The velocity [N, z] the flow head's output [N, z] stands for, given x_t [N, z] at times t [N].
+
+    A data prediction x_0 stands for (x_t - x_0) / t, with t kept >= min_t: in training that bounds the loss near
+    t = 0; the sampler passes 0 (its t is never 0), so that each Euler step lands exactly on the line through x_0.
+    """
     if prediction == "velocity":
         return output
     if prediction == "data":
-        return (noisy.float() - output.float()) / timesteps.float().clamp(min=MIN_DATA_T)[:, None]
+        return (noisy.float() - output.float()) / timesteps.float().clamp(min=min_t)[:, None]
     raise ValueError(f"objective.prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
@@ -152,7 +159,7 @@ def lance_velocity_fn(model: torch.nn.Module, cond: SamplerInputs, uncond: Sampl
         latents[mask] = x
         timesteps = torch.where(mask, torch.full_like(mask, t, dtype=torch.float32), torch.zeros_like(latents[:, 0]))
         pred = model(inputs.batch, inputs.vit_embeds, latents, timesteps)
-        return as_velocity(pred.velocity[mask], x, timesteps[mask], prediction)
+        return as_velocity(pred.velocity[mask], x, timesteps[mask], prediction, min_t=0.0)
 
     def velocity(x: Tensor, t: float, conditional: bool) -> Tensor:
         if conditional or uncond is None:

@@ -102,7 +102,7 @@ def train(mode: str, steps: int, rank: int) -> dict:
         vit = encode_vit(bundle.vit, batch.vit_patches, batch.vit_grid_thw) if bundle.vit is not None else None
         latents = torch.cat([bundle.vae.encode(p)[0].flatten(1).T for p in batch.vae_pixels] or
                             [torch.zeros(0, bundle.geometry.latent_channels)])  # [N, z] raster
-        flow = prepare_flow(latents, batch, objective.timestep_shift, torch.Generator().manual_seed(step * 10 + rank))
+        flow = prepare_flow(latents, batch, objective, torch.Generator().manual_seed(step * 10 + rank))
         pred = engine(batch, vit, flow.noisy, flow.timesteps)
         losses = compute_losses(pred.logits, pred.velocity, batch, flow, objective)
         engine.backward(losses.total)

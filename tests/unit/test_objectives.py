@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from lance_ds.config.core import Problems
 from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import AttnMode
 from lance_ds.model.synthetic import Text, Vae, synthetic_batch
-from lance_ds.objectives import (append_token, as_velocity, compute_losses, decode_text, euler_sample, normalised, pick_token,
-                                 prepare_flow, sample_timesteps, sampling_schedule, shift_timesteps)
+from lance_ds.objectives import (SamplerInputs, append_token, as_velocity, compute_losses, decode_text, euler_sample,
+                                 lance_velocity_fn, normalised, pick_token, prepare_flow, sample_timesteps,
+                                 sampling_schedule, shift_timesteps)
 
 
 def test_timestep_shift_table():
@@ -33,7 +35,7 @@ def edit_batch():
 def test_prepare_flow_noises_targets_only():
     batch = edit_batch()
     clean = torch.randn(4 + 6 + 4, 8)
-    flow = prepare_flow(clean, batch, shift=4.0, generator=torch.Generator().manual_seed(0))
+    flow = prepare_flow(clean, batch, ObjectiveConfig(timestep_shift=4.0), torch.Generator().manual_seed(0))
     source, target, t2i = slice(0, 4), slice(4, 10), slice(10, 14)
     assert torch.equal(flow.timesteps[source], torch.zeros(4)) and torch.equal(flow.noisy[source], clean[source])
     assert flow.timesteps[target].unique().numel() == 1 and flow.timesteps[t2i].unique().numel() == 1  # one t per block
@@ -43,14 +45,25 @@ def test_prepare_flow_noises_targets_only():
     t = flow.timesteps[:, None]
     assert torch.allclose(flow.noisy, (1 - t) * clean + t * eps, atol=1e-6)
     with pytest.raises(ValueError, match="vae_grid_thw"):
-        prepare_flow(clean[:5], batch, 4.0)
+        prepare_flow(clean[:5], batch, ObjectiveConfig())
+
+
+def test_timestep_draws_follow_the_objective():
+    batch = edit_batch()
+    for mean, expected in ((3.0, 0.9526), (-3.0, 0.0474)):  # sigmoid(+-3), unshifted, (nearly) no spread
+        objective = ObjectiveConfig(timestep_shift=1.0, timestep_mean=mean, timestep_std=0.001)
+        flow = prepare_flow(torch.randn(14, 8), batch, objective, torch.Generator().manual_seed(4))
+        assert torch.allclose(flow.timesteps[4:], torch.full((10,), expected), atol=2e-3)
+    shifted = prepare_flow(torch.randn(14, 8), batch, ObjectiveConfig(timestep_shift=4.0, timestep_std=0.001),
+                           torch.Generator().manual_seed(4))
+    assert torch.allclose(shifted.timesteps[4:], torch.full((10,), 0.8), atol=2e-3)  # 4 * 0.5 / (1 + 3 * 0.5)
 
 
 def test_mse_per_block_weighs_each_generated_block_alike():
     """objective.mse_per: block: the 6-token target and the 4-token t2i target each weigh their block weight in all,
     so the MSE is the mean of the two blocks' own means (the t2i one at its weight 0.5)."""
     batch = edit_batch()
-    flow = prepare_flow(torch.randn(14, 8), batch, 4.0, generator=torch.Generator().manual_seed(1), weigh_blocks=True)
+    flow = prepare_flow(torch.randn(14, 8), batch, ObjectiveConfig(mse_per="block"), torch.Generator().manual_seed(1))
     assert torch.allclose(flow.weights, torch.tensor([0.0] * 4 + [1 / 6] * 6 + [0.5 / 4] * 4))
     velocity = torch.randn(14, 8)
     losses = compute_losses(torch.randn(0, 100), velocity, batch, flow, ObjectiveConfig(mse_per="block"))
@@ -65,7 +78,7 @@ def test_losses_are_weighted_means_and_named():
     batch = edit_batch()
     batch = dataclasses.replace(batch, ce_indexes=torch.tensor([0, 1, 2]), ce_targets=torch.tensor([1, 2, 3]),
                                 ce_weights=torch.tensor([1.0, 1.0, 0.0]))
-    flow = prepare_flow(torch.randn(14, 8), batch, 4.0, generator=torch.Generator().manual_seed(1))
+    flow = prepare_flow(torch.randn(14, 8), batch, ObjectiveConfig(), torch.Generator().manual_seed(1))
     logits = torch.randn(3, 100, requires_grad=True)
     velocity = torch.randn(14, 8, requires_grad=True)
     losses = compute_losses(logits, velocity, batch, flow, ObjectiveConfig(ce_weight=0.25, mse_weight=1.0))
@@ -99,7 +112,7 @@ def test_data_prediction_is_scored_and_sampled_as_the_velocity_it_implies():
     penalised as (x_t - out) / t, and the sampler turns the same output into the step it takes."""
     batch = edit_batch()
     clean = torch.randn(14, 8)
-    flow = prepare_flow(clean, batch, 1.0, generator=torch.Generator().manual_seed(2))
+    flow = prepare_flow(clean, batch, ObjectiveConfig(timestep_shift=1.0), torch.Generator().manual_seed(2))
     cfg = ObjectiveConfig(prediction="data")
     assert compute_losses(no_text(batch), clean, batch, flow, cfg).mse.item() < 1e-9
     wrong = clean + 0.1
@@ -107,9 +120,13 @@ def test_data_prediction_is_scored_and_sampled_as_the_velocity_it_implies():
     assert torch.allclose(compute_losses(no_text(batch), wrong, batch, flow, cfg).mse,
                           (expected * flow.weights).sum() / flow.weights.sum())
     assert compute_losses(no_text(batch), clean, batch, flow, ObjectiveConfig()).mse > 0.1  # read as velocity
+    # a perfect x_0 predictor through the sampler's velocity lands on x_0, also when the last steps start below
+    # MIN_DATA_T (50 unshifted steps: the last starts at t = 0.02)
     x0 = torch.tensor([[1.5, -2.0, 0.25]])
-    out = euler_sample(lambda x, t, c: as_velocity(x0, x, torch.tensor([t]), "data"), torch.randn(1, 3), 10, 1.0, 1.0)
-    assert torch.allclose(out, x0, atol=1e-5)
+    perfect = lambda batch, vit_embeds, latents, timesteps: types.SimpleNamespace(velocity=x0)  # noqa: E731
+    velocity = lance_velocity_fn(perfect, SamplerInputs(None, torch.zeros(1, 3), torch.tensor([True])),
+                                 prediction="data")
+    assert torch.allclose(euler_sample(velocity, torch.randn(1, 3), 50, shift=1.0, cfg_scale=1.0), x0, atol=1e-5)
     with pytest.raises(ValueError, match="objective.prediction"):
         as_velocity(x0, x0, torch.ones(1), "noise")
 
@@ -122,7 +139,7 @@ def test_per_task_losses_score_what_training_scores(prediction):
     from lance_ds.validation import TaskLosses
 
     batch = dataclasses.replace(edit_batch(), tasks=["i2i", "t2i"])
-    flow = prepare_flow(torch.randn(14, 8), batch, 1.0, generator=torch.Generator().manual_seed(3))
+    flow = prepare_flow(torch.randn(14, 8), batch, ObjectiveConfig(timestep_shift=1.0), torch.Generator().manual_seed(3))
     pred = SimpleNamespace(logits=no_text(batch), velocity=torch.randn(14, 8))
     per_task = TaskLosses(torch.device("cpu"), prediction)
     per_task.add(batch, pred, flow)
@@ -186,7 +203,6 @@ def test_samplers_run_on_a_lance_model():
     from lance_ds.config.model import ModelConfig
     from lance_ds.model import build_model, encode_vit
     from lance_ds.model.synthetic import Vit
-    from lance_ds.objectives import SamplerInputs, lance_velocity_fn
 
     torch.manual_seed(0)
     bundle = build_model(ModelConfig(size="debug", dtype="fp32", vit_dtype="fp32"), 500)

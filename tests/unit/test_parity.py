@@ -111,7 +111,8 @@ def test_parity_with_lance(ref):
     # objectives: logit-normal draw -> shifted t; the reference's eps instead of a fresh draw
     t_block = shift_timesteps(torch.sigmoid(case["inputs.packed_timesteps"][:1]), config["timestep_shift"])
     clean = torch.cat([x.reshape(-1, x.shape[-1]) for x in [case["inputs.padded_latent.0"]]])
-    flow = prepare_flow(clean, batch, config["timestep_shift"], noise=case["outputs.noise"], block_timesteps=t_block)
+    flow = prepare_flow(clean, batch, ObjectiveConfig(timestep_shift=config["timestep_shift"]),
+                        noise=case["outputs.noise"], block_timesteps=t_block)
     assert_close(flow.timesteps, case["outputs.timesteps_used"], "timesteps")
     assert_close(flow.target, case["outputs.flow_target"], "velocity target")
 
