@@ -10,7 +10,10 @@ Layout of OUTPUT_DIR/checkpoints/:
   latest                     the name of the newest complete checkpoint (replaced atomically)
 
 A save is written under `<name>.tmp`, every rank finishes, then rank 0 renames it and only then moves `latest`
-(rule 7), so a run killed at any moment - even during a save - resumes from the last complete checkpoint.
+(rule 7), so a run killed at any moment - even during a save - resumes from the last complete checkpoint. A re-save
+of a step (after a resume from an earlier one) moves the old copy aside as `<name>.old.tmp` until the new one is in
+place. Retention keeps the `keep_last` newest steps up to the one just saved; later steps (another run's, before a
+resume from an earlier step or --resume none) stay until this run replaces them.
 Nothing here unpickles data (rule 10): our own state is JSON and safetensors.
 """
 
@@ -110,8 +113,12 @@ class Checkpointer:
                 return None
             path = self.root / pointer.read_text().strip()
             if not (path / "trainer_state.json").is_file():
+                aside = self._aside(path.name)
+                hint = (f", or rename {aside} (its previous copy, whole: a re-save of it was interrupted) to "
+                        f"{path.name}" if (aside / "trainer_state.json").is_file() else "")
                 raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
-                                      f"resume from a step instead (--resume STEP, complete: {self.complete_steps()})")
+                                      f"resume from a step instead (--resume STEP, complete: {self.complete_steps()})"
+                                      f"{hint}")
             return path
         if not resume.isdigit():
             raise CheckpointError(f"--resume must be latest, none or a step number, got {resume!r}")
@@ -148,18 +155,24 @@ class Checkpointer:
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             # trainer_state.json is written last: its presence marks a complete directory.
             _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
-            final = self.root / name
-            if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
-                shutil.rmtree(final)
+            final, replaced = self.root / name, self._aside(name)
+            if final.exists():  # a re-save of the same step (after a resume): the old copy goes only once the new
+                os.replace(final, replaced)  # one is in place (a crash in between leaves it as a .tmp: see below)
             os.replace(tmp, final)
             _fsync_dir(self.root)
             _write_atomic(self.root / LATEST, name)
-            self._prune()
+            shutil.rmtree(replaced, ignore_errors=True)
+            self._prune(step)
         _barrier()
         return self.root / name
 
-    def _prune(self) -> None:
-        for old in self.complete_steps()[: -self.keep_last]:
+    def _aside(self, name: str) -> Path:
+        return self.root / (name + ".old" + TMP_SUFFIX)
+
+    def _prune(self, saved: int) -> None:
+        """Keep the keep_last newest checkpoints up to the one just saved. Later steps are another run's (before a
+        resume from an earlier step, or --resume none): left alone, they are replaced as this run reaches them."""
+        for old in [s for s in self.complete_steps() if s <= saved][: -self.keep_last]:
             shutil.rmtree(self.root / step_name(old), ignore_errors=True)
 
     # -- loading -----------------------------------------------------------------------------------------------

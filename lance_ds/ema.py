@@ -32,7 +32,8 @@ class ShardedEMA:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.load_state_dict(None)
         self.partitioned = any(hasattr(p, "ds_tensor") for p in self.params.values())
         self.shapes = {n: _full_shape(p) for n, p in self.params.items()}
 
@@ -47,7 +48,12 @@ class ShardedEMA:
     def metadata(self) -> dict[str, str]:
         return {PARTITIONED: json.dumps(self.partitioned), "shapes": json.dumps(self.shapes)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Restore a saved shadow; None (a checkpoint saved without EMA: it was turned on at this resume) starts it
+        from the current, resumed weights."""
+        if state is None:
+            self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
+            return
         missing = sorted(set(self.shadow) - set(state))
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}; the checkpoint was "

@@ -77,11 +77,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    """The RNG for one micro-step's noise and timesteps: a pure function of its coordinates, so a resumed run
-    draws exactly what the uninterrupted run drew, with no RNG state to checkpoint."""
+def seed_micro_step(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
+    """The RNG of one micro-step's noise and timesteps, returned, and torch's global RNG (dropout, e.g. in LoRA
+    adapters), seeded: pure functions of the step's coordinates, so a resumed run draws exactly what the
+    uninterrupted run drew, with no RNG state to checkpoint."""
     g = torch.Generator(device=device)
     g.manual_seed(hash((seed, step, micro, rank)) % 2**63)
+    torch.manual_seed(g.initial_seed())
     return g
 
 

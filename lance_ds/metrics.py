@@ -32,6 +32,18 @@ def memory_scalars() -> dict[str, float]:
     return out
 
 
+def summed_over_ranks(scalars: dict[str, float], keys: list[str], device: torch.device) -> dict[str, float]:
+    """`scalars` with the counts named by `keys` summed over all ranks (a collective: every rank calls it with the
+    same keys, in the same order)."""
+    import torch.distributed as dist
+
+    if not keys or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return scalars
+    totals = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return {**scalars, **dict(zip(keys, totals.tolist()))}
+
+
 class Meter:
     """Averages of named values and sums of counters between two logging steps."""
 

@@ -27,15 +27,17 @@ from .data.sequence import SequencePlanner, VisionGeometry
 from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
 from .ema import ShardedEMA
-from .engine import build_engine, init_distributed, release_shm_buffer, seed_everything, step_generator
+from .engine import build_engine, init_distributed, release_shm_buffer, seed_everything, seed_micro_step
 from .faults import armed
-from .metrics import Meter, TensorBoard, Throughput, memory_scalars
+from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
 from .model import build_model, encode_vit
 from .objectives import compute_losses, prepare_flow
 from .validation import TaskLosses, Validator, total_loss
 
 # Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
-ARCHITECTURE_KEYS = ("size", "path", "visual_und", "visual_gen", "lape", "training_type", "lora")
+# (vit_trainable, freeze_modules: which parameters the optimizer state covers.)
+ARCHITECTURE_KEYS = ("size", "path", "visual_und", "visual_gen", "lape", "training_type", "lora", "vit_trainable",
+                     "freeze_modules")
 
 
 class Trainer:
@@ -100,7 +102,7 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(batches)
             speed.data_wait += time.perf_counter() - t0
-            gen = step_generator(self.cfg.train.seed, self.step, micro, self.dist.rank, self.dist.device)
+            gen = seed_micro_step(self.cfg.train.seed, self.step, micro, self.dist.rank, self.dist.device)
             batch = batch.to(self.dist.device)
             pred, flow = self.forward(batch, gen)
             losses = compute_losses(pred.logits, pred.velocity, batch, flow, self.cfg.objective)
@@ -146,7 +148,9 @@ class Trainer:
         scalars.update(speed.scalars(self.dist.world_size))
         scalars.update(memory_scalars())
         scalars["train/skipped_steps"] = self.skipped_steps
-        scalars.update(self.loader.stats_scalars())
+        data = self.loader.stats_scalars()  # this rank's counts: the run's are their sums
+        scalars.update(summed_over_ranks(data, [k for k in data if k.startswith(("data/skipped", "data/samples"))],
+                                         self.dist.device))
         scalars.update(self.task_losses.scalars("train"))  # token-weighted means over all ranks
         scalars["train/loss"] = total_loss(scalars, "train", self.cfg.objective)
         self.tb.scalars(self.step, scalars)
@@ -227,6 +231,10 @@ class Trainer:
     def _resume(self, resume: str) -> None:
         path = self.checkpointer.resolve(resume)
         if path is None:
+            earlier = self.checkpointer.complete_steps()
+            if earlier and self.dist.is_first:
+                print(f"lance_ds: starting from scratch; {self.checkpointer.root} holds an earlier run's checkpoints "
+                      f"(steps {earlier}), replaced as this run reaches their steps", flush=True)
             return
         saved = json.loads((path / "trainer_state.json").read_text())
         refuse_other_architecture(saved.get("model", {}), to_dict(self.cfg.model), path)
@@ -236,8 +244,8 @@ class Trainer:
         self.tokens_seen = int(saved.get("tokens_seen", 0))
         if resumed.data_state is not None:
             self.loader.load_state_dict(resumed.data_state)
-        if self.ema is not None and resumed.ema_state is not None:
-            self.ema.load_state_dict(resumed.ema_state)
+        if self.ema is not None:
+            self.ema.load_state_dict(resumed.ema_state)  # None: EMA is new at this resume, starts from these weights
         if self.dist.is_first:
             print(f"lance_ds: resumed from {path} at step {self.step}", flush=True)
 

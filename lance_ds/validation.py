@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .config.data import GEN_TASKS, TASKS
 from .data.batch import PackedBatch
+from .metrics import summed_over_ranks
 from .objectives import as_velocity, mse_per_token
 from .objectives.text import ce_per_token
 
@@ -109,7 +110,8 @@ class Validator:
             losses.add(batch, pred, flow)
         scalars = losses.scalars("val")
         scalars["val/loss"] = total_loss(scalars, "val", tr.cfg.objective)
-        scalars.update(self.loader.stats_scalars())
+        skipped = self.loader.stats_scalars()  # this rank's counts: the run's are their sums
+        scalars.update(summed_over_ranks(skipped, list(skipped), tr.dist.device))
         tr.tb.scalars(step, scalars)
         self.samples(step)
         tr.tb.flush()

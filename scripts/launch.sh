@@ -50,7 +50,7 @@ else
   launcher+=(--num_gpus "$NUM_GPUS")
 fi
 
-# Refuse a bad config here, before the launcher starts any rank.
-python lance_ds/train.py --check "${args[@]}"
+# Refuse a bad config here, before the launcher starts any rank (with the run's world size: the batch checks use it).
+WORLD_SIZE=$((NUM_GPUS * NUM_NODES)) python lance_ds/train.py --check "${args[@]}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "${launcher[@]}" lance_ds/train.py "${args[@]}"

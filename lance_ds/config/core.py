@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -222,9 +224,14 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
 # YAML files and overrides
 
 
-def load_yaml(path: str | Path, problems: Problems, key: str = "") -> dict:
-    """Read a YAML mapping, following `extends: other.yaml` (relative to the file) recursively."""
-    path = Path(path)
+def load_yaml(path: str | Path, problems: Problems, key: str = "",
+              relative_paths: Callable[[dict, Path], dict] | None = None) -> dict:
+    """Read a YAML mapping, following `extends: other.yaml` (relative to the file) recursively.
+
+    relative_paths(data, directory) makes the paths a file names absolute, from its own directory, before the files
+    are merged: a parent in another directory keeps its paths right.
+    """
+    path = Path(os.path.abspath(path))
     if not path.is_file():
         problems.add(key, f"file not found: {path}")
         return {}
@@ -237,9 +244,11 @@ def load_yaml(path: str | Path, problems: Problems, key: str = "") -> dict:
         problems.add(key, f"{path} must hold a mapping at the top level, got {type(data).__name__}")
         return {}
     parents = data.pop("extends", None) or []
+    if relative_paths is not None:
+        data = relative_paths(data, path.parent)
     merged: dict = {}
     for parent in [parents] if isinstance(parents, str) else parents:
-        merged = deep_merge(merged, load_yaml(path.parent / parent, problems, f"{path}: extends"))
+        merged = deep_merge(merged, load_yaml(path.parent / parent, problems, f"{path}: extends", relative_paths))
     return deep_merge(merged, data)
 
 
@@ -261,8 +270,12 @@ def apply_overrides(data: dict, overrides: list[str], problems: Problems) -> dic
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as e:
+            if raw.lstrip().startswith(("[", "{")):  # a list or mapping that does not parse: never one string
+                problems.add(key, f"cannot read {raw!r} as YAML ({str(e).splitlines()[0]}); quote items that "
+                             "start with * or & (e.g. ['*norm*', 'lm_head*'])")
+                continue
+            value = raw  # a plain word YAML cannot read (e.g. *norm*, which YAML takes for an alias)
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

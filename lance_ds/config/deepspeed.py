@@ -112,6 +112,8 @@ def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: i
         problems.add(f"--ds_config {key}", "is \"auto\" but lance_ds has no value for it; give a number")
     zero = ds.get("zero_optimization", {})
     problems.one_of(zero.get("stage", 0), (0, 1, 2, 3), "--ds_config zero_optimization.stage")
+    if not on_gpu and cfg.train.precision == "fp16":
+        problems.add("train.precision", "fp16 needs a GPU (DeepSpeed has no fp16 engine on CPU); use bf16 or fp32")
     return ds
 
 

@@ -78,6 +78,10 @@ class ValidationConfig:
                              "set a held-out dataset YAML (or validation.every=0 to turn validation off)")
         problems.positive(self.max_samples, join(key, "max_samples"))
         problems.positive(self.sample_steps, join(key, "sample_steps"))
+        problems.require(self.num_generations >= 0, join(key, "num_generations"),
+                         f"must be >= 0 (0: no samples), got {self.num_generations}")
+        problems.require(self.cfg_scale >= 0, join(key, "cfg_scale"),
+                         f"must be >= 0 (1: no guidance), got {self.cfg_scale}")
 
 
 @dataclass
@@ -128,20 +132,32 @@ def resolve_input_paths(data: dict, base: Path) -> dict:
         node = data
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(leaf), str) and not is_remote(node[leaf]) \
-                and not Path(node[leaf]).is_absolute():
-            node[leaf] = str(base / node[leaf])
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = _absolute(node[leaf], base)
     return data
 
 
+def resolve_shard_paths(data: dict, base: Path) -> dict:
+    """Shard paths are relative to the dataset YAML that names them, so a YAML and its data can move together."""
+    groups = data.get("groups")
+    if not isinstance(groups, list):
+        return data
+    resolved = [dict(g, shards=[_absolute(s, base) for s in g["shards"]])
+                if isinstance(g, dict) and isinstance(g.get("shards"), list) else g for g in groups]
+    return dict(data, groups=resolved)
+
+
+def _absolute(source, base: Path):
+    if not isinstance(source, str) or is_remote(source) or Path(source).is_absolute():
+        return source
+    return str(base / source)
+
+
 def load_dataset(path: str, problems: Problems, key: str) -> DatasetConfig:
-    data = load_yaml(path, problems, key)
+    data = load_yaml(path, problems, key, resolve_shard_paths)
     dataset = from_dict(DatasetConfig, data, problems, key)
     check(dataset, problems, key)
-    # Shard paths are relative to the dataset YAML, so a YAML and its data can move together.
-    base = Path(path).parent
     for i, group in enumerate(dataset.groups):
-        group.shards = [s if is_remote(s) or Path(s).is_absolute() else str(base / s) for s in group.shards]
         check_group_sources(group, problems, f"{key}.groups[{i}]")
     return dataset
 
@@ -184,9 +200,7 @@ def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> Non
 
 def load_run(config_path: str | None, overrides: list[str], problems: Problems) -> Run | None:
     """Load the run YAML, apply overrides, load the dataset YAMLs, and check it all; problems are collected."""
-    data = load_yaml(config_path, problems, "--config") if config_path else {}
-    if config_path:
-        data = resolve_input_paths(data, Path(config_path).parent)
+    data = load_yaml(config_path, problems, "--config", resolve_input_paths) if config_path else {}
     data = apply_overrides(data, overrides, problems)
     config = from_dict(RunConfig, data, problems)
     check(config, problems)
@@ -197,16 +211,18 @@ def load_run(config_path: str | None, overrides: list[str], problems: Problems) 
     val = None
     if config.validation.every > 0 and config.validation.dataset_config:
         val = load_dataset(config.validation.dataset_config, problems, "validation.dataset_config")
-    check_switches(config.model, dataset, problems)
+    check_switches(config.model, dataset, problems, "dataset_config")
+    if val is not None:
+        check_switches(config.model, val, problems, "validation.dataset_config")
     return Run(config, dataset, val)
 
 
-def check_switches(model: ModelConfig, dataset: DatasetConfig, problems: Problems) -> None:
+def check_switches(model: ModelConfig, dataset: DatasetConfig, problems: Problems, key: str) -> None:
     """Tasks in the data need the model branches that serve them; refused here, never a crash mid-run."""
     for i, group in enumerate(dataset.groups):
         if group.task in GEN_TASKS and not model.visual_gen:
-            problems.add(f"dataset_config.groups[{i}]", f"group '{group.name}' is a {group.task} (generation) task but "
+            problems.add(f"{key}.groups[{i}]", f"group '{group.name}' is a {group.task} (generation) task but "
                          "model.visual_gen is false; set model.visual_gen=true or remove the group")
         if group.task in UND_TASKS and not model.visual_und:
-            problems.add(f"dataset_config.groups[{i}]", f"group '{group.name}' is a {group.task} (understanding) task "
+            problems.add(f"{key}.groups[{i}]", f"group '{group.name}' is a {group.task} (understanding) task "
                          "but model.visual_und is false; set model.visual_und=true or remove the group")

@@ -758,7 +758,7 @@ class ValLoader:
 
     def stats_scalars(self) -> dict[str, float]:
         scalars = {"val/skipped": float(sum(self.skips.counts.values()))}
-        scalars.update({f"val/skipped/{r}": float(n) for r, n in self.skips.counts.items()})
+        scalars.update({f"val/skipped/{r}": float(self.skips.counts.get(r, 0)) for r in SKIP_REASONS})
         return scalars
 
 

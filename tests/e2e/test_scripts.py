@@ -3,6 +3,7 @@ refused with a message naming the knob before anything starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -63,3 +64,14 @@ def test_config_problem_is_refused_before_launch(example_data, tmp_path):
     proc = run_script("sft_lance_understand.sh", tmp_path, timeout=60, DATASET_CONFIG_FILE=str(example_data["train"]))
     assert proc.returncode == 2
     assert "model.visual_gen is false" in proc.stderr and "deepspeed" not in proc.stdout.lower()
+
+
+def test_the_check_before_launch_uses_the_run_world_size(example_data, tmp_path):
+    """train_batch_size = micro x grad_accum x world size: 1 is right for one rank, wrong for NUM_GPUS=2."""
+    ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds["train_batch_size"] = 1
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    knobs = {"DATASET_CONFIG_FILE": str(example_data["train"]), "DS_CONFIG": str(tmp_path / "ds.json")}
+    proc = run_script("sft_lance_unified.sh", tmp_path, timeout=60, **knobs, NUM_GPUS="2")
+    assert proc.returncode == 2 and "train_batch_size" in proc.stderr, proc.stderr
+    assert "deepspeed" not in (proc.stdout + proc.stderr).lower()  # refused before the launcher started a rank

@@ -51,6 +51,43 @@ def test_save_publishes_atomically_and_keeps_the_last(tmp_path):
     assert resumed.step == 30 and resumed.data_state == {"position": 30} and resumed.ema_state is None
 
 
+def test_a_restarted_run_keeps_its_own_new_checkpoints(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    for step in (40, 50, 60):  # an earlier run in this output_dir
+        save(ck, step)
+    save(ck, 10)  # a run started again (--resume none) saves step 10: it must survive retention
+    assert ck.complete_steps() == [10, 50, 60] and ck.resolve("latest") == tmp_path / step_name(10)
+    save(ck, 20)
+    save(ck, 30)
+    assert ck.complete_steps() == [20, 30, 50, 60]  # keep_last counts this run's steps; later ones wait to be redone
+    save(ck, 50)  # and are replaced when this run reaches them
+    assert ck.complete_steps() == [30, 50, 60] and ck.resolve("latest") == tmp_path / step_name(50)
+
+
+def test_a_resave_keeps_the_old_copy_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    import os
+
+    ck = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=1)
+    save(ck, 10)
+    real_replace = os.replace
+
+    def crash_on_publish(src, dst):
+        if str(src).endswith(step_name(10) + ".tmp"):
+            raise KeyboardInterrupt  # killed between moving the old copy aside and putting the new one in place
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_publish)
+    with pytest.raises(KeyboardInterrupt):
+        save(ck, 10)
+    monkeypatch.setattr(os, "replace", real_replace)
+    aside = tmp_path / (step_name(10) + ".old.tmp")
+    assert (aside / "trainer_state.json").is_file()  # the old copy is whole, and the refusal says where
+    with pytest.raises(CheckpointError, match="rename .*step_00000010.old.tmp"):
+        ck.resolve("latest")
+    save(ck, 10)
+    assert ck.complete_steps() == [10] and not list(tmp_path.glob("*.tmp"))
+
+
 def test_a_save_killed_midway_is_ignored_then_cleaned(tmp_path):
     ck = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=1)
     save(ck, 10)
@@ -92,6 +129,12 @@ def test_ema_follows_the_weights_and_round_trips(tmp_path):
     assert torch.equal(restored.shadow["weight"], ema.shadow["weight"])
     full = consolidate([tmp_path / step_name(1) / "rank_00000" / "ema.safetensors"])
     assert torch.equal(full["weight"], ema.shadow["weight"]) and full["bias"].shape == (2,)
+    # a checkpoint without EMA (turned on at this resume): the shadow starts from the resumed weights
+    fresh = ShardedEMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.mul_(3.0)  # what loading the checkpoint does to the weights after the EMA was built
+    fresh.load_state_dict(None)
+    assert torch.equal(fresh.shadow["weight"], model.weight)
 
 
 def test_consolidate_reassembles_zero3_partitions(tmp_path):
@@ -117,3 +160,24 @@ def test_resume_into_another_architecture_is_refused_naming_the_keys(tmp_path):
     other["lape"]["enabled"] = True
     with pytest.raises(CheckpointError, match="model.visual_gen: checkpoint True, now False; model.lape"):
         refuse_other_architecture(saved, other, tmp_path)
+    for change in (dict(vit_trainable=True), dict(freeze_modules=["vit_model.*"])):  # what the optimizer covers
+        with pytest.raises(CheckpointError, match=f"model.{next(iter(change))}"):
+            refuse_other_architecture(saved, to_dict(ModelConfig(**change)), tmp_path)
+
+
+def test_a_micro_step_draws_from_its_coordinates_alone():
+    """Noise and dropout (LoRA adapters draw from torch's global RNG) of a micro-step do not depend on what ran
+    before it, so a resumed run draws what the uninterrupted one drew."""
+    from lance_ds.engine import seed_micro_step
+
+    dropout = torch.nn.Dropout(0.5)
+
+    def draws(step: int):
+        generator = seed_micro_step(0, step, 1, 0, torch.device("cpu"))
+        return torch.randn(3, generator=generator), dropout(torch.ones(64))
+
+    first = draws(5)
+    torch.rand(100)  # the uninterrupted run's history, which a resumed run does not have
+    again = draws(5)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(draws(6)[1], first[1])

@@ -115,6 +115,12 @@ BAD = [
     ({}, [], {"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, "optimizer.params.lr"),
     ({}, [], {"zero_optimization": {"stage": 5}}, "zero_optimization.stage"),
     ({}, [], {"some_setting": "auto"}, "some_setting"),
+    ({}, ["train.precision=fp16"], None, "train.precision"),  # on CPU
+    ({}, ["validation.num_generations=-1"], None, "validation.num_generations"),
+    ({}, ["validation.cfg_scale=-2"], None, "validation.cfg_scale"),
+    ({}, ["model.freeze_modules=[*norm*,lm_head*]"], None, "model.freeze_modules"),  # YAML reads *norm* as an alias
+    ({"validation": {"every": 5, "dataset_config": "data.yaml"}}, ["model.visual_gen=false"], None,
+     "validation.dataset_config.groups[0]"),  # the held-out set is checked against the switches too
 ]
 
 
@@ -165,6 +171,36 @@ def test_extends_and_overrides_merge(tmp_path):
     cfg = from_dict(RunConfig, data, problems)
     assert not problems
     assert (cfg.train.lr, cfg.train.max_steps, cfg.train.seed, cfg.log.every) == (1e-3, 7, 3, 2)
+
+
+def test_paths_are_relative_to_the_yaml_that_names_them_and_absolute_after(dataset_dir):
+    (dataset_dir / "experiments").mkdir()
+    (dataset_dir / "base.yaml").write_text(yaml.safe_dump(GOOD))  # names data.yaml beside itself
+    (dataset_dir / "experiments" / "child.yaml").write_text(yaml.safe_dump({"extends": "../base.yaml"}))
+    problems = Problems()
+    run = load_run(str(dataset_dir / "experiments" / "child.yaml"), [], problems)
+    assert not problems, problems.items
+    assert run.config.dataset_config == str(dataset_dir / "data.yaml")
+    assert run.dataset.groups[0].shards == [str(dataset_dir / "shards" / "t2i")]
+    # the same config named another way (relative to a different working directory) gives the same paths
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(dataset_dir / "experiments")
+        again = load_run("../experiments/child.yaml", [], problems)
+    finally:
+        os.chdir(cwd)
+    assert again.dataset.groups == run.dataset.groups and again.config.dataset_config == run.config.dataset_config
+
+
+def test_path_flags_stay_strings():
+    from lance_ds.train import parse_args
+
+    args = parse_args(["--output_dir", "runs/exp #2", "--dataset_config", "0755", "train.seed=3"])
+    problems = Problems()
+    data = apply_overrides({}, args.overrides, problems)
+    assert not problems and data == {"output_dir": "runs/exp #2", "dataset_config": "0755", "train": {"seed": 3}}
 
 
 def test_every_shipped_config_loads():
