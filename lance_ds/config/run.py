@@ -142,12 +142,15 @@ def resolve_shard_paths(data: dict, base: Path) -> dict:
     groups = data.get("groups")
     if not isinstance(groups, list):
         return data
-    resolved = [dict(g, shards=[_absolute(s, base) for s in g["shards"]])
-                if isinstance(g, dict) and isinstance(g.get("shards"), list) else g for g in groups]
+    resolved = [dict(g, shards=_absolute(g["shards"], base)) if isinstance(g, dict) and "shards" in g else g
+                for g in groups]
     return dict(data, groups=resolved)
 
 
 def _absolute(source, base: Path):
+    """A path (or a list of them) relative to `base` made absolute; URLs, absolute paths and non-paths as they are."""
+    if isinstance(source, list):
+        return [_absolute(s, base) for s in source]
     if not isinstance(source, str) or is_remote(source) or Path(source).is_absolute():
         return source
     return str(base / source)

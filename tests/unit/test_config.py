@@ -21,7 +21,7 @@ def dataset_dir(tmp_path):
         d = tmp_path / "shards" / name
         d.mkdir(parents=True)
         (d / "manifest.json").write_text(json.dumps({"task": task, "num_samples": 0, "shards": []}))
-    ds = {"groups": [{"name": "gen", "shards": "shards/t2i".split()}, {"name": "und", "shards": ["shards/i2t"]}]}
+    ds = {"groups": [{"name": "gen", "shards": "shards/t2i"}, {"name": "und", "shards": ["shards/i2t"]}]}  # one or a list
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(ds))
     return tmp_path
 
