@@ -173,7 +173,7 @@ def test_extends_and_overrides_merge(tmp_path):
     assert (cfg.train.lr, cfg.train.max_steps, cfg.train.seed, cfg.log.every) == (1e-3, 7, 3, 2)
 
 
-def test_paths_are_relative_to_the_yaml_that_names_them_and_absolute_after(dataset_dir):
+def test_paths_are_relative_to_the_yaml_that_names_them_and_absolute_after(dataset_dir, monkeypatch):
     (dataset_dir / "experiments").mkdir()
     (dataset_dir / "base.yaml").write_text(yaml.safe_dump(GOOD))  # names data.yaml beside itself
     (dataset_dir / "experiments" / "child.yaml").write_text(yaml.safe_dump({"extends": "../base.yaml"}))
@@ -183,14 +183,8 @@ def test_paths_are_relative_to_the_yaml_that_names_them_and_absolute_after(datas
     assert run.config.dataset_config == str(dataset_dir / "data.yaml")
     assert run.dataset.groups[0].shards == [str(dataset_dir / "shards" / "t2i")]
     # the same config named another way (relative to a different working directory) gives the same paths
-    import os
-
-    cwd = os.getcwd()
-    try:
-        os.chdir(dataset_dir / "experiments")
-        again = load_run("../experiments/child.yaml", [], problems)
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(dataset_dir / "experiments")
+    again = load_run("../experiments/child.yaml", [], problems)
     assert again.dataset.groups == run.dataset.groups and again.config.dataset_config == run.config.dataset_config
 
 
