@@ -84,7 +84,8 @@ class Trainer:
             self.train_step(batches, meter, speed)
             self.step += 1
             progress.update(1)
-            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
+            # a save ends a logging window too: a run resumed from it then logs the windows the uninterrupted one did
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps or self._save_due():
                 self.log(meter, speed, progress)
             self.validate_if_due()
             if self._save_due():
