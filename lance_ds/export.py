@@ -327,8 +327,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     if is_export_dir(checkpoint):
         raise ExportError(f"{checkpoint} is already an export; give a training checkpoint (run, checkpoints or "
                           "step directory)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    _check_out(out, Path(checkpoint), overwrite)
     weights = load_trained_weights(checkpoint, ema)
     parts = build_from_trained(weights, "fp32", device="cpu")
     tmp = out.with_name(out.name + ".tmp")
@@ -349,6 +348,22 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _check_out(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """--out must be a new or empty directory, or (with --overwrite) an earlier export: never a file, and never
+    the training run it reads from or anything holding it."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a directory")
+    source = checkpoint.resolve()
+    if source == out.resolve() or out.resolve() in source.parents:
+        raise ExportError(f"--out {out} holds the checkpoint being exported ({checkpoint}); give another directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        if not is_export_dir(out):
+            raise ExportError(f"--overwrite replaces only an earlier export, and {out} is not one; "
+                              "choose another --out")
 
 
 def write_lance_dir(directory: Path, state: dict[str, Tensor], parts: InferenceParts, dtype: torch.dtype) -> bool:
@@ -471,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype, overwrite=args.overwrite)
-    except ExportError as e:
+    except (ExportError, FileNotFoundError) as e:  # FileNotFoundError: a model path (VAE, ViT) the run names is gone
         print(f"export_checkpoint: {e}", file=sys.stderr)
         return 2
     info = json.loads((out / EXPORT_INFO).read_text())

@@ -433,7 +433,26 @@ def check_args(args) -> list[str]:
         problems.append(f"--frames: only t2v and v2v have frames, not {args.task}")
     if args.steps < 1:
         problems.append(f"--steps must be >= 1, got {args.steps}")
+    if not generation and args.prompt:
+        problems.append(f"--prompt: {args.task} answers a question about its input: give it as --question")
+    if generation and args.question:
+        problems.append(f"--question: {args.task} generates; give what to generate (or the edit) as --prompt")
+    if args.device is not None and not _device_available(args.device):
+        problems.append(f"--device: {args.device} is not available on this machine (CUDA available: "
+                        f"{torch.cuda.is_available()}, {torch.cuda.device_count()} device(s)); try --device cpu")
     return problems
+
+
+def _device_available(name: str) -> bool:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    return False
 
 
 def parse_size(text: str) -> tuple[int, int] | None:

@@ -23,8 +23,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
     args = p.parse_args(argv)
+    if not (args.run_dir / "tensorboard").is_dir():
+        print(f"{args.run_dir} is not a run directory (it has no tensorboard/); give the run's output_dir, e.g. "
+              "runs/main", file=sys.stderr)
+        return 2
     scalars = read_scalars(args.run_dir)
-    losses = sorted(t for t in scalars if t.startswith(("train/loss", "train/ce", "train/mse", "val/")))
+    losses = sorted(t for t in scalars if t.startswith(("train/loss", "train/ce", "train/mse", "val/loss", "val/ce",
+                                                         "val/mse")))
     if not losses:
         print(f"no loss scalars under {args.run_dir / 'tensorboard'}", file=sys.stderr)
         return 1

@@ -120,7 +120,7 @@ class Run:
 
 
 # Files a run YAML reads are relative to the YAML (so configs move with their data); output_dir and paths given
-# on the command line are relative to where you launch.
+# on the command line are relative to where you launch. Both are made absolute as they are read.
 INPUT_PATH_KEYS = ("dataset_config", "validation.dataset_config", "model.path", "model.vit_path", "model.vae_path",
                    "model.tokenizer_path")
 
@@ -204,7 +204,9 @@ def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> Non
 def load_run(config_path: str | None, overrides: list[str], problems: Problems) -> Run | None:
     """Load the run YAML, apply overrides, load the dataset YAMLs, and check it all; problems are collected."""
     data = load_yaml(config_path, problems, "--config", resolve_input_paths) if config_path else {}
-    data = apply_overrides(data, overrides, problems)
+    # paths given on the command line are relative to where it runs; recorded absolute, so that the run's
+    # config.yaml (read by export and generate) names the same files from anywhere
+    data = resolve_input_paths(apply_overrides(data, overrides, problems), Path.cwd())
     config = from_dict(RunConfig, data, problems)
     check(config, problems)
     if not config.dataset_config:

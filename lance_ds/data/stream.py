@@ -385,6 +385,8 @@ class SlotStream:
         data = spec.data
         self.packer = TokenBudgetPacker(data.packing_length, data.packing_buffer, data.packing)
         self.failing = {g.name: 0 for g in spec.groups}  # consecutive unusable samples per group
+        self.failing_since = {g.name: 0 for g in spec.groups}  # the epoch of the first sample of that run
+        self.largest_epoch = {g.name: 0 for g in spec.groups}  # most samples this slot kept in one epoch so far
         self.num_batches = 0
         self.num_samples = 0  # plans packed into batches
         self.real_tokens = 0
@@ -427,24 +429,30 @@ class SlotStream:
         data = self.spec.data
         while True:
             raw = self._next_shuffled()
-            name = raw.address[0]
+            name, epoch = raw.address[0], raw.address[3]
             try:
                 plan = self.plan_raw(raw)
             except SkipSample as e:
-                self._failed(name, e.reason, str(e))
+                self._failed(name, epoch, e.reason, str(e))
                 continue
             if check_length(plan, data.packing_length, data.filter_overlong):
                 self.failing[name] = 0
                 return plan
-            self._failed(name, "overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens > "
-                                           f"packing_length {data.packing_length}")
+            self._failed(name, epoch, "overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens "
+                                                  f"> packing_length {data.packing_length}")
 
-    def _failed(self, group: str, reason: str, message: str) -> None:
-        """Count a skipped sample; a group whose every sample of two epochs fails cannot feed training."""
+    def _failed(self, group: str, epoch: int, reason: str, message: str) -> None:
+        """Count a skipped sample (read in `epoch` of its group). A group cannot feed training when its samples
+        fail for two whole epochs in a row, and more of them than the shuffle buffer plus two of this slot's largest
+        epochs hold (a slot's share of an epoch varies: few shards, many slots, shards of different sizes)."""
         self.skips.add(reason, message)
+        if self.failing[group] == 0:
+            self.failing_since[group] = epoch
         self.failing[group] += 1
-        cursor = self.readers[group].cursor
-        if cursor.epoch >= 2 and self.failing[group] > self.spec.data.shuffle_buffer + 2 * cursor.last_epoch_size:
+        self.largest_epoch[group] = max(self.largest_epoch[group], self.readers[group].cursor.last_epoch_size)
+        whole_epochs = epoch - self.failing_since[group] - 1
+        limit = self.spec.data.shuffle_buffer + 2 * self.largest_epoch[group]
+        if whole_epochs >= 2 and self.failing[group] > limit:
             raise DataError(
                 f"group {group!r}: rank {self.spec.rank} slot {self.slot} got {self.failing[group]} unusable samples "
                 f"in a row, two epochs' worth, without one usable sample (skips so far by reason: "
@@ -477,6 +485,8 @@ class SlotStream:
             "shuffle_draws": self.shuffle_draws,
             "shuffle_buffer": [r.address for r in self.shuffle],
             "failing": dict(self.failing),
+            "failing_since": dict(self.failing_since),
+            "largest_epoch": dict(self.largest_epoch),
             "packing_buffer": [p.address for p in self.packer.buffer],
             "skipped": dict(self.skips.counts),
             "num_batches": self.num_batches,
@@ -495,6 +505,8 @@ class SlotStream:
         self.mix_draws, self.shuffle_draws = state["mix_draws"], state["shuffle_draws"]
         self.skips.counts = Counter(state["skipped"])
         self.failing = dict(state["failing"])
+        self.failing_since.update(state.get("failing_since", {}))
+        self.largest_epoch.update(state.get("largest_epoch", {}))
         self.num_batches, self.num_samples = state["num_batches"], state["num_samples"]
         self.real_tokens, self.total_tokens = state["real_tokens"], state["total_tokens"]
         self.shuffle = [self._fetch(a) for a in state["shuffle_buffer"]]

@@ -184,7 +184,8 @@ def test_paths_are_relative_to_the_yaml_that_names_them_and_absolute_after(datas
     assert run.dataset.groups[0].shards == [str(dataset_dir / "shards" / "t2i")]
     # the same config named another way (relative to a different working directory) gives the same paths
     monkeypatch.chdir(dataset_dir / "experiments")
-    again = load_run("../experiments/child.yaml", [], problems)
+    again = load_run("../experiments/child.yaml", ["model.vae_path=codec"], problems)
+    assert again.config.model.vae_path == str(dataset_dir / "experiments" / "codec")  # from where it runs
     assert again.dataset.groups == run.dataset.groups and again.config.dataset_config == run.config.dataset_config
 
 

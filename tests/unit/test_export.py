@@ -176,6 +176,17 @@ def test_checkpoint_paths_resolve_and_bad_inputs_are_refused(trained_runs, expor
         export_checkpoint(run, exported)
     with pytest.raises(ExportError, match="already an export"):
         export_checkpoint(exported, tmp_path / "y")
+    # --out: never the run itself (--overwrite would have deleted it), a file, or a non-export under --overwrite
+    with pytest.raises(ExportError, match="holds the checkpoint being exported"):
+        export_checkpoint(run, run, overwrite=True)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ExportError, match="is a file"):
+        export_checkpoint(run, tmp_path / "a_file")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ExportError, match="only an earlier export"):
+        export_checkpoint(run, tmp_path / "notes", overwrite=True)
+    assert (run / "checkpoints").is_dir() and (tmp_path / "notes" / "todo.txt").is_file()
     # a pickle naming anything but DeepSpeed's own types is never unpickled
     forged = tmp_path / "forged" / "step_00000003"
     shutil.copytree(step, forged)

@@ -485,6 +485,11 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     assert main(["--checkpoint", str(exported), "--task", "t2i", "--prompt", "x", "--size", "30", "--out",
                  str(tmp_path / "d.png")]) == 2
     assert "multiple of 4" in capsys.readouterr().err
+    # a question given as --prompt (it was dropped: the model captioned instead), and a device that is not there
+    assert main(["--checkpoint", str(exported), "--task", "i2t", "--input", str(image), "--prompt", question,
+                 "--device", "cuda:7"]) == 2
+    err = capsys.readouterr().err
+    assert "give it as --question" in err and "--device: cuda:7 is not available" in err
 
 
 def test_cli_as_a_module_writes_an_mp4(exported, tmp_path):

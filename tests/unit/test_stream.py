@@ -21,16 +21,8 @@ from lance_ds.data.batch import PackedBatch
 from lance_ds.data.media import encode_image, encode_video
 from lance_ds.data.packing import Branches, OverlongSampleError
 from lance_ds.data.sequence import SequencePlanner, VisionGeometry
-from lance_ds.data.stream import (
-    GroupReader,
-    SkipCounter,
-    SlotStream,
-    StreamSpec,
-    build_train_loader,
-    build_val_loader,
-    fetch_raw,
-    resolve_group,
-)
+from lance_ds.data.stream import (GroupReader, SkipCounter, SlotStream, StreamSpec, build_train_loader,
+                                  build_val_loader, fetch_raw, resolve_group)
 from lance_ds.data.tar import ShardError, TarShardWriter, iter_raw_samples
 from lance_ds.data.tokenizer import load_tokenizer
 
@@ -339,6 +331,31 @@ def test_a_group_without_any_usable_sample_is_reported(tmp_path, planner):
     loader = build_train_loader(dataset, DATA, planner, rank=0, world_size=1, seed=0, micro_batch_size=1)
     with pytest.raises(stream_module.DataError, match="without one usable sample"):
         take(loader, 1)
+
+
+@pytest.mark.parametrize("layout", ["fewer shards than slots", "shards of different sizes"])
+def test_a_group_with_usable_samples_is_never_given_up(tmp_path, planner, layout):
+    """Slots whose share of an epoch is tiny or empty, or whose last epoch was small, still read on through bad
+    samples: only a group with nothing usable for two whole epochs is refused."""
+    broken = {"image.png": b"broken"}
+    if layout == "fewer shards than slots":  # one bad sample of 10, 16 slots, no shuffle buffer
+        write_shards(tmp_path / "g", "t2i", 1, 10, media=lambda s: broken if s == 3 else {"image.png": _png(s)})
+        sources, data, num_slots, seeds = [tmp_path / "g"], dataclasses.replace(DATA, shuffle_buffer=0), 16, [0]
+    else:  # a 40-sample shard of bad images, two 1-sample shards, a good 40-sample one; 2 slots
+        write_shards(tmp_path / "bad", "t2i", 1, 40, prefix="bad", media=lambda s: broken)
+        write_shards(tmp_path / "tiny", "t2i", 2, 1, prefix="tiny")
+        write_shards(tmp_path / "big", "t2i", 1, 40, prefix="big")
+        sources, data, num_slots = [tmp_path / "bad", tmp_path / "tiny", tmp_path / "big"], DATA, 2
+        seeds = [2]  # (seed 2, slot 1 met the bad shard right after an epoch of the two tiny ones)
+        data = dataclasses.replace(DATA, shuffle_buffer=8)
+    resolved = [resolve_group(group("g", sources))]
+    for seed in seeds:
+        for slot in range(num_slots):
+            stream = SlotStream(StreamSpec(resolved, planner, dataclasses.replace(data, packing_buffer=1), Branches(),
+                                           1, seed, 0, 1), slot, num_slots)
+            for _ in range(130):
+                stream.next_batch()  # raised DataError ("without one usable sample") before
+            stream.close()
 
 
 def test_overlong_samples_are_dropped_or_refused(tmp_path, planner):
