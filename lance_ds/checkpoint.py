@@ -10,7 +10,9 @@ Layout of OUTPUT_DIR/checkpoints/:
   latest                     the name of the newest complete checkpoint (replaced atomically)
 
 A save is written under `<name>.tmp`, every rank finishes, then rank 0 renames it and only then moves `latest`
-(rule 7), so a run killed at any moment - even during a save - resumes from the last complete checkpoint. A re-save
+(rule 7), so a run killed at any moment - even during a save - resumes from the last complete checkpoint. Every file
+is flushed to disk (fsync) before the rename, so that a power cut cannot publish a checkpoint whose files are still
+only in memory. A re-save
 of a step (after a resume from an earlier one) moves the old copy aside as `<name>.old.tmp` until the new one is in
 place. Retention keeps the `keep_last` newest steps up to the one just saved; later steps (another run's, before a
 resume from an earlier step or --resume none) stay until this run replaces them.
@@ -57,6 +59,19 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root` to disk. Each rank runs it after its own writes: a file another rank
+    is still writing is flushed again by that rank; one already on disk costs a system call."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -148,11 +163,13 @@ class Checkpointer:
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(mine / "ema.safetensors"),
                       metadata=ema.metadata())
+        if self.rank == 0:
+            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        _fsync_tree(tmp)
         _barrier()
         kill_if_armed("kill_during_save", step)  # crash tests: after the engine files, before publishing
         if self.rank == 0:
             state = dict(trainer_state, step=step, world_size=self.world_size)
-            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             # trainer_state.json is written last: its presence marks a complete directory.
             _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
             final, replaced = self.root / name, self._aside(name)

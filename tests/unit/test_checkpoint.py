@@ -181,3 +181,27 @@ def test_a_micro_step_draws_from_its_coordinates_alone():
     again = draws(5)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(draws(6)[1], first[1])
+
+
+def test_every_file_of_a_save_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    """A power cut right after the rename must not leave a published checkpoint whose files were only in memory:
+    each file of the save is fsynced before the directory gets its final name."""
+    import os
+
+    ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    synced, real_fsync, real_replace = set(), os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)  # by inode: trainer_state.json is synced under its temporary name
+        real_fsync(fd)
+
+    def replace(src, dst):
+        if str(src).endswith(step_name(10) + ".tmp"):  # publishing: everything inside must be on disk by now
+            files = {p: p.stat().st_ino for p in tmp_path.joinpath(step_name(10) + ".tmp").rglob("*")}
+            assert len(files) >= 5 and not [p for p, inode in files.items() if inode not in synced]
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save(ck, 10)
+    assert ck.complete_steps() == [10]
