@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -431,6 +432,8 @@ def check_args(args) -> list[str]:
         problems.append(f"--size: give SIDE or HEIGHTxWIDTH in pixels, e.g. 64 or 64x96, got {args.size!r}")
     if args.frames is not None and args.task not in ("t2v", "v2v"):
         problems.append(f"--frames: only t2v and v2v have frames, not {args.task}")
+    elif args.frames is not None and args.frames < 1:
+        problems.append(f"--frames must be >= 1, got {args.frames}")
     if args.steps < 1:
         problems.append(f"--steps must be >= 1, got {args.steps}")
     if not generation and args.prompt:
@@ -528,11 +531,14 @@ def main(argv: list[str] | None = None) -> int:
 def write_media(frames: Tensor, path: Path, fps: float) -> None:
     from .data.media import encode_image, encode_video
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        path.write_bytes(encode_video(frames, fps))
+        data = encode_video(frames, fps)
     else:
-        path.write_bytes(encode_image(frames[:1], "jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "png"))
+        data = encode_image(frames[:1], "jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")  # an earlier output is replaced whole or not at all
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -479,9 +479,11 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
                  "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
     assert capsys.readouterr().out == trained_runs["ranks"][0]["answers"][0] + "\n"
     # problems are all reported at once, with the flag and the fix, and nothing is loaded
-    assert main(["--checkpoint", str(exported), "--task", "t2v", "--out", "x.png", "--size", "big"]) == 2
+    assert main(["--checkpoint", str(exported), "--task", "t2v", "--out", "x.png", "--size", "big", "--frames",
+                 "0"]) == 2
     err = capsys.readouterr().err
     assert "--prompt: t2v needs a prompt" in err and "ending in .mp4" in err and "SIDE or HEIGHTxWIDTH" in err
+    assert "--frames must be >= 1, got 0" in err
     assert main(["--checkpoint", str(exported), "--task", "t2i", "--prompt", "x", "--size", "30", "--out",
                  str(tmp_path / "d.png")]) == 2
     assert "multiple of 4" in capsys.readouterr().err
