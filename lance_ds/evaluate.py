@@ -185,12 +185,13 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def share(items: list, rank: int, world: int) -> list[tuple[object, bool]]:
-    """This rank's contiguous share of `items` as (item, counted): every rank gets ceil(n / world) items, the short
-    ones padded with repeats of the first item that are run (so all ranks run the same forwards) but not counted."""
+def share(items: list, rank: int, world: int) -> tuple[int, list[tuple[object, bool]]]:
+    """This rank's contiguous share of `items`: the index of its first item in `items`, and (item, counted) pairs.
+    Every rank gets ceil(n / world) items, the short ones padded with repeats of the first item that are run (so all
+    ranks run the same forwards) but not counted."""
     per_rank = math.ceil(len(items) / world)
     mine = [(item, True) for item in items[rank * per_rank:(rank + 1) * per_rank]]
-    return mine + [(items[0], False)] * (per_rank - len(mine))
+    return rank * per_rank, mine + [(items[0], False)] * (per_rank - len(mine))
 
 
 @torch.no_grad()
@@ -203,11 +204,11 @@ def evaluate(generator, prompts: list[Prompt], settings: EvalSettings | None = N
     device = getattr(generator, "device", torch.device("cpu"))
     counts = torch.zeros(len(TASKS), 4, dtype=torch.float64)  # correct, total, chance sum, reference correct
     examples: list[Example] = []
-    by_group: dict[str, list[Prompt]] = {}
+    by_group: dict[tuple[str, str], list[Prompt]] = {}  # a batch is one task's prompts, cut with one group's options
     for p in prompts:
-        by_group.setdefault(p.group.name, []).append(p)
-    for name, group_prompts in by_group.items():
-        mine = share(group_prompts, rank, world)
+        by_group.setdefault((p.group.name, p.sample.task), []).append(p)
+    for group_prompts in by_group.values():
+        offset, mine = share(group_prompts, rank, world)
         for first in range(0, len(mine), settings.batch_size):
             batch = mine[first:first + settings.batch_size]
             samples = [p.sample for p, _ in batch]
@@ -225,7 +226,7 @@ def evaluate(generator, prompts: list[Prompt], settings: EvalSettings | None = N
                             examples.append(Example(task, _question(p.sample), ok, answer, p.sample.texts["caption_a"]))
             else:
                 outputs = generator.generate(samples, num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
-                                             seed=settings.seed + first, group=group)
+                                             seed=settings.seed, group=group, first_index=offset + first)
                 for (p, counted), output in zip(batch, outputs):
                     verdict, reference, source, target = judge_output(p.sample, output)
                     if counted:

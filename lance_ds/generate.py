@@ -130,11 +130,14 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, samples: list[Sample], num_steps: int = 30, cfg_scale: float = 4.0, seed: int = 0,
-                 target_shape: tuple[int, int, int] | None = None, group: GroupConfig | None = None) -> list[Tensor]:
+                 target_shape: tuple[int, int, int] | None = None, group: GroupConfig | None = None,
+                 first_index: int = 0) -> list[Tensor]:
         """t2i / t2v / i2i / v2v samples -> uint8 frames [T, H, W, 3] each (an image has T = 1).
 
         The output size is target_shape (frames, height, width) when given, else the sample's target media cut as
         training cuts it (held-out samples), else the source's (edits), else the group's resolution.
+        samples[k] starts from the noise of (seed, first_index + k): a list split over calls (or ranks) with each
+        part's first_index draws what one call with the whole list draws.
         """
         times = sampling_schedule(max(num_steps, 1), self.objective.sample_shift)
         lo, hi = self.objective.cfg_interval
@@ -155,7 +158,8 @@ class Generator:
         with self._inference():
             for chunk in chunks:
                 chunk_pairs = [pairs[i] for i in chunk]
-                latents = self._sample_latents(chunk_pairs, chunk, times, guided_steps, cfg_scale, seed)
+                latents = self._sample_latents(chunk_pairs, [first_index + i for i in chunk], times, guided_steps,
+                                               cfg_scale, seed)
                 out += self._decode_latents(latents, [c for c, _ in chunk_pairs])
             idle = self.planner.placeholder(vit=False, vae=True, ce=False)
             for _ in range(num_idle):  # the forwards other ranks run for prompts this rank does not have

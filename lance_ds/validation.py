@@ -127,9 +127,9 @@ class Validator:
         tr = self.trainer
         cfg = tr.cfg.validation
         generator = Generator(tr.engine, tr.parts.vit, tr.parts.vae, tr.planner, tr.tokenizer, tr.cfg.objective)
-        by_group: dict[str, tuple] = {}
+        by_group: dict[tuple[str, str], tuple] = {}  # one call per group and task
         for group, sample in self.prompts:
-            by_group.setdefault(group.name, (group, []))[1].append(sample)
+            by_group.setdefault((group.name, sample.task), (group, []))[1].append(sample)
         seen: dict[str, int] = {}
         rows = ["| task | question | reference | answer |", "|---|---|---|---|"]
         for group, samples in by_group.values():

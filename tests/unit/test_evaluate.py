@@ -59,6 +59,7 @@ class FakeGenerator:
     def __init__(self, mode: str):
         self.mode = mode
         self.calls: list[int] = []  # prompts per call
+        self.noise: dict[str, tuple[int, int]] = {}  # sample key -> (seed, index) of its noise
 
     def answer(self, samples, max_new_tokens=16, group=None):
         self.calls.append(len(samples))
@@ -76,10 +77,11 @@ class FakeGenerator:
                 out.append("the of and")
         return out
 
-    def generate(self, samples, num_steps=20, cfg_scale=4.0, seed=0, group=None):
+    def generate(self, samples, num_steps=20, cfg_scale=4.0, seed=0, group=None, first_index=0):
         self.calls.append(len(samples))
         out = []
-        for s in samples:
+        for k, s in enumerate(samples):
+            self.noise[s.key] = (seed, first_index + k)  # what the real generator draws its noise from
             target = s.media.get(ev.TARGET_MEDIA[s.task])
             source = s.media.get(ev.SOURCE_MEDIA.get(s.task, ""))
             if self.mode == "right":
@@ -169,22 +171,26 @@ def test_an_edit_that_moves_the_shape_is_wrong():
 
 
 def test_prompts_are_shared_evenly_over_ranks_and_the_counts_add_up(prompts, monkeypatch):
-    assert ev.share([1, 2, 3, 4, 5], 0, 2) == [(1, True), (2, True), (3, True)]
-    assert ev.share([1, 2, 3, 4, 5], 1, 2) == [(4, True), (5, True), (1, False)]
-    assert ev.share([1], 1, 2) == [(1, False)]
-    single = ev.evaluate(FakeGenerator("right"), prompts[:-1], ev.EvalSettings())  # v2t: 3 prompts, uneven
+    assert ev.share([1, 2, 3, 4, 5], 0, 2) == (0, [(1, True), (2, True), (3, True)])
+    assert ev.share([1, 2, 3, 4, 5], 1, 2) == (3, [(4, True), (5, True), (1, False)])
+    assert ev.share([1], 1, 2) == (1, [(1, False)])
+    alone = FakeGenerator("right")
+    single = ev.evaluate(alone, prompts[:-1], ev.EvalSettings())  # v2t: 3 prompts, uneven
     monkeypatch.setattr(ev.dist, "all_reduce", lambda tensor: None)
     totals = {t: [0, 0] for t in TASKS}
-    calls = []
+    calls, noise = [], {}
     for rank in range(2):
         monkeypatch.setattr(ev, "_world", lambda rank=rank: (rank, 2))
         fake = FakeGenerator("right")
-        for t, s in ev.evaluate(fake, prompts[:-1], ev.EvalSettings()).scores.items():
+        for t, s in ev.evaluate(fake, prompts[:-1], ev.EvalSettings(batch_size=1)).scores.items():
             totals[t][0] += s.correct
             totals[t][1] += s.total
         calls.append(fake.calls)
-    assert calls[0] == calls[1] == [2] * len(TASKS)  # the same forwards on every rank, padding included
+        noise.update({key: drawn for key, drawn in fake.noise.items() if key not in noise})  # padding: not counted
+    assert calls[0] == calls[1] == [1, 1] * len(TASKS)  # the same forwards on every rank, padding included
     assert totals == {t: [s.correct, s.total] for t, s in single.scores.items()}
+    # each generation prompt starts from the same noise whatever the ranks and batches
+    assert noise == alone.noise and len(noise) == sum(p.sample.task in GEN_TASKS for p in prompts[:-1])
 
 
 def test_a_tiny_random_model_runs_every_task_and_is_judged_wrong():

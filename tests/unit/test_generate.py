@@ -409,6 +409,11 @@ def test_packed_sampling_equals_euler_sample_and_does_not_depend_on_packing(from
         gen.max_batch_tokens = 32768
     for a, b in zip(packed, alone):
         assert (a.int() - b.int()).abs().max() <= 1
+    # the list split over two calls (as evaluation splits it over ranks) draws the same noise per prompt
+    split = (gen.generate(samples[:1], num_steps=NUM_STEPS, seed=5)
+             + gen.generate(samples[1:], num_steps=NUM_STEPS, seed=5, first_index=1))
+    assert all((a.int() - b.int()).abs().max() <= 1 for a, b in zip(packed, split))
+    assert (gen.generate(samples[1:2], num_steps=NUM_STEPS, seed=5)[0].int() - packed[1].int()).abs().max() > 1
     edit = samples[2]  # the i2i prompt: condition latents, ViT tokens, guidance
     cond, uncond = gen.planner.prompt(edit), gen.planner.prompt(edit, drop_caption=True)
     noise = torch.randn(cond.vae[-1].coords.shape[0], gen.lance.cfg.latent_channels, generator=sample_generator(5, 2))
