@@ -699,12 +699,16 @@ class ValLoader:
     rank j % world_size: every sample is evaluated once across ranks and the batches do not depend on the number of
     ranks. Each rank reads every shard (only its own samples are decoded) and ends with placeholder-only batches up to
     ceil(num_batches / world_size), so every rank runs the same number of forward passes. Caption dropout is off.
+    Samples longer than packing_length, which training never sees, are skipped and counted (val/skipped/overlong),
+    also under data.filter_overlong=false: an error there would end the run in its middle.
     Each iteration starts from the beginning.
     """
 
     def __init__(self, groups: list[ResolvedGroup], planner: SequencePlanner, *, rank: int, world_size: int,
-                 samples_per_batch: int, branches: Branches, max_samples: int | None = None):
+                 samples_per_batch: int, branches: Branches, max_samples: int | None = None,
+                 packing_length: int | None = None):
         self.groups = [replace(g, config=replace(g.config, caption_dropout=0.0)) for g in groups]
+        self.packing_length = packing_length
         self.planner, self.rank, self.world_size = planner, rank, world_size
         self.samples_per_batch, self.branches, self.max_samples = samples_per_batch, branches, max_samples
         self.skips = SkipCounter(f" validation rank {rank}")
@@ -724,11 +728,16 @@ class ValLoader:
 
     def _plan(self, group: ResolvedGroup, raw: RawSample) -> SequencePlan | None:
         try:
-            return self.planner.plan(decode_sample(raw, group), group.config)
+            plan = self.planner.plan(decode_sample(raw, group), group.config)
         except SkipSample as e:
             self.skips.add(e.reason, str(e))
         except PlanError as e:
             self.skips.add("bad_sample", str(e))
+        else:
+            if self.packing_length is None or check_length(plan, self.packing_length, filter_overlong=True):
+                return plan
+            self.skips.add("overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens > "
+                                       f"packing_length {self.packing_length}")
         return None
 
     def _batch(self, plans: list[SequencePlan]) -> PackedBatch:
@@ -805,7 +814,7 @@ def build_val_loader(dataset: DatasetConfig, data: DataConfig, planner: Sequence
     """The validation loader of one rank (finite; see ValLoader)."""
     groups = [resolve_group(g, f"validation groups[{i}] ({g.name})") for i, g in enumerate(dataset.groups)]
     return ValLoader(groups, planner, rank=rank, world_size=world_size, samples_per_batch=data.val_samples_per_batch,
-                     branches=branches or Branches(), max_samples=max_samples)
+                     branches=branches or Branches(), max_samples=max_samples, packing_length=data.packing_length)
 
 
 __all__ = [

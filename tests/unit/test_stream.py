@@ -482,3 +482,13 @@ def test_validation_covers_every_sample_once_with_equal_batch_counts(tmp_path, p
     limited = build_val_loader(dataset, data, planner, rank=0, world_size=1, max_samples=4)
     kept = [k for plans in limited.iter_plans() for k in (p.key for p in plans)]
     assert len([k for k in kept if k.startswith("a")]) == 4 and len([k for k in kept if k.startswith("b")]) == 4  # per group
+    # samples training would drop as overlong are skipped and counted, not evaluated (nor an error)
+    lengths = {p.key: p.num_tokens for plans in limited.iter_plans() for p in plans}
+    cut = min(lengths.values())  # the t2i samples' length: the longer i2t ones go
+    assert cut < max(lengths.values())
+    for filter_overlong in (True, False):
+        short = dataclasses.replace(DATA, val_samples_per_batch=3, packing_length=cut, filter_overlong=filter_overlong)
+        loader = build_val_loader(dataset, short, planner, rank=0, world_size=1, max_samples=4)
+        kept = {p.key for plans in loader.iter_plans() for p in plans}
+        assert kept == {k for k, n in lengths.items() if n <= cut} and kept != set(lengths)
+        assert loader.stats_scalars()["val/skipped/overlong"] == len(lengths) - len(kept)
