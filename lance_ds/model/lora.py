@@ -19,20 +19,26 @@ from lance_ds.config.model import LoraConfig as LoraSettings
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+VIT_PREFIX = "vit_model."  # a trainable ViT (model.vit_trainable) lives in the model under this name
+NOT_IN_VIT = r"vit_model\..*"  # peft's exclude_modules: adapters go on the LLM's projections only
 
 
-def peft_config(settings: LoraSettings):
+def peft_config(settings: LoraSettings, exclude_modules: str | None = None):
     from peft import LoraConfig
 
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=list(settings.target_modules), bias="none")
+                      target_modules=list(settings.target_modules), exclude_modules=exclude_modules, bias="none")
 
 
 def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = None) -> nn.Module:
-    """Inject adapters (in place) and freeze everything else. Under ZeRO-3 the adapters are created partitioned."""
+    """Inject adapters (in place) into the LLM's projections and freeze everything else but a trainable ViT, which
+    trains whole beside them (model.vit_trainable: the ViT's MLP names are the LLM's, so target_modules alone would
+    put adapters on it too). Under ZeRO-3 the adapters are created partitioned."""
     from peft import inject_adapter_in_model
 
-    suffixes = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    trainable_vit = {n for n, p in model.named_parameters() if n.startswith(VIT_PREFIX) and p.requires_grad}
+    suffixes = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                if isinstance(m, nn.Linear) and not name.startswith(VIT_PREFIX)}
     unknown = [t for t in settings.target_modules if t not in suffixes]
     if unknown:
         raise ValueError(f"model.lora.target_modules {unknown} name no linear layer of the model; choose from "
@@ -43,9 +49,10 @@ def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = 
 
         context = deepspeed.zero.Init(config_dict_or_path=ds_config)
     with context:
-        inject_adapter_in_model(peft_config(settings), model)
+        has_vit = any(name.startswith(VIT_PREFIX) for name, _ in model.named_modules())
+        inject_adapter_in_model(peft_config(settings, NOT_IN_VIT if has_vit else None), model)
     for name, p in model.named_parameters():
-        p.requires_grad_(is_lora_param(name))
+        p.requires_grad_(is_lora_param(name) or name in trainable_vit)
     return model
 
 

@@ -256,6 +256,16 @@ def test_lora_trains_only_adapters_and_round_trips(tmp_path):
         build(training_type="lora", lora=LoraConfig(target_modules=["qkv_proj"]))
 
 
+def test_lora_adapts_the_llm_and_a_trainable_vit_trains_whole():
+    bundle = build(vit_trainable=True, training_type="lora", lora=LoraConfig(target_modules=["q_proj", "gate_proj"]))
+    trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+    vit = {n for n, _ in bundle.model.named_parameters() if n.startswith("vit_model.")}
+    assert vit and vit <= trainable  # the ViT trains whole, as model.vit_trainable asks ...
+    assert not [n for n in vit if "lora_" in n]  # ... without adapters on its gate_proj
+    assert any(".mlp.gate_proj.lora_A." in n for n in trainable)  # the LLM's gate_proj has them
+    assert all("lora_" in n for n in trainable - vit)  # and the rest of the LLM is frozen
+
+
 def test_trainable_vit_lives_in_the_model():
     bundle = build(vit_trainable=True)
     assert bundle.vit is None and hasattr(bundle.model, "vit_model")
