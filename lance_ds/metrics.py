@@ -86,14 +86,17 @@ class Throughput:
 
 
 class TensorBoard:
-    """A SummaryWriter on rank 0 and nothing elsewhere, so call sites need no rank checks."""
+    """A SummaryWriter on rank 0 and nothing elsewhere, so call sites need no rank checks.
 
-    def __init__(self, log_dir: str | Path, enabled: bool):
+    purge_step: TensorBoard drops the points of earlier writers to log_dir at this step and after (a resumed run
+    passes the step after its checkpoint, so what a killed run logged past it does not show twice)."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None):
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer:

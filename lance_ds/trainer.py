@@ -59,14 +59,16 @@ class Trainer:
         self.validator = Validator(self, run.val_dataset) if run.val_dataset is not None else None
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size)
-        self.tb = TensorBoard(self.out / "tensorboard", enabled=self.dist.is_first)
         self.step = 0
         self.skipped_steps = 0
         self.started = time.time()
         self.tokens_seen = 0
         self.last_losses: dict[str, float] = {}
         self.task_losses = TaskLosses(self.dist.device, self.cfg.objective.prediction)
-        self._resume(resume)
+        resumed = self._resume(resume)
+        # the timeline restarts here: points an earlier run logged after this step (or any, from scratch) are dropped
+        self.tb = TensorBoard(self.out / "tensorboard", enabled=self.dist.is_first,
+                              purge_step=self.step + 1 if resumed else 0)
         if self.dist.is_first:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
@@ -77,7 +79,8 @@ class Trainer:
         cfg = self.cfg
         self.print_banner()
         batches = iter(self.loader)
-        self.validate_if_due()
+        if self.step == 0:  # a resumed run validated its step before saving it
+            self.validate_if_due()
         meter, speed = Meter(), Throughput()
         progress = self._progress_bar()
         while self.step < cfg.train.max_steps:
@@ -229,14 +232,15 @@ class Trainer:
         path = self.checkpointer.resolve("latest")
         return int(path.name.split("_")[1]) if path else -1
 
-    def _resume(self, resume: str) -> None:
+    def _resume(self, resume: str) -> bool:
+        """Restore the checkpoint `resume` names; False when the run starts from scratch."""
         path = self.checkpointer.resolve(resume)
         if path is None:
             earlier = self.checkpointer.complete_steps()
             if earlier and self.dist.is_first:
                 print(f"lance_ds: starting from scratch; {self.checkpointer.root} holds an earlier run's checkpoints "
                       f"(steps {earlier}), replaced as this run reaches their steps", flush=True)
-            return
+            return False
         saved = json.loads((path / "trainer_state.json").read_text())
         refuse_other_architecture(saved.get("model", {}), to_dict(self.cfg.model), path)
         resumed = self.checkpointer.load(self.engine, path)
@@ -249,6 +253,7 @@ class Trainer:
             self.ema.load_state_dict(resumed.ema_state)  # None: EMA is new at this resume, starts from these weights
         if self.dist.is_first:
             print(f"lance_ds: resumed from {path} at step {self.step}", flush=True)
+        return True
 
     def close(self) -> None:
         self.tb.close()

@@ -35,6 +35,15 @@ def losses(run_dir: Path) -> dict[int, float]:
     return read_scalars(run_dir)["train/loss"]
 
 
+def tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
+    """The steps of a scalar as TensorBoard shows them (points purged by a later writer's purge step left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
 def read_images(run_dir: Path) -> dict[str, dict[int, tuple[int, int]]]:
     """TensorBoard images: tag -> step -> (height, width)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -115,6 +124,8 @@ def test_kill9_during_save_and_during_training_resume_exactly(reference, example
     launch(train_args(out, example_data))
     expected, got = losses(reference), losses(out)
     assert sorted(got) == LOGGED  # the same windows (resumed at 2 and at 6, neither a multiple of log.every)
+    # and TensorBoard shows each once: what the run killed in its save of step 4 had logged past step 2 is purged
+    assert tensorboard_steps(out, "train/loss") == LOGGED
     for step in LOGGED:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
 
