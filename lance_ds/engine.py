@@ -99,6 +99,24 @@ def lr_multiplier(step: int, train: TrainConfig) -> float:
     return 1.0
 
 
+def follow_run_schedule(engine, train: TrainConfig) -> float | None:
+    """After a resume: make the restored schedule use this run's train.lr. Loading a checkpoint restores the
+    scheduler's base rate and the optimizer's current rate (the checkpoint's train.lr), while the schedule's shape
+    (warmup, cosine, min_lr, max_steps) is this run's: without this, lowering train.lr to rescue a diverging run
+    would silently keep the old rate. Returns the checkpoint's base rate (None when the DeepSpeed JSON has its own
+    scheduler, which is left alone)."""
+    scheduler = engine.lr_scheduler
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return None
+    saved = scheduler.base_lrs[0]
+    scheduler.base_lrs = [train.lr] * len(scheduler.base_lrs)
+    rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["initial_lr"], group["lr"] = train.lr, rate
+    scheduler._last_lr = rates  # what get_last_lr() reports until the next step
+    return saved
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
     """Wrap the trainable model: DeepSpeed builds the optimizer from the resolved JSON; the schedule is the run
     config's (a LambdaLR, checkpointed by the engine) unless the JSON spells out a DeepSpeed scheduler."""

@@ -27,7 +27,8 @@ from .data.sequence import SequencePlanner, VisionGeometry
 from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
 from .ema import ShardedEMA
-from .engine import build_engine, init_distributed, release_shm_buffer, seed_everything, seed_micro_step
+from .engine import (build_engine, follow_run_schedule, init_distributed, release_shm_buffer, seed_everything,
+                     seed_micro_step)
 from .faults import armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
 from .model import build_model, encode_vit
@@ -244,6 +245,10 @@ class Trainer:
         saved = json.loads((path / "trainer_state.json").read_text())
         refuse_other_architecture(saved.get("model", {}), to_dict(self.cfg.model), path)
         resumed = self.checkpointer.load(self.engine, path)
+        saved_lr = follow_run_schedule(self.engine, self.cfg.train)
+        if saved_lr is not None and not math.isclose(saved_lr, self.cfg.train.lr) and self.dist.is_first:
+            print(f"lance_ds: train.lr changed since the checkpoint ({saved_lr:g} -> {self.cfg.train.lr:g}): the "
+                  "schedule goes on with the new rate", flush=True)
         self.step = resumed.step
         self.skipped_steps = int(saved.get("skipped_steps", 0))
         self.tokens_seen = int(saved.get("tokens_seen", 0))

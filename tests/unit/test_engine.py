@@ -1,0 +1,57 @@
+"""The learning-rate schedule across a resume (lance_ds.engine), on a plain torch optimizer: the LambdaLR that
+build_engine hands DeepSpeed, saved and loaded as the engine's checkpoint does."""
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lance_ds.config.run import TrainConfig
+from lance_ds.engine import follow_run_schedule, lr_multiplier
+
+
+def scheduled(train: TrainConfig):
+    """An optimizer and the schedule build_engine gives DeepSpeed, as an engine-like object."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))
+    return SimpleNamespace(optimizer=optimizer, lr_scheduler=scheduler)
+
+
+def test_a_resume_with_a_new_lr_follows_it_from_the_step_it_resumes_at():
+    first = TrainConfig(lr=2e-3, warmup_steps=2, lr_schedule="cosine", max_steps=10, min_lr=0.0)
+    run = scheduled(first)
+    for _ in range(5):
+        run.optimizer.step()
+        run.lr_scheduler.step()
+    saved = (run.optimizer.state_dict(), run.lr_scheduler.state_dict())
+
+    lowered = TrainConfig(lr=1e-5, warmup_steps=2, lr_schedule="cosine", max_steps=10, min_lr=0.0)
+    resumed = scheduled(lowered)
+    resumed.optimizer.load_state_dict(saved[0])  # what the engine's checkpoint restores: the old rates
+    resumed.lr_scheduler.load_state_dict(saved[1])
+    assert follow_run_schedule(resumed, lowered) == pytest.approx(2e-3)
+    rate = resumed.optimizer.param_groups[0]["lr"]
+    assert rate == pytest.approx(1e-5 * lr_multiplier(5, lowered))  # the next step's rate, at the new peak
+    assert resumed.lr_scheduler.get_last_lr() == [rate]
+    resumed.optimizer.step()
+    resumed.lr_scheduler.step()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 * lr_multiplier(6, lowered))
+
+
+def test_an_unchanged_lr_resumes_the_same_rates():
+    train = TrainConfig(lr=1e-3, warmup_steps=3, max_steps=8)
+    run = scheduled(train)
+    for _ in range(4):
+        run.optimizer.step()
+        run.lr_scheduler.step()
+    before = run.optimizer.param_groups[0]["lr"]
+    assert follow_run_schedule(run, train) == pytest.approx(1e-3)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(before)
+
+
+def test_a_deepspeed_scheduler_is_left_alone():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    engine = SimpleNamespace(lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1))
+    assert follow_run_schedule(engine, TrainConfig(lr=1.0)) is None
+    assert optimizer.param_groups[0]["lr"] == 0.1
