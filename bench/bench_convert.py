@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=2000, help="rows of the cp comparison (verify none)")
     p.add_argument("--side", type=int, default=416, help="image side in pixels (~100 kB JPEGs at the default)")
     p.add_argument("--verify-rows", type=int, default=1600,
-                   help="rows of the worker-scaling run (verify full; enough that starting the pool is ~5% of it)")
+                   help="rows of the worker-scaling run (verify full; enough that starting the pool is ~5%% of it)")
     p.add_argument("--verify-side", type=int, default=256, help="image side of the worker-scaling run")
     p.add_argument("--small-shard-mb", type=float, default=16.0,
                    help="shard size of the 1- vs 2-worker --verify none runs (several work units)")

@@ -1,4 +1,4 @@
-"""Entry point: parse -> check -> build -> Trainer.train() -> close.
+r"""Entry point: parse -> check -> build -> Trainer.train() -> close.
 
   deepspeed --num_gpus 8 lance_ds/train.py --ds_config ds_configs/zero3.json --config configs/debug.yaml \
       --dataset_config configs/datasets/example.yaml [--output_dir DIR] [--resume latest|STEP|none] [key=value ...]
