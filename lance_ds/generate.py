@@ -430,6 +430,9 @@ def check_args(args) -> list[str]:
                             f"{' or '.join(suffixes)}, got {args.out!r}")
     elif args.out:
         problems.append(f"--out: {args.task} prints its answer; drop --out")
+    # here, not when writing: an --out that cannot be written would throw the generation away
+    if generation and args.out and (problem := output_problem("--out", args.out)):
+        problems.append(problem)
     if args.size is not None and args.task not in ("t2i", "t2v"):
         problems.append(f"--size: {args.task} keeps the size of its input (as in training); resize the input instead")
     if args.size is not None and parse_size(args.size) is None:
@@ -440,6 +443,15 @@ def check_args(args) -> list[str]:
         problems.append(f"--frames must be >= 1, got {args.frames}")
     if args.steps < 1:
         problems.append(f"--steps must be >= 1, got {args.steps}")
+    # `not x > 0` rather than `x <= 0`: nan is refused too
+    if not args.fps > 0:
+        problems.append(f"--fps must be > 0 (frames per second of the mp4 written or read), got {args.fps}")
+    if not args.cfg >= 0:
+        problems.append(f"--cfg must be >= 0 (1: no guidance, as in training's validation cfg_scale), got {args.cfg}")
+    if not args.temperature >= 0:
+        problems.append(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not generation and args.prompt:
         problems.append(f"--prompt: {args.task} answers a question about its input: give it as --question")
     if generation and args.question:
@@ -448,6 +460,20 @@ def check_args(args) -> list[str]:
         problems.append(f"--device: {args.device} is not available on this machine (CUDA available: "
                         f"{torch.cuda.is_available()}, {torch.cuda.device_count()} device(s)); try --device cpu")
     return problems
+
+
+def output_problem(flag: str, path: str | Path, directory: bool = False) -> str | None:
+    """Why `path` cannot be written as a file (directory: made a directory), or None. Missing parent directories
+    are fine (they are created); a file standing where one of them must be is not. Checked before anything is
+    loaded, so that no generation or evaluation is run for an output that then cannot be written."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        return (f"{flag}: {path} is a directory; give the path of a file in it" if path.is_dir() else
+                f"{flag}: {path} is a file; give a directory (a new one is created)")
+    in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        return f"{flag}: {in_the_way} is a file, so {path} cannot be created under it; choose another path"
+    return None
 
 
 def _device_available(name: str) -> bool:
@@ -526,7 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError, FileNotFoundError) as e:  # ValueError: GenerateError, PlanError, model checks
         print(f"lance_ds.generate: {e}", file=sys.stderr)
         return 2
-    write_media(frames, Path(args.out), args.fps)
+    try:
+        write_media(frames, Path(args.out), args.fps)
+    except OSError as e:  # checked before loading; still possible (a full disk, a path changed meanwhile)
+        print(f"lance_ds.generate: could not write {args.out}: {e}", file=sys.stderr)
+        return 1
     print(f"lance_ds.generate: wrote {args.out} ({frames.shape[0]} frame(s), {frames.shape[1]}x{frames.shape[2]})",
           file=sys.stderr)
     return 0
@@ -541,8 +571,11 @@ def write_media(frames: Tensor, path: Path, fps: float) -> None:
         data = encode_image(frames[:1], "jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")  # an earlier output is replaced whole or not at all
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind (after the rename there is no tmp)
 
 
 if __name__ == "__main__":
