@@ -716,10 +716,11 @@ class ConvertSummary:
                 f"({rate:.1f} MB/s)")
 
 
-def _prepare_output(output: Path, planned: set[str]) -> None:
+def _prepare_output(output: Path, planned: set[str], task: str) -> None:
     """Create DIR, drop leftovers of an interrupted run (temp files) and shards of an older, different plan.
 
-    Only a directory this converter made (it has STATE_DIR) is cleaned; shard files in any other are refused.
+    Only a directory this converter made for the same task (it has STATE_DIR) is cleaned; shard files in any other
+    are refused: an --output given by mistake must not lose another conversion.
     """
     if output.exists() and not output.is_dir():
         raise ConvertError(f"--output {output} is a file; give a directory (a new one or a previous output of this "
@@ -729,7 +730,12 @@ def _prepare_output(output: Path, planned: set[str]) -> None:
         if foreign:
             raise ConvertError(f"--output {output} already holds {foreign[0]} (and {len(foreign) - 1} more) that this "
                                "converter did not make; choose an empty directory or a previous output of this tool")
+    earlier = _output_task(output)
+    if earlier is not None and earlier != task:
+        raise ConvertError(f"--output {output} holds a conversion of {earlier} data and these inputs are {task}; "
+                           f"choose another directory (one per task), or delete {output} to replace it")
     (output / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    (output / STATE_DIR / "task").write_text(task)
     (output / "manifest.json").unlink(missing_ok=True)  # present only after a complete run
     _remove_temp_files(output)
     for path in output.iterdir():
@@ -737,6 +743,17 @@ def _prepare_output(output: Path, planned: set[str]) -> None:
             log.warning("removing %s: not part of this conversion's plan (left by an earlier run)", path)
             path.unlink()
             _record_path(output, path.name).unlink(missing_ok=True)
+
+
+def _output_task(output: Path) -> str | None:
+    """The task an earlier conversion into `output` was of (an unfinished one's too), or None."""
+    for path, read in ((output / STATE_DIR / "task", lambda text: text.strip()),
+                       (output / "manifest.json", lambda text: json.loads(text).get("task"))):
+        try:
+            return read(path.read_text()) or None
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def _remove_temp_files(output: Path) -> None:
@@ -801,7 +818,7 @@ def convert(options: ConvertOptions) -> ConvertSummary:
     schema, sources = open_sources(options.inputs, options.task)
     units = plan_work(sources, schema, options)
     output = Path(options.output)
-    _prepare_output(output, {plan.name for unit in units for plan in unit.shards})
+    _prepare_output(output, {plan.name for unit in units for plan in unit.shards}, schema.task)
 
     total_rows = sum(s.num_rows for s in sources)
     bar = _progress_bar(total_rows, schema.task, options.progress)

@@ -473,6 +473,20 @@ def test_foreign_shards_in_the_output_are_refused_not_deleted(many_groups, tmp_p
     assert (out / "shard-000000.tar").read_bytes() == b"someone else's"
 
 
+def test_another_tasks_output_is_refused_not_replaced(many_groups, tmp_path):
+    out = tmp_path / "out"
+    run([many_groups], out, samples_per_shard=5)  # i2t
+    before = snapshot(out)
+    rows, _, _ = make_rows("t2i")
+    other = write_parquet(tmp_path / "t2i.parquet", "t2i", rows)
+    with pytest.raises(ConvertError, match="holds a conversion of i2t data and these inputs are t2i"):
+        run([other], out)
+    assert snapshot(out) == before
+    (out / "manifest.json").unlink()  # an unfinished i2t conversion is recognised too
+    with pytest.raises(ConvertError, match="conversion of i2t"):
+        run([other], out)
+
+
 def test_small_record_batches_change_nothing(many_groups, tmp_path, monkeypatch):
     run([many_groups], tmp_path / "big", samples_per_shard=6)
     monkeypatch.setattr(convert_module, "_BATCH_BYTES", 1)  # one row per record batch
