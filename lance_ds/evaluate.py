@@ -372,13 +372,22 @@ def main(argv: list[str] | None = None) -> int:
     from .config.core import Problems
     from .config.run import load_dataset
     from .export import ExportError
-    from .generate import Generator, GenerateError
+    from .generate import Generator, GenerateError, output_problem
     from .metrics import TensorBoard
 
     args = parse_args(argv)
     problems = Problems()
     if args.num_per_task < 1:
         problems.add("--num-per-task", f"must be >= 1, got {args.num_per_task}")
+    if args.steps < 1:
+        problems.add("--steps", f"must be >= 1, got {args.steps}")
+    if not args.cfg >= 0:  # nan too
+        problems.add("--cfg", f"must be >= 0 (1: no guidance), got {args.cfg}")
+    # the outputs are written after the whole evaluation: one that cannot be written would throw it away
+    tensorboard = None if args.tensorboard == "none" else args.tensorboard
+    for flag, path, directory in (("--json", args.json, False), ("--tensorboard", tensorboard, True)):
+        if path and (problem := output_problem(flag, path, directory)):
+            problems.add("", problem)
     dataset = load_dataset(args.dataset_config, problems, "--dataset_config")
     try:
         problems.raise_if_any()
@@ -414,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TensorBoard: eval/<task> scalars and eval/samples/* in {tb_dir}")
     json_path = Path(args.json) if args.json else (run_dir / "eval.json" if run_dir else None)
     if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"settings": dataclasses.asdict(settings), "num_per_task": args.num_per_task,
                                          "dataset_config": str(args.dataset_config),
                                          "results": {k: to_json(v) for k, v in results.items()}}, indent=2))
