@@ -337,12 +337,12 @@ def untrained_generator(checkpoint: str | Path, trained, dtype: str = "fp32"):
 
 def checkpoint_step(checkpoint: str | Path) -> tuple[int, Path | None]:
     """(step, run dir) of a training checkpoint; (-1, None) for an export."""
-    from .export import TRAINER_STATE, find_checkpoint, is_export_dir
+    from .export import find_checkpoint, is_export_dir, read_trainer_state
 
     if is_export_dir(checkpoint):
         return -1, None
     step_dir = find_checkpoint(checkpoint)
-    step = int(json.loads((step_dir / TRAINER_STATE).read_text())["step"])
+    step = read_trainer_state(step_dir)["step"]
     run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else None
     return step, run_dir
 

@@ -47,7 +47,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .checkpoint import LATEST, rank_dir
+from .checkpoint import LATEST, Checkpointer, rank_dir, step_name
 from .config.core import Problems, from_dict, to_dict
 from .config.model import LoraConfig, ModelConfig, ObjectiveConfig
 from .config.run import RunConfig
@@ -108,11 +108,40 @@ def read_run_config(step_dir: Path) -> RunConfig:
     if not config_file.is_file():
         raise ExportError(f"{config_file} is missing; lance_ds writes it with every checkpoint, so {step_dir} was "
                           "not written by lance_ds (or is damaged)")
+    try:
+        data = yaml.safe_load(config_file.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise damaged(config_file, step_dir, e) from e
+    if not isinstance(data, dict):
+        raise damaged(config_file, step_dir, ValueError(f"a {type(data).__name__}, not a mapping of sections"))
     problems = Problems()
-    config = from_dict(RunConfig, yaml.safe_load(config_file.read_text()) or {}, problems)
+    config = from_dict(RunConfig, data, problems)
     if problems:
         raise ExportError(f"{config_file} does not match this lance_ds version's config: {'; '.join(problems.items)}")
     return config
+
+
+def read_trainer_state(step_dir: Path) -> dict:
+    """The checkpoint's trainer_state.json (its step and world size)."""
+    state_file = step_dir / TRAINER_STATE
+    try:
+        state = json.loads(state_file.read_text())
+        step = int(state["step"])  # every lance_ds checkpoint has it; anything else is a damaged file
+    except (ValueError, TypeError, KeyError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError, int()
+        raise damaged(state_file, step_dir, e) from e
+    return {**state, "step": step}
+
+
+def damaged(file: Path, step_dir: Path, error: Exception) -> ExportError:
+    """The error for a checkpoint file that cannot be read: it names the file, and the steps to export instead."""
+    checkpoints = Checkpointer(step_dir.parent, keep_last=0, rank=0, world_size=1)
+    others = [step_name(s) for s in checkpoints.complete_steps() if step_name(s) != step_dir.name]
+    reason = str(error).splitlines()[0] if str(error) else ""
+    reason = reason if len(reason) <= 200 else reason[:200] + "..."
+    instead = (f"another step instead (complete in {step_dir.parent}: {', '.join(others)})" if others else
+               f"another checkpoint ({step_dir.parent} holds no other complete step)")
+    return ExportError(f"{file} is damaged ({type(error).__name__}: {reason}); the save that wrote it was probably "
+                       f"cut short (a killed job, a full disk). Export {instead}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,7 +164,7 @@ def load_trained_weights(path: str | Path, ema: bool = False) -> TrainedWeights:
     """Consolidate a training checkpoint (step, checkpoints or run dir) on CPU."""
     step_dir = find_checkpoint(path)
     config = read_run_config(step_dir)
-    trainer_state = json.loads((step_dir / TRAINER_STATE).read_text())
+    trainer_state = read_trainer_state(step_dir)
     state = zero_consolidated_state(step_dir)
     if ema:
         state = with_ema(state, step_dir, int(trainer_state.get("world_size", 1)))
@@ -151,7 +180,11 @@ def check_deepspeed_files(step_dir: Path) -> list[Path]:
     if not files:
         raise ExportError(f"{step_dir} holds no DeepSpeed files (*.pt); it is not a complete DeepSpeed checkpoint")
     for f in files:
-        unexpected = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f))) - DEEPSPEED_GLOBALS)
+        try:
+            referenced = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except (RuntimeError, ValueError, EOFError) as e:  # a truncated zip, a cut pickle
+            raise damaged(f, step_dir, e) from e
+        unexpected = sorted(set(referenced) - DEEPSPEED_GLOBALS)
         if unexpected:
             raise ExportError(f"{f} references {unexpected}, which DeepSpeed checkpoints do not hold; refusing to "
                               "unpickle it (it may run code). If you trust the file, consolidate it with the "

@@ -203,3 +203,41 @@ def test_checkpoint_paths_resolve_and_bad_inputs_are_refused(trained_runs, expor
     finally:
         sys.argv = sys_argv
     assert exit_info.value.code == 2 and "train.ema_decay=0" in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_files_are_named_with_the_steps_to_export_instead(tmp_path, capsys):
+    """A truncated DeepSpeed file, a cut trainer_state.json or a garbled config.yaml (fast: a hand-made checkpoint
+    directory; nothing reaches DeepSpeed's reader)."""
+    import yaml
+
+    from lance_ds.config.core import to_dict
+    from lance_ds.config.run import RunConfig
+    from lance_ds.evaluate import checkpoint_step
+    from lance_ds.export import ExportError, export_checkpoint, main
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        step_dir = checkpoints / f"step_{step:08d}"
+        step_dir.mkdir(parents=True)
+        (step_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(RunConfig())))
+        (step_dir / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": 1}))
+    (checkpoints / "latest").write_text("step_00000002")
+    step_dir = checkpoints / "step_00000002"
+    states = step_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.zeros(64)}}, states)
+    states.write_bytes(states.read_bytes()[:100])  # the save was killed
+    out = tmp_path / "export"
+    with pytest.raises(ExportError, match=r"model_states.pt is damaged \(RuntimeError: PytorchStreamReader.*"
+                                          r"complete in .*checkpoints: step_00000001\)"):
+        export_checkpoint(tmp_path / "run", out)
+    assert not out.exists() and not (tmp_path / "export.tmp").exists()
+    (step_dir / "trainer_state.json").write_text('{"step": 2, "world_si')
+    with pytest.raises(ExportError, match=r"trainer_state.json is damaged \(JSONDecodeError.*step_00000001"):
+        export_checkpoint(step_dir, out)
+    with pytest.raises(ExportError, match="trainer_state.json is damaged"):
+        checkpoint_step(step_dir)  # lance_ds.evaluate reads it too
+    for garbled in (b"model: [size: debug\n", b"\xff\xfe\x00garbage"):  # a YAML error, not UTF-8
+        (step_dir / "config.yaml").write_bytes(garbled)
+        assert main([str(step_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{step_dir / 'config.yaml'} is damaged" in err and "step_00000001" in err, err
