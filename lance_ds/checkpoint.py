@@ -38,6 +38,14 @@ from .faults import kill_if_armed
 
 LATEST = "latest"
 TMP_SUFFIX = ".tmp"
+# Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
+# (vit_trainable, freeze_modules: which parameters the optimizer state covers.)
+ARCHITECTURE_KEYS = ("size", "path", "visual_und", "visual_gen", "lape", "training_type", "lora", "vit_trainable",
+                     "freeze_modules")
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
 
 
 def step_name(step: int) -> str:
@@ -143,6 +151,27 @@ class Checkpointer:
                                   f"(complete steps: {self.complete_steps()})")
         return path
 
+    def check_resume(self, resume: str, model: dict) -> Path | None:
+        """The checkpoint `resume` names once it is known that this run can resume it (same number of ranks, same
+        architecture), or None to start from scratch; else CheckpointError with the fix. It reads JSON only, so
+        `--check` runs it before any rank starts work."""
+        path = self.resolve(resume)
+        if path is None:
+            return None
+        saved = json.loads((path / "trainer_state.json").read_text())
+        saved_world = saved.get("world_size")
+        if saved_world != self.world_size:
+            raise CheckpointError(
+                f"{path} was saved by {saved_world} ranks but this run has {self.world_size}: its ZeRO optimizer "
+                f"shards and data positions are per rank, so an exact resume needs {saved_world} ranks. To go on "
+                f"with {self.world_size}, convert it to weights and start a new run from them (the optimizer "
+                f"state and data position restart):\n  python tools/export_checkpoint.py {path} --out {path}_export"
+                f"\n  ... model.path={path}_export --output_dir NEW_DIR\n(DeepSpeed's own converter, "
+                f"python -m deepspeed.checkpoint.ds_to_universal, keeps optimizer state for DeepSpeed's "
+                f"load_universal, but not lance_ds's per-rank data position.)")
+        refuse_other_architecture(saved.get("model", {}), model, path)
+        return path
+
     # -- saving ------------------------------------------------------------------------------------------------
 
     def save(self, engine, step: int, trainer_state: dict, config: dict, data_state: dict | None,
@@ -195,18 +224,9 @@ class Checkpointer:
     # -- loading -----------------------------------------------------------------------------------------------
 
     def load(self, engine, path: Path, load_optimizer: bool = True) -> Resumed:
-        """Restore the engine (weights, optimizer, scheduler) and read this rank's extra state."""
+        """Restore the engine (weights, optimizer, scheduler) and read this rank's extra state (of a checkpoint
+        check_resume accepted)."""
         trainer_state = json.loads((path / "trainer_state.json").read_text())
-        saved_world = trainer_state.get("world_size")
-        if saved_world != self.world_size:
-            raise CheckpointError(
-                f"{path} was saved by {saved_world} ranks but this run has {self.world_size}: its ZeRO optimizer "
-                f"shards and data positions are per rank, so an exact resume needs {saved_world} ranks. To go on "
-                f"with {self.world_size}, convert it to weights and start a new run from them (the optimizer "
-                f"state and data position restart):\n  python tools/export_checkpoint.py {path} --out {path}_export"
-                f"\n  ... model.path={path}_export --output_dir NEW_DIR\n(DeepSpeed's own converter, "
-                f"python -m deepspeed.checkpoint.ds_to_universal, keeps optimizer state for DeepSpeed's "
-                f"load_universal, but not lance_ds's per-rank data position.)")
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
                                               load_optimizer_states=load_optimizer,
                                               load_lr_scheduler_states=load_optimizer)
@@ -221,6 +241,15 @@ class Checkpointer:
             ema_state=load_file(str(ema_file)) if ema_file.is_file() else None,
             trainer_state=trainer_state,
         )
+
+
+def refuse_other_architecture(saved_model: dict, current_model: dict, path: Path) -> None:
+    """A checkpoint resumes only into the architecture that wrote it; the error names every differing key."""
+    differing = [k for k in ARCHITECTURE_KEYS if k in saved_model and saved_model[k] != current_model.get(k)]
+    if differing:
+        detail = "; ".join(f"model.{k}: checkpoint {saved_model[k]!r}, now {current_model.get(k)!r}" for k in differing)
+        raise CheckpointError(f"{path} was trained with a different architecture ({detail}). Resume with the "
+                              f"same model settings, or start a new output_dir (or --resume none).")
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -55,17 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     from lance_ds.config import ConfigError
     from lance_ds.config import load_and_check
 
+    from lance_ds.checkpoint import Checkpointer, CheckpointError, checkpoints_dir
+    from lance_ds.config.core import to_dict
+    from lance_ds.data.stream import DataError
+
     is_first = int(os.environ.get("RANK", "0")) == 0
     try:
         run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world_size_from_env())
-    except ConfigError as e:
+        # what --resume names must be resumable by this run (ranks, architecture) before any rank starts work
+        Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world_size_from_env()).check_resume(
+            args.resume, to_dict(run.config.model))
+    except (ConfigError, CheckpointError) as e:
         if is_first:
             print(f"lance_ds: {e}", file=sys.stderr)
         return 2
     if args.print_config or args.check:
         if is_first:
-            from lance_ds.config.core import to_dict
-
             if args.print_config:
                 print(yaml.safe_dump(to_dict(run.config), sort_keys=False))
                 print(json.dumps(ds_config, indent=2))
@@ -75,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from lance_ds.trainer import Trainer
 
-    trainer = Trainer(run, ds_config, resume=args.resume)
+    try:
+        trainer = Trainer(run, ds_config, resume=args.resume)
+    except (CheckpointError, DataError) as e:  # found once the data and checkpoint are opened: one line, not a
+        if is_first:  # traceback per rank
+            print(f"lance_ds: {e}", file=sys.stderr)
+        return 2
     try:
         trainer.train()
     finally:

@@ -8,7 +8,6 @@ placeholders), so ZeRO-3's collectives always match.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import Checkpointer, CheckpointError
+from .checkpoint import Checkpointer, checkpoints_dir
 from .config.core import to_dict
 from .config.data import TASKS
 from .config.deepspeed import zero_stage
@@ -34,11 +33,6 @@ from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over
 from .model import build_model, encode_vit
 from .objectives import compute_losses, prepare_flow
 from .validation import TaskLosses, Validator, total_loss
-
-# Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
-# (vit_trainable, freeze_modules: which parameters the optimizer state covers.)
-ARCHITECTURE_KEYS = ("size", "path", "visual_und", "visual_gen", "lape", "training_type", "lora", "vit_trainable",
-                     "freeze_modules")
 
 
 class Trainer:
@@ -58,7 +52,7 @@ class Trainer:
                                          world_size=self.dist.world_size, seed=self.cfg.train.seed,
                                          micro_batch_size=self.cfg.train.micro_batch_size, branches=self.branches)
         self.validator = Validator(self, run.val_dataset) if run.val_dataset is not None else None
-        self.checkpointer = Checkpointer(self.out / "checkpoints", self.cfg.checkpoint.keep_last,
+        self.checkpointer = Checkpointer(checkpoints_dir(self.out), self.cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size)
         self.step = 0
         self.skipped_steps = 0
@@ -235,23 +229,21 @@ class Trainer:
 
     def _resume(self, resume: str) -> bool:
         """Restore the checkpoint `resume` names; False when the run starts from scratch."""
-        path = self.checkpointer.resolve(resume)
+        path = self.checkpointer.check_resume(resume, to_dict(self.cfg.model))
         if path is None:
             earlier = self.checkpointer.complete_steps()
             if earlier and self.dist.is_first:
                 print(f"lance_ds: starting from scratch; {self.checkpointer.root} holds an earlier run's checkpoints "
                       f"(steps {earlier}), replaced as this run reaches their steps", flush=True)
             return False
-        saved = json.loads((path / "trainer_state.json").read_text())
-        refuse_other_architecture(saved.get("model", {}), to_dict(self.cfg.model), path)
         resumed = self.checkpointer.load(self.engine, path)
         saved_lr = follow_run_schedule(self.engine, self.cfg.train)
         if saved_lr is not None and not math.isclose(saved_lr, self.cfg.train.lr) and self.dist.is_first:
             print(f"lance_ds: train.lr changed since the checkpoint ({saved_lr:g} -> {self.cfg.train.lr:g}): the "
                   "schedule goes on with the new rate", flush=True)
         self.step = resumed.step
-        self.skipped_steps = int(saved.get("skipped_steps", 0))
-        self.tokens_seen = int(saved.get("tokens_seen", 0))
+        self.skipped_steps = int(resumed.trainer_state.get("skipped_steps", 0))
+        self.tokens_seen = int(resumed.trainer_state.get("tokens_seen", 0))
         if resumed.data_state is not None:
             self.loader.load_state_dict(resumed.data_state)
         if self.ema is not None:
@@ -267,15 +259,6 @@ class Trainer:
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
         release_shm_buffer()
-
-
-def refuse_other_architecture(saved_model: dict, current_model: dict, path: Path) -> None:
-    """A checkpoint resumes only into the architecture that wrote it; the error names every differing key."""
-    differing = [k for k in ARCHITECTURE_KEYS if k in saved_model and saved_model[k] != current_model.get(k)]
-    if differing:
-        detail = "; ".join(f"model.{k}: checkpoint {saved_model[k]!r}, now {current_model.get(k)!r}" for k in differing)
-        raise CheckpointError(f"{path} was trained with a different architecture ({detail}). Resume with the "
-                              f"same model settings, or start a new output_dir (or --resume none).")
 
 
 def flat_hparams(tree: dict, prefix: str = "") -> dict[str, float | int | str | bool]:

@@ -111,7 +111,11 @@ def test_refusals_name_the_fix(tmp_path):
         ck.resolve("latest")
     two_ranks = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=2)
     with pytest.raises(CheckpointError, match="(?s)saved by 1 ranks but this run has 2.*export_checkpoint.py"):
-        two_ranks.load(FakeEngine(), tmp_path / step_name(10))
+        two_ranks.check_resume("10", {})
+    model = {"size": "debug"}  # what save() records
+    assert ck.check_resume("10", model) == tmp_path / step_name(10) and ck.check_resume("none", model) is None
+    with pytest.raises(CheckpointError, match="model.size: checkpoint .debug., now .100m."):
+        ck.check_resume("10", {"size": "100m"})
 
 
 def test_ema_follows_the_weights_and_round_trips(tmp_path):
@@ -152,7 +156,7 @@ def test_consolidate_reassembles_zero3_partitions(tmp_path):
 def test_resume_into_another_architecture_is_refused_naming_the_keys(tmp_path):
     from lance_ds.config.core import to_dict
     from lance_ds.config.model import ModelConfig
-    from lance_ds.trainer import refuse_other_architecture
+    from lance_ds.checkpoint import refuse_other_architecture
 
     saved = to_dict(ModelConfig())
     refuse_other_architecture(saved, to_dict(ModelConfig(attention="flex", gradient_checkpointing=True)), tmp_path)
@@ -205,3 +209,32 @@ def test_every_file_of_a_save_is_on_disk_before_it_is_published(tmp_path, monkey
     monkeypatch.setattr(os, "replace", replace)
     save(ck, 10)
     assert ck.complete_steps() == [10]
+
+
+def test_check_refuses_a_resume_this_run_cannot_make_before_any_work(tmp_path, capsys, monkeypatch):
+    """`train.py --check` (what the launch scripts run first) looks at what --resume names: a bad step, another
+    rank count or another architecture are refused there, not after every rank has built the model."""
+    import yaml
+
+    from lance_ds.train import main
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"task": "t2i", "num_samples": 0, "shards": []}))
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"groups": [{"name": "gen", "shards": "shards"}]}))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"dataset_config": "data.yaml",
+                                                       "output_dir": str(tmp_path / "run")}))
+    ck = Checkpointer(tmp_path / "run" / "checkpoints", keep_last=2, rank=0, world_size=2)
+    from lance_ds.config.core import to_dict
+    from lance_ds.config.model import ModelConfig
+
+    ck.save(FakeEngine(), 4, {"model": to_dict(ModelConfig())}, {}, None, None)
+    args = ["--check", "--config", str(tmp_path / "run.yaml")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(args) == 0 and "configs OK" in capsys.readouterr().out
+    for resume, message in (("abc", "latest, none or a step"), ("7", "no complete checkpoint for step 7")):
+        assert main([*args, "--resume", resume]) == 2 and message in capsys.readouterr().err
+    assert main([*args, "model.lape.enabled=true"]) == 2
+    assert "model.lape: checkpoint" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(args) == 2 and "saved by 2 ranks but this run has 1" in capsys.readouterr().err
