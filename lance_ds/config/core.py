@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -122,22 +123,34 @@ def _convert(value: Any, tp: Any, key: str, problems: Problems) -> Any:
             problems.add(key, f"expected a list, got {value!r}")
             return value
         item_tp = args[0] if args else Any
-        items = [_convert(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        items = []
+        for i, v in enumerate(value):
+            out = _convert(v, item_tp, f"{key}[{i}]", problems)
+            # a section that is not a mapping is reported above and left out: its defaults would only add noise
+            if not dataclasses.is_dataclass(item_tp) or isinstance(v, (dict, item_tp)):
+                items.append(out)
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             problems.add(key, f"expected a mapping, got {value!r}")
         return value
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        problems.add(key, f"expected a number, got {value!r}")
-        return value
+        if number is None:
+            problems.add(key, f"expected a number, got {value!r}")
+            return value
+        # inf and nan pass every `> 0` or range check written as a negation, and train to a NaN checkpoint
+        if not math.isfinite(number):
+            problems.add(key, f"must be a finite number, got {value!r}")
+            return value
+        return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -173,10 +186,18 @@ def from_dict(cls: type[T], data: dict, problems: Problems, prefix: str = "") ->
         local = Problems()
         converted = _convert(value, hints[name], key, local)
         problems.items.extend(local.items)
-        # A value that failed conversion keeps the field's default, so `check()` only ever sees typed values.
-        if not local or dataclasses.is_dataclass(converted):
+        # A value that failed conversion keeps the field's default, so `check()` only ever sees typed values. A
+        # section, or a list of sections, is typed even when a key inside was wrong (that key was left out): kept,
+        # so that one misspelt key in a dataset group does not also report the dataset as having no groups.
+        if not local or _is_sections(converted):
             kwargs[name] = converted
     return cls(**kwargs)
+
+
+def _is_sections(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(dataclasses.is_dataclass(v) for v in value)
+    return dataclasses.is_dataclass(value)
 
 
 def to_dict(obj: Any) -> Any:
@@ -224,31 +245,97 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
 # YAML files and overrides
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    def __init__(self, key: Any, line: int, first: int, mark: Any):
+        super().__init__(None, None, f"key {key!r} is given twice (also on line {first}); YAML would keep only "
+                         "the last, silently dropping the first: merge them into one", mark)
+        self.key, self.line, self.first = key, line, first
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last of two equal keys: a run YAML with two `train:` blocks would silently lose the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden; that is its purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise DuplicateKeyError(key, line, first_line[key], key_node.start_mark)
+                first_line[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, name: str = "<string>") -> Any:
+    """yaml.safe_load with StrictLoader; `name` (the file) is what error messages point at."""
+    loader = StrictLoader(text)
+    loader.name = name  # marks (line and column of an error) name the file rather than "<unicode string>"
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_text(path: Path, problems: Problems, key: str) -> str | None:
+    """A config file's text, or None with the reason (missing, unreadable, not UTF-8) reported under `key`."""
+    try:
+        if not path.is_file():
+            problems.add(key, f"file not found: {path}")
+            return None
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        problems.add(key, f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8")
+    except OSError as e:
+        problems.add(key, f"cannot read {path}: {e.strerror or e}; check it and its permissions")
+    return None
+
+
 def load_yaml(path: str | Path, problems: Problems, key: str = "",
-              relative_paths: Callable[[dict, Path], dict] | None = None) -> dict:
+              relative_paths: Callable[[dict, Path], dict] | None = None, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a YAML mapping, following `extends: other.yaml` (relative to the file) recursively.
 
     relative_paths(data, directory) makes the paths a file names absolute, from its own directory, before the files
-    are merged: a parent in another directory keeps its paths right.
+    are merged: a parent in another directory keeps its paths right. _chain is the files that extend this one.
     """
     path = Path(os.path.abspath(path))
-    if not path.is_file():
-        problems.add(key, f"file not found: {path}")
+    if path in _chain:  # would recurse until Python gives up
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(path):], path))
+        problems.add(key, f"`extends:` goes round in a circle ({cycle}); remove one of these extends")
+        return {}
+    text = read_text(path, problems, key)
+    if text is None:
         return {}
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(text, str(path)) or {}
+    except DuplicateKeyError as e:
+        problems.add(key, f"{path}, line {e.line}: {e.problem}")
+        return {}
     except yaml.YAMLError as e:
         problems.add(key, f"{path} is not valid YAML: {e}")
         return {}
     if not isinstance(data, dict):
         problems.add(key, f"{path} must hold a mapping at the top level, got {type(data).__name__}")
         return {}
-    parents = data.pop("extends", None) or []
+    extends = data.pop("extends", None)
+    parents = [] if extends is None else [extends] if isinstance(extends, str) else extends
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        problems.add(f"{path}: extends",
+                     f"must be a file name or a list of them (relative to this file), got {extends!r}")
+        parents = []
     if relative_paths is not None:
         data = relative_paths(data, path.parent)
     merged: dict = {}
-    for parent in [parents] if isinstance(parents, str) else parents:
-        merged = deep_merge(merged, load_yaml(path.parent / parent, problems, f"{path}: extends", relative_paths))
+    for parent in parents:
+        merged = deep_merge(merged, load_yaml(path.parent / parent, problems, f"{path}: extends", relative_paths,
+                                              (*_chain, path)))
     return deep_merge(merged, data)
 
 
@@ -269,7 +356,7 @@ def apply_overrides(data: dict, overrides: list[str], problems: Problems) -> dic
             problems.add(item, "an override must look like section.key=value (e.g. train.lr=2e-5)")
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw, f"override {key}") if raw.strip() else ""
         except yaml.YAMLError as e:
             if raw.lstrip().startswith(("[", "{")):  # a list or mapping that does not parse: never one string
                 problems.add(key, f"cannot read {raw!r} as YAML ({str(e).splitlines()[0]}); quote items that "

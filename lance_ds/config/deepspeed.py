@@ -8,30 +8,104 @@ an explicit JSON value that disagrees is an error naming both keys rather than a
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from pathlib import Path
 from typing import Any
 
-from .core import Problems
+from .core import Problems, read_text
 from .run import RunConfig
 
 AUTO = "auto"
 
 
 def load_ds_json(path: str, problems: Problems) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        problems.add("--ds_config", f"file not found: {path}")
+    text = read_text(Path(path), problems, "--ds_config")
+    if text is None:
         return {}
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(text, object_pairs_hook=_refuse_duplicates)
     except json.JSONDecodeError as e:
         problems.add("--ds_config", f"{path} is not valid JSON: {e}")
+        return {}
+    except DuplicateJsonKey as e:
+        problems.add("--ds_config", f"{path}: {e}")
         return {}
     if not isinstance(data, dict):
         problems.add("--ds_config", f"{path} must hold a JSON object")
         return {}
     return data
+
+
+class DuplicateJsonKey(ValueError):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """json keeps the last of two equal keys: a second "zero_optimization" block would silently replace the first."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateJsonKey(f"key {key!r} is given twice in one object; JSON would keep only the last: merge "
+                                   "them into one")
+        out[key] = value
+    return out
+
+
+# Top-level keys of a DeepSpeed config, as deepspeed/runtime/config.py (DeepSpeedConfig) and the configs it hands the
+# JSON to (zero, precision, monitor, profiling, data_pipeline, autotuning, ...) read them. DeepSpeed ignores a key it
+# does not read, so a misspelt "zero_optimisation" trains with ZeRO stage 0: an unknown key close to one of these is
+# refused. The list is explicit (importing deepspeed for its constants costs seconds and probes the accelerator, and
+# its constants mix top-level and nested keys); tests/unit/test_config.py checks every name against DeepSpeed's source.
+# Keys not listed and not close to a listed one pass (DeepSpeed has many more, and adds some every release).
+DS_TOP_LEVEL_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "optimizer", "scheduler", "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "bf16", "bfloat16", "fp16", "amp", "torch_autocast", "data_types", "communication_data_type",
+    "seq_parallel_communication_data_type", "prescale_gradients", "gradient_predivide_factor", "gradient_allreduce_op",
+    "sparse_gradients", "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "log_level",
+    "activation_checkpointing", "flops_profiler", "comms_logger", "tensorboard", "wandb", "csv_monitor", "comet",
+    "aio", "checkpoint", "elasticity", "autotuning", "compression_training", "data_efficiency",
+    "curriculum_learning", "pipeline", "hybrid_engine", "compile", "timers", "tensor_parallel", "expert_parallel",
+    "sequence_parallel_size", "dataloader_drop_last", "disable_allgather", "disable_python_gc",
+    "managed_gradient_accumulation", "use_data_before_expert_parallelism", "vocabulary_size", "weight_quantization",
+    "sparse_attention", "eigenvalue", "progressive_layer_drop", "quantize_training", "nebula", "datastates_ckpt",
+)
+
+
+def check_top_level_keys(raw: dict, problems: Problems) -> None:
+    for key in raw:
+        if key in DS_TOP_LEVEL_KEYS:
+            continue
+        close = difflib.get_close_matches(key, DS_TOP_LEVEL_KEYS, n=1, cutoff=0.8)
+        if close:
+            problems.add(f"--ds_config {key}", f"is not a DeepSpeed key (DeepSpeed would silently ignore it); did you "
+                         f"mean {close[0]}?")
+
+
+# The sections resolve_ds_config reads into, with an example of each: another type would crash it (or DeepSpeed).
+_SECTIONS = {
+    "zero_optimization": '{"stage": 3}',
+    "bf16": '{"enabled": "auto"}',
+    "fp16": '{"enabled": "auto"}',
+    "optimizer": '{"type": "AdamW", "params": {"lr": "auto"}} (or leave it out: the run config\'s AdamW)',
+    "optimizer.params": '{"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}',
+}
+
+
+def check_sections(raw: dict, problems: Problems) -> bool:
+    """Whether every section the resolver reads is a mapping (and scheduler "auto" or a mapping); reports those not."""
+    ok = True
+    for key, example in _SECTIONS.items():
+        present, value = _get(raw, key)
+        if present and not isinstance(value, dict):
+            problems.add(f"--ds_config {key}", f"must be a mapping like {example}, got {json.dumps(value)}")
+            ok = False
+    if "scheduler" in raw and not (raw["scheduler"] == AUTO or isinstance(raw["scheduler"], dict)):
+        problems.add("--ds_config scheduler", "must be \"auto\" (the run config's schedule) or a mapping like "
+                     f'{{"type": "WarmupLR", "params": {{...}}}}, got {json.dumps(raw["scheduler"])}')
+        ok = False
+    return ok
 
 
 def recipe_values(cfg: RunConfig, world_size: int, hidden_size: int, on_gpu: bool) -> dict[str, tuple[Any, str]]:
@@ -93,6 +167,9 @@ def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: i
                       problems: Problems) -> dict:
     """Fill "auto" from the run config, report conflicts, and add what is missing (the optimizer)."""
     ds = copy.deepcopy(raw)
+    check_top_level_keys(ds, problems)
+    if not check_sections(ds, problems):
+        return ds  # resolving reads into these sections; they are reported
     if "optimizer" not in ds:  # the recipe's AdamW; every param below is then filled from the run config
         ds["optimizer"] = {"type": "AdamW", "params": {k: AUTO for k in ("lr", "betas", "eps", "weight_decay")}}
     for key, (value, source) in recipe_values(cfg, world_size, hidden_size, on_gpu).items():

@@ -42,6 +42,10 @@ class TrainConfig:
         problems.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), join(key, "betas"),
                          f"must be two numbers in [0, 1), got {self.betas}")
         problems.require(self.grad_clip >= 0, join(key, "grad_clip"), f"must be >= 0, got {self.grad_clip}")
+        # torch's AdamW refuses these on every rank, after the model is built; refused here instead
+        problems.require(self.eps > 0, join(key, "eps"), f"must be > 0 (e.g. 1e-8), got {self.eps}")
+        problems.require(self.weight_decay >= 0, join(key, "weight_decay"),
+                         f"must be >= 0 (0: no decay), got {self.weight_decay}")
         problems.one_of(self.precision, PRECISIONS, join(key, "precision"))
         problems.require(0 <= self.ema_decay < 1, join(key, "ema_decay"), f"must be in [0, 1), got {self.ema_decay}")
 
@@ -109,6 +113,13 @@ class RunConfig:
     validation: ValidationConfig = doc(factory=ValidationConfig, text="validation")
     log: LogConfig = doc(factory=LogConfig, text="logging")
 
+    def check(self, problems: Problems, key: str) -> None:
+        # An empty output_dir is the working directory: checkpoints and tensorboard/ would land wherever one launches.
+        if not self.output_dir.strip():
+            problems.add(join(key, "output_dir"), "is empty; give a directory (e.g. output_dir=runs/my_run)")
+        elif Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            problems.add(join(key, "output_dir"), f"{self.output_dir} is a file; give a directory")
+
 
 @dataclass
 class Run:
@@ -157,7 +168,10 @@ def _absolute(source, base: Path):
 
 
 def load_dataset(path: str, problems: Problems, key: str) -> DatasetConfig:
+    before = len(problems.items)
     data = load_yaml(path, problems, key, resolve_shard_paths)
+    if not data and len(problems.items) > before:  # missing or unreadable: "needs at least one group" would be noise
+        return DatasetConfig()
     dataset = from_dict(DatasetConfig, data, problems, key)
     check(dataset, problems, key)
     for i, group in enumerate(dataset.groups):
@@ -203,14 +217,17 @@ def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> Non
 
 def load_run(config_path: str | None, overrides: list[str], problems: Problems) -> Run | None:
     """Load the run YAML, apply overrides, load the dataset YAMLs, and check it all; problems are collected."""
+    before = len(problems.items)
     data = load_yaml(config_path, problems, "--config", resolve_input_paths) if config_path else {}
+    unreadable = len(problems.items) > before  # then dataset_config may be in the part that could not be read
     # paths given on the command line are relative to where it runs; recorded absolute, so that the run's
     # config.yaml (read by export and generate) names the same files from anywhere
     data = resolve_input_paths(apply_overrides(data, overrides, problems), Path.cwd())
     config = from_dict(RunConfig, data, problems)
     check(config, problems)
     if not config.dataset_config:
-        problems.add("dataset_config", "no dataset YAML: pass --dataset_config FILE")
+        if not unreadable:
+            problems.add("dataset_config", "no dataset YAML: pass --dataset_config FILE")
         return None
     dataset = load_dataset(config.dataset_config, problems, "dataset_config")
     val = None

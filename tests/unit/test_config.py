@@ -232,3 +232,151 @@ def test_print_config_and_check_exit_before_any_work(dataset_dir, capsys):
     assert json.loads("{" + printed_ds)["optimizer"]["params"]["lr"] == 3e-5
     assert main(["--check", *args]) == 0 and "configs OK" in capsys.readouterr().out
     assert main(["--check", *args, "train.lr=-1"]) == 2 and "train.lr: must be > 0" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_is_refused_naming_the_file_line_and_key(dataset_dir):
+    """PyYAML (and json) keep the last of two equal keys: the first `train:` block would be silently dropped."""
+    (dataset_dir / "run.yaml").write_text("dataset_config: data.yaml\ntrain:\n  lr: 1.0e-3\ntrain:\n  max_steps: 5\n")
+    problems = Problems()
+    load_run(str(dataset_dir / "run.yaml"), [], problems)
+    assert len(problems.items) == 1, problems.items
+    assert f"{dataset_dir / 'run.yaml'}, line 4: key 'train' is given twice (also on line 2)" in problems.items[0]
+
+    (dataset_dir / "dup.yaml").write_text("groups:\n  - name: gen\n    shards: shards/t2i\n    name: again\n")
+    (dataset_dir / "run.yaml").write_text("dataset_config: dup.yaml\n")
+    problems = Problems()
+    load_run(str(dataset_dir / "run.yaml"), [], problems)
+    assert problems.items == [f"dataset_config: {dataset_dir / 'dup.yaml'}, line 4: key 'name' is given twice (also "
+                              "on line 2); YAML would keep only the last, silently dropping the first: merge them "
+                              "into one"]
+
+    (dataset_dir / "ds.json").write_text('{"zero_optimization": {"stage": 3}, "zero_optimization": {"stage": 0}}')
+    problems = Problems()
+    assert load_ds_json(str(dataset_dir / "ds.json"), problems) == {}
+    assert problems.items == [f"--ds_config: {dataset_dir / 'ds.json'}: key 'zero_optimization' is given twice in "
+                              "one object; JSON would keep only the last: merge them into one"]
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    from lance_ds.config.core import load_yaml
+
+    (tmp_path / "run.yaml").write_text("base: &b {lr: 1.0, max_steps: 3}\ntrain:\n  <<: *b\n  lr: 2.0\n")
+    problems = Problems()
+    assert load_yaml(tmp_path / "run.yaml", problems)["train"] == {"lr": 2.0, "max_steps": 3} and not problems
+
+
+def test_non_utf8_or_unreadable_files_are_reported_naming_the_file(tmp_path, monkeypatch):
+    (tmp_path / "run.yaml").write_bytes(b"train:\n  lr: 1.0e-4  # caf\xe9\n")
+    (tmp_path / "ds.json").write_bytes(b'{"steps_per_print": 1, "note": "caf\xe9"}')
+    problems = Problems()
+    load_run(str(tmp_path / "run.yaml"), [], problems)
+    load_ds_json(str(tmp_path / "ds.json"), problems)
+    assert f"--config: {tmp_path / 'run.yaml'} is not UTF-8 text (byte 26" in problems.items[0]
+    assert f"--ds_config: {tmp_path / 'ds.json'} is not UTF-8 text" in problems.items[-1]
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    problems = Problems()
+    load_run(str(tmp_path / "run.yaml"), [], problems)
+    load_ds_json(str(tmp_path / "ds.json"), problems)
+    assert f"--config: cannot read {tmp_path / 'run.yaml'}: Permission denied" in problems.items[0]
+    assert f"--ds_config: cannot read {tmp_path / 'ds.json'}: Permission denied" in problems.items[-1]
+
+
+def test_extends_cycles_and_non_file_extends_are_refused(tmp_path):
+    from lance_ds.config.core import load_yaml
+
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: [a.yaml]\n")
+    problems = Problems()
+    assert load_yaml(tmp_path / "a.yaml", problems) == {}
+    cycle = f"{tmp_path / 'a.yaml'} -> {tmp_path / 'b.yaml'} -> {tmp_path / 'a.yaml'}"
+    assert problems.items == [f"{tmp_path / 'b.yaml'}: extends: `extends:` goes round in a circle ({cycle}); "
+                              "remove one of these extends"]
+    (tmp_path / "c.yaml").write_text("extends: 5\n")
+    problems = Problems()
+    load_yaml(tmp_path / "c.yaml", problems)
+    assert problems.items == [f"{tmp_path / 'c.yaml'}: extends: must be a file name or a list of them (relative to "
+                              "this file), got 5"]
+    # two parents sharing a grandparent are no cycle
+    (tmp_path / "base.yaml").write_text("train: {lr: 1.0}\n")
+    (tmp_path / "p.yaml").write_text("extends: base.yaml\n")
+    (tmp_path / "q.yaml").write_text("extends: base.yaml\n")
+    (tmp_path / "child.yaml").write_text("extends: [p.yaml, q.yaml]\n")
+    problems = Problems()
+    assert load_yaml(tmp_path / "child.yaml", problems) == {"train": {"lr": 1.0}} and not problems
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"zero_optimization": 3}, '--ds_config zero_optimization: must be a mapping like {"stage": 3}, got 3'),
+    ({"bf16": True}, '--ds_config bf16: must be a mapping like {"enabled": "auto"}, got true'),
+    ({"optimizer": None}, '--ds_config optimizer: must be a mapping like {"type": "AdamW", "params": {"lr": "auto"}} '
+                          "(or leave it out: the run config's AdamW), got null"),
+    ({"optimizer": {"type": "AdamW", "params": [0.1]}}, "--ds_config optimizer.params: must be a mapping like"),
+    ({"scheduler": 5}, '--ds_config scheduler: must be "auto" (the run config\'s schedule) or a mapping'),
+    ({"zero_optimisation": {"stage": 3}}, "--ds_config zero_optimisation: is not a DeepSpeed key (DeepSpeed would "
+                                          "silently ignore it); did you mean zero_optimization?"),
+    ({"gradient_cliping": "auto"}, "did you mean gradient_clipping?"),
+])
+def test_deepspeed_sections_of_the_wrong_type_or_misspelt_are_refused(dataset_dir, patch, message):
+    ds_json = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds_json.update(patch)
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, GOOD, [], ds_json)
+    assert any(message in p for p in err.value.problems), err.value.problems
+
+
+def test_unknown_deepspeed_keys_not_close_to_a_known_one_pass(dataset_dir):
+    ds_json = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds_json.update({"zero_quantized_nontrainable_weights": False, "my_note": "x"})
+    load(dataset_dir, GOOD, [], ds_json)
+
+
+def test_known_deepspeed_keys_are_deepspeeds():
+    """Each listed top-level key is a string DeepSpeed's own source names (a typo in the list would pass typos)."""
+    import importlib.util
+
+    from lance_ds.config.deepspeed import DS_TOP_LEVEL_KEYS
+
+    spec = importlib.util.find_spec("deepspeed")  # finds the package without importing it
+    source = "\n".join(p.read_text(errors="replace") for p in Path(spec.origin).parent.rglob("*.py"))
+    assert [k for k in DS_TOP_LEVEL_KEYS if f'"{k}"' not in source and f"'{k}'" not in source] == []
+
+
+@pytest.mark.parametrize("override", ["train.lr=inf", "train.lr=.nan", "train.min_lr=-.inf", "train.betas=[nan, 0.9]",
+                                      "objective.timestep_shift=.inf", "validation.cfg_scale=NaN"])
+def test_non_finite_floats_are_refused(dataset_dir, override):
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, GOOD, [override])
+    key = override.partition("=")[0]
+    assert [p for p in err.value.problems if p.startswith(key) and "must be a finite number" in p], err.value.problems
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.eps=-1", "train.eps: must be > 0 (e.g. 1e-8), got -1.0"),
+    ("train.eps=0", "train.eps: must be > 0"),
+    ("train.weight_decay=-5", "train.weight_decay: must be >= 0 (0: no decay), got -5.0"),
+    ("output_dir=", "output_dir: is empty; give a directory"),
+    ("output_dir=' '", "output_dir: is empty; give a directory"),
+])
+def test_optimizer_values_torch_refuses_and_an_empty_output_dir_are_refused(dataset_dir, override, message):
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, GOOD, [override])
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(message), err.value.problems
+
+
+def test_output_dir_that_is_a_file_is_refused(dataset_dir):
+    (dataset_dir / "taken").write_text("")
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, GOOD, [f"output_dir={dataset_dir / 'taken'}"])
+    assert err.value.problems == [f"output_dir: {dataset_dir / 'taken'} is a file; give a directory"]
+
+
+def test_one_unknown_key_in_a_group_is_the_only_problem_reported(dataset_dir):
+    ds = {"groups": [{"name": "gen", "shards": "shards/t2i", "imagee": {"resolution": 32}}]}
+    (dataset_dir / "typo.yaml").write_text(yaml.safe_dump(ds))
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, {**GOOD, "dataset_config": "typo.yaml"})
+    assert len(err.value.problems) == 1 and "groups[0].imagee: unknown key; did you mean 'image'?" in str(err.value)
