@@ -92,6 +92,13 @@ def judge_reconstructions(vae: FrameVAE, count: int, size: int, seed: int) -> tu
     return image_ok / count, video_ok / count
 
 
+def out_problem(out: str) -> str | None:
+    """Why --out cannot be made a directory (a file stands at it or at one of its parents), or None. Checked before
+    training: the codec is saved after minutes of it."""
+    in_the_way = next((p for p in (Path(out), *Path(out).parents) if p.exists() and not p.is_dir()), None)
+    return None if in_the_way is None else f"--out: {in_the_way} is a file, not a directory; choose another --out"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
@@ -109,6 +116,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     problems = [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in vars(args).items()
                 if k in ("resolution", "latent_channels", "hidden", "frames", "steps", "batch_size") and v < 1]
+    if args.judge < 0:
+        problems.append(f"--judge must be >= 0 (0: no judging), got {args.judge}")
+    if problem := out_problem(args.out):
+        problems.append(problem)
     if args.resolution > args.size:
         problems.append(f"--resolution {args.resolution} is above --size {args.size}: the codec would learn upscaled "
                         "frames")

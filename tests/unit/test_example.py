@@ -231,3 +231,18 @@ def test_encoder_learning_rate_warms_up_then_decays_to_five_percent():
     assert max(rates) == rates[49] and rates[49] > 0.99e-3  # the peak, right after the warmup
     assert all(a >= b for a, b in zip(rates[49:], rates[50:]))  # then only down
     assert rates[-1] == pytest.approx(0.05e-3, rel=1e-3)
+
+
+def test_tool_refuses_an_out_that_is_a_file_with_the_other_problems(tmp_path, capsys):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import make_example_dataset
+
+    (tmp_path / "afile").write_text("mine")
+    assert make_example_dataset.main(["--out", str(tmp_path / "afile" / "data"), "--size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out: {tmp_path / 'afile'} is a file, not a directory" in err and "size" in err
+    assert (tmp_path / "afile").read_text() == "mine"

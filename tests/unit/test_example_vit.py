@@ -76,3 +76,14 @@ def test_tool_refuses_bad_flags_before_any_work(tmp_path, capsys):
     assert train_example_vit.main(["--vae", str(vae), "--out", str(tmp_path / "x"), "--resolution", "50"]) == 2
     assert "multiple of 28" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_tool_refuses_an_out_it_could_not_save_to_and_a_negative_held_out_before_training(tmp_path, capsys):
+    vae = saved_vae(tmp_path / "vae")
+    (tmp_path / "afile").write_text("mine")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "vit"):
+        assert train_example_vit.main(["--vae", str(vae), "--out", str(out), "--held-out", "-1"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out: {tmp_path / 'afile'} is a file, not a directory" in err
+        assert "--held-out must be >= 0 (0: none), got -1" in err
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -127,3 +127,13 @@ def test_generate_cli_cuts_prompts_at_the_frame_size(tmp_path):
     assert cli_group(PatchCodec(4, 4)).image.resolution == 64
     args = Namespace(task="t2i", size=None, frames=1)
     assert cli_target_shape(args, planner=None, group=group) == (1, 16, 16)
+
+
+def test_tool_refuses_an_out_it_could_not_save_to_and_a_negative_judge_before_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "vae"):
+        assert train_example_vae.main(["--out", str(out), "--judge", "-1"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out: {tmp_path / 'afile'} is a file, not a directory" in err
+        assert "--judge must be >= 0 (0: no judging), got -1" in err
+    assert (tmp_path / "afile").read_text() == "mine"
