@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 model.visual_gen=false")
     args = p.parse_args(argv)
     for flag in ("dataset_config", "output_dir"):
-        if getattr(args, flag):  # a path, quoted: YAML would read 0755 as a number and cut "runs/a #2" at the #
+        # given (even empty: refused as such), a path, quoted: YAML would read 0755 as a number, cut "runs/a #2" at #
+        if getattr(args, flag) is not None:
             args.overrides.insert(0, f"{flag}={json.dumps(getattr(args, flag))}")
     return args
 

@@ -196,6 +196,8 @@ def test_path_flags_stay_strings():
     problems = Problems()
     data = apply_overrides({}, args.overrides, problems)
     assert not problems and data == {"output_dir": "runs/exp #2", "dataset_config": "0755", "train": {"seed": 3}}
+    # an empty flag (`--output_dir "$RUN"` with RUN unset) is passed on, to be refused, not dropped for the default
+    assert parse_args(["--output_dir", ""]).overrides == ['output_dir=""']
 
 
 def test_every_shipped_config_loads():
