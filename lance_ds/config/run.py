@@ -187,6 +187,7 @@ def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> Non
     """Local shard sources must exist; the task comes from the converter's manifest.json when not given."""
     tasks = set()
     before = len(problems.items)
+    empty = []  # converter outputs that hold no shard: every row was rejected, or the inputs had none
     for source in group.shards:
         if is_remote(source):
             continue
@@ -198,11 +199,20 @@ def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> Non
                              "(tools/parquet_to_wds.py) or list its .tar files")
                 continue
             try:
-                tasks.add(json.loads(manifest.read_text())["task"])
-            except (ValueError, KeyError) as e:
+                data = json.loads(manifest.read_text())
+                tasks.add(data["task"])
+                if not isinstance(data["shards"], list):
+                    raise ValueError("its 'shards' is not a list")
+            except (ValueError, KeyError, TypeError) as e:
                 problems.add(f"{key}.shards", f"{manifest} is not a converter manifest ({e}); re-run the converter")
+                continue
+            if not data["shards"]:
+                empty.append(p)
         elif not (p.is_file() or glob.glob(source)):
             problems.add(f"{key}.shards", f"{source} matches no file or directory")
+    if empty and len(empty) == len(group.shards):
+        problems.add(f"{key}.shards", f"{', '.join(map(str, empty))} hold(s) no samples: the conversion wrote none "
+                     "(see rejects.jsonl there); fix the inputs and convert again, or remove the group")
     if len(tasks) > 1:
         problems.add(f"{key}.shards", f"mixes tasks {sorted(tasks)}; put each task in its own group")
     elif tasks:

@@ -220,7 +220,7 @@ def test_check_refuses_a_resume_this_run_cannot_make_before_any_work(tmp_path, c
 
     shards = tmp_path / "shards"
     shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({"task": "t2i", "num_samples": 0, "shards": []}))
+    (shards / "manifest.json").write_text(json.dumps({"task": "t2i", "num_samples": 1, "shards": [{"name": "a.tar"}]}))
     (tmp_path / "data.yaml").write_text(yaml.safe_dump({"groups": [{"name": "gen", "shards": "shards"}]}))
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"dataset_config": "data.yaml",
                                                        "output_dir": str(tmp_path / "run")}))

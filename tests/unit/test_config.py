@@ -20,7 +20,8 @@ def dataset_dir(tmp_path):
     for name, task in (("t2i", "t2i"), ("i2t", "i2t")):
         d = tmp_path / "shards" / name
         d.mkdir(parents=True)
-        (d / "manifest.json").write_text(json.dumps({"task": task, "num_samples": 0, "shards": []}))
+        (d / "manifest.json").write_text(json.dumps({"task": task, "num_samples": 1,
+                                                   "shards": [{"name": "shard-000000.tar", "num_samples": 1}]}))
     ds = {"groups": [{"name": "gen", "shards": "shards/t2i"}, {"name": "und", "shards": ["shards/i2t"]}]}  # one or a list
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(ds))
     return tmp_path
@@ -367,6 +368,20 @@ def test_optimizer_values_torch_refuses_and_an_empty_output_dir_are_refused(data
     with pytest.raises(ConfigError) as err:
         load(dataset_dir, GOOD, [override])
     assert len(err.value.problems) == 1 and err.value.problems[0].startswith(message), err.value.problems
+
+
+def test_a_group_whose_conversions_wrote_nothing_is_refused(dataset_dir):
+    """A converter output whose every row was rejected has an empty manifest: refused at check time (else the
+    loader finds no shards once every rank has built the model), as is a manifest with no shard list."""
+    empty = dataset_dir / "shards" / "t2i" / "manifest.json"
+    empty.write_text(json.dumps({"task": "t2i", "num_samples": 0, "shards": []}))
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, GOOD)
+    assert len(err.value.problems) == 1 and "groups[0].shards" in err.value.problems[0]
+    assert "hold(s) no samples" in err.value.problems[0] and "rejects.jsonl" in err.value.problems[0]
+    empty.write_text(json.dumps({"task": "t2i"}))
+    with pytest.raises(ConfigError, match="is not a converter manifest"):
+        load(dataset_dir, GOOD)
 
 
 def test_output_dir_that_is_a_file_is_refused(dataset_dir):
