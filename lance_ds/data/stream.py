@@ -453,11 +453,13 @@ class SlotStream:
         whole_epochs = epoch - self.failing_since[group] - 1
         limit = self.spec.data.shuffle_buffer + 2 * self.largest_epoch[group]
         if whole_epochs >= 2 and self.failing[group] > limit:
+            fix = (f"raise data.packing_length (now {self.spec.data.packing_length}) above the samples' length, or "
+                   "lower the group's resolution / max_frames" if set(self.skips.counts) == {"overlong"} else
+                   f"fix or remove the group's shards ({self.groups[group].shards[0].url}, ...)")
             raise DataError(
                 f"group {group!r}: rank {self.spec.rank} slot {self.slot} got {self.failing[group]} unusable samples "
                 f"in a row, two epochs' worth, without one usable sample (skips so far by reason: "
-                f"{dict(self.skips.counts)}); fix or remove the group's shards "
-                f"({self.groups[group].shards[0].url}, ...)")
+                f"{dict(self.skips.counts)}); {fix}")
 
     def _next_sequence(self) -> list[SequencePlan]:
         while not self.packer.ready():

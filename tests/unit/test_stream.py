@@ -331,6 +331,13 @@ def test_a_group_without_any_usable_sample_is_reported(tmp_path, planner):
     loader = build_train_loader(dataset, DATA, planner, rank=0, world_size=1, seed=0, micro_batch_size=1)
     with pytest.raises(stream_module.DataError, match="without one usable sample"):
         take(loader, 1)
+    # samples all longer than packing_length: the fix named is the setting, not the shards
+    write_shards(tmp_path / "ok", "t2i", 1, 3, prefix="ok")
+    short = dataclasses.replace(DATA, packing_length=8)
+    dataset = DatasetConfig(groups=[group("g", [tmp_path / "ok"])])
+    loader = build_train_loader(dataset, short, planner, rank=0, world_size=1, seed=0, micro_batch_size=1)
+    with pytest.raises(stream_module.DataError, match="raise data.packing_length \\(now 8\\)"):
+        take(loader, 1)
 
 
 @pytest.mark.parametrize("layout", ["fewer shards than slots", "shards of different sizes"])
