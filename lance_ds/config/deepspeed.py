@@ -189,9 +189,25 @@ def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: i
         problems.add(f"--ds_config {key}", "is \"auto\" but lance_ds has no value for it; give a number")
     zero = ds.get("zero_optimization", {})
     problems.one_of(zero.get("stage", 0), (0, 1, 2, 3), "--ds_config zero_optimization.stage")
+    check_zero_section(zero, problems)
     if not on_gpu and cfg.train.precision == "fp16":
         problems.add("train.precision", "fp16 needs a GPU (DeepSpeed has no fp16 engine on CPU); use bf16 or fp32")
     return ds
+
+
+def check_zero_section(zero: dict, problems: Problems) -> None:
+    """zero_optimization through DeepSpeed's own model of it (unknown keys forbidden), here rather than in
+    deepspeed.initialize, where a misspelt stage3_* key or offload device "gpu" stops every rank after it has
+    built the model."""
+    import pydantic
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as e:
+        for error in e.errors():
+            where = ".".join(map(str, error["loc"]))
+            problems.add(f"--ds_config zero_optimization.{where}", f"{error['msg']} (DeepSpeed's ZeRO config)")
 
 
 def _find_auto(node: Any, prefix: str = "") -> list[str]:

@@ -370,6 +370,16 @@ def test_optimizer_values_torch_refuses_and_an_empty_output_dir_are_refused(data
     assert len(err.value.problems) == 1 and err.value.problems[0].startswith(message), err.value.problems
 
 
+def test_zero_section_is_checked_by_deepspeeds_own_model(dataset_dir):
+    zero = {"stage": 3, "offload_optimizer": {"device": "gpu"}, "stage3_prefetch_bucket_sise": 5}
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, GOOD, ds_json={"zero_optimization": zero})
+    assert any(p.startswith("--ds_config zero_optimization.offload_optimizer.device: Input should be 'none', 'cpu'")
+               for p in err.value.problems)
+    assert any("zero_optimization.stage3_prefetch_bucket_sise: Extra inputs are not permitted" in p
+               for p in err.value.problems)
+
+
 def test_a_group_whose_conversions_wrote_nothing_is_refused(dataset_dir):
     """A converter output whose every row was rejected has an empty manifest: refused at check time (else the
     loader finds no shards once every rank has built the model), as is a manifest with no shard list."""
