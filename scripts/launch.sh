@@ -13,6 +13,9 @@ file() { [ -f "${!1}" ] || die "$1 names '${!1}', which is not a file"; }
 dir() { [ -d "${!1}" ] || die "$1 names '${!1}', which is not a directory"; }
 
 : "${CONFIG_FILE:?set by the calling script}" "${DATASET_CONFIG_FILE:?set DATASET_CONFIG_FILE to a dataset YAML}"
+python -c "import lance_ds, torch, deepspeed" 2>/dev/null ||
+  die "this python ($(command -v python || echo none)) cannot import lance_ds, torch and deepspeed; run" \
+      "'bash scripts/setup_env.sh && source .venv/bin/activate' first"
 RUN_NAME=${RUN_NAME:-$(basename "$CONFIG_FILE" .yaml)}
 OUTPUT_ROOT=${OUTPUT_ROOT:-runs}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
