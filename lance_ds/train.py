@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 import yaml
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from lance_ds.config.core import to_dict
     from lance_ds.data.stream import DataError
 
-    is_first = int(os.environ.get("RANK", "0")) == 0
+    # one report per node: a problem only one node sees (a path not mounted there) must be said where it happens
+    is_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
     try:
         run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world_size_from_env())
         # what --resume names must be resumable by this run (ranks, architecture) before any rank starts work
@@ -86,12 +88,28 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError) as e:  # found once the data and checkpoint are opened: one line, not a
         if is_first:  # traceback per rank
             print(f"lance_ds: {e}", file=sys.stderr)
-        return 2
+        exit_now(2)
+    except BaseException:
+        exit_now(1, traceback.format_exc())
     try:
         trainer.train()
-    finally:
-        trainer.close()
+    except BaseException:
+        trace = traceback.format_exc()
+        trainer.close(finished=False)
+        exit_now(1, trace)
+    trainer.close()
     return 0
+
+
+def exit_now(code: int, trace: str = "") -> None:
+    """End this rank at once after a failure: the others may wait in a collective that it will never join, so no
+    interpreter shutdown (process-group destructors, a barrier) may run first; its exit makes the launcher stop
+    them. The traceback goes out first, so it is not lost."""
+    if trace:
+        print(f"lance_ds: rank {os.environ.get('RANK', '0')} failed:\n{trace}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,8 @@ class Trainer:
             losses = compute_losses(pred.logits, pred.velocity, batch, flow, self.cfg.objective)
             if armed("nan_loss", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
                 losses.total = losses.total * float("nan")  # crash tests: one rank's loss goes non-finite
+            if armed("raise", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
+                raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {self.step + 1}")
             self.engine.backward(losses.total)
             self.engine.step()
             self._account(batch, losses, meter, speed)
@@ -252,10 +254,13 @@ class Trainer:
             print(f"lance_ds: resumed from {path} at step {self.step}", flush=True)
         return True
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Release what the run holds. After a failure on this rank (finished=False) no collective: the other ranks
+        may be inside one, and a barrier here would wait out the process group's timeout (30 min); the caller exits
+        and the launcher stops them."""
         self.tb.close()
         self.loader.close()
-        if dist.is_available() and dist.is_initialized():
+        if finished and dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
         release_shm_buffer()

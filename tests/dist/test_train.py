@@ -130,6 +130,18 @@ def test_kill9_during_save_and_during_training_resume_exactly(reference, example
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
 
 
+def test_an_error_on_one_rank_ends_the_job_at_once_with_its_traceback(example_data, tmp_path):
+    """The other rank waits in a ZeRO-3 collective the failed one never joins: the failed rank must exit (not wait
+    in a barrier for the process group's 30-minute timeout) so that the launcher stops the job."""
+    start = time.time()
+    result = launch(train_args(tmp_path / "run", example_data), env=launch_env(LANCE_DS_FAULT="raise:3"),
+                    timeout=180, check=False)
+    assert result.returncode != 0
+    assert "injected failure on rank 1 at step 3" in result.stdout and "Traceback" in result.stdout
+    assert latest(tmp_path / "run") == "step_00000002"  # the last checkpoint is usable
+    assert time.time() - start < 150
+
+
 def test_validation_losses_do_not_depend_on_the_number_of_ranks(reference, example_data, tmp_path):
     """Held-out batch j goes to rank j % world and draws its noise from j alone: 1 rank scores what 2 ranks did."""
     out = tmp_path / "one_rank"
