@@ -112,8 +112,10 @@ def recipe_values(cfg: RunConfig, world_size: int, hidden_size: int, on_gpu: boo
     """Dotted DeepSpeed key -> (value the run config implies, the run-config key that sets it)."""
     t = cfg.train
     return {
-        # FusedAdam and DeepSpeedCPUAdam are JIT-built CUDA/C++ ops: on CPU-only machines use torch's AdamW.
-        "optimizer.params.torch_adam": (not on_gpu, "the device (FusedAdam needs a GPU)"),
+        # torch's AdamW on every device: DeepSpeed's FusedAdam is compiled on first use, which needs nvcc and a
+        # DeepSpeed that parses the machine's CUDA arch list (on an H200 with torch 2.11 it failed on "9.0a"); a
+        # JSON with "torch_adam": false still gets it. DeepSpeedCPUAdam (optimizer offload) is built for GPU hosts.
+        "optimizer.params.torch_adam": (True, "lance_ds (torch's AdamW: nothing to compile)"),
         "zero_force_ds_cpu_optimizer": (on_gpu, "the device (DeepSpeedCPUAdam is built for GPU hosts)"),
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),

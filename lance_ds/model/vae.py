@@ -69,13 +69,19 @@ class FrozenVAE(nn.Module):
             raise ValueError(f"VAE input {frames}x{height}x{width} (TxHxW) must have H and W divisible by {sf} and "
                              f"T = {tf}k + 1 frames; the data side's resize/frame sampling must follow the VAE")
 
+    def __init__(self):
+        super().__init__()
+        # follows .to(device / dtype): a codec without weights (patch) still knows where it was put, so that its
+        # latents come out on the training device (not on the CPU, away from the step's CUDA generator)
+        self.register_buffer("_placement", torch.empty(0), persistent=False)
+
     @property
     def device(self) -> torch.device:
-        return next(self.parameters(), torch.empty(0)).device
+        return next(self.parameters(), self._placement).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters(), torch.empty(0)).dtype
+        return next(self.parameters(), self._placement).dtype
 
 
 # ----------------------------------------------------------------------------------------------------------------

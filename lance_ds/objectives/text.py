@@ -65,6 +65,8 @@ def pick_token(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if generator is not None:  # sample where the generator lives: a CPU one (sample_generator's) draws the same
+        probs = probs.to(generator.device)  # tokens for logits on any device; multinomial refuses a mismatch
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 

@@ -370,6 +370,17 @@ def test_optimizer_values_torch_refuses_and_an_empty_output_dir_are_refused(data
     assert len(err.value.problems) == 1 and err.value.problems[0].startswith(message), err.value.problems
 
 
+def test_torch_adamw_on_every_device_unless_the_json_asks_for_fused_adam(dataset_dir):
+    """DeepSpeed's FusedAdam is compiled on first use (nvcc; on an H200 with torch 2.11 the build failed before
+    step 1): the recipe uses torch's AdamW on GPUs too, and an explicit "torch_adam": false is kept."""
+    run, _ = load(dataset_dir, GOOD)
+    raw = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    gpu = resolve_ds_config(raw, run.config, 2, HIDDEN, on_gpu=True, problems=Problems())
+    assert gpu["optimizer"]["params"]["torch_adam"] is True
+    raw["optimizer"]["params"]["torch_adam"] = False
+    assert resolve_ds_config(raw, run.config, 2, HIDDEN, True, Problems())["optimizer"]["params"]["torch_adam"] is False
+
+
 def test_zero_section_is_checked_by_deepspeeds_own_model(dataset_dir):
     zero = {"stage": 3, "offload_optimizer": {"device": "gpu"}, "stage3_prefetch_bucket_sise": 5}
     with pytest.raises(ConfigError) as err:

@@ -152,6 +152,14 @@ def test_patch_codec_is_exactly_invertible(frames):
     assert 0.5 < latents.std() < 1.5  # roughly unit scale for uniform pixels (std 0.577 / 0.5)
 
 
+def test_a_codec_without_weights_reports_where_it_was_put():
+    """The trainer encodes on vae.device: the weightless patch codec reported the CPU wherever it was moved, so on a
+    GPU its latents met the step's CUDA generator on the CPU and the first step failed."""
+    codec = PatchCodec(spatial_factor=8, temporal_factor=4).to("meta", torch.bfloat16)
+    assert codec.device.type == "meta" and codec.dtype == torch.bfloat16
+    assert "_placement" not in codec.state_dict()
+
+
 def test_kl_vae_from_config_folds_frames():
     from lance_ds.model.build import TINY_CODECS
 
