@@ -19,13 +19,11 @@ python -c "import lance_ds, torch, deepspeed" 2>/dev/null ||
 RUN_NAME=${RUN_NAME:-$(basename "$CONFIG_FILE" .yaml)}
 OUTPUT_ROOT=${OUTPUT_ROOT:-runs}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
-NUM_GPUS=${NUM_GPUS:-$(bash scripts/num_ranks.sh)}
-NUM_NODES=${NUM_NODES:-1}
 MASTER_PORT=${MASTER_PORT:-29500}
 RESUME=${RESUME:-latest}
 
 file CONFIG_FILE; file DATASET_CONFIG_FILE; file DS_CONFIG
-positive NUM_GPUS; positive NUM_NODES; positive MASTER_PORT
+positive MASTER_PORT
 [[ "$RUN_NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN_NAME may hold letters, digits, '.', '_' and '-', got '$RUN_NAME'"
 
 args=(--config "$CONFIG_FILE" --dataset_config "$DATASET_CONFIG_FILE" --ds_config "$DS_CONFIG"
@@ -44,16 +42,32 @@ if [ -n "${NUM_TEMPORAL_TOKENS:-}" ]; then positive NUM_TEMPORAL_TOKENS; args+=(
 args+=("$@")
 
 launcher=(deepspeed --master_port "$MASTER_PORT")
+if [ -n "${MASTER_ADDR:-}" ]; then launcher+=(--master_addr "$MASTER_ADDR"); fi  # else the first host's first address
 if [ -n "${HOSTFILE:-}" ]; then
+  # DeepSpeed's hostfile, one 'host slots=N' line per node: the first NUM_NODES hosts run (default: all of them),
+  # each with its own slots, or NUM_GPUS each when set (never this machine's GPU count: it may be a login node)
   file HOSTFILE
-  launcher+=(--hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --num_gpus "$NUM_GPUS")
-elif [ "$NUM_NODES" -gt 1 ]; then
-  die "NUM_NODES=$NUM_NODES needs HOSTFILE (one 'host slots=N' line per node)"
+  hosts=$(grep -cEv '^[[:space:]]*(#|$)' "$HOSTFILE" || true)
+  NUM_NODES=${NUM_NODES:-$hosts}; positive NUM_NODES
+  [ "$NUM_NODES" -le "$hosts" ] || die "NUM_NODES=$NUM_NODES but HOSTFILE lists $hosts host(s)"
+  if [ -n "${NUM_GPUS:-}" ]; then
+    positive NUM_GPUS; world=$((NUM_GPUS * NUM_NODES)); launcher+=(--num_gpus "$NUM_GPUS")
+  else
+    world=$(awk -v n="$NUM_NODES" '/^[[:space:]]*(#|$)/ { next } ++i > n { exit }
+      match($0, /slots=[0-9]+/) { s += substr($0, RSTART + 6, RLENGTH - 6); next } { bad = 1 }
+      END { if (!bad) print s }' "$HOSTFILE")
+    [ -n "$world" ] || die "HOSTFILE lines need 'slots=N' (the GPUs of that node), or set NUM_GPUS"
+  fi
+  launcher+=(--hostfile "$HOSTFILE" --num_nodes "$NUM_NODES")
 else
-  launcher+=(--num_gpus "$NUM_GPUS")
+  NUM_NODES=${NUM_NODES:-1}; positive NUM_NODES
+  [ "$NUM_NODES" -eq 1 ] || die "NUM_NODES=$NUM_NODES needs HOSTFILE (one 'host slots=N' line per node)"
+  NUM_GPUS=${NUM_GPUS:-$(bash scripts/num_ranks.sh)}; positive NUM_GPUS
+  world=$NUM_GPUS; launcher+=(--num_gpus "$NUM_GPUS")
 fi
+echo "$(basename "$0"): $world rank(s) on $NUM_NODES node(s)" >&2
 
 # Refuse a bad config here, before the launcher starts any rank (with the run's world size: the batch checks use it).
-WORLD_SIZE=$((NUM_GPUS * NUM_NODES)) python lance_ds/train.py --check "${args[@]}"
+WORLD_SIZE=$world python lance_ds/train.py --check "${args[@]}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec "${launcher[@]}" lance_ds/train.py "${args[@]}"

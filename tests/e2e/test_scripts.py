@@ -75,3 +75,28 @@ def test_the_check_before_launch_uses_the_run_world_size(example_data, tmp_path)
     proc = run_script("sft_lance_unified.sh", tmp_path, timeout=60, **knobs, NUM_GPUS="2")
     assert proc.returncode == 2 and "train_batch_size" in proc.stderr, proc.stderr
     assert "deepspeed" not in (proc.stdout + proc.stderr).lower()  # refused before the launcher started a rank
+
+
+def test_a_hostfile_sets_nodes_and_ranks_from_its_slots(example_data, tmp_path):
+    """With HOSTFILE, each node runs its own slots (not the launching machine's GPU count) on every listed host,
+    unless NUM_NODES / NUM_GPUS say otherwise; the config is checked for that world size."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "deepspeed").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'launched'}\n")
+    (fake / "deepspeed").chmod(0o755)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode-a slots=2\nnode-b slots=3\n\n")
+    knobs = {"DATASET_CONFIG_FILE": str(example_data["train"]), "HOSTFILE": str(hostfile),
+             "PATH": f"{fake}:{os.environ['PATH']}", "MASTER_ADDR": "10.0.0.1"}
+    proc = run_script("sft_lance_unified.sh", tmp_path, timeout=60, **knobs, NUM_GPUS="")  # empty: not given
+    assert proc.returncode == 0, proc.stderr
+    assert "5 rank(s) on 2 node(s)" in proc.stderr
+    launched = (tmp_path / "launched").read_text()
+    assert "--hostfile" in launched and "--num_nodes 2" in launched and "--num_gpus" not in launched
+    assert "--master_addr 10.0.0.1" in launched
+    proc = run_script("sft_lance_unified.sh", tmp_path, timeout=60, **knobs, NUM_NODES="1", NUM_GPUS="4")
+    assert proc.returncode == 0 and "4 rank(s) on 1 node(s)" in proc.stderr, proc.stderr
+    assert "--num_gpus 4" in (tmp_path / "launched").read_text()
+    proc = run_script("sft_lance_unified.sh", tmp_path, timeout=30, **knobs, NUM_NODES="3", NUM_GPUS="")
+    assert proc.returncode == 2 and "NUM_NODES=3 but HOSTFILE lists 2 host(s)" in proc.stderr
+
