@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +242,58 @@ class Checkpointer:
             ema_state=load_file(str(ema_file)) if ema_file.is_file() else None,
             trainer_state=trainer_state,
         )
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _ranks_failing(failed: bool, device: torch.device) -> int:
+    """How many ranks report a failure (collective: every rank calls it, so all of them raise together)."""
+    count = torch.tensor([float(failed)], device=device)
+    dist.all_reduce(count)
+    return int(count.item())
+
+
+SHARED_TOKEN = ".lance_ds_shared"
+
+
+def check_output_dir_shared(output_dir: Path, device: torch.device) -> None:
+    """Every rank must see the output_dir rank 0 writes to: rank 0 alone renames a save into place and moves `latest`,
+    so on a node-local directory the other nodes' optimizer shards would never be part of a checkpoint. Rank 0
+    writes a token there; every rank reads it back, and all of them fail together if one cannot."""
+    if not _distributed():
+        return
+    token = [secrets.token_hex(8) if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / SHARED_TOKEN).write_text(token[0])
+    dist.broadcast_object_list(token, src=0)  # after the write: every rank looks once it is there
+    try:
+        seen = (output_dir / SHARED_TOKEN).read_text() == token[0]
+    except OSError:
+        seen = False
+    blind = _ranks_failing(not seen, device)
+    if blind:
+        raise CheckpointError(f"output_dir {output_dir} is not the same directory on every node: {blind} rank(s) "
+                              "cannot see what rank 0 writes there, and checkpoints are published by rank 0 alone. "
+                              "Put output_dir on a filesystem every node mounts.")
+
+
+def agree_on_resume(root: Path, path: Path | None, device: torch.device) -> Path | None:
+    """Rank 0's answer to --resume for every rank (each resolved it from its own view of the checkpoints dir
+    `root`); a rank that cannot see that checkpoint there makes all of them fail, rather than some resuming and
+    others starting over."""
+    if not _distributed():
+        return path
+    chosen = [path.name if path is not None else None]
+    dist.broadcast_object_list(chosen, src=0)
+    path = root / chosen[0] if chosen[0] is not None else None
+    blind = _ranks_failing(path is not None and not (path / "trainer_state.json").is_file(), device)
+    if blind:
+        raise CheckpointError(f"{blind} rank(s) cannot see {path}, the checkpoint rank 0 resumes from: put output_dir "
+                              "on a filesystem every node mounts")
+    return path
 
 
 def refuse_other_architecture(saved_model: dict, current_model: dict, path: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import Checkpointer, checkpoints_dir
+from .checkpoint import Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir
 from .config.core import to_dict
 from .config.data import TASKS
 from .config.deepspeed import zero_stage
@@ -55,6 +55,7 @@ class Trainer:
         self.checkpointer = Checkpointer(checkpoints_dir(self.out), self.cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size)
         self.step = 0
+        self.saved_step: int | None = None  # the step of this run's newest checkpoint
         self.skipped_steps = 0
         self.started = time.time()
         self.tokens_seen = 0
@@ -89,7 +90,7 @@ class Trainer:
             if self._save_due():
                 self.save()
         progress.close()
-        if self.checkpointer.resolve("latest") is None or self._latest_step() != self.step:
+        if self.saved_step != self.step:  # (not read from the files: every rank must decide alike)
             self.save()
         self.print_summary()
 
@@ -220,18 +221,17 @@ class Trainer:
         state = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
                  "model": to_dict(self.cfg.model)}
         self.checkpointer.save(self.engine, self.step, state, to_dict(self.cfg), self.loader.state_dict(), self.ema)
+        self.saved_step = self.step
 
     def _latest_name(self) -> str:
         pointer = self.checkpointer.root / "latest"
         return pointer.read_text().strip() if pointer.is_file() else "(none)"
 
-    def _latest_step(self) -> int:
-        path = self.checkpointer.resolve("latest")
-        return int(path.name.split("_")[1]) if path else -1
-
     def _resume(self, resume: str) -> bool:
         """Restore the checkpoint `resume` names; False when the run starts from scratch."""
-        path = self.checkpointer.check_resume(resume, to_dict(self.cfg.model))
+        check_output_dir_shared(self.out, self.dist.device)
+        path = agree_on_resume(self.checkpointer.root, self.checkpointer.check_resume(resume, to_dict(self.cfg.model)),
+                               self.dist.device)
         if path is None:
             earlier = self.checkpointer.complete_steps()
             if earlier and self.dist.is_first:
@@ -243,7 +243,7 @@ class Trainer:
         if saved_lr is not None and not math.isclose(saved_lr, self.cfg.train.lr) and self.dist.is_first:
             print(f"lance_ds: train.lr changed since the checkpoint ({saved_lr:g} -> {self.cfg.train.lr:g}): the "
                   "schedule goes on with the new rate", flush=True)
-        self.step = resumed.step
+        self.step = self.saved_step = resumed.step
         self.skipped_steps = int(resumed.trainer_state.get("skipped_steps", 0))
         self.tokens_seen = int(resumed.trainer_state.get("tokens_seen", 0))
         if resumed.data_state is not None:

@@ -2,6 +2,7 @@
 the 2-rank DeepSpeed behaviour is in tests/dist/test_train.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,48 @@ def test_check_refuses_a_resume_this_run_cannot_make_before_any_work(tmp_path, c
     assert "model.lape: checkpoint" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(args) == 2 and "saved by 2 ranks but this run has 1" in capsys.readouterr().err
+
+
+def _two_rank_worker(rank: int, store: str, roots: list, results: str) -> None:
+    """One of two gloo ranks: the shared-output check and the agreed resume, each on this rank's view of the run."""
+    import torch.distributed as dist
+
+    from lance_ds.checkpoint import agree_on_resume, check_output_dir_shared
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    root = Path(roots[rank])
+    outcome = {}
+    for name, call in (("shared", lambda: check_output_dir_shared(root, torch.device("cpu"))),
+                       ("resume", lambda: agree_on_resume(root / "checkpoints", Checkpointer(
+                           root / "checkpoints", 2, rank, 2).resolve("latest"), torch.device("cpu")))):
+        try:
+            value = call()
+            outcome[name] = "ok" if value is None else value.name
+        except CheckpointError as e:
+            outcome[name] = str(e)
+    dist.destroy_process_group()
+    Path(results, f"{rank}.json").write_text(json.dumps(outcome))
+
+
+def run_two_ranks(tmp_path, roots: list) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    store, results = tmp_path / f"store{len(list(tmp_path.iterdir()))}", tmp_path / "results"
+    results.mkdir(exist_ok=True)
+    mp.start_processes(_two_rank_worker, args=(str(store), [str(r) for r in roots], str(results)), nprocs=2,
+                       start_method="fork")
+    return [json.loads((results / f"{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_every_rank_must_see_the_output_dir_and_resumes_what_rank_0_resumes(tmp_path):
+    """Rank 0 alone publishes checkpoints: a node-local output_dir (here: rank 1 looks at another folder) is refused
+    on every rank at start, and every rank resumes rank 0's checkpoint or all refuse."""
+    shared, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
+    one = run_two_ranks(tmp_path, [shared, shared])
+    assert one == [{"shared": "ok", "resume": "ok"}] * 2
+    save(Checkpointer(shared / "checkpoints", keep_last=2, rank=0, world_size=1), 4)
+    assert run_two_ranks(tmp_path, [shared, shared]) == [{"shared": "ok", "resume": step_name(4)}] * 2
+    split = run_two_ranks(tmp_path, [shared, elsewhere])
+    for outcome in split:  # both ranks refuse, with the reason
+        assert "not the same directory on every node: 1 rank(s)" in outcome["shared"]
+        assert "1 rank(s) cannot see" in outcome["resume"] and step_name(4) in outcome["resume"]
