@@ -11,8 +11,8 @@ Layout of OUTPUT_DIR/checkpoints/:
 
 A save is written under `<name>.tmp`, every rank finishes, then rank 0 renames it and only then moves `latest`
 (rule 7), so a run killed at any moment - even during a save - resumes from the last complete checkpoint. Every file
-is flushed to disk (fsync) before the rename, so that a power cut cannot publish a checkpoint whose files are still
-only in memory. A re-save
+is flushed to disk (fsync, by the rank that wrote it) before the rename, so that a power cut cannot publish a
+checkpoint whose files are still only in memory. A re-save
 of a step (after a resume from an earlier one) moves the old copy aside as `<name>.old.tmp` until the new one is in
 place. Retention keeps the `keep_last` newest steps up to the one just saved; later steps (another run's, before a
 resume from an earlier step or --resume none) stay until this run replaces them.
@@ -21,8 +21,10 @@ Nothing here unpickles data (rule 10): our own state is JSON and safetensors.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -62,7 +64,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -70,17 +72,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder under `root` to disk. Each rank runs it after its own writes: a file another rank
-    is still writing is flushed again by that rank; one already on disk costs a system call."""
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError as e:  # some network and FUSE file systems cannot sync a directory: nothing more to do there
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+
+
+_RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank files: bf16_zero_pp_rank_3_...
+
+
+def writer_of(relative: Path) -> int:
+    """The rank that writes a file of a save: its rank_XXXXX folder, DeepSpeed's zero_pp_rank_N files, else 0."""
+    if len(relative.parts) > 1 and relative.parts[0].startswith("rank_"):
+        return int(relative.parts[0][len("rank_"):])
+    found = _RANK_FILE.search(relative.name)
+    return int(found.group(1)) if found else 0
+
+
+def _fsync_own(root: Path, rank: int) -> None:
+    """Flush to disk the files of the save under `root` that this rank wrote (each rank its own: N ranks opening
+    every file would be N^2 metadata operations on a shared file system), and, on rank 0, its folders."""
     for folder, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
+            path = Path(folder, name)
+            if writer_of(path.relative_to(root)) == rank:
+                _fsync(path)
+        if rank == 0:
+            _fsync_dir(Path(folder))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -195,7 +215,7 @@ class Checkpointer:
                       metadata=ema.metadata())
         if self.rank == 0:
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        _fsync_tree(tmp)
+        _fsync_own(tmp, self.rank)
         _barrier()
         kill_if_armed("kill_during_save", step)  # crash tests: after the engine files, before publishing
         if self.rank == 0:

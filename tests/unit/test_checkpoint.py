@@ -284,3 +284,29 @@ def test_every_rank_must_see_the_output_dir_and_resumes_what_rank_0_resumes(tmp_
     for outcome in split:  # both ranks refuse, with the reason
         assert "not the same directory on every node: 1 rank(s)" in outcome["shared"]
         assert "1 rank(s) cannot see" in outcome["resume"] and step_name(4) in outcome["resume"]
+
+
+def test_each_rank_flushes_the_files_it_wrote(tmp_path, monkeypatch):
+    import os
+
+    from lance_ds import checkpoint
+
+    files = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_12_mp_rank_00_model_states.pt",
+             "rank_00000/data.json", "rank_00001/data.json", "rank_00001/ema.safetensors", "config.yaml"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    assert [checkpoint.writer_of(Path(name)) for name in files] == [0, 0, 1, 12, 0, 1, 1, 0]
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    checkpoint._fsync_own(tmp_path, 1)
+    assert sorted(Path(p).relative_to(tmp_path).as_posix() for p in synced) == [
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_00001/data.json", "rank_00001/ema.safetensors"]
+
+    def unsupported(fd):
+        raise OSError(22, "Invalid argument")  # what some FUSE / network mounts answer for a directory
+
+    monkeypatch.setattr(os, "fsync", unsupported)
+    checkpoint._fsync_dir(tmp_path)  # tolerated
+
