@@ -327,7 +327,7 @@ def untrained_generator(checkpoint: str | Path, trained, dtype: str = "fp32"):
         raise ValueError(f"{checkpoint} is an export; --untrained needs the training checkpoint (its config.yaml "
                          "and seed say what the model looked like at step 0)")
     config = read_run_config(find_checkpoint(checkpoint))
-    model_cfg = inference_model_config(config.model, dtype)
+    model_cfg = inference_model_config(config.model, dtype, trained.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
         bundle = build_model(model_cfg, len(trained.tokenizer), None, device=trained.device)

@@ -270,7 +270,9 @@ def inference_model_config(model: ModelConfig, dtype: str, device: torch.device 
     `dtype` (a ViT trained with the model too: it was trained in full precision, not in model.vit_dtype). Off CUDA
     the attention backend is sdpa: flash needs CUDA and flex has no fast CPU kernel (all three compute the same)."""
     vit_dtype = dtype if model.vit_trainable else model.vit_dtype
-    attention = model.attention if device is None or device.type == "cuda" else "sdpa"
+    attention = model.attention
+    if device is not None and (device.type != "cuda" or (attention == "flash" and dtype == "fp32")):
+        attention = "sdpa"  # FlashAttention takes fp16 / bf16 on CUDA only
     return dataclasses.replace(model, training_type="full", vit_trainable=False, gradient_checkpointing=False,
                                freeze_modules=[], dtype=dtype, vit_dtype=vit_dtype, attention=attention)
 

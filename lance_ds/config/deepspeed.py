@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,12 @@ def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: i
     check_zero_section(zero, problems)
     if not on_gpu and cfg.train.precision == "fp16":
         problems.add("train.precision", "fp16 needs a GPU (DeepSpeed has no fp16 engine on CPU); use bf16 or fp32")
+    if cfg.model.attention == "flash":  # here, not at the first forward of every rank
+        if not on_gpu or importlib.util.find_spec("flash_attn") is None:
+            problems.add("model.attention", "flash needs a GPU and the flash_attn package (pip install flash-attn); "
+                                            "use flex or sdpa")
+        elif cfg.train.precision == "fp32":
+            problems.add("model.attention", "flash takes fp16 / bf16 only; set train.precision=bf16 or use flex")
     return ds
 
 

@@ -381,6 +381,20 @@ def test_torch_adamw_on_every_device_unless_the_json_asks_for_fused_adam(dataset
     assert resolve_ds_config(raw, run.config, 2, HIDDEN, True, Problems())["optimizer"]["params"]["torch_adam"] is False
 
 
+def test_flash_attention_is_checked_before_any_rank_starts(dataset_dir, monkeypatch):
+    import importlib.util
+
+    with pytest.raises(ConfigError, match="model.attention: flash needs a GPU and the flash_attn package"):
+        load(dataset_dir, GOOD, ["model.attention=flash"])  # on_gpu=False here
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # as if flash_attn were installed
+    run, _ = load(dataset_dir, GOOD, ["train.precision=fp32"])
+    run.config.model.attention = "flash"  # on a GPU machine
+    raw = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    problems = Problems()
+    resolve_ds_config(raw, run.config, 2, HIDDEN, on_gpu=True, problems=problems)
+    assert any("flash takes fp16 / bf16 only" in p for p in problems.items)
+
+
 def test_zero_section_is_checked_by_deepspeeds_own_model(dataset_dir):
     zero = {"stage": 3, "offload_optimizer": {"device": "gpu"}, "stage3_prefetch_bucket_sise": 5}
     with pytest.raises(ConfigError) as err:

@@ -241,3 +241,16 @@ def test_damaged_checkpoint_files_are_named_with_the_steps_to_export_instead(tmp
         assert main([str(step_dir), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert f"{step_dir / 'config.yaml'} is damaged" in err and "step_00000001" in err, err
+
+
+def test_inference_attention_falls_back_where_flash_cannot_run():
+    from lance_ds.config.model import ModelConfig
+    from lance_ds.export import inference_model_config
+
+    flash = ModelConfig(attention="flash")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert inference_model_config(flash, "bf16", cuda).attention == "flash"
+    assert inference_model_config(flash, "fp32", cuda).attention == "sdpa"  # FlashAttention takes fp16 / bf16 only
+    assert inference_model_config(flash, "bf16", cpu).attention == "sdpa"
+    assert inference_model_config(ModelConfig(attention="flex"), "fp32", cuda).attention == "flex"
+    assert inference_model_config(flash, "fp32").attention == "flash"  # what an export records: the run's choice
