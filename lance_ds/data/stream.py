@@ -32,6 +32,7 @@ Shard layout (DESIGN.md): sample KEY has KEY.json (task, text columns, media met
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import itertools
@@ -40,6 +41,7 @@ import logging
 import math
 import os
 import random
+import signal
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -566,6 +568,20 @@ def _keep(item):
 
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers decode and resize; the trainer's threads stay with the trainer
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the rank that started it dies. A rank killed with -9 gives its workers
+    no chance to notice: one blocked writing a batch into a pipe a sibling still holds open lived on, orphaned,
+    with its memory (seen: 430 MB each, 18 minutes after the kill)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers fall back on PyTorch's own parent check
+        return
+    if os.getppid() == 1:  # the parent died before the call: nobody is left to signal us
+        os._exit(0)
 
 
 class TrainLoader:

@@ -499,3 +499,40 @@ def test_validation_covers_every_sample_once_with_equal_batch_counts(tmp_path, p
         kept = {p.key for plans in loader.iter_plans() for p in plans}
         assert kept == {k for k, n in lengths.items() if n <= cut} and kept != set(lengths)
         assert loader.stats_scalars()["val/skipped/overlong"] == len(lengths) - len(kept)
+
+
+def test_a_data_worker_dies_with_its_rank(tmp_path):
+    """A rank killed with -9 must not leave its DataLoader workers behind (they hold GBs of decoded media)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from lance_ds.data.stream import _die_with_parent\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    _die_with_parent()\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "time.sleep(60)\n")
+    rank = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(rank.stdout.readline())
+    time.sleep(0.5)  # the worker has armed its signal
+    rank.send_signal(signal.SIGKILL)
+    rank.wait()
+    deadline = time.time() + 5
+    while time.time() < deadline and Path(f"/proc/{worker}").exists() and "Z" not in _state(worker):
+        time.sleep(0.05)
+    assert not Path(f"/proc/{worker}").exists() or "Z" in _state(worker), "the worker outlived its rank"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return "gone"
+
