@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir
+from .checkpoint import Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir, read_config
 from .config.core import to_dict
 from .config.data import TASKS
 from .config.deepspeed import zero_stage
@@ -239,10 +239,11 @@ class Trainer:
                       f"(steps {earlier}), replaced as this run reaches their steps", flush=True)
             return False
         resumed = self.checkpointer.load(self.engine, path)
-        saved_lr = follow_run_schedule(self.engine, self.cfg.train)
-        if saved_lr is not None and not math.isclose(saved_lr, self.cfg.train.lr) and self.dist.is_first:
-            print(f"lance_ds: train.lr changed since the checkpoint ({saved_lr:g} -> {self.cfg.train.lr:g}): the "
-                  "schedule goes on with the new rate", flush=True)
+        if follow_run_schedule(self.engine, self.cfg.train) is not None and self.dist.is_first:
+            changed = schedule_changes(read_config(path).get("train", {}), self.cfg.train)
+            if changed:
+                print(f"lance_ds: the learning-rate schedule changed since the checkpoint ({'; '.join(changed)}): "
+                      f"from step {resumed.step} the rate follows the new one", flush=True)
         self.step = self.saved_step = resumed.step
         self.skipped_steps = int(resumed.trainer_state.get("skipped_steps", 0))
         self.tokens_seen = int(resumed.trainer_state.get("tokens_seen", 0))
@@ -264,6 +265,13 @@ class Trainer:
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
         release_shm_buffer()
+
+
+def schedule_changes(saved: dict, train) -> list[str]:
+    """The schedule settings a resume changes (max_steps only for cosine: the horizon the rate decays to)."""
+    keys = ["lr", "lr_schedule", "warmup_steps", "min_lr"] + (["max_steps"] if train.lr_schedule == "cosine" else [])
+    return [f"train.{k} {saved[k]} -> {getattr(train, k)}" for k in keys
+            if k in saved and saved[k] != getattr(train, k)]
 
 
 def flat_hparams(tree: dict, prefix: str = "") -> dict[str, float | int | str | bool]:

@@ -55,3 +55,16 @@ def test_a_deepspeed_scheduler_is_left_alone():
     engine = SimpleNamespace(lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1))
     assert follow_run_schedule(engine, TrainConfig(lr=1.0)) is None
     assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_a_resume_names_the_schedule_settings_it_changes():
+    from lance_ds.trainer import schedule_changes
+
+    saved = {"lr": 2e-3, "lr_schedule": "cosine", "warmup_steps": 2, "min_lr": 1e-4, "max_steps": 4}
+    same = TrainConfig(lr=2e-3, lr_schedule="cosine", warmup_steps=2, min_lr=1e-4, max_steps=4)
+    assert schedule_changes(saved, same) == []
+    longer = TrainConfig(lr=2e-3, lr_schedule="cosine", warmup_steps=2, min_lr=1e-4, max_steps=8)
+    assert schedule_changes(saved, longer) == ["train.max_steps 4 -> 8"]  # the cosine horizon moved
+    constant = {**saved, "lr_schedule": "constant"}
+    assert schedule_changes(constant, TrainConfig(lr=1e-5, lr_schedule="constant", warmup_steps=2, min_lr=1e-4,
+                                                  max_steps=8)) == ["train.lr 0.002 -> 1e-05"]
