@@ -54,20 +54,19 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
-    from lance_ds.config import ConfigError
-    from lance_ds.config import load_and_check
-
     from lance_ds.checkpoint import Checkpointer, CheckpointError, checkpoints_dir
+    from lance_ds.config import ConfigError, load_and_check
     from lance_ds.config.core import to_dict
     from lance_ds.data.stream import DataError
 
     # one report per node: a problem only one node sees (a path not mounted there) must be said where it happens
     is_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    world = world_size_from_env()
     try:
-        run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world_size_from_env())
+        run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world)
         # what --resume names must be resumable by this run (ranks, architecture) before any rank starts work
-        Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world_size_from_env()).check_resume(
-            args.resume, to_dict(run.config.model))
+        checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
+        checkpointer.check_resume(args.resume, to_dict(run.config.model))
     except (ConfigError, CheckpointError) as e:
         if is_first:
             print(f"lance_ds: {e}", file=sys.stderr)
