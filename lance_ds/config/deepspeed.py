@@ -56,8 +56,8 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict:
 # Top-level keys of a DeepSpeed config, as deepspeed/runtime/config.py (DeepSpeedConfig) and the configs it hands the
 # JSON to (zero, precision, monitor, profiling, data_pipeline, autotuning, ...) read them. DeepSpeed ignores a key it
 # does not read, so a misspelt "zero_optimisation" trains with ZeRO stage 0: an unknown key close to one of these is
-# refused. The list is explicit (importing deepspeed for its constants costs seconds and probes the accelerator, and
-# its constants mix top-level and nested keys); tests/unit/test_config.py checks every name against DeepSpeed's source.
+# refused. The list is explicit (DeepSpeed's constants mix top-level and nested keys, and no model of its own lists
+# the top level); tests/unit/test_config.py checks every name against DeepSpeed's source.
 # Keys not listed and not close to a listed one pass (DeepSpeed has many more, and adds some every release).
 DS_TOP_LEVEL_KEYS = (
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
