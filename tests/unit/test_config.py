@@ -271,21 +271,24 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
 def test_non_utf8_or_unreadable_files_are_reported_naming_the_file(tmp_path, monkeypatch):
     (tmp_path / "run.yaml").write_bytes(b"train:\n  lr: 1.0e-4  # caf\xe9\n")
     (tmp_path / "ds.json").write_bytes(b'{"steps_per_print": 1, "note": "caf\xe9"}')
-    problems = Problems()
-    load_run(str(tmp_path / "run.yaml"), [], problems)
-    load_ds_json(str(tmp_path / "ds.json"), problems)
-    assert f"--config: {tmp_path / 'run.yaml'} is not UTF-8 text (byte 26" in problems.items[0]
-    assert f"--ds_config: {tmp_path / 'ds.json'} is not UTF-8 text" in problems.items[-1]
+
+    def problems_reading_both() -> list[str]:
+        problems = Problems()
+        load_run(str(tmp_path / "run.yaml"), [], problems)
+        load_ds_json(str(tmp_path / "ds.json"), problems)
+        return [problems.items[0], problems.items[-1]]
+
+    assert problems_reading_both() == [
+        f"--config: {tmp_path / 'run.yaml'} is not UTF-8 text (byte 26: invalid continuation byte); save it as UTF-8",
+        f"--ds_config: {tmp_path / 'ds.json'} is not UTF-8 text (byte 35: invalid continuation byte); save it as UTF-8"]
 
     def denied(self):
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "read_bytes", denied)
-    problems = Problems()
-    load_run(str(tmp_path / "run.yaml"), [], problems)
-    load_ds_json(str(tmp_path / "ds.json"), problems)
-    assert f"--config: cannot read {tmp_path / 'run.yaml'}: Permission denied" in problems.items[0]
-    assert f"--ds_config: cannot read {tmp_path / 'ds.json'}: Permission denied" in problems.items[-1]
+    config, ds = problems_reading_both()
+    assert config.startswith(f"--config: cannot read {tmp_path / 'run.yaml'}: Permission denied")
+    assert ds.startswith(f"--ds_config: cannot read {tmp_path / 'ds.json'}: Permission denied")
 
 
 def test_extends_cycles_and_non_file_extends_are_refused(tmp_path):
