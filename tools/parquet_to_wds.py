@@ -4,12 +4,15 @@
   python tools/parquet_to_wds.py --input datasets/text2image --output shards/t2i --samples-per-shard 1000 --workers 4
 
 DIR gets shard-*.tar, manifest.json and rejects.jsonl. Re-running the same command resumes: complete shards are kept.
-Exit status: 0 done (rejected rows are listed in rejects.jsonl), 2 refused (bad options or inputs).
+Exit status: 0 done (rejected rows are listed in rejects.jsonl), 2 refused (bad options or inputs). An input cut
+short while it is being converted (inputs are memory-mapped) kills the process with SIGBUS: a traceback says where;
+re-running the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 
@@ -36,6 +39,7 @@ def parse_args(argv=None) -> ConvertOptions:
 
 
 def main(argv=None) -> int:
+    faulthandler.enable()  # SIGBUS (an input truncated under its memory map) prints a traceback, not just "Bus error"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     options = parse_args(argv)
     try:
