@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .ema import ShardedEMA
 from .faults import kill_if_armed
@@ -247,21 +248,36 @@ class Checkpointer:
     def load(self, engine, path: Path, load_optimizer: bool = True) -> Resumed:
         """Restore the engine (weights, optimizer, scheduler) and read this rank's extra state (of a checkpoint
         check_resume accepted)."""
+        from .model.weights import load_safetensors
+
         trainer_state = json.loads((path / "trainer_state.json").read_text())
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                              load_optimizer_states=load_optimizer,
-                                              load_lr_scheduler_states=load_optimizer)
+        try:
+            load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                  load_optimizer_states=load_optimizer,
+                                                  load_lr_scheduler_states=load_optimizer)
+        except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:  # a truncated zip, a cut pickle
+            raise self._unreadable(path, "DeepSpeed's files", e) from e
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
         mine = rank_dir(path, self.rank)
-        data_file, ema_file = mine / "data.json", mine / "ema.safetensors"
-        return Resumed(
-            step=int(trainer_state["step"]),
-            path=path,
-            data_state=json.loads(data_file.read_text()) if data_file.is_file() else None,
-            ema_state=load_file(str(ema_file)) if ema_file.is_file() else None,
-            trainer_state=trainer_state,
-        )
+
+        def read(file: Path, parse):  # None when this rank saved no such file
+            try:
+                return parse(file) if file.is_file() else None
+            except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError, WeightsFileError
+                raise self._unreadable(path, str(file), e) from e
+
+        return Resumed(step=int(trainer_state["step"]), path=path,
+                       data_state=read(mine / "data.json", lambda f: json.loads(f.read_text())),
+                       ema_state=read(mine / "ema.safetensors", load_safetensors), trainer_state=trainer_state)
+
+    def _unreadable(self, path: Path, what: str, error: Exception) -> CheckpointError:
+        """The error for a checkpoint that check_resume accepted but whose files cannot be read back."""
+        reason = (str(error).splitlines() or [""])[0][:300]
+        others = [s for s in self.complete_steps() if self.root / step_name(s) != path]
+        return CheckpointError(f"cannot resume from {path}: {what} could not be read ({type(error).__name__}: "
+                               f"{reason}). If the save that wrote it was cut short or the files were damaged, "
+                               f"resume from another step (--resume STEP; complete: {others or 'none'})")
 
 
 def _distributed() -> bool:

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 PARTITIONED = "partitioned"
 
@@ -68,10 +67,12 @@ class ShardedEMA:
 
 def consolidate(shard_files: list[Path]) -> dict[str, torch.Tensor]:
     """Full fp32 EMA tensors from the per-rank shard files of one checkpoint (given in rank order)."""
+    from .model.weights import open_safetensors  # the model package only when needed (not for --check)
+
     shards = []
     meta = None
     for path in shard_files:
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             meta = meta or f.metadata()
             shards.append({k: f.get_tensor(k) for k in f.keys()})
     if not shards:

@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .checkpoint import LATEST, Checkpointer, rank_dir, step_name
-from .config.core import Problems, from_dict, to_dict
+from .config.core import Problems, from_dict, load_yaml, to_dict
 from .config.model import LoraConfig, ModelConfig, ObjectiveConfig
 from .config.run import RunConfig
 
@@ -212,6 +212,7 @@ def zero_consolidated_state(step_dir: Path) -> dict[str, Tensor]:
 def with_ema(state: dict[str, Tensor], step_dir: Path, world_size: int) -> dict[str, Tensor]:
     """`state` with every EMA-tracked parameter replaced by its EMA (rebuilt from the per-rank shards)."""
     from .ema import consolidate
+    from .model.weights import WeightsFileError
 
     shards = [rank_dir(step_dir, r) / "ema.safetensors" for r in range(world_size)]
     present = [f for f in shards if f.is_file()]
@@ -222,7 +223,10 @@ def with_ema(state: dict[str, Tensor], step_dir: Path, world_size: int) -> dict[
         missing = sorted(str(f.relative_to(step_dir)) for f in set(shards) - set(present))
         raise ExportError(f"{step_dir} lacks EMA shards {missing} of its {world_size} ranks; the checkpoint is "
                           "incomplete, export another step")
-    averaged = consolidate(shards)
+    try:
+        averaged = consolidate(shards)
+    except WeightsFileError as e:
+        raise damaged(e.path, step_dir, e.error) from None
     unknown = sorted(set(averaged) - set(state))
     if unknown:
         raise ExportError(f"the EMA of {step_dir} tracks parameters the model does not have, e.g. {unknown[:3]}")
@@ -319,8 +323,11 @@ def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | st
 
     device = torch.device(device) if device is not None else default_device()
     path = Path(path).resolve()
-    data = yaml.safe_load((path / EXPORT_CONFIG).read_text()) or {}
     problems = Problems()
+    data = load_yaml(path / EXPORT_CONFIG, problems, EXPORT_CONFIG)
+    if problems:
+        raise ExportError(f"{path} is not a readable export ({'; '.join(problems.items)}); export the checkpoint "
+                          "again with tools/export_checkpoint.py")
     model_data = {**data.get("model", {})}
     for key in ("path", "tokenizer_path", "vit_path", "vae_path"):
         if isinstance(model_data.get(key), str) and not Path(model_data[key]).is_absolute():
@@ -518,10 +525,13 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     import sys
 
+    from .model.weights import WeightsFileError
+
     args = parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype, overwrite=args.overwrite)
-    except (ExportError, FileNotFoundError) as e:  # FileNotFoundError: a model path (VAE, ViT) the run names is gone
+    # FileNotFoundError, WeightsFileError: a model path (VAE, ViT) the run names is gone or damaged
+    except (ExportError, FileNotFoundError, WeightsFileError) as e:
         print(f"export_checkpoint: {e}", file=sys.stderr)
         return 2
     info = json.loads((out / EXPORT_INFO).read_text())

@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("lance_ds: configs OK")
         return 0
 
+    from lance_ds.model.weights import WeightsFileError
     from lance_ds.trainer import Trainer
 
     try:
         trainer = Trainer(run, ds_config, resume=args.resume)
-    except (CheckpointError, DataError) as e:  # found once the data and checkpoint are opened: one line, not a
+    except (CheckpointError, DataError, WeightsFileError) as e:  # found once the data and checkpoint are opened: one line, not a
         if is_first:  # traceback per rank
             print(f"lance_ds: {e}", file=sys.stderr)
         exit_now(2)

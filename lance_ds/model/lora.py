@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lance_ds.config.model import LoraConfig as LoraSettings
+
+from .weights import load_safetensors
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -89,7 +91,7 @@ def load_lora(model: nn.Module, directory: str | Path) -> None:
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; a LoRA directory holds adapter_config.json + {ADAPTER_WEIGHTS}")
-    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in load_file(str(path)).items()}
+    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in load_safetensors(path).items()}
     result = set_peft_model_state_dict(model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:

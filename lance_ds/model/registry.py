@@ -13,14 +13,14 @@ import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from safetensors import safe_open
 
 from lance_ds.config.model import MODEL_SIZES, ModelConfig
 
 from .llm import LLMConfig
 from .vae import VaeConfig
 from .vision import VitConfig
-from .weights import LANCE_LLM_CONFIG, LANCE_POS_TABLE, LANCE_WEIGHTS, is_lance_dir, read_json, safetensors_index
+from .weights import (LANCE_LLM_CONFIG, LANCE_POS_TABLE, LANCE_WEIGHTS, is_lance_dir, open_safetensors, read_json,
+                      safetensors_index)
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def position_range_of(path: Path) -> dict:
     index = safetensors_index(path / LANCE_WEIGHTS)
     if LANCE_POS_TABLE not in index:
         return {}
-    with safe_open(str(index[LANCE_POS_TABLE]), framework="pt") as f:
+    with open_safetensors(index[LANCE_POS_TABLE]) as f:
         rows = f.get_slice(LANCE_POS_TABLE).get_shape()[0]
     candidates = [64, 32, 16, 8, 4, 2, 1] + list(range(63, 0, -1))
     size = next(s for s in candidates if rows % (s * s) == 0)
@@ -180,7 +180,7 @@ def vit_fields_from_weights(path: Path) -> dict:
         return {}
 
     def shape(name):
-        with safe_open(str(index[prefix + name]), framework="pt") as f:
+        with open_safetensors(index[prefix + name]) as f:
             return f.get_slice(prefix + name).get_shape()
 
     hidden, channels, temporal, patch, _ = shape("patch_embed.proj.weight")

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
+
+from .weights import load_safetensors
 
 KINDS = ("wan", "kl", "patch", "frame")
 
@@ -245,7 +247,7 @@ class FrameVAE(FrozenVAE):
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> "FrameVAE":
         cfg = json.loads((Path(directory) / "config.json").read_text())
         net = FrameAutoencoder(cfg["resolution"], cfg["latent_channels"], cfg["hidden_size"])
-        net.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+        net.load_state_dict(load_safetensors(Path(directory) / "model.safetensors"))
         return cls(net, cfg["latents_mean"], cfg["latents_std"]).to(dtype)
 
     def check_pixels(self, pixels: Tensor) -> None:

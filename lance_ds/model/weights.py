@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 LANCE_POS_TABLE = "latent_pos_embed.pos_embed"
@@ -31,6 +31,32 @@ QWEN_TEXT_PREFIXES = (("model.language_model.", "language_model.model."), ("mode
                       ("lm_head.", "language_model.lm_head."))
 
 
+class WeightsFileError(ValueError):
+    """A weights file that is not (or no longer) readable safetensors: `path`, and the reader's `error`."""
+
+    def __init__(self, path: Path, error: Exception):
+        super().__init__(f"{path} is not a readable safetensors file ({error}): it is damaged or was cut short; "
+                         "copy or save it again")
+        self.path, self.error = path, error
+
+
+def open_safetensors(path: str | Path):
+    """safe_open(path) (a context manager), naming the file when it is damaged: a copy or download cut short fails
+    here with what to do, not deep in the safetensors reader. (Its header covers the whole file, so a truncated file
+    is refused on opening.)"""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise WeightsFileError(Path(path), e) from None
+
+
+def load_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """Every tensor of one safetensors file (safetensors.torch.load_file, with damage reported as by
+    open_safetensors)."""
+    with open_safetensors(path) as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
 def safetensors_index(path: str | Path) -> dict[str, Path]:
     """Tensor name -> file, over every *.safetensors file of a directory (or a single file)."""
     path = Path(path)
@@ -40,7 +66,7 @@ def safetensors_index(path: str | Path) -> dict[str, Path]:
                                 "(pickled .bin/.pt checkpoints are not loaded, convert them to safetensors)")
     index: dict[str, Path] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
+        with open_safetensors(f) as handle:
             for name in handle.keys():
                 index.setdefault(name, f)
     return index
@@ -53,7 +79,7 @@ def read_tensors(index: dict[str, Path], names) -> dict[str, Tensor]:
         by_file.setdefault(index[name], []).append(name)
     out = {}
     for f, keys in by_file.items():
-        with safe_open(str(f), framework="pt") as handle:
+        with open_safetensors(f) as handle:
             for k in keys:
                 out[k] = handle.get_tensor(k)
     return out
@@ -128,7 +154,7 @@ class LazyState(Mapping):
             return src()
         f = self.index[src]
         if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
+            self._handles[f] = open_safetensors(f)
         return self._handles[f].get_tensor(src)
 
     def __contains__(self, name) -> bool:  # Mapping's default would read the tensor to answer

@@ -142,6 +142,36 @@ def test_ema_follows_the_weights_and_round_trips(tmp_path):
     assert torch.equal(fresh.shadow["weight"], model.weight)
 
 
+def test_a_resume_from_damaged_files_names_them_and_the_other_steps(tmp_path):
+    """Files check_resume cannot see into (DeepSpeed's, a rank's data position and EMA shard), cut short or garbled
+    after the save: one error naming the file and the steps to resume from instead, not a reader's traceback."""
+    from lance_ds.model.weights import WeightsFileError, load_safetensors
+
+    model = torch.nn.Linear(3, 2)
+    ck = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=1)
+    save(ck, 1, ShardedEMA(model, 0.5))
+    path = save(ck, 2, ShardedEMA(model, 0.5))
+    ema_file = path / "rank_00000" / "ema.safetensors"
+    ema_file.write_bytes(ema_file.read_bytes()[:-4])
+    with pytest.raises(WeightsFileError, match="ema.safetensors is not a readable safetensors file"):
+        load_safetensors(ema_file)
+    with pytest.raises(CheckpointError, match=r"rank_00000/ema.safetensors could not be read \(WeightsFileError.*"
+                                              r"--resume STEP; complete: \[1\]"):
+        ck.load(FakeEngine(), path)
+    (path / "rank_00000" / "data.json").write_text('{"position": ')
+    with pytest.raises(CheckpointError, match=r"data.json could not be read \(JSONDecodeError"):
+        ck.load(FakeEngine(), path)
+
+    class DamagedEngine(FakeEngine):
+        def load_checkpoint(self, root, tag, **kw):
+            raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+    with pytest.raises(CheckpointError, match=r"DeepSpeed's files could not be read \(RuntimeError: "
+                                              r"PytorchStreamReader.*complete: \[1\]"):
+        ck.load(DamagedEngine(), path)
+    assert ck.load(FakeEngine(), ck.resolve("1")).ema_state is not None  # the other step is whole
+
+
 def test_consolidate_reassembles_zero3_partitions(tmp_path):
     """ZeRO-3 gives rank r the r-th equal chunk of each flattened (padded) parameter."""
     full = torch.arange(7, dtype=torch.float32).view(7)

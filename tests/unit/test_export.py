@@ -203,6 +203,21 @@ def test_checkpoint_paths_resolve_and_bad_inputs_are_refused(trained_runs, expor
     finally:
         sys.argv = sys_argv
     assert exit_info.value.code == 2 and "train.ema_decay=0" in capsys.readouterr().err
+    # a damaged EMA shard, and an export whose lance_ds.yaml is garbled, name the file and what to do
+    ema_shard = forged / "rank_00001" / "ema.safetensors"
+    shutil.copy(step / "zero_pp_rank_1_mp_rank_00_optim_states.pt", forged)
+    ema_shard.write_bytes(ema_shard.read_bytes()[:-8])  # cut short
+    with pytest.raises(ExportError, match=r"rank_00001/ema.safetensors is damaged \(SafetensorError: .*Export "
+                                          r"another checkpoint"):
+        export_checkpoint(forged, tmp_path / "z", ema=True)
+    from lance_ds.export import load_export
+
+    broken = tmp_path / "broken_export"
+    shutil.copytree(exported, broken)
+    (broken / "lance_ds.yaml").write_text("model: [size: debug\n")
+    with pytest.raises(ExportError, match=r"(?s)broken_export is not a readable export \(lance_ds.yaml: .*not valid "
+                                          r"YAML.*export the checkpoint again"):
+        load_export(broken)
 
 
 def test_damaged_checkpoint_files_are_named_with_the_steps_to_export_instead(tmp_path, capsys):
