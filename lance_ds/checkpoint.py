@@ -245,16 +245,14 @@ class Checkpointer:
 
     # -- loading -----------------------------------------------------------------------------------------------
 
-    def load(self, engine, path: Path, load_optimizer: bool = True) -> Resumed:
+    def load(self, engine, path: Path) -> Resumed:
         """Restore the engine (weights, optimizer, scheduler) and read this rank's extra state (of a checkpoint
         check_resume accepted)."""
         from .model.weights import load_safetensors
 
         trainer_state = json.loads((path / "trainer_state.json").read_text())
         try:
-            load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                  load_optimizer_states=load_optimizer,
-                                                  load_lr_scheduler_states=load_optimizer)
+            load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
         except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:  # a truncated zip, a cut pickle
             raise self._unreadable(path, "DeepSpeed's files", e) from e
         if load_path is None:

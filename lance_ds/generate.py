@@ -29,7 +29,6 @@ when every prompt on every rank is done (an all-reduced flag) or at max_new_toke
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -40,11 +39,11 @@ from torch import Tensor
 
 from .config.data import GEN_TASKS, GroupConfig, ImageOptions, UND_TASKS
 from .config.model import ObjectiveConfig
-from .data.batch import AttnMode, PackedBatch, Sample
+from .data.batch import PackedBatch, Sample
 from .data.packing import collate
 from .data.sequence import SequencePlan, SequencePlanner
 from .model.vision import encode_vit
-from .objectives import SamplerInputs, lance_velocity_fn, pick_token, sampling_schedule
+from .objectives import SamplerInputs, decode_text, lance_velocity_fn, sampling_schedule
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4",)
@@ -62,20 +61,6 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 def to_uint8_frames(pixels: Tensor) -> Tensor:
     """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the CPU."""
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().contiguous()
-
-
-def with_answer(plan: SequencePlan, tokens: list[int]) -> SequencePlan:
-    """The prompt with `tokens` appended to its trailing causal split, scored (next token) at its last position."""
-    if plan.split_modes[-1] != AttnMode.CAUSAL:
-        raise GenerateError(f"prompt {plan.key!r} does not end with text; an answer continues a causal split")
-    n = len(tokens)
-    ids = torch.cat([plan.input_ids, torch.tensor(tokens, dtype=torch.long)])
-    # text after text: the last token's RoPE id + 1, + 2, ... on all three axes
-    grown = plan.position_ids[:, -1:] + torch.arange(1, n + 1)
-    return dataclasses.replace(
-        plan, input_ids=ids, position_ids=torch.cat([plan.position_ids, grown], dim=1),
-        split_lens=plan.split_lens[:-1] + [plan.split_lens[-1] + n],
-        ce_positions=torch.tensor([ids.numel() - 1]), ce_targets=torch.zeros(1, dtype=torch.long))
 
 
 def token_chunks(sizes: list[int], budget: int) -> list[list[int]]:
@@ -279,30 +264,10 @@ class Generator:
 
     def _decode_chunk(self, plans: list[SequencePlan], indexes: list[int], max_new_tokens: int, eos: int,
                       temperature: float, top_p: float, seed: int, idle: bool = False) -> list[list[int]]:
-        base = collate(plans).to(self.device)
-        vit_embeds = self._vit_embeds(base)  # the prompts' ViT blocks do not change as the answers grow
-        latents, timesteps = self._no_latents(base)
-        generators = [sample_generator(seed, i) for i in indexes]
-        answers: list[list[int]] = [[] for _ in plans]
-        done = [idle] * len(plans)
-        for _ in range(max_new_tokens):
-            batch = collate([with_answer(p, a) for p, a in zip(plans, answers)]).to(self.device)
-            logits = self.model(batch, vit_embeds, latents, timesteps).logits  # [prompts, V']: one per prompt end
-            for i in range(len(plans)):
-                if not done[i]:
-                    token = pick_token(logits[i], temperature, top_p, generators[i])
-                    answers[i].append(token)
-                    done[i] = token == eos
-            if every_rank_done(all(done), self.device):
-                break
-        return answers
-
-    def _no_latents(self, batch: PackedBatch) -> tuple[Tensor | None, Tensor | None]:
-        """A prompt without VAE tokens still passes (empty) latents when the model has a generation branch."""
-        if not self.lance.cfg.visual_gen:
-            return None, None
-        n = batch.vae_indexes.numel()
-        return torch.zeros(n, self.lance.cfg.latent_channels, device=self.device), torch.zeros(n, device=self.device)
+        prompts = collate(plans).to(self.device)
+        return decode_text(self.model, prompts, self._vit_embeds(prompts), max_new_tokens=max_new_tokens,
+                           eos_token_id=eos, temperature=temperature, top_p=top_p,
+                           generators=[sample_generator(seed, i) for i in indexes], done=[idle] * len(plans))
 
     # -- shared --------------------------------------------------------------------------------------------------
 
@@ -370,15 +335,6 @@ def planned(plan):
         return plan(), None
     except (GenerateError, PlanError) as e:
         return [], e
-
-
-def every_rank_done(done: bool, device: torch.device) -> bool:
-    """True when `done` holds on every rank (the same answer on all ranks, so all stop at the same step)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return done
-    flag = torch.tensor([0.0 if done else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return float(flag) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

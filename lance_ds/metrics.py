@@ -103,11 +103,6 @@ class TensorBoard:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
-    def image(self, tag: str, step: int, frame_hwc: torch.Tensor) -> None:
-        """frame_hwc: uint8 [H, W, 3]."""
-        if self.writer:
-            self.writer.add_image(tag, frame_hwc, step, dataformats="HWC")
-
     def video_frames(self, tag: str, step: int, frames_thwc: torch.Tensor) -> None:
         """frames_thwc: uint8 [T, H, W, 3], shown as one strip of frames (no moviepy needed)."""
         if self.writer:

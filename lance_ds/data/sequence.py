@@ -109,10 +109,6 @@ class VisionGeometry:
         """ViT image sides must be multiples of this many pixels (28 for Qwen2.5-VL)."""
         return self.vit_patch_size * self.vit_merge_size
 
-    @property
-    def vit_patch_dim(self) -> int:
-        return 3 * self.vit_temporal_patch * self.vit_patch_size ** 2
-
     def vae_num_frames(self, num_frames: int) -> int:
         """Frames a clip is trimmed to: the most of the form k * temporal_factor + 1 that fit (and fit the table)."""
         f = self.vae_temporal_factor

@@ -6,7 +6,8 @@ The trainer calls `build_model(cfg.model, len(tokenizer), ds_config)` and gets a
   bundle.vae       frozen codec outside the engine: latents = bundle.vae.encode(pixels [B, 3, T, H, W])
   bundle.geometry  what the data side needs (VAE factors, latent channels, ViT patch/merge, RoPE tokens_per_second)
 `model(batch, vit_embeds, noisy_latents, timesteps)` returns `Predictions(logits [C, V'], velocity [N, z])`;
-`model.prefill(prompt, ...)` / `model.extend(ids, position_ids, cache)` decode text with a KV cache.
+`model.prefill(prompts, ...)` / `model.extend(ids, position_ids, sample_ids, cache)` decode text after packed prompts
+with a KV cache (objectives.decode_text).
 Checkpoints: Lance directories load through model.path; `save_lance_dir` writes one; LoRA adapters in peft's format
 via `save_lora` / `load_lora`.
 """

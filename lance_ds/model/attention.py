@@ -268,13 +268,19 @@ def reference_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor
 
 
 class KVCache:
-    """Keys and values of a prompt and the tokens decoded after it, per layer, and which of those tokens new text
-    may attend to (everything of the prompt's sample except noise splits, by the rule above)."""
+    """Keys and values of packed prompts and of the tokens decoded after them, per layer: each cached token's sample,
+    and whether new text may attend to it (every token of its sample but noise splits, by the rule above)."""
 
-    def __init__(self, num_layers: int, visible: Tensor):
+    def __init__(self, num_layers: int, sample_ids: Tensor, visible: Tensor):
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
+        self.sample_ids = sample_ids  # [T] long
         self.visible = visible  # [T] bool
+
+    def grow(self, sample_ids: Tensor) -> None:
+        """New text tokens of these samples [n] are cached (visible to later text of their sample)."""
+        self.sample_ids = torch.cat([self.sample_ids, sample_ids])
+        self.visible = torch.cat([self.visible, torch.ones_like(sample_ids, dtype=torch.bool)])
 
     @property
     def num_tokens(self) -> int:
@@ -293,13 +299,16 @@ class RecordingAttention:
 
 
 class CachedAttention:
-    """n new causal text tokens: they see the cache's visible tokens, then each other causally."""
+    """n new causal text tokens (of the samples `sample_ids` [n]): each sees its sample's visible cached tokens, then
+    the new tokens of its sample up to itself."""
 
-    def __init__(self, cache: KVCache, num_new: int):
+    def __init__(self, cache: KVCache, sample_ids: Tensor):
         self.cache = cache
-        device = cache.visible.device
-        causal = torch.ones(num_new, num_new, dtype=torch.bool, device=device).tril()
-        self.mask = torch.cat([cache.visible[None, :].expand(num_new, -1), causal], dim=1)  # [n, T + n]
+        n = sample_ids.numel()
+        same = sample_ids[:, None] == sample_ids[None, :]
+        causal = torch.ones(n, n, dtype=torch.bool, device=sample_ids.device).tril()
+        cached = (sample_ids[:, None] == cache.sample_ids[None, :]) & cache.visible[None, :]
+        self.mask = torch.cat([cached, same & causal], dim=1)  # [n, T + n]
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, layer: int = 0) -> Tensor:
         cache = self.cache

@@ -125,26 +125,25 @@ class LanceModel(nn.Module):
     # -- decoding with a KV cache ------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, prompt: PackedBatch, vit_embeds: Tensor | None = None, noisy_latents: Tensor | None = None,
+    def prefill(self, prompts: PackedBatch, vit_embeds: Tensor | None = None, noisy_latents: Tensor | None = None,
                 timesteps: Tensor | None = None) -> tuple[Predictions, KVCache]:
-        """Run a one-sample prompt and keep its keys/values: `extend` then decodes text after it.
+        """Run packed prompts and keep their keys/values: `extend` then decodes text after each of them.
 
-        New text may see every prompt token except noise splits (the attention rule for a trailing causal split).
+        New text may see every token of its sample except noise splits (the attention rule for a trailing causal
+        split).
         """
-        if int(prompt.sample_ids.unique().numel()) != 1:
-            raise ValueError("prefill takes a batch holding one sample (the prompt to answer)")
-        visible = prompt.attn_modes != int(AttnMode.NOISE)
-        cache = KVCache(self.cfg.llm.num_layers, visible)
-        return self._forward(prompt, vit_embeds, noisy_latents, timesteps, cache=cache), cache
+        cache = KVCache(self.cfg.llm.num_layers, prompts.sample_ids, prompts.attn_modes != int(AttnMode.NOISE))
+        return self._forward(prompts, vit_embeds, noisy_latents, timesteps, cache=cache), cache
 
     @torch.no_grad()
-    def extend(self, token_ids: Tensor, position_ids: Tensor, cache: KVCache) -> Tensor:
-        """Append n text tokens [n] at RoPE ids [3, n] after the cached ones -> their next-token logits [n, V']."""
+    def extend(self, token_ids: Tensor, position_ids: Tensor, sample_ids: Tensor, cache: KVCache) -> Tensor:
+        """Append n text tokens [n] at RoPE ids [3, n], each after the cached tokens of its sample [n] -> their
+        next-token logits [n, V']."""
         decoder = self.language_model.model
         x = decoder.embed_tokens(token_ids)
         routing = Routing.build(token_ids.numel(), token_ids[:0])
-        hidden = decoder(x, position_ids, routing, CachedAttention(cache, token_ids.numel()))
-        cache.visible = torch.cat([cache.visible, torch.ones_like(token_ids, dtype=torch.bool)])
+        hidden = decoder(x, position_ids, routing, CachedAttention(cache, sample_ids))
+        cache.grow(sample_ids)
         return self.language_model.lm_head(hidden)[:, : self.cfg.num_text_classes]
 
     def input_sequence(self, batch: PackedBatch, vit_embeds: Tensor | None, noisy_latents: Tensor | None,
@@ -196,7 +195,3 @@ class LanceModel(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.language_model.model.gradient_checkpointing = enabled
-
-    @property
-    def num_text_classes(self) -> int:
-        return self.cfg.num_text_classes

@@ -246,10 +246,6 @@ class MoTForCausalLM(nn.Module):
         self.model = MoTDecoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def copy_und_to_gen(self) -> None:
-        """Initialise the generation expert as a copy of the understanding weights (Lance's init from Qwen2.5-VL)."""
-        copy_und_to_gen(self)
-
 
 def gen_to_und_name(name: str) -> str | None:
     """`layers.0.mlp_moe_gen.up_proj.weight` -> `layers.0.mlp.up_proj.weight`; None for und parameters."""

@@ -55,13 +55,6 @@ class FrozenVAE(nn.Module):
     temporal_factor: int
     frame_size: int | None = None  # the one frame side a codec takes, if it takes only one
 
-    def latent_frames(self, num_frames: int) -> int:
-        return (num_frames - 1) // self.temporal_factor + 1
-
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return (self.latent_channels, self.latent_frames(num_frames), height // self.spatial_factor,
-                width // self.spatial_factor)
-
     def check_pixels(self, pixels: Tensor) -> None:
         if pixels.dim() != 5 or pixels.shape[1] != 3:
             raise ValueError(f"VAE input must be [B, 3, T, H, W], got {tuple(pixels.shape)}")

@@ -12,7 +12,6 @@ checkpoint (`vit_model.*` inside model.safetensors) or Lance's `vit.safetensors`
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,18 +95,6 @@ def build_vision_tower(cfg: VitConfig, dtype: torch.dtype | None = torch.float32
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
     module.requires_grad_(False)
     return module.eval()
-
-
-def vision_config_from_dir(path: str | Path) -> VitConfig | None:
-    """The tower geometry from a directory's config.json (a Qwen2.5-VL config, or a bare vision config)."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        return None
-    data = json.loads(cfg_file.read_text())
-    vision = data.get("vision_config", data)
-    if "depth" not in vision:
-        return None
-    return VitConfig.from_dict(vision)
 
 
 def load_vision_weights(tower: torch.nn.Module, path: str | Path) -> None:

@@ -1,7 +1,7 @@
 """Objectives (DESIGN rule 1): everything between the network's predictions and a scalar loss, and the samplers.
 
   flow    timesteps (logit-normal + shift), noising, velocity target, per-token MSE, Euler sampler with CFG
-  text    per-token CE, greedy / top-p decoding
+  text    per-token CE, greedy / top-p decoding of packed prompts with a KV cache
   losses  named losses normalised by global token counts (rule 2)
 
 A training micro-step, in the trainer:
@@ -26,10 +26,10 @@ from .flow import (
                    token_blocks,
 )
 from .losses import Losses, compute_losses, global_sums, normalised
-from .text import append_token, ce_per_token, decode_text, pick_token
+from .text import all_ranks_done, ce_per_token, decode_text, pick_token
 
 __all__ = [
-    "PREDICTIONS", "FlowInputs", "Losses", "SamplerInputs", "append_token", "as_velocity", "ce_per_token",
+    "PREDICTIONS", "FlowInputs", "Losses", "SamplerInputs", "all_ranks_done", "as_velocity", "ce_per_token",
     "compute_losses", "decode_text",
     "euler_sample", "global_sums", "lance_velocity_fn", "mse_per_token", "normalised", "pick_token", "prepare_flow",
     "sample_timesteps", "sampling_schedule", "shift_timesteps", "token_blocks",

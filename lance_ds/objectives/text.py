@@ -25,33 +25,6 @@ def ce_per_token(logits: Tensor, targets: Tensor) -> Tensor:
 # decoding
 
 
-def append_token(batch: PackedBatch, token_id: int) -> PackedBatch:
-    """The batch with one more text token at the end of its last sample (in its trailing causal split).
-
-    The new token's RoPE id is the last token's + 1 on all three axes (the last token is text, whose three ids
-    agree); it is scored next, so ce_indexes becomes [L].
-    """
-    device = batch.input_ids.device
-    last = batch.num_tokens - 1
-    causal_tail = int(batch.attn_modes[last]) == AttnMode.CAUSAL
-    split = batch.split_ids[last] if causal_tail else batch.split_ids.max() + 1
-
-    def grow(x: Tensor, value) -> Tensor:
-        return torch.cat([x, torch.as_tensor([value], dtype=x.dtype, device=device)])
-
-    return dataclasses.replace(
-        batch,
-        input_ids=grow(batch.input_ids, token_id),
-        position_ids=torch.cat([batch.position_ids, batch.position_ids[:, -1:] + 1], dim=1),
-        sample_ids=grow(batch.sample_ids, batch.sample_ids[last]),
-        split_ids=grow(batch.split_ids, split),
-        attn_modes=grow(batch.attn_modes, int(AttnMode.CAUSAL)),
-        ce_indexes=torch.tensor([last + 1], device=device),
-        ce_targets=torch.zeros(1, dtype=torch.long, device=device),
-        ce_weights=torch.zeros(1, device=device),
-        num_real_tokens=batch.num_real_tokens + 1)
-
-
 def pick_token(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
                generator: torch.Generator | None = None) -> int:
     """Greedy when temperature == 0, else sample from softmax(logits / temperature) cut to the top-p nucleus."""
@@ -71,59 +44,58 @@ def pick_token(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
 
 
 @torch.no_grad()
-def decode_text(model: torch.nn.Module, prompt: PackedBatch, vit_embeds: Tensor | None = None,
-                max_new_tokens: int = 64, eos_token_id: int | None = None, temperature: float = 0.0,
-                top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
-                latents: Tensor | None = None, timesteps: Tensor | None = None, sync_group=None) -> list[int]:
-    """Answer one prompt (a single-sample batch ending with `<|im_start|>assistant\n`); returns the new token ids
-    (eos included when reached).
+def decode_text(model: torch.nn.Module, prompts: PackedBatch, vit_embeds: Tensor | None = None,
+                latents: Tensor | None = None, timesteps: Tensor | None = None, max_new_tokens: int = 64,
+                eos_token_id: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                generators: list[torch.Generator | None] | None = None,
+                done: list[bool] | None = None) -> list[list[int]]:
+    """Answer every prompt of a packed batch (each sample ends with `<|im_start|>assistant\n`) with a KV cache: one
+    forward over the prompts, then one over a token per prompt per step. Returns each prompt's new token ids (eos
+    included when reached).
 
-    model: a LanceModel (or a DeepSpeed engine around one). latents / timesteps: the prompt's VAE tokens [N, z] / [N]
-    if it has any (clean conditions at t = 0 by default: zeros). use_cache: keep keys/values (LanceModel.prefill /
-    extend) instead of re-running the whole sequence each token (same function, exercised by the tests).
-    Under ZeRO-3 every rank must run the same number of forwards: pass sync_group (e.g. dist.group.WORLD) and a
-    rank that reached eos keeps stepping (its extra tokens are dropped) until every rank of the group has, or
-    max_new_tokens. None: this rank decodes alone (a plain model on one process).
+    model: a LanceModel (or a DeepSpeed engine around one). latents / timesteps: the prompts' VAE tokens [N, z] / [N]
+    (default: zeros, clean at t = 0). generators: one per prompt, for sampling (temperature > 0). done: prompts that
+    need no answer (a rank's idle placeholder), decoded in step with the others.
+    Under ZeRO-3 every forward is collective, so a rank keeps stepping until the prompts of every rank are done (or
+    max_new_tokens): the ranks agree after each step.
     """
     model = getattr(model, "module", model)
-    if int(prompt.sample_ids.unique().numel()) != 1:
-        raise ValueError("decode_text takes a batch holding one sample (the prompt)")
-    device = prompt.input_ids.device
-    num_vae = prompt.vae_indexes.numel()
+    device = prompts.input_ids.device
+    counts = torch.unique_consecutive(prompts.sample_ids, return_counts=True)[1]
+    ends = counts.cumsum(0) - 1  # each prompt's last token: its answer is scored there, then continues it
+    if bool((prompts.attn_modes[ends] != int(AttnMode.CAUSAL)).any()):
+        raise ValueError("every prompt must end with text (`<|im_start|>assistant\n`): an answer continues its "
+                         "trailing causal split")
+    num_prompts = ends.numel()
     if latents is None:
-        latents = torch.zeros(num_vae, getattr(getattr(model, "cfg", None), "latent_channels", 0), device=device)
-    if timesteps is None:
+        num_vae = prompts.vae_indexes.numel()
+        latents = torch.zeros(num_vae, model.cfg.latent_channels, device=device)
         timesteps = torch.zeros(num_vae, device=device)
-    batch = dataclasses.replace(prompt, ce_indexes=torch.tensor([prompt.num_tokens - 1], device=device))
-    if use_cache:
-        pred, cache = model.prefill(batch, vit_embeds, latents, timesteps)
-    else:
-        pred = model(batch, vit_embeds, latents, timesteps)
-    logits = pred.logits[-1]
-    position = batch.position_ids[:, -1:]
-    out: list[int] = []
-    done = False
+    generators = generators or [None] * num_prompts
+    done = list(done or [False] * num_prompts)
+    pred, cache = model.prefill(dataclasses.replace(prompts, ce_indexes=ends), vit_embeds, latents, timesteps)
+    logits = pred.logits  # [prompts, V']
+    positions, sample_ids = prompts.position_ids[:, ends], prompts.sample_ids[ends]  # [3, prompts], [prompts]
+    answers: list[list[int]] = [[] for _ in range(num_prompts)]
     for step in range(max_new_tokens):
-        token = pick_token(logits, temperature, top_p, generator)
-        if not done:
-            out.append(token)
-            done = eos_token_id is not None and token == eos_token_id
-        # the step count, not len(out), ends the loop: it is the same on every rank of the group
-        if step == max_new_tokens - 1 or all_ranks_done(done, device, sync_group):
+        tokens = [pick_token(logits[i], temperature, top_p, generators[i]) if not done[i] else eos_token_id or 0
+                  for i in range(num_prompts)]
+        for i, token in enumerate(tokens):
+            if not done[i]:
+                answers[i].append(token)
+                done[i] = token == eos_token_id
+        # the step count, not the answers, ends the loop: it is the same on every rank
+        if step == max_new_tokens - 1 or all_ranks_done(all(done), device):
             break
-        position = position + 1  # text after text: the last token's id + 1 on all three axes
-        if use_cache:
-            logits = model.extend(torch.tensor([token], device=device), position, cache)[-1]
-        else:
-            batch = append_token(batch, token)
-            logits = model(batch, vit_embeds, latents, timesteps).logits[-1]
-    return out
+        positions = positions + 1  # text after text: the last token's RoPE id + 1 on all three axes
+        logits = model.extend(torch.tensor(tokens, device=device), positions, sample_ids, cache)
+    return answers
 
 
-def all_ranks_done(done: bool, device: torch.device, group=None) -> bool:
-    """True when every rank of `group` is done; just `done` when group is None (no synchronisation)."""
-    if group is None or dist.get_world_size(group) == 1:
+def all_ranks_done(done: bool, device: torch.device) -> bool:
+    """True when `done` holds on every rank (the same answer on all ranks, so all stop at the same step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return done
-    flag = torch.tensor([0 if done else 1], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return int(flag) == 0
+    flag = torch.tensor([0.0 if done else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag) == 0.0

@@ -117,17 +117,15 @@ def train(mode: str, steps: int, rank: int) -> dict:
 
 def decode_answers(engine, bundle, rank: int) -> list[int]:
     """Greedy answers through the ZeRO-3 engine with the KV cache: rank 0 stops at eos after one token, rank 1 runs
-    to max_new_tokens; with sync_group both keep stepping together, so neither waits forever on the other."""
+    to max_new_tokens; both keep stepping together, so neither waits forever on the other."""
     from lance_ds.model import encode_vit
     from lance_ds.model.synthetic import Text, Vit, synthetic_batch
     from lance_ds.objectives import decode_text
 
     prompt = synthetic_batch([[Text(3), Vit(1, 4, 4), Text(4)]], NUM_CLASSES, seed=rank)
     vit = encode_vit(bundle.vit, prompt.vit_patches, prompt.vit_grid_thw)
-    world = torch.distributed.group.WORLD
-    first = decode_text(engine, prompt, vit, max_new_tokens=1, sync_group=world)
-    return decode_text(engine, prompt, vit, max_new_tokens=4, eos_token_id=first[0] if rank == 0 else None,
-                       sync_group=world)
+    first = decode_text(engine, prompt, vit, max_new_tokens=1)[0]
+    return decode_text(engine, prompt, vit, max_new_tokens=4, eos_token_id=first[0] if rank == 0 else None)[0]
 
 
 def main() -> None:

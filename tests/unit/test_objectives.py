@@ -12,7 +12,7 @@ from lance_ds.config.core import Problems
 from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import AttnMode
 from lance_ds.model.synthetic import Text, Vae, synthetic_batch
-from lance_ds.objectives import (SamplerInputs, append_token, as_velocity, compute_losses, decode_text, euler_sample,
+from lance_ds.objectives import (SamplerInputs, as_velocity, compute_losses, decode_text, euler_sample,
                                  lance_velocity_fn, normalised, pick_token, prepare_flow, sample_timesteps,
                                  sampling_schedule, shift_timesteps)
 
@@ -179,23 +179,40 @@ def test_pick_token_greedy_and_top_p():
 
 
 class CountingModel(torch.nn.Module):
-    """Predicts (last input id + 1) % V: decoding must feed its own outputs back in order."""
+    """Predicts (last id + 1) % 50 for every sample, through prefill / extend; records the RoPE ids and samples it
+    is given: decoding must feed each prompt's own outputs back, at the right positions."""
 
-    def forward(self, batch, vit_embeds, noisy, timesteps):
-        last = batch.input_ids[batch.ce_indexes]
-        logits = torch.nn.functional.one_hot((last + 1) % 50, 50).float()
-        return type("P", (), {"logits": logits, "velocity": torch.zeros(0, 1)})()
+    cfg = types.SimpleNamespace(latent_channels=1)
+
+    def __init__(self):
+        super().__init__()
+        self.extended = []
+
+    def prefill(self, batch, vit_embeds, noisy, timesteps):
+        logits = torch.nn.functional.one_hot((batch.input_ids[batch.ce_indexes] + 1) % 50, 50).float()
+        return types.SimpleNamespace(logits=logits), None
+
+    def extend(self, token_ids, position_ids, sample_ids, cache):
+        self.extended.append((position_ids.clone(), sample_ids.tolist()))
+        return torch.nn.functional.one_hot((token_ids + 1) % 50, 50).float()
 
 
-def test_decode_text_greedy_stops_at_eos():
-    prompt = synthetic_batch([[Text(4)]], num_text_classes=40, seed=3)
-    start = int(prompt.input_ids[-1])
-    eos = (start + 5) % 50
-    out = decode_text(CountingModel(), prompt, max_new_tokens=20, eos_token_id=eos, use_cache=False)
-    assert out == [(start + i) % 50 for i in range(1, 6)]
-    grown = append_token(prompt, 7)
-    assert grown.position_ids[:, -1].tolist() == [4, 4, 4] and grown.ce_indexes.tolist() == [4]
-    assert int(grown.attn_modes[-1]) == AttnMode.CAUSAL and grown.split_ids[-1] == prompt.split_ids[-1]
+def test_decode_text_answers_each_packed_prompt_until_its_eos():
+    prompts = synthetic_batch([[Text(4)], [Text(3)], [Text(2)]], num_text_classes=40, seed=3)
+    first, second = int(prompts.input_ids[3]), int(prompts.input_ids[6])
+    eos = (first + 2) % 50  # the first prompt reaches it at its 2nd token
+    model = CountingModel()
+    out = decode_text(model, prompts, max_new_tokens=5, eos_token_id=eos, done=[False, False, True])
+    assert out[0] == [(first + 1) % 50, eos]
+    expected = [(second + i) % 50 for i in range(1, 6)]
+    assert out[1] == expected[:expected.index(eos) + 1] if eos in expected else out[1] == expected
+    assert out[2] == []  # needed no answer, stepped along
+    assert len(model.extended) == len(out[1]) - 1  # 1 prefill + an extend per further token; none after the last
+    positions, samples = model.extended[-1]
+    step = len(model.extended)
+    assert samples == [0, 1, 2] and positions.tolist() == [[3 + step, 2 + step, 1 + step]] * 3  # per prompt, all axes
+    with pytest.raises(ValueError, match="must end with text"):
+        decode_text(model, synthetic_batch([[Text(2), Vae(1, 2, 2)]], num_text_classes=40))
 
 
 def test_samplers_run_on_a_lance_model():
@@ -209,7 +226,7 @@ def test_samplers_run_on_a_lance_model():
     prompt = synthetic_batch([[Text(4), Vit(1, 4, 4), Text(5)]], num_text_classes=500)
     vit = encode_vit(bundle.vit, prompt.vit_patches, prompt.vit_grid_thw)
     answer = decode_text(bundle.model, prompt, vit, max_new_tokens=3)
-    assert len(answer) == 3 and all(0 <= t < 500 for t in answer)
+    assert len(answer) == 1 and len(answer[0]) == 3 and all(0 <= t < 500 for t in answer[0])
 
     z = bundle.geometry.latent_channels
     edit = synthetic_batch([[Text(3), Vae(1, 2, 2, target=False), Text(2), Vae(1, 2, 3), Text(1)]], 500)
@@ -222,9 +239,25 @@ def test_samplers_run_on_a_lance_model():
     assert out.shape == (6, z) and torch.isfinite(out).all()
 
 
+def append_token(batch, token_id: int):
+    """The one-sample batch with one more text token at its end (in its trailing causal split), scored next."""
+    last = batch.num_tokens - 1
+
+    def grow(x, value):
+        return torch.cat([x, torch.as_tensor([value], dtype=x.dtype)])
+
+    return dataclasses.replace(
+        batch, input_ids=grow(batch.input_ids, token_id),
+        position_ids=torch.cat([batch.position_ids, batch.position_ids[:, -1:] + 1], dim=1),
+        sample_ids=grow(batch.sample_ids, batch.sample_ids[last]), split_ids=grow(batch.split_ids, batch.split_ids[last]),
+        attn_modes=grow(batch.attn_modes, int(AttnMode.CAUSAL)), ce_indexes=torch.tensor([last + 1]),
+        ce_targets=torch.zeros(1, dtype=torch.long), ce_weights=torch.zeros(1), num_real_tokens=last + 2)
+
+
 def test_kv_cache_decoding_matches_recomputing_the_sequence():
     """prefill + extend gives the logits a full forward over the grown sequence gives, with a prompt holding a
-    ViT block and a noised latent block (which later text must not see)."""
+    ViT block and a noised latent block (which later text must not see); and a prompt packed with another decodes
+    as it does alone (new text sees its own sample only), whichever comes first."""
     from lance_ds.config.model import ModelConfig
     from lance_ds.model import build_model, encode_vit
     from lance_ds.model.synthetic import Vit
@@ -232,7 +265,8 @@ def test_kv_cache_decoding_matches_recomputing_the_sequence():
     torch.manual_seed(0)
     bundle = build_model(ModelConfig(size="debug", dtype="fp32", vit_dtype="fp32"), 500)
     model = bundle.model
-    prompt = synthetic_batch([[Text(3), Vit(1, 4, 4), Text(2), Vae(1, 2, 2), Text(4)]], num_text_classes=500)
+    edit, question = [Text(3), Vit(1, 4, 4), Text(2), Vae(1, 2, 2), Text(4)], [Text(5), Vit(1, 4, 4), Text(3)]
+    prompt = synthetic_batch([edit], num_text_classes=500)
     prompt = dataclasses.replace(prompt, ce_indexes=torch.tensor([prompt.num_tokens - 1]))
     vit = encode_vit(bundle.vit, prompt.vit_patches, prompt.vit_grid_thw)
     latents = torch.randn(4, bundle.geometry.latent_channels)
@@ -243,11 +277,16 @@ def test_kv_cache_decoding_matches_recomputing_the_sequence():
         assert torch.allclose(pred.logits, model(batch, vit, latents, t).logits, atol=1e-5)
         for token in (17, 42, 301):
             position = position + 1
-            cached = model.extend(torch.tensor([token]), position, cache)
+            cached = model.extend(torch.tensor([token]), position, torch.tensor([0]), cache)
             batch = append_token(batch, token)
             full = model(batch, vit, latents, t).logits
             assert torch.allclose(cached, full, atol=1e-4), (cached - full).abs().max()
     assert cache.num_tokens == prompt.num_tokens + 3 and not cache.visible[prompt.vae_indexes].any()
-    cached = decode_text(model, prompt, vit, max_new_tokens=5, latents=latents, timesteps=t)
-    recomputed = decode_text(model, prompt, vit, max_new_tokens=5, latents=latents, timesteps=t, use_cache=False)
-    assert len(cached) == 5 and cached == recomputed
+
+    def answers(samples, latents=None, t=None):
+        batch = synthetic_batch(samples, num_text_classes=500)  # sample 0's ids do not depend on what follows it
+        vit = encode_vit(bundle.vit, batch.vit_patches, batch.vit_grid_thw)
+        return decode_text(model, batch, vit, latents, t, max_new_tokens=6)
+
+    assert answers([edit, question], latents, t)[0] == answers([edit], latents, t)[0]
+    assert answers([question, edit], latents, t)[0] == answers([question])[0]
