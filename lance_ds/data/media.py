@@ -117,7 +117,8 @@ def _open_image(data: bytes, decode: bool = True) -> Image.Image:
             return img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaError(f"image is too large to decode safely: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image" / "truncated"
+    except Exception as e:  # OSError, SyntaxError, ValueError: PIL's "not an image" / "truncated"; its decoders
+        # also raise TypeError, IndexError, struct.error ... on damaged bytes: every one of them is bad input here
         what = "image" if decode else "image header"
         raise MediaError(f"not a readable {what} ({len(data)} bytes, starts {bytes(data[:8])!r}): "
                          f"{_pil_reason(e)}") from None
@@ -127,7 +128,7 @@ def _orientation(img: Image.Image) -> int:
     """EXIF orientation 1..8 (1: upright; 5..8: turned by 90 degrees); 1 when absent or unreadable."""
     try:
         value = img.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError, ValueError):  # a damaged EXIF block does not make the pixels unusable
+    except Exception:  # a damaged EXIF block (any of PIL's errors) does not make the pixels unusable
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
@@ -158,9 +159,13 @@ def decode_image(data: bytes) -> torch.Tensor:
     import torch
 
     img = _open_image(data)
-    if _orientation(img) != 1:
-        img = ImageOps.exif_transpose(img)  # as a photo viewer shows it
-    return torch.from_numpy(_to_rgb(img)).unsqueeze(0)
+    try:
+        if _orientation(img) != 1:
+            img = ImageOps.exif_transpose(img)  # as a photo viewer shows it
+        pixels = _to_rgb(img)
+    except Exception as e:  # decoded, but its mode or metadata is damaged (PIL's errors, as in _open_image)
+        raise MediaError(f"not a convertible image ({img.mode} {img.size}): {_pil_reason(e)}") from None
+    return torch.from_numpy(pixels).unsqueeze(0)
 
 
 def probe_image(data: bytes) -> ImageInfo:

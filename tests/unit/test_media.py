@@ -1,5 +1,6 @@
 """Media bytes <-> frames: image modes, video frame sampling by timestamps, probes, errors that name the problem."""
 
+import base64
 import io
 import struct
 import zlib
@@ -99,6 +100,38 @@ def test_bad_images_raise_media_error(data, message):
         decode_image(data)
     with pytest.raises(MediaError):
         probe_image(data)
+
+
+# a 470-byte TIFF from a fuzzing run: PIL's decoder raises TypeError on it, not one of its usual errors
+_FUZZED_TIFF = zlib.decompress(base64.b64decode(
+    "eNrz9NRi4GBgYOBiYGBkYWCEsBgYoWweIGZiZGZgBtJtQMwMZIPEQZgNymYCYkFGHjC7B4hFoeIgPWJI5ohD2RlAQgbJHBDgAEOfoMvFCpM3Zz7ye1F"
+    "rl1Bw0WNm8GW7XUkLmnKubj0q0/aVs45n8QzPiXEfDzCLrv1U3vu70dF6Xhb3jJYDU9iuztG8efTIuY8/DtiqTn22+eJOfsGMxCOruXiFPr9w2nD/Q2"
+    "0eGzf3tmfTvz+Yc8lpr/Gp7bPDsn60Kt/ZxJF3JT2cVfZiYg+T6nZtKdtVxbGzmkRk5CQVReI+2zpt2y+4nK3BoK3qp5Rb+uTAz/2MDzdrv89YlPZjz"
+    "kfZuZInX4mWK/RsL+V0lEm6K2CWkfGKy5L/pjtDlYBuVeKH19F5jmtY895K5wQU2KnWClhcrfXK//mz2D5845xNk4+5LOVj2uCW5F/JeuU3B5uI675n"
+    "PU2SRV/vGEVXLz4TMfehqZCYVvTKvU27LmxbdOOwcsSsH38nOTzf9G9uW/8eqbUPA27tiBPgsT2m56W22NVDxu/hqm1xrgVmX8/b/QIAKieifw=="))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL's notes on the damaged TIFF tags it skips
+def test_any_damage_to_image_bytes_is_a_media_error():
+    """Whatever PIL raises on damaged bytes (here TypeError, and whatever flipped bytes provoke in other formats)
+    reaches the converter and the loader as MediaError: a rejected row, a skipped sample, never a crash."""
+    with pytest.raises(MediaError, match="not a readable image"):
+        decode_image(_FUZZED_TIFF)
+    with pytest.raises(MediaError, match="not a readable image"):
+        probe_image(_FUZZED_TIFF)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    for fmt in ("TIFF", "PNG", "JPEG", "GIF", "BMP", "WEBP"):
+        good = pil_bytes(Image.fromarray(pixels), fmt)
+        for _ in range(150):
+            damaged = bytearray(good)
+            for i in rng.integers(0, len(damaged), 3):
+                damaged[i] = int(rng.integers(0, 256))
+            for read in (decode_image, probe_image, peek_image):
+                try:
+                    read(bytes(damaged))
+                except MediaError:
+                    pass
 
 
 def test_encode_image_refuses_bad_input():
