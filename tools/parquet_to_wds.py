@@ -7,6 +7,9 @@ DIR gets shard-*.tar, manifest.json and rejects.jsonl. Re-running the same comma
 Exit status: 0 done (rejected rows are listed in rejects.jsonl), 2 refused (bad options or inputs). An input cut
 short while it is being converted (inputs are memory-mapped) kills the process with SIGBUS: a traceback says where;
 re-running the same command resumes.
+Memory: a worker holds ~32 MB record batches, and the parquet page it decodes: pages are read whole, so files whose
+writer packed many large media values into one page (pyarrow packs up to 1024 values, its write_batch_size, or a
+dictionary of them, into a page) need that page's size; write such files with a small write_batch_size.
 """
 
 from __future__ import annotations

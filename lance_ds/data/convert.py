@@ -541,7 +541,10 @@ def _unit_batches(unit: WorkUnit, sources: list[SourceFile],
         row_bytes = max(g_bytes / max(rows, 1) for g_bytes, rows in zip(source.group_bytes, source.group_rows))
         batch_rows = max(1, min(65536, int(_BATCH_BYTES / max(row_bytes, 1))))
         # memory-mapped: pages are decompressed straight from the page cache (~20% faster than buffered reads), and
-        # only the record batches being converted (and what the write thread has still to write) are held in memory.
+        # only the record batches being converted (and what the write thread has still to write) are held in memory,
+        # besides the parquet page being decoded: pyarrow reads a page whole, and a writer that puts many large
+        # values in one page (pyarrow writes up to write_batch_size = 1024 values, or a dictionary of them, per
+        # page) makes that page as large as they are: 300 values of 1 MB in one page need ~0.5 GB here.
         # An input cut short while it is converted kills the process (SIGBUS) instead of raising; a re-run resumes.
         parquet = pq.ParquetFile(source.path, memory_map=True, pre_buffer=False)
         try:
