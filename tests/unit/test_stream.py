@@ -243,6 +243,35 @@ def test_mixture_weights_are_honoured(tmp_path, planner):
     slot.close()
 
 
+def test_shards_and_raw_samples_are_shuffled_deterministically(tmp_path, planner):
+    """Each epoch reads the shards in another order (the same for the same seed), and the raw-sample buffer hands
+    samples out of order before any is decoded; shuffle_buffer=0 keeps the readers' order."""
+    keys = write_shards(tmp_path, "t2i", 8, 5)
+    resolved = resolve_group(group("g", [tmp_path]))
+
+    def shard_orders(seed: int) -> list[list[int]]:
+        return [GroupReader(resolved, 0, 1, seed, SkipCounter()).units(epoch) for epoch in range(4)]
+
+    orders = shard_orders(3)
+    assert all(sorted(order) == list(range(8)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 4 and orders == shard_orders(3) and orders != shard_orders(4)
+
+    def drawn(shuffle_buffer: int, seed: int = 11) -> list[str]:
+        data = dataclasses.replace(DATA, shuffle_buffer=shuffle_buffer)
+        stream = SlotStream(StreamSpec([resolved], planner, data, Branches(), 1, seed, 0, 1), 0, 1)
+        out = [stream._next_shuffled().key for _ in range(24)]
+        stream.close()
+        return out
+
+    plain, shuffled = drawn(0), drawn(16)
+    in_shard_order = [k for shard in shard_orders(11)[0] for k in keys[shard * 5:(shard + 1) * 5]]
+    assert plain == in_shard_order[:24]
+    # 16 buffered + 24 drawn = the first 40 raw samples: one whole epoch, each key at most once
+    assert len(set(shuffled)) == 24 and set(shuffled) <= set(keys) and shuffled != plain
+    assert sum(in_shard_order.index(a) > in_shard_order.index(b) for a, b in zip(shuffled, shuffled[1:])) >= 6
+    assert shuffled == drawn(16) and shuffled != drawn(16, seed=12)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # bad input
 
