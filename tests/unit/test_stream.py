@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import http.server
 import json
+import re
 import shutil
 import threading
 from collections import Counter
@@ -418,20 +419,39 @@ def test_overlong_samples_are_dropped_or_refused(tmp_path, planner):
 def http_root(tmp_path):
     handler = functools.partial(_QuietHandler, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.served, server.honour_range = [], False
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}", server
     server.shutdown()
     server.server_close()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the directory; honours `Range: bytes=N-` on files when the server's honour_range is set (like object
+    stores), else ignores it (like http.server). Records the body bytes of every response in server.served."""
+
     def log_message(self, *args):
         pass
 
+    def do_GET(self):
+        path = Path(self.translate_path(self.path))
+        wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if not (wanted and getattr(self.server, "honour_range", False) and path.is_file()):
+            self.server.served.append(path.stat().st_size if path.is_file() else 0)
+            return super().do_GET()
+        data = path.read_bytes()
+        start = int(wanted.group(1))
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+        self.server.served.append(len(data) - start)
+
 
 def test_http_and_pipe_shards_stream_like_local_ones(http_root, planner):
-    root, url = http_root
+    root, url, server = http_root
     write_shards(root / "d", "t2i", 3, 4)
     local = build_train_loader(DatasetConfig(groups=[group("g", [root / "d"])]), DATA, planner, rank=0,
                                world_size=1, seed=2, micro_batch_size=1)
@@ -441,14 +461,20 @@ def test_http_and_pipe_shards_stream_like_local_ones(http_root, planner):
         remote = build_train_loader(DatasetConfig(groups=[group("g", sources)]), DATA, planner, rank=0,
                                     world_size=1, seed=2, micro_batch_size=1)
         assert_same_batches(take(remote, 4), expected)
-    # resume over HTTP: the server ignores Range, so the reader skips up to the offset
-    raws = list(iter_raw_samples(f"{url}/d/shard-000001.tar"))
-    again = fetch_raw(f"{url}/d/shard-000001.tar", raws[2].start, raws[2].key)
-    assert again.members == raws[2].members
+    # resume over HTTP: a Range request from the sample on; a server that ignores Range sends the whole shard and
+    # the reader skips up to the sample
+    shard = f"{url}/d/shard-000001.tar"
+    raws = list(iter_raw_samples(shard))
+    size = (root / "d" / "shard-000001.tar").stat().st_size
+    for honour_range, served in ((True, size - raws[2].start), (False, size)):
+        server.honour_range = honour_range
+        server.served.clear()
+        assert fetch_raw(shard, raws[2].start, raws[2].key).members == raws[2].members
+        assert server.served == [served]
 
 
 def test_unreachable_shards_are_counted(http_root, planner):
-    root, url = http_root
+    root, url, _ = http_root
     write_shards(root / "d", "t2i", 1, 4)
     sources = [f"{url}/d/shard-000000.tar", f"{url}/d/missing.tar", "pipe:exit 3"]
     loader = build_train_loader(DatasetConfig(groups=[group("g", sources)]), DATA, planner, rank=0, world_size=1,
