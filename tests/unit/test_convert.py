@@ -194,6 +194,7 @@ def test_round_trip_good_rows_exact_bad_rows_rejected(task, tmp_path):
             assert media_meta["bytes"] == len(rows[row][column.name])
             if frames:
                 assert media_meta["frames"] == frames[0] and media_meta["fps"] == 8.0
+                assert media_meta["duration"] == pytest.approx(frames[0] / 8.0, abs=1e-6)
     assert seen == set(infos)
 
     # stock tarfile: safe member names; per-shard media stats add up

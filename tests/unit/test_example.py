@@ -63,6 +63,16 @@ def test_rows_are_valid_real_media_with_both_image_encodings(tables):
     assert (info.width, info.height, info.num_frames, info.fps) == (64, 64, 9, 12.0)
 
 
+def test_size_frames_and_fps_flags_shape_the_media():
+    cfg = ExampleConfig(num_per_task=2, rows_per_group=2, size=48, frames=5, fps=8.0, tasks=("t2i", "v2v"))
+    image = make_table("t2i", cfg).to_pylist()[0]["image_bytes"]
+    assert decode_image(image).shape == (1, 48, 48, 3)
+    video = make_table("v2v", cfg).to_pylist()[0]
+    for column in ("input_video_bytes", "output_video_bytes"):
+        info = probe_video(video[column])
+        assert (info.width, info.height, info.num_frames, info.fps) == (48, 48, 5, 8.0)
+
+
 def test_generated_rows_pass_their_own_judges(tables):
     """Every row, decoded from its real encoding, is judged right against its own text."""
     for row in tables["t2i"]:
