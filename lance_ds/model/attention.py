@@ -106,10 +106,22 @@ class SdpaAttention:
         return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    """[l, nh, d] x [l', kv, d] -> [l, nh, d] with grouped-query heads."""
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False,
+          repeat_kv: bool | None = None) -> Tensor:
+    """[l, nh, d] x [l', kv, d] -> [l, nh, d] with grouped-query heads.
+
+    repeat_kv (default: on CUDA with a mask) gives every query head its own copy of its key/value head instead of
+    SDPA's enable_gqa: with a mask, CUDA has no fused kernel for grouped heads and would fall back to the math one
+    (fp32 scores of [nh, l, l] in memory); repeated heads take the memory-efficient kernel.
+    """
+    q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, l, d]
+    if repeat_kv is None:
+        repeat_kv = mask is not None and q.is_cuda
+    group = q.shape[1] // k.shape[1]
+    if repeat_kv and group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # head i reads kv head i // group
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                         enable_gqa=k.shape[1] != q.shape[1])
     return out[0].transpose(0, 1)
 
 

@@ -98,6 +98,21 @@ def test_backends_match_the_rule(backend):
             assert (a.grad - b.grad).abs().max().item() < 1e-10
 
 
+def test_repeated_kv_heads_attend_as_grouped_query_heads():
+    """On CUDA a masked call repeats each key/value head for its query heads (SDPA has no fused masked GQA kernel
+    there); the result must be what grouped-query attention gives."""
+    from lance_ds.model.attention import _sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(7, 6, 8, generator=g), torch.randn(7, 2, 8, generator=g), torch.randn(7, 2, 8, generator=g)
+    mask = torch.rand(7, 7, generator=g) > 0.3
+    mask.fill_diagonal_(True)
+    grouped = _sdpa(q, k, v, mask, repeat_kv=False)
+    assert torch.allclose(_sdpa(q, k, v, mask, repeat_kv=True), grouped, atol=1e-6)
+    by_hand = [_sdpa(q[:, h:h + 1], k[:, h // 3:h // 3 + 1], v[:, h // 3:h // 3 + 1], mask) for h in range(6)]
+    assert torch.allclose(torch.cat(by_hand, dim=1), grouped, atol=1e-6)  # query head h reads kv head h // 3
+
+
 def test_varlen_plan_segments():
     """Consecutive causal splits merge; every segment's keys are the visible prefix, then itself."""
     layout = layout_from([[(3, C), (2, F), (2, N), (1, C)], [(2, C)]])
