@@ -103,7 +103,7 @@ class Trainer:
             batch = next(batches)
             speed.data_wait += time.perf_counter() - t0
             gen = seed_micro_step(self.cfg.train.seed, self.step, micro, self.dist.rank, self.dist.device)
-            batch = batch.to(self.dist.device)
+            batch = batch.to(self.dist.device, non_blocking=True)  # from pinned memory (GPU): asynchronous
             pred, flow = self.forward(batch, gen)
             losses = compute_losses(pred.logits, pred.velocity, batch, flow, self.cfg.objective)
             if armed("nan_loss", self.step + 1) and self.dist.rank == self.dist.world_size - 1:

@@ -78,12 +78,19 @@ class PackedBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         """Move every tensor (floats keep their dtype; the trainer casts where the model needs it)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-        def move(v):
+    def pin_memory(self) -> "PackedBatch":
+        """Every tensor in page-locked memory (DataLoader(pin_memory=True) calls this): the copy to the GPU then
+        runs asynchronously, at full bus speed."""
+        return self._map(Tensor.pin_memory)
+
+    def _map(self, fn) -> "PackedBatch":
+        def apply(v):
             if isinstance(v, Tensor):
-                return v.to(device, non_blocking=non_blocking)
+                return fn(v)
             if isinstance(v, list):
-                return [move(x) for x in v]
+                return [apply(x) for x in v]
             return v
 
-        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        return dataclasses.replace(self, **{f.name: apply(getattr(self, f.name)) for f in dataclasses.fields(self)})

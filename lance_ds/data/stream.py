@@ -609,7 +609,7 @@ class TrainLoader:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers + fork: no thread pool
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep,
                                      prefetch_factor=self.prefetch_factor, worker_init_fn=_init_worker,
-                                     persistent_workers=False))
+                                     persistent_workers=False, pin_memory=torch.cuda.is_available()))
         else:
             source = iter(dataset)
         self._iterator = source
