@@ -38,8 +38,10 @@ class ShardedEMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, p in self.params.items():
-            self.shadow[name].lerp_(_local(p).float(), 1.0 - self.decay)
+        # one multi-tensor kernel per step, not one lerp per parameter (a 3B model has ~1000 of them)
+        names = list(self.params)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [_local(self.params[n]).float() for n in names],
+                             1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
