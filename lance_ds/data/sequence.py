@@ -211,11 +211,12 @@ def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:
         return frames
     scale = max(height / src_h, width / src_w)
     cover = (max(height, round(src_h * scale)), max(width, round(src_w * scale)))
-    x = frames.permute(0, 3, 1, 2).float()
+    # uint8 in channels-last memory (what the permuted view is) takes torch's uint8 resampling kernel: ~12x faster
+    # than resizing in float (33 frames of 720p: 70 ms), within 1 of it (rounding)
+    x = frames.permute(0, 3, 1, 2)
     x = F.interpolate(x, size=cover, mode="bilinear", align_corners=False, antialias=scale < 1)
     top, left = (cover[0] - height) // 2, (cover[1] - width) // 2
-    x = x[:, :, top:top + height, left:left + width]
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return x[:, :, top:top + height, left:left + width].permute(0, 2, 3, 1).contiguous()
 
 
 def vit_patchify(frames: Tensor, geometry: VisionGeometry) -> tuple[Tensor, tuple[int, int, int]]:
