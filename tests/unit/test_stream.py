@@ -442,12 +442,12 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
             return super().do_GET()
         data = path.read_bytes()
         start = int(wanted.group(1))
+        self.server.served.append(len(data) - start)  # before the body: the client may check as soon as it has it
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
         self.wfile.write(data[start:])
-        self.server.served.append(len(data) - start)
 
 
 def test_http_and_pipe_shards_stream_like_local_ones(http_root, planner):
