@@ -43,7 +43,8 @@ from .data.batch import PackedBatch, Sample
 from .data.packing import collate
 from .data.sequence import SequencePlan, SequencePlanner
 from .model.vision import encode_vit
-from .objectives import SamplerInputs, decode_text, lance_velocity_fn, sampling_schedule
+from .objectives import (SamplerInputs, decode_text, euler_sample, guided_steps, lance_velocity_fn,
+                         sampling_schedule)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4",)
@@ -125,8 +126,7 @@ class Generator:
         part's first_index draws what one call with the whole list draws.
         """
         times = sampling_schedule(max(num_steps, 1), self.objective.sample_shift)
-        lo, hi = self.objective.cfg_interval
-        guided_steps = [cfg_scale != 1.0 and lo <= float(t) <= hi for t in times[:-1]]
+        guided = guided_steps(times, cfg_scale, tuple(self.objective.cfg_interval))
 
         def plan() -> list[tuple[SequencePlan, SequencePlan]]:
             self._require(samples, GEN_TASKS, self.lance.cfg.visual_gen, "model.visual_gen")
@@ -136,42 +136,31 @@ class Generator:
                      self.planner.prompt(s, group, drop_caption=True, target_shape=target_shape)) for s in samples]
 
         pairs, problem = planned(plan)
-        sizes = [c.num_tokens + (u.num_tokens if any(guided_steps) else 0) for c, u in pairs]
+        sizes = [c.num_tokens + (u.num_tokens if any(guided) else 0) for c, u in pairs]
         chunks = token_chunks(sizes, self.max_batch_tokens)
-        num_idle = self._agree("generate", problem, len(chunks), num_steps, sum(guided_steps))
+        num_idle = self._agree("generate", problem, len(chunks), num_steps, sum(guided))
         out: list[Tensor] = []
         with self._inference():
             for chunk in chunks:
                 chunk_pairs = [pairs[i] for i in chunk]
-                latents = self._sample_latents(chunk_pairs, [first_index + i for i in chunk], times, guided_steps,
+                latents = self._sample_latents(chunk_pairs, [first_index + i for i in chunk], times, guided,
                                                cfg_scale, seed)
                 out += self._decode_latents(latents, [c for c, _ in chunk_pairs])
             idle = self.planner.placeholder(vit=False, vae=True, ce=False)
             for _ in range(num_idle):  # the forwards other ranks run for prompts this rank does not have
-                self._sample_latents([(idle, idle)], [0], times, guided_steps, cfg_scale, seed)
+                self._sample_latents([(idle, idle)], [0], times, guided, cfg_scale, seed)
         return out
 
-    def _sample_latents(self, pairs, indexes: list[int], times: Tensor, guided_steps: list[bool],
+    def _sample_latents(self, pairs, indexes: list[int], times: Tensor, guided: list[bool],
                         cfg_scale: float, seed: int) -> Tensor:
         """Euler integration of the prompts' target latents [n, z] (prompt after prompt), from their seeded noise."""
         cond_plans = [c for c, _ in pairs]
         cond = self._sampler_inputs(cond_plans)
-        joint = self._with_twins(cond, cond_plans, [u for _, u in pairs]) if any(guided_steps) else None
+        joint = self._with_twins(cond, cond_plans, [u for _, u in pairs]) if any(guided) else None
         noise = [torch.randn(p.vae[-1].coords.shape[0], self.lance.cfg.latent_channels,
                              generator=sample_generator(seed, i)) for p, i in zip(cond_plans, indexes)]
-        x = torch.cat(noise).to(self.device)
-        prediction = self.objective.prediction
-        cond_velocity = lance_velocity_fn(self.model, cond, prediction=prediction)
-        joint_velocity = lance_velocity_fn(self.model, joint, prediction=prediction) if joint is not None else None
-        for i, guided in enumerate(guided_steps):
-            t, t_next = float(times[i]), float(times[i + 1])
-            if guided:  # prompts and their caption-dropped twins in one forward
-                v_cond, v_uncond = joint_velocity(torch.cat([x, x]), t, True).float().chunk(2)
-                v = v_uncond + cfg_scale * (v_cond - v_uncond)
-            else:
-                v = cond_velocity(x, t, True).float()
-            x = x + (t_next - t) * v
-        return x
+        velocity = lance_velocity_fn(self.model, cond, joint, prediction=self.objective.prediction)
+        return euler_sample(velocity, torch.cat(noise).to(self.device), times, guided, cfg_scale)
 
     def _sampler_inputs(self, plans: list[SequencePlan]) -> SamplerInputs:
         """Packed prompts with their ViT tokens and clean condition latents; targets marked for the sampler."""

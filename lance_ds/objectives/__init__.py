@@ -17,6 +17,7 @@ from .flow import (
                    SamplerInputs,
                    as_velocity,
                    euler_sample,
+                   guided_steps,
                    lance_velocity_fn,
                    mse_per_token,
                    prepare_flow,
@@ -30,7 +31,7 @@ from .text import all_ranks_done, ce_per_token, decode_text, pick_token
 
 __all__ = [
     "PREDICTIONS", "FlowInputs", "Losses", "SamplerInputs", "all_ranks_done", "as_velocity", "ce_per_token",
-    "compute_losses", "decode_text",
-    "euler_sample", "global_sums", "lance_velocity_fn", "mse_per_token", "normalised", "pick_token", "prepare_flow",
-    "sample_timesteps", "sampling_schedule", "shift_timesteps", "token_blocks",
+    "compute_losses", "decode_text", "euler_sample", "global_sums", "guided_steps", "lance_velocity_fn",
+    "mse_per_token", "normalised", "pick_token", "prepare_flow", "sample_timesteps", "sampling_schedule",
+    "shift_timesteps", "token_blocks",
 ]

@@ -108,7 +108,8 @@ def mse_per_token(velocity: Tensor, target: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # sampling
 
-VelocityFn = Callable[[Tensor, float, bool], Tensor]  # (x_t, t, conditional) -> velocity, same shape as x_t
+# (x_t, t, guided) -> (conditional velocity, unconditional velocity when guided else None), each shaped as x_t
+VelocityFn = Callable[[Tensor, float, bool], tuple[Tensor, Tensor | None]]
 
 
 def sampling_schedule(num_steps: int, shift: float, device: torch.device | str = "cpu") -> Tensor:
@@ -116,23 +117,27 @@ def sampling_schedule(num_steps: int, shift: float, device: torch.device | str =
     return shift_timesteps(torch.linspace(1.0, 0.0, num_steps + 1, device=device, dtype=torch.float64), shift)
 
 
-@torch.no_grad()
-def euler_sample(velocity_fn: VelocityFn, noise: Tensor, num_steps: int = 30, shift: float = 3.5,
-                 cfg_scale: float = 4.0, cfg_interval: tuple[float, float] = (0.4, 1.0)) -> Tensor:
-    """Integrate dx/dt = v from t = 1 (x = noise) to t = 0 with Euler steps; returns x_0.
-
-    Classifier-free guidance v = v_u + scale (v_c - v_u) applies while t is inside cfg_interval (Lance: [0.4, 1]);
-    outside it, and when cfg_scale == 1, only the conditional velocity is computed.
-    """
-    times = sampling_schedule(num_steps, shift, noise.device)
-    x = noise.float()
+def guided_steps(times: Tensor, cfg_scale: float, cfg_interval: tuple[float, float]) -> list[bool]:
+    """Per Euler step (from times[i]): whether classifier-free guidance applies, i.e. cfg_scale != 1 and the step
+    starts inside cfg_interval (Lance: [0.4, 1]). Unguided steps need the conditional velocity only."""
     lo, hi = cfg_interval
-    for i in range(num_steps):
+    return [cfg_scale != 1.0 and lo <= float(t) <= hi for t in times[:-1]]
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn: VelocityFn, noise: Tensor, times: Tensor, guided: list[bool],
+                 cfg_scale: float = 4.0) -> Tensor:
+    """Integrate dx/dt = v from times[0] = 1 (x = noise) to times[-1] = 0 with Euler steps; returns x_0.
+
+    On guided steps v = v_u + cfg_scale (v_c - v_u) (classifier-free guidance); on the others v = v_c.
+    """
+    x = noise.float()
+    for i, use_guidance in enumerate(guided):
         t, t_next = float(times[i]), float(times[i + 1])
-        v = velocity_fn(x, t, True).float()
-        if cfg_scale != 1.0 and lo <= t <= hi:
-            v_uncond = velocity_fn(x, t, False).float()
-            v = v_uncond + cfg_scale * (v - v_uncond)
+        v, v_uncond = velocity_fn(x, t, use_guidance)
+        v = v.float()
+        if v_uncond is not None:
+            v = v_uncond.float() + cfg_scale * (v - v_uncond.float())
         x = x + (t_next - t) * v
     return x
 
@@ -148,10 +153,11 @@ class SamplerInputs:
     vit_embeds: Tensor | None = None  # [M, H] frozen-ViT tokens of the batch
 
 
-def lance_velocity_fn(model: torch.nn.Module, cond: SamplerInputs, uncond: SamplerInputs | None = None,
+def lance_velocity_fn(model: torch.nn.Module, cond: SamplerInputs, joint: SamplerInputs | None = None,
                       prediction: str = "velocity") -> VelocityFn:
-    """A VelocityFn over LanceModel: x_t [n_target, z] is placed at the target tokens of the conditional (or, for
-    guidance, the unconditional: caption dropped) batch; the velocity predicted at those tokens comes back."""
+    """A VelocityFn over LanceModel: x_t [n_target, z] is placed at the target tokens of the prompts' batch `cond`,
+    and the velocity predicted there comes back. Guided steps run `joint` instead: the prompts followed by their
+    caption-dropped twins in one batch (one forward for both velocities), x_t placed at the targets of each half."""
 
     def run(inputs: SamplerInputs, x: Tensor, t: float) -> Tensor:
         mask = inputs.target_mask
@@ -161,9 +167,12 @@ def lance_velocity_fn(model: torch.nn.Module, cond: SamplerInputs, uncond: Sampl
         pred = model(inputs.batch, inputs.vit_embeds, latents, timesteps)
         return as_velocity(pred.velocity[mask], x, timesteps[mask], prediction, min_t=0.0)
 
-    def velocity(x: Tensor, t: float, conditional: bool) -> Tensor:
-        if conditional or uncond is None:
-            return run(cond, x, t)
-        return run(uncond, x, t)
+    def velocity(x: Tensor, t: float, guided: bool) -> tuple[Tensor, Tensor | None]:
+        if not guided:
+            return run(cond, x, t), None
+        if joint is None:
+            raise ValueError("a guided step needs the joint batch (prompts + caption-dropped twins)")
+        v_cond, v_uncond = run(joint, torch.cat([x, x]), t).chunk(2)
+        return v_cond, v_uncond
 
     return velocity

@@ -13,7 +13,7 @@ from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import AttnMode
 from lance_ds.model.synthetic import Text, Vae, synthetic_batch
 from lance_ds.objectives import (SamplerInputs, as_velocity, compute_losses, decode_text, euler_sample,
-                                 lance_velocity_fn, normalised, pick_token, prepare_flow, sample_timesteps,
+                                 guided_steps, lance_velocity_fn, normalised, pick_token, prepare_flow, sample_timesteps,
                                  sampling_schedule, shift_timesteps)
 
 
@@ -126,7 +126,8 @@ def test_data_prediction_is_scored_and_sampled_as_the_velocity_it_implies():
     perfect = lambda batch, vit_embeds, latents, timesteps: types.SimpleNamespace(velocity=x0)  # noqa: E731
     velocity = lance_velocity_fn(perfect, SamplerInputs(None, torch.zeros(1, 3), torch.tensor([True])),
                                  prediction="data")
-    assert torch.allclose(euler_sample(velocity, torch.randn(1, 3), 50, shift=1.0, cfg_scale=1.0), x0, atol=1e-5)
+    times = sampling_schedule(50, 1.0)
+    assert torch.allclose(euler_sample(velocity, torch.randn(1, 3), times, [False] * 50), x0, atol=1e-5)
     with pytest.raises(ValueError, match="objective.prediction"):
         as_velocity(x0, x0, torch.ones(1), "noise")
 
@@ -152,20 +153,26 @@ def test_euler_sampler_recovers_the_point_and_guides_in_the_interval():
     x0 = torch.tensor([[1.5, -2.0, 0.25]])
     calls = []
 
-    def velocity(x, t, conditional):
-        calls.append((round(t, 6), conditional))
-        return (x - x0) / t if conditional else torch.zeros_like(x)
+    def velocity(x, t, guided):
+        calls.append((round(t, 6), guided))
+        exact = (x - x0) / t
+        return exact, (exact if guided else None)  # the same unconditional velocity: guidance changes nothing
 
-    out = euler_sample(velocity, torch.randn(1, 3), num_steps=30, shift=3.5, cfg_scale=1.0)
-    assert torch.allclose(out, x0, atol=1e-5)
-    assert all(c for _, c in calls)  # scale 1: no unconditional pass
-    calls.clear()
-    euler_sample(velocity, torch.randn(1, 3), num_steps=30, shift=3.5, cfg_scale=4.0, cfg_interval=(0.4, 1.0))
-    guided = {t for t, c in calls if not c}
-    assert guided and all(0.4 <= t <= 1.0 for t in guided)
-    assert {t for t, _ in calls if t < 0.4} and not ({t for t, _ in calls if t < 0.4} & guided)
     times = sampling_schedule(30, 3.5)
     assert times[0] == 1.0 and times[-1] == 0.0 and bool((times[1:] < times[:-1]).all())
+    assert guided_steps(times, 1.0, (0.4, 1.0)) == [False] * 30  # scale 1: never an unconditional pass
+    out = euler_sample(velocity, torch.randn(1, 3), times, guided_steps(times, 1.0, (0.4, 1.0)))
+    assert torch.allclose(out, x0, atol=1e-5) and not any(g for _, g in calls)
+    calls.clear()
+    steps = guided_steps(times, 4.0, (0.4, 1.0))
+    assert steps == [0.4 <= float(t) <= 1.0 for t in times[:-1]] and any(steps) and not all(steps)
+    assert torch.allclose(euler_sample(velocity, torch.randn(1, 3), times, steps, cfg_scale=4.0), x0, atol=1e-5)
+    assert [g for _, g in calls] == steps
+    # constant velocities v_c = 1, v_u = 0: v = v_u + 4 (v_c - v_u) = 4 on guided steps, 1 on the others
+    constant = lambda x, t, guided: (torch.ones_like(x), torch.zeros_like(x) if guided else None)  # noqa: E731
+    span = sum(float(times[i] - times[i + 1]) for i, g in enumerate(steps) if g)
+    noise = torch.randn(1, 3)
+    assert torch.allclose(euler_sample(constant, noise, times, steps, cfg_scale=4.0), noise - 1 - 3 * span, atol=1e-6)
 
 
 def test_pick_token_greedy_and_top_p():
@@ -230,12 +237,15 @@ def test_samplers_run_on_a_lance_model():
 
     z = bundle.geometry.latent_channels
     edit = synthetic_batch([[Text(3), Vae(1, 2, 2, target=False), Text(2), Vae(1, 2, 3), Text(1)]], 500)
-    uncond = synthetic_batch([[Text(1), Vae(1, 2, 2, target=False), Text(1), Vae(1, 2, 3), Text(1)]], 500)
     source = torch.randn(4, z)
     mask = torch.tensor([False] * 4 + [True] * 6)
     latents = torch.cat([source, torch.zeros(6, z)])
-    velocity = lance_velocity_fn(bundle.model, SamplerInputs(edit, latents, mask), SamplerInputs(uncond, latents, mask))
-    out = euler_sample(velocity, torch.randn(6, z), num_steps=2, cfg_scale=4.0)
+    both = synthetic_batch([[Text(3), Vae(1, 2, 2, target=False), Text(2), Vae(1, 2, 3), Text(1)],
+                            [Text(1), Vae(1, 2, 2, target=False), Text(1), Vae(1, 2, 3), Text(1)]], 500)
+    velocity = lance_velocity_fn(bundle.model, SamplerInputs(edit, latents, mask),
+                                 SamplerInputs(both, latents.repeat(2, 1), mask.repeat(2)))
+    times = sampling_schedule(2, 3.5)
+    out = euler_sample(velocity, torch.randn(6, z), times, [True, False], cfg_scale=4.0)
     assert out.shape == (6, z) and torch.isfinite(out).all()
 
 
