@@ -103,11 +103,10 @@ class Generator:
                         device: torch.device | str | None = None, **kwargs) -> "Generator":
         """A training checkpoint (run, checkpoints or step dir; consolidated on the fly) or an export dir."""
         from .export import load_inference_parts
-        from .trainer import vision_geometry
 
         parts = load_inference_parts(path, ema=ema, dtype=dtype, device=device)
         bundle = parts.bundle
-        planner = SequencePlanner(parts.tokenizer, vision_geometry(bundle.geometry))
+        planner = SequencePlanner(parts.tokenizer, bundle.geometry)
         gen = cls(bundle.model, bundle.vit, bundle.vae, planner, parts.tokenizer, parts.objective, **kwargs)
         gen.source = parts.source
         return gen

@@ -22,7 +22,7 @@ from .config.data import TASKS
 from .config.deepspeed import zero_stage
 from .config.run import Run
 from .data.packing import Branches
-from .data.sequence import SequencePlanner, VisionGeometry
+from .data.sequence import SequencePlanner
 from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
 from .ema import ShardedEMA
@@ -45,7 +45,7 @@ class Trainer:
         self.parts = build_model(self.cfg.model, len(self.tokenizer), ds_config, device=self.dist.device)
         self.engine = build_engine(self.parts.model, ds_config, self.cfg.train)
         self.ema = ShardedEMA(self.engine.module, self.cfg.train.ema_decay) if self.cfg.train.ema_decay > 0 else None
-        self.planner = SequencePlanner(self.tokenizer, vision_geometry(self.parts.geometry), seed=self.cfg.train.seed)
+        self.planner = SequencePlanner(self.tokenizer, self.parts.geometry, seed=self.cfg.train.seed)
         self.branches = Branches(vit=self.cfg.model.visual_und, vae_target=self.cfg.model.visual_gen,
                                  ce=self.cfg.model.visual_und)
         self.loader = build_train_loader(run.dataset, self.cfg.data, self.planner, rank=self.dist.rank,
@@ -284,15 +284,6 @@ def flat_hparams(tree: dict, prefix: str = "") -> dict[str, float | int | str | 
         else:
             out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return out
-
-
-def vision_geometry(g) -> VisionGeometry:
-    """The planner's view of the model's encoders."""
-    return VisionGeometry(
-        vae_spatial_factor=g.vae_spatial_factor, vae_temporal_factor=g.vae_temporal_factor,
-        vit_patch_size=g.vit_patch_size, vit_temporal_patch=g.vit_temporal_patch_size, vit_merge_size=g.vit_merge_size,
-        tokens_per_second=g.tokens_per_second, max_latent_size=g.max_latent_size,
-        max_latent_frames=g.max_latent_frames)
 
 
 @torch.no_grad()

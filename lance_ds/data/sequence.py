@@ -90,7 +90,7 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class VisionGeometry:
-    """What the planner needs to know about the model's encoders. The trainer fills it from the built model.
+    """What the planner needs to know about the model's encoders; build_model returns it filled (model.Geometry).
 
     Wan2.2's VAE: spatial 16, temporal 4; Qwen2.5-VL's ViT: patch 14, temporal patch 2, merge 2, 2 tokens/second.
     """

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from lance_ds.config.model import ModelConfig
+from lance_ds.data.sequence import VisionGeometry
 
 from .attention import import_flash_varlen
 from .lance import LanceConfig, LanceModel
@@ -45,21 +46,11 @@ TINY_CODECS = {
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """What the data side needs to cut inputs for this model."""
+class Geometry(VisionGeometry):
+    """The built model's encoders as the data side's planner needs them (a VisionGeometry), and its widths."""
 
-    latent_channels: int  # z: channels of one latent token
-    vae_spatial_factor: int  # pixels per latent row/column
-    vae_temporal_factor: int  # latent frames = (T - 1) // factor + 1
-    vit_patch_size: int  # ViT patch side in pixels (14)
-    vit_temporal_patch_size: int  # frames per ViT patch (2: images are repeated to 2 frames)
-    vit_merge_size: int  # merged tokens are merge x merge patches
-    tokens_per_second: int  # temporal RoPE step of ViT blocks
-    max_latent_size: int  # latent rows/columns the position table covers
-    max_latent_frames: int  # latent frames the position table covers
-    hidden_size: int
-    vocab_size: int
-    num_text_classes: int
+    latent_channels: int = 0  # z: channels of one latent token
+    hidden_size: int = 0
 
 
 @dataclass
@@ -155,12 +146,11 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
 def geometry_of(spec: ModelSpec, lance_cfg: LanceConfig, vae: FrozenVAE | None) -> Geometry:
     codec = vae if vae is not None else spec.vae
     return Geometry(
-        latent_channels=lance_cfg.latent_channels, vae_spatial_factor=codec.spatial_factor,
-        vae_temporal_factor=codec.temporal_factor, vit_patch_size=spec.vit.patch_size,
-        vit_temporal_patch_size=spec.vit.temporal_patch_size, vit_merge_size=spec.vit.spatial_merge_size,
-        tokens_per_second=spec.vit.tokens_per_second, max_latent_size=lance_cfg.max_latent_size,
-        max_latent_frames=lance_cfg.max_latent_frames, hidden_size=lance_cfg.llm.hidden_size,
-        vocab_size=lance_cfg.llm.vocab_size, num_text_classes=lance_cfg.num_text_classes)
+        vae_spatial_factor=codec.spatial_factor, vae_temporal_factor=codec.temporal_factor,
+        vit_patch_size=spec.vit.patch_size, vit_temporal_patch=spec.vit.temporal_patch_size,
+        vit_merge_size=spec.vit.spatial_merge_size, tokens_per_second=spec.vit.tokens_per_second,
+        max_latent_size=lance_cfg.max_latent_size, max_latent_frames=lance_cfg.max_latent_frames,
+        latent_channels=lance_cfg.latent_channels, hidden_size=lance_cfg.llm.hidden_size)
 
 
 def default_device() -> torch.device:

@@ -199,13 +199,12 @@ def test_a_tiny_random_model_runs_every_task_and_is_judged_wrong():
     from lance_ds.data.tokenizer import load_tokenizer
     from lance_ds.generate import Generator
     from lance_ds.model import build_model
-    from lance_ds.trainer import vision_geometry
 
     tokenizer = load_tokenizer()
     torch.manual_seed(0)
     bundle = build_model(ModelConfig(size="debug", dtype="fp32", vit_dtype="fp32"), len(tokenizer), None,
                          device="cpu")
-    planner = SequencePlanner(tokenizer, vision_geometry(bundle.geometry))
+    planner = SequencePlanner(tokenizer, bundle.geometry)
     gen = Generator(bundle.model.eval(), bundle.vit, bundle.vae, planner, tokenizer)
     prompts = [dataclasses.replace(p, group=GroupConfig(name=p.group.name, task=p.group.task,
                                                         image=ev_resolution(p.sample.task)))

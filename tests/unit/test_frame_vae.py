@@ -66,12 +66,11 @@ def test_the_debug_model_generates_through_it(tmp_path):
     from lance_ds.data.sequence import SequencePlanner
     from lance_ds.data.tokenizer import load_tokenizer
     from lance_ds.generate import Generator
-    from lance_ds.trainer import vision_geometry
 
     tokenizer = load_tokenizer(None)
     bundle = build_model(ModelConfig(size="debug", dtype="fp32", vae_path=str(saved_vae(tmp_path))), len(tokenizer))
     assert bundle.geometry.latent_channels == 6 and bundle.geometry.vae_spatial_factor == 16
-    planner = SequencePlanner(tokenizer, vision_geometry(bundle.geometry))
+    planner = SequencePlanner(tokenizer, bundle.geometry)
     generator = Generator(bundle.model, bundle.vit, bundle.vae, planner, tokenizer)
     (image,) = generator.generate([Sample(task="t2i", key="k", texts={"caption": "a red circle"}, media={})],
                                   num_steps=2, target_shape=(1, 16, 16))
