@@ -185,14 +185,9 @@ class Generator:
         counts = batch.vae_grid_thw.prod(dim=-1).tolist()
         starts = [sum(counts[:i]) for i in range(len(counts))]
         latents = torch.zeros(sum(counts), z, device=self.device)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, is_target in enumerate(batch.vae_is_target.tolist()):
-            if not is_target:
-                by_shape.setdefault(tuple(batch.vae_pixels[i].shape), []).append(i)
-        for blocks in by_shape.values():
-            clips = torch.stack([batch.vae_pixels[i] for i in blocks]).to(self.vae.device, self.vae.dtype)
-            for i, lat in zip(blocks, self.vae.encode(clips, sample=False)):  # [z, t, h, w] each
-                latents[starts[i]:starts[i] + counts[i]] = lat.flatten(1).T.to(self.device)
+        conditions = [i for i, is_target in enumerate(batch.vae_is_target.tolist()) if not is_target]
+        for i, tokens in zip(conditions, self.vae.encode_blocks([batch.vae_pixels[i] for i in conditions])):
+            latents[starts[i]:starts[i] + counts[i]] = tokens.to(self.device)
         return latents
 
     def _decode_latents(self, x: Tensor, plans: list[SequencePlan]) -> list[Tensor]:

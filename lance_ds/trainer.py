@@ -288,21 +288,9 @@ def flat_hparams(tree: dict, prefix: str = "") -> dict[str, float | int | str | 
 
 @torch.no_grad()
 def encode_latents(vae, pixels: list[torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
-    """Latent tokens [N, z] of a batch's VAE blocks, block after block in (t, h, w) raster order.
-
-    Blocks of the same shape are encoded together (one VAE call per shape)."""
-    out: list[torch.Tensor | None] = [None] * len(pixels)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, p in enumerate(pixels):
-        by_shape.setdefault(tuple(p.shape), []).append(i)
-    for indexes in by_shape.values():
-        clips = torch.stack([pixels[i] for i in indexes]).to(vae.device, vae.dtype)
-        latents = vae.encode(clips, sample=True, generator=generator)  # [B, z, t, h, w]
-        for i, lat in zip(indexes, latents):
-            out[i] = lat.flatten(1).T  # [t*h*w, z]
-    if not out:
-        return torch.zeros(0, vae.latent_channels, device=vae.device)
-    return torch.cat(out).float()
+    """Clean latent tokens [N, z] of a batch's VAE blocks (sampled from the posterior), block after block."""
+    blocks = vae.encode_blocks(pixels, sample=True, generator=generator)
+    return torch.cat(blocks) if blocks else torch.zeros(0, vae.latent_channels, device=vae.device)
 
 
 def _finite_or_nan(x) -> float:

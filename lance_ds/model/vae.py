@@ -78,6 +78,21 @@ class FrozenVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters(), self._placement).dtype
 
+    @torch.no_grad()
+    def encode_blocks(self, clips: list[Tensor], sample: bool = False,
+                      generator: torch.Generator | None = None) -> list[Tensor]:
+        """Latent tokens [t*h*w, z] (fp32, (t, h, w) raster order) of each clip [3, T, H, W] in [-1, 1] (a packed
+        batch's VAE blocks); clips of one shape are encoded together, one call per shape."""
+        out: list = [None] * len(clips)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, clip in enumerate(clips):
+            by_shape.setdefault(tuple(clip.shape), []).append(i)
+        for indexes in by_shape.values():
+            batch = torch.stack([clips[i] for i in indexes]).to(self.device, self.dtype)
+            for i, latents in zip(indexes, self.encode(batch, sample=sample, generator=generator)):  # [z, t, h, w]
+                out[i] = latents.flatten(1).T.float()
+        return out
+
 
 # ----------------------------------------------------------------------------------------------------------------
 
