@@ -43,7 +43,7 @@ from torch import Tensor
 from .config.data import GEN_TASKS, TASKS, UND_TASKS, DatasetConfig, GroupConfig
 from .data.batch import Sample
 from .data.example import COLOURS, DIRECTIONS, SHAPES, judge_answer, judge_generation, parse_answer
-from .data.sequence import TARGET_MEDIA, resize_crop
+from .data.sequence import SOURCE_MEDIA, TARGET_MEDIA, resize_crop
 
 # What each task's score measures (the table's second column).
 MEASURES = {
@@ -56,7 +56,6 @@ MEASURES = {
 }
 GOALS = {"t2i": 0.8, "t2v": 0.8, "i2i": 0.8, "v2v": 0.8, "i2t": 0.9, "v2t": 0.9}  # issue 6: the main job's goals
 _CHOICES = {"colour": len(COLOURS), "shape": len(SHAPES), "direction": len(DIRECTIONS)}
-SOURCE_MEDIA = {"i2i": "input_image", "v2v": "input_video"}
 
 
 @dataclass

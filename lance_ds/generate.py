@@ -41,7 +41,7 @@ from .config.data import GEN_TASKS, GroupConfig, ImageOptions, UND_TASKS
 from .config.model import ObjectiveConfig
 from .data.batch import PackedBatch, Sample
 from .data.packing import collate
-from .data.sequence import SequencePlan, SequencePlanner
+from .data.sequence import PROMPT_MEDIA, SequencePlan, SequencePlanner
 from .model.vision import encode_vit
 from .objectives import (SamplerInputs, decode_text, euler_sample, guided_steps, lance_velocity_fn,
                          sampling_schedule)
@@ -446,8 +446,7 @@ def cli_sample(args) -> Sample:
         else:
             max_frames = args.frames or GroupConfig().video.max_frames
             frames = decode_video(data, sample_fps=args.fps, max_frames=max_frames)
-        media["input_image" if args.task == "i2i" else "input_video" if args.task == "v2v" else
-              "image" if args.task == "i2t" else "video"] = frames
+        media[PROMPT_MEDIA[args.task][0]] = frames
     texts = {"caption": args.prompt or ""} if args.task in GEN_TASKS else {"caption_q": args.question}
     return Sample(task=args.task, texts=texts, media=media, key=args.input or "prompt")
 

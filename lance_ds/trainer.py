@@ -21,7 +21,7 @@ from .config.core import to_dict
 from .config.data import TASKS
 from .config.deepspeed import zero_stage
 from .config.run import Run
-from .data.packing import Branches
+from .data.packing import Branches, packing_efficiency
 from .data.sequence import SequencePlanner
 from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
@@ -138,7 +138,7 @@ class Trainer:
     def _account(self, batch, losses, meter: Meter, speed: Throughput) -> None:
         meter.add("train/ce_tokens", losses.num_ce_tokens)  # global counts (summed over ranks)
         meter.add("train/mse_tokens", losses.num_mse_tokens)
-        meter.add("data/packing_efficiency", batch.num_real_tokens / max(batch.num_tokens, 1))
+        meter.add("data/packing_efficiency", packing_efficiency(batch))
         speed.tokens += batch.num_real_tokens
         speed.samples += sum(t in TASKS for t in batch.tasks)  # not padding or placeholders
         self.tokens_seen += batch.num_real_tokens * self.dist.world_size

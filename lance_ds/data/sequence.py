@@ -79,6 +79,7 @@ TASK_TEXTS = {
 PROMPT_MEDIA = {"t2i": (), "t2v": (), "i2i": ("input_image",), "v2v": ("input_video",), "i2t": ("image",),
                 "v2t": ("video",)}
 TARGET_MEDIA = {"t2i": "image", "t2v": "video", "i2i": "output_image", "v2v": "output_video"}
+SOURCE_MEDIA = {"i2i": "input_image", "v2v": "input_video"}  # an edit's source: what it keeps of the target's size
 VIDEO_TASKS = ("t2v", "v2v", "v2t")
 
 PLACEHOLDER_TASK = "placeholder"  # the zero-weight sample the packer adds so every branch runs (DESIGN rule 3)
@@ -475,7 +476,7 @@ class SequencePlanner:
                              target_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
         """(frames, height, width) in pixels of the block to generate; see `prompt`."""
         video = sample.task in VIDEO_TASKS
-        source_key = {"i2i": "input_image", "v2v": "input_video"}.get(sample.task)
+        source_key = SOURCE_MEDIA.get(sample.task)
         source = sample.media.get(source_key) if source_key else None
         if target_shape is not None:
             shape = self._check_target_shape(sample, tuple(int(x) for x in target_shape), video)

@@ -54,6 +54,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config.data import DataConfig, DatasetConfig, GroupConfig
+from ..config.run import is_remote
 from .batch import PackedBatch, Sample
 from .media import MediaError, decode_image, decode_video
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length, collate
@@ -116,10 +117,6 @@ class ResolvedGroup:
     def num_samples(self) -> int | None:
         counts = [s.num_samples for s in self.shards]
         return None if any(c is None for c in counts) else sum(counts)
-
-
-def is_remote(source: str) -> bool:
-    return "://" in source or source.startswith("pipe:")
 
 
 def _read_manifest_text(text: str, where: str) -> dict:
