@@ -292,6 +292,7 @@ def build_from_trained(weights: TrainedWeights, dtype: str = "fp32",
     from .data.tokenizer import load_tokenizer
     from .model import build_model
     from .model.build import default_device, load_state
+    from .model.weights import LANCE_VIT_PREFIX
 
     device = torch.device(device) if device is not None else default_device()
     cfg = weights.config
@@ -301,7 +302,7 @@ def build_from_trained(weights: TrainedWeights, dtype: str = "fp32",
         torch.manual_seed(cfg.train.seed)
         bundle = build_model(model_cfg, len(tokenizer), None, device=device)
     state = dict(weights.state)
-    vit_state = {k[len("vit_model."):]: state.pop(k) for k in list(state) if k.startswith("vit_model.")}
+    vit_state = {k[len(LANCE_VIT_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(LANCE_VIT_PREFIX)}
     if vit_state:  # trained with model.vit_trainable: the tower's weights are in the checkpoint
         bundle.vit.load_state_dict({k: v.to(bundle.vit.dtype) for k, v in vit_state.items()}, strict=True)
     loaded = load_state(bundle.model, state, str(weights.step_dir))
@@ -410,10 +411,10 @@ def _check_out(out: Path, checkpoint: Path, overwrite: bool) -> None:
 
 def write_lance_dir(directory: Path, state: dict[str, Tensor], parts: InferenceParts, dtype: torch.dtype) -> bool:
     """model.safetensors + llm_config.json in Lance's layout (+ vae/ for a random codec); True when vae/ was written."""
-    from .model.weights import save_lance_dir
+    from .model.weights import LANCE_VIT_PREFIX, save_lance_dir
 
     bundle = parts.bundle
-    model_state = {k: v.to(dtype) for k, v in state.items() if not k.startswith("vit_model.")}
+    model_state = {k: v.to(dtype) for k, v in state.items() if not k.startswith(LANCE_VIT_PREFIX)}
     vit_state = {k: v.to(dtype) for k, v in bundle.vit.state_dict().items()} if bundle.vit is not None else None
     # the fixed sin-cos table stays fp32: loading checks it against the recomputed one to 1e-3, which bf16 misses
     table = bundle.model.latent_pos_embed.table().float() if bundle.model.cfg.visual_gen else None

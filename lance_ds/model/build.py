@@ -30,8 +30,8 @@ from .positions import LearnablePositions, lape_cost
 from .registry import ModelSpec, resolve_spec
 from .vae import FrozenVAE, VaeConfig, build_vae, detect_kind
 from .vision import build_vision_tower, freeze, load_vision_weights
-from .weights import (LANCE_POS_TABLE, LANCE_WEIGHTS, LazyState, is_lance_dir, lance_sources, qwen_sources,
-                      read_tensors, safetensors_index)
+from .weights import (LANCE_POS_TABLE, LANCE_VIT_PREFIX, LANCE_WEIGHTS, LazyState, is_lance_dir, lance_sources,
+                      qwen_sources, read_tensors, safetensors_index)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -287,7 +287,7 @@ def load_llm_weights(model: LanceModel, path: Path) -> None:
     """Lance checkpoint key for key, or a Qwen2.5-VL checkpoint's text weights (+ gen expert copied), read lazily."""
     shapes = model_shapes(model)
     with_vit = hasattr(model, "vit_model")
-    own = {n for n in shapes if with_vit or not n.startswith("vit_model.")}
+    own = {n for n in shapes if with_vit or not n.startswith(LANCE_VIT_PREFIX)}
     if is_lance_dir(path):
         where = str(path / LANCE_WEIGHTS)
         index = safetensors_index(path / LANCE_WEIGHTS)

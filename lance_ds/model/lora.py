@@ -17,11 +17,10 @@ from safetensors.torch import save_file
 
 from lance_ds.config.model import LoraConfig as LoraSettings
 
-from .weights import load_safetensors
+from .weights import LANCE_VIT_PREFIX, load_safetensors  # a trainable ViT lives under that prefix
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-VIT_PREFIX = "vit_model."  # a trainable ViT (model.vit_trainable) lives in the model under this name
 NOT_IN_VIT = r"vit_model\..*"  # peft's exclude_modules: adapters go on the LLM's projections only
 
 
@@ -38,9 +37,9 @@ def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = 
     put adapters on it too). Under ZeRO-3 the adapters are created partitioned."""
     from peft import inject_adapter_in_model
 
-    trainable_vit = {n for n, p in model.named_parameters() if n.startswith(VIT_PREFIX) and p.requires_grad}
+    trainable_vit = {n for n, p in model.named_parameters() if n.startswith(LANCE_VIT_PREFIX) and p.requires_grad}
     suffixes = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                if isinstance(m, nn.Linear) and not name.startswith(VIT_PREFIX)}
+                if isinstance(m, nn.Linear) and not name.startswith(LANCE_VIT_PREFIX)}
     unknown = [t for t in settings.target_modules if t not in suffixes]
     if unknown:
         raise ValueError(f"model.lora.target_modules {unknown} name no linear layer of the model; choose from "
@@ -51,7 +50,7 @@ def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = 
 
         context = deepspeed.zero.Init(config_dict_or_path=ds_config)
     with context:
-        has_vit = any(name.startswith(VIT_PREFIX) for name, _ in model.named_modules())
+        has_vit = any(name.startswith(LANCE_VIT_PREFIX) for name, _ in model.named_modules())
         inject_adapter_in_model(peft_config(settings, NOT_IN_VIT if has_vit else None), model)
     for name, p in model.named_parameters():
         p.requires_grad_(is_lora_param(name) or name in trainable_vit)
