@@ -40,7 +40,9 @@ from safetensors.torch import save_file
 from .ema import ShardedEMA
 from .faults import kill_if_armed
 
+CHECKPOINTS = "checkpoints"  # OUTPUT_DIR/checkpoints holds the step directories and LATEST
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"  # written last: a step directory that has it is complete
 TMP_SUFFIX = ".tmp"
 # Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
 # (vit_trainable, freeze_modules: which parameters the optimizer state covers.)
@@ -49,7 +51,7 @@ ARCHITECTURE_KEYS = ("size", "path", "visual_und", "visual_gen", "lape", "traini
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINTS
 
 
 def step_name(step: int) -> str:
@@ -144,7 +146,7 @@ class Checkpointer:
         """Steps with a complete checkpoint directory, oldest first."""
         steps = []
         for p in self.root.glob("step_*"):
-            if p.is_dir() and not p.name.endswith(TMP_SUFFIX) and (p / "trainer_state.json").is_file():
+            if p.is_dir() and not p.name.endswith(TMP_SUFFIX) and (p / TRAINER_STATE).is_file():
                 steps.append(int(p.name.split("_")[1]))
         return sorted(steps)
 
@@ -157,10 +159,10 @@ class Checkpointer:
             if not pointer.is_file():
                 return None
             path = self.root / pointer.read_text().strip()
-            if not (path / "trainer_state.json").is_file():
+            if not (path / TRAINER_STATE).is_file():
                 aside = self._aside(path.name)
                 hint = (f", or rename {aside} (its previous copy, whole: a re-save of it was interrupted) to "
-                        f"{path.name}" if (aside / "trainer_state.json").is_file() else "")
+                        f"{path.name}" if (aside / TRAINER_STATE).is_file() else "")
                 raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
                                       f"resume from a step instead (--resume STEP, complete: {self.complete_steps()})"
                                       f"{hint}")
@@ -168,7 +170,7 @@ class Checkpointer:
         if not resume.isdigit():
             raise CheckpointError(f"--resume must be latest, none or a step number, got {resume!r}")
         path = self.root / step_name(int(resume))
-        if not (path / "trainer_state.json").is_file():
+        if not (path / TRAINER_STATE).is_file():
             raise CheckpointError(f"no complete checkpoint for step {resume} under {self.root} "
                                   f"(complete steps: {self.complete_steps()})")
         return path
@@ -180,7 +182,7 @@ class Checkpointer:
         path = self.resolve(resume)
         if path is None:
             return None
-        saved = json.loads((path / "trainer_state.json").read_text())
+        saved = json.loads((path / TRAINER_STATE).read_text())
         saved_world = saved.get("world_size")
         if saved_world != self.world_size:
             raise CheckpointError(
@@ -222,7 +224,7 @@ class Checkpointer:
         if self.rank == 0:
             state = dict(trainer_state, step=step, world_size=self.world_size)
             # trainer_state.json is written last: its presence marks a complete directory.
-            _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
+            _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2))
             final, replaced = self.root / name, self._aside(name)
             if final.exists():  # a re-save of the same step (after a resume): the old copy goes only once the new
                 os.replace(final, replaced)  # one is in place (a crash in between leaves it as a .tmp: see below)
@@ -250,7 +252,7 @@ class Checkpointer:
         check_resume accepted)."""
         from .model.weights import load_safetensors
 
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        trainer_state = json.loads((path / TRAINER_STATE).read_text())
         try:
             load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
         except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:  # a truncated zip, a cut pickle
@@ -323,7 +325,7 @@ def agree_on_resume(root: Path, path: Path | None, device: torch.device) -> Path
     chosen = [path.name if path is not None else None]
     dist.broadcast_object_list(chosen, src=0)
     path = root / chosen[0] if chosen[0] is not None else None
-    blind = _ranks_failing(path is not None and not (path / "trainer_state.json").is_file(), device)
+    blind = _ranks_failing(path is not None and not (path / TRAINER_STATE).is_file(), device)
     if blind:
         raise CheckpointError(f"{blind} rank(s) cannot see {path}, the checkpoint rank 0 resumes from: put output_dir "
                               "on a filesystem every node mounts")

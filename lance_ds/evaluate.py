@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .checkpoint import CHECKPOINTS
 from .config.data import GEN_TASKS, TASKS, UND_TASKS, DatasetConfig, GroupConfig
 from .data.batch import Sample
 from .data.example import COLOURS, DIRECTIONS, SHAPES, judge_answer, judge_generation, parse_answer
@@ -342,7 +343,7 @@ def checkpoint_step(checkpoint: str | Path) -> tuple[int, Path | None]:
         return -1, None
     step_dir = find_checkpoint(checkpoint)
     step = read_trainer_state(step_dir)["step"]
-    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else None
+    run_dir = step_dir.parent.parent if step_dir.parent.name == CHECKPOINTS else None
     return step, run_dir
 
 

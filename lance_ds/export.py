@@ -47,7 +47,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .checkpoint import LATEST, Checkpointer, rank_dir, step_name
+from .checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, Checkpointer, rank_dir, step_name
 from .config.core import Problems, from_dict, load_yaml, to_dict
 from .config.model import LoraConfig, ModelConfig, ObjectiveConfig
 from .config.run import RunConfig
@@ -55,7 +55,6 @@ from .config.run import RunConfig
 EXPORT_CONFIG = "lance_ds.yaml"
 EXPORT_INFO = "export.json"
 LLM_DIR, LORA_DIR, VAE_DIR = "llm", "lora", "vae"
-CHECKPOINTS, TRAINER_STATE = "checkpoints", "trainer_state.json"
 
 # Globals DeepSpeed's checkpoint files reference besides tensors and plain containers (those are on torch's
 # weights_only allowlist and never reported), all in the optimizer states: the ZeRO stage enum, the loss scaler,
