@@ -166,7 +166,7 @@ class LanceLoop:
 
         self.trainer = trainer
         self.meter, self.speed = Meter(), Throughput()
-        trainer.task_losses = TaskLosses(trainer.dist.device, trainer.cfg.objective.prediction)
+        trainer.task_losses = TaskLosses(trainer.dist.device)
         self.progress = trainer._progress_bar()
 
     def run(self, batches, num_steps: int) -> None:

@@ -60,7 +60,7 @@ class Trainer:
         self.started = time.time()
         self.tokens_seen = 0
         self.last_losses: dict[str, float] = {}
-        self.task_losses = TaskLosses(self.dist.device, self.cfg.objective.prediction)
+        self.task_losses = TaskLosses(self.dist.device)
         resumed = self._resume(resume)
         # the timeline restarts here: points an earlier run logged after this step (or any, from scratch) are dropped
         self.tb = TensorBoard(self.out / "tensorboard", enabled=self.dist.is_first,
@@ -106,6 +106,7 @@ class Trainer:
             batch = batch.to(self.dist.device, non_blocking=True)  # from pinned memory (GPU): asynchronous
             pred, flow = self.forward(batch, gen)
             losses = compute_losses(pred.logits, pred.velocity, batch, flow, self.cfg.objective)
+            del pred  # the logits [C, V'] need not outlive the losses (backward keeps what it needs)
             if armed("nan_loss", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
                 losses.total = losses.total * float("nan")  # crash tests: one rank's loss goes non-finite
             if armed("raise", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
@@ -113,7 +114,7 @@ class Trainer:
             self.engine.backward(losses.total)
             self.engine.step()
             self._account(batch, losses, meter, speed)
-            self.task_losses.add(batch, pred, flow)
+            self.task_losses.add(batch, losses.per_token)
         skipped = self.engine.skipped_steps - skipped_before
         self.skipped_steps += skipped
         if self.ema is not None and not skipped:

@@ -17,8 +17,7 @@ import torch.distributed as dist
 from .config.data import GEN_TASKS, TASKS
 from .data.batch import PackedBatch
 from .metrics import summed_over_ranks
-from .objectives import as_velocity, mse_per_token
-from .objectives.text import ce_per_token
+from .objectives import TokenLosses, token_losses
 
 if TYPE_CHECKING:
     from .config.data import DatasetConfig
@@ -28,25 +27,20 @@ CE_SUM, CE_COUNT, MSE_SUM, MSE_COUNT = range(4)
 
 
 class TaskLosses:
-    """Sums of per-token CE and MSE (and their weights) per task, reduced over ranks when read.
+    """Sums of per-token CE and MSE (and their weights) per task, reduced over ranks when read."""
 
-    prediction: objective.prediction (the MSE is on the velocity the flow head's output implies, as in training)."""
-
-    def __init__(self, device: torch.device, prediction: str = "velocity"):
+    def __init__(self, device: torch.device):
         self.sums = torch.zeros(len(TASKS), 4, device=device, dtype=torch.float64)
-        self.prediction = prediction
 
     @torch.no_grad()
-    def add(self, batch: PackedBatch, pred, flow) -> None:
+    def add(self, batch: PackedBatch, tokens: TokenLosses) -> None:
+        """A batch's per-token losses (objectives.token_losses, or Losses.per_token), credited to their tasks."""
         task_of_sample = torch.tensor([TASKS.index(t) if t in TASKS else -1 for t in batch.tasks],
                                       device=self.sums.device)
         if batch.ce_indexes.numel():
-            ce = ce_per_token(pred.logits.detach(), batch.ce_targets)
-            self._scatter(task_of_sample[batch.sample_ids[batch.ce_indexes]], ce, batch.ce_weights, CE_SUM)
-        if flow is not None and batch.vae_indexes.numel():
-            velocity = as_velocity(pred.velocity.detach(), flow.noisy, flow.timesteps, self.prediction)
-            mse = mse_per_token(velocity, flow.target)
-            self._scatter(task_of_sample[batch.sample_ids[batch.vae_indexes]], mse, flow.weights, MSE_SUM)
+            self._scatter(task_of_sample[batch.sample_ids[batch.ce_indexes]], tokens.ce, tokens.ce_weights, CE_SUM)
+        if batch.vae_indexes.numel():
+            self._scatter(task_of_sample[batch.sample_ids[batch.vae_indexes]], tokens.mse, tokens.mse_weights, MSE_SUM)
 
     def _scatter(self, task: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, column: int) -> None:
         real = task >= 0
@@ -100,14 +94,14 @@ class Validator:
         tr = self.trainer
         was_training = tr.engine.module.training
         tr.engine.module.eval()
-        losses = TaskLosses(tr.dist.device, tr.cfg.objective.prediction)
+        losses = TaskLosses(tr.dist.device)
         for k, batch in enumerate(self.loader):
             batch = batch.to(tr.dist.device)
             global_index = k * tr.dist.world_size + tr.dist.rank  # the loader's batch j lives on rank j % world
             gen = torch.Generator(device=tr.dist.device)
             gen.manual_seed(hash((tr.cfg.train.seed, -1, global_index)) % 2**63)
             pred, flow = tr.forward(batch, gen)
-            losses.add(batch, pred, flow)
+            losses.add(batch, token_losses(pred.logits, pred.velocity, batch, flow, tr.cfg.objective))
         scalars = losses.scalars("val")
         scalars["val/loss"] = total_loss(scalars, "val", tr.cfg.objective)
         skipped = self.loader.stats_scalars()  # this rank's counts: the run's are their sums

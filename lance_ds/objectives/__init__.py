@@ -26,12 +26,12 @@ from .flow import (
                    shift_timesteps,
                    token_blocks,
 )
-from .losses import Losses, compute_losses, global_sums, normalised
+from .losses import Losses, TokenLosses, compute_losses, global_sums, normalised, token_losses
 from .text import all_ranks_done, ce_per_token, decode_text, pick_token
 
 __all__ = [
-    "PREDICTIONS", "FlowInputs", "Losses", "SamplerInputs", "all_ranks_done", "as_velocity", "ce_per_token",
-    "compute_losses", "decode_text", "euler_sample", "global_sums", "guided_steps", "lance_velocity_fn",
+    "PREDICTIONS", "FlowInputs", "Losses", "SamplerInputs", "TokenLosses", "all_ranks_done", "as_velocity",
+    "ce_per_token", "compute_losses", "decode_text", "euler_sample", "global_sums", "guided_steps", "lance_velocity_fn",
     "mse_per_token", "normalised", "pick_token", "prepare_flow", "sample_timesteps", "sampling_schedule",
-    "shift_timesteps", "token_blocks",
+    "shift_timesteps", "token_blocks", "token_losses",
 ]

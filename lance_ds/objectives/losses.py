@@ -20,6 +20,16 @@ from .text import ce_per_token
 
 
 @dataclass
+class TokenLosses:
+    """Unweighted losses per scored position, and their weights (what per-task means are made of)."""
+
+    ce: Tensor  # [C] per batch.ce_indexes
+    ce_weights: Tensor  # [C]
+    mse: Tensor  # [N] per latent token (zeros without a generation branch)
+    mse_weights: Tensor  # [N] (flow.weights; zeros without a generation branch)
+
+
+@dataclass
 class Losses:
     """The losses of one micro-batch (tensors in the graph) and the global token counts they were divided by."""
 
@@ -28,6 +38,7 @@ class Losses:
     mse: Tensor
     num_ce_tokens: float  # sum of CE weights over all ranks
     num_mse_tokens: float  # sum of MSE token weights over all ranks
+    per_token: TokenLosses  # detached: per-task logging reads these instead of scoring the logits again
 
     def scalars(self, prefix: str = "train") -> dict[str, float]:
         """For logging; ce / mse are globally normalised contributions, so their mean over ranks is the global loss."""
@@ -62,6 +73,22 @@ def compute_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: F
     Predictions; flow is None for a model without generation.
     One all-reduce carries both counts.
     """
+    tokens = token_losses(logits, velocity, batch, flow, cfg)
+    ce_w, mse_w = tokens.ce_weights, tokens.mse_weights
+    counts = global_sums(torch.stack([ce_w.sum(), mse_w.sum().to(ce_w.device)]), group)
+    ranks = world_size(group)
+    ce = normalised(tokens.ce, ce_w, counts[0], ranks)
+    mse = normalised(tokens.mse, mse_w, counts[1].to(tokens.mse.device), ranks)
+    total = cfg.ce_weight * ce + cfg.mse_weight * mse
+    detached = TokenLosses(tokens.ce.detach(), ce_w, tokens.mse.detach(), mse_w)
+    return Losses(total=total, ce=ce, mse=mse, num_ce_tokens=float(counts[0]), num_mse_tokens=float(counts[1]),
+                  per_token=detached)
+
+
+def token_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: FlowInputs | None,
+                 cfg: ObjectiveConfig) -> TokenLosses:
+    """CE per scored position and MSE per latent token (on the velocity the flow head's output implies), in fp32;
+    no communication."""
     ce_tok = ce_per_token(logits, batch.ce_targets)
     ce_w = batch.ce_weights.to(ce_tok.device).float()
     if flow is not None:
@@ -69,9 +96,4 @@ def compute_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: F
         mse_tok, mse_w = mse_per_token(velocity, flow.target), flow.weights.float()
     else:
         mse_tok, mse_w = velocity.float().sum(-1) * 0.0, torch.zeros(velocity.shape[0], device=velocity.device)
-    counts = global_sums(torch.stack([ce_w.sum(), mse_w.sum().to(ce_w.device)]), group)
-    ranks = world_size(group)
-    ce = normalised(ce_tok, ce_w, counts[0], ranks)
-    mse = normalised(mse_tok, mse_w, counts[1].to(mse_tok.device), ranks)
-    total = cfg.ce_weight * ce + cfg.mse_weight * mse
-    return Losses(total=total, ce=ce, mse=mse, num_ce_tokens=float(counts[0]), num_mse_tokens=float(counts[1]))
+    return TokenLosses(ce_tok, ce_w, mse_tok, mse_w)

@@ -12,7 +12,7 @@ from lance_ds.config.core import Problems
 from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import AttnMode
 from lance_ds.model.synthetic import Text, Vae, synthetic_batch
-from lance_ds.objectives import (SamplerInputs, as_velocity, compute_losses, decode_text, euler_sample,
+from lance_ds.objectives import (SamplerInputs, as_velocity, token_losses, compute_losses, decode_text, euler_sample,
                                  guided_steps, lance_velocity_fn, normalised, pick_token, prepare_flow, sample_timesteps,
                                  sampling_schedule, shift_timesteps)
 
@@ -142,10 +142,12 @@ def test_per_task_losses_score_what_training_scores(prediction):
     batch = dataclasses.replace(edit_batch(), tasks=["i2i", "t2i"])
     flow = prepare_flow(torch.randn(14, 8), batch, ObjectiveConfig(timestep_shift=1.0), torch.Generator().manual_seed(3))
     pred = SimpleNamespace(logits=no_text(batch), velocity=torch.randn(14, 8))
-    per_task = TaskLosses(torch.device("cpu"), prediction)
-    per_task.add(batch, pred, flow)
     trained = compute_losses(pred.logits, pred.velocity, batch, flow, ObjectiveConfig(prediction=prediction))
+    per_task = TaskLosses(torch.device("cpu"))
+    per_task.add(batch, trained.per_token)
     assert per_task.scalars("train")["train/mse"] == pytest.approx(trained.mse.item(), rel=1e-5)
+    per_task.add(batch, token_losses(pred.logits, pred.velocity, batch, flow, ObjectiveConfig(prediction=prediction)))
+    assert per_task.scalars("val")["val/mse"] == pytest.approx(trained.mse.item(), rel=1e-5)  # validation's path
 
 
 def test_euler_sampler_recovers_the_point_and_guides_in_the_interval():
