@@ -422,7 +422,7 @@ class SequencePlanner:
                 raise PlanError(f"{sample.task} prompt {sample.key!r} needs {name!r} media to condition on "
                                 f"(it has {sorted(sample.media)})")
         if sample.task in ("i2t", "v2t"):
-            plan = self._prompt_understanding(sample, group)
+            plan = self._understanding_layout(sample, group, answer=None)
         else:
             if not drop_caption and not sample.texts.get("caption"):
                 raise PlanError(f"{sample.task} prompt {sample.key!r} has no 'caption' text (the prompt or edit "
@@ -437,37 +437,17 @@ class SequencePlanner:
 
     def _prompt_generation(self, sample: Sample, group: GroupConfig, shape: tuple[int, int, int],
                            drop_caption: bool) -> SequencePlan:
-        b = self._header(sample, group)
-        b.text(self._prompt_caption(sample, drop_caption), new_split=True)
-        b.text(self._assistant_prefix(), new_split=True)
-        target_block = self._vae_block(b, blank_frames(shape), is_target=True)
-        b.text([self.special.im_end], new_split=True)
-        return self._finish(sample.task, b, [], [target_block])
+        return self._generation_layout(sample, group, self._prompt_caption(sample, drop_caption), blank_frames(shape))
 
     def _prompt_edit(self, sample: Sample, group: GroupConfig, shape: tuple[int, int, int],
                      drop_caption: bool) -> SequencePlan:
         video = sample.task == "v2v"
-        source = sample.media["input_video" if video else "input_image"]
+        source = sample.media[SOURCE_MEDIA[sample.task]]
         num_frames, height, width = shape
         if video and "output_video" in sample.media:  # the ViT sees what training showed it
             source = _paired_clips(source, sample.media["output_video"])[0]
-        b = self._header(sample, group)
-        vit_block = self._vit_block(b, source, group, video)
-        source_block = self._vae_block(b, resize_crop(source[:num_frames], height, width), is_target=False)
-        b.text(self._prompt_caption(sample, drop_caption), new_split=True)
-        b.text(self._assistant_prefix(), new_split=True)
-        target_block = self._vae_block(b, blank_frames(shape), is_target=True)
-        b.text([self.special.im_end], new_split=True)
-        ids, position_ids = b.finish()
-        position_ids[:, target_block.positions] = position_ids[:, source_block.positions]  # as in training
-        return self._finish(sample.task, b, [vit_block], [source_block, target_block], finished=(ids, position_ids))
-
-    def _prompt_understanding(self, sample: Sample, group: GroupConfig) -> SequencePlan:
-        video = sample.task == "v2t"
-        b = self._header(sample, group, system=sample.texts.get("caption_i") or None)
-        vit_block = self._vit_block(b, sample.media["video" if video else "image"], group, video)
-        b.text(self.tokenizer.encode(sample.texts.get("caption_q", "")) + self._assistant_prefix(), new_split=True)
-        return self._finish(sample.task, b, [vit_block], [])
+        return self._edit_layout(sample, group, source, resize_crop(source[:num_frames], height, width),
+                                 self._prompt_caption(sample, drop_caption), blank_frames(shape))
 
     def _prompt_caption(self, sample: Sample, drop_caption: bool) -> list[int]:
         return [self.special.uncond] if drop_caption else self.tokenizer.encode(sample.texts["caption"])
@@ -521,27 +501,40 @@ class SequencePlanner:
     # -- per task ------------------------------------------------------------------------------------------------
 
     def _plan_generation(self, sample: Sample, group: GroupConfig) -> SequencePlan:
-        media = sample.media["image" if sample.task == "t2i" else "video"]
-        target = self._vae_frames(media, group, sample.task == "t2v")
+        target = self._vae_frames(sample.media[TARGET_MEDIA[sample.task]], group, sample.task == "t2v")
+        return self._generation_layout(sample, group, self._caption(sample, group), target)
+
+    def _plan_edit(self, sample: Sample, group: GroupConfig) -> SequencePlan:
+        video = sample.task == "v2v"
+        source, target = sample.media[SOURCE_MEDIA[sample.task]], sample.media[TARGET_MEDIA[sample.task]]
+        if video:
+            source, target = _paired_clips(source, target)
+        target = self._vae_frames(target, group, video)
+        source_vae = resize_crop(source[:target.shape[0]], target.shape[1], target.shape[2])
+        return self._edit_layout(sample, group, source, source_vae, self._caption(sample, group), target)
+
+    def _plan_understanding(self, sample: Sample, group: GroupConfig) -> SequencePlan:
+        return self._understanding_layout(sample, group, self.tokenizer.encode(sample.texts["caption_a"]))
+
+    # -- layouts, shared by training plans and inference prompts (what differs: the target pixels, the caption) ---
+
+    def _generation_layout(self, sample: Sample, group: GroupConfig, caption: list[int],
+                           target: Tensor) -> SequencePlan:
+        """header | caption | assistant prefix | [target latents] <|im_end|>"""
         b = self._header(sample, group)
-        b.text(self._caption(sample, group), new_split=True)
+        b.text(caption, new_split=True)
         b.text(self._assistant_prefix(), new_split=True)
         target_block = self._vae_block(b, target, is_target=True)
         b.text([self.special.im_end], new_split=True)
         return self._finish(sample.task, b, [], [target_block])
 
-    def _plan_edit(self, sample: Sample, group: GroupConfig) -> SequencePlan:
-        video = sample.task == "v2v"
-        source = sample.media["input_video" if video else "input_image"]
-        target = sample.media["output_video" if video else "output_image"]
-        if video:
-            source, target = _paired_clips(source, target)
-        target = self._vae_frames(target, group, video)
-        source_vae = resize_crop(source[:target.shape[0]], target.shape[1], target.shape[2])
+    def _edit_layout(self, sample: Sample, group: GroupConfig, source: Tensor, source_vae: Tensor,
+                     caption: list[int], target: Tensor) -> SequencePlan:
+        """header | [ViT source] [source latents] | instruction | assistant prefix | [target latents] <|im_end|>"""
         b = self._header(sample, group)
-        vit_block = self._vit_block(b, source, group, video)
+        vit_block = self._vit_block(b, source, group, sample.task == "v2v")
         source_block = self._vae_block(b, source_vae, is_target=False)
-        b.text(self._caption(sample, group), new_split=True)
+        b.text(caption, new_split=True)
         b.text(self._assistant_prefix(), new_split=True)
         target_block = self._vae_block(b, target, is_target=True)
         b.text([self.special.im_end], new_split=True)
@@ -550,14 +543,14 @@ class SequencePlanner:
         position_ids[:, target_block.positions] = position_ids[:, source_block.positions]
         return self._finish(sample.task, b, [vit_block], [source_block, target_block], finished=(ids, position_ids))
 
-    def _plan_understanding(self, sample: Sample, group: GroupConfig) -> SequencePlan:
+    def _understanding_layout(self, sample: Sample, group: GroupConfig, answer: list[int] | None) -> SequencePlan:
+        """header | [ViT media] question | assistant prefix | answer <|im_end|> (scored); a prompt stops before it"""
         video = sample.task == "v2t"
-        media = sample.media["video" if video else "image"]
         b = self._header(sample, group, system=sample.texts.get("caption_i") or None)
-        vit_block = self._vit_block(b, media, group, video)
-        enc, s = self.tokenizer.encode, self.special
-        b.text(enc(sample.texts.get("caption_q", "")) + self._assistant_prefix(), new_split=True)
-        b.text(enc(sample.texts["caption_a"]) + [s.im_end], new_split=False, ce=True)
+        vit_block = self._vit_block(b, sample.media["video" if video else "image"], group, video)
+        b.text(self.tokenizer.encode(sample.texts.get("caption_q", "")) + self._assistant_prefix(), new_split=True)
+        if answer is not None:
+            b.text(answer + [self.special.im_end], new_split=False, ce=True)
         return self._finish(sample.task, b, [vit_block], [])
 
     # -- pieces --------------------------------------------------------------------------------------------------
