@@ -13,16 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
+from lance_ds.config.core import out_dir_problem
 from lance_ds.config.data import TASKS
 from lance_ds.data.example import ExampleConfig, write_example_dataset
-
-
-def out_problem(out: str) -> str | None:
-    """Why --out cannot be made a directory (a file stands at it or at one of its parents), or None."""
-    in_the_way = next((p for p in (Path(out), *Path(out).parents) if p.exists() and not p.is_dir()), None)
-    return None if in_the_way is None else f"--out: {in_the_way} is a file, not a directory; choose another --out"
 
 
 def main(argv=None) -> int:
@@ -37,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows-per-group", type=int, default=64, help="parquet row-group size")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="subset of the six tasks")
     args = p.parse_args(argv)
-    problems = [problem] if (problem := out_problem(args.out)) else []
+    problems = [problem] if (problem := out_dir_problem(args.out)) else []
     try:
         cfg = ExampleConfig(num_per_task=args.num_per_task, seed=args.seed, size=args.size, frames=args.frames,
                             fps=args.fps, split=args.split, rows_per_group=args.rows_per_group, tasks=tuple(args.tasks))

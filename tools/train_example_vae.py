@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lance_ds.config.core import out_dir_problem
 from lance_ds.data.example import (draw_scene, draw_training_frames, encoder_learning_rate, judge_image, judge_video,
                                    render_image, render_video)
 from lance_ds.data.sequence import resize_crop
@@ -92,13 +93,6 @@ def judge_reconstructions(vae: FrameVAE, count: int, size: int, seed: int) -> tu
     return image_ok / count, video_ok / count
 
 
-def out_problem(out: str) -> str | None:
-    """Why --out cannot be made a directory (a file stands at it or at one of its parents), or None. Checked before
-    training: the codec is saved after minutes of it."""
-    in_the_way = next((p for p in (Path(out), *Path(out).parents) if p.exists() and not p.is_dir()), None)
-    return None if in_the_way is None else f"--out: {in_the_way} is a file, not a directory; choose another --out"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
@@ -118,7 +112,7 @@ def main(argv=None) -> int:
                 if k in ("resolution", "latent_channels", "hidden", "frames", "steps", "batch_size") and v < 1]
     if args.judge < 0:
         problems.append(f"--judge must be >= 0 (0: no judging), got {args.judge}")
-    if problem := out_problem(args.out):
+    if problem := out_dir_problem(args.out):
         problems.append(problem)
     if args.resolution > args.size:
         problems.append(f"--resolution {args.resolution} is above --size {args.size}: the codec would learn upscaled "

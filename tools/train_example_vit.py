@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lance_ds.config.core import out_dir_problem
 from lance_ds.data.example import draw_training_frames, encoder_learning_rate
 from lance_ds.data.sequence import VisionGeometry, resize_crop, to_vae_pixels, vit_patchify
 from lance_ds.model.registry import SIZES
@@ -117,13 +118,6 @@ def save(net: Distiller, vit_cfg: VitConfig, out: str | Path) -> Path:
     return out / "vit.safetensors"
 
 
-def out_problem(out: str) -> str | None:
-    """Why --out cannot be made a directory (a file stands at it or at one of its parents), or None. Checked before
-    training: the tower is saved after minutes of it."""
-    in_the_way = next((p for p in (Path(out), *Path(out).parents) if p.exists() and not p.is_dir()), None)
-    return None if in_the_way is None else f"--out: {in_the_way} is a file, not a directory; choose another --out"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", required=True, help="the example frame VAE directory (tools/train_example_vae.py)")
@@ -144,7 +138,7 @@ def main(argv=None) -> int:
                 if k in ("pairs", "steps", "batch_size") and v < 1]
     if args.held_out < 0:
         problems.append(f"--held-out must be >= 0 (0: none), got {args.held_out}")
-    if problem := out_problem(args.out):
+    if problem := out_dir_problem(args.out):
         problems.append(problem)
     if args.resolution < geometry.vit_multiple or args.resolution % geometry.vit_multiple:
         problems.append(f"--resolution must be a multiple of {geometry.vit_multiple} (patch x merge), got "

@@ -284,6 +284,13 @@ def parse_yaml(text: str, name: str = "<string>") -> Any:
         loader.dispose()
 
 
+def out_dir_problem(out: str, flag: str = "--out") -> str | None:
+    """Why the output directory `out` cannot be made (a file stands at it or at one of its parents), or None: tools
+    check it before minutes of work, not when they save."""
+    in_the_way = next((p for p in (Path(out), *Path(out).parents) if p.exists() and not p.is_dir()), None)
+    return None if in_the_way is None else f"{flag}: {in_the_way} is a file, not a directory; choose another {flag}"
+
+
 def read_text(path: Path, problems: Problems, key: str) -> str | None:
     """A config file's text, or None with the reason (missing, unreadable, not UTF-8) reported under `key`."""
     try:
