@@ -97,6 +97,21 @@ def test_collate_offsets_splits_and_padding(planner):
     assert packing_efficiency(batch) == 12 / 16
 
 
+def test_pin_memory_pins_every_tensor_of_a_batch(planner, monkeypatch):
+    """DataLoader(pin_memory=True) on a GPU host calls PackedBatch.pin_memory (CPU torch cannot pin: the call is
+    stood in for by a copy that counts)."""
+    a, b = text_plan(5, ce=2), text_plan(7, ce=3)
+    b.vae = [VaeBlock(torch.zeros(3, 1, 16, 16), (1, 1, 1), torch.tensor([4]), True, 1.0)]
+    batch = collate([a, b], pad_to=16, pad_id=planner.special.pad)
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t.clone())
+    out = batch.pin_memory()
+    tensors = [v for v in vars(batch).values() if torch.is_tensor(v)] + batch.vae_pixels
+    assert len(pinned) == len(tensors) and all(any(t is p for p in pinned) for t in tensors)
+    assert torch.equal(out.input_ids, batch.input_ids) and out.input_ids is not batch.input_ids
+    assert out.tasks == batch.tasks and out.num_real_tokens == batch.num_real_tokens
+
+
 @pytest.mark.parametrize("has_vit,has_target,has_ce", [(False, False, False), (True, False, False),
                                                        (False, True, True), (True, True, True)])
 def test_placeholder_added_exactly_for_missing_branches(planner, has_vit, has_target, has_ce):
