@@ -16,8 +16,9 @@ How it runs. Prompts are planned by SequencePlanner.prompt and packed into one s
 inside each sample), up to `max_batch_tokens` per forward. Generation integrates the flow with Euler steps over a
 shifted linspace(1, 0) (objective.sample_shift); while t is inside objective.cfg_interval the prompts and their
 caption-dropped twins share one forward and v = v_u + cfg (v_c - v_u). Edits condition on the source's clean
-latents (t = 0) and its ViT tokens, as in training. Answers are decoded for all prompts at once, one forward per
-new token, greedily unless a temperature is given.
+latents (t = 0) and its ViT tokens, as in training (objectives.euler_sample). Answers are decoded for all prompts at
+once with a KV cache (objectives.decode_text: one forward over the prompts, then one per new token over just the
+new tokens), greedily unless a temperature is given.
 
 Multi-rank safety (a ZeRO-3 engine): every forward gathers the partitioned weights collectively, so every rank must
 run the same number of forwards. Before the first one the ranks agree (one all-reduce): a rank with fewer forward
