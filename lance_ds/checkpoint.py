@@ -117,7 +117,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be resumed; the message says why and what to do."""
+    """A checkpoint cannot be resumed; the message says why and what to do. `rank`: set when only that rank met the
+    problem (its own files), so that it reports it itself (train.py prints other errors once per node)."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message if rank is None else f"rank {rank}: {message}")
+        self.rank = rank
 
 
 @dataclass
@@ -255,8 +260,10 @@ class Checkpointer:
         trainer_state = json.loads((path / TRAINER_STATE).read_text())
         try:
             load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
-        except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:  # a truncated zip, a cut pickle
-            raise self._unreadable(path, "DeepSpeed's files", e) from e
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+                raise  # not an unreadable file (out of memory, a communication error, a shape mismatch): as it is
+            raise self._unreadable(path, "DeepSpeed's files", e) from e  # a truncated zip, a cut pickle
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
         mine = rank_dir(path, self.rank)
@@ -277,7 +284,8 @@ class Checkpointer:
         others = [s for s in self.complete_steps() if self.root / step_name(s) != path]
         return CheckpointError(f"cannot resume from {path}: {what} could not be read ({type(error).__name__}: "
                                f"{reason}). If the save that wrote it was cut short or the files were damaged, "
-                               f"resume from another step (--resume STEP; complete: {others or 'none'})")
+                               f"resume from another step (--resume STEP; complete: {others or 'none'})",
+                               rank=self.rank)
 
 
 def _distributed() -> bool:

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
+from .chunks import budget_chunks
+
 PARTITIONED = "partitioned"
+_CHUNK_ELEMENTS = 64 << 20  # elements lerped per multi-tensor call (256 MB of fp32)
 
 
 def _local(p: torch.nn.Parameter) -> torch.Tensor:
@@ -34,14 +37,18 @@ class ShardedEMA:
         self.shadow: dict[str, torch.Tensor] = {}
         self.load_state_dict(None)
         self.partitioned = any(hasattr(p, "ds_tensor") for p in self.params.values())
+        names = list(self.shadow)
+        self.chunks = [[names[i] for i in chunk]
+                       for chunk in budget_chunks([self.shadow[n].numel() for n in names], _CHUNK_ELEMENTS)]
         self.shapes = {n: _full_shape(p) for n, p in self.params.items()}
 
     @torch.no_grad()
     def update(self) -> None:
-        # one multi-tensor kernel per step, not one lerp per parameter (a 3B model has ~1000 of them)
-        names = list(self.params)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [_local(self.params[n]).float() for n in names],
-                             1.0 - self.decay)
+        # a few multi-tensor kernels per step, not one lerp per parameter (a 3B model has ~1000 of them); in chunks,
+        # so that the fp32 copies of bf16 weights never exist for the whole model at once
+        for names in self.chunks:
+            torch._foreach_lerp_([self.shadow[n] for n in names], [_local(self.params[n]).float() for n in names],
+                                 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

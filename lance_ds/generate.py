@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .chunks import budget_chunks
 from .config.data import GEN_TASKS, GroupConfig, ImageOptions, UND_TASKS
 from .config.model import ObjectiveConfig
 from .data.batch import PackedBatch, Sample
@@ -63,19 +64,6 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 def to_uint8_frames(pixels: Tensor) -> Tensor:
     """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the CPU."""
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().contiguous()
-
-
-def token_chunks(sizes: list[int], budget: int) -> list[list[int]]:
-    """Indexes of consecutive items grouped so each group's total size stays within `budget` (a larger item alone)."""
-    chunks: list[list[int]] = []
-    total = budget + 1
-    for i, size in enumerate(sizes):
-        if total + size > budget:
-            chunks.append([])
-            total = 0
-        chunks[-1].append(i)
-        total += size
-    return chunks
 
 
 class Generator:
@@ -137,7 +125,7 @@ class Generator:
 
         pairs, problem = planned(plan)
         sizes = [c.num_tokens + (u.num_tokens if any(guided) else 0) for c, u in pairs]
-        chunks = token_chunks(sizes, self.max_batch_tokens)
+        chunks = budget_chunks(sizes, self.max_batch_tokens)
         num_idle = self._agree("generate", problem, len(chunks), num_steps, sum(guided))
         out: list[Tensor] = []
         with self._inference():
@@ -234,7 +222,7 @@ class Generator:
             return [self.planner.prompt(s, group) for s in samples]
 
         plans, problem = planned(plan)
-        chunks = token_chunks([p.num_tokens + max_new_tokens for p in plans], self.max_batch_tokens)
+        chunks = budget_chunks([p.num_tokens + max_new_tokens for p in plans], self.max_batch_tokens)
         num_idle = self._agree("answer", problem, len(chunks), max_new_tokens)
         tokens: list[list[int]] = []
         with self._inference():
@@ -363,6 +351,9 @@ def check_args(args) -> list[str]:
         problems.append(f"--input: {args.task} needs the {'video' if args.task[0] == 'v' else 'image'} to work on")
     elif needs_input and not Path(args.input).is_file():
         problems.append(f"--input: {args.input} is not a file")
+    elif not needs_input and args.input:
+        problems.append(f"--input: {args.task} generates from --prompt alone; drop --input (--size and --frames set "
+                        "the output's size)")
     if generation:
         suffixes = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
         if not args.out or Path(args.out).suffix.lower() not in suffixes:

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(run, ds_config, resume=args.resume)
     except (CheckpointError, DataError, WeightsFileError) as e:  # found once the data and checkpoint are opened: one line, not a
-        if is_first:  # traceback per rank
+        if is_first or getattr(e, "rank", None) is not None:  # traceback per rank; a rank's own files: by that rank
             print(f"lance_ds: {e}", file=sys.stderr)
         exit_now(2)
     except BaseException:

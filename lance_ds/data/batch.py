@@ -19,6 +19,9 @@ import torch
 from torch import Tensor
 
 
+PAD_TASK = "pad"  # PackedBatch.tasks entry of the padding sample
+
+
 class AttnMode(IntEnum):
     """How the tokens of one split attend (reference/LANCE_FACTS.md, "Attention mask over a packed sequence")."""
 
@@ -69,7 +72,7 @@ class PackedBatch:
     vae_is_target: Tensor  # [G] bool; noised target (flow matching) or clean condition (t = 0)
     vae_weights: Tensor  # [G] float; MSE weight: 1 for a target, 0 for a condition or a placeholder
     # bookkeeping (not model inputs)
-    tasks: list[str] = field(default_factory=list)  # per sample id; "pad" for padding
+    tasks: list[str] = field(default_factory=list)  # per sample id; PAD_TASK for padding
     num_real_tokens: int = 0  # tokens that are not padding
 
     @property

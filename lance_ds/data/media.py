@@ -117,6 +117,8 @@ def _open_image(data: bytes, decode: bool = True) -> Image.Image:
             return img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MediaError(f"image is too large to decode safely: {e}") from None
+    except MemoryError:  # this process's trouble, not the bytes': a re-run must try the row again
+        raise
     except Exception as e:  # OSError, SyntaxError, ValueError: PIL's "not an image" / "truncated"; its decoders
         # also raise TypeError, IndexError, struct.error ... on damaged bytes: every one of them is bad input here
         what = "image" if decode else "image header"
@@ -163,6 +165,8 @@ def decode_image(data: bytes) -> torch.Tensor:
         if _orientation(img) != 1:
             img = ImageOps.exif_transpose(img)  # as a photo viewer shows it
         pixels = _to_rgb(img)
+    except MemoryError:
+        raise
     except Exception as e:  # decoded, but its mode or metadata is damaged (PIL's errors, as in _open_image)
         raise MediaError(f"not a convertible image ({img.mode} {img.size}): {_pil_reason(e)}") from None
     return torch.from_numpy(pixels).unsqueeze(0)

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .batch import AttnMode, PackedBatch
+from .batch import PAD_TASK, AttnMode, PackedBatch
 from .sequence import SequencePlan, SequencePlanner
 
-PAD_TASK = "pad"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from lance_ds.data.batch import AttnMode, PackedBatch
+from lance_ds.data.batch import PAD_TASK, AttnMode, PackedBatch
 
 
 def ce_per_token(logits: Tensor, targets: Tensor) -> Tensor:
@@ -53,26 +53,33 @@ def decode_text(model: torch.nn.Module, prompts: PackedBatch, vit_embeds: Tensor
     forward over the prompts, then one over a token per prompt per step. Returns each prompt's new token ids (eos
     included when reached).
 
-    model: a LanceModel (or a DeepSpeed engine around one). latents / timesteps: the prompts' VAE tokens [N, z] / [N]
-    (default: zeros, clean at t = 0). generators: one per prompt, for sampling (temperature > 0). done: prompts that
-    need no answer (a rank's idle placeholder), decoded in step with the others.
-    Under ZeRO-3 every forward is collective, so a rank keeps stepping until the prompts of every rank are done (or
-    max_new_tokens): the ranks agree after each step.
+    model: a LanceModel (or a DeepSpeed engine around one). prompts: collated prompts, each sample one contiguous
+    run, no padding sample. latents / timesteps: the prompts' VAE tokens [N, z] / [N] (default: zeros, clean at
+    t = 0). generators: one per prompt, for sampling (temperature > 0). done: prompts that need no answer (a rank's
+    idle placeholder), decoded in step with the others.
+    Collective whenever a process group is initialised (every rank must call it): under ZeRO-3 every forward is, so a
+    rank keeps stepping until the prompts of every rank are done (or max_new_tokens); the ranks agree after each step.
     """
     model = getattr(model, "module", model)
     device = prompts.input_ids.device
-    counts = torch.unique_consecutive(prompts.sample_ids, return_counts=True)[1]
+    ids, counts = torch.unique_consecutive(prompts.sample_ids, return_counts=True)
     ends = counts.cumsum(0) - 1  # each prompt's last token: its answer is scored there, then continues it
+    num_prompts = ends.numel()
+    if ids.unique().numel() != num_prompts or PAD_TASK in prompts.tasks:
+        raise ValueError("decode_text takes collated prompts: each sample one contiguous run, no padding sample")
     if bool((prompts.attn_modes[ends] != int(AttnMode.CAUSAL)).any()):
         raise ValueError("every prompt must end with text (`<|im_start|>assistant\n`): an answer continues its "
                          "trailing causal split")
-    num_prompts = ends.numel()
+    num_vae = prompts.vae_indexes.numel()
     if latents is None:
-        num_vae = prompts.vae_indexes.numel()
         latents = torch.zeros(num_vae, model.cfg.latent_channels, device=device)
+    if timesteps is None:
         timesteps = torch.zeros(num_vae, device=device)
     generators = generators or [None] * num_prompts
     done = list(done or [False] * num_prompts)
+    if len(generators) != num_prompts or len(done) != num_prompts:
+        raise ValueError(f"{num_prompts} prompts need one generator and one done flag each, got {len(generators)} "
+                         f"and {len(done)}")
     pred, cache = model.prefill(dataclasses.replace(prompts, ce_indexes=ends), vit_embeds, latents, timesteps)
     logits = pred.logits  # [prompts, V']
     positions, sample_ids = prompts.position_ids[:, ends], prompts.sample_ids[ends]  # [3, prompts], [prompts]
@@ -93,7 +100,8 @@ def decode_text(model: torch.nn.Module, prompts: PackedBatch, vit_embeds: Tensor
 
 
 def all_ranks_done(done: bool, device: torch.device) -> bool:
-    """True when `done` holds on every rank (the same answer on all ranks, so all stop at the same step)."""
+    """True when `done` holds on every rank (the same answer on all ranks, so all stop at the same step); collective
+    whenever a process group is initialised."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return done
     flag = torch.tensor([0.0 if done else 1.0], device=device)

@@ -166,10 +166,66 @@ def test_a_resume_from_damaged_files_names_them_and_the_other_steps(tmp_path):
         def load_checkpoint(self, root, tag, **kw):
             raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
 
-    with pytest.raises(CheckpointError, match=r"DeepSpeed's files could not be read \(RuntimeError: "
-                                              r"PytorchStreamReader.*complete: \[1\]"):
+    with pytest.raises(CheckpointError, match=r"rank 0: cannot resume.*DeepSpeed's files could not be read "
+                                              r"\(RuntimeError: PytorchStreamReader.*complete: \[1\]") as caught:
         ck.load(DamagedEngine(), path)
+    assert caught.value.rank == 0  # this rank's files: train.py has this rank say it (not only a node's first)
+
+    class FailingEngine(FakeEngine):
+        def load_checkpoint(self, root, tag, **kw):
+            raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="^CUDA out of memory$"):  # not a damaged file: passed on as it is
+        ck.load(FailingEngine(), path)
     assert ck.load(FakeEngine(), ck.resolve("1")).ema_state is not None  # the other step is whole
+
+
+def test_a_rank_reports_the_errors_only_it_meets(tmp_path, capsys, monkeypatch):
+    """Errors every rank meets are printed by each node's first rank; a rank's own damaged files by that rank (the
+    first one would not know them: the run ended with exit status 2 and no word)."""
+    import yaml
+
+    import lance_ds.train as train
+    import lance_ds.trainer
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"task": "t2i", "num_samples": 1, "shards": [{"name": "a.tar"}]}))
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"groups": [{"name": "gen", "shards": "shards"}]}))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"dataset_config": "data.yaml",
+                                                       "output_dir": str(tmp_path / "run")}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(train, "exit_now", lambda code, trace="": (_ for _ in ()).throw(SystemExit(code)))
+    for error, printed in ((CheckpointError("its data.json is cut short", rank=1), True),
+                           (CheckpointError("the same on every rank"), False)):
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(lance_ds.trainer, "Trainer", failing)
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--config", str(tmp_path / "run.yaml")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and (f"lance_ds: {error}" in err) == printed, err
+    assert "rank 1: its data.json" in str(CheckpointError("its data.json", rank=1))
+
+
+def test_ema_updates_in_bounded_chunks_as_one_lerp_per_tensor_would(monkeypatch):
+    import lance_ds.ema
+
+    monkeypatch.setattr(lance_ds.ema, "_CHUNK_ELEMENTS", 10)  # the Linear's weight (12) alone, then its bias
+    model = torch.nn.Linear(4, 3)
+    ema = ShardedEMA(model, decay=0.75)
+    assert ema.chunks == [["weight"], ["bias"]]
+    expected = {n: s.clone() for n, s in ema.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    for name, p in model.named_parameters():
+        assert torch.allclose(ema.shadow[name], expected[name].lerp(p.detach(), 0.25))
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    ShardedEMA(frozen, decay=0.5).update()  # nothing to average: nothing to do
 
 
 def test_consolidate_reassembles_zero3_partitions(tmp_path):

@@ -42,6 +42,15 @@ def test_numbers_out_of_range_are_refused_at_once_with_their_flags(tmp_path):
     assert problems("--task", "t2i", "--prompt", "x", "--out", str(tmp_path / "a.png"), "--cfg", "0") == []
 
 
+def test_an_input_for_text_to_image_or_video_is_refused(tmp_path):
+    """t2i / t2v generate from the prompt alone: an --input was a crash after the model had loaded."""
+    image = tmp_path / "a.png"
+    image.write_bytes(b"not read")
+    for task, out in (("t2i", "o.png"), ("t2v", "o.mp4")):
+        got = problems("--task", task, "--prompt", "x", "--out", str(tmp_path / out), "--input", str(image))
+        assert len(got) == 1 and got[0].startswith(f"--input: {task} generates from --prompt alone"), got
+
+
 def test_a_failed_write_leaves_no_tmp_file(tmp_path):
     frames = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
     target = tmp_path / "dir.png"

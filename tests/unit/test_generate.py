@@ -332,9 +332,9 @@ def test_a_video_edit_prompt_is_the_trained_sequence_up_to_the_target(planner):
 
 
 def test_prompts_are_cut_into_chunks_within_the_token_budget():
-    from lance_ds.generate import token_chunks
+    from lance_ds.chunks import budget_chunks
 
-    assert token_chunks([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+    assert budget_chunks([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]] and budget_chunks([], 10) == []
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -134,6 +134,19 @@ def test_any_damage_to_image_bytes_is_a_media_error():
                     pass
 
 
+def test_running_out_of_memory_is_not_bad_input(monkeypatch):
+    """A converter that runs out of memory must fail (a re-run tries the row again), not reject the row for good."""
+    import lance_ds.data.media as media
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(media.Image, "open", no_memory)
+    for read in (decode_image, probe_image):
+        with pytest.raises(MemoryError):
+            read(encode_image(np.zeros((4, 4, 3), np.uint8), "png"))
+
+
 def test_encode_image_refuses_bad_input():
     with pytest.raises(ValueError, match="uint8"):
         encode_image(np.zeros((4, 4, 3), np.float32))

@@ -222,6 +222,13 @@ def test_decode_text_answers_each_packed_prompt_until_its_eos():
     assert samples == [0, 1, 2] and positions.tolist() == [[3 + step, 2 + step, 1 + step]] * 3  # per prompt, all axes
     with pytest.raises(ValueError, match="must end with text"):
         decode_text(model, synthetic_batch([[Text(2), Vae(1, 2, 2)]], num_text_classes=40))
+    padded = dataclasses.replace(prompts, tasks=["synthetic", "synthetic", "pad"])
+    interleaved = dataclasses.replace(prompts, sample_ids=prompts.sample_ids.index_fill(0, torch.tensor([1]), 1))
+    for bad in (padded, interleaved):  # a padding sample would be answered; split samples would see each other
+        with pytest.raises(ValueError, match="contiguous run, no padding"):
+            decode_text(model, bad)
+    with pytest.raises(ValueError, match="one generator and one done flag each"):
+        decode_text(model, prompts, done=[False])
 
 
 def test_samplers_run_on_a_lance_model():
