@@ -180,13 +180,9 @@ def test_a_resume_from_damaged_files_names_them_and_the_other_steps(tmp_path):
     assert ck.load(FakeEngine(), ck.resolve("1")).ema_state is not None  # the other step is whole
 
 
-def test_a_rank_reports_the_errors_only_it_meets(tmp_path, capsys, monkeypatch):
-    """Errors every rank meets are printed by each node's first rank; a rank's own damaged files by that rank (the
-    first one would not know them: the run ended with exit status 2 and no word)."""
+def write_run_config(tmp_path: Path) -> Path:
+    """A run config (output_dir tmp_path/run) over one converter-like group: enough for train.py to pass its checks."""
     import yaml
-
-    import lance_ds.train as train
-    import lance_ds.trainer
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -194,6 +190,16 @@ def test_a_rank_reports_the_errors_only_it_meets(tmp_path, capsys, monkeypatch):
     (tmp_path / "data.yaml").write_text(yaml.safe_dump({"groups": [{"name": "gen", "shards": "shards"}]}))
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"dataset_config": "data.yaml",
                                                        "output_dir": str(tmp_path / "run")}))
+    return tmp_path / "run.yaml"
+
+
+def test_a_rank_reports_the_errors_only_it_meets(tmp_path, capsys, monkeypatch):
+    """Errors every rank meets are printed by each node's first rank; a rank's own damaged files by that rank (the
+    first one would not know them: the run ended with exit status 2 and no word)."""
+    import lance_ds.train as train
+    import lance_ds.trainer
+
+    write_run_config(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(train, "exit_now", lambda code, trace="": (_ for _ in ()).throw(SystemExit(code)))
@@ -301,16 +307,9 @@ def test_every_file_of_a_save_is_on_disk_before_it_is_published(tmp_path, monkey
 def test_check_refuses_a_resume_this_run_cannot_make_before_any_work(tmp_path, capsys, monkeypatch):
     """`train.py --check` (what the launch scripts run first) looks at what --resume names: a bad step, another
     rank count or another architecture are refused there, not after every rank has built the model."""
-    import yaml
-
     from lance_ds.train import main
 
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({"task": "t2i", "num_samples": 1, "shards": [{"name": "a.tar"}]}))
-    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"groups": [{"name": "gen", "shards": "shards"}]}))
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"dataset_config": "data.yaml",
-                                                       "output_dir": str(tmp_path / "run")}))
+    write_run_config(tmp_path)
     ck = Checkpointer(tmp_path / "run" / "checkpoints", keep_last=2, rank=0, world_size=2)
     from lance_ds.config.core import to_dict
     from lance_ds.config.model import ModelConfig
