@@ -85,8 +85,11 @@ def decode_text(model: torch.nn.Module, prompts: PackedBatch, vit_embeds: Tensor
     positions, sample_ids = prompts.position_ids[:, ends], prompts.sample_ids[ends]  # [3, prompts], [prompts]
     answers: list[list[int]] = [[] for _ in range(num_prompts)]
     for step in range(max_new_tokens):
-        tokens = [pick_token(logits[i], temperature, top_p, generators[i]) if not done[i] else eos_token_id or 0
-                  for i in range(num_prompts)]
+        if temperature <= 0:  # greedy: every prompt's token in one device-to-host copy
+            tokens = logits.float().argmax(dim=-1).tolist()
+        else:  # sampled prompt by prompt, each from its own generator (none drawn for a prompt that is done)
+            tokens = [pick_token(logits[i], temperature, top_p, generators[i]) if not done[i] else 0
+                      for i in range(num_prompts)]
         for i, token in enumerate(tokens):
             if not done[i]:
                 answers[i].append(token)
