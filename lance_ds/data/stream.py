@@ -23,6 +23,7 @@ with the worker's state right after producing it, so the main process knows the 
 (prefetched batches are not counted) and which worker comes next.
 Bad input is skipped and counted by reason (SKIP_REASONS), never fatal and never silent: the counts come with every
 batch (`stats_scalars()` -> `data/skipped`, `data/skipped/<reason>`), and the first few of each reason are logged.
+A shard that breaks off counts the samples it still held when its manifest says how many it has (else 1).
 
 Sources of a group (`GroupConfig.shards`): converter output directories (manifest.json lists the shards and their
 sample counts), .tar paths, globs, brace patterns (`shard-{000..009}.tar`), http(s) URLs (a `.../manifest.json` URL
@@ -249,6 +250,7 @@ class GroupCursor:
     unit: int = 0  # index into this epoch's shard list of the slot
     offset: int = 0  # byte offset in that shard of the next sample to read
     index: int = 0  # raw samples read from the group so far (sample-level split: sample i goes to slot i % slots)
+    read_in_unit: int = 0  # raw samples read from the current shard (if it breaks, the rest of it is lost)
     kept_in_epoch: int = 0
     last_epoch_size: int = 0  # samples this slot kept in its last complete epoch
     empty_epochs: int = 0  # consecutive epochs that handed this slot no sample
@@ -289,10 +291,10 @@ class GroupReader:
                 continue
             except ShardError as e:
                 if self._owns(c.index):  # with a sample-level split every slot sees it; one counts it
-                    self.skips.add(e.reason, str(e))
+                    self.skips.add(e.reason, *self._lost(shard, e))
                 self._next_unit()
                 continue
-            c.offset = raw.end
+            c.offset, c.read_in_unit = raw.end, c.read_in_unit + 1
             index, c.index = c.index, c.index + 1
             if not self._owns(index):
                 continue
@@ -300,10 +302,19 @@ class GroupReader:
             raw.address = [self.group.name, shard, raw.start, c.epoch, raw.key]
             return raw
 
+    def _lost(self, shard: int, error: ShardError) -> tuple[str, int]:
+        """(message, samples skipped) for a shard that broke off: the samples it still held when its manifest says
+        how many it has, else 1 (the shard)."""
+        expected = self.group.shards[shard].num_samples
+        if expected is None:
+            return str(error), 1
+        lost = max(1, expected - self.cursor.read_in_unit)
+        return f"{error}; its last {lost} of {expected} samples are lost", lost
+
     def _next_unit(self) -> None:
         c = self.cursor
         self.close()
-        c.unit, c.offset = c.unit + 1, 0
+        c.unit, c.offset, c.read_in_unit = c.unit + 1, 0, 0
         if c.unit < len(self.units(c.epoch)):
             return
         c.empty_epochs = c.empty_epochs + 1 if c.kept_in_epoch == 0 else 0
@@ -336,8 +347,8 @@ class SkipCounter:
         self.counts: Counter = Counter()
         self.where = where
 
-    def add(self, reason: str, message: str) -> None:
-        self.counts[reason] += 1
+    def add(self, reason: str, message: str, count: int = 1) -> None:
+        self.counts[reason] += count
         if self.counts[reason] <= _LOGGED_PER_REASON:
             more = " (further ones are only counted)" if self.counts[reason] == _LOGGED_PER_REASON else ""
             logger.warning("data%s: skipped (%s): %s%s", self.where, reason, message, more)
