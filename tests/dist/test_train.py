@@ -89,6 +89,8 @@ def test_training_writes_what_users_watch(reference):
     assert sorted(scalars["val/loss"]) == [0, 4, 8] and scalars["val/loss"][8] < scalars["val/loss"][0]
     assert scalars["train/lr"][2] < scalars["train/lr"][STEPS]  # warmup
     assert scalars["train/skipped_steps"][2] == 0 and scalars["train/skipped_steps"][STEPS] == 1  # the NaN step
+    # real (not padding) tokens per packed batch: first-fit fills the 1024-token batches of the example mixture
+    assert all(0.5 < v <= 1.0 for v in scalars["data/packing_efficiency"].values()), scalars["data/packing_efficiency"]
     images = read_images(reference)
     for task in ("t2i", "t2v", "i2i", "v2v"):
         assert sorted(images[f"samples/{task}/0"]) == [0, 4, 8]  # generated at every validation, on all ranks
