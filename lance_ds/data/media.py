@@ -335,50 +335,87 @@ def _stream_rate(stream) -> float:
     return float(rate) if rate else 0.0
 
 
+class FrameSampler:
+    """Which decoded frames a clip keeps, offered one by one with their times (seconds): decode_video's rule, also
+    used to predict a clip's frame count from its metadata without decoding it (`sampled_frame_count`).
+
+    sample_fps: keep one frame per 1 / sample_fps seconds (the first frame at or after each target time); None keeps
+        every frame. A video slower than sample_fps keeps all its frames (no repeats).
+    max_duration: stop at this many seconds after the first frame. max_frames: stop after this many frames kept.
+    Times are measured from the first frame offered, so a stream whose timestamps start above zero works too.
+    """
+
+    def __init__(self, sample_fps: float | None = None, max_frames: int | None = None,
+                 max_duration: float | None = None):
+        if sample_fps is not None and not sample_fps > 0:
+            raise ValueError(f"sample_fps must be > 0 or None, got {sample_fps}")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
+        self.sample_fps, self.max_frames, self.max_duration = sample_fps, max_frames, max_duration
+        self.kept = 0
+        self._start: float | None = None
+        self._next_target = 0.0  # seconds after the first frame of the next frame to keep
+
+    def offer(self, t: float) -> bool | None:
+        """True: keep the frame at `t`; False: skip it; None: stop (neither it nor any later frame is kept)."""
+        self._start = t if self._start is None else self._start
+        elapsed = t - self._start
+        if self.max_duration is not None and elapsed >= self.max_duration and self.kept:
+            return None
+        if self.sample_fps is not None and elapsed < self._next_target - _TIME_EPS:
+            return False
+        self.kept += 1
+        if self.sample_fps is not None:
+            # the first target strictly after this frame (sources slower than sample_fps skip targets)
+            self._next_target = (math.floor((elapsed + _TIME_EPS) * self.sample_fps) + 1) / self.sample_fps
+        return True
+
+    @property
+    def full(self) -> bool:
+        """max_frames are kept: decoding can stop."""
+        return self.max_frames is not None and self.kept >= self.max_frames
+
+
+def sampled_frame_count(num_frames: int, fps: float, sample_fps: float | None = None, max_frames: int | None = None,
+                        max_duration: float | None = None) -> int:
+    """The frames decode_video keeps of a constant-rate clip of `num_frames` frames at `fps`, without decoding it."""
+    sampler = FrameSampler(sample_fps, max_frames, max_duration)
+    for index in range(num_frames):
+        keep = sampler.offer(index / fps)
+        if keep is None or sampler.full:
+            break
+    return sampler.kept
+
+
 def decode_video(
     data: bytes,
     sample_fps: float | None = None,
     max_frames: int | None = None,
     max_duration: float | None = None,
 ) -> torch.Tensor:
-    """Encoded video bytes -> uint8 [T, H, W, 3] RGB, T >= 1.
-
-    sample_fps: keep one frame per 1 / sample_fps seconds of the container's timestamps (the first frame at or after
-        each target time); None keeps every frame. A video slower than sample_fps keeps all its frames (no repeats).
-    max_duration: stop at this many seconds after the first frame. max_frames: stop after this many frames kept.
-    Frames are measured from the first decoded frame, so a stream whose timestamps start above zero works too.
-    """
-    if sample_fps is not None and not sample_fps > 0:
-        raise ValueError(f"sample_fps must be > 0 or None, got {sample_fps}")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
+    """Encoded video bytes -> uint8 [T, H, W, 3] RGB, T >= 1, the frames a FrameSampler with these options keeps
+    (timed by the container's timestamps)."""
+    sampler = FrameSampler(sample_fps, max_frames, max_duration)
     container, stream = _open_container(data)
     if stream.codec_context.width * stream.codec_context.height >= _THREADED_PIXELS:
         stream.thread_type = "AUTO"  # frame + slice threads: ~1.25x on 256 x 256 clips (2 cores)
     rate = _stream_rate(stream) or 25.0
     kept: list[np.ndarray] = []
     size: tuple[int, int] | None = None
-    start: float | None = None
-    next_target = 0.0  # seconds after `start` of the next frame to keep
     try:
         for index, frame in enumerate(container.decode(stream)):
-            t = _frame_time(frame, index, rate)
-            start = t if start is None else start
-            elapsed = t - start
-            if max_duration is not None and elapsed >= max_duration and kept:
+            keep = sampler.offer(_frame_time(frame, index, rate))
+            if keep is None:
                 break
-            if sample_fps is not None and elapsed < next_target - _TIME_EPS:
+            if not keep:
                 continue  # decoded (later frames depend on it) but not converted to RGB: that is the costly part
             if size is None:
                 size = (frame.width, frame.height)
             if (frame.width, frame.height) != size:  # a mid-stream resolution change: keep the first size
                 frame = frame.reformat(width=size[0], height=size[1])
             kept.append(frame.to_ndarray(format="rgb24"))
-            if max_frames is not None and len(kept) >= max_frames:
+            if sampler.full:
                 break
-            if sample_fps is not None:
-                # the first target strictly after this frame (sources slower than sample_fps skip targets)
-                next_target = (math.floor((elapsed + _TIME_EPS) * sample_fps) + 1) / sample_fps
     except av.FFmpegError as e:
         if not kept:
             raise MediaError(f"video stream ({stream.codec_context.name}) could not be decoded: {e}") from None

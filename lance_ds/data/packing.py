@@ -104,7 +104,8 @@ class TokenBudgetPacker:
 
 
 def collate(plans: list[SequencePlan], *, pad_to: int | None = None, pad_id: int = 0) -> PackedBatch:
-    """Concatenate plans into one PackedBatch; a padding sample (causal, task "pad") fills up to `pad_to` tokens."""
+    """Concatenate plans into one PackedBatch; a padding sample (causal, task "pad") fills up to `pad_to` tokens.
+    The vision blocks' pixels are cut from the plans' media here."""
     ids, pos, sample_ids, split_ids, modes = [], [], [], [], []
     ce_idx, ce_tgt, ce_w = [], [], []
     vit_patches, vit_grid, vit_idx = [], [], []
@@ -124,12 +125,14 @@ def collate(plans: list[SequencePlan], *, pad_to: int | None = None, pad_id: int
         ce_idx.append(plan.ce_positions + offset)
         ce_tgt.append(plan.ce_targets)
         ce_w.append(torch.full((plan.ce_targets.numel(),), float(plan.ce_weight)))
+        if plan.needs_media:
+            raise ValueError(f"plan {plan.key!r} was made from its media's sizes alone; decode its media first")
         for block in plan.vit:
-            vit_patches.append(block.patches)
+            vit_patches.append(block.patches(plan.media))
             vit_grid.append(block.grid_thw)
             vit_idx.append(block.positions + offset)
         for block in plan.vae:
-            vae_pixels.append(block.pixels)
+            vae_pixels.append(block.pixels(plan.media))
             vae_grid.append(block.grid_thw)
             vae_idx.append(block.positions + offset)
             vae_coords.append(block.coords)

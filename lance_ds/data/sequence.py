@@ -1,5 +1,7 @@
-"""One decoded `Sample` -> a `SequencePlan`: token ids, attention splits, multimodal RoPE ids, loss targets, and the
-pixels of every vision block, laid out as reference/LANCE_FACTS.md "Sequence layout per task" says.
+"""One `Sample` -> a `SequencePlan`: token ids, attention splits, multimodal RoPE ids, loss targets, and how each
+vision block cuts its pixels from the sample's media (`FrameCut`), laid out as reference/LANCE_FACTS.md "Sequence
+layout per task" says. Planning reads only the media's sizes: the stream plans from KEY.json's sizes (media as
+meta-device tensors) and decodes when it packs; `collate` cuts the pixels.
 
 Chat template: `<|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n...`
 Every vision block is its own split: <|vision_start|>, one <|video_pad|> per token, <|vision_end|>.
@@ -117,24 +119,56 @@ class VisionGeometry:
         return min(fits, (self.max_latent_frames - 1) * f + 1)
 
 
+@dataclass(frozen=True)
+class FrameCut:
+    """The pixels a vision block sees: the first `count` frames of the sample's media `media` (None: blank frames),
+    scaled and centre-cropped to height x width. A plan holds this recipe rather than pixels, so it can be made from
+    the media's sizes alone (KEY.json) and its pixels made only when it is packed."""
+
+    media: str | None
+    count: int
+    height: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.count, self.height, self.width
+
+    def frames(self, media: dict[str, Tensor]) -> Tensor:
+        """uint8 [count, height, width, 3]."""
+        if self.media is None:
+            return blank_frames(self.shape)
+        return resize_crop(media[self.media][:self.count], self.height, self.width)
+
+
 @dataclass
 class VitBlock:
-    """One understanding block: Qwen2.5-VL patches of an image or clip."""
+    """One understanding block: an image or clip as Qwen2.5-VL patches."""
 
-    patches: Tensor  # [P, 3 * temporal_patch * patch * patch] float32, Qwen2.5-VL patch order
+    cut: FrameCut  # sides multiples of patch * merge
+    geometry: VisionGeometry
     grid_thw: tuple[int, int, int]  # patch grid (T / temporal_patch, H / patch, W / patch)
     positions: Tensor  # [P / merge**2] long; sample-local positions of the merged tokens
+
+    def patches(self, media: dict[str, Tensor]) -> Tensor:
+        """[P, 3 * temporal_patch * patch * patch] float32, Qwen2.5-VL patch order."""
+        frames = pad_frames(self.cut.frames(media), self.geometry.vit_temporal_patch)
+        return vit_patchify(frames, self.geometry)[0]
 
 
 @dataclass
 class VaeBlock:
-    """One generation block: pixels the frozen VAE encodes, and where its latent tokens sit."""
+    """One generation block: the pixels the frozen VAE encodes, and where its latent tokens sit."""
 
-    pixels: Tensor  # [3, T, H, W] float32 in [-1, 1]; T = 4k + 1
+    cut: FrameCut  # 4k + 1 frames, sides multiples of the VAE's spatial factor
     grid_thw: tuple[int, int, int]  # latent grid (t, h, w)
     positions: Tensor  # [t * h * w] long; sample-local positions, (t, h, w) raster
     is_target: bool  # noised flow-matching target, or a clean condition (t = 0)
     weight: float  # MSE weight: 1 for a real target, 0 for a condition or a placeholder
+
+    def pixels(self, media: dict[str, Tensor]) -> Tensor:
+        """[3, T, H, W] float32 in [-1, 1]."""
+        return to_vae_pixels(self.cut.frames(media))
 
     @property
     def coords(self) -> Tensor:
@@ -155,10 +189,19 @@ class SequencePlan:
     ce_targets: Tensor  # [c] long
     vit: list[VitBlock] = field(default_factory=list)
     vae: list[VaeBlock] = field(default_factory=list)
+    # the sample's media the blocks cut their pixels from: uint8 [T, H, W, 3] decoded frames, or tensors on the meta
+    # device with the sizes KEY.json gives (a plan made without decoding: the stream decodes it when it is packed)
+    media: dict[str, Tensor] = field(default_factory=dict)
     ce_weight: float = 1.0  # 0 for a placeholder
     key: str = ""
     group: str = ""
     address: object = None  # where the stream read it (used to re-read it on resume)
+    raw: object = None  # the stream's undecoded sample, while `media` are sizes only
+
+    @property
+    def needs_media(self) -> bool:
+        """Made from media sizes alone: decode the media before cutting pixels."""
+        return any(m.is_meta for m in self.media.values())
 
     @property
     def num_tokens(self) -> int:
@@ -334,11 +377,14 @@ class _SequenceBuilder:
 # the planner
 
 
-def _paired_clips(source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """A video edit's source and target [T, H, W, 3] cut to the shorter one's frames: their latents share RoPE ids,
-    and the ViT sees the source only as far as the target goes (in training and in prompts alike)."""
-    frames = min(source.shape[0], target.shape[0])
-    return source[:frames], target[:frames]
+def _num_frames(sample: Sample, media: str) -> int:
+    return int(sample.media[media].shape[0])
+
+
+def _paired_frames(sample: Sample, source: str, target: str) -> int:
+    """A video edit's clips are cut to the shorter one's frames: their latents share RoPE ids, and the ViT sees the
+    source only as far as the target goes (in training and in prompts alike)."""
+    return min(_num_frames(sample, source), _num_frames(sample, target))
 
 
 class SequencePlanner:
@@ -392,13 +438,10 @@ class SequencePlanner:
         b.text([s.im_start], new_split=True)
         vit_blocks, vae_blocks = [], []
         if vit:
-            side = g.vit_multiple
-            frames = torch.zeros(g.vit_temporal_patch, side, side, 3, dtype=torch.uint8)
-            patches, grid = vit_patchify(frames, g)
-            vit_blocks.append(VitBlock(patches, grid, b.vit(grid, g.vit_merge_size)))
+            vit_blocks.append(self._vit_block(b, FrameCut(None, g.vit_temporal_patch, g.vit_multiple, g.vit_multiple)))
         if vae:
-            pixels = torch.zeros(3, 1, g.vae_spatial_factor, g.vae_spatial_factor)
-            vae_blocks.append(VaeBlock(pixels, (1, 1, 1), b.vision((1, 1, 1), AttnMode.NOISE), True, 0.0))
+            vae_blocks.append(self._vae_block(b, FrameCut(None, 1, g.vae_spatial_factor, g.vae_spatial_factor),
+                                              is_target=True, weight=0.0))
         if ce:
             b.text([s.im_end], new_split=True, ce=True)
         return self._finish(PLACEHOLDER_TASK, b, vit_blocks, vae_blocks, ce_weight=0.0)
@@ -437,17 +480,17 @@ class SequencePlanner:
 
     def _prompt_generation(self, sample: Sample, group: GroupConfig, shape: tuple[int, int, int],
                            drop_caption: bool) -> SequencePlan:
-        return self._generation_layout(sample, group, self._prompt_caption(sample, drop_caption), blank_frames(shape))
+        return self._generation_layout(sample, group, self._prompt_caption(sample, drop_caption),
+                                       FrameCut(None, *shape))
 
     def _prompt_edit(self, sample: Sample, group: GroupConfig, shape: tuple[int, int, int],
                      drop_caption: bool) -> SequencePlan:
-        video = sample.task == "v2v"
-        source = sample.media[SOURCE_MEDIA[sample.task]]
-        num_frames, height, width = shape
-        if video and "output_video" in sample.media:  # the ViT sees what training showed it
-            source = _paired_clips(source, sample.media["output_video"])[0]
-        return self._edit_layout(sample, group, source, resize_crop(source[:num_frames], height, width),
-                                 self._prompt_caption(sample, drop_caption), blank_frames(shape))
+        source = SOURCE_MEDIA[sample.task]
+        seen = _num_frames(sample, source)
+        if sample.task == "v2v" and "output_video" in sample.media:  # the ViT sees what training showed it
+            seen = _paired_frames(sample, source, "output_video")
+        return self._edit_layout(sample, group, source, seen, FrameCut(source, *shape),
+                                 self._prompt_caption(sample, drop_caption), FrameCut(None, *shape))
 
     def _prompt_caption(self, sample: Sample, drop_caption: bool) -> list[int]:
         return [self.special.uncond] if drop_caption else self.tokenizer.encode(sample.texts["caption"])
@@ -456,27 +499,26 @@ class SequencePlanner:
                              target_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
         """(frames, height, width) in pixels of the block to generate; see `prompt`."""
         video = sample.task in VIDEO_TASKS
-        source_key = SOURCE_MEDIA.get(sample.task)
-        source = sample.media.get(source_key) if source_key else None
+        source, target = SOURCE_MEDIA.get(sample.task), TARGET_MEDIA[sample.task]
+        source = source if source in sample.media else None
         if target_shape is not None:
             shape = self._check_target_shape(sample, tuple(int(x) for x in target_shape), video)
-        elif TARGET_MEDIA[sample.task] in sample.media:
-            target = sample.media[TARGET_MEDIA[sample.task]]
-            if source is not None and video:
-                target = _paired_clips(source, target)[1]
-            shape = tuple(self._vae_frames(target, group, video).shape[:3])
+        elif target in sample.media:
+            frames = _paired_frames(sample, source, target) if source is not None and video else None
+            shape = self._vae_cut(sample, target, group, video, frames).shape
         elif source is not None:
-            shape = tuple(self._vae_frames(source, group, video).shape[:3])
+            shape = self._vae_cut(sample, source, group, video).shape
         else:
             g = self.geometry
             height, width = fit_size(1, 1, resolution=self._resolution(group, video), buckets=[1.0],
                                      multiple=g.vae_spatial_factor, max_pixels=group.image.max_pixels,
                                      max_side=g.max_latent_size * g.vae_spatial_factor)
             shape = (g.vae_num_frames(group.video.max_frames) if video else 1, height, width)
-        if source is not None and source.shape[0] < shape[0]:
+        if source is not None and _num_frames(sample, source) < shape[0]:
+            have = _num_frames(sample, source)
             raise PlanError(f"{sample.task} prompt {sample.key!r}: the target has {shape[0]} frames but the source "
-                            f"only {source.shape[0]}; an edit keeps the source's frame count (ask for at most "
-                            f"{self.geometry.vae_num_frames(source.shape[0])} frames)")
+                            f"only {have}; an edit keeps the source's frame count (ask for at most "
+                            f"{self.geometry.vae_num_frames(have)} frames)")
         return shape
 
     def _check_target_shape(self, sample: Sample, shape: tuple[int, int, int], video: bool) -> tuple[int, int, int]:
@@ -501,17 +543,16 @@ class SequencePlanner:
     # -- per task ------------------------------------------------------------------------------------------------
 
     def _plan_generation(self, sample: Sample, group: GroupConfig) -> SequencePlan:
-        target = self._vae_frames(sample.media[TARGET_MEDIA[sample.task]], group, sample.task == "t2v")
+        target = self._vae_cut(sample, TARGET_MEDIA[sample.task], group, sample.task == "t2v")
         return self._generation_layout(sample, group, self._caption(sample, group), target)
 
     def _plan_edit(self, sample: Sample, group: GroupConfig) -> SequencePlan:
+        source, target = SOURCE_MEDIA[sample.task], TARGET_MEDIA[sample.task]
         video = sample.task == "v2v"
-        source, target = sample.media[SOURCE_MEDIA[sample.task]], sample.media[TARGET_MEDIA[sample.task]]
-        if video:
-            source, target = _paired_clips(source, target)
-        target = self._vae_frames(target, group, video)
-        source_vae = resize_crop(source[:target.shape[0]], target.shape[1], target.shape[2])
-        return self._edit_layout(sample, group, source, source_vae, self._caption(sample, group), target)
+        seen = _paired_frames(sample, source, target) if video else _num_frames(sample, source)
+        target_cut = self._vae_cut(sample, target, group, video, seen if video else None)
+        source_cut = FrameCut(source, target_cut.count, target_cut.height, target_cut.width)
+        return self._edit_layout(sample, group, source, seen, source_cut, self._caption(sample, group), target_cut)
 
     def _plan_understanding(self, sample: Sample, group: GroupConfig) -> SequencePlan:
         return self._understanding_layout(sample, group, self.tokenizer.encode(sample.texts["caption_a"]))
@@ -519,20 +560,21 @@ class SequencePlanner:
     # -- layouts, shared by training plans and inference prompts (what differs: the target pixels, the caption) ---
 
     def _generation_layout(self, sample: Sample, group: GroupConfig, caption: list[int],
-                           target: Tensor) -> SequencePlan:
+                           target: FrameCut) -> SequencePlan:
         """header | caption | assistant prefix | [target latents] <|im_end|>"""
         b = self._header(sample, group)
         b.text(caption, new_split=True)
         b.text(self._assistant_prefix(), new_split=True)
         target_block = self._vae_block(b, target, is_target=True)
         b.text([self.special.im_end], new_split=True)
-        return self._finish(sample.task, b, [], [target_block])
+        return self._finish(sample.task, b, [], [target_block], media=sample.media)
 
-    def _edit_layout(self, sample: Sample, group: GroupConfig, source: Tensor, source_vae: Tensor,
-                     caption: list[int], target: Tensor) -> SequencePlan:
-        """header | [ViT source] [source latents] | instruction | assistant prefix | [target latents] <|im_end|>"""
+    def _edit_layout(self, sample: Sample, group: GroupConfig, source: str, seen: int, source_vae: FrameCut,
+                     caption: list[int], target: FrameCut) -> SequencePlan:
+        """header | [ViT source] [source latents] | instruction | assistant prefix | [target latents] <|im_end|>
+        (the ViT sees the first `seen` frames of the source)"""
         b = self._header(sample, group)
-        vit_block = self._vit_block(b, source, group, sample.task == "v2v")
+        vit_block = self._vit_block(b, self._vit_cut(sample, source, group, sample.task == "v2v", seen))
         source_block = self._vae_block(b, source_vae, is_target=False)
         b.text(caption, new_split=True)
         b.text(self._assistant_prefix(), new_split=True)
@@ -541,17 +583,18 @@ class SequencePlanner:
         ids, position_ids = b.finish()
         # the edit target reuses the source latents' RoPE ids (same grid by construction)
         position_ids[:, target_block.positions] = position_ids[:, source_block.positions]
-        return self._finish(sample.task, b, [vit_block], [source_block, target_block], finished=(ids, position_ids))
+        return self._finish(sample.task, b, [vit_block], [source_block, target_block], media=sample.media,
+                            finished=(ids, position_ids))
 
     def _understanding_layout(self, sample: Sample, group: GroupConfig, answer: list[int] | None) -> SequencePlan:
         """header | [ViT media] question | assistant prefix | answer <|im_end|> (scored); a prompt stops before it"""
         video = sample.task == "v2t"
         b = self._header(sample, group, system=sample.texts.get("caption_i") or None)
-        vit_block = self._vit_block(b, sample.media["video" if video else "image"], group, video)
+        vit_block = self._vit_block(b, self._vit_cut(sample, "video" if video else "image", group, video))
         b.text(self.tokenizer.encode(sample.texts.get("caption_q", "")) + self._assistant_prefix(), new_split=True)
         if answer is not None:
             b.text(answer + [self.special.im_end], new_split=False, ce=True)
-        return self._finish(sample.task, b, [vit_block], [])
+        return self._finish(sample.task, b, [vit_block], [], media=sample.media)
 
     # -- pieces --------------------------------------------------------------------------------------------------
 
@@ -576,34 +619,47 @@ class SequencePlanner:
     def _resolution(self, group: GroupConfig, video: bool) -> int:
         return (group.video.resolution if video and group.video.resolution else group.image.resolution)
 
-    def _vae_frames(self, frames: Tensor, group: GroupConfig, video: bool) -> Tensor:
-        """uint8 [T, H, W, 3] resized/cropped to a VAE bucket and trimmed to 4k + 1 frames."""
+    def _vae_cut(self, sample: Sample, media: str, group: GroupConfig, video: bool,
+                 frames: int | None = None) -> FrameCut:
+        """The VAE's view of the media's first `frames` frames (default all): the group's bucket nearest its aspect
+        ratio, trimmed to 4k + 1 frames."""
         g = self.geometry
-        h, w = fit_size(frames.shape[1], frames.shape[2], resolution=self._resolution(group, video),
-                        buckets=group.image.buckets, multiple=g.vae_spatial_factor,
-                        max_pixels=group.image.max_pixels, max_side=g.max_latent_size * g.vae_spatial_factor)
-        return resize_crop(frames[:g.vae_num_frames(frames.shape[0])], h, w)
+        count, height, width = sample.media[media].shape[:3]
+        h, w = fit_size(height, width, resolution=self._resolution(group, video), buckets=group.image.buckets,
+                        multiple=g.vae_spatial_factor, max_pixels=group.image.max_pixels,
+                        max_side=g.max_latent_size * g.vae_spatial_factor)
+        return FrameCut(media, g.vae_num_frames(count if frames is None else frames), h, w)
 
-    def _vae_block(self, b: _SequenceBuilder, frames: Tensor, *, is_target: bool) -> VaeBlock:
-        g = self.geometry
-        grid = ((frames.shape[0] - 1) // g.vae_temporal_factor + 1,
-                frames.shape[1] // g.vae_spatial_factor, frames.shape[2] // g.vae_spatial_factor)
-        positions = b.vision(grid, AttnMode.NOISE if is_target else AttnMode.FULL)
-        return VaeBlock(to_vae_pixels(frames), grid, positions, is_target, 1.0 if is_target else 0.0)
-
-    def _vit_block(self, b: _SequenceBuilder, frames: Tensor, group: GroupConfig, video: bool) -> VitBlock:
-        g = self.geometry
+    def _vit_cut(self, sample: Sample, media: str, group: GroupConfig, video: bool,
+                 frames: int | None = None) -> FrameCut:
+        """The ViT's view of the media's first `frames` frames (default all): sides multiples of patch * merge."""
+        count, height, width = sample.media[media].shape[:3]
         resolution = group.image.vit_resolution or self._resolution(group, video)
-        h, w = fit_size(frames.shape[1], frames.shape[2], resolution=resolution, buckets=group.image.buckets,
-                        multiple=g.vit_multiple, max_pixels=group.image.max_pixels)
-        frames = pad_frames(resize_crop(frames, h, w), g.vit_temporal_patch)
-        patches, grid = vit_patchify(frames, g)
-        return VitBlock(patches, grid, b.vit(grid, g.vit_merge_size))
+        h, w = fit_size(height, width, resolution=resolution, buckets=group.image.buckets,
+                        multiple=self.geometry.vit_multiple, max_pixels=group.image.max_pixels)
+        return FrameCut(media, count if frames is None else frames, h, w)
+
+    def _vae_block(self, b: _SequenceBuilder, cut: FrameCut, *, is_target: bool,
+                   weight: float | None = None) -> VaeBlock:
+        g = self.geometry
+        grid = ((cut.count - 1) // g.vae_temporal_factor + 1, cut.height // g.vae_spatial_factor,
+                cut.width // g.vae_spatial_factor)
+        positions = b.vision(grid, AttnMode.NOISE if is_target else AttnMode.FULL)
+        return VaeBlock(cut, grid, positions, is_target, float(is_target) if weight is None else weight)
+
+    def _vit_block(self, b: _SequenceBuilder, cut: FrameCut) -> VitBlock:
+        g = self.geometry
+        frames = cut.count + (-cut.count % g.vit_temporal_patch)  # pad_frames repeats the last one
+        grid = (frames // g.vit_temporal_patch, cut.height // g.vit_patch_size, cut.width // g.vit_patch_size)
+        return VitBlock(cut, g, grid, b.vit(grid, g.vit_merge_size))
 
     def _finish(self, task: str, b: _SequenceBuilder, vit: list[VitBlock], vae: list[VaeBlock],
-                ce_weight: float = 1.0, finished: tuple[Tensor, Tensor] | None = None) -> SequencePlan:
+                ce_weight: float = 1.0, media: dict[str, Tensor] | None = None,
+                finished: tuple[Tensor, Tensor] | None = None) -> SequencePlan:
         ids, position_ids = finished if finished is not None else b.finish()
+        used = {block.cut.media for block in [*vit, *vae]}
         return SequencePlan(
             task=task, input_ids=ids, position_ids=position_ids, split_lens=list(b.split_lens),
             split_modes=list(b.split_modes), ce_positions=torch.tensor(b.ce_positions, dtype=torch.long),
-            ce_targets=torch.tensor(b.ce_targets, dtype=torch.long), vit=vit, vae=vae, ce_weight=ce_weight)
+            ce_targets=torch.tensor(b.ce_targets, dtype=torch.long), vit=vit, vae=vae, ce_weight=ce_weight,
+            media={name: frames for name, frames in (media or {}).items() if name in used})

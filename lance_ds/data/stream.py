@@ -1,8 +1,13 @@
-"""The streaming loader: webdataset shards -> decoded samples -> sequence plans -> packed micro-batches, with an exact,
-resumable position and equal steps on every rank.
+"""The streaming loader: webdataset shards -> sequence plans -> packed micro-batches, with an exact, resumable
+position and equal steps on every rank.
 
 Order of a slot's pipeline (open_clip's order, made explicit and resumable):
-  split by node, then by worker -> mix groups by weight -> shuffle raw bytes -> decode -> plan -> pack.
+  split by node, then by worker -> mix groups by weight -> shuffle raw bytes -> plan -> pack -> decode.
+Plan before decode: KEY.json gives each medium's size (the converter's metadata), which is all the planner needs, so
+a sample too long to pack is dropped without being decoded, and the packing buffer holds encoded bytes rather than
+pixels (a buffer of 64 decoded 480p clips is gigabytes). A sample is decoded when it is packed; if its media turn out
+another size than KEY.json said, it is planned again from them (and waits for the next sequence if it grew past the
+room left). Shards without sizes in KEY.json are decoded on arrival instead.
 
 Slots. A slot is one (rank, data-loader worker): slot = rank * num_workers + worker, num_slots = world_size *
 num_workers. Each group's shards are split over the slots explicitly (webdataset's split_by_node then split_by_worker,
@@ -54,10 +59,10 @@ import braceexpand
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config.data import DataConfig, DatasetConfig, GroupConfig
+from ..config.data import DataConfig, DatasetConfig, GroupConfig, VideoOptions
 from ..config.run import is_remote
 from .batch import PackedBatch, Sample
-from .media import MediaError, decode_image, decode_video
+from .media import MediaError, decode_image, decode_video, sampled_frame_count
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length, collate
 from .schemas import SCHEMAS, MediaKind
 from .sequence import PlanError, SequencePlan, SequencePlanner, unit_hash
@@ -204,8 +209,13 @@ def fetch_raw(url: str, offset: int, key: str) -> RawSample:
 # decoding
 
 
-def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0) -> Sample:
-    """Raw members -> Sample (media frame-sampled by the group's video options). Raises SkipSample."""
+def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0, sizes_only: bool = False) -> Sample:
+    """Raw members -> Sample (media frame-sampled by the group's video options). Raises SkipSample.
+
+    sizes_only: media whose size KEY.json gives (the converter's metadata) are not decoded but stand in as tensors on
+    the meta device of the size decoding would give them: enough to plan the sample (SequencePlanner only reads
+    sizes); its pixels are decoded when the plan is packed.
+    """
     if "json" not in raw.members:
         raise SkipSample("bad_json", f"{raw.key}: no {raw.key}.json member (members: {sorted(raw.members)})")
     try:
@@ -222,10 +232,15 @@ def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0) -> Sampl
     by_column = {suffix.partition(".")[0]: data for suffix, data in raw.members.items() if suffix != "json"}
     media = {}
     video = group.config.video
+    described = meta.get("media") if isinstance(meta.get("media"), dict) else {}
     for column in schema.media:
         data = by_column.get(column.member)
         if data is None:
             raise SkipSample("missing_media", f"{raw.key}: no {column.member} member (members: {sorted(raw.members)})")
+        size = media_size(described.get(column.member), column.kind, video) if sizes_only else None
+        if size is not None:
+            media[column.member] = torch.empty(size, dtype=torch.uint8, device="meta")
+            continue
         try:
             if column.kind == MediaKind.IMAGE:
                 media[column.member] = decode_image(data)
@@ -236,6 +251,23 @@ def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0) -> Sampl
             raise SkipSample("undecodable_media", f"{raw.key}.{column.member}: {e}") from None
     return Sample(task=task, texts=texts, media=media, key=raw.key, group=group.name,
                   meta={"epoch": epoch, "source": meta.get("source"), "media": meta.get("media")})
+
+
+def media_size(info, kind: MediaKind, video: VideoOptions) -> tuple[int, int, int, int] | None:
+    """The uint8 [T, H, W, 3] size decoding gives a medium, from its KEY.json entry (width, height; frames and fps
+    for a video, frame-sampled as decode_video samples them); None when the entry does not say."""
+    if not isinstance(info, dict) or not all(_positive(info.get(k), int) for k in ("width", "height")):
+        return None
+    if kind == MediaKind.IMAGE:
+        return 1, info["height"], info["width"], 3
+    if not (_positive(info.get("frames"), int) and _positive(info.get("fps"), (int, float))):
+        return None
+    frames = sampled_frame_count(info["frames"], info["fps"], video.sample_fps, video.max_frames, video.max_duration)
+    return frames, info["height"], info["width"], 3
+
+
+def _positive(value, types) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool) and value > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,7 +387,7 @@ class SkipCounter:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# one slot: mixture -> shuffle -> decode -> plan -> pack
+# one slot: mixture -> shuffle -> plan -> pack -> decode
 
 
 @dataclass
@@ -424,32 +456,59 @@ class SlotStream:
         raw, self.shuffle[j] = self.shuffle[j], self._next_mixed()
         return raw
 
-    def plan_raw(self, raw: RawSample) -> SequencePlan:
-        """Decode and plan one raw sample (raises SkipSample)."""
+    def plan_raw(self, raw: RawSample, sizes_only: bool = False) -> SequencePlan:
+        """Plan one raw sample (raises SkipSample). sizes_only: from KEY.json's media sizes where it gives them,
+        without decoding (decode_sample); such a plan keeps `raw` and is decoded when packed (`_decoded`)."""
         group = self.groups[raw.address[0]]
-        sample = decode_sample(raw, group, epoch=raw.address[3])
+        return self._plan(decode_sample(raw, group, epoch=raw.address[3], sizes_only=sizes_only), raw)
+
+    def _plan(self, sample: Sample, raw: RawSample) -> SequencePlan:
         try:
-            plan = self.spec.planner.plan(sample, group.config)
+            plan = self.spec.planner.plan(sample, self.groups[raw.address[0]].config)
         except PlanError as e:
             raise SkipSample("bad_sample", str(e)) from None
         plan.address = raw.address
+        plan.raw = raw if plan.needs_media else None
         return plan
 
-    def _next_plan(self) -> SequencePlan:
+    def _fits(self, plan: SequencePlan) -> bool:
+        """True when the plan fits a packed sequence; counts it as overlong (or raises) when it does not."""
         data = self.spec.data
+        if check_length(plan, data.packing_length, data.filter_overlong):
+            return True
+        self._failed(plan.address[0], plan.address[3], "overlong", f"{plan.key} ({plan.group}, {plan.task}): "
+                     f"{plan.num_tokens} tokens > packing_length {data.packing_length}")
+        return False
+
+    def _next_plan(self) -> SequencePlan:
+        """The next usable plan, made from KEY.json's media sizes where it gives them: the packing buffer holds
+        encoded bytes, not pixels, and a sample too long to pack is dropped without being decoded."""
         while True:
             raw = self._next_shuffled()
-            name, epoch = raw.address[0], raw.address[3]
             try:
-                plan = self.plan_raw(raw)
+                plan = self.plan_raw(raw, sizes_only=True)
             except SkipSample as e:
-                self._failed(name, epoch, e.reason, str(e))
+                self._failed(raw.address[0], raw.address[3], e.reason, str(e))
                 continue
-            if check_length(plan, data.packing_length, data.filter_overlong):
-                self.failing[name] = 0
+            if self._fits(plan):
                 return plan
-            self._failed(name, epoch, "overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens "
-                                                  f"> packing_length {data.packing_length}")
+
+    def _decoded(self, plan: SequencePlan) -> SequencePlan | None:
+        """The plan with its media decoded; None when they do not decode (counted). A plan whose media turn out
+        another size than KEY.json said is made again from the decoded media."""
+        if not plan.needs_media:
+            return plan
+        raw = plan.raw
+        try:
+            sample = decode_sample(raw, self.groups[raw.address[0]], epoch=raw.address[3])
+            if all(sample.media[name].shape == size.shape for name, size in plan.media.items()):
+                plan.media, plan.raw = {name: sample.media[name] for name in plan.media}, None
+                return plan
+            plan = self._plan(sample, raw)
+        except SkipSample as e:
+            self._failed(raw.address[0], raw.address[3], e.reason, str(e))
+            return None
+        return plan if self._fits(plan) else None
 
     def _failed(self, group: str, epoch: int, reason: str, message: str) -> None:
         """Count a skipped sample (read in `epoch` of its group). A group cannot feed training when its samples
@@ -472,9 +531,24 @@ class SlotStream:
                 f"{dict(self.skips.counts)}); {fix}")
 
     def _next_sequence(self) -> list[SequencePlan]:
-        while not self.packer.ready():
-            self.packer.add(self._next_plan())
-        return self.packer.pop_sequence()
+        """The plans of one packed sequence, decoded. A plan that grew when decoded (KEY.json understated its size)
+        and no longer fits goes back to the front of the packing buffer, for the next sequence."""
+        while True:
+            while not self.packer.ready():
+                self.packer.add(self._next_plan())
+            sequence, room = [], self.spec.data.packing_length
+            for plan in self.packer.pop_sequence():
+                plan = self._decoded(plan)
+                if plan is None:
+                    continue
+                if plan.num_tokens > room:
+                    self.packer.buffer.insert(0, plan)
+                    continue
+                sequence.append(plan)
+                room -= plan.num_tokens
+                self.failing[plan.address[0]] = 0
+            if sequence:
+                return sequence
 
     def next_batch(self) -> PackedBatch:
         spec = self.spec
@@ -500,6 +574,7 @@ class SlotStream:
             "failing_since": dict(self.failing_since),
             "largest_epoch": dict(self.largest_epoch),
             "packing_buffer": [p.address for p in self.packer.buffer],
+            "packing_buffer_decoded": [not p.needs_media for p in self.packer.buffer],
             "skipped": dict(self.skips.counts),
             "num_batches": self.num_batches,
             "num_samples": self.num_samples,
@@ -522,10 +597,10 @@ class SlotStream:
         self.num_batches, self.num_samples = state["num_batches"], state["num_samples"]
         self.real_tokens, self.total_tokens = state["real_tokens"], state["total_tokens"]
         self.shuffle = [self._fetch(a) for a in state["shuffle_buffer"]]
-        self.packer.buffer = []
-        for address in state["packing_buffer"]:
-            plan = self.plan_raw(self._fetch(address))  # it planned before, so it plans again (deterministic)
-            self.packer.buffer.append(plan)
+        # they planned before, so they plan again (deterministic); the decoded ones from their pixels, as then
+        decoded = state.get("packing_buffer_decoded", [False] * len(state["packing_buffer"]))
+        self.packer.buffer = [self.plan_raw(self._fetch(address), sizes_only=not was_decoded)
+                              for address, was_decoded in zip(state["packing_buffer"], decoded)]
 
     def _fetch(self, address: list) -> RawSample:
         name, shard, offset, _, key = address

@@ -326,7 +326,7 @@ def test_a_video_edit_prompt_is_the_trained_sequence_up_to_the_target(planner):
     frames = lambda n, level: torch.full((n, 64, 64, 3), level, dtype=torch.uint8)  # noqa: E731
     v2v = dataclasses.replace(gen_samples()[3], media={"input_video": frames(13, 40), "output_video": frames(9, 200)})
     trained, prompt = planner.plan(v2v, group), planner.prompt(v2v, group)  # a source longer than its target
-    assert torch.equal(trained.vit[0].patches, prompt.vit[0].patches)  # the ViT sees the source cut to 9 frames
+    assert torch.equal(trained.vit[0].patches(trained.media), prompt.vit[0].patches(prompt.media))  # the ViT sees the source cut to 9 frames
     assert torch.equal(trained.input_ids, prompt.input_ids) and torch.equal(trained.position_ids, prompt.position_ids)
     assert [b.grid_thw for b in trained.vae] == [b.grid_thw for b in prompt.vae]
 

@@ -23,6 +23,7 @@ from lance_ds.data.media import (
     peek_video,
     probe_image,
     probe_video,
+    sampled_frame_count,
     sniff_extension,
 )
 
@@ -196,6 +197,25 @@ def test_max_frames_and_max_duration_stop_decoding():
     assert frame_ids(decode_video(data, max_duration=0.5)) == [0, 1, 2, 3, 4]  # frames at 0.0 .. 0.4 s
     assert frame_ids(decode_video(data, sample_fps=5, max_duration=0.7, max_frames=9)) == [0, 2, 4, 6]
     assert frame_ids(decode_video(data, sample_fps=5, max_frames=2)) == [0, 2]
+
+
+@pytest.mark.parametrize("source_fps, num_frames", [(24, 30), (10, 12), (30000 / 1001, 40), (12, 1)])
+def test_frame_count_predicted_from_metadata_is_what_decoding_keeps(source_fps, num_frames):
+    """The loader plans a clip from KEY.json (the converter's probe: frames, fps rounded to 6 decimals) without
+    decoding it: the predicted frame count must be the count decode_video keeps, for every sampling option."""
+    from fractions import Fraction
+
+    rate = Fraction(30000, 1001) if source_fps == 30000 / 1001 else source_fps
+    data = encode_video(counter_video(num_frames), fps=rate)
+    info = probe_video(data)
+    assert info.num_frames == num_frames
+    for sample_fps in (None, 5, 8, 12, 24, 29.97):
+        for max_frames in (None, 1, 3, 9):
+            for max_duration in (None, 0.25, 0.5, 1.0, 1.3):
+                kept = decode_video(data, sample_fps=sample_fps, max_frames=max_frames, max_duration=max_duration)
+                predicted = sampled_frame_count(info.num_frames, round(info.fps, 6), sample_fps, max_frames,
+                                                max_duration)
+                assert predicted == kept.shape[0], (sample_fps, max_frames, max_duration)
 
 
 def test_timestamps_not_starting_at_zero():

@@ -10,7 +10,7 @@ import torch
 from lance_ds.data.batch import AttnMode
 from lance_ds.data.packing import (Branches, OverlongSampleError, TokenBudgetPacker, build_micro_batch, check_length,
                                    collate, packing_efficiency)
-from lance_ds.data.sequence import SequencePlan, SequencePlanner, VaeBlock, VisionGeometry, VitBlock
+from lance_ds.data.sequence import FrameCut, SequencePlan, SequencePlanner, VaeBlock, VisionGeometry, VitBlock
 from lance_ds.data.tokenizer import load_tokenizer
 
 
@@ -83,8 +83,8 @@ def test_overlong_is_counted_or_refused():
 
 def test_collate_offsets_splits_and_padding(planner):
     a, b = text_plan(5, ce=2), text_plan(7, ce=3)
-    b.vit = [VitBlock(torch.zeros(4, 1176), (1, 2, 2), torch.tensor([3]))]
-    b.vae = [VaeBlock(torch.zeros(3, 1, 16, 16), (1, 1, 1), torch.tensor([4]), True, 1.0)]
+    b.vit = [VitBlock(FrameCut(None, 2, 28, 28), VisionGeometry(), (1, 2, 2), torch.tensor([3]))]
+    b.vae = [VaeBlock(FrameCut(None, 1, 16, 16), (1, 1, 1), torch.tensor([4]), True, 1.0)]
     batch = collate([a, b], pad_to=16, pad_id=planner.special.pad)
     assert batch.num_tokens == 16 and batch.num_real_tokens == 12
     assert batch.sample_ids.tolist() == [0] * 5 + [1] * 7 + [2] * 4 and batch.tasks == ["i2t", "i2t", "pad"]
@@ -101,7 +101,7 @@ def test_pin_memory_pins_every_tensor_of_a_batch(planner, monkeypatch):
     """DataLoader(pin_memory=True) on a GPU host calls PackedBatch.pin_memory (CPU torch cannot pin: the call is
     stood in for by a copy that counts)."""
     a, b = text_plan(5, ce=2), text_plan(7, ce=3)
-    b.vae = [VaeBlock(torch.zeros(3, 1, 16, 16), (1, 1, 1), torch.tensor([4]), True, 1.0)]
+    b.vae = [VaeBlock(FrameCut(None, 1, 16, 16), (1, 1, 1), torch.tensor([4]), True, 1.0)]
     batch = collate([a, b], pad_to=16, pad_id=planner.special.pad)
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t.clone())
@@ -117,9 +117,9 @@ def test_pin_memory_pins_every_tensor_of_a_batch(planner, monkeypatch):
 def test_placeholder_added_exactly_for_missing_branches(planner, has_vit, has_target, has_ce):
     plan = text_plan(10, ce=2 if has_ce else 0)
     if has_vit:
-        plan.vit = [VitBlock(torch.zeros(4, 1176), (1, 2, 2), torch.tensor([3]))]
+        plan.vit = [VitBlock(FrameCut(None, 2, 28, 28), VisionGeometry(), (1, 2, 2), torch.tensor([3]))]
     if has_target:
-        plan.vae = [VaeBlock(torch.zeros(3, 1, 16, 16), (1, 1, 1), torch.tensor([4]), True, 1.0)]
+        plan.vae = [VaeBlock(FrameCut(None, 1, 16, 16), (1, 1, 1), torch.tensor([4]), True, 1.0)]
     batch = build_micro_batch([[plan]], planner, Branches(), packing_length=64)
     needs = not (has_vit and has_target and has_ce)
     assert ("placeholder" in batch.tasks) == needs

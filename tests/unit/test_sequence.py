@@ -161,7 +161,8 @@ def test_edit_layout_and_position_reuse(fake_tokenizer):
     vit, (source, target) = plan.vit[0], plan.vae
     assert vit.grid_thw == (5, 4, 4)  # 10 frames (source trimmed to the target's 10), 56x56
     assert source.grid_thw == target.grid_thw == (3, 4, 4)  # 9 = 4k+1 frames, 64x64 / 16
-    assert source.pixels.shape == target.pixels.shape == (3, 9, 64, 64)
+    assert source.pixels(plan.media).shape == target.pixels(plan.media).shape == (3, 9, 64, 64)
+    assert source.cut.media == "input_video" and target.cut.media == "output_video" and vit.cut.count == 10
     assert not source.is_target and source.weight == 0.0 and target.is_target and target.weight == 1.0
     pos = plan.position_ids
     assert torch.equal(pos[:, target.positions], pos[:, source.positions])
@@ -189,7 +190,7 @@ def test_vit_resolution_sizes_only_what_the_vit_sees(fake_tokenizer):
                             image=ImageOptions(resolution=32, vit_resolution=vit_resolution))
         plan = planner.plan(sample, group)
         assert plan.vit[0].grid_thw == vit_grid  # 28 px (32 cut to the ViT's multiple of 28) or 56 px
-        assert [b.pixels.shape for b in plan.vae] == [(3, 1, 32, 32)] * 2
+        assert [b.pixels(plan.media).shape for b in plan.vae] == [(3, 1, 32, 32)] * 2
 
 
 def test_understanding_video_ce_and_text_continuation(fake_tokenizer):

@@ -19,8 +19,10 @@ import torch
 from lance_ds.config.data import DataConfig, DatasetConfig, GroupConfig, ImageOptions, VideoOptions
 from lance_ds.data import stream as stream_module
 from lance_ds.data.batch import PackedBatch
-from lance_ds.data.media import encode_image, encode_video
+from lance_ds.data.convert import media_metadata
+from lance_ds.data.media import MediaError, encode_image, encode_video
 from lance_ds.data.packing import Branches, OverlongSampleError
+from lance_ds.data.schemas import SCHEMAS
 from lance_ds.data.sequence import SequencePlanner, VisionGeometry
 from lance_ds.data.stream import (GroupReader, SkipCounter, SlotStream, StreamSpec, build_train_loader,
                                   build_val_loader, fetch_raw, resolve_group)
@@ -41,8 +43,10 @@ def _png(seed: int, size: int = 32) -> bytes:
 
 
 def write_shards(directory: Path, task: str, num_shards: int, per_shard: int, prefix: str = "s",
-                 media=None, manifest: bool = True) -> list[str]:
-    """Converter-layout shards: KEY.json + media members; manifest.json. Returns every key in order."""
+                 media=None, manifest: bool = True, describe=True) -> list[str]:
+    """Converter-layout shards: KEY.json + media members; manifest.json. Returns every key in order.
+    KEY.json has the media's metadata as the converter writes it; describe=False leaves it out (shards of another
+    tool), describe=f writes f(seed, metadata) instead (metadata that lies)."""
     directory.mkdir(parents=True, exist_ok=True)
     keys, records = [], []
     for shard in range(num_shards):
@@ -54,7 +58,10 @@ def write_shards(directory: Path, task: str, num_shards: int, per_shard: int, pr
             texts = ({"caption_i": "", "caption_q": "what is it?", "caption_a": f"answer {seed}"}
                      if task in ("i2t", "v2t") else {"caption": f"a red circle number {seed}"})
             members = media(seed) if media else {"image.png": _png(seed)}
-            writer.add(f"{key}.json", json.dumps({"key": key, "task": task, **texts}).encode())
+            described = {"media": describe_media(task, members)} if describe else {}
+            if callable(describe):
+                described = {"media": describe(seed, described["media"])}
+            writer.add(f"{key}.json", json.dumps({"key": key, "task": task, **texts, **described}).encode())
             for suffix, data in members.items():
                 writer.add(f"{key}.{suffix}", data)
             keys.append(key)
@@ -64,6 +71,19 @@ def write_shards(directory: Path, task: str, num_shards: int, per_shard: int, pr
         (directory / "manifest.json").write_text(json.dumps(
             {"format": "lance_ds.shards/1", "task": task, "num_samples": len(keys), "shards": records}))
     return keys
+
+
+def describe_media(task: str, members: dict[str, bytes]) -> dict:
+    """KEY.json's "media" entry, made by the converter's own function (which rejects broken media: they get none)."""
+    kinds = {column.member: column.kind for column in SCHEMAS[task].media}
+    described = {}
+    for suffix, data in members.items():
+        member = suffix.partition(".")[0]
+        try:
+            described[member] = media_metadata(data, kinds[member], "full")
+        except (KeyError, MediaError):
+            pass
+    return described
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +222,12 @@ def test_resume_rereads_only_the_buffered_samples(tmp_path, planner, monkeypatch
                         real_iter(url, offset))
     resumed = SlotStream(spec, 0, 1)
     resumed.load(state)
-    # only the samples waiting in the buffers are read again, each at its own offset; only the packer's are decoded
+    # only the samples waiting in the buffers are read again, each at its own offset; only the packer's are planned
+    # (from KEY.json's sizes: none is decoded before it is packed)
     assert len(opened) == len(state["shuffle_buffer"]) + len(state["packing_buffer"])
     assert sorted(opened) == sorted(a[2] for a in state["shuffle_buffer"] + state["packing_buffer"])
     assert len(decoded) == len(state["packing_buffer"])
+    assert all(plan.needs_media for plan in resumed.packer.buffer)
     assert resumed.state() == state
     opened.clear()
     assert_same_batches([resumed.next_batch()], [slot.next_batch()])
@@ -417,6 +439,111 @@ def test_overlong_samples_are_dropped_or_refused(tmp_path, planner):
                                 micro_batch_size=1)
     with pytest.raises(OverlongSampleError, match="data.packing_length=192"):
         take(loader, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# planning from KEY.json's media sizes
+
+
+def _clip(seed: int, frames: int = 14) -> bytes:
+    return encode_video(torch.full((frames, 32, 48, 3), 15 * (seed % 12), dtype=torch.uint8), fps=24, codec="mpeg4")
+
+
+def test_samples_wait_for_packing_undecoded_and_train_as_if_decoded(tmp_path, planner, monkeypatch):
+    """Converter shards give their media's sizes in KEY.json: the loader plans from them and decodes a sample only
+    when it packs it, so the packing buffer holds encoded bytes, not pixels. The batches are exactly those of the
+    same shards without sizes (decoded on arrival)."""
+    decoded = []
+    real_image, real_video = stream_module.decode_image, stream_module.decode_video
+    monkeypatch.setattr(stream_module, "decode_image", lambda data: decoded.append(1) or real_image(data))
+    monkeypatch.setattr(stream_module, "decode_video", lambda data, **k: decoded.append(1) or real_video(data, **k))
+    batches, media_per_sample = {}, {"i2t": 1, "v2v": 2}
+    for describe in (True, False):
+        write_shards(tmp_path / f"i{describe}", "i2t", 2, 5, prefix="i", describe=describe)
+        write_shards(tmp_path / f"v{describe}", "v2v", 1, 6, prefix="v", describe=describe,
+                     media=lambda i: {"input_video.mp4": _clip(i), "output_video.mp4": _clip(i + 1, 11)})
+        groups = [group("i", [tmp_path / f"i{describe}"], task="i2t"),
+                  dataclasses.replace(group("v", [tmp_path / f"v{describe}"], task="v2v"),
+                                      video=VideoOptions(sample_fps=12, max_frames=9, max_duration=10.0))]
+        spec = StreamSpec([resolve_group(g) for g in groups], planner, dataclasses.replace(DATA, packing_length=320),
+                          Branches(), 2, 0, 0, 1)
+        stream = SlotStream(spec, 0, 1)
+        decoded.clear()
+        batches[describe] = [stream.next_batch() for _ in range(6)]
+        buffered = stream.packer.buffer
+        assert all(p.needs_media == describe for p in buffered)  # sizes only, or decoded pixels
+        assert all(m.is_meta for p in buffered for m in p.media.values()) == describe
+        tasks = Counter(t for b in batches[describe] for t in b.tasks if t in media_per_sample)
+        packed = sum(media_per_sample[t] * n for t, n in tasks.items())
+        waiting = sum(media_per_sample[p.task] for p in buffered)
+        assert len(decoded) == (packed if describe else packed + waiting)  # each medium decoded once, when packed
+        stream.close()
+    assert_same_batches(batches[True], batches[False])
+    assert any(t == "v2v" for b in batches[True] for t in b.tasks)
+
+
+def test_overlong_samples_are_dropped_without_decoding(tmp_path, planner, monkeypatch):
+    write_shards(tmp_path / "small", "t2i", 1, 4, prefix="s")
+    write_shards(tmp_path / "big", "t2i", 1, 2, prefix="b", media=lambda i: {"image.png": _png(i, 128)})
+    groups = [group("s", [tmp_path / "small"]),
+              dataclasses.replace(group("b", [tmp_path / "big"]), image=ImageOptions(resolution=256))]
+    sizes = []
+    real = stream_module.decode_image
+    monkeypatch.setattr(stream_module, "decode_image", lambda data: sizes.append(len(data)) or real(data))
+    loader = build_train_loader(DatasetConfig(groups=groups), DATA, planner, rank=0, world_size=1, seed=0,
+                                micro_batch_size=1)
+    take(loader, 3)  # (more, and group "b", whose every sample is too long, would be refused: see above)
+    assert loader.stats_scalars()["data/skipped/overlong"] >= 2
+    assert sizes and max(sizes) < len(_png(0, 128)) // 4  # only the small images were ever decoded
+
+
+def test_key_json_that_understates_a_sample_costs_time_not_samples(tmp_path, planner):
+    """KEY.json claiming fewer frames than a clip has (metadata of another tool, shards edited by hand): the sample
+    is planned again from its decoded frames when packed; no sequence grows past packing_length (one that no longer
+    fits waits for the next sequence), nothing is skipped, and a resume is still exact."""
+    def understate(seed, media):
+        return {"video": {**media["video"], "frames": 2}} if seed % 2 else media
+
+    write_shards(tmp_path, "t2v", 1, 10, media=lambda i: {"video.mp4": _clip(i)}, describe=understate)
+    g = dataclasses.replace(group("v", [tmp_path], task="t2v"), image=ImageOptions(resolution=64),
+                            video=VideoOptions(sample_fps=12, max_frames=9, max_duration=10.0))
+    data = dataclasses.replace(DATA, packing_length=150, shuffle_buffer=0)
+    spec = StreamSpec([resolve_group(g)], planner, data, Branches(vit=False, ce=False), 1, 0, 0, 1)
+    stream = SlotStream(spec, 0, 1)
+    state = None
+    for _ in range(20):
+        batch = stream.next_batch()
+        assert batch.num_tokens == data.packing_length  # no sequence longer than packing_length
+        assert all(grid[0] == 2 for grid in batch.vae_grid_thw.tolist())  # 7 frames kept -> 5 -> 2 latent frames
+        if state is None and any(stream.state()["packing_buffer_decoded"]):
+            state, after = json.loads(json.dumps(stream.state())), []
+        elif state is not None and len(after) < 6:
+            after.append(batch)
+    assert state is not None and len(after) == 6, "no grown plan ever waited in the packing buffer"
+    assert stream.skips.counts.total() == 0
+    resumed = SlotStream(spec, 0, 1)
+    resumed.load(state)
+    assert_same_batches([resumed.next_batch() for _ in range(6)], after)
+
+
+def test_media_that_do_not_decode_despite_their_key_json_are_counted(tmp_path, planner):
+    """Damaged after conversion: KEY.json describes an image the bytes no longer hold. It is found when packed,
+    counted, and a group with nothing else is still reported instead of looping forever."""
+    def claim(seed, media):
+        return media or {"image": {"format": "png", "bytes": 6, "width": 32, "height": 32}}
+
+    broken = {"image.png": b"broken"}
+    write_shards(tmp_path / "mixed", "t2i", 1, 8, media=lambda s: broken if s % 4 == 1 else {"image.png": _png(s)},
+                 describe=claim)
+    loader = build_train_loader(DatasetConfig(groups=[group("g", [tmp_path / "mixed"])]), DATA, planner, rank=0,
+                                world_size=1, seed=0, micro_batch_size=1)
+    take(loader, 8)
+    assert loader.stats_scalars()["data/skipped/undecodable_media"] >= 2
+    write_shards(tmp_path / "bad", "t2i", 1, 5, prefix="b", media=lambda s: broken, describe=claim)
+    loader = build_train_loader(DatasetConfig(groups=[group("g", [tmp_path / "bad"])]), DATA, planner, rank=0,
+                                world_size=1, seed=0, micro_batch_size=1)
+    with pytest.raises(stream_module.DataError, match="without one usable sample"):
+        take(loader, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
