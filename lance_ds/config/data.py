@@ -95,8 +95,8 @@ class DataConfig:
     filter_overlong: bool = doc(True, "drop (and count) samples longer than packing_length instead of failing")
     packing: str = doc("first_fit", "how plans fill a packed sequence: first_fit (the oldest plan, then every "
                                     "buffered plan that still fits) or next_fit (arrival order, no reordering)")
-    packing_buffer: int = doc(64, "sample plans held for first-fit packing (more: fuller sequences); undecoded when "
-                                  "KEY.json gives the media's sizes (converter shards), decoded otherwise")
+    packing_buffer: int = doc(64, "sample plans held for first-fit packing (more: fuller sequences); they hold "
+                                  "encoded bytes, decoded when packed")
     num_workers: int = doc(1, "data loader worker processes per rank")
     prefetch_factor: int = doc(2, "packed batches each worker prepares ahead")
     shuffle_buffer: int = doc(256, "raw samples held for shuffling before decode (0: no shuffle)")

@@ -7,7 +7,7 @@ Plan before decode: KEY.json gives each medium's size (the converter's metadata)
 a sample too long to pack is dropped without being decoded, and the packing buffer holds encoded bytes rather than
 pixels (a buffer of 64 decoded 480p clips is gigabytes). A sample is decoded when it is packed; if its media turn out
 another size than KEY.json said, it is planned again from them (and waits for the next sequence if it grew past the
-room left). Shards without sizes in KEY.json are decoded on arrival instead.
+room left). Shards without sizes in KEY.json (other tools') are decoded once to plan and again when packed.
 
 Slots. A slot is one (rank, data-loader worker): slot = rank * num_workers + worker, num_slots = world_size *
 num_workers. Each group's shards are split over the slots explicitly (webdataset's split_by_node then split_by_worker,
@@ -427,6 +427,7 @@ class SlotStream:
         data = spec.data
         self.packer = TokenBudgetPacker(data.packing_length, data.packing_buffer, data.packing)
         self.failing = {g.name: 0 for g in spec.groups}  # consecutive unusable samples per group
+        self.unsized_groups: set[str] = set()  # groups whose KEY.json gives no media sizes (warned about once)
         self.failing_since = {g.name: 0 for g in spec.groups}  # the epoch of the first sample of that run
         self.largest_epoch = {g.name: 0 for g in spec.groups}  # most samples this slot kept in one epoch so far
         self.num_batches = 0
@@ -457,10 +458,20 @@ class SlotStream:
         return raw
 
     def plan_raw(self, raw: RawSample, sizes_only: bool = False) -> SequencePlan:
-        """Plan one raw sample (raises SkipSample). sizes_only: from KEY.json's media sizes where it gives them,
-        without decoding (decode_sample); such a plan keeps `raw` and is decoded when packed (`_decoded`)."""
-        group = self.groups[raw.address[0]]
-        return self._plan(decode_sample(raw, group, epoch=raw.address[3], sizes_only=sizes_only), raw)
+        """Plan one raw sample (raises SkipSample). sizes_only: a plan that holds no pixels, only `raw`, to be
+        decoded when packed (`_decoded`): made from KEY.json's media sizes, or, where KEY.json does not give them,
+        from media decoded for their sizes and dropped (such shards are decoded twice, but never held as pixels)."""
+        name = raw.address[0]
+        plan = self._plan(decode_sample(raw, self.groups[name], epoch=raw.address[3], sizes_only=sizes_only), raw)
+        if sizes_only and not plan.needs_media and plan.media:
+            if name not in self.unsized_groups:
+                self.unsized_groups.add(name)
+                logger.warning("data group %r: %s.json gives no media sizes, so each sample is decoded twice (once to "
+                               "plan it, once when packed); shards made by tools/parquet_to_wds.py have them",
+                               name, raw.key)
+            plan.media = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in plan.media.items()}
+            plan.raw = raw
+        return plan
 
     def _plan(self, sample: Sample, raw: RawSample) -> SequencePlan:
         try:
