@@ -10,8 +10,8 @@ Data: the example dataset (lance_ds/data/example.py, all six tasks) converted to
 2. Packing efficiency (real tokens / tokens) on the six-task mixture: first-fit from a 64-plan buffer (the default),
    next-fit, and the padded-batch baseline (batches of B samples, each padded to the longest). Goal: >= 95%.
 3. Memory of a full packing buffer of video plans: planned from KEY.json's sizes (what the loader holds: encoded
-   bytes), the same decoded (uint8 frames), and the model-ready pixels
-   plans held before they were cut at collate time (float32).
+   bytes), the same decoded (uint8 frames), and the model-ready pixels plans held before they were cut at collate
+   time (float32).
 """
 
 from __future__ import annotations
