@@ -37,6 +37,7 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import save_file
 
+from . import distributed
 from .ema import ShardedEMA
 from .faults import kill_if_armed
 
@@ -63,7 +64,7 @@ def rank_dir(checkpoint_dir: Path, rank: int) -> Path:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if distributed.initialized():
         dist.barrier()
 
 
@@ -289,7 +290,7 @@ class Checkpointer:
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return distributed.world_size() > 1
 
 
 def _ranks_failing(failed: bool, device: torch.device) -> int:

@@ -45,6 +45,7 @@ from .config.data import GEN_TASKS, TASKS, UND_TASKS, DatasetConfig, GroupConfig
 from .data.batch import Sample
 from .data.example import COLOURS, DIRECTIONS, SHAPES, judge_answer, judge_generation, parse_answer
 from .data.sequence import SOURCE_MEDIA, TARGET_MEDIA, resize_crop
+from . import distributed
 
 # What each task's score measures (the table's second column).
 MEASURES = {
@@ -180,9 +181,7 @@ def side_by_side(*clips: Tensor | None) -> Tensor:
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return distributed.rank(), distributed.world_size()
 
 
 def share(items: list, rank: int, world: int) -> tuple[int, list[tuple[object, bool]]]:

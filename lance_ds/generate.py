@@ -44,6 +44,7 @@ from .config.model import ObjectiveConfig
 from .data.batch import PackedBatch, Sample
 from .data.packing import collate
 from .data.sequence import PROMPT_MEDIA, SequencePlan, SequencePlanner
+from .distributed import world_size
 from .model.vision import encode_vit
 from .objectives import (SamplerInputs, decode_text, euler_sample, guided_steps, lance_velocity_fn,
                          sampling_schedule)
@@ -263,7 +264,7 @@ class Generator:
 
         Raises on every rank alike when any rank could not plan its prompts, or when the step settings differ
         (under ZeRO-3 either would leave the others waiting in a collective until the timeout)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if world_size() == 1:
             if problem is not None:
                 raise problem
             return 0

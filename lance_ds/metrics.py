@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .distributed import world_size
+
 
 def host_rss_bytes() -> int:
     """Resident memory of this process now (Linux /proc; falls back to the peak from getrusage)."""
@@ -37,7 +39,7 @@ def summed_over_ranks(scalars: dict[str, float], keys: list[str], device: torch.
     same keys, in the same order)."""
     import torch.distributed as dist
 
-    if not keys or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not keys or world_size() == 1:
         return scalars
     totals = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(totals)

@@ -25,6 +25,7 @@ from .data.packing import Branches, packing_efficiency
 from .data.sequence import SequencePlanner
 from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
+from . import distributed
 from .ema import ShardedEMA
 from .engine import (build_engine, follow_run_schedule, init_distributed, release_shm_buffer, seed_everything,
                      seed_micro_step)
@@ -262,7 +263,7 @@ class Trainer:
         and the launcher stops them."""
         self.tb.close()
         self.loader.close()
-        if finished and dist.is_available() and dist.is_initialized():
+        if finished and distributed.initialized():
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
         release_shm_buffer()

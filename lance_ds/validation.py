@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .config.data import GEN_TASKS, TASKS
 from .data.batch import PackedBatch
+from .distributed import world_size
 from .metrics import summed_over_ranks
 from .objectives import TokenLosses, token_losses
 
@@ -51,7 +52,7 @@ class TaskLosses:
     def scalars(self, prefix: str) -> dict[str, float]:
         """Per-task means over all ranks since the last call (collective: every rank must call it); then reset."""
         sums = self.sums.clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(sums)
         self.sums.zero_()
         out = {}

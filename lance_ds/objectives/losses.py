@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import PackedBatch
+from lance_ds.distributed import world_size
 
 from .flow import FlowInputs, as_velocity, mse_per_token
 from .text import ce_per_token
@@ -45,10 +46,6 @@ class Losses:
         return {f"{prefix}/loss": float(self.total.detach()), f"{prefix}/ce": float(self.ce.detach()),
                 f"{prefix}/mse": float(self.mse.detach()), f"{prefix}/ce_tokens": self.num_ce_tokens,
                 f"{prefix}/mse_tokens": self.num_mse_tokens}
-
-
-def world_size(group=None) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def global_sums(values: Tensor, group=None) -> Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lance_ds.data.batch import PAD_TASK, AttnMode, PackedBatch
+from lance_ds.distributed import world_size
 
 
 def ce_per_token(logits: Tensor, targets: Tensor) -> Tensor:
@@ -105,7 +106,7 @@ def decode_text(model: torch.nn.Module, prompts: PackedBatch, vit_embeds: Tensor
 def all_ranks_done(done: bool, device: torch.device) -> bool:
     """True when `done` holds on every rank (the same answer on all ranks, so all stop at the same step); collective
     whenever a process group is initialised."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return done
     flag = torch.tensor([0.0 if done else 1.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -1,0 +1,19 @@
+"""The process group, when there is one: code that runs alike in one process (tests, tools) and under the launcher
+asks here instead of guarding every collective."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group=None) -> int:
+    """Ranks in `group` (the default group when None); 1 without a process group."""
+    return dist.get_world_size(group) if initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
