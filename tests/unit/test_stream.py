@@ -692,6 +692,25 @@ def test_validation_covers_every_sample_once_with_equal_batch_counts(tmp_path, p
         assert loader.stats_scalars()["val/skipped/overlong"] == len(lengths) - len(kept)
 
 
+def test_workers_outlive_the_thread_that_started_them(tmp_path, planner):
+    """A loader first iterated from a thread (take_within does) keeps its workers when that thread ends. They used
+    to be killed with it (PR_SET_PDEATHSIG follows the forking thread), at any point: once holding a lock that
+    close() then waited on forever."""
+    import time
+
+    write_shards(tmp_path, "t2i", 2, 6)
+    loader = build_train_loader(DatasetConfig(groups=[group("g", [tmp_path])]), dataclasses.replace(DATA, num_workers=2),
+                                planner, rank=0, world_size=1, seed=0, micro_batch_size=1)
+    started = []
+    thread = threading.Thread(target=lambda: started.append(iter(loader)) or next(started[0]))
+    thread.start()
+    thread.join()
+    time.sleep(1.0)
+    assert len([next(started[0]) for _ in range(4)]) == 4  # served from the main thread by the same workers
+    take_within(loader, 1, seconds=60)  # a new iter() closes the old one: this hung when the workers were gone
+    loader.close()
+
+
 def test_a_data_worker_dies_with_its_rank(tmp_path):
     """A rank killed with -9 must not leave its DataLoader workers behind (they hold GBs of decoded media)."""
     import signal
