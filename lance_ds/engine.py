@@ -54,15 +54,20 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device.type == "cpu" and world_size > 1:
+        torch.distributed.barrier()  # every rank has mapped every rank's CPU all-reduce buffer: the names can go
+    release_shm_buffer()
+    return DistInfo(int(os.environ["RANK"]), world_size, local_rank, device)
 
 
 def release_shm_buffer() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer (/dev/shm, 66 MB per rank) once collectives are over.
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (/dev/shm, 66 MB per rank).
 
     DeepSpeed never unlinks it: every CPU run would leave its buffers in RAM until reboot (measured: 19 GB after a
-    day of runs on one machine), and a later run on the same port could map a stale one. The file stays usable by
-    anyone who still has it mapped.
+    day of runs on one machine), and a later run on the same port could map a stale one. Its initialisation maps all
+    ranks' buffers, so init_distributed unlinks them right after it (and a barrier): the memory stays mapped while
+    the ranks live and goes with the last of them, however they end (a killed run used to leave its buffers).
     """
     name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
                      os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "")])

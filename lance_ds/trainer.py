@@ -27,8 +27,7 @@ from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
 from . import distributed
 from .ema import ShardedEMA
-from .engine import (build_engine, follow_run_schedule, init_distributed, release_shm_buffer, seed_everything,
-                     seed_micro_step)
+from .engine import build_engine, follow_run_schedule, init_distributed, seed_everything, seed_micro_step
 from .faults import armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
 from .model import build_model, encode_vit
@@ -266,7 +265,6 @@ class Trainer:
         if finished and distributed.initialized():
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
-        release_shm_buffer()
 
 
 def schedule_changes(saved: dict, train) -> list[str]:

@@ -106,6 +106,7 @@ def test_training_writes_what_users_watch(reference):
 
 def test_kill9_during_save_and_during_training_resume_exactly(reference, example_data, tmp_path):
     out = tmp_path / "run"
+    shm_before = shm_buffers()
     # 1. SIGKILL inside the save of step 4, after the engine files are written but before they are published
     killed = launch(train_args(out, example_data), env=launch_env(LANCE_DS_FAULT=f"{NAN_AT},kill_during_save:4"),
                     check=False)
@@ -121,6 +122,8 @@ def test_kill9_during_save_and_during_training_resume_exactly(reference, example
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert latest(out) == "step_00000006", "the job ended before it could be killed after step 6"
+    left = shm_buffers() - shm_before
+    assert not left, f"killed runs left DeepSpeed's shared-memory buffers behind: {sorted(left)}"
     assert not (out / "checkpoints" / "step_00000004.tmp").exists()  # the next save cleaned the partial one
     # 3. resume from step 6 to the end
     launch(train_args(out, example_data))

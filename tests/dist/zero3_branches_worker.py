@@ -146,7 +146,7 @@ def main() -> None:
     torch.distributed.destroy_process_group()  # a clean exit: a live gloo group can abort the process at teardown
     from lance_ds.engine import release_shm_buffer
 
-    release_shm_buffer()  # as the trainer does: DeepSpeed leaves its CPU all-reduce buffer in /dev/shm
+    release_shm_buffer()  # as init_distributed does: DeepSpeed leaves its CPU all-reduce buffer in /dev/shm
 
 
 if __name__ == "__main__":
