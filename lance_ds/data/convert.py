@@ -74,7 +74,7 @@ import pyarrow.parquet as pq
 
 from lance_ds.config.core import ConfigError, Problems, doc
 from lance_ds.data import media
-from lance_ds.data.schemas import SCHEMAS, MediaKind, RowProblem, SchemaError, TaskSchema, resolve_task, validate_row
+from lance_ds.data.schemas import SCHEMAS, RowProblem, SchemaError, TaskSchema, resolve_task, validate_row
 from lance_ds.data.tar import TarShardWriter, file_crc32
 
 log = logging.getLogger(__name__)
@@ -383,18 +383,6 @@ class MediaStats:
         return out
 
 
-def media_metadata(data: bytes, kind: MediaKind, verify: str) -> dict:
-    """Probe (verify full) or peek (verify none) the bytes; raises media.MediaError for unreadable bytes."""
-    ext = media.sniff_extension(data)
-    if kind is MediaKind.IMAGE:
-        info = media.probe_image(data) if verify == "full" else media.peek_image(data)
-        ext = ext or {"jpeg": "jpg"}.get(info.format, re.sub(r"[^a-z0-9]", "", info.format) or "bin")
-        return {"format": ext, "bytes": len(data), "width": info.width, "height": info.height}
-    info = media.probe_video(data) if verify == "full" else media.peek_video(data)
-    return {"format": ext or "bin", "bytes": len(data), "width": info.width, "height": info.height,
-            "frames": info.num_frames, "fps": round(info.fps, 6), "duration": round(info.duration, 6)}
-
-
 @dataclass
 class ShardRecord:
     """What a finished shard holds; saved under STATE_DIR so that a re-run can skip it."""
@@ -428,7 +416,7 @@ class ShardBuilder:
         for name, member, kind in self.media_columns:
             if name in checked.media:
                 try:
-                    metas[member] = media_metadata(checked.media[name], kind, self.verify)
+                    metas[member] = media.describe(checked.media[name], kind, full=self.verify == "full")
                 except media.MediaError as e:
                     checked.problems.append(RowProblem(name, str(e)))
         if checked.problems:

@@ -99,6 +99,20 @@ def sniff_extension(data: bytes) -> str | None:
     return None
 
 
+def describe(data: bytes, kind: str, full: bool = True) -> dict:
+    """A medium's KEY.json entry ("image" or "video" bytes): format, bytes, width, height (+ frames, fps, duration).
+    full: decode the image / probe every packet of the video (verification); else read headers only. Raises
+    MediaError for unreadable bytes."""
+    ext = sniff_extension(data)
+    if kind == "image":
+        info = probe_image(data) if full else peek_image(data)
+        ext = ext or {"jpeg": "jpg"}.get(info.format, re.sub(r"[^a-z0-9]", "", info.format) or "bin")
+        return {"format": ext, "bytes": len(data), "width": info.width, "height": info.height}
+    info = probe_video(data) if full else peek_video(data)
+    return {"format": ext or "bin", "bytes": len(data), "width": info.width, "height": info.height,
+            "frames": info.num_frames, "fps": round(info.fps, 6), "duration": round(info.duration, 6)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # images
 

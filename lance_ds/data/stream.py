@@ -7,7 +7,7 @@ Plan before decode: KEY.json gives each medium's size (the converter's metadata)
 a sample too long to pack is dropped without being decoded, and the packing buffer holds encoded bytes rather than
 pixels (a buffer of 64 decoded 480p clips is gigabytes). A sample is decoded when it is packed; if its media turn out
 another size than KEY.json said, it is planned again from them (and waits for the next sequence if it grew past the
-room left). Shards without sizes in KEY.json (other tools') are decoded once to plan and again when packed.
+room left). Shards whose KEY.json has no sizes (other tools') are planned from the media's headers.
 
 Slots. A slot is one (rank, data-loader worker): slot = rank * num_workers + worker, num_slots = world_size *
 num_workers. Each group's shards are split over the slots explicitly (webdataset's split_by_node then split_by_worker,
@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..config.data import DataConfig, DatasetConfig, GroupConfig, VideoOptions
 from ..config.run import is_remote
 from .batch import PackedBatch, Sample
-from .media import MediaError, decode_image, decode_video, sampled_frame_count
+from .media import MediaError, decode_image, decode_video, describe, sampled_frame_count
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length, collate
 from .schemas import SCHEMAS, MediaKind
 from .sequence import PlanError, SequencePlan, SequencePlanner, unit_hash
@@ -212,9 +212,10 @@ def fetch_raw(url: str, offset: int, key: str) -> RawSample:
 def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0, sizes_only: bool = False) -> Sample:
     """Raw members -> Sample (media frame-sampled by the group's video options). Raises SkipSample.
 
-    sizes_only: media whose size KEY.json gives (the converter's metadata) are not decoded but stand in as tensors on
-    the meta device of the size decoding would give them: enough to plan the sample (SequencePlanner only reads
-    sizes); its pixels are decoded when the plan is packed.
+    sizes_only: media are not decoded but stand in as tensors on the meta device of the size decoding would give them,
+    enough to plan the sample (SequencePlanner only reads sizes); its pixels are decoded when the plan is packed.
+    The sizes come from KEY.json (the converter's metadata) or, where it has none (another tool's shards), from the
+    media's headers; media whose headers say nothing are decoded.
     """
     if "json" not in raw.members:
         raise SkipSample("bad_json", f"{raw.key}: no {raw.key}.json member (members: {sorted(raw.members)})")
@@ -237,7 +238,8 @@ def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0, sizes_on
         data = by_column.get(column.member)
         if data is None:
             raise SkipSample("missing_media", f"{raw.key}: no {column.member} member (members: {sorted(raw.members)})")
-        size = media_size(described.get(column.member), column.kind, video) if sizes_only else None
+        size = media_size(described.get(column.member) or _peek(data, column.kind), column.kind, video) \
+            if sizes_only else None
         if size is not None:
             media[column.member] = torch.empty(size, dtype=torch.uint8, device="meta")
             continue
@@ -264,6 +266,14 @@ def media_size(info, kind: MediaKind, video: VideoOptions) -> tuple[int, int, in
         return None
     frames = sampled_frame_count(info["frames"], info["fps"], video.sample_fps, video.max_frames, video.max_duration)
     return frames, info["height"], info["width"], 3
+
+
+def _peek(data: bytes, kind: MediaKind) -> dict | None:
+    """A medium's KEY.json entry from its headers alone (the converter's --verify none); None when unreadable."""
+    try:
+        return describe(data, kind, full=False)
+    except MediaError:
+        return None  # decoding says what is wrong, and the sample is counted
 
 
 def _positive(value, types) -> bool:
@@ -427,7 +437,6 @@ class SlotStream:
         data = spec.data
         self.packer = TokenBudgetPacker(data.packing_length, data.packing_buffer, data.packing)
         self.failing = {g.name: 0 for g in spec.groups}  # consecutive unusable samples per group
-        self.unsized_groups: set[str] = set()  # groups whose KEY.json gives no media sizes (warned about once)
         self.failing_since = {g.name: 0 for g in spec.groups}  # the epoch of the first sample of that run
         self.largest_epoch = {g.name: 0 for g in spec.groups}  # most samples this slot kept in one epoch so far
         self.num_batches = 0
@@ -458,20 +467,10 @@ class SlotStream:
         return raw
 
     def plan_raw(self, raw: RawSample, sizes_only: bool = False) -> SequencePlan:
-        """Plan one raw sample (raises SkipSample). sizes_only: a plan that holds no pixels, only `raw`, to be
-        decoded when packed (`_decoded`): made from KEY.json's media sizes, or, where KEY.json does not give them,
-        from media decoded for their sizes and dropped (such shards are decoded twice, but never held as pixels)."""
-        name = raw.address[0]
-        plan = self._plan(decode_sample(raw, self.groups[name], epoch=raw.address[3], sizes_only=sizes_only), raw)
-        if sizes_only and not plan.needs_media and plan.media:
-            if name not in self.unsized_groups:
-                self.unsized_groups.add(name)
-                logger.warning("data group %r: %s.json gives no media sizes, so each sample is decoded twice (once to "
-                               "plan it, once when packed); shards made by tools/parquet_to_wds.py have them",
-                               name, raw.key)
-            plan.media = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in plan.media.items()}
-            plan.raw = raw
-        return plan
+        """Plan one raw sample (raises SkipSample). sizes_only: from its media's sizes, without decoding
+        (decode_sample); such a plan keeps `raw` and is decoded when packed (`_decoded`)."""
+        group = self.groups[raw.address[0]]
+        return self._plan(decode_sample(raw, group, epoch=raw.address[3], sizes_only=sizes_only), raw)
 
     def _plan(self, sample: Sample, raw: RawSample) -> SequencePlan:
         try:
@@ -492,8 +491,8 @@ class SlotStream:
         return False
 
     def _next_plan(self) -> SequencePlan:
-        """The next usable plan, made from KEY.json's media sizes where it gives them: the packing buffer holds
-        encoded bytes, not pixels, and a sample too long to pack is dropped without being decoded."""
+        """The next usable plan, made from its media's sizes: the packing buffer holds encoded bytes, not pixels,
+        and a sample too long to pack is dropped without being decoded."""
         while True:
             raw = self._next_shuffled()
             try:

@@ -19,8 +19,8 @@ import torch
 from lance_ds.config.data import DataConfig, DatasetConfig, GroupConfig, ImageOptions, VideoOptions
 from lance_ds.data import stream as stream_module
 from lance_ds.data.batch import PackedBatch
-from lance_ds.data.convert import media_metadata
 from lance_ds.data.media import MediaError, encode_image, encode_video
+from lance_ds.data.media import describe as describe_bytes
 from lance_ds.data.packing import Branches, OverlongSampleError
 from lance_ds.data.schemas import SCHEMAS
 from lance_ds.data.sequence import SequencePlanner, VisionGeometry
@@ -80,7 +80,7 @@ def describe_media(task: str, members: dict[str, bytes]) -> dict:
     for suffix, data in members.items():
         member = suffix.partition(".")[0]
         try:
-            described[member] = media_metadata(data, kinds[member], "full")
+            described[member] = describe_bytes(data, kinds[member])
         except (KeyError, MediaError):
             pass
     return described
@@ -452,7 +452,7 @@ def _clip(seed: int, frames: int = 14) -> bytes:
 def test_samples_wait_for_packing_undecoded_and_train_as_if_decoded(tmp_path, planner, monkeypatch):
     """Converter shards give their media's sizes in KEY.json: the loader plans from them and decodes a sample only
     when it packs it, so the packing buffer holds encoded bytes, not pixels. Shards without sizes (another tool's)
-    are decoded to plan and again when packed: no pixels wait either. The batches are exactly the same."""
+    are planned from the media's headers, alike. The batches are exactly the same."""
     decoded = []
     real_image, real_video = stream_module.decode_image, stream_module.decode_video
     monkeypatch.setattr(stream_module, "decode_image", lambda data: decoded.append(1) or real_image(data))
@@ -475,9 +475,7 @@ def test_samples_wait_for_packing_undecoded_and_train_as_if_decoded(tmp_path, pl
         assert all(m.is_meta for p in buffered for m in p.media.values())  # sizes only: no pixels
         tasks = Counter(t for b in batches[describe] for t in b.tasks if t in media_per_sample)
         packed = sum(media_per_sample[t] * n for t, n in tasks.items())
-        waiting = sum(media_per_sample[p.task] for p in buffered)
-        # each medium is decoded when packed; without sizes also once before, to plan it
-        assert len(decoded) == (packed if describe else 2 * packed + waiting)
+        assert len(decoded) == packed  # each medium is decoded once, when packed
         stream.close()
     assert_same_batches(batches[True], batches[False])
     assert any(t == "v2v" for b in batches[True] for t in b.tasks)
