@@ -238,11 +238,11 @@ def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0, sizes_on
         data = by_column.get(column.member)
         if data is None:
             raise SkipSample("missing_media", f"{raw.key}: no {column.member} member (members: {sorted(raw.members)})")
-        size = media_size(described.get(column.member) or _peek(data, column.kind), column.kind, video) \
-            if sizes_only else None
-        if size is not None:
-            media[column.member] = torch.empty(size, dtype=torch.uint8, device="meta")
-            continue
+        if sizes_only:
+            size = media_size(described.get(column.member) or _peek(data, column.kind), column.kind, video)
+            if size is not None:
+                media[column.member] = torch.empty(size, dtype=torch.uint8, device="meta")
+                continue
         try:
             if column.kind == MediaKind.IMAGE:
                 media[column.member] = decode_image(data)
