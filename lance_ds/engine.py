@@ -45,6 +45,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     # DeepSpeed's CPU backend runs `numactl` (absent here) on every collective unless LOCAL_SIZE is set; the deepspeed
     # launcher sets it, torchrun and plain python do not (measured: +12% per debug step)
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    set_cpu_threads()
     import deepspeed
 
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
@@ -59,6 +60,14 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         torch.distributed.barrier()  # every rank has mapped every rank's CPU all-reduce buffer: the names can go
     release_shm_buffer()
     return DistInfo(int(os.environ["RANK"]), world_size, local_rank, device)
+
+
+def set_cpu_threads() -> None:
+    """Without OMP_NUM_THREADS (scripts/launch.sh sets 1; the deepspeed launcher does not forward it to other nodes),
+    a rank takes its share of the node's cores, not every core as each of a node's ranks would by default."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_SIZE", "1"))))
 
 
 def release_shm_buffer() -> None:

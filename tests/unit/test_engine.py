@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lance_ds.config.run import TrainConfig
-from lance_ds.engine import follow_run_schedule, lr_multiplier
+from lance_ds.engine import follow_run_schedule, lr_multiplier, set_cpu_threads
 
 
 def scheduled(train: TrainConfig):
@@ -68,3 +68,23 @@ def test_a_resume_names_the_schedule_settings_it_changes():
     constant = {**saved, "lr_schedule": "constant"}
     assert schedule_changes(constant, TrainConfig(lr=1e-5, lr_schedule="constant", warmup_steps=2, min_lr=1e-4,
                                                   max_steps=8)) == ["train.lr 0.002 -> 1e-05"]
+
+
+def test_a_rank_without_omp_num_threads_takes_its_share_of_the_cores(monkeypatch):
+    """Ranks on another node get no OMP_NUM_THREADS from the deepspeed launcher: each would take every core."""
+    import os
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_SIZE", "2")
+        torch.set_num_threads(cores + 3)
+        set_cpu_threads()
+        assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the launcher set is left alone
+        torch.set_num_threads(3)
+        set_cpu_threads()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
