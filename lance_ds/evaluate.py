@@ -180,10 +180,6 @@ def side_by_side(*clips: Tensor | None) -> Tensor:
 # running
 
 
-def _world() -> tuple[int, int]:
-    return distributed.rank(), distributed.world_size()
-
-
 def share(items: list, rank: int, world: int) -> tuple[int, list[tuple[object, bool]]]:
     """This rank's contiguous share of `items`: the index of its first item in `items`, and (item, counted) pairs.
     Every rank gets ceil(n / world) items, the short ones padded with repeats of the first item that are run (so all
@@ -199,7 +195,7 @@ def evaluate(generator, prompts: list[Prompt], settings: EvalSettings | None = N
     prompts). Scores are summed over ranks; examples are rank 0's."""
     settings = settings or EvalSettings()
     start = time.perf_counter()
-    rank, world = _world()
+    rank, world = distributed.rank(), distributed.world_size()
     device = getattr(generator, "device", torch.device("cpu"))
     counts = torch.zeros(len(TASKS), 4, dtype=torch.float64)  # correct, total, chance sum, reference correct
     examples: list[Example] = []

@@ -180,7 +180,8 @@ def test_prompts_are_shared_evenly_over_ranks_and_the_counts_add_up(prompts, mon
     totals = {t: [0, 0] for t in TASKS}
     calls, noise = [], {}
     for rank in range(2):
-        monkeypatch.setattr(ev, "_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(ev.distributed, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(ev.distributed, "world_size", lambda group=None: 2)
         fake = FakeGenerator("right")
         for t, s in ev.evaluate(fake, prompts[:-1], ev.EvalSettings(batch_size=1)).scores.items():
             totals[t][0] += s.correct
