@@ -548,9 +548,8 @@ class SequencePlanner:
 
     def _plan_edit(self, sample: Sample, group: GroupConfig) -> SequencePlan:
         source, target = SOURCE_MEDIA[sample.task], TARGET_MEDIA[sample.task]
-        video = sample.task == "v2v"
-        seen = _paired_frames(sample, source, target) if video else _num_frames(sample, source)
-        target_cut = self._vae_cut(sample, target, group, video, seen if video else None)
+        seen = _paired_frames(sample, source, target)  # (images: 1)
+        target_cut = self._vae_cut(sample, target, group, sample.task == "v2v", seen)
         source_cut = FrameCut(source, target_cut.count, target_cut.height, target_cut.width)
         return self._edit_layout(sample, group, source, seen, source_cut, self._caption(sample, group), target_cut)
 
