@@ -289,10 +289,6 @@ class Checkpointer:
                                rank=self.rank)
 
 
-def _distributed() -> bool:
-    return distributed.world_size() > 1
-
-
 def _ranks_failing(failed: bool, device: torch.device) -> int:
     """How many ranks report a failure (collective: every rank calls it, so all of them raise together)."""
     count = torch.tensor([float(failed)], device=device)
@@ -307,7 +303,7 @@ def check_output_dir_shared(output_dir: Path, device: torch.device) -> None:
     """Every rank must see the output_dir rank 0 writes to: rank 0 alone renames a save into place and moves `latest`,
     so on a node-local directory the other nodes' optimizer shards would never be part of a checkpoint. Rank 0
     writes a token there; every rank reads it back, and all of them fail together if one cannot."""
-    if not _distributed():
+    if distributed.world_size() == 1:
         return
     token = [secrets.token_hex(8) if dist.get_rank() == 0 else None]
     if dist.get_rank() == 0:
@@ -329,7 +325,7 @@ def agree_on_resume(root: Path, path: Path | None, device: torch.device) -> Path
     """Rank 0's answer to --resume for every rank (each resolved it from its own view of the checkpoints dir
     `root`); a rank that cannot see that checkpoint there makes all of them fail, rather than some resuming and
     others starting over."""
-    if not _distributed():
+    if distributed.world_size() == 1:
         return path
     chosen = [path.name if path is not None else None]
     dist.broadcast_object_list(chosen, src=0)
