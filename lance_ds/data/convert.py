@@ -495,14 +495,19 @@ def save_record(output: Path, record: ShardRecord) -> None:
     os.replace(tmp, path)
 
 
+_AS_BINARY = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view()}
+
+
 def _column_values(column: pa.Array) -> list:
     """Python values of one column of a record batch. Binary columns come as memoryviews into the arrow buffer
     (zero-copy slices at the offsets): media bytes are then copied once, into the shard, instead of twice."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+    if pa.types.is_dictionary(column.type):  # categorical text (pandas writes these), or deduplicated media
+        column = column.dictionary_decode()
+    if column.type in _AS_BINARY:
         try:
             return column.to_pylist()
         except UnicodeDecodeError:  # parquet does not check UTF-8: hand the values over as bytes; the row check
-            column = column.view(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+            column = column.view(_AS_BINARY[column.type])
             # decodes each one and rejects the rows that are not UTF-8, naming file, row and column
     large = pa.types.is_large_binary(column.type)
     if not (large or pa.types.is_binary(column.type)):

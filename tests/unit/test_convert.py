@@ -443,11 +443,22 @@ def test_a_shard_whose_rows_are_now_all_rejected_leaves_no_old_tar(tmp_path):
     assert run([source], out, samples_per_shard=2).num_resumed == 2  # both shards, the empty one included
 
 
-def test_text_that_is_not_utf8_in_a_string_column_rejects_its_row(tmp_path):
+def _unchecked_text(values: list[bytes], kind: str) -> pa.Array:
+    """A text column holding `values` as they are, UTF-8 or not (neither arrow nor parquet checks)."""
+    binary = {"string": pa.binary(), "large_string": pa.large_binary(), "string_view": pa.binary_view()}
+    if kind == "dictionary":  # what pandas' Categorical columns become
+        encoded = pa.array(values, pa.binary()).dictionary_encode()
+        return pa.DictionaryArray.from_arrays(encoded.indices, encoded.dictionary.view(pa.string()))
+    return pa.array(values, binary[kind]).view(getattr(pa, kind)())
+
+
+@pytest.mark.parametrize("kind", ["string", "large_string", "string_view", "dictionary"])
+def test_text_that_is_not_utf8_in_a_string_column_rejects_its_row(tmp_path, kind):
     rows = make_rows("t2i")[0][:3]
-    captions = pa.array([b"fine", b"bad \xff\xfe", b"also fine"], pa.binary()).view(pa.string())  # arrow and
-    table = pa.table({"caption": captions, "image_bytes": [r["image_bytes"] for r in rows]})  # parquet don't check
+    captions = _unchecked_text([b"fine", b"bad \xff\xfe", b"also fine"], kind)
+    table = pa.table({"caption": captions, "image_bytes": [r["image_bytes"] for r in rows]})
     pq.write_table(table, tmp_path / "in.parquet")
+    assert kind in str(pq.read_schema(tmp_path / "in.parquet").field("caption").type)  # read back as written
     summary = run([tmp_path / "in.parquet"], tmp_path / "out")
     assert (summary.num_samples, summary.num_rejects) == (2, 1)
     [reject] = read_rejects(tmp_path / "out")
