@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import av
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 if TYPE_CHECKING:  # torch is imported inside the decoders only: the converter and its workers never need it,
     import torch  # and importing it costs ~2 s per process
@@ -140,6 +140,12 @@ def _open_image(data: bytes, decode: bool = True) -> Image.Image:
                          f"{_pil_reason(e)}") from None
 
 
+# EXIF orientation -> the turn that shows the image upright (2..8; 1 is upright already)
+_ORIENTATION_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                      4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                      7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
 def _orientation(img: Image.Image) -> int:
     """EXIF orientation 1..8 (1: upright; 5..8: turned by 90 degrees); 1 when absent or unreadable."""
     try:
@@ -176,8 +182,9 @@ def decode_image(data: bytes) -> torch.Tensor:
 
     img = _open_image(data)
     try:
-        if _orientation(img) != 1:
-            img = ImageOps.exif_transpose(img)  # as a photo viewer shows it
+        turn = _ORIENTATION_TURNS.get(_orientation(img))
+        if turn is not None:  # as a photo viewer shows it (not ImageOps.exif_transpose: it rewrites the EXIF block,
+            img = img.transpose(turn)  # which fails on damaged EXIF that the orientation itself survives)
         pixels = _to_rgb(img)
     except MemoryError:
         raise

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lance_ds.data.example import Scene, render_video
 from lance_ds.data.media import (
@@ -309,14 +309,19 @@ def test_sniff_extension():
     assert sniff_extension(b"random bytes here") is None
 
 
-def jpeg_with_orientation(orientation: int, big_endian: bool) -> bytes:
-    """A 6 x 4 JPEG whose EXIF block (written by hand, either byte order) carries an orientation tag."""
+def jpeg_with_orientation(orientation: int, big_endian: bool, damaged: bool = False,
+                          picture: Image.Image | None = None) -> bytes:
+    """A JPEG of `picture` (6 x 4 red by default) whose EXIF block (written by hand, either byte order) carries an
+    orientation tag; damaged: also a Make tag typed as a fraction instead of text (PIL cannot write that EXIF back)."""
     order = ">" if big_endian else "<"
+    entries = [struct.pack(order + "HHIHH", 0x0112, 3, 1, orientation, 0)]
+    if damaged:  # its value, 8 bytes, lies after the IFD
+        entries.insert(0, struct.pack(order + "HHII", 0x010F, 5, 1, 8 + 2 + 12 * 2 + 4))
     tiff = (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(order + "I", 8)
-    tiff += struct.pack(order + "H", 1) + struct.pack(order + "HHIHH", 0x0112, 3, 1, orientation, 0)
-    tiff += struct.pack(order + "I", 0)
+    tiff += struct.pack(order + "H", len(entries)) + b"".join(entries) + struct.pack(order + "I", 0)
+    tiff += struct.pack(order + "II", 1, 2) if damaged else b""
     app1 = b"Exif\x00\x00" + tiff
-    plain = pil_bytes(Image.new("RGB", (6, 4), (200, 30, 30)), "JPEG")
+    plain = pil_bytes(picture or Image.new("RGB", (6, 4), (200, 30, 30)), "JPEG")
     return plain[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + plain[2:]
 
 
@@ -329,6 +334,24 @@ def test_exif_orientation_agrees_between_peek_probe_and_decode(orientation, big_
     assert (frames.shape[2], frames.shape[1]) == expected
     for info in (probe_image(data), peek_image(data)):
         assert (info.width, info.height, info.format) == (*expected, "jpeg")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decoded_images_are_turned_as_exif_transpose_turns_them(orientation):
+    gradient = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 2  # every pixel different
+    data = jpeg_with_orientation(orientation, big_endian=False, picture=Image.fromarray(gradient))
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert np.array_equal(decode_image(data)[0].numpy(), expected)
+
+
+def test_damaged_exif_beside_the_orientation_still_decodes_turned():
+    data = jpeg_with_orientation(6, big_endian=False, damaged=True)
+    with pytest.raises(AttributeError):  # PIL's own turn rewrites the EXIF block, and cannot
+        ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    frames = decode_image(data)
+    assert (frames.shape[2], frames.shape[1]) == (4, 6)
+    for info in (probe_image(data), peek_image(data)):
+        assert (info.width, info.height) == (4, 6)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
