@@ -224,62 +224,88 @@ def _displayed_size(img: Image.Image) -> ImageInfo:
 
 
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
+_XMP_APP1 = b"http://ns.adobe.com/xap/1.0/\0"  # XMP can carry an orientation too (tiff:Orientation)
+# PNG text chunks whose keyword says they hold EXIF or XMP, which PIL reads an orientation from
+_PNG_METADATA_TEXT = (b"XML:com.adobe.xmp\0", b"Raw profile type exif\0")
 
 
 def _header_size(data) -> ImageInfo | None:
-    """Width and height read straight from a PNG, JPEG or GIF header; None for other formats or odd headers."""
-    head = bytes(data[:32])
-    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
-        width, height = struct.unpack(">II", head[16:24])
-        if _png_orientation(_unsigned(data)) >= 5:
-            width, height = height, width
-        return ImageInfo(width, height, "png") if width and height else None
-    if head.startswith((b"GIF87a", b"GIF89a")) and len(head) >= 10:
-        width, height = struct.unpack("<HH", head[6:10])
-        return ImageInfo(width, height, "gif") if width and height else None
-    if not head.startswith(b"\xff\xd8"):
+    """Width and height as displayed, read straight from a JPEG's or PNG's header; None (ask PIL) for other formats
+    and wherever the header leaves room for doubt (XMP, two EXIF blocks, an orientation tag of an odd type)."""
+    view = _unsigned(data)
+    if bytes(view[:2]) == b"\xff\xd8":
+        found = _jpeg_size(view)
+    elif bytes(view[:8]) == b"\x89PNG\r\n\x1a\n":
+        found = _png_size(view)
+    else:
         return None
-    view, pos, end = _unsigned(data), 2, len(data)
-    rotated = False  # EXIF orientation 5..8: the displayed image is the stored one turned by 90 degrees
-    while pos + 9 < end:  # walk the JPEG segments up to the frame header
+    if found is None:
+        return None
+    width, height, orientation, fmt = found
+    if orientation is None or not width or not height:
+        return None
+    if orientation >= 5:  # EXIF orientation 5..8: the displayed image is the stored one turned by 90 degrees
+        width, height = height, width
+    return ImageInfo(width, height, fmt)
+
+
+def _jpeg_size(view: memoryview) -> tuple[int, int, int | None, str] | None:
+    """(width, height, orientation, "jpeg") from the segments before the scan data (EXIF may follow the frame
+    header, so the walk goes on past it); orientation None: ask PIL."""
+    pos, end = 2, len(view)
+    size, exif = None, []
+    while pos + 4 <= end:
         if view[pos] != 0xFF:
             return None
         marker = view[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if marker in _JPEG_SOF:
-            height, width = struct.unpack(">HH", view[pos + 5:pos + 9])
-            if rotated:
-                width, height = height, width
-            return ImageInfo(width, height, "jpeg") if width and height else None
-        if marker == 0xDA or marker == 0xD9:  # scan data or end of image before any frame header
-            return None
+        if marker == 0xDA or marker == 0xD9:  # scan data (or the end): the header is over
+            break
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # segments without a length
             pos += 2
             continue
         length = struct.unpack(">H", view[pos + 2:pos + 4])[0]
-        if marker == 0xE1 and bytes(view[pos + 4:pos + 10]) == b"Exif\0\0":
-            rotated = _exif_orientation(bytes(view[pos + 10:pos + 2 + length])) in (5, 6, 7, 8)
+        if marker in _JPEG_SOF and size is None and pos + 9 <= end:
+            height, width = struct.unpack(">HH", view[pos + 5:pos + 9])
+            size = width, height
+        elif marker == 0xE1:
+            head = bytes(view[pos + 4:pos + 4 + len(_XMP_APP1)])
+            if head.startswith(b"Exif\0\0"):
+                exif.append(bytes(view[pos + 10:pos + 2 + length]))
+            elif head == _XMP_APP1:
+                return None
         pos += 2 + length
-    return None
+    if size is None or len(exif) > 1:
+        return None
+    return *size, (_exif_orientation(exif[0]) if exif else 1), "jpeg"
 
 
-def _png_orientation(view: memoryview) -> int:
-    """EXIF orientation from a PNG's eXIf chunk, looked for up to the first IDAT (where the PNG spec puts it)."""
-    pos = 8  # past the signature; each chunk: length, type, data, CRC
+def _png_size(view: memoryview) -> tuple[int, int, int | None, str] | None:
+    """(width, height, orientation, "png") from IHDR and an eXIf chunk, wherever it is (PIL reads one after the
+    image data too); orientation None: ask PIL. Walks the chunk headers only."""
+    if bytes(view[12:16]) != b"IHDR" or len(view) < 24:
+        return None
+    width, height = struct.unpack(">II", view[16:24])
+    pos, orientation, seen_exif = 8, 1, False  # past the signature; each chunk: length, type, data, CRC
     while pos + 8 <= len(view):
         length, kind = struct.unpack(">I4s", view[pos:pos + 8])
         if kind == b"eXIf":
-            return _exif_orientation(bytes(view[pos + 8:pos + 8 + length]))
-        if kind == b"IDAT":
-            return 1
+            if seen_exif:
+                return None
+            seen_exif, orientation = True, _exif_orientation(bytes(view[pos + 8:pos + 8 + length]))
+        elif kind in (b"tEXt", b"zTXt", b"iTXt") and bytes(view[pos + 8:pos + 8 + 22]).startswith(_PNG_METADATA_TEXT):
+            return None
+        elif kind == b"IEND":
+            break
         pos += 12 + length
-    return 1
+    return width, height, orientation, "png"
 
 
-def _exif_orientation(tiff: bytes) -> int:
-    """The Orientation tag (0x0112) of IFD0 in an EXIF TIFF block; 1 (upright) when absent or unreadable."""
+def _exif_orientation(tiff: bytes) -> int | None:
+    """The Orientation tag (0x0112) of IFD0 in an EXIF TIFF block: 1 (upright) when absent or unreadable, None when
+    stored in an odd way (ask PIL)."""
     if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
         return 1
     order = "<" if tiff[:2] == b"II" else ">"
@@ -288,9 +314,13 @@ def _exif_orientation(tiff: bytes) -> int:
         return 1
     (count,) = struct.unpack(order + "H", tiff[ifd:ifd + 2])
     for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
-        tag, kind = struct.unpack(order + "HH", tiff[entry:entry + 4])
-        if tag == 0x0112 and kind == 3:  # SHORT, stored in the first two bytes of the value field
-            return struct.unpack(order + "H", tiff[entry + 8:entry + 10])[0]
+        tag, kind, number = struct.unpack(order + "HHI", tiff[entry:entry + 8])
+        if tag != 0x0112:
+            continue
+        if kind == 3 and number == 1:  # SHORT, stored in the first two bytes of the value field
+            (value,) = struct.unpack(order + "H", tiff[entry + 8:entry + 10])
+            return value if 1 <= value <= 8 else 1  # as _orientation reads it
+        return None
     return 1
 
 

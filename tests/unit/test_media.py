@@ -336,6 +336,61 @@ def test_exif_orientation_agrees_between_peek_probe_and_decode(orientation, big_
         assert (info.width, info.height, info.format) == (*expected, "jpeg")
 
 
+def _exif_block(orientation: int, kind: int = 3) -> bytes:
+    """A little-endian EXIF TIFF block with one orientation tag, stored as SHORT (3) or LONG (4)."""
+    value = struct.pack("<HH", orientation, 0) if kind == 3 else struct.pack("<I", orientation)
+    return b"II*\x00" + struct.pack("<IHHHI", 8, 1, 0x0112, kind, 1) + value + struct.pack("<I", 0)
+
+
+def _jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+_XMP_TURNED = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+
+
+def _turned_images() -> dict[str, bytes]:
+    """6 x 4 pictures whose header says "turned by 90 degrees" in ways a quick header walk can miss."""
+    jpeg, png = pil_bytes(Image.new("RGB", (6, 4), (200, 30, 30)), "JPEG"), pil_bytes(Image.new("RGB", (6, 4)), "PNG")
+    sof, iend = jpeg.index(b"\xff\xc0"), png.index(b"IEND") - 4
+    sof_end = sof + 2 + struct.unpack(">H", jpeg[sof + 2:sof + 4])[0]
+    exif6, exif1 = (_jpeg_segment(0xE1, b"Exif\0\0" + _exif_block(o)) for o in (6, 1))
+    raw_profile = b"\nexif\n      30\n" + (b"Exif\0\0" + _exif_block(6)).hex().encode() + b"\n"
+    return {
+        "jpeg, EXIF after the frame header": jpeg[:sof_end] + exif6 + jpeg[sof_end:],
+        "jpeg, orientation stored as LONG": jpeg[:2] + _jpeg_segment(0xE1, b"Exif\0\0" + _exif_block(6, 4)) + jpeg[2:],
+        "jpeg, two EXIF blocks (PIL reads the first)": jpeg[:2] + exif6 + exif1 + jpeg[2:],
+        "jpeg, XMP orientation": jpeg[:2] + _jpeg_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0" + _XMP_TURNED)
+        + jpeg[2:],
+        "png, eXIf after the image data": png[:iend] + _png_chunk(b"eXIf", _exif_block(6)) + png[iend:],
+        "png, XMP orientation": png[:iend] + _png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + _XMP_TURNED)
+        + png[iend:],
+        "png, ImageMagick's raw EXIF profile": png[:iend] + _png_chunk(
+            b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(raw_profile)) + png[iend:],
+    }
+
+
+@pytest.mark.parametrize("name", list(_turned_images()))
+def test_turned_images_have_one_size_in_peek_probe_and_decode(name):
+    data = _turned_images()[name]
+    frames = decode_image(data)
+    assert (frames.shape[2], frames.shape[1]) == (4, 6)
+    for info in (probe_image(data), peek_image(data)):
+        assert (info.width, info.height) == (4, 6)
+
+
+def test_a_gif_frame_larger_than_its_screen_has_the_size_it_decodes_to():
+    data = bytearray(pil_bytes(Image.new("RGB", (6, 4), (10, 20, 30)), "GIF"))
+    data[6:10] = struct.pack("<HH", 3, 2)  # the logical screen claims 3 x 2
+    frames = decode_image(bytes(data))
+    for info in (probe_image(bytes(data)), peek_image(bytes(data))):
+        assert (info.width, info.height) == (frames.shape[2], frames.shape[1])
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_decoded_images_are_turned_as_exif_transpose_turns_them(orientation):
     gradient = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 2  # every pixel different
