@@ -57,6 +57,7 @@ from typing import Iterator
 
 import braceexpand
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config.data import DataConfig, DatasetConfig, GroupConfig, VideoOptions
@@ -226,10 +227,16 @@ def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0, sizes_on
     if not isinstance(meta, dict):
         raise SkipSample("bad_json", f"{raw.key}.json holds {type(meta).__name__}, not an object")
     task = meta.get("task") or group.task
-    if task not in SCHEMAS or (group.task and task != group.task):
+    if not isinstance(task, str) or task not in SCHEMAS or (group.task and task != group.task):
         raise SkipSample("task_mismatch", f"{raw.key}: task {task!r} in a group of task {group.task!r}")
     schema = SCHEMAS[task]
     texts = {c: meta[c] for c in schema.text_columns if isinstance(meta.get(c), str)}
+    for column, text in texts.items():
+        try:  # JSON can spell a lone UTF-16 surrogate (a caption cut inside an emoji); no tokenizer takes one
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SkipSample("bad_json", f"{raw.key}.json: {column} is not valid Unicode ({e.reason} at character "
+                                         f"{e.start})") from None
     by_column = {suffix.partition(".")[0]: data for suffix, data in raw.members.items() if suffix != "json"}
     media = {}
     video = group.config.video
@@ -255,16 +262,25 @@ def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0, sizes_on
                   meta={"epoch": epoch, "source": meta.get("source"), "media": meta.get("media")})
 
 
+_MAX_FRAMES = 1_000_000  # ~9 hours at 30 fps
+_MAX_FPS = 1000.0
+
+
 def media_size(info, kind: MediaKind, video: VideoOptions) -> tuple[int, int, int, int] | None:
     """The uint8 [T, H, W, 3] size decoding gives a medium, from its KEY.json entry (width, height; frames and fps
-    for a video, frame-sampled as decode_video samples them); None when the entry does not say."""
+    for a video, frame-sampled as decode_video samples them); None when the entry does not say, or says what no
+    decodable medium is (more pixels than PIL decodes, absurd frame counts or rates): the medium is then decoded."""
     if not isinstance(info, dict) or not all(_positive(info.get(k), int) for k in ("width", "height")):
+        return None
+    if info["width"] * info["height"] > Image.MAX_IMAGE_PIXELS:
         return None
     if kind == MediaKind.IMAGE:
         return 1, info["height"], info["width"], 3
-    if not (_positive(info.get("frames"), int) and _positive(info.get("fps"), (int, float))):
+    frames, fps = info.get("frames"), info.get("fps")
+    if not (_positive(frames, int) and frames <= _MAX_FRAMES and _positive(fps, (int, float))
+            and math.isfinite(fps) and fps <= _MAX_FPS):
         return None
-    frames = sampled_frame_count(info["frames"], info["fps"], video.sample_fps, video.max_frames, video.max_duration)
+    frames = sampled_frame_count(frames, fps, video.sample_fps, video.max_frames, video.max_duration)
     return frames, info["height"], info["width"], 3
 
 

@@ -263,7 +263,7 @@ def open_shard(url: str, offset: int = 0) -> BinaryIO:
         stream = open(path, "rb", buffering=1 << 20)
         stream.seek(offset)
         return stream
-    except (OSError, ValueError, urllib.error.URLError) as e:
+    except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException) as e:  # (a garbled reply)
         raise ShardError("unreadable_shard", f"cannot open {url} at byte {offset}: {e}") from None
 
 

@@ -9,6 +9,7 @@ import http.server
 import json
 import re
 import shutil
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,7 @@ from lance_ds.data.batch import PackedBatch
 from lance_ds.data.media import MediaError, encode_image, encode_video
 from lance_ds.data.media import describe as describe_bytes
 from lance_ds.data.packing import Branches, OverlongSampleError
-from lance_ds.data.schemas import SCHEMAS
+from lance_ds.data.schemas import SCHEMAS, MediaKind
 from lance_ds.data.sequence import SequencePlanner, VisionGeometry
 from lance_ds.data.stream import (GroupReader, SkipCounter, SlotStream, StreamSpec, build_train_loader,
                                   build_val_loader, fetch_raw, resolve_group)
@@ -525,6 +526,40 @@ def test_key_json_that_understates_a_sample_costs_time_not_samples(tmp_path, pla
     assert_same_batches([resumed.next_batch() for _ in range(6)], after)
 
 
+def test_key_json_sizes_no_medium_has_are_not_believed(tmp_path, planner):
+    """Sizes beyond any decodable medium (another tool's bug, a hand edit) would hang or crash the planner (a frame
+    count walked frame by frame, a meta tensor of 2**80 pixels): the medium is decoded and measured instead."""
+    lies = [{"width": 2**40, "height": 2**40}, {"frames": 10**13, "fps": 1e12}, {"fps": float("inf")},
+            {"frames": 10**9}]
+    write_shards(tmp_path, "t2v", 1, 4, media=lambda i: {"video.mp4": _clip(i)},
+                 describe=lambda seed, media: {"video": {**media["video"], **lies[seed]}})
+    options = VideoOptions(sample_fps=12, max_frames=9, max_duration=10.0)
+    sizes: list = []
+    thread = threading.Thread(target=lambda: sizes.extend(stream_module.media_size(
+        {"width": 48, "height": 32, "frames": 14, "fps": 24.0, **lie}, MediaKind.VIDEO, options) for lie in lies),
+        daemon=True)
+    thread.start()
+    thread.join(10)
+    assert sizes == [None] * len(lies), "a KEY.json size was believed (or planning it hung)"
+    g = dataclasses.replace(group("v", [tmp_path], task="t2v"), video=options)
+    loader = build_train_loader(DatasetConfig(groups=[g]), DATA, planner, rank=0, world_size=1, seed=0,
+                                micro_batch_size=1)
+    take_within(loader, 4, 60)
+    assert loader.stats_scalars()["data/skipped"] == 0
+
+
+@pytest.mark.parametrize("meta, reason", [
+    ({"task": ["t2i"], "caption": "a red circle"}, "task_mismatch"),  # valid JSON, not a task name
+    ({"task": "t2i", "caption": "cut inside an emoji \ud83d"}, "bad_json"),  # a lone surrogate: no tokenizer takes it
+])
+def test_odd_key_json_values_skip_their_sample(tmp_path, meta, reason):
+    write_shards(tmp_path, "t2i", 1, 1)
+    raw = stream_module.RawSample("k", {"json": json.dumps(meta).encode(), "image.png": _png(0)}, 0, 0)
+    with pytest.raises(stream_module.SkipSample) as skipped:
+        stream_module.decode_sample(raw, resolve_group(group("g", [tmp_path])))
+    assert skipped.value.reason == reason
+
+
 def test_media_that_do_not_decode_despite_their_key_json_are_counted(tmp_path, planner):
     """Damaged after conversion: KEY.json describes an image the bytes no longer hold. It is found when packed,
     counted, and a group with nothing else is still reported instead of looping forever."""
@@ -615,6 +650,20 @@ def test_unreachable_shards_are_counted(http_root, planner):
                                 seed=0, micro_batch_size=1)
     take(loader, 3)
     assert loader.stats_scalars()["data/skipped/unreadable_shard"] >= 2
+
+
+def test_a_server_that_does_not_speak_http_makes_an_unreadable_shard():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def answer_garbage():
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(4096)
+                connection.sendall(b"garbage\r\n\r\n")
+
+        threading.Thread(target=answer_garbage, daemon=True).start()
+        with pytest.raises(ShardError) as error:
+            list(iter_raw_samples(f"http://127.0.0.1:{server.getsockname()[1]}/shard-000000.tar"))
+    assert error.value.reason == "unreadable_shard"
 
 
 # ----------------------------------------------------------------------------------------------------------------
