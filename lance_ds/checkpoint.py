@@ -7,7 +7,8 @@ Layout of OUTPUT_DIR/checkpoints/:
     rank_00000/data.json     this rank's data-loader position   (one dir per rank)
     rank_00000/ema.safetensors this rank's EMA shard (when EMA is on)
   step_00000040.tmp/         a save in progress: ignored by resume, removed by the next save
-  latest                     the name of the newest complete checkpoint (replaced atomically)
+  latest                     the name of the newest complete checkpoint (replaced atomically); without it, the
+                             newest complete step is the latest
 
 A save is written under `<name>.tmp`, every rank finishes, then rank 0 renames it and only then moves `latest`
 (rule 7), so a run killed at any moment - even during a save - resumes from the last complete checkpoint. Every file
@@ -97,14 +98,20 @@ def writer_of(relative: Path) -> int:
 
 def _fsync_own(root: Path, rank: int) -> None:
     """Flush to disk the files of the save under `root` that this rank wrote (each rank its own: N ranks opening
-    every file would be N^2 metadata operations on a shared file system), and, on rank 0, its folders."""
+    every file would be N^2 metadata operations on a shared file system), and its own rank folder."""
     for folder, _, files in os.walk(root):
         for name in files:
             path = Path(folder, name)
             if writer_of(path.relative_to(root)) == rank:
                 _fsync(path)
-        if rank == 0:
-            _fsync_dir(Path(folder))
+    if rank_dir(root, rank).is_dir():
+        _fsync_dir(rank_dir(root, rank))
+
+
+def _fsync_folders(root: Path) -> None:
+    """Flush the folders of a save (the names they hold), once every rank has written into them (rank 0)."""
+    for folder, _, _ in os.walk(root):
+        _fsync_dir(Path(folder))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -162,8 +169,9 @@ class Checkpointer:
             return None
         if resume == "latest":
             pointer = self.root / LATEST
-            if not pointer.is_file():
-                return None
+            if not pointer.is_file():  # nothing saved yet, or the first save ended between its rename and `latest`
+                complete = self.complete_steps()
+                return self.root / step_name(complete[-1]) if complete else None
             path = self.root / pointer.read_text().strip()
             if not (path / TRAINER_STATE).is_file():
                 aside = self._aside(path.name)
@@ -217,6 +225,7 @@ class Checkpointer:
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step}, save_latest=False)
         mine = rank_dir(tmp, self.rank)
         mine.mkdir(parents=True, exist_ok=True)
+        rank_files = [name for name, saved in (("data.json", data_state), ("ema.safetensors", ema)) if saved is not None]
         if data_state is not None:
             (mine / "data.json").write_text(json.dumps(data_state))
         if ema is not None:
@@ -228,7 +237,8 @@ class Checkpointer:
         _barrier()
         kill_if_armed("kill_during_save", step)  # crash tests: after the engine files, before publishing
         if self.rank == 0:
-            state = dict(trainer_state, step=step, world_size=self.world_size)
+            _fsync_folders(tmp)  # every rank's files and folders are in them by now
+            state = dict(trainer_state, step=step, world_size=self.world_size, rank_files=rank_files)
             # trainer_state.json is written last: its presence marks a complete directory.
             _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2))
             final, replaced = self.root / name, self._aside(name)
@@ -268,6 +278,9 @@ class Checkpointer:
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
         mine = rank_dir(path, self.rank)
+        for name in trainer_state.get("rank_files", []):  # (older checkpoints do not list them)
+            if not (mine / name).is_file():  # the save wrote it: without it this rank would quietly start over
+                raise self._unreadable(path, str(mine / name), FileNotFoundError("missing"))
 
         def read(file: Path, parse):  # None when this rank saved no such file
             try:

@@ -52,6 +52,26 @@ def test_save_publishes_atomically_and_keeps_the_last(tmp_path):
     assert resumed.step == 30 and resumed.data_state == {"position": 30} and resumed.ema_state is None
 
 
+def test_a_first_save_cut_before_its_latest_pointer_is_still_resumed(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    save(ck, 10)
+    save(ck, 20)
+    (tmp_path / "latest").unlink()  # as a run killed between publishing its first save and writing `latest` leaves it
+    assert ck.resolve("latest") == tmp_path / step_name(20)  # not None: the run would start over and overwrite it
+
+
+@pytest.mark.parametrize("lost", ["data.json", "ema.safetensors"])
+def test_a_rank_file_the_save_wrote_must_be_there_to_resume(tmp_path, lost):
+    """Without its data position a rank would read its data from the start again, without its EMA shard it would
+    restart the average: quietly inexact. Missing after the save (a partial copy, a hand clean-up): refused."""
+    ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    path = save(ck, 10, ShardedEMA(torch.nn.Linear(3, 2), 0.5))
+    (path / "rank_00000" / lost).unlink()
+    with pytest.raises(CheckpointError, match=rf"rank_00000/{lost} could not be read \(FileNotFoundError: missing"):
+        ck.load(FakeEngine(), path)
+    assert save(ck, 20).exists() and ck.load(FakeEngine(), ck.resolve("20")).ema_state is None  # saved without EMA
+
+
 def test_a_restarted_run_keeps_its_own_new_checkpoints(tmp_path):
     ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
     for step in (40, 50, 60):  # an earlier run in this output_dir
@@ -387,7 +407,11 @@ def test_each_rank_flushes_the_files_it_wrote(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
     checkpoint._fsync_own(tmp_path, 1)
     assert sorted(Path(p).relative_to(tmp_path).as_posix() for p in synced) == [
-        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_00001/data.json", "rank_00001/ema.safetensors"]
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_00001", "rank_00001/data.json",
+        "rank_00001/ema.safetensors"]  # and its own folder: only this rank knows when the names in it are final
+    synced.clear()
+    checkpoint._fsync_folders(tmp_path)  # rank 0, once every rank has written
+    assert sorted(Path(p).relative_to(tmp_path).as_posix() for p in synced) == [".", "rank_00000", "rank_00001"]
 
     def unsupported(fd):
         raise OSError(22, "Invalid argument")  # what some FUSE / network mounts answer for a directory
