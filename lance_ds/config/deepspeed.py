@@ -193,6 +193,7 @@ def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: i
     zero = ds.get("zero_optimization", {})
     problems.one_of(zero.get("stage", 0), (0, 1, 2, 3), "--ds_config zero_optimization.stage")
     check_zero_section(zero, problems)
+    check_checkpoint_writer(ds, problems)
     if not on_gpu and cfg.train.precision == "fp16":
         problems.add("train.precision", "fp16 needs a GPU (DeepSpeed has no fp16 engine on CPU); use bf16 or fp32")
     if cfg.model.attention == "flash":  # here, not at the first forward of every rank
@@ -217,6 +218,19 @@ def check_zero_section(zero: dict, problems: Problems) -> None:
         for error in e.errors():
             where = ".".join(map(str, error["loc"]))
             problems.add(f"--ds_config zero_optimization.{where}", f"{error['msg']} (DeepSpeed's ZeRO config)")
+
+
+def check_checkpoint_writer(ds: dict, problems: Problems) -> None:
+    """DeepSpeed's asynchronous checkpoint writers return from save_checkpoint before the files are written: lance_ds
+    would publish a save (rename it, move `latest`) whose files are still being written, so they are refused."""
+    writer = ds.get("checkpoint", {}).get("writer") if isinstance(ds.get("checkpoint"), dict) else None
+    if isinstance(writer, dict) and writer.get("decoupled"):
+        problems.add("--ds_config checkpoint.writer.decoupled", "writes checkpoints in the background, so lance_ds "
+                     "could publish one before its files are complete; set it to false (or remove it)")
+    datastates = ds.get("datastates_ckpt")
+    if isinstance(datastates, dict) and datastates.get("enabled"):
+        problems.add("--ds_config datastates_ckpt.enabled", "writes checkpoints in the background, so lance_ds could "
+                     "publish one before its files are complete; set it to false (or remove the section)")
 
 
 def _find_auto(node: Any, prefix: str = "") -> list[str]:

@@ -325,6 +325,10 @@ def test_extends_cycles_and_non_file_extends_are_refused(tmp_path):
     ({"zero_optimisation": {"stage": 3}}, "--ds_config zero_optimisation: is not a DeepSpeed key (DeepSpeed would "
                                           "silently ignore it); did you mean zero_optimization?"),
     ({"gradient_cliping": "auto"}, "did you mean gradient_clipping?"),
+    ({"checkpoint": {"writer": {"decoupled": True}}}, "--ds_config checkpoint.writer.decoupled: writes checkpoints "
+                                                      "in the background"),
+    ({"datastates_ckpt": {"enabled": True}}, "--ds_config datastates_ckpt.enabled: writes checkpoints in the "
+                                             "background"),
 ])
 def test_deepspeed_sections_of_the_wrong_type_or_misspelt_are_refused(dataset_dir, patch, message):
     ds_json = json.loads((REPO / "ds_configs/zero3.json").read_text())
