@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -92,13 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         exit_now(1, traceback.format_exc())
     try:
-        trainer.train()
+        stopped = trainer.train()
+    except KeyboardInterrupt:  # Ctrl-C twice: at once, the last complete checkpoint kept
+        trainer.close(finished=False)
+        exit_now(128 + signal.SIGINT)
     except BaseException:
         trace = traceback.format_exc()
         trainer.close(finished=False)
         exit_now(1, trace)
     trainer.close()
-    return 0
+    return 128 + stopped if stopped else 0  # stopped by a signal (saved): the shell's code for that signal
 
 
 def exit_now(code: int, trace: str = "") -> None:

@@ -9,6 +9,7 @@ placeholders), so ZeRO-3's collectives always match.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .faults import armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
 from .model import build_model, encode_vit
 from .objectives import compute_losses, prepare_flow
+from .stopping import StopRequests
 from .validation import TaskLosses, Validator, total_loss
 
 
@@ -71,7 +73,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def train(self) -> None:
+    def train(self) -> int | None:
+        """Train to train.max_steps; returns the signal that stopped the run earlier (see lance_ds.stopping), or
+        None."""
         cfg = self.cfg
         self.print_banner()
         batches = iter(self.loader)
@@ -79,20 +83,27 @@ class Trainer:
             self.validate_if_due()
         meter, speed = Meter(), Throughput()
         progress = self._progress_bar()
-        while self.step < cfg.train.max_steps:
-            self.train_step(batches, meter, speed)
-            self.step += 1
-            progress.update(1)
-            # a save ends a logging window too: a run resumed from it then logs the windows the uninterrupted one did
-            if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps or self._save_due():
-                self.log(meter, speed, progress)
-            self.validate_if_due()
-            if self._save_due():
-                self.save()
+        requests, stopped = StopRequests(), None
+        try:
+            while self.step < cfg.train.max_steps and stopped is None:
+                self.train_step(batches, meter, speed)
+                self.step += 1
+                progress.update(1)
+                stopped = requests.agreed(self.dist.device)
+                save = self._save_due() or stopped is not None
+                # a save ends a logging window too: a run resumed from it logs the windows the uninterrupted one did
+                if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps or save:
+                    self.log(meter, speed, progress)
+                self.validate_if_due()
+                if save:
+                    self.save()
+        finally:
+            requests.restore()
         progress.close()
         if self.saved_step != self.step:  # (not read from the files: every rank must decide alike)
             self.save()
-        self.print_summary()
+        self.print_summary(stopped)
+        return stopped
 
     def train_step(self, batches, meter: Meter, speed: Throughput) -> None:
         """One optimizer step over `grad_accum` micro-batches."""
@@ -194,13 +205,15 @@ class Trainer:
         t = self.cfg.train
         return t.micro_batch_size * self.cfg.data.packing_length * t.grad_accum * self.dist.world_size
 
-    def print_summary(self) -> None:
+    def print_summary(self, stopped: int | None = None) -> None:
         self.tb.hparams(flat_hparams(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in self.last_losses.items()})
         if not self.dist.is_first:
             return
         elapsed = time.time() - self.started
         losses = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in self.last_losses.items())
-        print(f"lance_ds: done: {self.step} steps in {elapsed:.0f} s, {self.tokens_seen:,} tokens, "
+        ended = (f"stopped by {signal.Signals(stopped).name} at step {self.step} of {self.cfg.train.max_steps} "
+                 "(saved; the same command resumes it)" if stopped else "done")
+        print(f"lance_ds: {ended}: {self.step} steps in {elapsed:.0f} s, {self.tokens_seen:,} tokens, "
               f"skipped steps {self.skipped_steps}; final {losses}\n"
               f"  checkpoint  {self.checkpointer.root / 'latest'} -> {self._latest_name()}\n"
               f"  tensorboard {self.out / 'tensorboard'}", flush=True)

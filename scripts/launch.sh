@@ -70,4 +70,15 @@ echo "$(basename "$0"): $world rank(s) on $NUM_NODES node(s)" >&2
 # Refuse a bad config here, before the launcher starts any rank (with the run's world size: the batch checks use it).
 WORLD_SIZE=$world python lance_ds/train.py --check "${args[@]}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "${launcher[@]}" lance_ds/train.py "${args[@]}"
+# On one node DeepSpeed's runner passes no signal on: a SIGTERM to it (docker stop, kill PID, a scheduler that signals
+# only the job's first process) would leave the ranks training, unsaved, until they are killed. So the job runs in a
+# process group of its own, and SIGTERM / Ctrl-C here reach every rank: each saves the step it is in, then stops.
+command -v setsid >/dev/null || exec "${launcher[@]}" lance_ds/train.py "${args[@]}"  # (no setsid: as it is)
+setsid "${launcher[@]}" lance_ds/train.py "${args[@]}" &
+job=$!
+trap 'kill -TERM -- "-$job" 2>/dev/null' TERM
+trap 'kill -INT -- "-$job" 2>/dev/null' INT  # (twice: the ranks stop at once)
+status=0
+while kill -0 "$job" 2>/dev/null; do wait "$job" && status=0 || status=$?; done  # the launcher's exit status
+while kill -0 -- "-$job" 2>/dev/null; do sleep 1; done  # after a signal, ranks that are still saving
+exit "$status"

@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config.data import DataConfig, DatasetConfig, GroupConfig, VideoOptions
 from ..config.run import is_remote
+from ..stopping import ignore_stop_signals
 from .batch import PackedBatch, Sample
 from .media import MediaError, decode_image, decode_video, describe, sampled_frame_count
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length, collate
@@ -677,6 +678,7 @@ def _keep(item):
 
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers decode and resize; the trainer's threads stay with the trainer
+    ignore_stop_signals()  # the rank stops at a step boundary, with a checkpoint; its workers exit with it
     _die_with_parent()
 
 

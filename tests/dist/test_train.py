@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -157,3 +158,31 @@ def test_validation_losses_do_not_depend_on_the_number_of_ranks(reference, examp
     assert len(val_tags) >= 8
     for tag in val_tags:
         assert one[tag][0] == pytest.approx(two[tag][0], rel=1e-5), tag
+
+
+def test_sigterm_stops_at_the_next_step_with_its_checkpoint_and_resumes_exactly(reference, example_data, tmp_path):
+    """A scheduler's SIGTERM to the job: the deepspeed launcher passes it to rank 0 (and its loader workers) and waits
+    up to 30 s before it signals rank 1. The ranks agree to stop after the step they are in, save it and exit; the
+    same command then resumes from that step to the losses of the uninterrupted run."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(deepspeed_cmd(2, *train_args(out, example_data)), cwd=REPO,
+                            env=launch_env(LANCE_DS_FAULT=NAN_AT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while latest(out) != "step_00000002" and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    [launcher] = psutil.Process(proc.pid).children()  # deepspeed's launch.py: the process that signals the ranks
+    launcher.send_signal(signal.SIGTERM)
+    try:
+        log, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the job did not stop within 120 s of SIGTERM:\n{proc.communicate()[0][-4000:]}")
+    stopped = int(latest(out).removeprefix("step_") or 0)
+    assert 2 < stopped <= 6, f"stopped at step {stopped}, not within a few steps of the signal (after step 2):\n{log}"
+    assert f"stopped by SIGTERM at step {stopped} of {STEPS}" in log and "Traceback" not in log, log[-4000:]
+    assert max(losses(out)) == stopped  # the stop ends a logging window, as a save does
+    launch(train_args(out, example_data), env=launch_env(LANCE_DS_FAULT=NAN_AT))
+    expected, got = losses(reference), losses(out)
+    for step in [s for s in LOGGED if s <= stopped or s > 6]:  # the windows both runs log alike
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 
+import psutil
 import pytest
 import yaml
 
@@ -44,6 +47,32 @@ def test_script_trains_the_debug_config(script, example_data, tmp_path):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["num_workers"] == 0 and config["checkpoint"]["save_every"] == 1
     assert config["model"]["visual_gen"] == (script != "sft_lance_understand.sh")
+
+
+def test_sigterm_to_the_script_reaches_the_ranks_which_save_and_stop(example_data, tmp_path):
+    """DeepSpeed's runner passes no signal on to the ranks of one node: `kill PID` or `docker stop` on the script
+    must still end the job with a checkpoint of the step it was in, not leave the ranks training unsaved."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONFIG_FILE": "configs/debug.yaml", "OUTPUT_ROOT": str(tmp_path),
+           "RUN_NAME": "run", "NUM_GPUS": "1", "MASTER_PORT": str(free_port()), "NUM_WORKERS": "1",
+           "DATASET_CONFIG_FILE": subset(example_data, tmp_path, ("t2i", "i2t")), "CKPT_DEBUG_STEPS": "1",
+           "SAVE_EVERY": "1000"}
+    proc = subprocess.Popen(["bash", "scripts/sft_lance_unified.sh", "train.max_steps=1000", "validation.every=0",
+                             "data.packing_length=512", "log.progress_bar=false"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    deadline = time.time() + 180
+    while not latest.is_file() and proc.poll() is None and time.time() < deadline:  # step 1 saved: training
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the script alone
+    try:
+        log, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the job did not stop within 120 s of SIGTERM:\n{proc.communicate()[0][-3000:]}")
+    stopped = int(latest.read_text().strip().removeprefix("step_"))
+    assert 1 < stopped < 1000 and proc.returncode != 0
+    assert f"stopped by SIGTERM at step {stopped} of 1000" in log, log[-3000:]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
 
 
 @pytest.mark.parametrize("knob, value, message", [
