@@ -490,16 +490,21 @@ def probe_video(data: bytes) -> VideoInfo:
     codec = stream.codec_context.name
     try:
         declared, rate, duration = stream.frames, _stream_rate(stream), _stream_duration(container, stream)
-        first, num_packets = _first_frame_and_packet_count(container, stream)
+        end = None if stream.duration is None else (stream.start_time or 0) + stream.duration  # in stream time
+        first, packets = _first_frame_and_packets(container, stream)
     except av.FFmpegError as e:
         raise MediaError(f"video is damaged ({codec}): {e}") from None
     finally:
         container.close()
     if first is None:
         raise MediaError(f"video stream ({codec}) holds no decodable frame")
-    if declared and num_packets < declared:
-        raise MediaError(f"video is truncated: the container declares {declared} frames but only {num_packets} are present")
-    num_frames = declared or num_packets
+    # fewer packets than declared frames: cut short, unless they reach the stream's end (an edit list, as a cut by
+    # stream copy writes, drops samples before its start that nothing needs)
+    if declared and packets.count < declared and not (end is not None and packets.end is not None
+                                                      and packets.end >= end):
+        raise MediaError(f"video is truncated: the container declares {declared} frames but only {packets.count} "
+                         "are present")
+    num_frames = min(declared, packets.shown) if declared else packets.shown  # what decoding gives
     if not rate and duration:
         rate = num_frames / duration
     if not duration and rate:
@@ -507,20 +512,32 @@ def probe_video(data: bytes) -> VideoInfo:
     return VideoInfo(width=first.width, height=first.height, num_frames=num_frames, fps=rate, duration=duration)
 
 
-def _first_frame_and_packet_count(container, stream) -> tuple[av.VideoFrame | None, int]:
-    """Decode only the first frame; count the data packets (one per frame for video) of the whole stream."""
-    first, num_packets = None, 0
+@dataclass
+class _Packets:
+    """What walking a video stream's packets (one per frame) found."""
+
+    count: int = 0  # all of them
+    shown: int = 0  # those not flagged discard (before an edit list's start): the frames decoding gives
+    end: int | None = None  # the latest pts + duration, in the stream's time base (None: no timestamps)
+
+
+def _first_frame_and_packets(container, stream) -> tuple[av.VideoFrame | None, _Packets]:
+    """Decode only the first frame; walk the data packets of the whole stream."""
+    first, packets = None, _Packets()
     for packet in container.demux(stream):
         if packet.size == 0:
             continue  # the demuxer's end-of-stream flush packet
-        num_packets += 1
+        packets.count += 1
+        packets.shown += not packet.is_discard
+        if packet.pts is not None:
+            packets.end = max(packets.end or 0, packet.pts + (packet.duration or 0))
         if first is None:
             decoded = packet.decode()
             first = decoded[0] if decoded else None
     if first is None:  # codecs with delay (B-frames) hand the first frame out on flush
         flushed = stream.codec_context.decode(None)
         first = flushed[0] if flushed else None
-    return first, num_packets
+    return first, packets
 
 
 def peek_video(data: bytes) -> VideoInfo:
@@ -530,6 +547,8 @@ def peek_video(data: bytes) -> VideoInfo:
         rate = _stream_rate(stream)
         duration = _stream_duration(container, stream)
         num_frames = stream.frames or (round(duration * rate) if duration and rate else 0)
+        if stream.frames and stream.duration is not None and rate:  # an edit list can show fewer than it holds
+            num_frames = min(num_frames, round(duration * rate))
         return VideoInfo(width=stream.codec_context.width, height=stream.codec_context.height,
                          num_frames=num_frames, fps=rate, duration=duration)
     finally:

@@ -298,8 +298,33 @@ def test_probe_catches_truncated_payload_when_index_comes_first(tmp_path):
     data = path.read_bytes()
     assert data[4:8] == b"ftyp" and data.index(b"moov") < data.index(b"mdat")
     assert probe_video(data).num_frames == 12
-    with pytest.raises(MediaError, match="truncated"):
-        probe_video(data[: len(data) * 2 // 3])
+    with av.open(io.BytesIO(data)) as container:
+        last_frame = [packet.pos for packet in container.demux(video=0) if packet.size][-1]
+    for cut in (len(data) * 2 // 3, last_frame):  # a third lost; only the last frame lost
+        with pytest.raises(MediaError, match="truncated"):
+            probe_video(data[:cut])
+
+
+@pytest.mark.parametrize("hidden", [2, 5])
+def test_a_clip_cut_by_stream_copy_counts_the_frames_it_shows(hidden):
+    """`ffmpeg -ss T -c copy` keeps the frames before the cut that later ones need, hidden by the mp4's edit list:
+    the container declares them, decoding does not give them. KEY.json's count is what decoding gives (else the
+    loader plans each such clip twice), and the clip is not taken for a truncated one."""
+    clip = encode_video(np.random.default_rng(0).integers(0, 256, (24, 32, 48, 3), dtype=np.uint8), 24,
+                        codec="mpeg4")
+    cut = io.BytesIO()
+    with av.open(io.BytesIO(clip)) as source, av.open(cut, "w", format="mp4") as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        shift = int(hidden / (24 * source.streams.video[0].time_base))  # the first `hidden` frames before 0
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, stream
+                target.mux(packet)
+    data = cut.getvalue()
+    shown = decode_video(data).shape[0]
+    assert shown < 24
+    for info in (probe_video(data), peek_video(data)):
+        assert info.num_frames == shown
 
 
 def test_sniff_extension():
