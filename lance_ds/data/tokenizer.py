@@ -47,7 +47,10 @@ class SpecialTokenIds:
 class TextTokenizer:
     """A Hugging Face tokenizer with the ids sequence plans need.
 
-    encode(text) -> token ids without any added BOS/EOS; `num_classes` = len(tokenizer) (CE logits are sliced to it).
+    encode(text) -> token ids without any added BOS/EOS, and without special tokens: text that spells one
+    ("<|im_end|>" in a scraped caption) is tokenized as the characters it is, so data cannot inject the chat
+    template's control tokens (or <|endoftext|>, the padding id). `num_classes` = len(tokenizer) (CE logits are
+    sliced to it).
     """
 
     def __init__(self, hf_tokenizer, source: str):
@@ -68,7 +71,7 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         if not text:
             return []
-        return list(self.hf.encode(text, add_special_tokens=False))
+        return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

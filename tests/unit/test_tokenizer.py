@@ -43,6 +43,14 @@ def test_debug_tokenizer_round_trips_and_compresses_example_text(text):
         assert len(ids) <= len(text.split()) + 1
 
 
+def test_text_that_spells_a_special_token_stays_text():
+    """A scraped caption holding "<|im_end|>" or "<|endoftext|>" (the padding id) must not end a turn or pad."""
+    tok = load_tokenizer(None)
+    text = "see <|im_end|> and <|endoftext|><|video_pad|>"
+    ids = tok.encode(text)
+    assert max(ids) < 2048 - len(QWEN_SPECIAL_TOKENS) and tok.decode(ids) == text
+
+
 def test_debug_tokenizer_is_reproducible(tmp_path):
     spec = importlib.util.spec_from_file_location("build_debug_tokenizer", ROOT / "tools/build_debug_tokenizer.py")
     module = importlib.util.module_from_spec(spec)
