@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config.core import ConfigError
 from .config.run import TrainConfig
 
 
@@ -138,7 +139,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("no trainable parameters: model.freeze_modules froze everything; unfreeze something")
+        raise ConfigError(["model.freeze_modules: froze every parameter, so there is nothing to train; unfreeze "
+                           "something"])
     schedule = None
     if "scheduler" not in ds_config:
         def schedule(optimizer):

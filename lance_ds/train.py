@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer = Trainer(run, ds_config, resume=args.resume)
-    except (CheckpointError, DataError, WeightsFileError) as e:  # found once the data and checkpoint are opened: one line, not a
-        if is_first or getattr(e, "rank", None) is not None:  # traceback per rank; a rank's own files: by that rank
+    except (CheckpointError, ConfigError, DataError, WeightsFileError) as e:
+        # found once the model, data and checkpoint are opened (a freeze pattern that matches no parameter): one
+        # line, not a traceback per rank; a rank's own files: said by that rank
+        if is_first or getattr(e, "rank", None) is not None:
             print(f"lance_ds: {e}", file=sys.stderr)
         exit_now(2)
     except BaseException:

@@ -26,6 +26,11 @@ def load_and_check(config_path: str | None, overrides: list[str], ds_path: str, 
     raw = load_ds_json(ds_path, problems)
     problems.raise_if_any()
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    ds = resolve_ds_config(raw, run.config, world_size, hidden_size_of(run.config.model), on_gpu, problems)
+    try:  # model.path's config files are read here first
+        hidden_size = hidden_size_of(run.config.model)
+    except (OSError, ValueError) as e:
+        problems.add("model.path", str(e))
+        problems.raise_if_any()
+    ds = resolve_ds_config(raw, run.config, world_size, hidden_size, on_gpu, problems)
     problems.raise_if_any()
     return run, ds

@@ -48,6 +48,7 @@ class TrainConfig:
                          f"must be >= 0 (0: no decay), got {self.weight_decay}")
         problems.one_of(self.precision, PRECISIONS, join(key, "precision"))
         problems.require(0 <= self.ema_decay < 1, join(key, "ema_decay"), f"must be in [0, 1), got {self.ema_decay}")
+        problems.require(0 <= self.seed < 2**63, join(key, "seed"), f"must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass

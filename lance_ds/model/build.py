@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lance_ds.config.core import ConfigError
 from lance_ds.config.model import ModelConfig
 from lance_ds.data.sequence import VisionGeometry
 
@@ -346,8 +347,8 @@ def freeze_by_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
     for pattern in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            raise ValueError(f"model.freeze_modules pattern {pattern!r} matches no parameter; names look like "
-                             f"{names[:3]} (use globs such as 'language_model.model.embed_tokens*')")
+            raise ConfigError([f"model.freeze_modules: pattern {pattern!r} matches no parameter; names look like "
+                               f"{names[:3]} (use globs such as 'language_model.model.embed_tokens*')"])
         frozen.extend(hits)
     params = dict(model.named_parameters())
     for n in frozen:

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from lance_ds.checkpoint import Checkpointer, CheckpointError, step_name
+from lance_ds.config.core import ConfigError
 from lance_ds.ema import ShardedEMA, consolidate
 
 
@@ -224,7 +225,8 @@ def test_a_rank_reports_the_errors_only_it_meets(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(train, "exit_now", lambda code, trace="": (_ for _ in ()).throw(SystemExit(code)))
     for error, printed in ((CheckpointError("its data.json is cut short", rank=1), True),
-                           (CheckpointError("the same on every rank"), False)):
+                           (CheckpointError("the same on every rank"), False),
+                           (ConfigError(["model.freeze_modules: pattern 'x*' matches no parameter"]), False)):
         def failing(*args, error=error, **kwargs):
             raise error
 

@@ -370,11 +370,25 @@ def test_non_finite_floats_are_refused(dataset_dir, override):
     ("train.weight_decay=-5", "train.weight_decay: must be >= 0 (0: no decay), got -5.0"),
     ("output_dir=", "output_dir: is empty; give a directory"),
     ("output_dir=' '", "output_dir: is empty; give a directory"),
+    ("train.seed=18446744073709551616", "train.seed: must be in [0, 2**63), got 18446744073709551616"),
 ])
 def test_optimizer_values_torch_refuses_and_an_empty_output_dir_are_refused(dataset_dir, override, message):
     with pytest.raises(ConfigError) as err:
         load(dataset_dir, GOOD, [override])
     assert len(err.value.problems) == 1 and err.value.problems[0].startswith(message), err.value.problems
+
+
+def test_a_model_path_that_is_no_checkpoint_is_a_config_problem(dataset_dir, tmp_path):
+    from lance_ds.config import load_and_check
+
+    (dataset_dir / "run.yaml").write_text(yaml.safe_dump(GOOD))
+    (tmp_path / "not_a_model").mkdir()
+    with pytest.raises(ConfigError) as err:
+        load_and_check(str(dataset_dir / "run.yaml"), [f"model.path={tmp_path / 'not_a_model'}"],
+                       str(REPO / "ds_configs/zero3.json"), 1, on_gpu=False)
+    assert err.value.problems == [f"model.path: model.path {tmp_path / 'not_a_model'} is neither a Lance checkpoint "
+                                  "(model.safetensors + llm_config.json) nor a Qwen2.5-VL directory (config.json + "
+                                  "*.safetensors)"], err.value.problems
 
 
 def test_torch_adamw_on_every_device_unless_the_json_asks_for_fused_adam(dataset_dir):

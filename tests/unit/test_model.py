@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lance_ds.config.core import Problems
+from lance_ds.config.core import ConfigError, Problems
 from lance_ds.config.model import LapeConfig, LoraConfig, ModelConfig
 from lance_ds.model import build_model, load_lora, save_lora
 from lance_ds.model.lance import LanceModel
@@ -223,7 +223,7 @@ def test_freeze_modules_by_glob():
     assert "language_model.model.embed_tokens.weight" in frozen
     assert "language_model.model.layers.0.mlp_moe_gen.up_proj.weight" in frozen
     assert "language_model.model.layers.0.mlp.up_proj.weight" not in frozen
-    with pytest.raises(ValueError, match="model.freeze_modules pattern 'nothing.*' matches no parameter"):
+    with pytest.raises(ConfigError, match="model.freeze_modules: pattern 'nothing.*' matches no parameter"):
         build(freeze_modules=["nothing.*"])
 
 
