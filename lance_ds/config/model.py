@@ -63,7 +63,8 @@ class ModelConfig:
     visual_gen: bool = doc(True, "build the generation path (VAE tokens, flow-matching MSE)")
     vit_trainable: bool = doc(False, "train the ViT (then it is part of the engine and the checkpoint); frozen by default")
     attention: str = doc("sdpa", "attention backend over packed sequences: sdpa, flex or flash")
-    dtype: str = doc("bf16", "dtype of the trainable model (bf16, fp16 or fp32)")
+    dtype: str = doc("bf16", "dtype of the model built without DeepSpeed (tests, tools); training follows "
+                             "train.precision")
     vit_dtype: str = doc("bf16", "dtype of the frozen ViT")
     vae_dtype: str = doc("fp32", "dtype of the frozen VAE")
     max_latent_size: int | None = doc(None, "latent rows/columns the sin-cos position table covers (None: the size's, 64 for 3b)")
