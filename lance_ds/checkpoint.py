@@ -15,8 +15,9 @@ A save is written under `<name>.tmp`, every rank finishes, then rank 0 renames i
 is flushed to disk (fsync, by the rank that wrote it) before the rename, so that a power cut cannot publish a
 checkpoint whose files are still only in memory. A re-save
 of a step (after a resume from an earlier one) moves the old copy aside as `<name>.old.tmp` until the new one is in
-place. Retention keeps the `keep_last` newest steps up to the one just saved; later steps (another run's, before a
-resume from an earlier step or --resume none) stay until this run replaces them.
+place. Retention keeps the `keep_last` newest checkpoints of the line a save continues (each records the checkpoint
+it follows); checkpoints off that line (another run's, before a resume from an earlier step or --resume none) stay
+until this run replaces them.
 Nothing here unpickles data (rule 10): our own state is JSON and safetensors.
 """
 
@@ -152,6 +153,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        self.parent: str | None = None  # the checkpoint this run's next save follows: its last save, or the resumed
 
     # -- finding -----------------------------------------------------------------------------------------------
 
@@ -238,7 +240,8 @@ class Checkpointer:
         kill_if_armed("kill_during_save", step)  # crash tests: after the engine files, before publishing
         if self.rank == 0:
             _fsync_folders(tmp)  # every rank's files and folders are in them by now
-            state = dict(trainer_state, step=step, world_size=self.world_size, rank_files=rank_files)
+            state = dict(trainer_state, step=step, world_size=self.world_size, rank_files=rank_files,
+                         parent=self.parent)
             # trainer_state.json is written last: its presence marks a complete directory.
             _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2))
             final, replaced = self.root / name, self._aside(name)
@@ -248,18 +251,37 @@ class Checkpointer:
             _fsync_dir(self.root)
             _write_atomic(self.root / LATEST, name)
             shutil.rmtree(replaced, ignore_errors=True)
-            self._prune(step)
+            self._prune(name)
+        self.parent = name
         _barrier()
         return self.root / name
 
     def _aside(self, name: str) -> Path:
         return self.root / (name + ".old" + TMP_SUFFIX)
 
-    def _prune(self, saved: int) -> None:
-        """Keep the keep_last newest checkpoints up to the one just saved. Later steps are another run's (before a
-        resume from an earlier step, or --resume none): left alone, they are replaced as this run reaches them."""
-        for old in [s for s in self.complete_steps() if s <= saved][: -self.keep_last]:
-            shutil.rmtree(self.root / step_name(old), ignore_errors=True)
+    def _prune(self, saved: str) -> None:
+        """Keep the keep_last newest checkpoints of the line the one just saved continues (it, the save before it,
+        ..., the checkpoint the run resumed from, the saves before that, ...). Checkpoints off that line are another
+        run's (after a resume from an earlier step, or --resume none): left alone, replaced as this run reaches their
+        steps, and never counted, so that the saves this run may fall back to are its own."""
+        line, name = [], saved
+        while name is not None and name not in line and (self.root / name / TRAINER_STATE).is_file():
+            line.append(name)
+            name = self._parent_of(name)
+        for old in line[self.keep_last:]:
+            doomed = self.root / (old + ".pruned" + TMP_SUFFIX)  # whole or gone: never a step dir half deleted
+            os.replace(self.root / old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def _parent_of(self, name: str) -> str | None:
+        try:
+            state = json.loads((self.root / name / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            return None
+        if "parent" in state:
+            return state["parent"]
+        older = [s for s in self.complete_steps() if s < int(state.get("step", 0))]  # saved before parents were kept
+        return step_name(older[-1]) if older else None
 
     # -- loading -----------------------------------------------------------------------------------------------
 
@@ -269,6 +291,7 @@ class Checkpointer:
         from .model.weights import load_safetensors
 
         trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        self.parent = path.name
         try:
             load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as e:

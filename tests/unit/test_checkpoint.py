@@ -77,6 +77,7 @@ def test_a_restarted_run_keeps_its_own_new_checkpoints(tmp_path):
     ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
     for step in (40, 50, 60):  # an earlier run in this output_dir
         save(ck, step)
+    ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
     save(ck, 10)  # a run started again (--resume none) saves step 10: it must survive retention
     assert ck.complete_steps() == [10, 50, 60] and ck.resolve("latest") == tmp_path / step_name(10)
     save(ck, 20)
@@ -84,6 +85,23 @@ def test_a_restarted_run_keeps_its_own_new_checkpoints(tmp_path):
     assert ck.complete_steps() == [20, 30, 50, 60]  # keep_last counts this run's steps; later ones wait to be redone
     save(ck, 50)  # and are replaced when this run reaches them
     assert ck.complete_steps() == [30, 50, 60] and ck.resolve("latest") == tmp_path / step_name(50)
+
+
+def test_a_run_resumed_from_an_earlier_step_keeps_its_own_saves_to_fall_back_on(tmp_path):
+    """Run A saved 10 .. 50; run B resumed from 40 and saves 45 and 55: keep_last counts B's line (55, 45, then 40 and
+    what came before it), not A's abandoned 50, which stays until B reaches step 50."""
+    a = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    for step in (10, 20, 30, 40, 50):
+        save(a, step)
+    assert a.complete_steps() == [40, 50]
+    b = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    b.load(FakeEngine(), b.resolve("40"))
+    save(b, 45)
+    assert b.complete_steps() == [40, 45, 50]
+    save(b, 55)
+    assert b.complete_steps() == [45, 50, 55] and not list(tmp_path.glob("*.tmp"))
+    save(b, 50)  # B's own 50 replaces A's and joins B's line
+    assert b.complete_steps() == [50, 55] and b.resolve("latest") == tmp_path / step_name(50)
 
 
 def test_a_resave_keeps_the_old_copy_until_the_new_one_is_in_place(tmp_path, monkeypatch):
