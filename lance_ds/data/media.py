@@ -16,7 +16,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import av
 import numpy as np
@@ -453,6 +453,7 @@ def decode_video(
     rate = _stream_rate(stream) or 25.0
     kept: list[np.ndarray] = []
     size: tuple[int, int] | None = None
+    turns = 0  # counter-clockwise quarter turns that show the frames upright
     try:
         for index, frame in enumerate(container.decode(stream)):
             keep = sampler.offer(_frame_time(frame, index, rate))
@@ -461,7 +462,7 @@ def decode_video(
             if not keep:
                 continue  # decoded (later frames depend on it) but not converted to RGB: that is the costly part
             if size is None:
-                size = (frame.width, frame.height)
+                size, turns = (frame.width, frame.height), _quarter_turns(frame.rotation)
             if (frame.width, frame.height) != size:  # a mid-stream resolution change: keep the first size
                 frame = frame.reformat(width=size[0], height=size[1])
             kept.append(frame.to_ndarray(format="rgb24"))
@@ -477,7 +478,10 @@ def decode_video(
         raise MediaError(f"video stream ({stream.codec_context.name}) holds no decodable frame")
     import torch
 
-    return torch.from_numpy(np.stack(kept))
+    frames = np.stack(kept)
+    if turns:  # as a player shows it (a phone's portrait clip is stored landscape, with a display rotation)
+        frames = np.ascontiguousarray(np.rot90(frames, k=turns, axes=(1, 2)))
+    return torch.from_numpy(frames)
 
 
 def probe_video(data: bytes) -> VideoInfo:
@@ -509,7 +513,8 @@ def probe_video(data: bytes) -> VideoInfo:
         rate = num_frames / duration
     if not duration and rate:
         duration = num_frames / rate
-    return VideoInfo(width=first.width, height=first.height, num_frames=num_frames, fps=rate, duration=duration)
+    width, height = _displayed(first.width, first.height, _quarter_turns(first.rotation))
+    return VideoInfo(width=width, height=height, num_frames=num_frames, fps=rate, duration=duration)
 
 
 @dataclass
@@ -541,7 +546,9 @@ def _first_frame_and_packets(container, stream) -> tuple[av.VideoFrame | None, _
 
 
 def peek_video(data: bytes) -> VideoInfo:
-    """Size, frame count, fps and duration from the container's header only (no decoding); for `--verify none`."""
+    """Size, frame count, fps and duration from the container's header only (no decoding); for `--verify none`.
+    The size is the displayed one for mp4 / QuickTime files (their track header's rotation); other containers give
+    the stored size, which the loader corrects when it decodes a clip that turns out rotated."""
     container, stream = _open_container(data)
     try:
         rate = _stream_rate(stream)
@@ -549,10 +556,64 @@ def peek_video(data: bytes) -> VideoInfo:
         num_frames = stream.frames or (round(duration * rate) if duration and rate else 0)
         if stream.frames and stream.duration is not None and rate:  # an edit list can show fewer than it holds
             num_frames = min(num_frames, round(duration * rate))
-        return VideoInfo(width=stream.codec_context.width, height=stream.codec_context.height,
-                         num_frames=num_frames, fps=rate, duration=duration)
+        width, height = _displayed(stream.codec_context.width, stream.codec_context.height, _mp4_turns(data))
+        return VideoInfo(width=width, height=height, num_frames=num_frames, fps=rate, duration=duration)
     finally:
         container.close()
+
+
+def _quarter_turns(degrees: float | None) -> int:
+    """Counter-clockwise quarter turns (0..3) of a display rotation (FFmpeg's: degrees counter-clockwise); 0 for
+    none, or an angle that is not a multiple of 90."""
+    if not degrees or abs(degrees / 90 - round(degrees / 90)) > 0.01:
+        return 0
+    return round(degrees / 90) % 4
+
+
+def _displayed(width: int, height: int, turns: int) -> tuple[int, int]:
+    return (height, width) if turns % 2 else (width, height)
+
+
+def _mp4_turns(data) -> int:
+    """The display rotation of an mp4 / QuickTime file's first video track, from its track header's matrix (what
+    FFmpeg turns decoded frames by), without decoding; 0 for other containers."""
+    view = _unsigned(data)
+    moov = _child_box(view, 0, len(view), b"moov")
+    for trak in _child_boxes(view, *(moov or (0, 0)), b"trak"):
+        mdia = _child_box(view, *trak, b"mdia")
+        hdlr = mdia and _child_box(view, *mdia, b"hdlr")
+        if not hdlr or bytes(view[hdlr[0] + 8:hdlr[0] + 12]) != b"vide":  # (version, flags, pre_defined, type)
+            continue
+        tkhd = _child_box(view, *trak, b"tkhd")
+        if tkhd is None:
+            return 0
+        matrix = tkhd[0] + (52 if view[tkhd[0]] == 1 else 40)  # after the times, ids, layer and volume
+        if matrix < tkhd[0] or matrix + 8 > tkhd[1]:
+            return 0
+        a, b = struct.unpack(">ii", view[matrix:matrix + 8])  # 16.16 fixed point: the first row (a, b, u)
+        return _quarter_turns(-math.degrees(math.atan2(b, a)))  # as FFmpeg's av_display_rotation_get reads it
+    return 0
+
+
+def _child_boxes(view: memoryview, start: int, end: int, kind: bytes) -> Iterator[tuple[int, int]]:
+    """(payload start, payload end) of the ISO-BMFF boxes of type `kind` directly inside [start, end)."""
+    pos = start
+    while pos + 8 <= end:
+        size, box = struct.unpack(">I4s", view[pos:pos + 8])
+        header = 8
+        if size == 1 and pos + 16 <= end:  # a 64-bit size follows
+            size, header = struct.unpack(">Q", view[pos + 8:pos + 16])[0], 16
+        elif size == 0:  # to the end of the enclosing box
+            size = end - pos
+        if size < header:
+            return
+        if box == kind:
+            yield pos + header, min(pos + size, end)
+        pos += size
+
+
+def _child_box(view: memoryview, start: int, end: int, kind: bytes) -> tuple[int, int] | None:
+    return next(_child_boxes(view, start, end, kind), None)
 
 
 def _stream_duration(container, stream) -> float:

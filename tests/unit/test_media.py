@@ -305,6 +305,38 @@ def test_probe_catches_truncated_payload_when_index_comes_first(tmp_path):
             probe_video(data[:cut])
 
 
+def _clip_with_display_rotation(degrees: int | None, fmt: str) -> bytes:
+    """A 48 x 32 clip whose frames differ everywhere (noise), stored unturned, with a display rotation."""
+    frames = np.random.default_rng(1).integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    with av.open(out, "w", format=fmt) as container:
+        stream = container.add_stream("mpeg4", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        if degrees is not None:
+            stream.set_display_rotation(degrees)  # counter-clockwise, as FFmpeg reads it back
+        for rgb in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "mov", "matroska"])
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_a_clip_with_a_display_rotation_decodes_as_a_player_shows_it(fmt, degrees):
+    """Phones store portrait clips landscape and say how to turn them; like EXIF for photos, the frames are used
+    turned, and KEY.json says the turned size (peeked from the header for mp4 / QuickTime)."""
+    stored = decode_video(_clip_with_display_rotation(None, fmt)).numpy()
+    data = _clip_with_display_rotation(degrees, fmt)
+    frames = decode_video(data).numpy()
+    assert np.array_equal(frames, np.rot90(stored, k=degrees // 90, axes=(1, 2)))  # the same bits, turned
+    displayed = (frames.shape[2], frames.shape[1])
+    assert (probe_video(data).width, probe_video(data).height) == displayed
+    if fmt != "matroska":
+        assert (peek_video(data).width, peek_video(data).height) == displayed
+
+
 @pytest.mark.parametrize("hidden", [2, 5])
 def test_a_clip_cut_by_stream_copy_counts_the_frames_it_shows(hidden):
     """`ffmpeg -ss T -c copy` keeps the frames before the cut that later ones need, hidden by the mp4's edit list:
