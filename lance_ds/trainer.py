@@ -94,7 +94,8 @@ class Trainer:
                 # a save ends a logging window too: a run resumed from it logs the windows the uninterrupted one did
                 if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps or save:
                     self.log(meter, speed, progress)
-                self.validate_if_due()
+                if stopped is None:  # (stopping: the save first, within the launcher's grace period)
+                    self.validate_if_due()
                 if save:
                     self.save()
         finally:
