@@ -76,9 +76,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 command -v setsid >/dev/null || exec "${launcher[@]}" lance_ds/train.py "${args[@]}"  # (no setsid: as it is)
 setsid "${launcher[@]}" lance_ds/train.py "${args[@]}" &
 job=$!
-trap 'kill -TERM -- "-$job" 2>/dev/null' TERM
-trap 'kill -INT -- "-$job" 2>/dev/null' INT  # (twice: the ranks stop at once)
+signalled=
+trap 'signalled=1; kill -TERM -- "-$job" 2>/dev/null' TERM
+trap 'signalled=1; kill -INT -- "-$job" 2>/dev/null' INT  # (twice: the ranks stop at once)
 status=0
 while kill -0 "$job" 2>/dev/null; do wait "$job" && status=0 || status=$?; done  # the launcher's exit status
-while kill -0 -- "-$job" 2>/dev/null; do sleep 1; done  # after a signal, ranks that are still saving
+if [ -n "$signalled" ]; then  # its ranks may still be saving (the runner itself dies of the signal)
+  while kill -0 -- "-$job" 2>/dev/null; do sleep 1; done
+fi
 exit "$status"
