@@ -301,6 +301,7 @@ def write_example_dataset(out: str | Path, cfg: ExampleConfig | None = None) -> 
 _SATURATION_MIN = 0.35  # a pixel belongs to the shape when it is this saturated ...
 _VALUE_MIN = 0.25  # ... and this bright; the grey background is neither
 _MIN_AREA = 0.01  # a frame shows a shape when >= 1% of its pixels are in the mask
+_MAX_AREA = 0.6  # the largest shape of this world covers 39% of the frame: a mask over 60% is a fill, not a shape
 # bounding-box fill of an ideal shape: square 1.0, circle pi/4 = 0.785 (triangle 0.5, told apart by where its mass
 # lies); thresholds halfway, so that soft edges and small shapes still read right
 _SQUARE_FILL, _CIRCLE_FILL = 0.89, 0.64
@@ -403,7 +404,8 @@ def read_frame(frame) -> Reading:
     index = int(counts.argmax())
     mask = labels == index
     ys, xs = np.nonzero(mask)
-    return Reading(colour=list(COLOURS)[index], shape=_shape_of(mask), centroid=(float(xs.mean()), float(ys.mean())),
+    shape = _shape_of(mask) if mask.mean() <= _MAX_AREA else None  # (a frame filled whole fills its box: "square")
+    return Reading(colour=list(COLOURS)[index], shape=shape, centroid=(float(xs.mean()), float(ys.mean())),
                    area=float(mask.mean()))
 
 

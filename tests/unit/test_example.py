@@ -157,6 +157,12 @@ def test_judges_fail_on_bad_outputs():
     assert not judge_image(two_circles, "a red circle")  # not one shape
     squashed = render_image(SCENE)[:, 16:48:2].repeat(2, axis=2)[:, :, ::2]  # an ellipse twice as wide as tall
     assert read_frame(squashed).shape is None
+    filled = np.zeros((64, 64, 3), np.uint8)
+    filled[..., 0] = 230  # a frame of one colour (a collapsed generator): it fills its box as a square would
+    assert not judge_image(filled, "a red square") and read_frame(filled).shape is None
+    assert not judge_edit(render_image(SCENE), filled, "turn it into a square")
+    biggest = Scene("red", "square", 20, 32, 32)  # the largest shape this world draws is still read
+    assert judge_image(render_image(biggest), biggest.caption())
 
 
 def test_edit_judge_checks_the_requested_change_and_the_place():
