@@ -181,7 +181,8 @@ def check_deepspeed_files(step_dir: Path) -> list[Path]:
     for f in files:
         try:
             referenced = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
-        except (RuntimeError, ValueError, EOFError) as e:  # a truncated zip, a cut pickle
+        except (RuntimeError, ValueError, EOFError, OSError) as e:  # a truncated zip (torch's reader raises
+            # RuntimeError or EINVAL, by where it ends), a cut pickle
             raise damaged(f, step_dir, e) from e
         unexpected = sorted(set(referenced) - DEEPSPEED_GLOBALS)
         if unexpected:
@@ -400,6 +401,10 @@ def _check_out(out: Path, checkpoint: Path, overwrite: bool) -> None:
     source = checkpoint.resolve()
     if source == out.resolve() or out.resolve() in source.parents:
         raise ExportError(f"--out {out} holds the checkpoint being exported ({checkpoint}); give another directory")
+    here = Path.cwd()
+    if out.resolve() == here or out.resolve() in here.parents:  # it is replaced whole, under the shell's feet
+        raise ExportError(f"--out {out} is the current directory (or holds it); give a new directory, e.g. "
+                          "--out exports/NAME")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ExportError(f"{out} exists and is not empty; choose another --out or pass --overwrite")

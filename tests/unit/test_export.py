@@ -220,6 +220,28 @@ def test_checkpoint_paths_resolve_and_bad_inputs_are_refused(trained_runs, expor
         load_export(broken)
 
 
+def test_out_may_not_be_the_current_directory(tmp_path, monkeypatch, capsys):
+    from lance_ds.export import main
+
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # empty: as a new directory would be accepted, but it would be replaced
+    assert main([str(tmp_path / "run"), "--out", "."]) == 2
+    assert "--out . is the current directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kept, error", [(100, "RuntimeError: PytorchStreamReader"), (0.5, "OSError")])
+def test_a_deepspeed_file_cut_anywhere_is_named_damaged(tmp_path, kept, error):
+    """torch's reader fails with RuntimeError or OSError depending on where the file ends."""
+    from lance_ds.export import ExportError, check_deepspeed_files
+
+    states = tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    torch.save({"module": {f"layers.{i}.weight": torch.zeros(64) for i in range(40)}}, states)
+    data = states.read_bytes()
+    states.write_bytes(data[:kept if isinstance(kept, int) else int(len(data) * kept)])
+    with pytest.raises(ExportError, match=rf"model_states.pt is damaged \({error}"):
+        check_deepspeed_files(tmp_path)
+
+
 def test_damaged_checkpoint_files_are_named_with_the_steps_to_export_instead(tmp_path, capsys):
     """A truncated DeepSpeed file, a cut trainer_state.json or a garbled config.yaml (fast: a hand-made checkpoint
     directory; nothing reaches DeepSpeed's reader)."""
