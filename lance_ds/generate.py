@@ -9,7 +9,8 @@ CLI (DIR: a training checkpoint - run, checkpoints or step dir - or an export of
     python -m lance_ds.generate --checkpoint DIR --task t2i --prompt "a red circle" --out out.png [--size 64|HxW]
     python -m lance_ds.generate --checkpoint DIR --task t2v --prompt "..." --out out.mp4 [--frames 9] [--size ...]
     python -m lance_ds.generate --checkpoint DIR --task i2i|v2v --input FILE --prompt "make it blue" --out out.png|mp4
-    python -m lance_ds.generate --checkpoint DIR --task i2t|v2t --input FILE [--question "..."]   (prints the answer)
+    python -m lance_ds.generate --checkpoint DIR --task i2t|v2t --input FILE [--question "..."] [--system "..."]
+                                                                                     (prints the answer)
     common: --steps 30 --cfg 4.0 --seed 0 --ema --dtype fp32|bf16 --device cpu|cuda
 
 How it runs. Prompts are planned by SequencePlanner.prompt and packed into one sequence per forward (attention stays
@@ -324,6 +325,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--prompt", help="what to generate (t2i, t2v) or the edit instruction (i2i, v2v)")
     p.add_argument("--input", help="the image (i2i, i2t) or video (v2v, v2t) file to condition on")
     p.add_argument("--question", default="", help="i2t / v2t: the question (default: none, as in captioning)")
+    p.add_argument("--system", help="i2t / v2t: the system prompt, as the training rows' caption_i gave it "
+                   "(default: the task's default system prompt)")
     p.add_argument("--out", help="output file: .png / .jpg for images, .mp4 for videos")
     p.add_argument("--steps", type=int, default=30, help="Euler steps (Lance: 30)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (Lance: 4.0; 1 = none)")
@@ -388,6 +391,8 @@ def check_args(args) -> list[str]:
         problems.append(f"--prompt: {args.task} answers a question about its input: give it as --question")
     if generation and args.question:
         problems.append(f"--question: {args.task} generates; give what to generate (or the edit) as --prompt")
+    if generation and args.system:
+        problems.append(f"--system: only i2t / v2t take a system prompt; {args.task} is conditioned on --prompt")
     if args.device is not None and not _device_available(args.device):
         problems.append(f"--device: {args.device} is not available on this machine (CUDA available: "
                         f"{torch.cuda.is_available()}, {torch.cuda.device_count()} device(s)); try --device cpu")
@@ -440,7 +445,8 @@ def cli_sample(args) -> Sample:
             max_frames = args.frames or GroupConfig().video.max_frames
             frames = decode_video(data, sample_fps=args.fps, max_frames=max_frames)
         media[PROMPT_MEDIA[args.task][0]] = frames
-    texts = {"caption": args.prompt or ""} if args.task in GEN_TASKS else {"caption_q": args.question}
+    texts = ({"caption": args.prompt or ""} if args.task in GEN_TASKS else
+             {"caption_q": args.question, **({"caption_i": args.system} if args.system else {})})
     return Sample(task=args.task, texts=texts, media=media, key=args.input or "prompt")
 
 

@@ -513,6 +513,25 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     assert "give it as --question" in err and "--device: cuda:7 is not available" in err
 
 
+def test_cli_answers_with_the_system_prompt_it_is_given(tmp_path):
+    """Training rows carry their system prompt (caption_i); asking without it plans another header than training
+    saw (the example world's rows all say "You are a helpful assistant.")."""
+    from lance_ds.data.media import encode_image
+    from lance_ds.data.sequence import DEFAULT_SYSTEM_PROMPTS
+    from lance_ds.generate import check_args, cli_sample, parse_args
+
+    image = tmp_path / "in.png"
+    image.write_bytes(encode_image(und_samples()[0].media["image"]))
+    base = ["--checkpoint", str(tmp_path), "--task", "i2t", "--input", str(image), "--question", "What is it?"]
+    sample = cli_sample(parse_args(base + ["--system", "You are a helpful assistant."]))
+    assert sample.texts == {"caption_q": "What is it?", "caption_i": "You are a helpful assistant."}
+    assert "caption_i" not in cli_sample(parse_args(base)).texts  # the planner's default then
+    assert DEFAULT_SYSTEM_PROMPTS["i2t"] != "You are a helpful assistant."
+    problems = check_args(parse_args(["--checkpoint", str(tmp_path), "--task", "t2i", "--prompt", "x", "--out",
+                                      str(tmp_path / "x.png"), "--system", "be brief"]))
+    assert any(p.startswith("--system: only i2t / v2t take a system prompt") for p in problems), problems
+
+
 def test_cli_as_a_module_writes_an_mp4(exported, tmp_path):
     out = tmp_path / "clip.mp4"
     proc = subprocess.run([sys.executable, "-m", "lance_ds.generate", "--checkpoint", str(exported), "--task", "t2v",
