@@ -427,7 +427,7 @@ def _device_available(name: str) -> bool:
 
 def parse_size(text: str) -> tuple[int, int] | None:
     parts = text.lower().split("x")
-    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+    if len(parts) not in (1, 2) or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):  # ("²")
         return None
     height, width = (int(parts[0]), int(parts[-1]))
     return height, width
