@@ -458,11 +458,16 @@ def cli_group(vae) -> GroupConfig:
     return GroupConfig(image=ImageOptions(resolution=side, vit_resolution=default)) if side else GroupConfig()
 
 
-def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig) -> tuple[int, int, int] | None:
-    """--size / --frames for t2i / t2v; None keeps the group's (its resolution, 9 frames)."""
+def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig,
+                     frame_size: int | None = None) -> tuple[int, int, int] | None:
+    """--size / --frames for t2i / t2v; None keeps the group's (its resolution, 9 frames). frame_size: a frame VAE's
+    one frame size, refused before sampling if --size asks for another."""
     if args.task not in ("t2i", "t2v") or (args.size is None and args.frames is None):
         return None
     height, width = parse_size(args.size) if args.size else (group.image.resolution,) * 2
+    if frame_size and (height, width) != (frame_size, frame_size):
+        raise GenerateError(f"--size: this model's frame VAE makes {frame_size} x {frame_size} frames only; use "
+                            f"--size {frame_size} (or leave it out)")
     frames = 1 if args.task == "t2i" else args.frames or planner.geometry.vae_num_frames(group.video.max_frames)
     return frames, height, width
 
@@ -485,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         group = cli_group(gen.vae)
         (frames,) = gen.generate([sample], num_steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
-                                 target_shape=cli_target_shape(args, gen.planner, group), group=group)
+                                 target_shape=cli_target_shape(args, gen.planner, group,
+                                                               getattr(gen.vae, "frame_size", None)), group=group)
     except (ExportError, ValueError, FileNotFoundError) as e:  # ValueError: GenerateError, PlanError, model checks
         print(f"lance_ds.generate: {e}", file=sys.stderr)
         return 2
