@@ -164,10 +164,13 @@ class LanceLoop:
         from lance_ds.metrics import Meter, Throughput
         from lance_ds.trainer import TaskLosses  # whatever the trainer uses, wherever it lives
 
+        from lance_ds.stopping import StopRequests
+
         self.trainer = trainer
         self.meter, self.speed = Meter(), Throughput()
         trainer.task_losses = TaskLosses(trainer.dist.device)
         self.progress = trainer._progress_bar()
+        self.requests = StopRequests()
 
     def run(self, batches, num_steps: int) -> None:
         t = self.trainer
@@ -175,10 +178,11 @@ class LanceLoop:
             t.train_step(batches, self.meter, self.speed)
             t.step += 1
             self.progress.update(1)
-            if t.step % t.cfg.log.every == 0:
+            stopped = self.requests.agreed(t.dist.device)  # the ranks agree on a SIGTERM every step
+            if t.step % t.cfg.log.every == 0 or stopped:
                 t.log(self.meter, self.speed, self.progress)
             t.validate_if_due()  # validation.every=0: a check, as in train()
-            if t._save_due():
+            if t._save_due() or stopped:
                 t.save()
 
 
