@@ -451,10 +451,10 @@ def write_export_config(directory: Path, config: RunConfig, dtype: str, vae_save
 
 def save_adapters(directory: Path, adapters: dict[str, Tensor], lora: LoraConfig) -> Path:
     """adapter_config.json + adapter_model.safetensors, as lance_ds.model.lora.save_lora writes them."""
-    from .model.lora import ADAPTER_WEIGHTS, peft_config
+    from .model.lora import ADAPTER_WEIGHTS, adapted_modules, peft_config
 
     directory.mkdir(parents=True, exist_ok=True)
-    peft_config(lora).save_pretrained(str(directory))
+    peft_config(lora, adapted_modules(adapters)).save_pretrained(str(directory))
     save_file({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_WEIGHTS))
     return directory
 

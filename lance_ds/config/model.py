@@ -31,8 +31,10 @@ class LoraConfig:
     alpha: int = doc(32, "adapter scale numerator (scale = alpha / r)")
     dropout: float = doc(0.0, "dropout on the adapter input")
     target_modules: list[str] = doc(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                    text="name suffixes of the LLM's linear layers that get adapters (never the "
-                                         "ViT's: with model.vit_trainable it trains whole)")
+                                    text="name suffixes of the LLM's linear layers that get adapters, on both "
+                                         "experts (q_proj also adapts the generation expert's q_proj_moe_gen; a "
+                                         "*_moe_gen name alone, that expert only); never the ViT's: with "
+                                         "model.vit_trainable it trains whole")
 
     def check(self, problems: Problems, key: str) -> None:
         problems.positive(self.r, join(key, "r"))

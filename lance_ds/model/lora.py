@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from lance_ds.config.model import LoraConfig as LoraSettings
 
+from .llm import GEN_SUFFIX
 from .weights import LANCE_VIT_PREFIX, load_safetensors  # a trainable ViT lives under that prefix
 
 PEFT_PREFIX = "base_model.model."
@@ -24,11 +25,29 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 NOT_IN_VIT = r"vit_model\..*"  # peft's exclude_modules: adapters go on the LLM's projections only
 
 
-def peft_config(settings: LoraSettings, exclude_modules: str | None = None):
+def peft_config(settings: LoraSettings, targets: list[str], exclude_modules: str | None = None):
     from peft import LoraConfig
 
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=list(settings.target_modules), exclude_modules=exclude_modules, bias="none")
+                      target_modules=targets, exclude_modules=exclude_modules, bias="none")
+
+
+def lora_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """The linear layers `model.lora.target_modules` names, on both experts: `q_proj` also names the generation
+    expert's `q_proj_moe_gen` (its MLP layers share the understanding expert's names already), so that adapters
+    reach the tokens a generation task trains on. A `*_moe_gen` name alone adapts the generation expert only."""
+    suffixes = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                if isinstance(m, nn.Linear) and not name.startswith(LANCE_VIT_PREFIX)}
+    unknown = [t for t in names if t not in suffixes]
+    if unknown:
+        raise ValueError(f"model.lora.target_modules {unknown} name no linear layer of the model; choose from "
+                         f"{sorted(suffixes)}")
+    return sorted({t for name in names for t in (name, name + GEN_SUFFIX) if t in suffixes})
+
+
+def adapted_modules(adapters: dict[str, torch.Tensor]) -> list[str]:
+    """The layer names (last component) that hold adapters: what adapter_config.json's target_modules must say."""
+    return sorted({key.split(".lora_A.")[0].rsplit(".", 1)[-1] for key in adapters if ".lora_A." in key})
 
 
 def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = None) -> nn.Module:
@@ -38,12 +57,7 @@ def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = 
     from peft import inject_adapter_in_model
 
     trainable_vit = {n for n, p in model.named_parameters() if n.startswith(LANCE_VIT_PREFIX) and p.requires_grad}
-    suffixes = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                if isinstance(m, nn.Linear) and not name.startswith(LANCE_VIT_PREFIX)}
-    unknown = [t for t in settings.target_modules if t not in suffixes]
-    if unknown:
-        raise ValueError(f"model.lora.target_modules {unknown} name no linear layer of the model; choose from "
-                         f"{sorted(suffixes)}")
+    targets = lora_targets(model, list(settings.target_modules))
     context = contextlib.nullcontext()
     if ds_config is not None:
         import deepspeed
@@ -51,7 +65,7 @@ def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = 
         context = deepspeed.zero.Init(config_dict_or_path=ds_config)
     with context:
         has_vit = any(name.startswith(LANCE_VIT_PREFIX) for name, _ in model.named_modules())
-        inject_adapter_in_model(peft_config(settings, NOT_IN_VIT if has_vit else None), model)
+        inject_adapter_in_model(peft_config(settings, targets, NOT_IN_VIT if has_vit else None), model)
     for name, p in model.named_parameters():
         p.requires_grad_(is_lora_param(name) or name in trainable_vit)
     return model
@@ -77,8 +91,9 @@ def save_lora(model: nn.Module, settings: LoraSettings, directory: str | Path,
     """Write adapter_config.json + adapter_model.safetensors (call on one rank with gathered weights)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    peft_config(settings).save_pretrained(str(directory))
-    save_file(lora_state_dict(model, state_dict), str(directory / ADAPTER_WEIGHTS))
+    adapters = lora_state_dict(model, state_dict)
+    peft_config(settings, adapted_modules(adapters)).save_pretrained(str(directory))
+    save_file(adapters, str(directory / ADAPTER_WEIGHTS))
     return directory
 
 

@@ -228,12 +228,13 @@ def test_freeze_modules_by_glob():
 
 
 def test_lora_trains_only_adapters_and_round_trips(tmp_path):
-    settings = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "q_proj_moe_gen"])
+    settings = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     bundle = build(training_type="lora", lora=settings)
     model = bundle.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    assert any("q_proj_moe_gen.lora_A" in n for n in trainable)
+    adapted = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_A." in n}
+    assert adapted == {"q_proj", "v_proj", "q_proj_moe_gen", "v_proj_moe_gen"}  # both experts, as named
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for seed in range(2):
@@ -243,9 +244,11 @@ def test_lora_trains_only_adapters_and_round_trips(tmp_path):
         opt.zero_grad()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable, f"non-adapter weights changed: {sorted(changed - trainable)[:3]}"
+    assert any("q_proj_moe_gen.lora_B" in n for n in changed)  # the generation expert's adapters learn
 
     save_lora(model, settings, tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 4
+    adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and sorted(adapter_config["target_modules"]) == sorted(adapted)
     fresh = build(training_type="lora", lora=settings)
     fresh.model.load_state_dict({n: p for n, p in model.state_dict().items() if "lora_" not in n}, strict=False)
     load_lora(fresh.model, tmp_path)
@@ -254,6 +257,15 @@ def test_lora_trains_only_adapters_and_round_trips(tmp_path):
             assert torch.equal(p, dict(model.named_parameters())[name]), name
     with pytest.raises(ValueError, match="target_modules"):
         build(training_type="lora", lora=LoraConfig(target_modules=["qkv_proj"]))
+
+
+def test_lora_targets_name_both_experts_unless_a_gen_name_is_given():
+    default = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in build(training_type="lora").model.named_parameters()
+               if ".lora_A." in n}
+    assert default == {f"{p}_proj{e}" for p in "qkvo" for e in ("", "_moe_gen")}
+    gen_only = build(training_type="lora", lora=LoraConfig(target_modules=["o_proj_moe_gen"])).model
+    assert {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in gen_only.named_parameters() if ".lora_A." in n} \
+        == {"o_proj_moe_gen"}
 
 
 def test_lora_adapts_the_llm_and_a_trainable_vit_trains_whole():
