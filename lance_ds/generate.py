@@ -444,6 +444,9 @@ def cli_sample(args) -> Sample:
         else:
             max_frames = args.frames or GroupConfig().video.max_frames
             frames = decode_video(data, sample_fps=args.fps, max_frames=max_frames)
+            if args.frames is not None and frames.shape[0] < args.frames:
+                print(f"lance_ds.generate: {args.input} gives {frames.shape[0]} frames at --fps {args.fps:g}, not "
+                      f"--frames {args.frames}: the edit keeps as many as the VAE can make of them", file=sys.stderr)
         media[PROMPT_MEDIA[args.task][0]] = frames
     texts = ({"caption": args.prompt or ""} if args.task in GEN_TASKS else
              {"caption_q": args.question, **({"caption_i": args.system} if args.system else {})})
@@ -472,6 +475,19 @@ def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig,
     return frames, height, width
 
 
+def check_frames(args, geometry) -> None:
+    """--frames a video task can make as asked: the VAE takes k * temporal_factor + 1 frames, and a v2v input read at
+    another count was cut to the count below without a word (3 frames became a 1-frame clip)."""
+    if args.frames is None or args.task not in ("t2v", "v2v"):
+        return
+    made = geometry.vae_num_frames(args.frames)
+    if made != args.frames:
+        f, top = geometry.vae_temporal_factor, geometry.vae_num_frames(10 ** 6)
+        near = sorted({made, min(made + f, top)})
+        raise GenerateError(f"--frames {args.frames}: this model's VAE makes k x {f} + 1 frames, at most {top}; use "
+                            f"--frames {' or '.join(map(str, near))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .export import ExportError
 
@@ -483,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gen = Generator.from_checkpoint(args.checkpoint, ema=args.ema, dtype=args.dtype, device=args.device)
         print(f"lance_ds.generate: {gen.source}", file=sys.stderr)
+        check_frames(args, gen.planner.geometry)
         sample = cli_sample(args)
         if args.task in UND_TASKS:
             print(gen.answer([sample], max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -506,6 +506,11 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     assert main(["--checkpoint", str(exported), "--task", "t2i", "--prompt", "x", "--size", "30", "--out",
                  str(tmp_path / "d.png")]) == 2
     assert "multiple of 4" in capsys.readouterr().err
+    # a v2v --frames the VAE cannot make (3 frames were cut to a 1-frame clip), refused before the input is read
+    assert main(["--checkpoint", str(exported), "--task", "v2v", "--input", str(video), "--prompt", "make it red",
+                 "--frames", "3", "--out", str(tmp_path / "e.mp4")]) == 2
+    assert "--frames 3: this model's VAE makes k x 4 + 1 frames, at most 33; use --frames 1 or 5" in \
+        capsys.readouterr().err and not (tmp_path / "e.mp4").exists()
     # a question given as --prompt (it was dropped: the model captioned instead), and a device that is not there
     assert main(["--checkpoint", str(exported), "--task", "i2t", "--input", str(image), "--prompt", question,
                  "--device", "cuda:7"]) == 2
@@ -531,6 +536,21 @@ def test_cli_answers_with_the_system_prompt_it_is_given(tmp_path):
                                       str(tmp_path / "x.png"), "--system", "be brief", "--size", "²"]))
     assert any(p.startswith("--system: only i2t / v2t take a system prompt") for p in problems), problems
     assert any(p.startswith("--size") for p in problems), problems  # a digit Python's int() does not read
+
+
+def test_cli_says_when_a_v2v_input_is_shorter_than_its_frames(tmp_path, capsys):
+    from lance_ds.data.media import encode_video
+    from lance_ds.generate import cli_sample, parse_args
+
+    clip = und_samples()[1].media["video"]
+    video = tmp_path / "in.mp4"
+    video.write_bytes(encode_video(clip, fps=12))
+    base = ["--checkpoint", str(tmp_path), "--task", "v2v", "--input", str(video), "--prompt", "make it red"]
+    cli_sample(parse_args(base + ["--frames", str(clip.shape[0])]))
+    assert capsys.readouterr().err == ""
+    sample = cli_sample(parse_args(base + ["--frames", str(clip.shape[0] + 4)]))
+    assert sample.media["input_video"].shape[0] == clip.shape[0]
+    assert f"gives {clip.shape[0]} frames at --fps 12, not --frames {clip.shape[0] + 4}" in capsys.readouterr().err
 
 
 def test_cli_as_a_module_writes_an_mp4(exported, tmp_path):
