@@ -191,10 +191,10 @@ class Checkpointer:
                                   f"(complete steps: {self.complete_steps()})")
         return path
 
-    def check_resume(self, resume: str, model: dict) -> Path | None:
+    def check_resume(self, resume: str, model: dict, max_steps: int) -> Path | None:
         """The checkpoint `resume` names once it is known that this run can resume it (same number of ranks, same
-        architecture), or None to start from scratch; else CheckpointError with the fix. It reads JSON only, so
-        `--check` runs it before any rank starts work."""
+        architecture, a step not past max_steps), or None to start from scratch; else CheckpointError with the fix.
+        It reads JSON only, so `--check` runs it before any rank starts work."""
         path = self.resolve(resume)
         if path is None:
             return None
@@ -210,6 +210,15 @@ class Checkpointer:
                 f"python -m deepspeed.checkpoint.ds_to_universal, keeps optimizer state for DeepSpeed's "
                 f"load_universal, but not lance_ds's per-rank data position.)")
         refuse_other_architecture(saved.get("model", {}), model, path)
+        step = int(saved.get("step", 0))
+        if step > max_steps:  # (step == max_steps: a finished run started again, which has nothing left to do)
+            earlier = [s for s in self.complete_steps() if s <= max_steps]
+            raise CheckpointError(
+                f"{path} is at step {step}, past train.max_steps={max_steps}, and a resume goes on from its step: "
+                f"raise train.max_steps above {step} to train further"
+                + (f", or resume an earlier step (--resume {earlier[-1]}; steps saved up to {max_steps}: {earlier})"
+                   if earlier else "")
+                + ", or start a new run with --resume none and another output_dir")
         return path
 
     # -- saving ------------------------------------------------------------------------------------------------

@@ -151,11 +151,20 @@ def test_refusals_name_the_fix(tmp_path):
         ck.resolve("latest")
     two_ranks = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=2)
     with pytest.raises(CheckpointError, match="(?s)saved by 1 ranks but this run has 2.*export_checkpoint.py"):
-        two_ranks.check_resume("10", {})
+        two_ranks.check_resume("10", {}, 100)
     model = {"size": "debug"}  # what save() records
-    assert ck.check_resume("10", model) == tmp_path / step_name(10) and ck.check_resume("none", model) is None
+    assert ck.check_resume("10", model, 100) == tmp_path / step_name(10)
+    assert ck.check_resume("none", model, 100) is None
     with pytest.raises(CheckpointError, match="model.size: checkpoint .debug., now .100m."):
-        ck.check_resume("10", {"size": "100m"})
+        ck.check_resume("10", {"size": "100m"}, 100)
+    # a checkpoint past max_steps (the run ended at once, saying "done"); at max_steps: a finished run, nothing to do
+    save(ck, 20)
+    assert ck.check_resume("latest", model, 20) == tmp_path / step_name(20)
+    with pytest.raises(CheckpointError, match=r"(?s)at step 20, past train.max_steps=15.*--resume 10; steps saved "
+                                              r"up to 15: \[10\]"):
+        ck.check_resume("latest", model, 15)
+    with pytest.raises(CheckpointError, match="past train.max_steps=5.*above 20 to train further, or start a new run"):
+        ck.check_resume("20", model, 5)
 
 
 def test_ema_follows_the_weights_and_round_trips(tmp_path):
