@@ -3,6 +3,9 @@
   1. training step tokens/s (forward + backward + AdamW) and peak memory for `debug` and `100m`
   2. attention backends side by side on the same packed batch (sdpa / flex forward; flex has no CPU backward)
   3. an on-paper MFU estimate for the 3B geometry on one H100, from FLOPs per token
+  4. flex's block mask of one long packed sequence (a video sample's noise split + text): torch's
+     create_block_mask (uncompiled: the whole L x L mask at once) against lance_ds's rule_block_mask (a chunk of
+     query blocks at a time), time and peak RSS at --mask-lengths
 
 Each measurement runs in a fresh subprocess so its peak RSS is its own.
     python bench/bench_model.py [--tokens 1024] [--steps 3] [--sizes debug,100m]
@@ -131,8 +134,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="packed tokens per micro-batch")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
     parser.add_argument("--sizes", default="debug,100m")
+    parser.add_argument("--mask-lengths", default="8192,16384", help="sequence lengths of section 4")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--one-mask", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_mask:
+        length, builder = args.one_mask.split(",")
+        print(json.dumps(measure_block_mask(int(length), builder)))
+        return
     if args.one:
         size, attention, train = args.one.split(",")
         print(json.dumps(measure(size, attention, args.tokens, args.steps, bool(int(train)))))
@@ -156,6 +165,43 @@ def main() -> None:
                                            f"peak RSS {r['peak_rss_mb']:.0f} MB" for a, r in fwd.items()))
     print("\n3. on paper")
     print("\n".join("   " + line for line in paper_mfu()))
+    print("\n4. flex block mask of one packed sequence (video noise split + text), built on CPU")
+    for length in map(int, args.mask_lengths.split(",")):
+        rows = {b: run_mask(length, b) for b in ("create_block_mask", "rule_block_mask")}
+        print(f"   L = {length:6d}: " + ", ".join(f"{b} {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB"
+                                                 for b, r in rows.items()) +
+              f"; memory ratio {rows['rule_block_mask']['peak_rss_mb'] / rows['create_block_mask']['peak_rss_mb']:.2f}x")
+
+
+def measure_block_mask(length: int, builder: str) -> dict:
+    """Build the BlockMask of a sequence of `length` tokens: 2 samples, each 64 text tokens, a noise split (a video's
+    latents), one closing token; its tiles are checked equal between the two builders by the tests."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from lance_ds.data.batch import AttnMode
+    from lance_ds.model.attention import FlexAttention, PackedLayout, rule_block_mask, rule_mask_mod
+
+    half = length // 2
+    sample = torch.arange(length) // half
+    split = sample * 3 + (torch.arange(length) % half >= 64).long() + (torch.arange(length) % half == half - 1).long()
+    layout = PackedLayout(sample, split, torch.where(split % 3 == 1, int(AttnMode.NOISE), int(AttnMode.CAUSAL)))
+    start = time.perf_counter()
+    if builder == "create_block_mask":
+        mask = create_block_mask(rule_mask_mod(layout, FlexAttention.BLOCK), None, None, length, length,
+                                 device="cpu", BLOCK_SIZE=FlexAttention.BLOCK)
+    else:
+        mask = rule_block_mask(layout, FlexAttention.BLOCK)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tiles": int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_mask(length: int, builder: str) -> dict:
+    cmd = [sys.executable, __file__, "--one-mask", f"{length},{builder}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ,
+                         "PYTHONPATH": f"{Path(__file__).resolve().parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _geometry(size: str):

@@ -12,7 +12,8 @@ The rule (reference/LANCE_FACTS.md, "Attention mask over a packed sequence"): to
 
 Backends (`model.attention`):
   sdpa   PyTorch scaled_dot_product_attention with a dense boolean mask per sample (works everywhere; CPU default)
-  flex   torch flex_attention with a BlockMask built from the same rule as a mask_mod (compiled on CUDA)
+  flex   torch flex_attention with a BlockMask built from the same rule as a mask_mod (compiled on CUDA); the
+         block map is built a chunk of query blocks at a time, so its memory does not grow with L x L
   flash  flash_attn_varlen_func over a segment plan: every split sees "the visible prefix of its sample, then
          itself" (causally for text, fully for vision), so two varlen calls (causal, bidirectional) cover the rule
 """
@@ -142,22 +143,8 @@ class FlexAttention:
     BLOCK = 128
 
     def __init__(self, layout: PackedLayout):
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        # flex evaluates the mask_mod on indices up to the next multiple of the block size: pad the captured
-        # per-token tensors so those reads stay in bounds (padding is a sample of its own, seen by nobody)
-        n = layout.num_tokens
-        pad = -n % self.BLOCK
-        sample, split, mode = (F.pad(x, (0, pad), value=-1) for x in
-                               (layout.sample_ids, layout.split_ids, layout.attn_modes))
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return allowed(sample[q_idx], sample[kv_idx], split[q_idx], split[kv_idx], mode[q_idx], mode[kv_idx],
-                           q_idx, kv_idx)
-
-        self.on_cuda = sample.is_cuda
-        self.block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=sample.device,
-                                            BLOCK_SIZE=self.BLOCK)
+        self.on_cuda = layout.sample_ids.is_cuda
+        self.block_mask = rule_block_mask(layout, self.BLOCK)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, layer: int = 0) -> Tensor:
         from torch.nn.attention.flex_attention import flex_attention
@@ -173,6 +160,57 @@ class FlexAttention:
                 warnings.simplefilter("ignore", UserWarning)
                 out = flex_attention(*args, block_mask=self.block_mask, enable_gqa=True)
         return out[0].transpose(0, 1)
+
+
+_MASK_CHUNK = 1 << 23  # mask elements evaluated at once by rule_block_mask (~8 MiB per bool intermediate)
+
+
+def rule_block_mask(layout: PackedLayout, block: int):
+    """flex's BlockMask of the rule: which block x block tiles of the L x L mask are empty, full or partial (its
+    mask_mod then runs in the partial ones only). torch's create_block_mask, uncompiled, evaluates the whole mask at
+    once (several L x L tensors: ~0.7 GiB at 8k tokens, ~11 GiB at 32k); this walks the query blocks a chunk at a
+    time, so its memory stays ~_MASK_CHUNK elements at any length. The tiles equal create_block_mask's (tested)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = layout.num_tokens
+    pos = torch.arange(n, device=layout.sample_ids.device)
+    keys = (layout.sample_ids[None], layout.split_ids[None], layout.attn_modes[None], pos[None])
+    padded = n + -n % block  # past n the mask is False (create_block_mask pads so too)
+    rows = max(1, _MASK_CHUNK // (block * padded)) * block
+    counts = []  # per chunk: [query blocks, kv blocks] allowed pairs in each tile
+    for start in range(0, n, rows):
+        q = slice(start, min(start + rows, n))
+        mask = allowed(layout.sample_ids[q, None], keys[0], layout.split_ids[q, None], keys[1],
+                       layout.attn_modes[q, None], keys[2], pos[q, None], keys[3])
+        mask = F.pad(mask, (0, padded - n, 0, -mask.shape[0] % block))
+        counts.append(mask.view(-1, block, padded // block, block).sum(dim=(1, 3)))
+    counts = torch.cat(counts)[None, None]  # [1, 1, Q blocks, KV blocks]
+    full = counts == block * block
+    partial = (counts > 0) & ~full
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(block, block),
+                                    mask_mod=rule_mask_mod(layout, block), seq_lengths=(n, n))
+
+
+def rule_mask_mod(layout: PackedLayout, block: int):
+    """The rule as flex's mask_mod(b, h, q_idx, kv_idx). flex evaluates it on indices up to the next multiple of
+    the block size: the captured per-token tensors are padded so those reads stay in bounds (padding is a sample of
+    its own, seen by nobody)."""
+    pad = -layout.num_tokens % block
+    sample, split, mode = (F.pad(x, (0, pad), value=-1) for x in
+                           (layout.sample_ids, layout.split_ids, layout.attn_modes))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(sample[q_idx], sample[kv_idx], split[q_idx], split[kv_idx], mode[q_idx], mode[kv_idx],
+                       q_idx, kv_idx)
+
+    return mask_mod
+
+
+def _ordered(tiles: Tensor) -> tuple[Tensor, Tensor]:
+    """A [.., rows, cols] bool tile map as flex stores it: per row, the count of True tiles and the column indices
+    with those tiles first (in column order)."""
+    tiles = tiles.to(torch.int32)
+    return tiles.sum(-1, dtype=torch.int32), torch.argsort(tiles, dim=-1, descending=True, stable=True).to(torch.int32)
 
 
 @dataclass

@@ -98,6 +98,50 @@ def test_backends_match_the_rule(backend):
             assert (a.grad - b.grad).abs().max().item() < 1e-10
 
 
+def long_layout(seed: int) -> PackedLayout:
+    """~1000 tokens of random samples (text, vision, noise splits) and a padding tail: many 32-token blocks of every
+    kind (empty, full, partial), the last one cut short."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(9):
+        splits = [(int(torch.randint(1, 40, (1,), generator=g)), C)]
+        for _ in range(int(torch.randint(0, 4, (1,), generator=g))):
+            splits += [(int(torch.randint(1, 60, (1,), generator=g)), (F, N)[int(torch.randint(2, (1,), generator=g))]),
+                       (int(torch.randint(1, 20, (1,), generator=g)), C)]
+        samples.append(splits)
+    return layout_from(samples + [[(37, C)]])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flex_block_mask_equals_torchs_built_a_chunk_at_a_time(seed, monkeypatch):
+    """rule_block_mask walks query blocks a few at a time (create_block_mask holds L x L tensors at once); its tiles,
+    their order and the mask they spell must be create_block_mask's."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from lance_ds.model import attention
+
+    layout = long_layout(seed)
+    monkeypatch.setattr(attention, "_MASK_CHUNK", 3 * 32 * 1024)  # a few query blocks per chunk
+    ours = attention.rule_block_mask(layout, block=32)
+    theirs = create_block_mask(ours.mask_mod, B=None, H=None, Q_LEN=layout.num_tokens, KV_LEN=layout.num_tokens,
+                               BLOCK_SIZE=32)
+    assert ours.kv_num_blocks.shape == theirs.kv_num_blocks.shape and ours.kv_num_blocks.shape[-1] > 10
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    assert 0 < int(ours.full_kv_num_blocks.sum()) and 0 < int(ours.kv_num_blocks.sum())  # both kinds of tile
+    n = layout.num_tokens
+    rule = dense_mask(layout.sample_ids, layout.split_ids, layout.attn_modes)
+    assert not (ours.to_dense()[0, 0].repeat_interleave(32, 0).repeat_interleave(32, 1)[:n, :n] < rule).any()
+
+
+def test_flex_attends_by_the_rule_over_many_blocks():
+    layout = long_layout(2)
+    q, k, v = (x.float() for x in random_qkv(layout.num_tokens))
+    out = FlexAttention(layout)(q, k, v)
+    assert (out.double() - reference_attention(q.double(), k.double(), v.double(), layout)).abs().max() < 1e-5
+
+
 def test_repeated_kv_heads_attend_as_grouped_query_heads():
     """On CUDA a masked call repeats each key/value head for its query heads (SDPA has no fused masked GQA kernel
     there); the result must be what grouped-query attention gives."""
