@@ -35,6 +35,7 @@ DeepSpeed types below is refused.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -492,6 +493,16 @@ def transformers_llm_config(llm, special, dtype: torch.dtype):
         pad_token_id=special.pad, architectures=["Qwen3ForCausalLM"], dtype=dtype)
 
 
+# ChatML, the layout lance_ds trains text in (lance_ds.data.sequence: `<|im_start|>ROLE\nTEXT<|im_end|>\n` per turn,
+# the answer after `<|im_start|>assistant\n`): given to an llm/ tokenizer that has no chat template of its own (the
+# debug tokenizer), so that transformers' apply_chat_template prompts the export as training did.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+
+
 def save_transformers_llm(directory: Path, state: dict[str, Tensor], parts: InferenceParts,
                           dtype: torch.dtype) -> Path:
     """EXPORT_DIR/llm: config.json, model.safetensors and the tokenizer, for AutoModelForCausalLM."""
@@ -501,7 +512,9 @@ def save_transformers_llm(directory: Path, state: dict[str, Tensor], parts: Infe
     tensors = transformers_llm_state(state, llm.num_layers, llm.hidden_size)
     save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
-    parts.tokenizer.hf.save_pretrained(str(directory))
+    tokenizer = copy.copy(parts.tokenizer.hf)  # (the template is the export's, not the live tokenizer's)
+    tokenizer.chat_template = tokenizer.chat_template or CHATML_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
     return directory
 
 

@@ -93,7 +93,21 @@ def test_transformers_loads_the_understanding_expert_with_the_same_logits(export
         theirs = hf(batch.input_ids[None]).logits[0, :, :num_classes]
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
     text = "a red circle moving left"
-    assert AutoTokenizer.from_pretrained(str(exported / "llm")).encode(text) == gen.tokenizer.encode(text)
+    tokenizer = AutoTokenizer.from_pretrained(str(exported / "llm"))
+    assert tokenizer.encode(text) == gen.tokenizer.encode(text)
+    # its chat template prompts as training laid out an i2t sample's text (the vision block aside)
+    from lance_ds.data.sequence import Sample
+
+    image = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    turns = {"caption_i": "You are a helpful assistant.", "caption_q": "Which shape is it?", "caption_a": "A circle."}
+    plan = gen.planner.plan(Sample("i2t", turns, {"image": image}, key="k"))
+    vision = {gen.tokenizer.special.vision_start, gen.tokenizer.special.vision_end, gen.tokenizer.special.video_pad}
+    trained = [i for i in plan.input_ids.tolist() if i not in vision]
+    prompt = tokenizer.apply_chat_template([{"role": "system", "content": turns["caption_i"]},
+                                            {"role": "user", "content": turns["caption_q"]}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert prompt == trained[:len(prompt)]
+    assert trained[len(prompt):] == gen.tokenizer.encode(turns["caption_a"]) + [gen.tokenizer.special.im_end]
 
 
 def test_lora_export_merges_as_peft_does_and_keeps_the_adapters(trained_runs, tmp_path):
