@@ -308,7 +308,8 @@ class Checkpointer:
                 raise  # not an unreadable file (out of memory, a communication error, a shape mismatch): as it is
             raise self._unreadable(path, "DeepSpeed's files", e) from e  # a truncated zip, a cut pickle
         if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load the engine state from {path}")
+            raise self._unreadable(path, "DeepSpeed's engine files", FileNotFoundError("DeepSpeed found no engine "
+                                                                                     "state for this rank"))
         mine = rank_dir(path, self.rank)
         for name in trainer_state.get("rank_files", []):  # (older checkpoints do not list them)
             if not (mine / name).is_file():  # the save wrote it: without it this rank would quietly start over

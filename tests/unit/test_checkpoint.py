@@ -167,6 +167,21 @@ def test_refusals_name_the_fix(tmp_path):
         ck.check_resume("20", model, 5)
 
 
+def test_an_engine_state_deepspeed_cannot_find_names_the_rank_and_other_steps(tmp_path):
+    class Empty(FakeEngine):
+        def load_checkpoint(self, root, tag, **kw):
+            return None, None  # what DeepSpeed returns when this rank's engine files are not there
+
+    for step in (10, 20):
+        Checkpointer(tmp_path, keep_last=3, rank=0, world_size=2).save(FakeEngine(), step, {"model": {}}, {}, None,
+                                                                       None)
+    ck = Checkpointer(tmp_path, keep_last=3, rank=1, world_size=2)
+    with pytest.raises(CheckpointError, match=r"rank 1: cannot resume from .*step_00000020: DeepSpeed's engine files "
+                                              r"could not be read .*complete: \[10\]") as raised:
+        ck.load(Empty(), tmp_path / step_name(20))
+    assert raised.value.rank == 1
+
+
 def test_ema_follows_the_weights_and_round_trips(tmp_path):
     model = torch.nn.Linear(3, 2)
     ema = ShardedEMA(model, decay=0.5)
