@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
@@ -66,24 +67,34 @@ class Meter:
 
 
 class Throughput:
-    """Tokens/s, samples/s and the fraction of wall time spent waiting for data, per logging window."""
+    """This rank's real tokens, packed tokens (padding and placeholders included), samples and seconds waiting for
+    data in one logging window, and the window's wall time less its pauses (validation, checkpoint saves)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.start = time.perf_counter()
-        self.tokens = 0
-        self.samples = 0
-        self.data_wait = 0.0
+        self.paused_s = 0.0
+        self.counts = {"real_tokens": 0.0, "packed_tokens": 0.0, "samples": 0.0, "data_wait": 0.0}
 
-    def scalars(self, world_size: int) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        # tokens and samples are this rank's; ranks see equal budgets, so the global rate is world_size times.
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent here is no training time: it is left out of the window's rates."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
+
+    def scalars(self, totals: dict[str, float], world_size: int) -> dict[str, float]:
+        """The window's rates from `totals`, its counts summed over all ranks (they may differ between ranks)."""
+        elapsed = max(time.perf_counter() - self.start - self.paused_s, 1e-9)
         return {
-            "train/tokens_per_s": self.tokens * world_size / elapsed,
-            "train/samples_per_s": self.samples * world_size / elapsed,
-            "train/data_wait_fraction": self.data_wait / elapsed,
+            "train/tokens_per_s": totals["real_tokens"] / elapsed,
+            "train/samples_per_s": totals["samples"] / elapsed,
+            "train/data_wait_fraction": totals["data_wait"] / world_size / elapsed,  # mean over ranks
+            "data/packing_efficiency": totals["real_tokens"] / max(totals["packed_tokens"], 1.0),
         }
 
 

@@ -22,7 +22,7 @@ from .config.core import to_dict
 from .config.data import TASKS
 from .config.deepspeed import zero_stage
 from .config.run import Run
-from .data.packing import Branches, packing_efficiency
+from .data.packing import Branches
 from .data.sequence import SequencePlanner
 from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
@@ -62,6 +62,8 @@ class Trainer:
         self.started = time.time()
         self.tokens_seen = 0
         self.last_losses: dict[str, float] = {}
+        self.last_lr = float("nan")
+        self.validated_step: int | None = None  # the last step validation ran at (saved: a stop may skip it)
         self.task_losses = TaskLosses(self.dist.device)
         resumed = self._resume(resume)
         # the timeline restarts here: points an earlier run logged after this step (or any, from scratch) are dropped
@@ -79,7 +81,7 @@ class Trainer:
         cfg = self.cfg
         self.print_banner()
         batches = iter(self.loader)
-        if self.step == 0:  # a resumed run validated its step before saving it
+        if self.validated_step != self.step:  # step 0, or a resume from a stop that skipped its validation
             self.validate_if_due()
         meter, speed = Meter(), Throughput()
         progress = self._progress_bar()
@@ -94,10 +96,11 @@ class Trainer:
                 # a save ends a logging window too: a run resumed from it logs the windows the uninterrupted one did
                 if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps or save:
                     self.log(meter, speed, progress)
-                if stopped is None:  # (stopping: the save first, within the launcher's grace period)
-                    self.validate_if_due()
-                if save:
-                    self.save()
+                with speed.paused():
+                    if stopped is None:  # (stopping: the save first, within the launcher's grace period)
+                        self.validate_if_due()
+                    if save:
+                        self.save()
         finally:
             requests.restore()
         progress.close()
@@ -109,11 +112,11 @@ class Trainer:
     def train_step(self, batches, meter: Meter, speed: Throughput) -> None:
         """One optimizer step over `grad_accum` micro-batches."""
         skipped_before = self.engine.skipped_steps
-        meter.add("train/lr", self.engine.get_lr()[0])  # the rate this step applies
+        self.last_lr = self.engine.get_lr()[0]  # the rate this step applies
         for micro in range(self.cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
-            speed.data_wait += time.perf_counter() - t0
+            speed.counts["data_wait"] += time.perf_counter() - t0
             gen = seed_micro_step(self.cfg.train.seed, self.step, micro, self.dist.rank, self.dist.device)
             batch = batch.to(self.dist.device, non_blocking=True)  # from pinned memory (GPU): asynchronous
             pred, flow = self.forward(batch, gen)
@@ -149,23 +152,28 @@ class Trainer:
         return pred, flow
 
     def _account(self, batch, losses, meter: Meter, speed: Throughput) -> None:
-        meter.add("train/ce_tokens", losses.num_ce_tokens)  # global counts (summed over ranks)
-        meter.add("train/mse_tokens", losses.num_mse_tokens)
-        meter.add("data/packing_efficiency", packing_efficiency(batch))
-        speed.tokens += batch.num_real_tokens
-        speed.samples += sum(t in TASKS for t in batch.tasks)  # not padding or placeholders
-        self.tokens_seen += batch.num_real_tokens * self.dist.world_size
+        meter.add("train/ce_tokens", losses.scored_tokens[0])  # per micro-step, summed over ranks
+        meter.add("train/mse_tokens", losses.scored_tokens[1])
+        speed.counts["real_tokens"] += batch.num_real_tokens
+        speed.counts["packed_tokens"] += batch.num_tokens
+        speed.counts["samples"] += sum(t in TASKS for t in batch.tasks)  # not padding or placeholders
 
     # -- logging ---------------------------------------------------------------------------------------------------
 
     def log(self, meter: Meter, speed: Throughput, progress) -> None:
         scalars = meter.means()
-        scalars.update(speed.scalars(self.dist.world_size))
+        scalars["train/lr"] = self.last_lr  # the rate of the window's last step (a mean would match no step)
         scalars.update(memory_scalars())
         scalars["train/skipped_steps"] = self.skipped_steps
-        data = self.loader.stats_scalars()  # this rank's counts: the run's are their sums
-        scalars.update(summed_over_ranks(data, [k for k in data if k.startswith(("data/skipped", "data/samples"))],
-                                         self.dist.device))
+        # this rank's counts; the run's are their sums (one all-reduce for all of them)
+        data, stats = self.loader.stats_scalars(), self.loader.stats()
+        mine = {**{k: v for k, v in data.items() if k.startswith(("data/skipped", "data/samples"))}, **speed.counts,
+                "real_tokens_total": stats["real_tokens"], "packed_tokens_total": stats["total_tokens"]}
+        run = summed_over_ranks(mine, list(mine), self.dist.device)
+        scalars.update({k: run.get(k, v) for k, v in data.items()})
+        scalars.update(speed.scalars(run, self.dist.world_size))
+        scalars["data/packing_efficiency_total"] = run["real_tokens_total"] / max(run["packed_tokens_total"], 1)
+        self.tokens_seen += int(run["real_tokens"])
         scalars.update(self.task_losses.scalars("train"))  # token-weighted means over all ranks
         scalars["train/loss"] = total_loss(scalars, "train", self.cfg.objective)
         self.tb.scalars(self.step, scalars)
@@ -207,7 +215,8 @@ class Trainer:
         return t.micro_batch_size * self.cfg.data.packing_length * t.grad_accum * self.dist.world_size
 
     def print_summary(self, stopped: int | None = None) -> None:
-        self.tb.hparams(flat_hparams(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in self.last_losses.items()})
+        if stopped is None and self.last_losses:  # one record per run that trained to its end (not per stop)
+            self.tb.hparams(flat_hparams(to_dict(self.cfg)), {f"hparam/{k}": v for k, v in self.last_losses.items()})
         if not self.dist.is_first:
             return
         elapsed = time.time() - self.started
@@ -225,6 +234,7 @@ class Trainer:
         every = self.cfg.validation.every
         if every and self.validator is not None and self.step % every == 0:
             self.validator.run(self.step)
+            self.validated_step = self.step
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
 
@@ -234,7 +244,7 @@ class Trainer:
 
     def save(self) -> None:
         state = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
-                 "model": to_dict(self.cfg.model)}
+                 "validated_step": self.validated_step, "model": to_dict(self.cfg.model)}
         self.checkpointer.save(self.engine, self.step, state, to_dict(self.cfg), self.loader.state_dict(), self.ema)
         self.saved_step = self.step
 
@@ -262,6 +272,8 @@ class Trainer:
         self.step = self.saved_step = resumed.step
         self.skipped_steps = int(resumed.trainer_state.get("skipped_steps", 0))
         self.tokens_seen = int(resumed.trainer_state.get("tokens_seen", 0))
+        # (checkpoints written before this was recorded: their step was validated, if due, before the save)
+        self.validated_step = resumed.trainer_state.get("validated_step", self.step)
         if resumed.data_state is not None:
             self.loader.load_state_dict(resumed.data_state)
         if self.ema is not None:

@@ -788,16 +788,14 @@ class TrainLoader:
         return out
 
     def stats_scalars(self) -> dict[str, float]:
-        """data/skipped (all reasons), data/skipped/<reason>, data/epoch/<group>, data/samples,
-        data/packing_efficiency_total — cumulative for this rank (sum over ranks for the run's totals)."""
+        """data/skipped (all reasons), data/skipped/<reason>, data/epoch/<group>, data/samples: cumulative for this
+        rank (sum over ranks for the run's totals)."""
         stats = self.stats()
         scalars = {"data/skipped": float(sum(stats["skipped"].values())), "data/samples": float(stats["samples"])}
         for reason in SKIP_REASONS:
             scalars[f"data/skipped/{reason}"] = float(stats["skipped"].get(reason, 0))
         for name, epoch in stats["epochs"].items():
             scalars[f"data/epoch/{name}"] = float(epoch)
-        if stats["total_tokens"]:
-            scalars["data/packing_efficiency_total"] = stats["real_tokens"] / stats["total_tokens"]
         return scalars
 
     def num_samples(self, group: str) -> int | None:

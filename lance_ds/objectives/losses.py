@@ -37,15 +37,16 @@ class Losses:
     total: Tensor  # ce_weight * ce + mse_weight * mse; backpropagate this
     ce: Tensor
     mse: Tensor
-    num_ce_tokens: float  # sum of CE weights over all ranks
-    num_mse_tokens: float  # sum of MSE token weights over all ranks
+    num_ce_tokens: float  # sum of CE weights over all ranks: what ce is divided by (Lance's n_ce_tokens)
+    num_mse_tokens: float  # sum of MSE token weights over all ranks (with objective.mse_per=block: target blocks)
     per_token: TokenLosses  # detached: per-task logging reads these instead of scoring the logits again
+    scored_tokens: tuple[float, float] = (0.0, 0.0)  # CE positions, MSE latent tokens with weight > 0, all ranks
 
     def scalars(self, prefix: str = "train") -> dict[str, float]:
         """For logging; ce / mse are globally normalised contributions, so their mean over ranks is the global loss."""
         return {f"{prefix}/loss": float(self.total.detach()), f"{prefix}/ce": float(self.ce.detach()),
-                f"{prefix}/mse": float(self.mse.detach()), f"{prefix}/ce_tokens": self.num_ce_tokens,
-                f"{prefix}/mse_tokens": self.num_mse_tokens}
+                f"{prefix}/mse": float(self.mse.detach()), f"{prefix}/ce_tokens": self.scored_tokens[0],
+                f"{prefix}/mse_tokens": self.scored_tokens[1]}
 
 
 def global_sums(values: Tensor, group=None) -> Tensor:
@@ -72,14 +73,15 @@ def compute_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: F
     """
     tokens = token_losses(logits, velocity, batch, flow, cfg)
     ce_w, mse_w = tokens.ce_weights, tokens.mse_weights
-    counts = global_sums(torch.stack([ce_w.sum(), mse_w.sum().to(ce_w.device)]), group)
+    mse_w_here = mse_w.to(ce_w.device)
+    counts = global_sums(torch.stack([ce_w.sum(), mse_w_here.sum(), (ce_w > 0).sum(), (mse_w_here > 0).sum()]), group)
     ranks = world_size(group)
     ce = normalised(tokens.ce, ce_w, counts[0], ranks)
     mse = normalised(tokens.mse, mse_w, counts[1].to(tokens.mse.device), ranks)
     total = cfg.ce_weight * ce + cfg.mse_weight * mse
     detached = TokenLosses(tokens.ce.detach(), ce_w, tokens.mse.detach(), mse_w)
     return Losses(total=total, ce=ce, mse=mse, num_ce_tokens=float(counts[0]), num_mse_tokens=float(counts[1]),
-                  per_token=detached)
+                  per_token=detached, scored_tokens=(float(counts[2]), float(counts[3])))
 
 
 def token_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: FlowInputs | None,

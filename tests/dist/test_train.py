@@ -4,6 +4,7 @@ training, SIGKILL during a save - resumes to exactly the losses of an uninterrup
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -88,7 +89,9 @@ def test_training_writes_what_users_watch(reference):
     assert sorted(loss) == LOGGED
     assert loss[6] + loss[8] < loss[2] + loss[3]  # it learns
     assert sorted(scalars["val/loss"]) == [0, 4, 8] and scalars["val/loss"][8] < scalars["val/loss"][0]
-    assert scalars["train/lr"][2] < scalars["train/lr"][STEPS]  # warmup
+    lr = yaml.safe_load((reference / "config.yaml").read_text())["train"]["lr"]
+    assert scalars["train/lr"][2] == pytest.approx(lr)  # the rate of step 2, warmed up (not the window's mean)
+    assert scalars["train/lr"][STEPS] == pytest.approx(lr)
     assert scalars["train/skipped_steps"][2] == 0 and scalars["train/skipped_steps"][STEPS] == 1  # the NaN step
     # real (not padding) tokens per packed batch: first-fit fills the 1024-token batches of the example mixture
     assert all(0.5 < v <= 1.0 for v in scalars["data/packing_efficiency"].values()), scalars["data/packing_efficiency"]
@@ -103,6 +106,12 @@ def test_training_writes_what_users_watch(reference):
     assert ckpts == ["step_00000006", "step_00000008"]  # keep_last=2
     assert latest(reference) == "step_00000008"
     assert len(list((reference / "checkpoints" / "step_00000008").glob("rank_*/ema.safetensors"))) == 2
+    # the tokens the run counts are every rank's own (ranks pack different numbers of real tokens)
+    final = reference / "checkpoints" / "step_00000008"
+    real = [sum(w["real_tokens"] for w in json.loads(d.read_text())["workers"] if w)
+            for d in sorted(final.glob("rank_*/data.json"))]
+    assert json.loads((final / "trainer_state.json").read_text())["tokens_seen"] == sum(real), real
+    assert tensorboard_steps(reference, "hparam/train/loss") == [0]  # one record of the finished run
 
 
 def test_kill9_during_save_and_during_training_resume_exactly(reference, example_data, tmp_path):
@@ -165,7 +174,10 @@ def test_sigterm_stops_at_the_next_step_with_its_checkpoint_and_resumes_exactly(
     up to 30 s before it signals rank 1. The ranks agree to stop after the step they are in, save it and exit; the
     same command then resumes from that step to the losses of the uninterrupted run."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(deepspeed_cmd(2, *train_args(out, example_data)), cwd=REPO,
+    # validation at every step: the stop skips its step's validation (the save comes first); the resume runs it
+    validating = ("validation.every=1", f"validation.dataset_config={example_data['val']}",
+                  "validation.max_samples=4", "validation.num_generations=0")
+    proc = subprocess.Popen(deepspeed_cmd(2, *train_args(out, example_data, STEPS, *validating)), cwd=REPO,
                             env=launch_env(LANCE_DS_FAULT=NAN_AT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.time() + 240
@@ -182,7 +194,13 @@ def test_sigterm_stops_at_the_next_step_with_its_checkpoint_and_resumes_exactly(
     assert 2 < stopped <= 6, f"stopped at step {stopped}, not within a few steps of the signal (after step 2):\n{log}"
     assert f"stopped by SIGTERM at step {stopped} of {STEPS}" in log and "Traceback" not in log, log[-4000:]
     assert max(losses(out)) == stopped  # the stop ends a logging window, as a save does
-    launch(train_args(out, example_data), env=launch_env(LANCE_DS_FAULT=NAN_AT))
+    assert stopped not in read_scalars(out)["val/loss"]
+    launch(train_args(out, example_data, STEPS, *validating), env=launch_env(LANCE_DS_FAULT=NAN_AT))
     expected, got = losses(reference), losses(out)
     for step in [s for s in LOGGED if s <= stopped or s > 6]:  # the windows both runs log alike
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
+    assert tensorboard_steps(out, "val/loss") == list(range(STEPS + 1))  # each step validated once
+    val, expected_val = read_scalars(out)["val/loss"], read_scalars(reference)["val/loss"]
+    for step in expected_val:
+        assert val[step] == pytest.approx(expected_val[step], rel=1e-5), (step, val, expected_val)
+    assert tensorboard_steps(out, "hparam/train/loss") == [0]  # the finished run's record only, not the stop's

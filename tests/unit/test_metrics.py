@@ -36,3 +36,22 @@ def test_counters_are_summed_over_ranks_and_the_rest_left_alone():
         assert got[rank] == {"data/skipped": 3.0, "data/samples": 30.0, "data/epoch/g": 3.0 + rank}
     alone = {"data/skipped": 2.0}
     assert summed_over_ranks(alone, ["data/skipped"], torch.device("cpu")) == alone  # no process group: as is
+
+
+def test_throughput_leaves_pauses_out_and_rates_the_runs_sums():
+    import time
+
+    from lance_ds.metrics import Throughput
+
+    speed = Throughput()
+    with speed.paused():  # a validation or a save between steps
+        time.sleep(0.3)
+    totals = {"real_tokens": 300.0, "packed_tokens": 400.0, "samples": 3.0, "data_wait": 0.0}
+    rates = speed.scalars(totals, world_size=2)
+    assert rates["train/tokens_per_s"] > 300 / 0.1  # the 0.3 s paused is not in the window's time
+    assert rates["data/packing_efficiency"] == 0.75  # real / packed tokens of all ranks
+    speed.reset()
+    time.sleep(0.2)
+    rates = speed.scalars({**totals, "data_wait": 0.2}, world_size=2)
+    assert 0.3 < rates["train/data_wait_fraction"] <= 0.5  # 0.2 s of waiting summed over 2 ranks in ~0.2 s
+    assert 300 / 0.4 < rates["train/tokens_per_s"] <= 300 / 0.2

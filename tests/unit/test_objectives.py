@@ -88,6 +88,7 @@ def test_losses_are_weighted_means_and_named():
     assert torch.allclose(losses.mse, (mse_tok * flow.weights).sum() / 8.0)  # 6 + 0.5 * 4 weighted tokens
     assert torch.allclose(losses.total, 0.25 * losses.ce + losses.mse)
     assert (losses.num_ce_tokens, losses.num_mse_tokens) == (2.0, 8.0)
+    assert losses.scored_tokens == (2.0, 10.0)  # tokens scored: 6 + 4 target latents (weights 1 and 0.5)
     assert set(losses.scalars()) >= {"train/loss", "train/ce", "train/mse"}
     losses.total.backward()
     assert logits.grad[2].abs().sum() == 0 and velocity.grad[:4].abs().sum() == 0  # placeholders / conditions
