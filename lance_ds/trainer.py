@@ -32,7 +32,7 @@ from .engine import build_engine, follow_run_schedule, init_distributed, seed_ev
 from .faults import armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
 from .model import build_model, encode_vit
-from .objectives import compute_losses, prepare_flow
+from .objectives import compute_losses, prepare_flow, step_weights
 from .stopping import StopRequests
 from .validation import TaskLosses, Validator, total_loss
 
@@ -113,14 +113,22 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches."""
         skipped_before = self.engine.skipped_steps
         self.last_lr = self.engine.get_lr()[0]  # the rate this step applies
-        for micro in range(self.cfg.train.grad_accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            speed.counts["data_wait"] += time.perf_counter() - t0
+        micro_steps = self.cfg.train.grad_accum
+        t0 = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(micro_steps)]
+        speed.counts["data_wait"] += time.perf_counter() - t0
+        # every token of the step weighs the same, whichever micro-batch holds it: the loss of each micro-step is
+        # divided by the weights of the whole step (a per-micro-step mean would weigh a micro-batch's 3 CE tokens
+        # like another's 3000)
+        weights = step_weights(micro_batches, self.cfg.objective, self.dist.device)
+        meter.add("train/ce_tokens", float(weights[2]))
+        meter.add("train/mse_tokens", float(weights[3]))
+        for micro, batch in enumerate(micro_batches):
             gen = seed_micro_step(self.cfg.train.seed, self.step, micro, self.dist.rank, self.dist.device)
             batch = batch.to(self.dist.device, non_blocking=True)  # from pinned memory (GPU): asynchronous
             pred, flow = self.forward(batch, gen)
-            losses = compute_losses(pred.logits, pred.velocity, batch, flow, self.cfg.objective)
+            losses = compute_losses(pred.logits, pred.velocity, batch, flow, self.cfg.objective, step=weights,
+                                    micro_steps=micro_steps)
             del pred  # the logits [C, V'] need not outlive the losses (backward keeps what it needs)
             if armed("nan_loss", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
                 losses.total = losses.total * float("nan")  # crash tests: one rank's loss goes non-finite
@@ -128,7 +136,7 @@ class Trainer:
                 raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {self.step + 1}")
             self.engine.backward(losses.total)
             self.engine.step()
-            self._account(batch, losses, meter, speed)
+            self._account(batch, speed)
             self.task_losses.add(batch, losses.per_token)
         skipped = self.engine.skipped_steps - skipped_before
         self.skipped_steps += skipped
@@ -151,9 +159,7 @@ class Trainer:
             pred = self.engine(batch, vit_embeds)
         return pred, flow
 
-    def _account(self, batch, losses, meter: Meter, speed: Throughput) -> None:
-        meter.add("train/ce_tokens", losses.scored_tokens[0])  # per micro-step, summed over ranks
-        meter.add("train/mse_tokens", losses.scored_tokens[1])
+    def _account(self, batch, speed: Throughput) -> None:
         speed.counts["real_tokens"] += batch.num_real_tokens
         speed.counts["packed_tokens"] += batch.num_tokens
         speed.counts["samples"] += sum(t in TASKS for t in batch.tasks)  # not padding or placeholders

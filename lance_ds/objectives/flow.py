@@ -76,11 +76,18 @@ def prepare_flow(clean: Tensor, batch: PackedBatch, objective: ObjectiveConfig,
     x0 = clean.float()
     eps = torch.randn(x0.shape, generator=generator, device=x0.device) if noise is None else noise.float()
     noisy = (1 - t[:, None]) * x0 + t[:, None] * eps
-    block_weights = batch.vae_weights.to(clean.device).float() * is_target.float()
+    return FlowInputs(noisy=noisy, timesteps=t, target=eps - x0, weights=latent_weights(batch, objective, clean.device))
+
+
+def latent_weights(batch: PackedBatch, objective: ObjectiveConfig, device: torch.device | None = None) -> Tensor:
+    """[N] MSE weight of every latent token: its block's weight on targets, 0 on conditions (source latents).
+    objective.mse_per: block divides a block's weight among its tokens. Known from the batch alone, before any
+    latent exists (the trainer sums them over an optimizer step's micro-batches)."""
+    blocks = token_blocks(batch.vae_grid_thw.to(device))
+    block_weights = batch.vae_weights.to(device).float() * batch.vae_is_target.to(device).float()
     if objective.mse_per == "block":
-        block_weights = block_weights / torch.bincount(blocks, minlength=num_blocks).clamp_min(1)
-    weights = block_weights[blocks]
-    return FlowInputs(noisy=noisy, timesteps=t, target=eps - x0, weights=weights)
+        block_weights = block_weights / torch.bincount(blocks, minlength=batch.vae_grid_thw.shape[0]).clamp_min(1)
+    return block_weights[blocks]
 
 
 MIN_DATA_T = 0.05  # data prediction divides by t; below this the implied velocity would blow up

@@ -1,7 +1,8 @@
-"""Named losses, each normalised by its token count summed over ranks (DESIGN rule 2).
+"""Named losses, each normalised by its token count summed over ranks and micro-steps (DESIGN rule 2).
 
-DeepSpeed averages gradients over ranks, so a rank's loss is sum(w * l) * world_size / global_sum(w): after the
-average, every real token of the global batch weighs the same whether its rank had 3 of them or 3000.
+DeepSpeed averages gradients over ranks and divides each micro-step's loss by the number of micro-steps, so a
+micro-step's loss is sum(w * l) * world_size * micro_steps / (sum of w over every rank and micro-step of the
+optimizer step): every real token of the step weighs the same whether its rank or micro-batch had 3 of them or 3000.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import PackedBatch
 from lance_ds.distributed import world_size
 
-from .flow import FlowInputs, as_velocity, mse_per_token
+from .flow import FlowInputs, as_velocity, latent_weights, mse_per_token
 from .text import ce_per_token
 
 
@@ -63,21 +64,33 @@ def normalised(per_token: Tensor, weights: Tensor, global_count: Tensor, num_ran
     return (per_token * weights.to(per_token.dtype)).sum() * num_ranks / count
 
 
+def step_weights(batches: list[PackedBatch], cfg: ObjectiveConfig, device: torch.device, group=None) -> Tensor:
+    """[CE weight, MSE weight, CE positions, MSE latent tokens scored] summed over the micro-batches of one optimizer
+    step on every rank of `group` (one all-reduce): what compute_losses divides by."""
+    mine = sum(_weight_counts(batch.ce_weights, latent_weights(batch, cfg)) for batch in batches)
+    return global_sums(mine.to(device), group)
+
+
+def _weight_counts(ce_w: Tensor, mse_w: Tensor) -> Tensor:
+    ce_w, mse_w = ce_w.double(), mse_w.double().to(ce_w.device)
+    return torch.stack([ce_w.sum(), mse_w.sum(), (ce_w > 0).sum(), (mse_w > 0).sum()])
+
+
 def compute_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: FlowInputs | None,
-                   cfg: ObjectiveConfig, group=None) -> Losses:
+                   cfg: ObjectiveConfig, group=None, step: Tensor | None = None, micro_steps: int = 1) -> Losses:
     """CE on batch.ce_indexes (weights batch.ce_weights) and MSE on noised latents (weights flow.weights).
 
     logits [C, V'] and velocity [N, z] (the flow head's output: see objective.prediction) are the model's
     Predictions; flow is None for a model without generation.
-    One all-reduce carries both counts.
+    step: step_weights() of the optimizer step this batch is one of `micro_steps` micro-batches of; None: this
+    batch is the whole step (one all-reduce then carries its counts).
     """
     tokens = token_losses(logits, velocity, batch, flow, cfg)
     ce_w, mse_w = tokens.ce_weights, tokens.mse_weights
-    mse_w_here = mse_w.to(ce_w.device)
-    counts = global_sums(torch.stack([ce_w.sum(), mse_w_here.sum(), (ce_w > 0).sum(), (mse_w_here > 0).sum()]), group)
-    ranks = world_size(group)
-    ce = normalised(tokens.ce, ce_w, counts[0], ranks)
-    mse = normalised(tokens.mse, mse_w, counts[1].to(tokens.mse.device), ranks)
+    counts = global_sums(_weight_counts(ce_w, mse_w), group) if step is None else step
+    ranks = world_size(group) * micro_steps
+    ce = normalised(tokens.ce, ce_w, counts[0].float(), ranks)
+    mse = normalised(tokens.mse, mse_w, counts[1].float().to(tokens.mse.device), ranks)
     total = cfg.ce_weight * ce + cfg.mse_weight * mse
     detached = TokenLosses(tokens.ce.detach(), ce_w, tokens.mse.detach(), mse_w)
     return Losses(total=total, ce=ce, mse=mse, num_ce_tokens=float(counts[0]), num_mse_tokens=float(counts[1]),

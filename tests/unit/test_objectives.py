@@ -14,7 +14,7 @@ from lance_ds.data.batch import AttnMode
 from lance_ds.model.synthetic import Text, Vae, synthetic_batch
 from lance_ds.objectives import (SamplerInputs, as_velocity, token_losses, compute_losses, decode_text, euler_sample,
                                  guided_steps, lance_velocity_fn, normalised, pick_token, prepare_flow, sample_timesteps,
-                                 sampling_schedule, shift_timesteps)
+                                 sampling_schedule, shift_timesteps, step_weights)
 
 
 def test_timestep_shift_table():
@@ -57,6 +57,33 @@ def test_timestep_draws_follow_the_objective():
     shifted = prepare_flow(torch.randn(14, 8), batch, ObjectiveConfig(timestep_shift=4.0, timestep_std=0.001),
                            torch.Generator().manual_seed(4))
     assert torch.allclose(shifted.timesteps[4:], torch.full((10,), 0.8), atol=2e-3)  # 4 * 0.5 / (1 + 3 * 0.5)
+
+
+@pytest.mark.parametrize("mse_per", ["token", "block"])
+def test_micro_steps_of_one_step_weigh_every_token_alike(mse_per):
+    """grad_accum: the micro-steps' losses, each divided by the number of micro-steps as DeepSpeed does, add up to
+    the loss of the whole step over all its tokens: a micro-batch with 1 CE token and one with 5 (and different
+    latent counts) give their tokens equal weight, not each micro-batch half of the loss."""
+    objective = ObjectiveConfig(ce_weight=0.25, mse_per=mse_per)
+    batches = [synthetic_batch([[Text(3, scored=True), Vae(1, 2, 2), Text(1)]], num_text_classes=50, seed=1),
+               synthetic_batch([[Text(7, scored=True), Vae(1, 2, 3, weight=0.5), Text(1)],
+                                [Text(2), Vae(1, 1, 2), Text(1)]], num_text_classes=50, seed=2)]
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(b.ce_indexes.numel(), 50, generator=g, requires_grad=True) for b in batches]
+    velocity = [torch.randn(b.vae_indexes.numel(), 8, generator=g, requires_grad=True) for b in batches]
+    flows = [prepare_flow(torch.randn(b.vae_indexes.numel(), 8, generator=g), b, objective, g) for b in batches]
+    step = step_weights(batches, objective, torch.device("cpu"))
+    micro = sum(compute_losses(lg, v, b, f, objective, step=step, micro_steps=2).total / 2
+                for lg, v, b, f in zip(logits, velocity, batches, flows))
+    tokens = [token_losses(lg, v, b, f, objective) for lg, v, b, f in zip(logits, velocity, batches, flows)]
+    ce = sum((t.ce * t.ce_weights).sum() for t in tokens) / sum(t.ce_weights.sum() for t in tokens)
+    mse = sum((t.mse * t.mse_weights).sum() for t in tokens) / sum(t.mse_weights.sum() for t in tokens)
+    whole = 0.25 * ce + mse
+    assert torch.allclose(micro, whole)
+    got = torch.autograd.grad(micro, logits + velocity)
+    for a, b in zip(got, torch.autograd.grad(whole, logits + velocity)):
+        assert torch.allclose(a, b, atol=1e-7)
+    assert step[2].item() == sum(int((b.ce_weights > 0).sum()) for b in batches)  # scored CE positions of the step
 
 
 def test_mse_per_block_weighs_each_generated_block_alike():
