@@ -114,15 +114,12 @@ def lr_multiplier(step: int, train: TrainConfig) -> float:
     return 1.0
 
 
-def follow_run_schedule(engine, train: TrainConfig) -> float | None:
+def follow_run_schedule(engine, train: TrainConfig) -> float:
     """After a resume: make the restored schedule use this run's train.lr. Loading a checkpoint restores the
     scheduler's base rate and the optimizer's current rate (the checkpoint's train.lr), while the schedule's shape
     (warmup, cosine, min_lr, max_steps) is this run's: without this, lowering train.lr to rescue a diverging run
-    would silently keep the old rate. Returns the checkpoint's base rate (None when the DeepSpeed JSON has its own
-    scheduler, which is left alone)."""
+    would silently keep the old rate. Returns the checkpoint's base rate."""
     scheduler = engine.lr_scheduler
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        return None
     saved = scheduler.base_lrs[0]
     scheduler.base_lrs = [train.lr] * len(scheduler.base_lrs)
     rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
@@ -134,17 +131,16 @@ def follow_run_schedule(engine, train: TrainConfig) -> float | None:
 
 def build_engine(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
     """Wrap the trainable model: DeepSpeed builds the optimizer from the resolved JSON; the schedule is the run
-    config's (a LambdaLR, checkpointed by the engine) unless the JSON spells out a DeepSpeed scheduler."""
+    config's (a LambdaLR, checkpointed by the engine; the config check refuses a DeepSpeed scheduler)."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(["model.freeze_modules: froze every parameter, so there is nothing to train; unfreeze "
                            "something"])
-    schedule = None
-    if "scheduler" not in ds_config:
-        def schedule(optimizer):
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))
+
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                            lr_scheduler=schedule)
     return engine

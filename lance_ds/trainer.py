@@ -270,7 +270,8 @@ class Trainer:
                       f"(steps {earlier}), replaced as this run reaches their steps", flush=True)
             return False
         resumed = self.checkpointer.load(self.engine, path)
-        if follow_run_schedule(self.engine, self.cfg.train) is not None and self.dist.is_first:
+        follow_run_schedule(self.engine, self.cfg.train)
+        if self.dist.is_first:
             changed = schedule_changes(read_config(path).get("train", {}), self.cfg.train)
             if changed:
                 print(f"lance_ds: the learning-rate schedule changed since the checkpoint ({'; '.join(changed)}): "

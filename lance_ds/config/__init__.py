@@ -15,10 +15,12 @@ def load_and_check(config_path: str | None, overrides: list[str], ds_path: str, 
     """Everything a rank needs to know before it starts: the run, its datasets and the resolved DeepSpeed JSON.
 
     Raises one ConfigError listing every problem found (unknown keys, bad values, missing files, switches that do
-    not match the data, DeepSpeed conflicts).
+    not match the data, model files the build would fail on, DeepSpeed conflicts). model.tokenizer_path left unset
+    becomes model.path's own tokenizer when it has one.
     """
     import torch
 
+    from lance_ds.model.build import default_tokenizer_path, model_problems
     from lance_ds.model.registry import hidden_size_of
 
     problems = Problems()
@@ -31,6 +33,9 @@ def load_and_check(config_path: str | None, overrides: list[str], ds_path: str, 
     except (OSError, ValueError) as e:
         problems.add("model.path", str(e))
         problems.raise_if_any()
+    run.config.model.tokenizer_path = default_tokenizer_path(run.config.model)
+    for key, problem in model_problems(run.config.model):
+        problems.add(key, problem)
     ds = resolve_ds_config(raw, run.config, world_size, hidden_size, on_gpu, problems)
     problems.raise_if_any()
     return run, ds

@@ -37,6 +37,8 @@ class LoraConfig:
                                          "model.vit_trainable it trains whole")
 
     def check(self, problems: Problems, key: str) -> None:
+        problems.require(bool(self.target_modules), join(key, "target_modules"),
+                         "name at least one linear layer to adapt, e.g. [q_proj, k_proj, v_proj, o_proj]")
         problems.positive(self.r, join(key, "r"))
         problems.positive(self.alpha, join(key, "alpha"))
         problems.require(0.0 <= self.dropout < 1.0, join(key, "dropout"), f"must be in [0, 1), got {self.dropout}")
@@ -60,7 +62,8 @@ class ModelConfig:
                                      "(tools/train_example_vae.py) for the example data")
     vae: str = doc("auto", "generation codec: auto (the class in vae_path, else the size's codec), wan, kl, frame, or "
                            "patch (exactly invertible space-to-depth, the debug size's default)")
-    tokenizer_path: str | None = doc(None, "local tokenizer directory (Qwen2.5 tokenizer for real runs)")
+    tokenizer_path: str | None = doc(None, "local tokenizer directory (Qwen2.5's for real runs); unset: model.path's "
+                                           "own tokenizer, or the debug tokenizer without model.path")
     visual_und: bool = doc(True, "build the understanding path (ViT tokens, CE on answers)")
     visual_gen: bool = doc(True, "build the generation path (VAE tokens, flow-matching MSE)")
     vit_trainable: bool = doc(False, "train the ViT (then it is part of the engine and the checkpoint); frozen by default")
@@ -81,8 +84,7 @@ class ModelConfig:
     def check(self, problems: Problems, key: str) -> None:
         problems.require(self.visual_und or self.visual_gen, join(key, "visual_und"),
                          "at least one of model.visual_und and model.visual_gen must be true")
-        if self.path is None:
-            problems.one_of(self.size, MODEL_SIZES, join(key, "size"))
+        problems.one_of(self.size, MODEL_SIZES, join(key, "size"))  # (with model.path it still picks the codec)
         problems.one_of(self.attention, ("sdpa", "flex", "flash"), join(key, "attention"))
         problems.one_of(self.vae, VAE_KINDS, join(key, "vae"))
         for name in ("dtype", "vit_dtype", "vae_dtype"):
@@ -91,7 +93,7 @@ class ModelConfig:
         for name in ("max_latent_size", "max_num_frames"):
             if getattr(self, name) is not None:
                 problems.positive(getattr(self, name), join(key, name))
-        for name in ("path", "vit_path", "vae_path"):
+        for name in ("path", "vit_path", "vae_path", "tokenizer_path"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_dir():
                 problems.add(join(key, name), f"{value} is not a directory; point it at a local checkpoint directory")

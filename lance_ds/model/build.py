@@ -30,7 +30,7 @@ from .llm import RMSNorm, copy_und_to_gen, gen_to_und_name
 from .positions import LearnablePositions, lape_cost
 from .registry import ModelSpec, resolve_spec
 from .vae import FrozenVAE, VaeConfig, build_vae, detect_kind
-from .vision import build_vision_tower, freeze, load_vision_weights
+from .vision import build_vision_tower, freeze, load_vision_weights, vit_prefix
 from .weights import (LANCE_POS_TABLE, LANCE_VIT_PREFIX, LANCE_WEIGHTS, LazyState, is_lance_dir, lance_sources,
                       qwen_sources, read_tensors, safetensors_index)
 
@@ -189,6 +189,12 @@ def gathered(params: list[nn.Parameter]):
 
 
 def build_codec(cfg: ModelConfig, spec: ModelSpec) -> FrozenVAE:
+    return build_vae(*codec_source(cfg, spec), DTYPES[cfg.vae_dtype])
+
+
+def codec_source(cfg: ModelConfig, spec: ModelSpec) -> tuple[VaeConfig, str | None]:
+    """The codec a run builds and the directory of its weights (None: built from the config). Reads config files
+    only, so the config check asks it too; ValueError / FileNotFoundError say what is missing."""
     kind = cfg.vae
     if kind == "auto":
         kind = detect_kind(cfg.vae_path) if cfg.vae_path else spec.vae.kind
@@ -199,11 +205,99 @@ def build_codec(cfg: ModelConfig, spec: ModelSpec) -> FrozenVAE:
                      "frame": "frame VAE (tools/train_example_vae.py)"}[kind]
             raise ValueError(f"model.vae={kind} for size '{cfg.size}' needs weights: set model.vae_path to a local "
                              f"{needs} directory")
-        return build_vae(codec, None, DTYPES[cfg.vae_dtype])
+        return codec, None
     if cfg.vae != "auto" and detect_kind(cfg.vae_path) != cfg.vae:
         raise ValueError(f"model.vae={cfg.vae} but model.vae_path {cfg.vae_path} holds a "
                          f"{detect_kind(cfg.vae_path)} VAE; set model.vae=auto or point vae_path at the right dir")
-    return build_vae(spec.vae, cfg.vae_path, DTYPES[cfg.vae_dtype])
+    return spec.vae, cfg.vae_path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def default_tokenizer_path(cfg: ModelConfig) -> str | None:
+    """model.tokenizer_path, else model.path's own tokenizer (Lance, Qwen2.5-VL and lance_ds export directories
+    ship theirs: a checkpoint's token ids only mean something with its tokenizer); None: the debug tokenizer."""
+    if cfg.tokenizer_path is not None or cfg.path is None:
+        return cfg.tokenizer_path
+    return cfg.path if any((Path(cfg.path) / name).is_file() for name in TOKENIZER_FILES) else None
+
+
+def model_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(key, problem) for every part of `cfg` that building the model would fail on, or build wrong, found from
+    config files and headers before any rank starts work: the codec's weights, the ViT's, the tokenizer (and its
+    agreement with model.path's token ids), LoRA targets."""
+    from lance_ds.data.tokenizer import load_tokenizer
+
+    try:
+        spec = resolve_spec(cfg)
+    except (OSError, ValueError) as e:
+        return [("model.path", str(e))]
+    problems = []
+    if cfg.visual_gen:
+        try:
+            codec_source(cfg, spec)
+        except (OSError, ValueError) as e:
+            problems.append(("model.vae_path", str(e)))
+    if cfg.visual_und and (cfg.vit_path or cfg.path):
+        key, source = ("model.vit_path", cfg.vit_path) if cfg.vit_path else ("model.path", cfg.path)
+        try:
+            vit_prefix(safetensors_index(source), source)
+        except (OSError, ValueError) as e:
+            fix = "" if cfg.vit_path else "; or model.visual_und=false"
+            problems.append((key, f"{e}{fix}"))
+    if cfg.path is not None and cfg.tokenizer_path is None:
+        problems.append(("model.tokenizer_path", f"model.path {cfg.path} has no tokenizer ({' / '.join(TOKENIZER_FILES)})"
+                                                 ": set model.tokenizer_path to the tokenizer its token ids come from"))
+    else:
+        try:
+            problems += [("model.tokenizer_path", p) for p in tokenizer_disagreements(cfg, load_tokenizer(cfg.tokenizer_path))]
+        except (OSError, ValueError) as e:
+            problems.append(("model.tokenizer_path", str(e)))
+    if cfg.training_type == "lora":
+        from .lora import lora_targets
+
+        with torch.device("meta"):  # the layer names only: nothing is allocated
+            llm = LanceModel(LanceConfig(llm=replace(spec.llm, mot=cfg.visual_gen), num_text_classes=1,
+                                         latent_channels=spec.vae.latent_channels, visual_und=cfg.visual_und,
+                                         visual_gen=cfg.visual_gen))
+        try:
+            lora_targets(llm, list(cfg.lora.target_modules))
+        except ValueError as e:
+            problems.append(("model.lora.target_modules", str(e).removeprefix("model.lora.target_modules ")))
+    return problems
+
+
+def tokenizer_disagreements(cfg: ModelConfig, tokenizer) -> list[str]:
+    """How the tokenizer disagrees with the token ids model.path records (its vocabulary, the vision and chat
+    special tokens), in words; none without model.path."""
+    from .registry import checkpoint_config_file
+    from .weights import read_json
+
+    if cfg.path is None:
+        return []
+    where = checkpoint_config_file(cfg.path)
+    recorded = read_json(where)
+    text = recorded.get("text_config") if isinstance(recorded.get("text_config"), dict) else {}
+    special = tokenizer.special
+    found = []
+    if "num_text_classes" in recorded and recorded["num_text_classes"] != len(tokenizer):
+        found.append(f"{where} was trained with a tokenizer of {recorded['num_text_classes']} tokens; "
+                     f"{tokenizer.source} has {len(tokenizer)}")
+    vocab = recorded.get("vocab_size", text.get("vocab_size"))
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        found.append(f"{tokenizer.source} has {len(tokenizer)} tokens, more than the {vocab} rows of {where}'s "
+                     "embeddings")
+    for key, token, mine in (("vision_start_token_id", "<|vision_start|>", special.vision_start),
+                             ("vision_end_token_id", "<|vision_end|>", special.vision_end),
+                             ("video_token_id", "<|video_pad|>", special.video_pad)):
+        theirs = recorded.get(key, text.get(key))
+        if isinstance(theirs, int) and theirs != mine:
+            found.append(f"{where} has {token} = {theirs}, {tokenizer.source} has it at {mine}")
+    if found:
+        found[-1] += ("; set model.tokenizer_path to the tokenizer the checkpoint was trained with (the debug "
+                      "tokenizer is used when it is unset and model.path has none)")
+    return found
 
 
 def load_vit(vit: nn.Module, cfg: ModelConfig) -> None:

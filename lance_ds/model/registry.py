@@ -116,17 +116,22 @@ def default_mrope_section(head_dim: int) -> tuple[int, int, int]:
     return t, h, half - t - h
 
 
+def checkpoint_config_file(path: str | Path) -> Path:
+    """The file describing a checkpoint dir: a Lance llm_config.json, or a Qwen2.5-VL config.json."""
+    path = Path(path)
+    if is_lance_dir(path):
+        return path / LANCE_LLM_CONFIG
+    if (path / "config.json").is_file():
+        return path / "config.json"
+    raise FileNotFoundError(f"model.path {path} is neither a Lance checkpoint (model.safetensors + "
+                            f"{LANCE_LLM_CONFIG}) nor a Qwen2.5-VL directory (config.json + *.safetensors)")
+
+
 def spec_from_dir(path: str | Path, base: ModelSpec) -> ModelSpec:
     """A Lance or Qwen2.5-VL checkpoint dir's decoder geometry (and, for Lance, the position range its stored
     sin-cos table covers); the codec stays `base`'s."""
     path = Path(path)
-    if is_lance_dir(path):
-        where = path / LANCE_LLM_CONFIG
-    elif (path / "config.json").is_file():
-        where = path / "config.json"
-    else:
-        raise FileNotFoundError(f"model.path {path} is neither a Lance checkpoint (model.safetensors + "
-                                f"{LANCE_LLM_CONFIG}) nor a Qwen2.5-VL directory (config.json + *.safetensors)")
+    where = checkpoint_config_file(path)
     spec = replace(base, llm=llm_config_from_hf(read_json(where), str(where)))
     if is_lance_dir(path):
         spec = replace(spec, **position_range_of(path))

@@ -97,14 +97,20 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def load_vision_weights(tower: torch.nn.Module, path: str | Path) -> None:
-    """Load the tower from a local checkpoint directory (any of the layouts in the module doc), strictly."""
-    index = safetensors_index(path)
+def vit_prefix(index: dict, path: str | Path) -> str:
+    """The key prefix of the ViT weights in a checkpoint's safetensors index; FileNotFoundError when it has none."""
     prefix = next((p for p in VIT_PREFIXES if p + "patch_embed.proj.weight" in index), None)
     if prefix is None:
         raise FileNotFoundError(f"no ViT weights in {path}: expected a key 'visual.patch_embed.proj.weight' "
                                 "(Qwen2.5-VL), 'vit_model.patch_embed.proj.weight' (Lance model.safetensors) or "
                                 "'patch_embed.proj.weight' (Lance vit.safetensors); set model.vit_path to such a dir")
+    return prefix
+
+
+def load_vision_weights(tower: torch.nn.Module, path: str | Path) -> None:
+    """Load the tower from a local checkpoint directory (any of the layouts in the module doc), strictly."""
+    index = safetensors_index(path)
+    prefix = vit_prefix(index, path)
     names = [k for k in index if k.startswith(prefix) and k[len(prefix):].split(".")[0] in VIT_TOP_MODULES]
     state = strip_prefix(read_tensors(index, names), prefix)
     own = tower.state_dict()

@@ -8,6 +8,7 @@ import yaml
 
 from lance_ds.config import ConfigError, Problems, load_ds_json, resolve_ds_config
 from lance_ds.config.core import apply_overrides, describe, from_dict
+from lance_ds.config.model import ModelConfig
 from lance_ds.config.run import RunConfig, load_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,12 +59,10 @@ def test_good_config_loads_and_fills_auto(dataset_dir):
     assert "auto" not in json.dumps(ds)
 
 
-def test_explicit_agreeing_values_and_a_deepspeed_scheduler_as_written(dataset_dir):
-    sched = {"type": "WarmupDecayLR", "params": {"total_num_steps": 10, "warmup_num_steps": 2}}
-    ds_json = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2},
-               "scheduler": sched}
+def test_explicit_agreeing_values(dataset_dir):
+    ds_json = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
     run, ds = load(dataset_dir, GOOD, [], ds_json)
-    assert ds["scheduler"] == sched and ds["optimizer"]["type"] == "AdamW"
+    assert "scheduler" not in ds and ds["optimizer"]["type"] == "AdamW"
 
 
 def test_lr_schedule_warms_up_from_the_first_step_then_holds_or_decays():
@@ -321,7 +320,7 @@ def test_extends_cycles_and_non_file_extends_are_refused(tmp_path):
     ({"optimizer": None}, '--ds_config optimizer: must be a mapping like {"type": "AdamW", "params": {"lr": "auto"}} '
                           "(or leave it out: the run config's AdamW), got null"),
     ({"optimizer": {"type": "AdamW", "params": [0.1]}}, "--ds_config optimizer.params: must be a mapping like"),
-    ({"scheduler": 5}, '--ds_config scheduler: must be "auto" (the run config\'s schedule) or a mapping'),
+    ({"scheduler": 5}, '--ds_config scheduler: must be "auto" (the run config\'s schedule) or left out'),
     ({"zero_optimisation": {"stage": 3}}, "--ds_config zero_optimisation: is not a DeepSpeed key (DeepSpeed would "
                                           "silently ignore it); did you mean zero_optimization?"),
     ({"gradient_cliping": "auto"}, "did you mean gradient_clipping?"),
@@ -389,6 +388,69 @@ def test_a_model_path_that_is_no_checkpoint_is_a_config_problem(dataset_dir, tmp
     assert err.value.problems == [f"model.path: model.path {tmp_path / 'not_a_model'} is neither a Lance checkpoint "
                                   "(model.safetensors + llm_config.json) nor a Qwen2.5-VL directory (config.json + "
                                   "*.safetensors)"], err.value.problems
+
+
+def test_model_files_the_build_would_fail_on_are_config_problems(dataset_dir, tmp_path):
+    """Refused by --check, before any rank starts work (they were tracebacks on every rank after the launch), and a
+    pretrained model.path is tokenized with its own tokenizer, not the debug one."""
+    import shutil
+
+    from lance_ds.config import load_and_check
+    from lance_ds.data.tokenizer import DEBUG_TOKENIZER_DIR, load_tokenizer
+    from lance_ds.model import build_model
+    from lance_ds.model.weights import save_lance_dir
+
+    (dataset_dir / "run.yaml").write_text(yaml.safe_dump(GOOD))
+    tokenizer = load_tokenizer()
+    model = build_model(ModelConfig(size="debug", dtype="fp32"), len(tokenizer))
+    special = tokenizer.special
+    lance = save_lance_dir(tmp_path / "lance", model.model.state_dict(), model.spec.llm, model.spec.vit,
+                           model.vit.state_dict(), extra_config={"num_text_classes": len(tokenizer),
+                                                                 "vision_start_token_id": special.vision_start})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    def problems(*overrides: str) -> list[str]:
+        try:
+            load_and_check(str(dataset_dir / "run.yaml"), list(overrides), str(REPO / "ds_configs/zero3.json"), 1,
+                           on_gpu=False)
+        except ConfigError as e:
+            return e.problems
+        return []
+
+    path = f"model.path={lance}"
+    assert problems(path) == [
+        f"model.tokenizer_path: model.path {lance} has no tokenizer (tokenizer.json / tokenizer_config.json): set "
+        "model.tokenizer_path to the tokenizer its token ids come from"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEBUG_TOKENIZER_DIR / name, lance / name)
+    run, _ = load_and_check(str(dataset_dir / "run.yaml"), [path],
+                            str(REPO / "ds_configs/zero3.json"), 1, on_gpu=False)
+    assert run.config.model.tokenizer_path == str(lance)  # the checkpoint's own
+    config = json.loads((lance / "llm_config.json").read_text())
+    (lance / "llm_config.json").write_text(json.dumps({**config, "num_text_classes": 2112,
+                                                       "vision_start_token_id": 151652}))
+    found = problems(path, f"model.tokenizer_path={DEBUG_TOKENIZER_DIR}")
+    assert len(found) == 2 and "trained with a tokenizer of 2112 tokens" in found[0], found
+    assert "<|vision_start|> = 151652" in found[1] and found[1].endswith("trained with (the debug tokenizer is used "
+                                                                         "when it is unset and model.path has none)")
+    assert problems(path, "model.size=3B")[0].startswith("model.size: must be one of")
+    assert problems("model.tokenizer_path=/nonexistent") == [
+        "model.tokenizer_path: /nonexistent is not a directory; point it at a local checkpoint directory"]
+    assert problems("model.vae=frame") == ["model.vae_path: model.vae=frame for size 'debug' needs weights: set "
+                                           "model.vae_path to a local frame VAE (tools/train_example_vae.py) "
+                                           "directory"]
+    assert problems(f"model.vae_path={empty}")[0].startswith(f"model.vae_path: model.vae_path {empty} has no "
+                                                              "config.json")
+    assert problems(f"model.vit_path={empty}")[0].startswith(f"model.vit_path: no *.safetensors files in {empty}")
+    no_vit = save_lance_dir(tmp_path / "no_vit", model.model.state_dict(), model.spec.llm)  # and none named
+    found = problems(f"model.path={no_vit}", f"model.tokenizer_path={lance}")
+    assert found[0].startswith(f"model.path: no ViT weights in {no_vit}"), found
+    assert found[0].endswith("or model.visual_und=false")
+    assert problems("model.training_type=lora", "model.lora.target_modules=[qproj]")[0].startswith(
+        "model.lora.target_modules: ['qproj'] name no linear layer of the model; choose from")
+    assert problems("model.training_type=lora", "model.lora.target_modules=[]") == [
+        "model.lora.target_modules: name at least one linear layer to adapt, e.g. [q_proj, k_proj, v_proj, o_proj]"]
 
 
 def test_torch_adamw_on_every_device_unless_the_json_asks_for_fused_adam(dataset_dir):

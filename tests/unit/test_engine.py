@@ -50,13 +50,6 @@ def test_an_unchanged_lr_resumes_the_same_rates():
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(before)
 
 
-def test_a_deepspeed_scheduler_is_left_alone():
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
-    engine = SimpleNamespace(lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1))
-    assert follow_run_schedule(engine, TrainConfig(lr=1.0)) is None
-    assert optimizer.param_groups[0]["lr"] == 0.1
-
-
 def test_a_resume_names_the_schedule_settings_it_changes():
     from lance_ds.trainer import schedule_changes
 
