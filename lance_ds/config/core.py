@@ -166,8 +166,9 @@ def _convert(value: Any, tp: Any, key: str, problems: Problems) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # 0755 -> 493, 2024_01 -> 202401
+            problems.add(key, f"YAML reads this as the number {value!r}, not as text; quote it (e.g. '0755')")
+            return value
         problems.add(key, f"expected a string, got {value!r}")
         return value
     return value
@@ -353,8 +354,24 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def apply_overrides(data: dict, overrides: list[str], problems: Problems) -> dict:
-    """Apply `a.b.c=value` strings; the value is parsed as YAML (`[1, 2]`, `true`, `2e-5`, `null`)."""
+def is_text_key(cls: type, dotted: str) -> bool:
+    """Whether `dotted` names a string field (str or str | None) of dataclass `cls`."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not (dataclasses.is_dataclass(tp) and part in {f.name for f in dataclasses.fields(tp)}):
+            return False
+        tp = typing.get_type_hints(tp)[part]
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                         and set(typing.get_args(tp)) == {str, type(None)})
+
+
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def apply_overrides(data: dict, overrides: list[str], problems: Problems, schema: type | None = None) -> dict:
+    """Apply `a.b.c=value` strings; the value is parsed as YAML (`[1, 2]`, `true`, `2e-5`, `null`), except for the
+    string keys of dataclass `schema`, which take the text as typed (a path like `/data/run #2` or `0755` would
+    read as `/data/run` or the number 493), unless it is YAML-quoted or null."""
     data = dict(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -362,8 +379,11 @@ def apply_overrides(data: dict, overrides: list[str], problems: Problems) -> dic
         if not sep or not key:
             problems.add(item, "an override must look like section.key=value (e.g. train.lr=2e-5)")
             continue
+        text = raw.strip()
+        as_typed = (schema is not None and is_text_key(schema, key) and text not in _NULLS
+                    and not (len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""))
         try:
-            value = parse_yaml(raw, f"override {key}") if raw.strip() else ""
+            value = raw if as_typed else parse_yaml(raw, f"override {key}") if text else ""
         except yaml.YAMLError as e:
             if raw.lstrip().startswith(("[", "{")):  # a list or mapping that does not parse: never one string
                 problems.add(key, f"cannot read {raw!r} as YAML ({str(e).splitlines()[0]}); quote items that "

@@ -233,7 +233,7 @@ def load_run(config_path: str | None, overrides: list[str], problems: Problems) 
     unreadable = len(problems.items) > before  # then dataset_config may be in the part that could not be read
     # paths given on the command line are relative to where it runs; recorded absolute, so that the run's
     # config.yaml (read by export and generate) names the same files from anywhere
-    data = resolve_input_paths(apply_overrides(data, overrides, problems), Path.cwd())
+    data = resolve_input_paths(apply_overrides(data, overrides, problems, RunConfig), Path.cwd())
     config = from_dict(RunConfig, data, problems)
     check(config, problems)
     if not config.dataset_config:

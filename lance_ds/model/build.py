@@ -247,11 +247,13 @@ def model_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
             fix = "" if cfg.vit_path else "; or model.visual_und=false"
             problems.append((key, f"{e}{fix}"))
     if cfg.path is not None and cfg.tokenizer_path is None:
-        problems.append(("model.tokenizer_path", f"model.path {cfg.path} has no tokenizer ({' / '.join(TOKENIZER_FILES)})"
-                                                 ": set model.tokenizer_path to the tokenizer its token ids come from"))
+        problems.append(("model.tokenizer_path", f"model.path {cfg.path} has no tokenizer "
+                                                 f"({' / '.join(TOKENIZER_FILES)}): set model.tokenizer_path to the "
+                                                 "tokenizer its token ids come from"))
     else:
         try:
-            problems += [("model.tokenizer_path", p) for p in tokenizer_disagreements(cfg, load_tokenizer(cfg.tokenizer_path))]
+            tokenizer = load_tokenizer(cfg.tokenizer_path)
+            problems += [("model.tokenizer_path", p) for p in tokenizer_disagreements(cfg, tokenizer)]
         except (OSError, ValueError) as e:
             problems.append(("model.tokenizer_path", str(e)))
     if cfg.training_type == "lora":

@@ -198,6 +198,17 @@ def test_path_flags_stay_strings():
     assert not problems and data == {"output_dir": "runs/exp #2", "dataset_config": "0755", "train": {"seed": 3}}
     # an empty flag (`--output_dir "$RUN"` with RUN unset) is passed on, to be refused, not dropped for the default
     assert parse_args(["--output_dir", ""]).overrides == ['output_dir=""']
+    # string keys take an override's text as typed (YAML would cut a path at " #" and read 0755 as 493) ...
+    data = apply_overrides({}, ["model.path=/m/run #2", "output_dir=0755", "model.vae_path=null",
+                                "model.attention='flex'", "train.seed=0755", "model.tokenizer_path=2024_01"],
+                           problems, RunConfig)
+    assert not problems and data == {"model": {"path": "/m/run #2", "vae_path": None, "tokenizer_path": "2024_01",
+                                               "attention": "flex"},
+                                     "output_dir": "0755", "train": {"seed": 493}}
+    # ... and a number where YAML files give text is refused, not turned into other text
+    found = Problems()
+    from_dict(RunConfig, {"output_dir": 493}, found)
+    assert found.items == ["output_dir: YAML reads this as the number 493, not as text; quote it (e.g. '0755')"]
 
 
 def test_every_shipped_config_loads():
