@@ -212,9 +212,18 @@ class Trainer:
             f"grad_accum {cfg.train.grad_accum}, {self._tokens_per_step()} tokens per step",
             f"  steps        {self.step} -> {cfg.train.max_steps}, lr {cfg.train.lr} ({cfg.train.lr_schedule}, "
             f"warmup {cfg.train.warmup_steps}), save every {cfg.checkpoint.save_every}",
+            f"  validation   {self._validation_plan()}",
             f"  output       {self.out}",
         ]
         print("\n".join(lines), flush=True)
+
+    def _validation_plan(self) -> str:
+        val = self.cfg.validation
+        if val.every and self.validator is not None:
+            return (f"every {val.every} steps on {val.dataset_config} ({val.max_samples} samples per group, "
+                    f"{val.num_generations} generation(s) per task)")
+        unused = f" (validation.every=N would validate on {val.dataset_config})" if val.dataset_config else ""
+        return "off" + unused
 
     def _tokens_per_step(self) -> int:
         t = self.cfg.train
