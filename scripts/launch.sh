@@ -1,41 +1,49 @@
 #!/usr/bin/env bash
 # Shared body of the sft_lance_*.sh scripts: environment knobs -> lance_ds/train.py flags and overrides.
-# It only validates the knobs (positive integers, booleans, existing files) and passes them on; the three
-# scripts differ only in the defaults they set before sourcing this file. Extra arguments are passed through
+# It only validates the knobs (integers, booleans, existing files) and passes them on; the three scripts differ
+# only in their default CONFIG_FILE. A knob left unset passes nothing, so CONFIG_FILE's own value applies (its
+# dataset_config, model.visual_gen, ...); a knob that is set overrides it. Extra arguments are passed through
 # as overrides, e.g.:  bash scripts/sft_lance_unified.sh train.lr=2e-5 train.max_steps=1000
+# Relative paths (knobs, overrides) are the caller's: the job runs where the script is called from, as train.py does.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 die() { echo "$(basename "$0"): $*" >&2; exit 2; }
 positive() { [[ "${!1}" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '${!1}'"; }
+nonnegative() { [[ "${!1}" =~ ^(0|[1-9][0-9]*)$ ]] || die "$1 must be an integer >= 0, got '${!1}'"; }
 boolean() { [[ "${!1}" =~ ^(true|false)$ ]] || die "$1 must be true or false, got '${!1}'"; }
 file() { [ -f "${!1}" ] || die "$1 names '${!1}', which is not a file"; }
 dir() { [ -d "${!1}" ] || die "$1 names '${!1}', which is not a directory"; }
+# A path as an override value: override values are YAML, which would cut "/data/val #1.yaml" at the '#', read
+# "/data/a: b" as a mapping and 0755 as a number; YAML reads a single-quoted scalar (' doubled) as the exact string.
+# (Paths with a flag of their own, --dataset_config and --output_dir, need no quoting: lance_ds takes them as given.)
+quoted() { local q="'"; printf "'%s'" "${!1//$q/$q$q}"; }
 
-: "${CONFIG_FILE:?set by the calling script}" "${DATASET_CONFIG_FILE:?set DATASET_CONFIG_FILE to a dataset YAML}"
+: "${CONFIG_FILE:?set by the calling script}"
 python -c "import lance_ds, torch, deepspeed" 2>/dev/null ||
   die "this python ($(command -v python || echo none)) cannot import lance_ds, torch and deepspeed; run" \
       "'bash scripts/setup_env.sh && source .venv/bin/activate' first"
 RUN_NAME=${RUN_NAME:-$(basename "$CONFIG_FILE" .yaml)}
 OUTPUT_ROOT=${OUTPUT_ROOT:-runs}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
+DS_CONFIG=${DS_CONFIG:-$repo/ds_configs/zero3.json}
 MASTER_PORT=${MASTER_PORT:-29500}
 RESUME=${RESUME:-latest}
 
-file CONFIG_FILE; file DATASET_CONFIG_FILE; file DS_CONFIG
+file CONFIG_FILE; file DS_CONFIG
 positive MASTER_PORT
 [[ "$RUN_NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN_NAME may hold letters, digits, '.', '_' and '-', got '$RUN_NAME'"
 
-args=(--config "$CONFIG_FILE" --dataset_config "$DATASET_CONFIG_FILE" --ds_config "$DS_CONFIG"
-      --output_dir "$OUTPUT_ROOT/$RUN_NAME" --resume "$RESUME")
-if [ -n "${VAL_DATASET_CONFIG_FILE:-}" ]; then file VAL_DATASET_CONFIG_FILE; args+=("validation.dataset_config=$VAL_DATASET_CONFIG_FILE"); fi
-if [ -n "${MODEL_PATH:-}" ]; then dir MODEL_PATH; args+=("model.path=$MODEL_PATH"); fi
+args=(--config "$CONFIG_FILE" --ds_config "$DS_CONFIG" --output_dir "$OUTPUT_ROOT/$RUN_NAME" --resume "$RESUME")
+if [ -n "${DATASET_CONFIG_FILE:-}" ]; then file DATASET_CONFIG_FILE; args+=(--dataset_config "$DATASET_CONFIG_FILE"); fi
+if [ -n "${VAL_DATASET_CONFIG_FILE:-}" ]; then file VAL_DATASET_CONFIG_FILE; args+=("validation.dataset_config=$(quoted VAL_DATASET_CONFIG_FILE)"); fi
+if [ -n "${MODEL_PATH:-}" ]; then dir MODEL_PATH; args+=("model.path=$(quoted MODEL_PATH)"); fi
 if [ -n "${VISUAL_UND:-}" ]; then boolean VISUAL_UND; args+=("model.visual_und=$VISUAL_UND"); fi
 if [ -n "${VISUAL_GEN:-}" ]; then boolean VISUAL_GEN; args+=("model.visual_gen=$VISUAL_GEN"); fi
 if [ -n "${SAVE_EVERY:-}" ]; then positive SAVE_EVERY; args+=("checkpoint.save_every=$SAVE_EVERY"); fi
-if [ -n "${CKPT_DEBUG_STEPS:-}" ]; then positive CKPT_DEBUG_STEPS; args+=("checkpoint.debug_step=$CKPT_DEBUG_STEPS"); fi
-if [ -n "${VALIDATION_STEP:-}" ]; then positive VALIDATION_STEP; args+=("validation.every=$VALIDATION_STEP"); fi
-if [ -n "${NUM_WORKERS:-}" ]; then [[ "$NUM_WORKERS" =~ ^[0-9]+$ ]] || die "NUM_WORKERS must be an integer >= 0, got '$NUM_WORKERS'"; args+=("data.num_workers=$NUM_WORKERS"); fi
+# 0 turns these off (checkpoint.debug_step, validation.every)
+if [ -n "${CKPT_DEBUG_STEPS:-}" ]; then nonnegative CKPT_DEBUG_STEPS; args+=("checkpoint.debug_step=$CKPT_DEBUG_STEPS"); fi
+if [ -n "${VALIDATION_STEP:-}" ]; then nonnegative VALIDATION_STEP; args+=("validation.every=$VALIDATION_STEP"); fi
+if [ -n "${NUM_WORKERS:-}" ]; then nonnegative NUM_WORKERS; args+=("data.num_workers=$NUM_WORKERS"); fi
 if [ -n "${ENABLE_LAPE:-}" ]; then boolean ENABLE_LAPE; args+=("model.lape.enabled=$ENABLE_LAPE"); fi
 if [ -n "${NUM_SPATIAL_TOKENS:-}" ]; then positive NUM_SPATIAL_TOKENS; args+=("model.lape.num_spatial_tokens=$NUM_SPATIAL_TOKENS"); fi
 if [ -n "${NUM_TEMPORAL_TOKENS:-}" ]; then positive NUM_TEMPORAL_TOKENS; args+=("model.lape.num_temporal_tokens=$NUM_TEMPORAL_TOKENS"); fi
@@ -62,19 +70,20 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   NUM_NODES=${NUM_NODES:-1}; positive NUM_NODES
   [ "$NUM_NODES" -eq 1 ] || die "NUM_NODES=$NUM_NODES needs HOSTFILE (one 'host slots=N' line per node)"
-  NUM_GPUS=${NUM_GPUS:-$(bash scripts/num_ranks.sh)}; positive NUM_GPUS
+  NUM_GPUS=${NUM_GPUS:-$(bash "$repo/scripts/num_ranks.sh")}; positive NUM_GPUS
   world=$NUM_GPUS; launcher+=(--num_gpus "$NUM_GPUS")
 fi
 echo "$(basename "$0"): $world rank(s) on $NUM_NODES node(s)" >&2
 
 # Refuse a bad config here, before the launcher starts any rank (with the run's world size: the batch checks use it).
-WORLD_SIZE=$world python lance_ds/train.py --check "${args[@]}"
+train="$repo/lance_ds/train.py"
+WORLD_SIZE=$world python "$train" --check "${args[@]}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # On one node DeepSpeed's runner passes no signal on: a SIGTERM to it (docker stop, kill PID, a scheduler that signals
 # only the job's first process) would leave the ranks training, unsaved, until they are killed. So the job runs in a
 # process group of its own, and SIGTERM / Ctrl-C here reach every rank: each saves the step it is in, then stops.
-command -v setsid >/dev/null || exec "${launcher[@]}" lance_ds/train.py "${args[@]}"  # (no setsid: as it is)
-setsid "${launcher[@]}" lance_ds/train.py "${args[@]}" &
+command -v setsid >/dev/null || exec "${launcher[@]}" "$train" "${args[@]}"  # (no setsid: as it is)
+setsid "${launcher[@]}" "$train" "${args[@]}" &
 job=$!
 signalled=
 trap 'signalled=1; kill -TERM -- "-$job" 2>/dev/null' TERM

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Fine-tune generation only (t2i, t2v, i2i, v2v). Knobs: see scripts/launch.sh and the README.
-CONFIG_FILE=${CONFIG_FILE:-configs/multi_gen.yaml}
-DATASET_CONFIG_FILE=${DATASET_CONFIG_FILE:-configs/datasets/multi_gen.yaml}
-VISUAL_UND=${VISUAL_UND:-true}
-VISUAL_GEN=${VISUAL_GEN:-true}
+# The mixture and switches are CONFIG_FILE's (here datasets/multi_gen.yaml, both paths: the ViT encodes edit
+# sources); a knob set overrides them.
+CONFIG_FILE=${CONFIG_FILE:-$(dirname "$0")/../configs/multi_gen.yaml}
 source "$(dirname "$0")/launch.sh"

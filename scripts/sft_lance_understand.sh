@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Fine-tune understanding only (i2t, v2t). Knobs: see scripts/launch.sh and the README.
-CONFIG_FILE=${CONFIG_FILE:-configs/multi_und.yaml}
-DATASET_CONFIG_FILE=${DATASET_CONFIG_FILE:-configs/datasets/multi_und.yaml}
-VISUAL_UND=${VISUAL_UND:-true}
-VISUAL_GEN=${VISUAL_GEN:-false}
+# The mixture and switches are CONFIG_FILE's (here datasets/multi_und.yaml, model.visual_gen: false); a knob set
+# overrides them (with another CONFIG_FILE, VISUAL_GEN=false leaves the generation path out).
+CONFIG_FILE=${CONFIG_FILE:-$(dirname "$0")/../configs/multi_und.yaml}
 source "$(dirname "$0")/launch.sh"

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -15,7 +16,7 @@ import yaml
 
 from conftest import REPO, free_port
 
-SCRIPTS = {  # script -> the tasks its default switches serve
+SCRIPTS = {  # script -> the tasks its default config serves
     "sft_lance_unified.sh": ("t2i", "i2t"),
     "sft_lance_generation.sh": ("t2i", "i2i"),
     "sft_lance_understand.sh": ("i2t", "v2t"),
@@ -29,24 +30,98 @@ def subset(example_data, tmp_path, tasks) -> str:
     return str(path)
 
 
-def run_script(name: str, tmp_path, timeout: float = 180, **knobs: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONFIG_FILE": "configs/debug.yaml", "OUTPUT_ROOT": str(tmp_path),
-           "RUN_NAME": "run", "NUM_GPUS": "1", "MASTER_PORT": str(free_port()), **knobs}
-    return subprocess.run(["bash", f"scripts/{name}", "train.max_steps=1", "validation.every=0",
-                           "data.packing_length=512", "log.progress_bar=false"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+TRAIN_ONE_STEP = ("train.max_steps=1", "validation.every=0", "data.packing_length=512", "log.progress_bar=false")
+
+
+def run_script(name: str, tmp_path, timeout: float = 180, args=TRAIN_ONE_STEP, cwd=REPO,
+               **knobs: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONFIG_FILE": str(REPO / "configs/debug.yaml"),
+           "OUTPUT_ROOT": str(tmp_path), "RUN_NAME": "run", "NUM_GPUS": "1", "MASTER_PORT": str(free_port()), **knobs}
+    return subprocess.run(["bash", str(REPO / "scripts" / name), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def config_seen(name: str, tmp_path, args=(), cwd=REPO, **knobs: str) -> dict:
+    """The run config lance_ds resolves from what the script launches: a stub `deepspeed` on PATH runs the same
+    lance_ds/train.py command line with --print_config instead of starting ranks."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    printed = tmp_path / "printed"
+    (fake / "deepspeed").write_text(
+        "#!/bin/sh\nwhile case \"$1\" in */lance_ds/train.py) false;; *) true;; esac; do shift; done\n"
+        f"train=$1; shift; exec {sys.executable} \"$train\" --print_config \"$@\" > '{printed}'\n")
+    (fake / "deepspeed").chmod(0o755)
+    proc = run_script(name, tmp_path, timeout=60, args=args, cwd=cwd, PATH=f"{fake}:{os.environ['PATH']}", **knobs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = printed.read_text()  # DeepSpeed's accelerator notice, the run config (output_dir first), the DeepSpeed JSON
+    return yaml.safe_load(text[text.index("output_dir:"):text.index("\n{")])
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_script_trains_the_debug_config(script, example_data, tmp_path):
+    und_only = script == "sft_lance_understand.sh"  # (debug.yaml builds both paths: the knob turns generation off)
     proc = run_script(script, tmp_path, DATASET_CONFIG_FILE=subset(example_data, tmp_path, SCRIPTS[script]),
-                      SAVE_EVERY="1", NUM_WORKERS="0")
+                      SAVE_EVERY="1", NUM_WORKERS="0", **({"VISUAL_GEN": "false"} if und_only else {}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["num_workers"] == 0 and config["checkpoint"]["save_every"] == 1
-    assert config["model"]["visual_gen"] == (script != "sft_lance_understand.sh")
+    assert config["model"]["visual_gen"] == (not und_only)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_knobs_not_set_leave_the_config_files_values(script, tmp_path):
+    """A knob the user did not set passes nothing: CONFIG_FILE's own switches and dataset YAML apply (configs/tasks/
+    i2t.yaml: model.visual_gen false, datasets/i2t.yaml), and each script's default config still gives its mixture."""
+    config = config_seen(script, tmp_path, CONFIG_FILE="configs/tasks/i2t.yaml")
+    assert config["model"]["visual_gen"] is False and config["model"]["visual_und"] is True
+    assert os.path.realpath(config["dataset_config"]) == str(REPO / "configs/datasets/i2t.yaml")
+    assert config["checkpoint"]["debug_step"] == 10 and config["data"]["num_workers"] == 4  # base.yaml's
+    debug_size = ("model.size=debug",)  # generation at size 3b needs a model.vae_path
+    config = config_seen(script, tmp_path, debug_size, CONFIG_FILE="configs/tasks/i2t.yaml", VISUAL_GEN="true")
+    assert config["model"]["visual_gen"] is True  # a knob that is set wins over the YAML
+    mixture = {"sft_lance_unified.sh": "unified", "sft_lance_generation.sh": "multi_gen",
+               "sft_lance_understand.sh": "multi_und"}[script]
+    config = config_seen(script, tmp_path, debug_size, CONFIG_FILE="")  # the script's default config
+    assert os.path.realpath(config["dataset_config"]) == str(REPO / f"configs/datasets/{mixture}.yaml")
+    assert config["model"]["visual_gen"] == (mixture != "multi_und") and config["model"]["visual_und"] is True
+
+
+def test_path_knobs_reach_lance_ds_as_the_exact_path(example_data, tmp_path):
+    """Override values are YAML: unquoted, "/x/it's #1: odd/val.yaml" would be cut at the '#' (or read as a mapping
+    {"/x/it's #1": "odd/val.yaml"} without the '#')."""
+    odd = tmp_path / "it's #1: odd"
+    (odd / "model").mkdir(parents=True)
+    (odd / "val.yaml").write_text((example_data["val"]).read_text())
+    config = config_seen("sft_lance_unified.sh", tmp_path, DATASET_CONFIG_FILE=str(example_data["train"]),
+                         VAL_DATASET_CONFIG_FILE=str(odd / "val.yaml"), OUTPUT_ROOT=str(odd))
+    assert config["validation"]["dataset_config"] == str(odd / "val.yaml")
+    assert config["output_dir"] == str(odd / "run")
+    # an empty directory is no checkpoint: what matters here is the path lance_ds looked in (stub still on PATH)
+    proc = run_script("sft_lance_unified.sh", tmp_path, timeout=60, DATASET_CONFIG_FILE=str(example_data["train"]),
+                      MODEL_PATH=str(odd / "model"), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert proc.returncode == 2 and f"model.path {odd / 'model'} is neither a Lance checkpoint" in proc.stderr, \
+        proc.stderr
+
+
+def test_relative_paths_are_the_callers(example_data, tmp_path):
+    """Knobs and overrides name files relative to where the script is called from, as train.py reads them."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "train.yaml").write_text(example_data["train"].read_text())
+    (work / "run.yaml").write_text(yaml.safe_dump({"extends": str(REPO / "configs/debug.yaml")}))
+    config = config_seen("sft_lance_unified.sh", tmp_path, cwd=work, CONFIG_FILE="run.yaml", OUTPUT_ROOT="out",
+                         DATASET_CONFIG_FILE="data/train.yaml", args=["validation.dataset_config=data/train.yaml"])
+    assert config["dataset_config"] == config["validation"]["dataset_config"] == str(work / "data" / "train.yaml")
+    assert config["output_dir"] == "out/run"  # (relative: train.py runs where the script was called)
+
+
+def test_zero_turns_the_debug_save_and_validation_off(example_data, tmp_path):
+    """checkpoint.debug_step=0 and validation.every=0 mean off: CKPT_DEBUG_STEPS=0 and VALIDATION_STEP=0 say so."""
+    config = config_seen("sft_lance_unified.sh", tmp_path, DATASET_CONFIG_FILE=str(example_data["train"]),
+                         CKPT_DEBUG_STEPS="0", VALIDATION_STEP="0")  # debug.yaml: validation.every 200
+    assert config["checkpoint"]["debug_step"] == 0 and config["validation"]["every"] == 0
 
 
 def test_sigterm_to_the_script_reaches_the_ranks_which_save_and_stop(example_data, tmp_path):
@@ -78,6 +153,9 @@ def test_sigterm_to_the_script_reaches_the_ranks_which_save_and_stop(example_dat
 @pytest.mark.parametrize("knob, value, message", [
     ("NUM_GPUS", "0", "NUM_GPUS must be a positive integer"),
     ("SAVE_EVERY", "ten", "SAVE_EVERY must be a positive integer"),
+    ("SAVE_EVERY", "0", "SAVE_EVERY must be a positive integer"),
+    ("CKPT_DEBUG_STEPS", "-1", "CKPT_DEBUG_STEPS must be an integer >= 0"),
+    ("VALIDATION_STEP", "01", "VALIDATION_STEP must be an integer >= 0"),
     ("VISUAL_GEN", "maybe", "VISUAL_GEN must be true or false"),
     ("MODEL_PATH", "/no/such/model", "MODEL_PATH names '/no/such/model', which is not a directory"),
     ("DATASET_CONFIG_FILE", "/no/such.yaml", "DATASET_CONFIG_FILE names '/no/such.yaml', which is not a file"),
@@ -90,7 +168,8 @@ def test_bad_knob_is_refused_before_launch(knob, value, message, example_data, t
 
 
 def test_config_problem_is_refused_before_launch(example_data, tmp_path):
-    proc = run_script("sft_lance_understand.sh", tmp_path, timeout=60, DATASET_CONFIG_FILE=str(example_data["train"]))
+    proc = run_script("sft_lance_understand.sh", tmp_path, timeout=60, DATASET_CONFIG_FILE=str(example_data["train"]),
+                      VISUAL_GEN="false")
     assert proc.returncode == 2
     assert "model.visual_gen is false" in proc.stderr and "deepspeed" not in proc.stdout.lower()
 
