@@ -37,11 +37,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import save_file
 
 from . import distributed
 from .ema import ShardedEMA
 from .faults import kill_if_armed
+from .model.weights import save_safetensors
 
 CHECKPOINTS = "checkpoints"  # OUTPUT_DIR/checkpoints holds the step directories and LATEST
 LATEST = "latest"
@@ -240,7 +240,7 @@ class Checkpointer:
         if data_state is not None:
             (mine / "data.json").write_text(json.dumps(data_state))
         if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(mine / "ema.safetensors"),
+            save_safetensors({k: v.contiguous() for k, v in ema.state_dict().items()}, str(mine / "ema.safetensors"),
                       metadata=ema.metadata())
         if self.rank == 0:
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -118,11 +118,26 @@ class Evaluation:
 # prompts
 
 
-def load_prompts(dataset: DatasetConfig, num_per_task: int) -> list[Prompt]:
-    """The first `num_per_task` decodable samples of every group, in shard order (every rank reads the same)."""
-    from .data.stream import first_samples
+def load_prompts(dataset: DatasetConfig, num_per_task: int, planner=None,
+                 max_tokens: int | None = None) -> list[Prompt]:
+    """The first `num_per_task` decodable samples of every group, in shard order (every rank reads the same); with
+    a planner, those of at most `max_tokens` tokens."""
+    from .data.stream import first_samples, within
 
-    return [Prompt(sample, group) for group, sample in first_samples(dataset, num_per_task)]
+    fits = within(planner, max_tokens) if planner is not None and max_tokens else None
+    return [Prompt(sample, group) for group, sample in first_samples(dataset, num_per_task, fits)]
+
+
+EXPORT_PROMPT_TOKENS = 32768  # an export records no packing length: the decoder's position range (Qwen2.5's)
+
+
+def prompt_token_limit(checkpoint: str | Path) -> int:
+    """The longest held-out sample evaluated: the run's data.packing_length (training never saw a longer one)."""
+    from .export import find_checkpoint, is_export_dir, read_run_config
+
+    if is_export_dir(checkpoint):
+        return EXPORT_PROMPT_TOKENS
+    return read_run_config(find_checkpoint(checkpoint)).data.packing_length
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.add("--num-per-task", f"must be >= 1, got {args.num_per_task}")
     if args.steps < 1:
         problems.add("--steps", f"must be >= 1, got {args.steps}")
-    if not args.cfg >= 0:  # nan too
-        problems.add("--cfg", f"must be >= 0 (1: no guidance), got {args.cfg}")
+    if not 0 <= args.cfg < math.inf:  # nan too
+        problems.add("--cfg", f"must be a finite number >= 0 (1: no guidance), got {args.cfg}")
     # the outputs are written after the whole evaluation: one that cannot be written would throw it away
     tensorboard = None if args.tensorboard == "none" else args.tensorboard
     for flag, path, directory in (("--json", args.json, False), ("--tensorboard", tensorboard, True)):
@@ -393,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         step, run_dir = checkpoint_step(args.checkpoint)
         trained = Generator.from_checkpoint(args.checkpoint, ema=args.ema)
-        prompts = load_prompts(dataset, args.num_per_task)
+        prompts = load_prompts(dataset, args.num_per_task, trained.planner, prompt_token_limit(args.checkpoint))
         print(f"lance_ds.evaluate: {len(prompts)} held-out prompts from {args.dataset_config}; {trained.source}",
               file=sys.stderr)
         results = {}

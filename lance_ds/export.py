@@ -45,13 +45,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, Checkpointer, rank_dir, step_name
-from .config.core import Problems, from_dict, load_yaml, to_dict
+from .config.core import Problems, from_dict, load_yaml, out_dir_problem, to_dict
 from .config.model import LoraConfig, ModelConfig, ObjectiveConfig
 from .config.run import RunConfig
+from .model.weights import save_safetensors
 
 EXPORT_CONFIG = "lance_ds.yaml"
 EXPORT_INFO = "export.json"
@@ -365,7 +365,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     and renamed, so an interrupted export leaves no half-written directory behind."""
     from .model.build import DTYPES
 
-    out = Path(out)
+    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)  # a link: the export goes where it points
     if dtype not in ("fp32", "bf16", "fp16"):
         raise ExportError(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
     if is_export_dir(checkpoint):
@@ -388,17 +388,23 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
             "dtype": dtype, "consolidation": "deepspeed.utils.zero_to_fp32" + (" + lance_ds.ema.consolidate"
                                                                                if weights.ema else "")}
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if out.exists():  # (--overwrite) the earlier export is set aside, not deleted, until the new one is in place
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
     return out
 
 
 def _check_out(out: Path, checkpoint: Path, overwrite: bool) -> None:
     """--out must be a new or empty directory, or (with --overwrite) an earlier export: never a file, and never
     the training run it reads from or anything holding it."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; give a directory")
+    problem = out_dir_problem(str(out))
+    if problem:
+        raise ExportError(problem)
     source = checkpoint.resolve()
     if source == out.resolve() or out.resolve() in source.parents:
         raise ExportError(f"--out {out} holds the checkpoint being exported ({checkpoint}); give another directory")
@@ -456,7 +462,7 @@ def save_adapters(directory: Path, adapters: dict[str, Tensor], lora: LoraConfig
 
     directory.mkdir(parents=True, exist_ok=True)
     peft_config(lora, adapted_modules(adapters)).save_pretrained(str(directory))
-    save_file({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_WEIGHTS))
+    save_safetensors({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_WEIGHTS))
     return directory
 
 
@@ -510,7 +516,7 @@ def save_transformers_llm(directory: Path, state: dict[str, Tensor], parts: Infe
     directory.mkdir(parents=True, exist_ok=True)
     transformers_llm_config(llm, parts.tokenizer.special, dtype).save_pretrained(str(directory))
     tensors = transformers_llm_state(state, llm.num_layers, llm.hidden_size)
-    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
+    save_safetensors({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
     tokenizer = copy.copy(parts.tokenizer.hf)  # (the template is the export's, not the live tokenizer's)
     tokenizer.chat_template = tokenizer.chat_template or CHATML_TEMPLATE

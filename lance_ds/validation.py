@@ -79,7 +79,7 @@ class Validator:
     """Held-out losses per task and generated samples, on every rank together."""
 
     def __init__(self, trainer: "Trainer", dataset: "DatasetConfig"):
-        from .data.stream import build_val_loader, first_samples
+        from .data.stream import build_val_loader, first_samples, within
 
         self.trainer = trainer
         cfg = trainer.cfg
@@ -88,7 +88,9 @@ class Validator:
                                        max_samples=cfg.validation.max_samples)
         # the same fixed prompts on every rank (generation runs on all ranks together under ZeRO-3), each with the
         # group it is cut with (its resolutions and frame sampling, as in training)
-        self.prompts = first_samples(dataset, cfg.validation.num_generations) if cfg.validation.num_generations else []
+        self.prompts = first_samples(dataset, cfg.validation.num_generations,
+                                     within(trainer.planner, cfg.data.packing_length)) \
+            if cfg.validation.num_generations else []
 
     @torch.no_grad()
     def run(self, step: int) -> dict[str, float]:

@@ -53,7 +53,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import braceexpand
 import torch
@@ -917,10 +917,12 @@ class ValLoader:
         return scalars
 
 
-def first_samples(dataset: DatasetConfig, per_group: int) -> list[tuple[GroupConfig, Sample]]:
+def first_samples(dataset: DatasetConfig, per_group: int,
+                  fits: Callable[[GroupConfig, Sample], bool] | None = None) -> list[tuple[GroupConfig, Sample]]:
     """The first `per_group` decodable samples of every group with the group they come from, in shard order: fixed
     prompts for validation samples and evaluation (every rank reads the same ones). Undecodable samples are passed
-    over, and so is the rest of a damaged shard (as the training loader does)."""
+    over, and so is the rest of a damaged shard (as the training loader does); so are samples `fits` refuses (too
+    long: a caption of millions of characters would make a prompt no attention fits in memory)."""
     out: list[tuple[GroupConfig, Sample]] = []
     for i, config in enumerate(dataset.groups):
         group = resolve_group(config, f"groups[{i}] ({config.name})")
@@ -931,15 +933,31 @@ def first_samples(dataset: DatasetConfig, per_group: int) -> list[tuple[GroupCon
                     if found == per_group:
                         break
                     try:
-                        out.append((config, decode_sample(raw, group)))
-                        found += 1
+                        sample = decode_sample(raw, group)
                     except SkipSample:
                         continue
+                    if fits is not None and not fits(config, sample):
+                        logger.warning("passing over %s of group %s: longer than a packed sequence", sample.key,
+                                       config.name)
+                        continue
+                    out.append((config, sample))
+                    found += 1
             except ShardError as e:
                 logger.warning("passing over the rest of a damaged shard: %s", e)
             if found == per_group:
                 break
     return out
+
+
+def within(planner: SequencePlanner, max_tokens: int) -> Callable[[GroupConfig, Sample], bool]:
+    """first_samples' `fits`: the sample, planned as its group cuts it, has at most `max_tokens` tokens."""
+    def fits(group: GroupConfig, sample: Sample) -> bool:
+        try:
+            return planner.plan(sample, group).num_tokens <= max_tokens
+        except PlanError:
+            return True  # (not a length problem: generating from it reports it)
+
+    return fits
 
 
 def build_val_loader(dataset: DatasetConfig, data: DataConfig, planner: SequencePlanner, *, rank: int,

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from lance_ds.config.model import LoraConfig as LoraSettings
 
 from .llm import GEN_SUFFIX
-from .weights import LANCE_VIT_PREFIX, load_safetensors  # a trainable ViT lives under that prefix
+from .weights import LANCE_VIT_PREFIX, load_safetensors, save_safetensors  # a trainable ViT lives under that prefix
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -93,7 +92,7 @@ def save_lora(model: nn.Module, settings: LoraSettings, directory: str | Path,
     directory.mkdir(parents=True, exist_ok=True)
     adapters = lora_state_dict(model, state_dict)
     peft_config(settings, adapted_modules(adapters)).save_pretrained(str(directory))
-    save_file(adapters, str(directory / ADAPTER_WEIGHTS))
+    save_safetensors(adapters, str(directory / ADAPTER_WEIGHTS))
     return directory
 
 

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 from torch import Tensor
 
-from .weights import load_safetensors
+from .weights import load_safetensors, save_safetensors
 
 KINDS = ("wan", "kl", "patch", "frame")
 
@@ -231,7 +230,7 @@ class FrameAutoencoder(nn.Module):
         config = {"_class_name": self.CONFIG_NAME, "resolution": self.resolution,
                   "latent_channels": self.latent_channels, "hidden_size": self.hidden_size,
                   "latents_mean": latents_mean, "latents_std": latents_std}
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
+        save_safetensors({k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
         (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -14,6 +14,7 @@ Only safetensors is read (DESIGN rule 10: no pickles from checkpoints).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -214,6 +215,23 @@ def llm_config_json(llm, vit=None, extra: dict | None = None) -> dict:
     return data
 
 
+def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, leaving the file with the permissions any new file gets (save_file writes 0600:
+    other users of a shared machine could not load an export or a checkpoint's EMA)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask() would change it for every thread for a moment
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
 def save_lance_dir(directory: str | Path, model_state: dict[str, Tensor], llm, vit=None,
                    vit_state: dict[str, Tensor] | None = None, pos_table: Tensor | None = None,
                    extra_config: dict | None = None) -> Path:
@@ -222,12 +240,10 @@ def save_lance_dir(directory: str | Path, model_state: dict[str, Tensor], llm, v
     model_state: a full (on ZeRO-3: consolidated) LanceModel state dict; LoRA-wrapped names lose `.base_layer`.
     extra_config: more llm_config.json fields (e.g. max_latent_size / max_num_frames, read back on load).
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k.replace(".base_layer.", "."): v for k, v in model_state.items() if ".lora_" not in k}
     state = model_to_lance(state, vit_state, pos_table)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / LANCE_WEIGHTS))
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, directory / LANCE_WEIGHTS)
     (directory / LANCE_LLM_CONFIG).write_text(json.dumps(llm_config_json(llm, vit, extra_config), indent=1))
     return directory

@@ -259,11 +259,12 @@ def test_cli_refuses_outputs_it_could_not_write_and_bad_steps_before_loading(tmp
     (tmp_path / "afile").write_text("mine")
     common = ["--checkpoint", str(tmp_path / "no_run"), "--dataset_config", str(tmp_path / "nope.yaml")]
     assert ev.main([*common, "--json", str(tmp_path / "somedir"), "--tensorboard", str(tmp_path / "afile" / "tb"),
-                    "--steps", "0", "--cfg", "-1"]) == 2
+                    "--steps", "0", "--cfg", "inf"]) == 2
     err = capsys.readouterr().err
     assert f"--json: {tmp_path / 'somedir'} is a directory" in err
     assert f"--tensorboard: {tmp_path / 'afile'} is a file" in err
-    assert "--steps: must be >= 1, got 0" in err and "--cfg: must be >= 0" in err
+    assert "--steps: must be >= 1, got 0" in err
+    assert "--cfg: must be a finite number >= 0 (1: no guidance), got inf" in err
     assert ev.main([*common, "--tensorboard", str(tmp_path / "afile")]) == 2
     assert f"--tensorboard: {tmp_path / 'afile'} is a file; give a directory" in capsys.readouterr().err
 
@@ -275,11 +276,12 @@ def test_cli_writes_the_json_where_asked_creating_its_directory(prompts, tmp_pat
     from lance_ds.generate import Generator
 
     trained = FakeGenerator("right")
-    trained.source = "fake"
+    trained.source, trained.planner = "fake", None
     monkeypatch.setattr(lance_ds.config.run, "load_dataset", lambda *args: None)  # the parts that need a checkpoint
     monkeypatch.setattr(Generator, "from_checkpoint", lambda *args, **kwargs: trained)
     monkeypatch.setattr(ev, "checkpoint_step", lambda checkpoint: (-1, None))
-    monkeypatch.setattr(ev, "load_prompts", lambda dataset, num_per_task: prompts)
+    monkeypatch.setattr(ev, "load_prompts", lambda dataset, num_per_task, planner, max_tokens: prompts)
+    monkeypatch.setattr(ev, "prompt_token_limit", lambda checkpoint: 1024)
     out = tmp_path / "nodir" / "x.json"
     assert ev.main(["--checkpoint", "fake", "--dataset_config", "fake.yaml", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["results"]["trained"]["scores"]["t2i"]["accuracy"] == 1.0

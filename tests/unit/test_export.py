@@ -194,8 +194,18 @@ def test_checkpoint_paths_resolve_and_bad_inputs_are_refused(trained_runs, expor
     with pytest.raises(ExportError, match="holds the checkpoint being exported"):
         export_checkpoint(run, run, overwrite=True)
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(ExportError, match="is a file"):
-        export_checkpoint(run, tmp_path / "a_file")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "x"):  # (the second failed after the consolidation)
+        with pytest.raises(ExportError, match=f"--out: {tmp_path / 'a_file'} is a file"):
+            export_checkpoint(run, out)
+    # a symlinked --out: the export goes where it points (rmtree refused the link after the whole export)
+    from lance_ds.export import is_export_dir
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for overwrite in (False, True):
+        export_checkpoint(run, tmp_path / "link", overwrite=overwrite)
+        assert (tmp_path / "link").is_symlink() and is_export_dir(tmp_path / "real")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("real")) == ["real"]  # no .tmp / .old
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     with pytest.raises(ExportError, match="only an earlier export"):

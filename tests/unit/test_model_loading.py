@@ -214,3 +214,17 @@ def test_3b_geometry_on_the_meta_device():
     total = sum(p.numel() for p in model.parameters())
     assert total == spec.llm.num_params() + 2048 * 256 + 2048 + 2048 * 2048 + 2048 + 2 * 48 * 2048 + 48 + 2048
     assert 6.0e9 < total < 6.3e9
+
+
+def test_saved_weights_get_the_permissions_of_any_new_file(tmp_path):
+    """safetensors' save_file writes 0600: an export other users of the machine cannot load."""
+    import os
+
+    from lance_ds.model.weights import save_safetensors
+
+    old = os.umask(0o027)
+    try:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o640

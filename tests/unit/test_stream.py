@@ -363,6 +363,21 @@ def test_first_samples_pass_over_damaged_shards_and_samples(tmp_path):
     assert keys == ["t000x0000", "t000x0001", "b4", "h000x0000", "g000x0000", "g000x0001"]
 
 
+def test_first_samples_pass_over_samples_longer_than_a_packed_sequence(tmp_path):
+    """A held-out caption of millions of characters made validation and evaluation prompts no attention fits in
+    memory (a crash of the training run or of the whole evaluation); it is passed over like training drops it."""
+    writer = TarShardWriter(tmp_path / "shard-000000.tar")
+    for i, caption in enumerate(["a red circle", "red " * 20000, "a blue square"]):
+        writer.add(f"k{i}.json", json.dumps({"key": f"k{i}", "task": "t2i", "caption": caption}).encode())
+        writer.add(f"k{i}.image.png", _png(i))
+    writer.close()
+    dataset = DatasetConfig(groups=[group("g", [tmp_path / "shard-000000.tar"])])
+    planner = SequencePlanner(load_tokenizer(), VisionGeometry())
+    assert [s.key for _, s in stream_module.first_samples(dataset, 2)] == ["k0", "k1"]
+    fits = stream_module.within(planner, 1024)
+    assert [s.key for _, s in stream_module.first_samples(dataset, 2, fits)] == ["k0", "k2"]
+
+
 def test_an_unfinished_conversion_is_refused_not_read(tmp_path):
     write_shards(tmp_path / "out", "t2i", 2, 2, manifest=False)
     (tmp_path / "out" / ".convert_state").mkdir()  # what the converter leaves until its run completes
