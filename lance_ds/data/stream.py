@@ -51,7 +51,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -437,6 +437,15 @@ class StreamSpec:
                      self.data.packing_buffer, self.micro_batch_size]
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
+    def options_fingerprint(self) -> str:
+        """Identifies how samples are cut (the groups' image / video options, caption dropout, system prompts):
+        they may change at a resume (e.g. a higher resolution), which then is not exact."""
+        options = [asdict(g.config) for g in self.groups]
+        for o in options:
+            for key in ("name", "weight", "shards", "task"):
+                o.pop(key, None)
+        return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 
 class SlotStream:
     """The endless stream of packed micro-batches of one slot, with its exact position (`state()` / `load()`)."""
@@ -569,7 +578,8 @@ class SlotStream:
                 if plan is None:
                     continue
                 if plan.num_tokens > room:
-                    self.packer.buffer.insert(0, plan)
+                    if self._fits(plan):  # (one that fits no sequence would come back for ever)
+                        self.packer.buffer.insert(0, plan)
                     continue
                 sequence.append(plan)
                 room -= plan.num_tokens
@@ -626,8 +636,19 @@ class SlotStream:
         self.shuffle = [self._fetch(a) for a in state["shuffle_buffer"]]
         # they planned before, so they plan again (deterministic); the decoded ones from their pixels, as then
         decoded = state.get("packing_buffer_decoded", [False] * len(state["packing_buffer"]))
-        self.packer.buffer = [self.plan_raw(self._fetch(address), sizes_only=not was_decoded)
-                              for address, was_decoded in zip(state["packing_buffer"], decoded)]
+        restored = (self._restored(address, was_decoded) for address, was_decoded in zip(state["packing_buffer"],
+                                                                                          decoded))
+        self.packer.buffer = [plan for plan in restored if plan is not None]
+
+    def _restored(self, address: list, was_decoded: bool) -> SequencePlan | None:
+        """A packing-buffer plan made again; None (counted) when it no longer decodes or fits, which only the
+        groups' image / video options changed since the save can cause (a progressive-resolution resume)."""
+        try:
+            plan = self.plan_raw(self._fetch(address), sizes_only=not was_decoded)
+        except SkipSample as e:
+            self._failed(address[0], address[3], e.reason, str(e))
+            return None
+        return plan if self._fits(plan) else None
 
     def _fetch(self, address: list) -> RawSample:
         name, shard, offset, _, key = address
@@ -746,6 +767,7 @@ class TrainLoader:
             "world_size": self.spec.world_size,
             "num_workers": self.num_workers,
             "fingerprint": self.spec.fingerprint(),
+            "options": self.spec.options_fingerprint(),
             "next_worker": self.next_worker,
             "workers": list(self.worker_states),
         }
@@ -762,6 +784,10 @@ class TrainLoader:
             raise DataError("the dataset (groups, shards, weights), train.seed or the packing settings changed since "
                             "the checkpoint: its data position does not apply. Resume with the same dataset YAML and "
                             "data settings, or start a new output_dir")
+        if state.get("options", self.spec.options_fingerprint()) != self.spec.options_fingerprint():
+            logger.warning("the groups' image / video / caption options changed since the checkpoint: the data "
+                           "position is kept, and samples are cut with the new options from here (not an exact "
+                           "resume; samples that no longer fit a packed sequence are skipped as overlong)")
         self.close()
         self.worker_states = list(state["workers"])
         self.next_worker = int(state["next_worker"])

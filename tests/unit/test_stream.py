@@ -235,6 +235,41 @@ def test_resume_rereads_only_the_buffered_samples(tmp_path, planner, monkeypatch
     assert opened[0] == cursor["offset"]  # the stream continues where it was, without re-reading the consumed part
 
 
+def test_a_resume_with_a_higher_resolution_goes_on_without_what_no_longer_fits(tmp_path, planner, caplog):
+    """Progressive resolution: a group's image.resolution raised at a resume. The packing buffer's plans are made
+    again with the new options; those now longer than a packed sequence were put back for ever (a silent hang)."""
+    write_shards(tmp_path / "a", "t2i", 1, 12, prefix="a")
+    write_shards(tmp_path / "b", "t2i", 1, 12, prefix="b")
+    groups = [group("a", [tmp_path / "a"]), group("b", [tmp_path / "b"])]
+    slot = SlotStream(StreamSpec([resolve_group(g) for g in groups], planner, DATA, Branches(), 1, 0, 0, 1), 0, 1)
+    for _ in range(2):
+        slot.next_batch()
+    state = json.loads(json.dumps(slot.state()))
+    assert any(address[0] == "a" for address in state["packing_buffer"])
+    bigger = [dataclasses.replace(groups[0], image=ImageOptions(resolution=256)), groups[1]]  # a: overlong now
+    spec = StreamSpec([resolve_group(g) for g in bigger], planner, DATA, Branches(), 1, 0, 0, 1)
+    resumed = SlotStream(spec, 0, 1)
+    resumed.load(state)
+    batches = []
+    thread = threading.Thread(target=lambda: batches.extend(resumed.next_batch() for _ in range(3)), daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert len(batches) == 3, "the stream hung on a buffered plan that fits no packed sequence"
+    assert resumed.skips.counts["overlong"] > 0
+    # the loader says so: the position is kept, the resume is not exact
+    loader = build_train_loader(DatasetConfig(groups=groups), DATA, planner, rank=0, world_size=1, seed=0,
+                                micro_batch_size=1)
+    take(loader, 1)
+    saved = loader.state_dict()
+    loader.close()
+    other = build_train_loader(DatasetConfig(groups=bigger), DATA, planner, rank=0, world_size=1, seed=0,
+                               micro_batch_size=1)
+    with caplog.at_level("WARNING", logger="lance_ds.data.stream"):
+        other.load_state_dict(saved)
+    assert "options changed since the checkpoint" in caplog.text
+    other.close()
+
+
 def test_resume_with_other_world_size_or_data_is_refused(tmp_path, planner):
     write_shards(tmp_path, "t2i", 2, 4)
     dataset = DatasetConfig(groups=[group("g", [tmp_path])])
