@@ -205,7 +205,8 @@ class Trainer:
             f"  switches     visual_und={cfg.model.visual_und} visual_gen={cfg.model.visual_gen} "
             f"lape={cfg.model.lape.enabled} training_type={cfg.model.training_type}",
             "  data         " + "; ".join(f"{g.name} ({g.task}, weight {g.weight}, "
-                                          f"{self.loader.num_samples(g.name)} samples)" for g in self.run.dataset.groups),
+                                          f"{self.loader.num_samples(g.name)} samples, {describe_cut(g)})"
+                                          for g in self.run.dataset.groups),
             f"  world        {self.dist.world_size} rank(s) on {self.dist.device.type}, ZeRO stage "
             f"{zero_stage(self.ds_config)}, precision {cfg.train.precision}",
             f"  batch        {cfg.train.micro_batch_size} x {cfg.data.packing_length} tokens per micro-step, "
@@ -307,6 +308,14 @@ class Trainer:
         if finished and distributed.initialized():
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
+
+
+def describe_cut(group) -> str:
+    """How a group's media are cut, in a few words: '512 px' (the side of the area), '+ 33 frames at 12 fps'."""
+    cut = f"{group.image.resolution} px"
+    if group.task in ("t2v", "v2v", "v2t"):
+        cut += f", {group.video.max_frames} frames at {group.video.sample_fps:g} fps"
+    return cut
 
 
 def schedule_changes(saved: dict, train) -> list[str]:

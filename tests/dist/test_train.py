@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -194,6 +195,7 @@ def test_sigterm_stops_at_the_next_step_with_its_checkpoint_and_resumes_exactly(
     assert 2 < stopped <= 6, f"stopped at step {stopped}, not within a few steps of the signal (after step 2):\n{log}"
     assert f"stopped by SIGTERM at step {stopped} of {STEPS}" in log and "Traceback" not in log, log[-4000:]
     assert f"validation   every 1 steps on {example_data['val']} (4 samples per group, 0 generation(s)" in log
+    assert re.search(r"v2t \(v2t, weight 1\.0, \d+ samples, 56 px, 9 frames at 12 fps\)", log)  # each group's cut
     assert max(losses(out)) == stopped  # the stop ends a logging window, as a save does
     assert stopped not in read_scalars(out)["val/loss"]
     launch(train_args(out, example_data, STEPS, *validating), env=launch_env(LANCE_DS_FAULT=NAN_AT))
