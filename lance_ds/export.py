@@ -158,6 +158,7 @@ class TrainedWeights:
     state: dict[str, Tensor]  # fp32; LoRA merged into the base weights
     adapters: dict[str, Tensor] | None  # LoRA runs: the adapters under peft's names (PeftModel prefix)
     ema: bool  # the EMA weights instead of the trained ones
+    cuts: dict = dataclasses.field(default_factory=dict)  # task -> image / video options training cut with
 
 
 def load_trained_weights(path: str | Path, ema: bool = False) -> TrainedWeights:
@@ -171,7 +172,8 @@ def load_trained_weights(path: str | Path, ema: bool = False) -> TrainedWeights:
     adapters = None
     if config.model.training_type == "lora":
         state, adapters = merge_lora(state, config.model.lora)
-    return TrainedWeights(step_dir, config, int(trainer_state["step"]), state, adapters, ema)
+    return TrainedWeights(step_dir, config, int(trainer_state["step"]), state, adapters, ema,
+                          trainer_state.get("cuts", {}))
 
 
 def check_deepspeed_files(step_dir: Path) -> list[Path]:
@@ -268,6 +270,7 @@ class InferenceParts:
     model_config: ModelConfig  # as built (LoRA merged: training_type full; ViT frozen)
     objective: ObjectiveConfig
     source: str  # where the weights came from, for messages and export.json
+    cuts: dict = dataclasses.field(default_factory=dict)  # task -> image / video options of training (trainer)
 
 
 def inference_model_config(model: ModelConfig, dtype: str, device: torch.device | None = None) -> ModelConfig:
@@ -314,7 +317,8 @@ def build_from_trained(weights: TrainedWeights, dtype: str = "fp32",
                           f"{missing[:4]}, unused {unused[:4]}")
     bundle.model.to(device).eval()
     return InferenceParts(bundle, tokenizer, model_cfg, cfg.objective,
-                          f"{weights.step_dir} ({'EMA' if weights.ema else 'trained'} weights, step {weights.step})")
+                          f"{weights.step_dir} ({'EMA' if weights.ema else 'trained'} weights, step {weights.step})",
+                          weights.cuts)
 
 
 def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | str | None = None) -> InferenceParts:
@@ -341,7 +345,8 @@ def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | st
     tokenizer = load_tokenizer(model_cfg.tokenizer_path)
     bundle = build_model(model_cfg, len(tokenizer), None, device=device)
     bundle.model.to(device).eval()
-    return InferenceParts(bundle, tokenizer, model_cfg, objective, str(path))
+    cuts = data.get("cuts") if isinstance(data.get("cuts"), dict) else {}
+    return InferenceParts(bundle, tokenizer, model_cfg, objective, str(path), cuts)
 
 
 def load_inference_parts(path: str | Path, ema: bool = False, dtype: str = "fp32",
@@ -379,7 +384,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     torch_dtype = DTYPES[dtype]
     vae_saved = write_lance_dir(tmp, weights.state, parts, torch_dtype)
     parts.tokenizer.hf.save_pretrained(str(tmp))
-    write_export_config(tmp, weights.config, dtype, vae_saved)
+    write_export_config(tmp, weights.config, dtype, vae_saved, weights.cuts)
     save_transformers_llm(tmp / LLM_DIR, weights.state, parts, torch_dtype)
     if weights.adapters is not None:
         save_adapters(tmp / LORA_DIR, weights.adapters, weights.config.model.lora)
@@ -443,15 +448,16 @@ def write_lance_dir(directory: Path, state: dict[str, Tensor], parts: InferenceP
     return random_codec
 
 
-def write_export_config(directory: Path, config: RunConfig, dtype: str, vae_saved: bool) -> None:
-    """lance_ds.yaml: the run's model section pointing at this directory, and its objective (sampling settings)."""
+def write_export_config(directory: Path, config: RunConfig, dtype: str, vae_saved: bool, cuts: dict) -> None:
+    """lance_ds.yaml: the run's model section pointing at this directory, its objective (sampling settings) and
+    the image / video options training cut each task with (inference cuts inputs the same way)."""
     model = to_dict(inference_model_config(config.model, dtype))
     model.update(path=".", tokenizer_path=".", vit_path=None)
     if vae_saved:
         model["vae_path"] = VAE_DIR
     elif model["vae_path"] is not None:
         model["vae_path"] = str(Path(model["vae_path"]).resolve())  # not copied: Lance never ships the VAE
-    data = {"model": model, "objective": to_dict(config.objective)}
+    data = {"model": model, "objective": to_dict(config.objective), "cuts": cuts}
     header = "# Written by lance_ds.export: the model section to rebuild this export (paths relative to this dir).\n"
     (directory / EXPORT_CONFIG).write_text(header + yaml.safe_dump(data, sort_keys=False))
 

@@ -40,7 +40,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .chunks import budget_chunks
-from .config.data import GEN_TASKS, GroupConfig, ImageOptions, UND_TASKS
+from .config.core import Problems, from_dict
+from .config.data import GEN_TASKS, GroupConfig, UND_TASKS
 from .config.model import ObjectiveConfig
 from .data.batch import PackedBatch, Sample
 from .data.packing import collate
@@ -99,7 +100,7 @@ class Generator:
         bundle = parts.bundle
         planner = SequencePlanner(parts.tokenizer, bundle.geometry)
         gen = cls(bundle.model, bundle.vit, bundle.vae, planner, parts.tokenizer, parts.objective, **kwargs)
-        gen.source = parts.source
+        gen.source, gen.cuts = parts.source, parts.cuts
         return gen
 
     # -- generation ----------------------------------------------------------------------------------------------
@@ -331,8 +332,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--steps", type=int, default=30, help="Euler steps (Lance: 30)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (Lance: 4.0; 1 = none)")
     p.add_argument("--seed", type=int, default=0, help="noise / sampling seed")
-    p.add_argument("--size", help="t2i / t2v output size: SIDE or HEIGHTxWIDTH in pixels (default: 64, square, or a "
-                   "frame VAE's own size; use the size the model was trained at)")
+    p.add_argument("--size", help="t2i / t2v output size: SIDE or HEIGHTxWIDTH in pixels; i2t / v2t / i2i / v2v: the "
+                   "SIDE the input is cut to (its area; aspect by the training buckets). Default: what training cut "
+                   "the task with (recorded in checkpoints and exports), else 64, or a frame VAE's own size")
     p.add_argument("--frames", type=int, help="t2v: frames to generate (4k + 1); v2v: frames read from --input")
     p.add_argument("--fps", type=float, default=12.0, help="frame rate of a written mp4, and of reading --input")
     p.add_argument("--max-new-tokens", type=int, default=64, help="i2t / v2t: answer length limit")
@@ -368,10 +370,12 @@ def check_args(args) -> list[str]:
     # here, not when writing: an --out that cannot be written would throw the generation away
     if generation and args.out and (problem := output_problem("--out", args.out)):
         problems.append(problem)
-    if args.size is not None and args.task not in ("t2i", "t2v"):
-        problems.append(f"--size: {args.task} keeps the size of its input (as in training); resize the input instead")
-    if args.size is not None and parse_size(args.size) is None:
+    size = parse_size(args.size) if args.size is not None else None
+    if args.size is not None and size is None:
         problems.append(f"--size: give SIDE or HEIGHTxWIDTH in pixels, e.g. 64 or 64x96, got {args.size!r}")
+    elif size is not None and args.task not in ("t2i", "t2v") and size[0] != size[1]:
+        problems.append(f"--size: {args.task} cuts its input to an area (SIDE x SIDE, aspect kept by its buckets); "
+                        f"give one SIDE, got {args.size!r}")
     if args.frames is not None and args.task not in ("t2v", "v2v"):
         problems.append(f"--frames: only t2v and v2v have frames, not {args.task}")
     elif args.frames is not None and args.frames < 1:
@@ -433,7 +437,7 @@ def parse_size(text: str) -> tuple[int, int] | None:
     return height, width
 
 
-def cli_sample(args) -> Sample:
+def cli_sample(args, group: GroupConfig | None = None) -> Sample:
     from .data.media import decode_image, decode_video
 
     media = {}
@@ -442,7 +446,7 @@ def cli_sample(args) -> Sample:
         if args.task in ("i2i", "i2t"):
             frames = decode_image(data)
         else:
-            max_frames = args.frames or GroupConfig().video.max_frames
+            max_frames = args.frames or (group or GroupConfig()).video.max_frames
             frames = decode_video(data, sample_fps=args.fps, max_frames=max_frames)
             if args.frames is not None and frames.shape[0] < args.frames:
                 print(f"lance_ds.generate: {args.input} gives {frames.shape[0]} frames at --fps {args.fps:g}, not "
@@ -453,12 +457,20 @@ def cli_sample(args) -> Sample:
     return Sample(task=args.task, texts=texts, media=media, key=args.input or "prompt")
 
 
-def cli_group(vae) -> GroupConfig:
-    """The options a command-line prompt is cut with: the defaults (64 pixels), or the codec's frame size when it
-    takes only one (the main job's frame VAE: 32), the ViT still seeing an edit's source at the default size."""
+def cli_group(vae, task: str | None = None, cuts: dict | None = None, size: int | None = None) -> GroupConfig:
+    """The options a command-line prompt or input is cut with: those training cut `task` with (`cuts`, recorded in
+    checkpoints and exports), else the defaults (64 pixels); `size` (--size of an input task) as the image side.
+    A codec that takes one frame size only (the main job's frame VAE: 32) fixes the VAE side, the ViT still seeing
+    an edit's source at the ViT's own."""
+    known = (cuts or {}).get(task)
+    group = GroupConfig() if known is None else from_dict(GroupConfig, {**known, "task": task}, Problems())
+    if size is not None:
+        group.image.resolution = size
     side = getattr(vae, "frame_size", None)
-    default = ImageOptions().resolution
-    return GroupConfig(image=ImageOptions(resolution=side, vit_resolution=default)) if side else GroupConfig()
+    if side:
+        group.image.vit_resolution = group.image.vit_resolution or group.image.resolution
+        group.image.resolution = side
+    return group
 
 
 def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig,
@@ -500,12 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         gen = Generator.from_checkpoint(args.checkpoint, ema=args.ema, dtype=args.dtype, device=args.device)
         print(f"lance_ds.generate: {gen.source}", file=sys.stderr)
         check_frames(args, gen.planner.geometry)
-        sample = cli_sample(args)
+        input_side = parse_size(args.size)[0] if args.size and args.task not in ("t2i", "t2v") else None
+        group = cli_group(gen.vae, args.task, getattr(gen, "cuts", None), input_side)
+        sample = cli_sample(args, group)
         if args.task in UND_TASKS:
             print(gen.answer([sample], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             seed=args.seed)[0])
+                             seed=args.seed, group=group)[0])
             return 0
-        group = cli_group(gen.vae)
         (frames,) = gen.generate([sample], num_steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
                                  target_shape=cli_target_shape(args, gen.planner, group,
                                                                getattr(gen.vae, "frame_size", None)), group=group)

@@ -260,7 +260,8 @@ class Trainer:
 
     def save(self) -> None:
         state = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
-                 "validated_step": self.validated_step, "model": to_dict(self.cfg.model)}
+                 "validated_step": self.validated_step, "model": to_dict(self.cfg.model),
+                 "cuts": training_cuts(self.run.dataset)}
         self.checkpointer.save(self.engine, self.step, state, to_dict(self.cfg), self.loader.state_dict(), self.ema)
         self.saved_step = self.step
 
@@ -308,6 +309,15 @@ class Trainer:
         if finished and distributed.initialized():
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
+
+
+def training_cuts(dataset) -> dict[str, dict]:
+    """task -> the image / video options of its first group: what inference cuts inputs and prompts with (saved
+    with each checkpoint, carried into exports), so that a model trained at 448 px is not asked at 64."""
+    cuts: dict[str, dict] = {}
+    for group in dataset.groups:
+        cuts.setdefault(group.task, {"image": to_dict(group.image), "video": to_dict(group.video)})
+    return cuts
 
 
 def describe_cut(group) -> str:

@@ -518,6 +518,19 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     assert "give it as --question" in err and "--device: cuda:7 is not available" in err
 
 
+def test_inference_cuts_inputs_as_training_cut_the_task(from_checkpoint, exported):
+    """Checkpoints and exports record each task's image / video options; the CLI cuts with them (an i2t model trained
+    at 448 px was asked at 64), --size overriding the side."""
+    from lance_ds.generate import Generator, cli_group
+
+    for gen in (from_checkpoint, Generator.from_checkpoint(exported, device="cpu")):
+        assert gen.cuts["i2t"]["image"]["resolution"] == 56 and gen.cuts["t2i"]["image"]["resolution"] == 16
+    cuts = from_checkpoint.cuts
+    assert cli_group(from_checkpoint.vae, "i2t", cuts).image.resolution == 56
+    assert cli_group(from_checkpoint.vae, "i2t", cuts, size=112).image.resolution == 112
+    assert cli_group(from_checkpoint.vae, "v2t", cuts).image.resolution == 64  # a task training did not see
+
+
 def test_cli_answers_with_the_system_prompt_it_is_given(tmp_path):
     """Training rows carry their system prompt (caption_i); asking without it plans another header than training
     saw (the example world's rows all say "You are a helpful assistant.")."""
