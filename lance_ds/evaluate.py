@@ -195,6 +195,15 @@ def side_by_side(*clips: Tensor | None) -> Tensor:
 # running
 
 
+def refuse_unjudgeable(sample: Sample) -> None:
+    """The judge reads the example world (colours, shapes, motions): a t2i / t2v caption naming none of them would
+    score 100% at a chance of 100%, "goals met" about nothing. ValueError, pointing at validation instead."""
+    if sample.task in ("t2i", "t2v") and not any(parse_answer(sample.texts.get("caption", "")).values()):
+        raise ValueError(f"{sample.task} sample {sample.key!r}: its caption {sample.texts.get('caption', '')[:80]!r} "
+                         "names no colour, shape or direction of the example world, which is all lance_ds.evaluate "
+                         "judges; for your own data watch validation (validation.every, val/* in TensorBoard)")
+
+
 def share(items: list, rank: int, world: int) -> tuple[int, list[tuple[object, bool]]]:
     """This rank's contiguous share of `items`: the index of its first item in `items`, and (item, counted) pairs.
     Every rank gets ceil(n / world) items, the short ones padded with repeats of the first item that are run (so all
@@ -216,6 +225,7 @@ def evaluate(generator, prompts: list[Prompt], settings: EvalSettings | None = N
     examples: list[Example] = []
     by_group: dict[tuple[str, str], list[Prompt]] = {}  # a batch is one task's prompts, cut with one group's options
     for p in prompts:
+        refuse_unjudgeable(p.sample)
         by_group.setdefault((p.group.name, p.sample.task), []).append(p)
     for group_prompts in by_group.values():
         offset, mine = share(group_prompts, rank, world)

@@ -120,6 +120,14 @@ def prompts():
     return held_out_prompts(per_task=4)
 
 
+def test_captions_outside_the_example_world_are_refused_not_scored(prompts):
+    """A t2i caption naming no colour / shape ("a dog on a beach") scored 100% at 100% chance: "goals met"."""
+    own = [dataclasses.replace(p, sample=dataclasses.replace(p.sample, texts={"caption": "a dog on a beach"}))
+           for p in prompts if p.sample.task == "t2i"]
+    with pytest.raises(ValueError, match="names no colour, shape or direction.*validation.every"):
+        ev.evaluate(FakeGenerator("right"), own)
+
+
 def test_right_outputs_score_everything_and_the_judge_passes_the_targets(prompts):
     result = ev.evaluate(FakeGenerator("right"), prompts, ev.EvalSettings(batch_size=3))
     assert list(result.scores) == list(TASKS)
