@@ -465,6 +465,7 @@ class SlotStream:
         self.failing = {g.name: 0 for g in spec.groups}  # consecutive unusable samples per group
         self.failing_since = {g.name: 0 for g in spec.groups}  # the epoch of the first sample of that run
         self.largest_epoch = {g.name: 0 for g in spec.groups}  # most samples this slot kept in one epoch so far
+        self.trained_epoch = {g.name: 0 for g in spec.groups}  # epoch of the newest sample put in a batch
         self.num_batches = 0
         self.num_samples = 0  # plans packed into batches
         self.real_tokens = 0
@@ -593,6 +594,8 @@ class SlotStream:
         batch = build_micro_batch(sequences, spec.planner, spec.branches, spec.data.packing_length)
         self.num_batches += 1
         self.num_samples += sum(len(s) for s in sequences)
+        for plan in (p for sequence in sequences for p in sequence):  # (the readers run ahead, into buffers)
+            self.trained_epoch[plan.address[0]] = max(self.trained_epoch[plan.address[0]], plan.address[3])
         self.real_tokens += batch.num_real_tokens
         self.total_tokens += batch.num_tokens
         return batch
@@ -616,6 +619,7 @@ class SlotStream:
             "num_batches": self.num_batches,
             "num_samples": self.num_samples,
             "real_tokens": self.real_tokens,
+            "trained_epoch": dict(self.trained_epoch),
             "total_tokens": self.total_tokens,
         }
 
@@ -633,6 +637,7 @@ class SlotStream:
         self.largest_epoch.update(state.get("largest_epoch", {}))
         self.num_batches, self.num_samples = state["num_batches"], state["num_samples"]
         self.real_tokens, self.total_tokens = state["real_tokens"], state["total_tokens"]
+        self.trained_epoch.update(state.get("trained_epoch", {}))
         self.shuffle = [self._fetch(a) for a in state["shuffle_buffer"]]
         # they planned before, so they plan again (deterministic); the decoded ones from their pixels, as then
         decoded = state.get("packing_buffer_decoded", [False] * len(state["packing_buffer"]))
@@ -807,8 +812,9 @@ class TrainLoader:
             out["samples"] += state["num_samples"]
             out["real_tokens"] += state["real_tokens"]
             out["total_tokens"] += state["total_tokens"]
-            for name, cursor in state["groups"].items():
-                epochs[name] = max(epochs.get(name, 0), cursor["epoch"])
+            trained = state.get("trained_epoch") or {n: c["epoch"] for n, c in state["groups"].items()}  # (older)
+            for name, epoch in trained.items():
+                epochs[name] = max(epochs.get(name, 0), epoch)
         out["skipped"] = dict(skipped)
         out["epochs"] = epochs
         return out

@@ -270,6 +270,20 @@ def test_a_resume_with_a_higher_resolution_goes_on_without_what_no_longer_fits(t
     other.close()
 
 
+def test_the_epoch_reported_is_that_of_the_samples_trained_on(tmp_path, planner):
+    """data/epoch/<group> followed the readers, which run ahead into the shuffle and packing buffers (epoch 17 of a
+    24-sample group after 4 samples trained)."""
+    write_shards(tmp_path, "t2i", 1, 3)  # 3 samples: the 6-sample shuffle buffer alone reads two epochs ahead
+    loader = build_train_loader(DatasetConfig(groups=[group("g", [tmp_path])]), DATA, planner, rank=0,
+                                world_size=1, seed=0, micro_batch_size=1)
+    take(loader, 1)
+    reader_epoch = loader.worker_states[0]["groups"]["g"]["epoch"]
+    stats = loader.stats()
+    # what training saw: at most two epochs' samples (the shuffle buffer mixes neighbouring epochs), behind the reader
+    assert stats["samples"] <= 3 and stats["epochs"]["g"] <= 1 < reader_epoch
+    loader.close()
+
+
 def test_resume_with_other_world_size_or_data_is_refused(tmp_path, planner):
     write_shards(tmp_path, "t2i", 2, 4)
     dataset = DatasetConfig(groups=[group("g", [tmp_path])])
