@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lance_ds.config.core import out_dir_problem  # noqa: E402
 from lance_ds.data.sequence import DEFAULT_SYSTEM_PROMPTS  # noqa: E402
 from lance_ds.data.tokenizer import DEBUG_TOKENIZER_DIR, QWEN_SPECIAL_TOKENS  # noqa: E402
 
@@ -209,11 +210,14 @@ def build(output: Path) -> None:
     (output / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEBUG_TOKENIZER_DIR)
     parser.add_argument("--check", action="store_true", help="fail if the committed tokenizer differs from a rebuild")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if problem := out_dir_problem(str(args.output), "--output"):  # a file where the directory goes: before building
+        print(f"build_debug_tokenizer: {problem}", file=sys.stderr)
+        return 2
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             build(Path(tmp))

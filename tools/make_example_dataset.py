@@ -11,12 +11,24 @@ The same flags always give the same files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
 from lance_ds.config.core import out_dir_problem
 from lance_ds.config.data import TASKS
 from lance_ds.data.example import ExampleConfig, write_example_dataset
+
+FIELDS = {f.name for f in dataclasses.fields(ExampleConfig)}  # each one a flag of this tool
+
+
+def as_flags(problems: str) -> list[str]:
+    """ExampleConfig's problems, named by the flags the user typed: 'num_per_task must ...' -> '--num-per-task must'."""
+    named = []
+    for problem in problems.split("; "):
+        field = problem.split(" ", 1)[0]
+        named.append(f"--{field.replace('_', '-')}{problem[len(field):]}" if field in FIELDS else problem)
+    return named
 
 
 def main(argv=None) -> int:
@@ -36,7 +48,7 @@ def main(argv=None) -> int:
         cfg = ExampleConfig(num_per_task=args.num_per_task, seed=args.seed, size=args.size, frames=args.frames,
                             fps=args.fps, split=args.split, rows_per_group=args.rows_per_group, tasks=tuple(args.tasks))
     except ValueError as e:  # every problem of the settings
-        problems.append(str(e))
+        problems += as_flags(str(e))
     if problems:
         print("make_example_dataset: " + "; ".join(problems), file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ perfect generator could reach through this codec. The same flags give the same w
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,16 @@ from lance_ds.data.example import (draw_scene, draw_training_frames, encoder_lea
                                    render_image, render_video)
 from lance_ds.data.sequence import resize_crop
 from lance_ds.model.vae import FrameAutoencoder, FrameVAE
+from lance_ds.model.weights import FRAME_VAE_DIR, describe_model_dir
+
+
+def out_model_problem(out: str) -> str | None:
+    """Why saving into `out` would overwrite another model's config.json (a ViT's, a diffusers VAE's, ...), or None.
+    The tool's own earlier output, a frame VAE, is replaced as before: re-running into it is how it is retrained."""
+    held = describe_model_dir(out)
+    if held in (None, FRAME_VAE_DIR):
+        return None
+    return f"--out {out} already holds {held}, whose config.json the frame VAE would overwrite; choose another --out"
 
 
 def draw_frames(count: int, split: str, size: int, resolution: int, seed: int) -> torch.Tensor:
@@ -112,7 +123,15 @@ def main(argv=None) -> int:
                 if k in ("resolution", "latent_channels", "hidden", "frames", "steps", "batch_size") and v < 1]
     if args.judge < 0:
         problems.append(f"--judge must be >= 0 (0: no judging), got {args.judge}")
-    if problem := out_dir_problem(args.out):
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        problems.append(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.kl_weight) and args.kl_weight >= 0):
+        problems.append(f"--kl-weight must be a finite number >= 0, got {args.kl_weight}")
+    if args.seed < 0:  # numpy seeds only non-negative integers
+        problems.append(f"--seed must be >= 0, got {args.seed}")
+    if args.size < 16:  # as make_example_dataset.py: smaller, the shapes are not recognisable
+        problems.append(f"--size must be >= 16 pixels for the shapes to be recognisable, got {args.size}")
+    if problem := out_dir_problem(args.out) or out_model_problem(args.out):
         problems.append(problem)
     if args.resolution > args.size:
         problems.append(f"--resolution {args.resolution} is above --size {args.size}: the codec would learn upscaled "

@@ -22,21 +22,42 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lance_ds.config.core import out_dir_problem
 from lance_ds.data.example import draw_training_frames, encoder_learning_rate
 from lance_ds.data.sequence import VisionGeometry, resize_crop, to_vae_pixels, vit_patchify
 from lance_ds.model.registry import SIZES
 from lance_ds.model.vae import FrameVAE
+from lance_ds.model.weights import EXAMPLE_VIT_DIR, FRAME_VAE_DIR, describe_model_dir, save_safetensors
 from lance_ds.model.vision import VitConfig, build_vision_tower
 
 PAIR = 2  # frames per item: Qwen2.5-VL's temporal patch
+
+
+def model_dir_problems(vae: str, out: str) -> list[str]:
+    """Why --vae is not a frame VAE, and why saving into --out would overwrite another model's config.json (the frame
+    VAE's, a Qwen2.5-VL's, ...). The tool's own earlier output, a ViT, is replaced as before: that is how it is
+    retrained."""
+    problems = []
+    held = describe_model_dir(vae)
+    if held is None:
+        problems.append(f"--vae {vae} has no config.json: train the frame VAE first "
+                        f"(python tools/train_example_vae.py --out {vae})")
+    elif held != FRAME_VAE_DIR:
+        problems.append(f"--vae {vae} holds {held}, not a frame VAE: pass a tools/train_example_vae.py output")
+    if Path(out).resolve() == Path(vae).resolve():
+        problems.append(f"--out {out} is the --vae directory: the ViT's config.json would replace the frame VAE's; "
+                        "choose another --out")
+    elif (held := describe_model_dir(out)) not in (None, EXAMPLE_VIT_DIR):
+        problems.append(f"--out {out} already holds {held}, whose config.json the ViT would overwrite; choose another "
+                        "--out")
+    return problems
 
 
 def patch_geometry(vit: VitConfig) -> VisionGeometry:
@@ -111,7 +132,7 @@ def save(net: Distiller, vit_cfg: VitConfig, out: str | Path) -> Path:
     """vit.safetensors + config.json {"vision_config": ...}: a model.vit_path directory."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in net.tower.state_dict().items()}, out / "vit.safetensors")
+    save_safetensors({k: v.detach().contiguous() for k, v in net.tower.state_dict().items()}, out / "vit.safetensors")
     vision = dataclasses.asdict(vit_cfg)
     vision["fullatt_block_indexes"] = list(vision["fullatt_block_indexes"])
     (out / "config.json").write_text(json.dumps({"vision_config": vision}, indent=2))
@@ -138,14 +159,18 @@ def main(argv=None) -> int:
                 if k in ("pairs", "steps", "batch_size") and v < 1]
     if args.held_out < 0:
         problems.append(f"--held-out must be >= 0 (0: none), got {args.held_out}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        problems.append(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.seed < 0:  # numpy seeds only non-negative integers
+        problems.append(f"--seed must be >= 0, got {args.seed}")
+    if args.size < 16:  # as make_example_dataset.py: smaller, the shapes are not recognisable
+        problems.append(f"--size must be >= 16 pixels for the shapes to be recognisable, got {args.size}")
     if problem := out_dir_problem(args.out):
         problems.append(problem)
     if args.resolution < geometry.vit_multiple or args.resolution % geometry.vit_multiple:
         problems.append(f"--resolution must be a multiple of {geometry.vit_multiple} (patch x merge), got "
                         f"{args.resolution}")
-    if not (Path(args.vae) / "config.json").is_file():
-        problems.append(f"--vae {args.vae} has no config.json: train the frame VAE first "
-                        f"(python tools/train_example_vae.py --out {args.vae})")
+    problems += model_dir_problems(args.vae, args.out)
     if problems:
         print("train_example_vit: " + "; ".join(problems), file=sys.stderr)
         return 2

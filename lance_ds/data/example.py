@@ -190,6 +190,11 @@ def encoder_learning_rate(peak: float, step: int, steps: int) -> float:
 # rows of the six tasks
 
 
+# Frame rates the example videos can carry: far below 1/1000 (1e-9) the encoder's rate, a fraction of denominator
+# <= 1001, rounds to 0 and the file says 24 fps; far above 1000 (1e6) the stream holds no decodable frame.
+FPS_RANGE = (0.001, 1000.0)
+
+
 @dataclass
 class ExampleConfig:
     """Sizes of the example dataset (tools/make_example_dataset.py flags)."""
@@ -198,7 +203,7 @@ class ExampleConfig:
     seed: int = 0
     size: int = 64  # image and video side, pixels
     frames: int = 9  # frames per video (4k + 1 for the Wan VAE)
-    fps: float = 12.0  # video frame rate; the loader samples at 12 fps by default, so every frame is kept
+    fps: float = 12.0  # video frame rate (FPS_RANGE); the loader samples at 12 fps by default: every frame is kept
     split: str = "train"  # train or val (disjoint scenes)
     rows_per_group: int = 64  # parquet row-group size: several groups per file
     tasks: tuple[str, ...] = TASKS
@@ -212,8 +217,10 @@ class ExampleConfig:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.size < 16:
             problems.append(f"size must be >= 16 pixels for the shapes to be recognisable, got {self.size}")
-        if not self.fps > 0:
-            problems.append(f"fps must be > 0, got {self.fps}")
+        if not isinstance(self.seed, int) or self.seed < 0:  # numpy seeds only non-negative integers
+            problems.append(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not FPS_RANGE[0] <= self.fps <= FPS_RANGE[1]:  # also nan; inf cannot be written into the video
+            problems.append(f"fps must be a frame rate from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}, got {self.fps}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             problems.append(f"unknown tasks {unknown}; choose from {list(TASKS)}")

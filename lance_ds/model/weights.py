@@ -215,6 +215,31 @@ def llm_config_json(llm, vit=None, extra: dict | None = None) -> dict:
     return data
 
 
+FRAME_VAE_DIR = "a frame VAE (tools/train_example_vae.py)"
+EXAMPLE_VIT_DIR = "a ViT (tools/train_example_vit.py)"
+
+
+def describe_model_dir(directory: str | Path) -> str | None:
+    """What the config.json in `directory` says lives there (FRAME_VAE_DIR, EXAMPLE_VIT_DIR, "a AutoencoderKLWan
+    model", "a qwen2_5_vl model", ...), or None without one: the example tools refuse to save over another model."""
+    cfg_file = Path(directory) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return "a config.json that is not readable JSON"
+    if not isinstance(cfg, dict):
+        return "a config.json that is not a JSON object"
+    if cfg.get("_class_name") == "FrameVAE":  # lance_ds.model.vae.FrameAutoencoder.CONFIG_NAME
+        return FRAME_VAE_DIR
+    if "_class_name" in cfg:
+        return f"a {cfg['_class_name']} model"
+    if set(cfg) == {"vision_config"}:  # what tools/train_example_vit.py writes
+        return EXAMPLE_VIT_DIR
+    return f"a {cfg['model_type']} model" if "model_type" in cfg else "another model's config.json"
+
+
 def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, leaving the file with the permissions any new file gets (save_file writes 0600:
     other users of a shared machine could not load an export or a checkpoint's EMA)."""

@@ -262,3 +262,30 @@ def test_tool_refuses_an_out_that_is_a_file_with_the_other_problems(tmp_path, ca
     err = capsys.readouterr().err
     assert f"--out: {tmp_path / 'afile'} is a file, not a directory" in err and "size" in err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fps", "inf"], "--fps must be a frame rate from 0.001 to 1000, got inf"),  # was an OverflowError traceback
+    (["--fps", "nan"], "--fps must be a frame rate from 0.001 to 1000, got nan"),
+    (["--fps", "1e-9"], "--fps must be a frame rate from 0.001 to 1000, got 1e-09"),  # was written as 24 fps
+    (["--fps", "1e6"], "--fps must be a frame rate from 0.001 to 1000, got 1000000.0"),  # undecodable videos
+    (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),  # numpy's message, no flag
+    (["--num-per-task", "0"], "--num-per-task must be a positive integer, got 0"),
+])
+def test_tool_refuses_values_naming_the_flag(tmp_path, capsys, flags, message):
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import make_example_dataset
+
+    assert make_example_dataset.main(["--out", str(tmp_path / "data"), "--tasks", "t2v", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+def test_config_refuses_a_negative_seed_and_a_frame_rate_videos_cannot_carry():
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1; fps must be a frame rate"):
+        ExampleConfig(seed=-1, fps=float("inf"))
+    assert ExampleConfig(fps=0.001).fps == 0.001 and ExampleConfig(fps=1000.0).fps == 1000.0

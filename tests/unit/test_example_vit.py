@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -87,3 +88,60 @@ def test_tool_refuses_an_out_it_could_not_save_to_and_a_negative_held_out_before
         assert f"--out: {tmp_path / 'afile'} is a file, not a directory" in err
         assert "--held-out must be >= 0 (0: none), got -1" in err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+SMALL = ["--pairs", "4", "--steps", "1", "--batch-size", "2", "--held-out", "0"]  # what a refusal must not run
+
+
+def test_tool_refuses_to_overwrite_the_frame_vae_or_another_model(tmp_path, capsys):
+    """--out VAE_DIR (or another model's directory) would replace its config.json with the ViT's, leaving a VAE that no
+    longer loads: refused before training, naming what is there."""
+    vae, other = saved_vae(tmp_path / "vae"), saved_vae(tmp_path / "other_vae")
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text('{"model_type": "qwen2_5_vl", "vision_config": {"depth": 32}}')
+    cases = ((vae, "is the --vae directory"), (other, "already holds a frame VAE (tools/train_example_vae.py)"),
+             (qwen, "already holds a qwen2_5_vl model"))
+    for out, message in cases:
+        before = (out / "config.json").read_text()
+        assert train_example_vit.main(["--vae", str(vae), "--out", str(out), *SMALL]) == 2
+        assert f"--out {out} {message}" in capsys.readouterr().err
+        assert (out / "config.json").read_text() == before and not (out / "vit.safetensors").exists()
+    assert FrameVAE.from_pretrained(vae).frame_size == 16  # still loads
+
+
+def test_tool_refuses_a_vae_that_is_not_a_frame_vae(tmp_path, capsys):
+    """--vae given the ViT directory (the wrong model) gave a KeyError traceback from FrameVAE.from_pretrained."""
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    (vit / "config.json").write_text('{"vision_config": {"depth": 2}}')
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    (wan / "config.json").write_text('{"_class_name": "AutoencoderKLWan"}')
+    for vae, held in ((vit, "a ViT (tools/train_example_vit.py)"), (wan, "a AutoencoderKLWan model")):
+        assert train_example_vit.main(["--vae", str(vae), "--out", str(tmp_path / "x"), *SMALL]) == 2
+        assert f"--vae {vae} holds {held}, not a frame VAE" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_tool_retrains_into_its_own_earlier_output(tmp_path):
+    vae, out = saved_vae(tmp_path / "vae"), tmp_path / "vit"
+    assert train_example_vit.main(["--vae", str(vae), "--out", str(out), *SMALL]) == 0
+    first = load_file(str(out / "vit.safetensors"))
+    assert train_example_vit.main(["--vae", str(vae), "--out", str(out), *SMALL, "--seed", "1"]) == 0
+    second = load_file(str(out / "vit.safetensors"))
+    assert not torch.equal(first["patch_embed.proj.weight"], second["patch_embed.proj.weight"])  # replaced
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--size", "0"], "--size must be >= 16 pixels"),
+])
+def test_tool_refuses_numbers_it_cannot_train_with_naming_the_flag(tmp_path, capsys, flags, message):
+    vae = saved_vae(tmp_path / "vae")
+    assert train_example_vit.main(["--vae", str(vae), "--out", str(tmp_path / "x"), *SMALL, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

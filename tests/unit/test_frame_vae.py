@@ -138,3 +138,41 @@ def test_tool_refuses_an_out_it_could_not_save_to_and_a_negative_judge_before_tr
         assert f"--out: {tmp_path / 'afile'} is a file, not a directory" in err
         assert "--judge must be >= 0 (0: no judging), got -1" in err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+SMALL = ["--resolution", "16", "--frames", "16", "--steps", "1", "--batch-size", "4", "--hidden", "8", "--judge", "0"]
+
+
+def test_tool_refuses_an_out_holding_another_model_and_retrains_its_own(tmp_path, capsys):
+    """--out with a ViT's (or a diffusers VAE's) config.json would lose it to the frame VAE's: refused before training,
+    naming what is there; the tool's own earlier output is retrained in place, as before."""
+    vit, wan = tmp_path / "vit", tmp_path / "wan"
+    vit.mkdir(), wan.mkdir()
+    (vit / "config.json").write_text('{"vision_config": {"depth": 2}}')
+    (wan / "config.json").write_text('{"_class_name": "AutoencoderKLWan", "z_dim": 16}')
+    for out, held in ((vit, "a ViT (tools/train_example_vit.py)"), (wan, "a AutoencoderKLWan model")):
+        before = (out / "config.json").read_text()
+        assert train_example_vae.main(["--out", str(out), *SMALL]) == 2
+        assert f"--out {out} already holds {held}" in capsys.readouterr().err
+        assert (out / "config.json").read_text() == before and not (out / "model.safetensors").exists()
+    own = saved_vae(tmp_path / "vae")
+    assert train_example_vae.main(["--out", str(own), *SMALL]) == 0
+    assert FrameVAE.from_pretrained(own).net.hidden_size == 8  # replaced by the new run
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--lr=-1e-3"], "--lr must be a finite number > 0, got -0.001"),
+    (["--kl-weight", "nan"], "--kl-weight must be a finite number >= 0, got nan"),
+    (["--kl-weight", "-1"], "--kl-weight must be a finite number >= 0, got -1.0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--size", "8", "--resolution", "8"], "--size must be >= 16 pixels"),
+])
+def test_tool_refuses_numbers_it_cannot_train_with_naming_the_flag(tmp_path, capsys, flags, message):
+    """nan / inf / non-positive learning rates tracebacked in torch or trained nan weights silently; a negative seed
+    failed in numpy without naming --seed."""
+    assert train_example_vae.main(["--out", str(tmp_path / "x"), *SMALL, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -94,3 +94,19 @@ def test_piecewise_encoding_equals_the_rendered_chat():
                 + "<|video_pad|>" * 4 + f"<|vision_end|>{texts['caption_q']}<|im_end|>\n<|im_start|>assistant\n"
                 f"{texts['caption_a']}<|im_end|>")
     assert plan.input_ids.tolist() == tok.hf.encode(rendered, add_special_tokens=False)
+
+
+def test_build_refuses_an_output_that_is_a_file(tmp_path, capsys, monkeypatch):
+    """--output at (or under) a file gave a FileExistsError traceback after building; refused before, file untouched."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location("build_debug_tokenizer", ROOT / "tools/build_debug_tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "afile").write_text("mine")
+    for output in (tmp_path / "afile", tmp_path / "afile" / "tok"):
+        for check in ([], ["--check"]):
+            monkeypatch.setattr(sys, "argv", ["build_debug_tokenizer.py", "--output", str(output), *check])
+            assert module.main() == 2
+            assert f"--output: {tmp_path / 'afile'} is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
