@@ -383,9 +383,9 @@ def check_args(args) -> list[str]:
     if args.steps < 1:
         problems.append(f"--steps must be >= 1, got {args.steps}")
     # `not x > 0` rather than `x <= 0`: nan is refused too
-    if not args.fps > 0:
-        problems.append(f"--fps must be > 0 (frames per second of the mp4 written or read), got {args.fps}")
-    if not args.cfg >= 0:
+    if not 0 < args.fps <= 1000:
+        problems.append(f"--fps must be in (0, 1000] (frames per second of the mp4 written or read), got {args.fps}")
+    if not 0 <= args.cfg < float("inf"):
         problems.append(f"--cfg must be >= 0 (1: no guidance, as in training's validation cfg_scale), got {args.cfg}")
     if not args.temperature >= 0:
         problems.append(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
