@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -96,3 +97,16 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
         for event in sorted(acc.Scalars(tag), key=lambda e: e.wall_time):
             out.setdefault(tag, {})[event.step] = event.value
     return out
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    """(config tests) Two converter-like output dirs (a manifest is all the config layer reads) and a dataset YAML."""
+    for name, task in (("t2i", "t2i"), ("i2t", "i2t")):
+        d = tmp_path / "shards" / name
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"task": task, "num_samples": 1,
+                                                   "shards": [{"name": "shard-000000.tar", "num_samples": 1}]}))
+    ds = {"groups": [{"name": "gen", "shards": "shards/t2i"}, {"name": "und", "shards": ["shards/i2t"]}]}  # one or a list
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(ds))
+    return tmp_path

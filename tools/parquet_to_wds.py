@@ -4,8 +4,9 @@
   python tools/parquet_to_wds.py --input datasets/text2image --output shards/t2i --samples-per-shard 1000 --workers 4
 
 DIR gets shard-*.tar, manifest.json and rejects.jsonl. Re-running the same command resumes: complete shards are kept.
-Exit status: 0 done (rejected rows are listed in rejects.jsonl), 2 refused (bad options or inputs). An input cut
-short while it is being converted (inputs are memory-mapped) kills the process with SIGBUS: a traceback says where;
+Exit status: 0 done (rejected rows are listed in rejects.jsonl), 2 refused (bad options or inputs), 130 / 143
+stopped by Ctrl-C / SIGTERM (the workers are stopped too; re-running the same command resumes). An input cut short
+while it is being converted (inputs are memory-mapped) kills the process with SIGBUS: a traceback says where;
 re-running the same command resumes.
 Memory: a worker holds ~32 MB record batches, and the parquet page it decodes: pages are read whole, so files whose
 writer packed many large media values into one page (pyarrow packs up to 1024 values, its write_batch_size, or a
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import signal
 import sys
+import threading
 
 from lance_ds.config.core import ConfigError
 from lance_ds.data.convert import ConvertError, ConvertOptions, convert
@@ -41,17 +44,43 @@ def parse_args(argv=None) -> ConvertOptions:
                           workers=args.workers, verify=args.verify, progress=not args.no_progress)
 
 
+_stopped_by: list[int] = []  # the signal that stopped the conversion
+
+
+def _stop(signum: int, frame) -> None:
+    """SIGTERM stops as Ctrl-C does: KeyboardInterrupt in the main thread, where convert() stops its workers, drops the
+    shards they were writing and keeps the finished ones. A second SIGTERM is ignored, so that the clean-up is not cut
+    short; a second Ctrl-C stops at once (workers die with their parent; the next run removes what they were
+    writing)."""
+    _stopped_by.append(signum)
+    if len(_stopped_by) == 1 or signum == signal.SIGINT:
+        raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     faulthandler.enable()  # SIGBUS (an input truncated under its memory map) prints a traceback, not just "Bus error"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     options = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # (signal handlers can be set there only)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _stop)
     try:
         summary = convert(options)
     except (ConfigError, ConvertError) as e:
         print(f"parquet_to_wds: {e}", file=sys.stderr)
         return 2
-    for reason, count in summary.reject_reasons.most_common(10):
+    except KeyboardInterrupt:
+        signum = _stopped_by[0] if _stopped_by else signal.SIGINT
+        how = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"parquet_to_wds: stopped by {how}; the shards finished so far are kept: "
+              "re-run the same command to resume", file=sys.stderr)
+        return 128 + signum
+    shown = summary.reject_reasons.most_common(10)
+    for reason, count in shown:
         print(f"  rejected {count} x {reason}", file=sys.stderr)
+    if len(summary.reject_reasons) > len(shown):
+        others = summary.num_rejects - sum(count for _, count in shown)
+        print(f"  rejected {others} more, of {len(summary.reject_reasons) - len(shown)} other kinds", file=sys.stderr)
     if summary.num_rejects:
         print(f"  every rejected row is listed in {options.output}/rejects.jsonl", file=sys.stderr)
     if summary.num_samples == 0:

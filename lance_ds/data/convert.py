@@ -9,16 +9,22 @@ How the work is planned (so that the output never depends on --workers, and a re
      directory, and a dataset group in the loader is one task): convert each task directory into its own DIR.
   2. Row groups, in input order, are gathered into work units of at most 4 shards' worth of rows (or bytes); a row
      group larger than that is a unit of its own. Each unit is cut into the fewest shards of at most the requested
-     size, of equal weight. Shards never span units, so every row group is read exactly once, by one worker, one
-     record batch at a time. Parallelism is over units: a file written as one huge row group is one worker's job.
+     size, of equal weight (--shard-size-mb: a row weighs its parquet bytes and an estimate of its tar overhead,
+     ~1.5-2.5 kB of headers, padding and KEY.json: most of a small image's row). Shards never span units, so every
+     row group is read exactly once, by one worker, one record batch at a time. Parallelism is over units: a file
+     written as one huge row group is one worker's job.
   3. Workers convert whole units, each on three threads: one decodes the next record batch, one converts rows, one
      writes (and CRCs) the tar. A shard is written as `NAME.tar.tmp` and renamed when complete; then its record
      (samples, bytes, crc32, media stats, rejects) lands in `DIR/.convert_state/NAME.json`. A re-run skips every
      shard whose record matches the plan and whose tar still has the recorded size and CRC-32, and redoes the rest.
      (CRC-32 rather than SHA-256: it catches accidental damage and costs about half as much.)
      `--verify none` skips the CRC (on a 2-core machine it costs as much as writing the bytes) and resumes by size.
+     Stopping (Ctrl-C; SIGTERM, which the CLI turns into the same) kills the workers and removes what they were
+     writing; workers also exit when their parent dies (-9), so that none writes into DIR under a re-run.
   4. manifest.json and rejects.jsonl are assembled from the records in plan order (deterministic), each written under
-     a temporary name and renamed. manifest.json exists only after a complete run.
+     a temporary name and renamed. manifest.json exists only after a complete run. A DIR holding a manifest.json,
+     rejects.jsonl or shard-*.tar but no .convert_state/ is not this converter's and is refused; other files in DIR
+     are left alone (only the converter's own temporary files are ever removed).
 
 Shard layout: sample KEY = "{file index:05d}-{file stem, sanitised}-{row:09d}" (only [A-Za-z0-9_-]: no dots, no
 slashes, unique across the inputs) has `KEY.json` and one member per media column, `KEY.{column without _bytes}.{ext}`
@@ -58,6 +64,7 @@ import multiprocessing
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -72,10 +79,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lance_ds.config.core import ConfigError, Problems, doc
+from lance_ds.config.core import ConfigError, Problems, doc, out_dir_problem
 from lance_ds.data import media
 from lance_ds.data.schemas import SCHEMAS, RowProblem, SchemaError, TaskSchema, resolve_task, validate_row
 from lance_ds.data.tar import TarShardWriter, file_crc32
+from lance_ds.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,14 @@ _SHARD_PATTERN = re.compile(r"^shard-\d{6,}\.tar$")  # SHARD_NAME's: 7 digits fr
 _BATCH_BYTES = 32 << 20  # ~bytes of one record batch read from parquet: bounds a worker's memory
 _SHARDS_PER_UNIT = 4  # shards' worth of row groups per work unit: fuller shards when row groups are small
 _STEM_CHARS = 40  # longest file-stem part of a key (keeps member names under USTAR's 100 characters)
+_OUTPUT_FILES = ("manifest.json", "rejects.jsonl")  # besides the shards, what a conversion writes into DIR
+# what a row adds to its shard besides its parquet bytes (weights of --shard-size-mb's plan): per tar member (KEY.json
+# and one per media column) a 512-byte header and on average half a block of padding; KEY.json's fields besides the
+# texts (key, task, source file and row) and, per media column, its metadata. Small media are mostly this: 1 kB PNGs
+# made shards 2.5x the size asked for when it was left out.
+_TAR_MEMBER_BYTES = 512 + 256
+_JSON_FIXED_BYTES = 96
+_JSON_MEDIA_BYTES = 96
 
 
 class ConvertError(ValueError):
@@ -108,7 +124,9 @@ class ConvertOptions:
 
     def check(self, problems: Problems, key: str = "") -> None:
         problems.require(bool(self.inputs), "--input", "give at least one parquet file or directory")
-        problems.require(bool(self.output), "--output", "give the output directory")
+        if problems.require(bool(self.output), "--output", "give the output directory"):
+            if problem := out_dir_problem(self.output, "--output"):  # a file at DIR or above it
+                problems.add("", problem)
         problems.one_of(self.task, ("auto", *SCHEMAS), "--task")
         problems.one_of(self.verify, ("full", "none"), "--verify")
         problems.positive(self.workers, "--workers")
@@ -274,13 +292,24 @@ class WorkUnit:
     shards: tuple[ShardPlan, ...]
 
 
-def _row_weights(sources: list[SourceFile], by_bytes: bool) -> list[tuple[int, int, float]]:
-    """(file, group, weight of one row of that group): 1 per row, or the group's bytes per row."""
+def _row_overhead(source: SourceFile, schema: TaskSchema) -> float:
+    """Estimated bytes a row of `source` takes in a shard beyond its parquet bytes (tar headers and padding, KEY.json's
+    fields besides the texts); within ~25% of the truth for small media, and a small part of a large medium's row."""
+    members = 1 + len(schema.media)
+    json_fields = (_JSON_FIXED_BYTES + len(source.path.encode("utf-8")) + len(source.key_prefix)
+                   + _JSON_MEDIA_BYTES * len(schema.media))
+    return members * _TAR_MEMBER_BYTES + json_fields
+
+
+def _row_weights(sources: list[SourceFile], schema: TaskSchema, by_bytes: bool) -> list[tuple[int, int, float]]:
+    """(file, group, weight of one row of that group): 1 per row, or the row's estimated bytes in a shard (the
+    group's parquet bytes per row and the row's tar overhead)."""
     out = []
     for src in sources:
+        overhead = _row_overhead(src, schema) if by_bytes else 0.0
         for g, rows in enumerate(src.group_rows):
             if rows:
-                out.append((src.index, g, src.group_bytes[g] / rows if by_bytes else 1.0))
+                out.append((src.index, g, src.group_bytes[g] / rows + overhead if by_bytes else 1.0))
     return out
 
 
@@ -288,7 +317,7 @@ def plan_work(sources: list[SourceFile], schema: TaskSchema, options: ConvertOpt
     """Row groups -> work units -> shards. Depends only on the inputs and the shard size, never on --workers."""
     by_bytes = options.samples_per_shard is None
     target = (options.shard_size_mb or DEFAULT_SHARD_SIZE_MB) * 1e6 if by_bytes else float(options.samples_per_shard)
-    groups = _row_weights(sources, by_bytes)
+    groups = _row_weights(sources, schema, by_bytes)
     # gather row groups into units of at most _SHARDS_PER_UNIT shards' weight (a bigger group is a unit of its own)
     unit_groups: list[list[tuple[int, int, float]]] = []
     unit_weight = 0.0
@@ -677,7 +706,12 @@ def _build_shards(unit, schema, sources, output, builders, done, on_progress) ->
 _WORKER: dict = {}
 
 
-def _init_worker(schema_task, sources, output, verify, progress_queue) -> None:
+def _init_worker(schema_task, sources, output, verify, progress_queue, parent: int) -> None:
+    # the parent stops its workers (a Ctrl-C reaches the whole process group, a SIGTERM only the parent): workers
+    # ignore Ctrl-C, and a SIGTERM ends one at once (not the handler the parent may have installed, inherited by fork)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent, interval_s=0.2)
     _WORKER.update(schema=SCHEMAS[schema_task], sources=sources, output=output, verify=verify, queue=progress_queue)
 
 
@@ -715,17 +749,16 @@ class ConvertSummary:
 def _prepare_output(output: Path, planned: set[str], task: str) -> None:
     """Create DIR, drop leftovers of an interrupted run (temp files) and shards of an older, different plan.
 
-    Only a directory this converter made for the same task (it has STATE_DIR) is cleaned; shard files in any other
-    are refused: an --output given by mistake must not lose another conversion.
+    Only a directory this converter made for the same task (it has STATE_DIR) is cleaned; in any other, shard files,
+    manifest.json and rejects.jsonl are refused, and other files are left alone: an --output given by mistake must not
+    lose another conversion, or anyone's files.
     """
-    if output.exists() and not output.is_dir():
-        raise ConvertError(f"--output {output} is a file; give a directory (a new one or a previous output of this "
-                           "tool)")
     if output.is_dir() and not (output / STATE_DIR).is_dir():
-        foreign = sorted(p.name for p in output.iterdir() if _SHARD_PATTERN.match(p.name))
+        foreign = sorted(p.name for p in output.iterdir() if _SHARD_PATTERN.match(p.name) or p.name in _OUTPUT_FILES)
         if foreign:
-            raise ConvertError(f"--output {output} already holds {foreign[0]} (and {len(foreign) - 1} more) that this "
-                               "converter did not make; choose an empty directory or a previous output of this tool")
+            listed = ", ".join(foreign[:3]) + (f" (and {len(foreign) - 3} more)" if len(foreign) > 3 else "")
+            raise ConvertError(f"--output {output} already holds {listed}, which this converter did not make (it has "
+                               f"no {STATE_DIR}/); choose an empty or new directory, or the one this converter wrote")
     earlier = _output_task(output)
     if earlier is not None and earlier != task:
         raise ConvertError(f"--output {output} holds a conversion of {earlier} data and these inputs are {task}; "
@@ -753,8 +786,13 @@ def _output_task(output: Path) -> str | None:
 
 
 def _remove_temp_files(output: Path) -> None:
-    """Drop what a killed process was writing: shards, records and outputs under their temporary names."""
-    for path in list(output.glob("*.tmp")) + list((output / STATE_DIR).glob("*.tmp")):
+    """Drop what a killed process was writing: shards, records and outputs under their temporary names (only the
+    converter's own: other files in DIR are not its to delete)."""
+    for path in output.glob("*.tmp"):
+        name = path.name.removesuffix(".tmp")
+        if _SHARD_PATTERN.match(name) or name in _OUTPUT_FILES:
+            path.unlink(missing_ok=True)
+    for path in (output / STATE_DIR).glob("*.tmp"):  # the state directory is the converter's alone
         path.unlink(missing_ok=True)
 
 
@@ -773,7 +811,7 @@ def _run_units(units, schema, sources, output, options, on_progress) -> list[Uni
     # an executor, not a multiprocessing.Pool: a worker that dies (out of memory, SIGBUS on an input cut short) breaks
     # it, which raises here; a Pool would quietly start another worker and wait forever for the lost unit
     pool = ProcessPoolExecutor(min(options.workers, len(units)), mp_context=context, initializer=_init_worker,
-                               initargs=(schema.task, sources, output, options.verify, progress_queue))
+                               initargs=(schema.task, sources, output, options.verify, progress_queue, os.getpid()))
     try:
         futures = [pool.submit(_worker_convert, unit) for unit in units]
         running = futures
@@ -788,12 +826,25 @@ def _run_units(units, schema, sources, output, options, on_progress) -> list[Uni
         raise ConvertError("a converter worker process died (killed for memory, or an input file changed while "
                            "it was read); the shards finished so far are kept: re-run the same command to resume"
                            ) from None
-    except BaseException:  # an error or Ctrl-C: the running units end (finishing or dropping their shards), no new one
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:  # a worker's error, Ctrl-C, or SIGTERM (the CLI raises KeyboardInterrupt for it)
+        _stop_workers(pool)  # now: a unit can take minutes, and a worker may have more units queued
+        _remove_temp_files(output)  # the shards they were writing (complete ones, with their records, stay)
         raise
     pool.shutdown()
     _drain(progress_queue, on_progress)
     return [future.result() for future in futures]
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's workers and wait for them. A shard becomes complete by a rename followed by its record, each
+    atomic, so a worker killed anywhere leaves at most temporary files, or a tar without a record (made again)."""
+    processes = list((pool._processes or {}).values())  # no public way before Python 3.14's kill_workers()
+    for process in processes:
+        try:
+            process.kill()
+        except (ValueError, OSError):  # already closed, or gone
+            pass
+    pool.shutdown(wait=True, cancel_futures=True)  # the executor finds them dead and cleans up after them
 
 
 def _drain(progress_queue, on_progress) -> None:
@@ -843,7 +894,8 @@ def convert(options: ConvertOptions) -> ConvertSummary:
 
 
 def _reason_kind(reason: str) -> str:
-    """The stable head of a reason (before the first '(' or ':'), for counting rejects by kind."""
+    """The stable head of a reason (before the first '(' or ':'), for counting rejects by kind: reasons put the
+    values they quote (a caption's int, a file's first bytes) after it, so that a kind is not one per value."""
     return re.split(r"[(:]", reason, maxsplit=1)[0].strip()
 
 

@@ -46,8 +46,6 @@ import logging
 import math
 import os
 import random
-import threading
-import time
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -67,6 +65,7 @@ from .batch import PackedBatch, Sample
 from .media import MediaError, decode_image, decode_video, describe, sampled_frame_count
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length, collate
 from .schemas import SCHEMAS, MediaKind
+from ..processes import die_with_parent
 from .sequence import PlanError, SequencePlan, SequencePlanner, unit_hash
 from .tar import RawSample, ShardError, iter_raw_samples
 
@@ -705,27 +704,7 @@ def _keep(item):
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers decode and resize; the trainer's threads stay with the trainer
     ignore_stop_signals()  # the rank stops at a step boundary, with a checkpoint; its workers exit with it
-    _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    """This process exits within a second of the rank that started it. A rank killed with -9 gives its workers no
-    chance to notice: one blocked writing a batch into a pipe a sibling still holds open lived on, orphaned, with its
-    memory (seen: 430 MB each, 18 minutes after the kill); PyTorch checks its parent only between batches.
-
-    A thread that watches the parent, not prctl(PR_SET_PDEATHSIG): that signal comes when the parent *thread* that
-    forked the worker ends, so a loader iterated from a thread that finished lost its workers, killed at any point,
-    even holding a lock the loader's shutdown then waited on forever."""
-    parent = os.getppid()
-    if parent == 1:  # the rank died before this worker started watching
-        os._exit(0)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+    die_with_parent()
 
 
 class TrainLoader:

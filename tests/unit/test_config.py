@@ -15,19 +15,6 @@ REPO = Path(__file__).resolve().parents[2]
 HIDDEN = 64
 
 
-@pytest.fixture
-def dataset_dir(tmp_path):
-    """Two converter-like output dirs (a manifest is all the config layer reads) and a dataset YAML."""
-    for name, task in (("t2i", "t2i"), ("i2t", "i2t")):
-        d = tmp_path / "shards" / name
-        d.mkdir(parents=True)
-        (d / "manifest.json").write_text(json.dumps({"task": task, "num_samples": 1,
-                                                   "shards": [{"name": "shard-000000.tar", "num_samples": 1}]}))
-    ds = {"groups": [{"name": "gen", "shards": "shards/t2i"}, {"name": "und", "shards": ["shards/i2t"]}]}  # one or a list
-    (tmp_path / "data.yaml").write_text(yaml.safe_dump(ds))
-    return tmp_path
-
-
 def load(tmp_path, run: dict, overrides=(), ds_json: dict | None = None, world_size: int = 2):
     """Load a run the way train.py does, returning (run, ds) or raising one ConfigError."""
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))

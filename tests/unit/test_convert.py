@@ -1,5 +1,6 @@
 """Converter: round trip of all six tasks with bad rows mixed in, stock readers, determinism, resumability, refusals."""
 
+import dataclasses
 import errno
 import io
 import json
@@ -10,10 +11,13 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -278,13 +282,15 @@ def test_plan_covers_every_row_once_in_order_within_the_shard_size(seed):
 
 
 def test_plan_by_bytes_balances_shards():
-    source = convert_module.SourceFile(0, "f.parquet", "00000-f", 1, 1, (100, 100), (100 * 1000, 100 * 3000))
-    units = convert_module.plan_work([source], SCHEMAS["t2i"], ConvertOptions(shard_size_mb=0.1))
+    source = convert_module.SourceFile(0, "f.parquet", "00000-f", 1, 1, (100, 100), (0, 0))
+    overhead = convert_module._row_overhead(source, SCHEMAS["t2i"])  # tar headers, padding, KEY.json's fields
+    source = dataclasses.replace(source, group_bytes=(round(100 * (5000 - overhead)), round(100 * (15000 - overhead))))
+    units = convert_module.plan_work([source], SCHEMAS["t2i"], ConvertOptions(shard_size_mb=0.5))
     weights = []
     for plan in (p for u in units for p in u.shards):
         rows = (row for span in plan.spans for row in range(span.start, span.stop))
-        weights.append(sum(1000 if row < 100 else 3000 for row in rows))
-    assert len(weights) == 4 and max(weights) <= 0.1e6 + 3000 and min(weights) >= 0.1e6 - 3000, weights
+        weights.append(sum(5000 if row < 100 else 15000 for row in rows))  # a row's bytes in the shard
+    assert len(weights) == 4 and max(weights) <= 0.5e6 + 15000 and min(weights) >= 0.5e6 - 15000, weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,6 +435,79 @@ def test_a_worker_that_dies_fails_the_run_and_a_rerun_resumes(many_groups, tmp_p
     assert snapshot(out) == snapshot(tmp_path / "fresh")
 
 
+# the converter's command line, each row slowed down (sleeping: the CPUs stay free) so that it can be stopped mid-way
+_SLOW_CLI = """
+import runpy, sys, time
+from lance_ds.data import convert
+add_row = convert.ShardBuilder.add_row
+def slow_add_row(self, *args):
+    time.sleep(0.02)
+    return add_row(self, *args)
+convert.ShardBuilder.add_row = slow_add_row
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _still_running(processes: list, timeout: float) -> list:
+    """Those of `processes` that still run after up to `timeout` seconds (zombies waiting to be reaped do not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for process in processes:
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C", "SIGKILL"])
+def test_a_stopped_or_killed_cli_leaves_no_worker_and_a_rerun_resumes(tmp_path, stop):
+    rows, _, _ = make_rows("i2t")
+    source = write_parquet(tmp_path / "in.parquet", "i2t", rows * 12, row_group_size=3)
+    tool = str(ROOT / "tools" / "parquet_to_wds.py")
+    out = tmp_path / "out"
+    args = ["--input", str(source), "--output", str(out), "--samples-per-shard", "4", "--workers", "2", "--no-progress"]
+    log = tmp_path / "stderr.txt"  # (not a pipe: workers that outlive the converter would hold it open)
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, tool, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=stderr, start_new_session=True)  # its own process group
+    try:
+        parent, deadline = psutil.Process(proc.pid), time.monotonic() + 60
+        while len(parent.children()) < 2 or not list((out / convert_module.STATE_DIR).glob("shard-*.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)  # both workers at work, a shard finished
+        workers = parent.children(recursive=True)
+        if stop == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole group
+        else:
+            proc.send_signal(getattr(signal, stop))  # the parent alone, as `kill` and schedulers do
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    alive = _still_running(workers, timeout=5)
+    for worker in alive:
+        worker.kill()
+    assert not alive, "workers outlived the converter"
+    if stop != "SIGKILL":
+        stderr = log.read_text()
+        assert proc.returncode == {"SIGTERM": 143, "Ctrl-C": 130}[stop], stderr
+        assert f"stopped by {stop}" in stderr and "re-run the same command" in stderr and "Traceback" not in stderr
+    assert not (out / "manifest.json").exists()
+
+    again = subprocess.run([sys.executable, tool, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert re.search(r"\([1-9][0-9]* resumed\)", again.stdout), again.stdout
+    run([source], tmp_path / "fresh", samples_per_shard=4)
+    assert snapshot(out) == snapshot(tmp_path / "fresh")
+
+
 def test_a_shard_whose_rows_are_now_all_rejected_leaves_no_old_tar(tmp_path):
     rows = make_rows("t2i")[0][:4]
     source = write_parquet(tmp_path / "in.parquet", "t2i", rows)
@@ -485,6 +564,25 @@ def test_foreign_shards_in_the_output_are_refused_not_deleted(many_groups, tmp_p
     assert (out / "shard-000000.tar").read_bytes() == b"someone else's"
 
 
+def test_a_directory_the_converter_did_not_write_keeps_its_files(many_groups, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "draft.tmp").write_text("a draft")
+    (out / "notes.txt").write_text("notes")
+    for name in ("manifest.json", "rejects.jsonl"):  # another tool's outputs, or another run's without its state
+        (out / name).write_text("someone else's")
+        before = snapshot(out)
+        with pytest.raises(ConvertError, match=rf"already holds {name}.*did not make.*choose an empty or new"):
+            run([many_groups], out, samples_per_shard=5)
+        assert snapshot(out) == before
+        (out / name).unlink()
+    run([many_groups], out, samples_per_shard=5)  # other files may share the directory: they are left alone
+    (out / "shard-000000.tar.tmp").write_text("left by a killed run")
+    run([many_groups], out, samples_per_shard=5)
+    assert (out / "draft.tmp").read_text() == "a draft" and (out / "notes.txt").read_text() == "notes"
+    assert not (out / "shard-000000.tar.tmp").exists()
+
+
 def test_another_tasks_output_is_refused_not_replaced(many_groups, tmp_path):
     out = tmp_path / "out"
     run([many_groups], out, samples_per_shard=5)  # i2t
@@ -515,6 +613,20 @@ def test_shard_size_mb_bounds_shards(tmp_path):
     sizes = [s["bytes"] for s in read_manifest(out)["shards"]]
     assert summary.num_samples == 40 and len(sizes) >= 4
     assert max(sizes) < 0.1e6 * 1.5, sizes
+
+
+def test_shard_size_mb_counts_the_tar_overhead_of_small_media(tmp_path):
+    images = [pil_bytes("RGB", (16, 16), "PNG", i) for i in range(560)]  # ~850 bytes: a row's tar headers weigh more
+    rows = [{"caption": f"noise {i}", "image_bytes": b} for i, b in enumerate(images)]
+    source = write_parquet(tmp_path / "in.parquet", "t2i", rows, row_group_size=10)
+    out = tmp_path / "out"
+    run([source], out, shard_size_mb=0.1)
+    sizes = {s["name"]: s["bytes"] for s in read_manifest(out)["shards"]}
+    assert len(sizes) >= 10 and max(sizes.values()) <= 1.3 * 0.1e6, sizes
+    schema, sources = convert_module.open_sources([str(source)], "auto")
+    units = convert_module.plan_work(sources, schema, ConvertOptions(shard_size_mb=0.1))
+    filled = [plan.name for unit in units[:-1] for plan in unit.shards]  # the last unit holds the rest: may be small
+    assert len(filled) >= 8 and min(sizes[name] for name in filled) >= 0.7 * 0.1e6, sizes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -559,7 +671,6 @@ def test_unknown_columns_are_refused_naming_them_and_the_schemas(tmp_path):
     (dict(inputs=["data.parquet", "./data.parquet"]), "given twice"),
     (dict(inputs=["notes.parquet"]), "not a readable parquet"),
     (dict(task="i2i"), "are missing"),
-    (dict(output="a_file"), "is a file"),
     (dict(inputs=["odd_names"]), "not valid UTF-8"),
 ])
 def test_bad_inputs_are_refused(tmp_path, monkeypatch, change, message):
@@ -567,7 +678,6 @@ def test_bad_inputs_are_refused(tmp_path, monkeypatch, change, message):
     write_parquet(tmp_path / "data.parquet", "t2i", make_rows("t2i")[0][:2])
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "notes.parquet").write_text("not parquet")
-    (tmp_path / "a_file").write_text("")
     (tmp_path / "odd_names").mkdir()
     os.link(tmp_path / "data.parquet", os.fsencode(tmp_path / "odd_names") + b"/part-\xff.parquet")
     options = dict(inputs=["data.parquet"], output=str(tmp_path / "out"), progress=False)
@@ -584,6 +694,35 @@ def test_bad_options_are_collected():
         assert flag in str(err.value)
     ConvertOptions(inputs=["x"], output="y", shard_size_mb=64).check(problems := Problems())  # an int is a size too
     assert not problems, problems.items
+
+
+def test_an_output_at_or_below_a_file_is_refused_up_front(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    source = write_parquet(tmp_path / "data.parquet", "t2i", make_rows("t2i")[0][:2])
+    for output in ("a_file", "a_file/sub", "a_file/sub/deeper"):
+        with pytest.raises(ConfigError, match="--output: a_file is a file, not a directory; choose another --output"):
+            run([source], output)
+    assert [p.name for p in tmp_path.iterdir() if p.name != "data.parquet"] == ["a_file"]
+    refused = subprocess.run([sys.executable, str(ROOT / "tools" / "parquet_to_wds.py"), "--input", str(source),
+                              "--output", "a_file/sub"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "a_file is a file" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_rejects_are_summarised_by_kind_not_by_value(tmp_path):
+    rows = [{"caption": i, "image_bytes": GOOD_IMAGES[0][0]} for i in range(20)]
+    source = write_parquet(tmp_path / "in.parquet", "t2i", rows, types={"caption": pa.int64()})
+    summary = run([source], tmp_path / "out")
+    assert summary.reject_reasons == Counter({"caption: expected a string, got int": 20})
+    assert [r["reason"] for r in read_rejects(tmp_path / "out")][:2] == ["expected a string, got int: 0",
+                                                                         "expected a string, got int: 1"]
+    tool = str(ROOT / "tools" / "parquet_to_wds.py")
+    done = subprocess.run([sys.executable, tool, "--input", str(source), "--output", str(tmp_path / "cli"),
+                           "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("  ")] == [
+        "  rejected 20 x caption: expected a string, got int",
+        f"  every rejected row is listed in {tmp_path / 'cli'}/rejects.jsonl"]
 
 
 def test_cli_summary_and_refusal(tmp_path):

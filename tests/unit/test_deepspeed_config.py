@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from test_config import GOOD, HIDDEN, REPO, dataset_dir, load  # noqa: F401 (dataset_dir is a fixture)
+from test_config import GOOD, HIDDEN, REPO, load
 
 from lance_ds.config import ConfigError, Problems, resolve_ds_config
 from lance_ds.config.deepspeed import DS_TOP_LEVEL_KEYS

@@ -832,10 +832,10 @@ def test_a_data_worker_dies_with_its_rank(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(
         "import os, sys, time\n"
-        "from lance_ds.data.stream import _die_with_parent\n"
+        "from lance_ds.processes import die_with_parent\n"
         "child = os.fork()\n"
         "if child == 0:\n"
-        "    _die_with_parent()\n"
+        "    die_with_parent()\n"
         "    time.sleep(60)\n"
         "    os._exit(0)\n"
         "print(child, flush=True)\n"
