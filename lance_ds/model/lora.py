@@ -65,9 +65,26 @@ def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = 
     with context:
         has_vit = any(name.startswith(LANCE_VIT_PREFIX) for name, _ in model.named_modules())
         inject_adapter_in_model(peft_config(settings, targets, NOT_IN_VIT if has_vit else None), model)
+    if ds_config is not None:
+        _init_partitioned_adapters(model)
     for name, p in model.named_parameters():
         p.requires_grad_(is_lora_param(name) or name in trainable_vit)
     return model
+
+
+def _init_partitioned_adapters(model: nn.Module) -> None:
+    """peft initialises an adapter (lora_B = 0, so the model starts as it was) on tensors that zero.Init has already
+    partitioned into empty placeholders: a no-op, which left lora_B at nn.Linear's random init and the model off its
+    weights by (alpha / r) B A before the first step. Done again on the gathered tensors (rank 0's, broadcast)."""
+    from peft.tuners.lora import LoraLayer
+
+    from .build import gathered
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                with gathered([module.lora_A[adapter].weight, module.lora_B[adapter].weight]):
+                    module.reset_lora_parameters(adapter, True)
 
 
 def is_lora_param(name: str) -> bool:

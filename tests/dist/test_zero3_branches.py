@@ -44,7 +44,9 @@ def test_zero3_und_only_and_gen_only_ranks(tmp_path):
     assert all(und["full"]["changed"].values()) and und["full"]["changed"] == gen["full"]["changed"]
     # KV-cache decoding through the engine, ranks stopping at different lengths but stepping together
     assert len(und["full"]["decoded"]) == 1 and len(gen["full"]["decoded"]) == 4
-    # LoRA under ZeRO-3: adapters of both experts move, the heads do not
+    # LoRA under ZeRO-3: lora_B starts at zero (peft zeroed zero.Init's empty placeholders: it kept a random init,
+    # the model started off its weights), then adapters of both experts move, the heads do not
+    assert len(und["lora"]["zero_at_start"]) == 2, und["lora"]["zero_at_start"]
     changed = und["lora"]["changed"]
     assert [v for k, v in changed.items() if "lora_B" in k] == [True, True]
     assert not changed["llm2vae.weight"] and not changed["language_model.lm_head.weight"]

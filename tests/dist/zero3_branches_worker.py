@@ -111,6 +111,7 @@ def train(mode: str, steps: int, rank: int) -> dict:
     after = snapshot()
     decoded = decode_answers(engine, bundle, rank) if mode == "full" else None
     return {"records": records, "decoded": decoded, "changed": {n: bool((after[n] - before[n]).abs().max() > 0) for n in watched},
+            "zero_at_start": [n for n in watched if "lora_B" in n and not before[n].abs().max() > 0],
             "trainable": sorted(n for n, p in params.items() if p.requires_grad)[:3],
             "finite": all(math.isfinite(r["train/loss"]) for r in records)}
 
