@@ -143,4 +143,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                            lr_scheduler=schedule)
+    from .model.vision import fp32_rope
+
+    fp32_rope(engine.module)  # (a trainable ViT's RoPE buffers, cast to bf16 with the model below ZeRO-3)
     return engine

@@ -71,10 +71,11 @@ def prepare_flow(clean: Tensor, batch: PackedBatch, objective: ObjectiveConfig,
     if block_timesteps is None:
         block_timesteps = sample_timesteps(num_blocks, objective.timestep_shift, objective.timestep_mean,
                                            objective.timestep_std, generator, clean.device)
-    block_timesteps = torch.where(is_target, block_timesteps.to(clean.device), torch.zeros_like(block_timesteps))
+    block_timesteps = block_timesteps.to(clean.device)  # (given ones may live elsewhere, e.g. on the CPU)
+    block_timesteps = torch.where(is_target, block_timesteps, torch.zeros_like(block_timesteps))
     t = block_timesteps[blocks]
     x0 = clean.float()
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device) if noise is None else noise.float()
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device) if noise is None else noise.to(x0.device).float()
     noisy = (1 - t[:, None]) * x0 + t[:, None] * eps
     return FlowInputs(noisy=noisy, timesteps=t, target=eps - x0, weights=latent_weights(batch, objective, clean.device))
 

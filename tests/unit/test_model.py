@@ -297,3 +297,18 @@ def test_trainable_vit_runs_on_batches_without_vit_blocks():
     (pred.logits.logsumexp(-1).sum() + pred.velocity.sum()).backward()
     grad = bundle.model.vit_model.patch_embed.proj.weight.grad
     assert grad is not None and grad.abs().sum() == 0  # ran (ZeRO-3 sees it), contributed nothing
+
+
+def test_a_bf16_vit_keeps_its_rope_frequencies_in_fp32():
+    """They are buffers no checkpoint restores: cast to bf16 with the tower they were off by up to 0.35%."""
+    from lance_ds.model.registry import SIZES
+    from lance_ds.model.vision import build_vision_tower, fp32_rope
+
+    tower = build_vision_tower(SIZES["debug"].vit, torch.bfloat16)
+    rope = tower.rotary_pos_emb
+    exact = rope.compute_axial_rope_parameters(rope.config)[0]
+    assert rope.inv_freq.dtype == torch.float32 and torch.equal(rope.inv_freq, exact)
+    assert next(tower.parameters()).dtype == torch.bfloat16
+    assert not torch.equal(exact.bfloat16().float(), exact)  # (what a cast alone leaves)
+    fp32_rope(tower.bfloat16())  # an engine casting a model that holds a trainable ViT
+    assert torch.equal(tower.rotary_pos_emb.inv_freq, exact)
