@@ -217,9 +217,11 @@ def recipe_values(cfg: RunConfig, world_size: int, hidden_size: int, on_gpu: boo
     return {
         # torch's AdamW on every device: DeepSpeed's FusedAdam is compiled on first use, which needs nvcc and a
         # DeepSpeed that parses the machine's CUDA arch list (on an H200 with torch 2.11 it failed on "9.0a"); a
-        # JSON with "torch_adam": false still gets it. DeepSpeedCPUAdam (optimizer offload) is built for GPU hosts.
+        # JSON with "torch_adam": false still gets it. With the optimizer offloaded (zero3_offload.json) torch's AdamW
+        # then steps on the CPU too: DeepSpeed checks torch_adam before offload. "torch_adam": false there selects
+        # DeepSpeedCPUAdam (faster; compiled with the host's C++ compiler on first use; untested here, no GPU).
         "optimizer.params.torch_adam": (True, "lance_ds (torch's AdamW: nothing to compile)"),
-        "zero_force_ds_cpu_optimizer": (on_gpu, "the device (DeepSpeedCPUAdam is built for GPU hosts)"),
+        "zero_force_ds_cpu_optimizer": (on_gpu, "the device (it matters only for an optimizer passed in by code)"),
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
         "train_batch_size": (t.micro_batch_size * t.grad_accum * world_size,
