@@ -33,15 +33,33 @@ def subset(example_data, tmp_path, tasks) -> str:
 TRAIN_ONE_STEP = ("train.max_steps=1", "validation.every=0", "data.packing_length=512", "log.progress_bar=false")
 
 
-def run_script(name: str, tmp_path, timeout: float = 180, args=TRAIN_ONE_STEP, cwd=REPO,
+def run_script(name: str, tmp_path, timeout: float = 180, args=TRAIN_ONE_STEP, cwd=REPO, repo=REPO,
                **knobs: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CONFIG_FILE": str(REPO / "configs/debug.yaml"),
            "OUTPUT_ROOT": str(tmp_path), "RUN_NAME": "run", "NUM_GPUS": "1", "MASTER_PORT": str(free_port()), **knobs}
-    return subprocess.run(["bash", str(REPO / "scripts" / name), *args],
+    return subprocess.run(["bash", str(repo / "scripts" / name), *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def config_seen(name: str, tmp_path, args=(), cwd=REPO, **knobs: str) -> dict:
+def repo_with_shards(root) -> object:
+    """A copy of the repository's scripts and configs (lance_ds and ds_configs linked) whose shards/ holds a manifest
+    for every task: the shipped configs' dataset YAMLs name ../../shards/TASKDIR, which a clean clone lacks."""
+    import shutil
+
+    repo = root / "repo"
+    for name in ("scripts", "configs"):
+        shutil.copytree(REPO / name, repo / name)
+    for name in ("lance_ds", "ds_configs"):
+        (repo / name).symlink_to(REPO / name)
+    for task, directory in (("t2i", "text2image"), ("t2v", "text2video"), ("i2i", "image2image"),
+                            ("v2v", "video2video"), ("i2t", "image2text"), ("v2t", "video2text")):
+        (repo / "shards" / directory).mkdir(parents=True)
+        (repo / "shards" / directory / "manifest.json").write_text(json.dumps(
+            {"task": task, "num_samples": 1, "shards": [{"name": "shard-000000.tar", "num_samples": 1}]}))
+    return repo
+
+
+def config_seen(name: str, tmp_path, args=(), cwd=REPO, repo=REPO, **knobs: str) -> dict:
     """The run config lance_ds resolves from what the script launches: a stub `deepspeed` on PATH runs the same
     lance_ds/train.py command line with --print_config instead of starting ranks."""
     fake = tmp_path / "bin"
@@ -51,7 +69,8 @@ def config_seen(name: str, tmp_path, args=(), cwd=REPO, **knobs: str) -> dict:
         "#!/bin/sh\nwhile case \"$1\" in */lance_ds/train.py) false;; *) true;; esac; do shift; done\n"
         f"train=$1; shift; exec {sys.executable} \"$train\" --print_config \"$@\" > '{printed}'\n")
     (fake / "deepspeed").chmod(0o755)
-    proc = run_script(name, tmp_path, timeout=60, args=args, cwd=cwd, PATH=f"{fake}:{os.environ['PATH']}", **knobs)
+    proc = run_script(name, tmp_path, timeout=60, args=args, cwd=cwd, repo=repo, PATH=f"{fake}:{os.environ['PATH']}",
+                      **knobs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = printed.read_text()  # DeepSpeed's accelerator notice, the run config (output_dir first), the DeepSpeed JSON
     return yaml.safe_load(text[text.index("output_dir:"):text.index("\n{")])
@@ -74,17 +93,19 @@ def test_script_trains_the_debug_config(script, example_data, tmp_path):
 def test_knobs_not_set_leave_the_config_files_values(script, tmp_path):
     """A knob the user did not set passes nothing: CONFIG_FILE's own switches and dataset YAML apply (configs/tasks/
     i2t.yaml: model.visual_gen false, datasets/i2t.yaml), and each script's default config still gives its mixture."""
-    config = config_seen(script, tmp_path, CONFIG_FILE="configs/tasks/i2t.yaml")
+    repo = repo_with_shards(tmp_path)
+    task_config = str(repo / "configs/tasks/i2t.yaml")
+    config = config_seen(script, tmp_path, repo=repo, CONFIG_FILE=task_config)
     assert config["model"]["visual_gen"] is False and config["model"]["visual_und"] is True
-    assert os.path.realpath(config["dataset_config"]) == str(REPO / "configs/datasets/i2t.yaml")
+    assert os.path.realpath(config["dataset_config"]) == str(repo / "configs/datasets/i2t.yaml")
     assert config["checkpoint"]["debug_step"] == 10 and config["data"]["num_workers"] == 4  # base.yaml's
     debug_size = ("model.size=debug",)  # generation at size 3b needs a model.vae_path
-    config = config_seen(script, tmp_path, debug_size, CONFIG_FILE="configs/tasks/i2t.yaml", VISUAL_GEN="true")
+    config = config_seen(script, tmp_path, debug_size, repo=repo, CONFIG_FILE=task_config, VISUAL_GEN="true")
     assert config["model"]["visual_gen"] is True  # a knob that is set wins over the YAML
     mixture = {"sft_lance_unified.sh": "unified", "sft_lance_generation.sh": "multi_gen",
                "sft_lance_understand.sh": "multi_und"}[script]
-    config = config_seen(script, tmp_path, debug_size, CONFIG_FILE="")  # the script's default config
-    assert os.path.realpath(config["dataset_config"]) == str(REPO / f"configs/datasets/{mixture}.yaml")
+    config = config_seen(script, tmp_path, debug_size, repo=repo, CONFIG_FILE="")  # the script's default config
+    assert os.path.realpath(config["dataset_config"]) == str(repo / f"configs/datasets/{mixture}.yaml")
     assert config["model"]["visual_gen"] == (mixture != "multi_und") and config["model"]["visual_und"] is True
 
 
