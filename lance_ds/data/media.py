@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # torch is imported inside the decoders only: the converter a
     import torch  # and importing it costs ~2 s per process
 
 # A frame may sit this far (seconds) before its sampling target and still count as on time: timestamps are
-# rational numbers turned into floats, so 1/12 s can come out a hair early.
+# rational numbers turned into floats, so 1/12 s can come out a hair early (see also `_on_time_tolerance`).
 _TIME_EPS = 1e-6
 
 # Decoder threads pay off from about this many pixels per frame; below, starting them costs more than they save
@@ -365,14 +365,25 @@ def _open_container(data: bytes) -> tuple[av.container.InputContainer, av.video.
         container = av.open(io.BytesIO(data), mode="r", metadata_errors="replace")
     except av.FFmpegError as e:
         raise MediaError(f"not a readable video container ({len(data)} bytes, starts {bytes(data[:12])!r}): {e}") from None
-    if not container.streams.video:
+    try:
+        stream = _main_video_stream(container)
+    except MediaError:
         container.close()
-        raise MediaError(f"container ({container.format.name}) has no video stream")
-    stream = container.streams.video[0]
+        raise
     if stream.codec_context is None:  # a damaged header: FFmpeg found a stream but nothing to decode it with
         container.close()
         raise MediaError(f"the video stream in the {container.format.name} container has no decodable codec")
     return container, stream
+
+
+def _main_video_stream(container) -> av.video.stream.VideoStream:
+    """The video stream a player shows, as FFmpeg picks it: the largest, not a cover picture (an audio file's
+    album art is an attached_pic "video" stream of one frame)."""
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
+        what = "only a cover picture (attached_pic), no" if container.streams.video else "no"
+        raise MediaError(f"container ({container.format.name}) has {what} video stream")
+    return max(streams, key=lambda s: (s.codec_context.width * s.codec_context.height) if s.codec_context else 0)
 
 
 def _frame_time(frame: av.VideoFrame, index: int, rate: float) -> float:
@@ -393,16 +404,18 @@ class FrameSampler:
     sample_fps: keep one frame per 1 / sample_fps seconds (the first frame at or after each target time); None keeps
         every frame. A video slower than sample_fps keeps all its frames (no repeats).
     max_duration: stop at this many seconds after the first frame. max_frames: stop after this many frames kept.
+    tolerance: how early (seconds) a frame may be and still count as at its target (timestamps are rounded).
     Times are measured from the first frame offered, so a stream whose timestamps start above zero works too.
     """
 
     def __init__(self, sample_fps: float | None = None, max_frames: int | None = None,
-                 max_duration: float | None = None):
+                 max_duration: float | None = None, tolerance: float = _TIME_EPS):
         if sample_fps is not None and not sample_fps > 0:
             raise ValueError(f"sample_fps must be > 0 or None, got {sample_fps}")
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
         self.sample_fps, self.max_frames, self.max_duration = sample_fps, max_frames, max_duration
+        self.tolerance = tolerance
         self.kept = 0
         self._start: float | None = None
         self._next_target = 0.0  # seconds after the first frame of the next frame to keep
@@ -413,12 +426,12 @@ class FrameSampler:
         elapsed = t - self._start
         if self.max_duration is not None and elapsed >= self.max_duration and self.kept:
             return None
-        if self.sample_fps is not None and elapsed < self._next_target - _TIME_EPS:
+        if self.sample_fps is not None and elapsed < self._next_target - self.tolerance:
             return False
         self.kept += 1
         if self.sample_fps is not None:
             # the first target strictly after this frame (sources slower than sample_fps skip targets)
-            self._next_target = (math.floor((elapsed + _TIME_EPS) * self.sample_fps) + 1) / self.sample_fps
+            self._next_target = (math.floor((elapsed + self.tolerance) * self.sample_fps) + 1) / self.sample_fps
         return True
 
     @property
@@ -427,10 +440,17 @@ class FrameSampler:
         return self.max_frames is not None and self.kept >= self.max_frames
 
 
+def _on_time_tolerance(fps: float) -> float:
+    """How early a frame of an `fps` stream may be and still be at its sampling target: a quarter of a frame interval.
+    Timestamps are rounded to the container's resolution: Matroska / WebM store milliseconds, so a 24 fps frame due
+    at 83.33 ms says 83 (passed over, the clip sampled 0, 3, 4, 6, 9, 10 ... instead of 0, 2, 4, 6, 8, 10)."""
+    return max(_TIME_EPS, 0.25 / fps) if fps > 0 else _TIME_EPS
+
+
 def sampled_frame_count(num_frames: int, fps: float, sample_fps: float | None = None, max_frames: int | None = None,
                         max_duration: float | None = None) -> int:
     """The frames decode_video keeps of a constant-rate clip of `num_frames` frames at `fps`, without decoding it."""
-    sampler = FrameSampler(sample_fps, max_frames, max_duration)
+    sampler = FrameSampler(sample_fps, max_frames, max_duration, tolerance=_on_time_tolerance(fps))
     for index in range(num_frames):
         keep = sampler.offer(index / fps)
         if keep is None or sampler.full:
@@ -445,18 +465,24 @@ def decode_video(
     max_duration: float | None = None,
 ) -> torch.Tensor:
     """Encoded video bytes -> uint8 [T, H, W, 3] RGB, T >= 1, the frames a FrameSampler with these options keeps
-    (timed by the container's timestamps)."""
-    sampler = FrameSampler(sample_fps, max_frames, max_duration)
+    (timed by the container's timestamps). A packet the decoder refuses is passed over, as players do: one damaged
+    frame costs that frame (and those that depend on it), not the rest of the clip."""
     container, stream = _open_container(data)
     if stream.codec_context.width * stream.codec_context.height >= _THREADED_PIXELS:
         stream.thread_type = "AUTO"  # frame + slice threads: ~1.25x on 256 x 256 clips (2 cores)
     rate = _stream_rate(stream) or 25.0
+    sampler = FrameSampler(sample_fps, max_frames, max_duration, tolerance=_on_time_tolerance(rate))
     kept: list[np.ndarray] = []
     size: tuple[int, int] | None = None
     turns = 0  # counter-clockwise quarter turns that show the frames upright
+    error, index = None, 0
     try:
-        for index, frame in enumerate(container.decode(stream)):
+        for frame in _decoded_frames(container, stream):
+            if isinstance(frame, av.FFmpegError):
+                error = frame
+                continue
             keep = sampler.offer(_frame_time(frame, index, rate))
+            index += 1
             if keep is None:
                 break
             if not keep:
@@ -468,20 +494,29 @@ def decode_video(
             kept.append(frame.to_ndarray(format="rgb24"))
             if sampler.full:
                 break
-    except av.FFmpegError as e:
-        if not kept:
-            raise MediaError(f"video stream ({stream.codec_context.name}) could not be decoded: {e}") from None
-        # a damaged tail: keep the frames read so far (probe_video rejects such files at conversion time)
+    except av.FFmpegError as e:  # the demuxer's: a damaged container; keep the frames read so far (probe_video
+        error = e  # rejects such files at conversion time)
     finally:
         container.close()
     if not kept:
-        raise MediaError(f"video stream ({stream.codec_context.name}) holds no decodable frame")
+        reason = f"could not be decoded: {error}" if error is not None else "holds no decodable frame"
+        raise MediaError(f"video stream ({stream.codec_context.name}) {reason}")
     import torch
 
     frames = np.stack(kept)
     if turns:  # as a player shows it (a phone's portrait clip is stored landscape, with a display rotation)
         frames = np.ascontiguousarray(np.rot90(frames, k=turns, axes=(1, 2)))
     return torch.from_numpy(frames)
+
+
+def _decoded_frames(container, stream) -> Iterator[av.VideoFrame | av.FFmpegError]:
+    """The stream's frames in presentation order, and in their place the error of each packet the decoder refused
+    (container.decode would stop at the first)."""
+    for packet in container.demux(stream):  # its last packet is empty: it flushes the frames the decoder holds
+        try:
+            yield from packet.decode()
+        except av.FFmpegError as e:
+            yield e
 
 
 def probe_video(data: bytes) -> VideoInfo:
@@ -495,6 +530,7 @@ def probe_video(data: bytes) -> VideoInfo:
     try:
         declared, rate, duration = stream.frames, _stream_rate(stream), _stream_duration(container, stream)
         end = None if stream.duration is None else (stream.start_time or 0) + stream.duration  # in stream time
+        length = _declared_length(container, stream)
         first, packets = _first_frame_and_packets(container, stream)
     except av.FFmpegError as e:
         raise MediaError(f"video is damaged ({codec}): {e}") from None
@@ -508,6 +544,11 @@ def probe_video(data: bytes) -> VideoInfo:
                                                       and packets.end >= end):
         raise MediaError(f"video is truncated: the container declares {declared} frames but only {packets.count} "
                          "are present")
+    if not declared and length and packets.seconds is not None and rate:  # Matroska / WebM declare no frame count
+        # but a duration; short by more than two frames and 5% of it: cut short (timestamps are rounded)
+        if length - packets.seconds > max(2 / rate, 0.05 * length):
+            raise MediaError(f"video is truncated: its frames end at {packets.seconds:.3f} s but the container "
+                             f"declares {length:.3f} s")
     num_frames = min(declared, packets.shown) if declared else packets.shown  # what decoding gives
     if not rate and duration:
         rate = num_frames / duration
@@ -523,18 +564,28 @@ class _Packets:
 
     count: int = 0  # all of them
     shown: int = 0  # those not flagged discard (before an edit list's start): the frames decoding gives
-    end: int | None = None  # the latest pts + duration, in the stream's time base (None: no timestamps)
+    start: int | None = None  # the earliest pts, in the stream's time base (None: no timestamps)
+    end: int | None = None  # the latest pts + duration, in the stream's time base
+    time_base: Fraction | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        """The time the packets span, first frame to the end of the last."""
+        if self.end is None or not self.time_base:
+            return None
+        return float((self.end - self.start) * self.time_base)
 
 
 def _first_frame_and_packets(container, stream) -> tuple[av.VideoFrame | None, _Packets]:
     """Decode only the first frame; walk the data packets of the whole stream."""
-    first, packets = None, _Packets()
+    first, packets = None, _Packets(time_base=stream.time_base)
     for packet in container.demux(stream):
         if packet.size == 0:
             continue  # the demuxer's end-of-stream flush packet
         packets.count += 1
         packets.shown += not packet.is_discard
         if packet.pts is not None:
+            packets.start = min(packets.start, packet.pts) if packets.start is not None else packet.pts
             packets.end = max(packets.end or 0, packet.pts + (packet.duration or 0))
         if first is None:
             decoded = packet.decode()
@@ -614,6 +665,19 @@ def _child_boxes(view: memoryview, start: int, end: int, kind: bytes) -> Iterato
 
 def _child_box(view: memoryview, start: int, end: int, kind: bytes) -> tuple[int, int] | None:
     return next(_child_boxes(view, start, end, kind), None)
+
+
+def _declared_length(container, stream) -> float | None:
+    """Seconds the video stream says it lasts, where it says so: its own duration (Matroska keeps it in a DURATION
+    tag, "HH:MM:SS.nnnnnnnnn"), or the container's when the video is its only stream (else audio may outlast it)."""
+    if stream.duration is not None and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d*)?)", str(stream.metadata.get("DURATION", "")).strip())
+    if tag:
+        return int(tag[1]) * 3600 + int(tag[2]) * 60 + float(tag[3])
+    if container.duration is not None and len(container.streams) == 1:
+        return container.duration / av.time_base
+    return None
 
 
 def _stream_duration(container, stream) -> float:

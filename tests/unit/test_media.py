@@ -3,6 +3,7 @@
 import base64
 import io
 import struct
+from fractions import Fraction
 import zlib
 
 import av
@@ -303,6 +304,107 @@ def test_probe_catches_truncated_payload_when_index_comes_first(tmp_path):
     for cut in (len(data) * 2 // 3, last_frame):  # a third lost; only the last frame lost
         with pytest.raises(MediaError, match="truncated"):
             probe_video(data[:cut])
+
+
+def mux(frames: np.ndarray, fps: int, fmt: str, codec: str = "mpeg4", pix_fmt: str = "yuv420p",
+        extra=None) -> bytes:
+    """Encode frames into a container of format `fmt`; extra(container) may add streams before the first frame."""
+    out = io.BytesIO()
+    with av.open(out, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        if extra is not None:
+            extra(container)
+        for rgb in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+def test_millisecond_timestamps_sample_evenly():
+    """Matroska / WebM store milliseconds: a 24 fps frame due at 83.33 ms says 83. It is on time for its target,
+    not passed over for the next one (which sampled 0, 3, 4, 6, 9, 10 ... of 0, 2, 4, 6, 8, 10)."""
+    data = mux(counter_video(12), 24, "matroska")
+    with av.open(io.BytesIO(data)) as container:
+        assert container.streams.video[0].time_base == Fraction(1, 1000)
+    assert frame_ids(decode_video(data, sample_fps=12)) == [0, 2, 4, 6, 8, 10]
+    assert frame_ids(decode_video(data, sample_fps=8)) == [0, 3, 6, 9]
+    info = probe_video(data)
+    assert sampled_frame_count(info.num_frames, info.fps, sample_fps=12) == 6
+
+
+def test_a_packet_the_decoder_refuses_costs_that_frame_only():
+    """A damaged frame in the middle: the clip's other frames decode (decoding stopped there, and the clip trained as
+    its first 3 frames, planned as 12)."""
+    clip = mux(counter_video(12), 12, "avi", codec="mjpeg", pix_fmt="yuvj420p")
+    with av.open(io.BytesIO(clip)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+
+    def damaged(indices) -> bytes:
+        data = bytearray(clip)
+        for position, size in (packets[i] for i in indices):
+            data[position:position + size] = np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes()
+        return bytes(data)
+
+    assert frame_ids(decode_video(damaged([3]))) == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert frame_ids(decode_video(damaged([3]), sample_fps=6)) == [0, 2, 4, 6, 8, 10]
+    with pytest.raises(MediaError, match="could not be decoded"):  # nothing decodable at all: still refused
+        decode_video(damaged(range(12)))
+
+
+@pytest.mark.parametrize("fmt", ["matroska", "webm"])
+def test_probe_catches_a_matroska_file_cut_short(fmt):
+    """Matroska declares no frame count, but a duration: frames ending well before it are a file cut short."""
+    frames = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)  # noise: large frames
+    data = mux(frames, 12, fmt, codec="libvpx-vp9" if fmt == "webm" else "mpeg4")
+    assert (probe_video(data).num_frames, probe_video(data).duration) == (24, pytest.approx(2.0))
+    with pytest.raises(MediaError, match=r"truncated: its frames end at .* but the container declares 2\.000 s"):
+        probe_video(data[:len(data) * 6 // 10])
+
+
+def test_cover_art_is_not_a_video_and_the_largest_stream_is():
+    """An audio file's album art is a one-frame attached_pic "video" stream: refused, not trained as a 1-frame clip.
+    With two real video streams, the largest is the video (as FFmpeg picks it), in probe, peek and decode alike."""
+    def cover(container):
+        art = container.add_stream("mjpeg", rate=1)
+        art.width, art.height, art.pix_fmt = 16, 16, "yuvj420p"
+        art.disposition = av.stream.Disposition.attached_pic
+
+    with_cover = mux(counter_video(6, 32, 24), 12, "mp4", extra=cover)
+    assert decode_video(with_cover).shape == (6, 24, 32, 3)
+
+    out = io.BytesIO()  # album art alone
+    with av.open(out, "w", format="mp4") as container:
+        art = container.add_stream("mjpeg", rate=1)
+        art.width, art.height, art.pix_fmt = 16, 16, "yuvj420p"
+        art.disposition = av.stream.Disposition.attached_pic
+        for packet in art.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
+            container.mux(packet)
+        for packet in art.encode():
+            container.mux(packet)
+    for read in (decode_video, probe_video, peek_video):
+        with pytest.raises(MediaError, match="only a cover picture"):
+            read(out.getvalue())
+
+    out = io.BytesIO()  # two video streams, the smaller first
+    with av.open(out, "w", format="matroska") as container:
+        streams = [container.add_stream("mpeg4", rate=12) for _ in range(2)]
+        for stream, (w, h) in zip(streams, [(16, 8), (32, 24)]):
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for rgb in counter_video(4, 32, 24):
+            for stream in streams:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:stream.height, :stream.width]), "rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for stream in streams:
+            for packet in stream.encode():
+                container.mux(packet)
+    data = out.getvalue()
+    assert decode_video(data).shape == (4, 24, 32, 3)
+    for read in (probe_video, peek_video):
+        assert (read(data).width, read(data).height) == (32, 24)
 
 
 def _clip_with_display_rotation(degrees: int | None, fmt: str) -> bytes:
