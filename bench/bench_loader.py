@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from lance_ds.config.data import TASKS, DataConfig, DatasetConfig, GroupConfig, ImageOptions  # noqa: E402
+from lance_ds.config.data import TASKS, VIDEO_TASKS, DataConfig, DatasetConfig, GroupConfig, ImageOptions  # noqa: E402
 from lance_ds.data.convert import ConvertOptions, convert  # noqa: E402
 from lance_ds.data.example import ExampleConfig, write_example_dataset  # noqa: E402
 from lance_ds.data.packing import Branches, TokenBudgetPacker  # noqa: E402
@@ -36,8 +36,7 @@ from lance_ds.data.sequence import SequencePlanner, VisionGeometry  # noqa: E402
 from lance_ds.data.stream import SlotStream, StreamSpec, build_train_loader, resolve_group  # noqa: E402
 from lance_ds.data.tokenizer import load_tokenizer  # noqa: E402
 
-IMAGE_TASKS = ("t2i", "i2i", "i2t")
-VIDEO_TASKS = ("t2v", "v2v", "v2t")
+IMAGE_TASKS = tuple(t for t in TASKS if t not in VIDEO_TASKS)
 
 
 def make_shards(root: Path, num_per_task: int, size: int) -> dict[str, Path]:

@@ -30,8 +30,7 @@ from bench_trainer import REPO, example_dataset, free_port, machine_line, work_d
 SETUPS = (("1 rank x 1 thread", 1, 1), ("2 ranks x 1 thread", 2, 1), ("1 rank x 2 threads", 1, 2))
 
 
-def launch(num_ranks: int, threads: int, dataset: str, out: Path, steps: int, log_every: int,
-           size: str) -> list[str]:
+def launch(num_ranks: int, dataset: str, out: Path, steps: int, log_every: int, size: str) -> list[str]:
     """The training command of one set-up (what the BENCHMARKS.md line quotes)."""
     return ["deepspeed", "--num_gpus", str(num_ranks), "--master_port", str(free_port()), "lance_ds/train.py",
             "--config", "configs/debug.yaml", "--dataset_config", dataset, "--output_dir", str(out), "--resume", "none",
@@ -41,7 +40,7 @@ def launch(num_ranks: int, threads: int, dataset: str, out: Path, steps: int, lo
 
 def run_one(num_ranks: int, threads: int, dataset: str, out: Path, steps: int, log_every: int, size: str) -> dict:
     """Train once; returns tokens/s and steps/s medians over the log windows after the first."""
-    cmd = launch(num_ranks, threads, dataset, out, steps, log_every, size)
+    cmd = launch(num_ranks, dataset, out, steps, log_every, size)
     log = out.with_suffix(".log")
     start = time.perf_counter()
     with open(log, "w") as f:

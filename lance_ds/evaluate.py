@@ -170,7 +170,8 @@ def judged_pixels(sample: Sample, output: Tensor) -> tuple[Tensor | None, Tensor
 
 
 def judge_output(sample: Sample, output: Tensor):
-    """(verdict on the output, verdict on the held-out target or None, source pixels) of one generated sample."""
+    """(verdict on the output, verdict on the held-out target or None, source pixels or None, target pixels or None)
+    of one generated sample."""
     source, target = judged_pixels(sample, output)
     caption = sample.texts["caption"]
     verdict = judge_generation(sample.task, caption, output, source)
@@ -392,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     from .config.core import Problems
     from .config.run import load_dataset
     from .export import ExportError
-    from .generate import Generator, GenerateError, output_problem
+    from .config.core import output_problem
+    from .generate import Generator, GenerateError
     from .metrics import TensorBoard
 
     args = parse_args(argv)

@@ -48,7 +48,7 @@ import yaml
 from torch import Tensor
 
 from .checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, Checkpointer, rank_dir, step_name
-from .config.core import Problems, from_dict, load_yaml, out_dir_problem, to_dict
+from .config.core import Problems, from_dict, load_yaml, output_problem, to_dict
 from .config.model import LoraConfig, ModelConfig, ObjectiveConfig
 from .config.run import RunConfig
 from .model.weights import save_safetensors
@@ -369,6 +369,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     """Write EXPORT_DIR (see the module doc) for a training checkpoint; returns it. Written under a temporary name
     and renamed, so an interrupted export leaves no half-written directory behind."""
     from .model.build import DTYPES
+    from .model.lora import save_adapters
 
     out = Path(out).resolve() if Path(out).is_symlink() else Path(out)  # a link: the export goes where it points
     if dtype not in ("fp32", "bf16", "fp16"):
@@ -407,7 +408,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
 def _check_out(out: Path, checkpoint: Path, overwrite: bool) -> None:
     """--out must be a new or empty directory, or (with --overwrite) an earlier export: never a file, and never
     the training run it reads from or anything holding it."""
-    problem = out_dir_problem(str(out))
+    problem = output_problem("--out", out, directory=True)
     if problem:
         raise ExportError(problem)
     source = checkpoint.resolve()
@@ -460,16 +461,6 @@ def write_export_config(directory: Path, config: RunConfig, dtype: str, vae_save
     data = {"model": model, "objective": to_dict(config.objective), "cuts": cuts}
     header = "# Written by lance_ds.export: the model section to rebuild this export (paths relative to this dir).\n"
     (directory / EXPORT_CONFIG).write_text(header + yaml.safe_dump(data, sort_keys=False))
-
-
-def save_adapters(directory: Path, adapters: dict[str, Tensor], lora: LoraConfig) -> Path:
-    """adapter_config.json + adapter_model.safetensors, as lance_ds.model.lora.save_lora writes them."""
-    from .model.lora import ADAPTER_WEIGHTS, adapted_modules, peft_config
-
-    directory.mkdir(parents=True, exist_ok=True)
-    peft_config(lora, adapted_modules(adapters)).save_pretrained(str(directory))
-    save_safetensors({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_WEIGHTS))
-    return directory
 
 
 # ----------------------------------------------------------------------------------------------------------------

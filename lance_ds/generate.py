@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .chunks import budget_chunks
-from .config.core import Problems, from_dict
+from .config.core import Problems, from_dict, output_problem
 from .config.data import GEN_TASKS, GroupConfig, UND_TASKS
 from .config.model import ObjectiveConfig
 from .data.batch import PackedBatch, Sample
@@ -89,6 +89,7 @@ class Generator:
         self.max_batch_tokens = max_batch_tokens
         self.device = torch.device(device) if device is not None else self._model_device()
         self.source = ""  # where the weights came from (from_checkpoint)
+        self.cuts: dict = {}  # how training cut each task's inputs (from_checkpoint; cli_group)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, ema: bool = False, dtype: str = "fp32",
@@ -403,20 +404,6 @@ def check_args(args) -> list[str]:
     return problems
 
 
-def output_problem(flag: str, path: str | Path, directory: bool = False) -> str | None:
-    """Why `path` cannot be written as a file (directory: made a directory), or None. Missing parent directories
-    are fine (they are created); a file standing where one of them must be is not. Checked before anything is
-    loaded, so that no generation or evaluation is run for an output that then cannot be written."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != directory:
-        return (f"{flag}: {path} is a directory; give the path of a file in it" if path.is_dir() else
-                f"{flag}: {path} is a file; give a directory (a new one is created)")
-    in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if in_the_way is not None:
-        return f"{flag}: {in_the_way} is a file, so {path} cannot be created under it; choose another path"
-    return None
-
-
 def _device_available(name: str) -> bool:
     try:
         device = torch.device(name)
@@ -513,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lance_ds.generate: {gen.source}", file=sys.stderr)
         check_frames(args, gen.planner.geometry)
         input_side = parse_size(args.size)[0] if args.size and args.task not in ("t2i", "t2v") else None
-        group = cli_group(gen.vae, args.task, getattr(gen, "cuts", None), input_side)
+        group = cli_group(gen.vae, args.task, gen.cuts, input_side)
         sample = cli_sample(args, group)
         if args.task in UND_TASKS:
             print(gen.answer([sample], max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -19,7 +19,7 @@ import yaml
 
 from .checkpoint import Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir, read_config
 from .config.core import to_dict
-from .config.data import TASKS
+from .config.data import TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
 from .config.run import Run
 from .data.packing import Branches
@@ -323,7 +323,7 @@ def training_cuts(dataset) -> dict[str, dict]:
 def describe_cut(group) -> str:
     """How a group's media are cut, in a few words: '512 px' (the side of the area), '+ 33 frames at 12 fps'."""
     cut = f"{group.image.resolution} px"
-    if group.task in ("t2v", "v2v", "v2t"):
+    if group.task in VIDEO_TASKS:
         cut += f", {group.video.max_frames} frames at {group.video.sample_fps:g} fps"
     return cut
 

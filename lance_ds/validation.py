@@ -44,9 +44,10 @@ class TaskLosses:
             self._scatter(task_of_sample[batch.sample_ids[batch.vae_indexes]], tokens.mse, tokens.mse_weights, MSE_SUM)
 
     def _scatter(self, task: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, column: int) -> None:
-        real = task >= 0
-        task, w = task[real], weights[real].double()
-        self.sums[:, column].index_add_(0, task, values[real].double() * w)
+        real = task >= 0  # placeholders (-1) add 0: selected by where, not by a boolean index (a device sync)
+        w = torch.where(real, weights.double(), 0.0)
+        task = task.clamp(min=0)
+        self.sums[:, column].index_add_(0, task, torch.where(real, values.double() * w, 0.0))
         self.sums[:, column + 1].index_add_(0, task, w)
 
     def scalars(self, prefix: str) -> dict[str, float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lance_ds.config.core import out_dir_problem  # noqa: E402
+from lance_ds.config.core import output_problem  # noqa: E402
 from lance_ds.data.sequence import DEFAULT_SYSTEM_PROMPTS  # noqa: E402
 from lance_ds.data.tokenizer import DEBUG_TOKENIZER_DIR, QWEN_SPECIAL_TOKENS  # noqa: E402
 
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=DEBUG_TOKENIZER_DIR)
     parser.add_argument("--check", action="store_true", help="fail if the committed tokenizer differs from a rebuild")
     args = parser.parse_args(argv)
-    if problem := out_dir_problem(str(args.output), "--output"):  # a file where the directory goes: before building
+    if problem := output_problem("--output", args.output, directory=True):  # a file where the directory goes: before building
         print(f"build_debug_tokenizer: {problem}", file=sys.stderr)
         return 2
     if args.check:

@@ -15,7 +15,7 @@ import dataclasses
 import sys
 import time
 
-from lance_ds.config.core import out_dir_problem
+from lance_ds.config.core import output_problem
 from lance_ds.config.data import TASKS
 from lance_ds.data.example import ExampleConfig, write_example_dataset
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows-per-group", type=int, default=64, help="parquet row-group size")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="subset of the six tasks")
     args = p.parse_args(argv)
-    problems = [problem] if (problem := out_dir_problem(args.out)) else []
+    problems = [problem] if (problem := output_problem("--out", args.out, directory=True)) else []
     try:
         cfg = ExampleConfig(num_per_task=args.num_per_task, seed=args.seed, size=args.size, frames=args.frames,
                             fps=args.fps, split=args.split, rows_per_group=args.rows_per_group, tasks=tuple(args.tasks))

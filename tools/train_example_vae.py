@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lance_ds.config.core import out_dir_problem
+from lance_ds.config.core import output_problem
 from lance_ds.data.example import (draw_scene, draw_training_frames, encoder_learning_rate, judge_image, judge_video,
                                    render_image, render_video)
 from lance_ds.data.sequence import resize_crop
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         problems.append(f"--seed must be >= 0, got {args.seed}")
     if args.size < 16:  # as make_example_dataset.py: smaller, the shapes are not recognisable
         problems.append(f"--size must be >= 16 pixels for the shapes to be recognisable, got {args.size}")
-    if problem := out_dir_problem(args.out) or out_model_problem(args.out):
+    if problem := output_problem("--out", args.out, directory=True) or out_model_problem(args.out):
         problems.append(problem)
     if args.resolution > args.size:
         problems.append(f"--resolution {args.resolution} is above --size {args.size}: the codec would learn upscaled "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lance_ds.config.core import out_dir_problem
+from lance_ds.config.core import output_problem
 from lance_ds.data.example import draw_training_frames, encoder_learning_rate
 from lance_ds.data.sequence import VisionGeometry, resize_crop, to_vae_pixels, vit_patchify
 from lance_ds.model.registry import SIZES
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         problems.append(f"--seed must be >= 0, got {args.seed}")
     if args.size < 16:  # as make_example_dataset.py: smaller, the shapes are not recognisable
         problems.append(f"--size must be >= 16 pixels for the shapes to be recognisable, got {args.size}")
-    if problem := out_dir_problem(args.out):
+    if problem := output_problem("--out", args.out, directory=True):
         problems.append(problem)
     if args.resolution < geometry.vit_multiple or args.resolution % geometry.vit_multiple:
         problems.append(f"--resolution must be a multiple of {geometry.vit_multiple} (patch x merge), got "

@@ -285,11 +285,18 @@ def parse_yaml(text: str, name: str = "<string>") -> Any:
         loader.dispose()
 
 
-def out_dir_problem(out: str, flag: str = "--out") -> str | None:
-    """Why the output directory `out` cannot be made (a file stands at it or at one of its parents), or None: tools
-    check it before minutes of work, not when they save."""
-    in_the_way = next((p for p in (Path(out), *Path(out).parents) if p.exists() and not p.is_dir()), None)
-    return None if in_the_way is None else f"{flag}: {in_the_way} is a file, not a directory; choose another {flag}"
+def output_problem(flag: str, path: str | Path, directory: bool = False) -> str | None:
+    """Why `path` cannot be written as a file (directory: made a directory), or None. Missing parent directories
+    are fine (they are created); a file standing where one of them must be is not. Tools check it before minutes of
+    work, not when they save."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        return (f"{flag}: {path} is a directory; give the path of a file in it" if path.is_dir() else
+                f"{flag}: {path} is a file, not a directory; choose another {flag}")
+    in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        return f"{flag}: {in_the_way} is a file, so {path} cannot be created under it; choose another path"
+    return None
 
 
 def read_text(path: Path, problems: Problems, key: str) -> str | None:

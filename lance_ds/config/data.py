@@ -9,6 +9,7 @@ from .core import Problems, doc, join
 TASKS = ("t2i", "t2v", "i2i", "v2v", "i2t", "v2t")
 GEN_TASKS = ("t2i", "t2v", "i2i", "v2v")
 UND_TASKS = ("i2t", "v2t")
+VIDEO_TASKS = ("t2v", "v2v", "v2t")  # the tasks whose samples hold videos
 
 
 @dataclass

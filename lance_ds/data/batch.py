@@ -43,7 +43,7 @@ class Sample:
     media: dict[str, Tensor]
     key: str = ""  # shard member key, for messages
     group: str = ""  # dataset group it came from
-    meta: dict = field(default_factory=dict)  # converter metadata (fps, source file, ...)
+    epoch: int = 0  # the epoch of its group it was read in (caption dropout is drawn per epoch)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class PackedBatch:
     vae_weights: Tensor  # [G] float; MSE weight: 1 for a target, 0 for a condition or a placeholder
     # bookkeeping (not model inputs)
     tasks: list[str] = field(default_factory=list)  # per sample id; PAD_TASK for padding
-    num_real_tokens: int = 0  # tokens that are not padding
+    num_real_tokens: int = 0  # tokens of real samples (not padding, not placeholders)
 
     @property
     def num_tokens(self) -> int:

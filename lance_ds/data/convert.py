@@ -79,7 +79,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lance_ds.config.core import ConfigError, Problems, doc, out_dir_problem
+from lance_ds.config.core import ConfigError, Problems, doc, output_problem
 from lance_ds.data import media
 from lance_ds.data.schemas import SCHEMAS, RowProblem, SchemaError, TaskSchema, resolve_task, validate_row
 from lance_ds.data.tar import TarShardWriter, file_crc32
@@ -125,7 +125,7 @@ class ConvertOptions:
     def check(self, problems: Problems, key: str = "") -> None:
         problems.require(bool(self.inputs), "--input", "give at least one parquet file or directory")
         if problems.require(bool(self.output), "--output", "give the output directory"):
-            if problem := out_dir_problem(self.output, "--output"):  # a file at DIR or above it
+            if problem := output_problem("--output", self.output, directory=True):  # a file at DIR or above it
                 problems.add("", problem)
         problems.one_of(self.task, ("auto", *SCHEMAS), "--task")
         problems.one_of(self.verify, ("full", "none"), "--verify")
@@ -518,10 +518,7 @@ def load_done_record(output: Path, plan: ShardPlan) -> ShardRecord | None:
 
 
 def save_record(output: Path, record: ShardRecord) -> None:
-    path = _record_path(output, record.name)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(record), ensure_ascii=False))
-    os.replace(tmp, path)
+    _write_atomic(_record_path(output, record.name), json.dumps(dataclasses.asdict(record), ensure_ascii=False))
 
 
 _AS_BINARY = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view()}

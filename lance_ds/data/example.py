@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from lance_ds.config.data import TASKS
+from lance_ds.config.data import TASKS, VIDEO_TASKS
 from lance_ds.data.media import decode_image, encode_image, encode_video
 from lance_ds.data.schemas import SCHEMAS
 
@@ -253,7 +253,7 @@ def _question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 
 def make_row(task: str, row: int, rng: np.random.Generator, cfg: ExampleConfig) -> dict:
     """One row of `task` in its Lance parquet schema (column -> str or encoded bytes)."""
-    video = task in ("t2v", "v2v", "v2t")
+    video = task in VIDEO_TASKS
     kind = "video" if video else "image"
     scene = draw_scene(rng, video, cfg.split)
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config.data import GroupConfig
+from ..config.data import VIDEO_TASKS, GroupConfig
 from .batch import AttnMode, Sample
 from .schemas import SCHEMAS
 from .tokenizer import SpecialTokenIds, TextTokenizer
@@ -82,7 +82,6 @@ PROMPT_MEDIA = {"t2i": (), "t2v": (), "i2i": ("input_image",), "v2v": ("input_vi
                 "v2t": ("video",)}
 TARGET_MEDIA = {"t2i": "image", "t2v": "video", "i2i": "output_image", "v2v": "output_video"}
 SOURCE_MEDIA = {"i2i": "input_image", "v2v": "input_video"}  # an edit's source: what it keeps of the target's size
-VIDEO_TASKS = ("t2v", "v2v", "v2t")
 
 PLACEHOLDER_TASK = "placeholder"  # the zero-weight sample the packer adds so every branch runs (DESIGN rule 3)
 
@@ -427,8 +426,7 @@ class SequencePlanner:
         """Caption dropout, fixed per (seed, group, key, epoch): a resumed run drops the same captions."""
         if group.caption_dropout <= 0:
             return False
-        epoch = int(sample.meta.get("epoch", 0))
-        return unit_hash(self.seed, "caption_dropout", sample.group, sample.key, epoch) < group.caption_dropout
+        return unit_hash(self.seed, "caption_dropout", sample.group, sample.key, sample.epoch) < group.caption_dropout
 
     def placeholder(self, *, vit: bool, vae: bool, ce: bool) -> SequencePlan:
         """A tiny zero-weight sample that makes the missing branches run (DESIGN rule 3): one CE position with

@@ -258,8 +258,7 @@ def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0, sizes_on
                                                     max_duration=video.max_duration)
         except MediaError as e:
             raise SkipSample("undecodable_media", f"{raw.key}.{column.member}: {e}") from None
-    return Sample(task=task, texts=texts, media=media, key=raw.key, group=group.name,
-                  meta={"epoch": epoch, "source": meta.get("source"), "media": meta.get("media")})
+    return Sample(task=task, texts=texts, media=media, key=raw.key, group=group.name, epoch=epoch)
 
 
 _MAX_FRAMES = 1_000_000  # ~9 hours at 30 fps
@@ -802,9 +801,7 @@ class TrainLoader:
         """data/skipped (all reasons), data/skipped/<reason>, data/epoch/<group>, data/samples: cumulative for this
         rank (sum over ranks for the run's totals)."""
         stats = self.stats()
-        scalars = {"data/skipped": float(sum(stats["skipped"].values())), "data/samples": float(stats["samples"])}
-        for reason in SKIP_REASONS:
-            scalars[f"data/skipped/{reason}"] = float(stats["skipped"].get(reason, 0))
+        scalars = {**skip_scalars("data", stats["skipped"]), "data/samples": float(stats["samples"])}
         for name, epoch in stats["epochs"].items():
             scalars[f"data/epoch/{name}"] = float(epoch)
         return scalars
@@ -923,9 +920,14 @@ class ValLoader:
             yield []
 
     def stats_scalars(self) -> dict[str, float]:
-        scalars = {"val/skipped": float(sum(self.skips.counts.values()))}
-        scalars.update({f"val/skipped/{r}": float(self.skips.counts.get(r, 0)) for r in SKIP_REASONS})
-        return scalars
+        return skip_scalars("val", self.skips.counts)
+
+
+def skip_scalars(prefix: str, counts: dict[str, int]) -> dict[str, float]:
+    """PREFIX/skipped (all reasons) and PREFIX/skipped/<reason> for every reason (0 when none: steady curves)."""
+    scalars = {f"{prefix}/skipped": float(sum(counts.values()))}
+    scalars.update({f"{prefix}/skipped/{reason}": float(counts.get(reason, 0)) for reason in SKIP_REASONS})
+    return scalars
 
 
 def first_samples(dataset: DatasetConfig, per_group: int,

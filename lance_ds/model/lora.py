@@ -104,12 +104,16 @@ def lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None
 
 def save_lora(model: nn.Module, settings: LoraSettings, directory: str | Path,
               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (call on one rank with gathered weights)."""
+    """Write the model's adapters as peft does (call on one rank with gathered weights)."""
+    return save_adapters(directory, lora_state_dict(model, state_dict), settings)
+
+
+def save_adapters(directory: str | Path, adapters: dict[str, torch.Tensor], settings: LoraSettings) -> Path:
+    """adapter_config.json + adapter_model.safetensors of adapter tensors under peft's names."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    adapters = lora_state_dict(model, state_dict)
     peft_config(settings, adapted_modules(adapters)).save_pretrained(str(directory))
-    save_safetensors(adapters, str(directory / ADAPTER_WEIGHTS))
+    save_safetensors({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_WEIGHTS))
     return directory
 
 

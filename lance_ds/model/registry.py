@@ -33,10 +33,6 @@ class ModelSpec:
     max_latent_size: int  # S of the sin-cos table
     max_num_frames: int  # pixel frames; latent frames = max_num_frames // 4 + 1
 
-    @property
-    def max_latent_frames(self) -> int:
-        return self.max_num_frames // 4 + 1
-
 
 def _tiny_wan(z: int) -> dict:
     """A tiny Wan2.2-shaped AutoencoderKLWan (residual blocks, patch 2): 16x spatial, 4x temporal, ~70k params."""

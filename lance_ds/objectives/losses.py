@@ -38,16 +38,24 @@ class Losses:
     total: Tensor  # ce_weight * ce + mse_weight * mse; backpropagate this
     ce: Tensor
     mse: Tensor
-    num_ce_tokens: float  # sum of CE weights over all ranks: what ce is divided by (Lance's n_ce_tokens)
-    num_mse_tokens: float  # sum of MSE token weights over all ranks (with objective.mse_per=block: target blocks)
+    counts: Tensor  # [CE weight, MSE weight, CE positions, MSE latent tokens scored] over all ranks (step_weights)
     per_token: TokenLosses  # detached: per-task logging reads these instead of scoring the logits again
-    scored_tokens: tuple[float, float] = (0.0, 0.0)  # CE positions, MSE latent tokens with weight > 0, all ranks
 
-    def scalars(self, prefix: str = "train") -> dict[str, float]:
-        """For logging; ce / mse are globally normalised contributions, so their mean over ranks is the global loss."""
-        return {f"{prefix}/loss": float(self.total.detach()), f"{prefix}/ce": float(self.ce.detach()),
-                f"{prefix}/mse": float(self.mse.detach()), f"{prefix}/ce_tokens": self.scored_tokens[0],
-                f"{prefix}/mse_tokens": self.scored_tokens[1]}
+    # read on demand: each is a device -> host sync, which the training step does not need
+    @property
+    def num_ce_tokens(self) -> float:
+        """Sum of CE weights over all ranks: what ce is divided by (Lance's n_ce_tokens)."""
+        return float(self.counts[0])
+
+    @property
+    def num_mse_tokens(self) -> float:
+        """Sum of MSE token weights over all ranks (with objective.mse_per=block: target blocks)."""
+        return float(self.counts[1])
+
+    @property
+    def scored_tokens(self) -> tuple[float, float]:
+        """CE positions and MSE latent tokens with weight > 0, all ranks."""
+        return float(self.counts[2]), float(self.counts[3])
 
 
 def global_sums(values: Tensor, group=None) -> Tensor:
@@ -93,8 +101,7 @@ def compute_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: F
     mse = normalised(tokens.mse, mse_w, counts[1].float().to(tokens.mse.device), ranks)
     total = cfg.ce_weight * ce + cfg.mse_weight * mse
     detached = TokenLosses(tokens.ce.detach(), ce_w, tokens.mse.detach(), mse_w)
-    return Losses(total=total, ce=ce, mse=mse, num_ce_tokens=float(counts[0]), num_mse_tokens=float(counts[1]),
-                  per_token=detached, scored_tokens=(float(counts[2]), float(counts[3])))
+    return Losses(total=total, ce=ce, mse=mse, counts=counts, per_token=detached)
 
 
 def token_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: FlowInputs | None,

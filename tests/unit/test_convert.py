@@ -701,7 +701,7 @@ def test_an_output_at_or_below_a_file_is_refused_up_front(tmp_path, monkeypatch)
     (tmp_path / "a_file").write_text("")
     source = write_parquet(tmp_path / "data.parquet", "t2i", make_rows("t2i")[0][:2])
     for output in ("a_file", "a_file/sub", "a_file/sub/deeper"):
-        with pytest.raises(ConfigError, match="--output: a_file is a file, not a directory; choose another --output"):
+        with pytest.raises(ConfigError, match="--output: a_file is a file"):
             run([source], output)
     assert [p.name for p in tmp_path.iterdir() if p.name != "data.parquet"] == ["a_file"]
     refused = subprocess.run([sys.executable, str(ROOT / "tools" / "parquet_to_wds.py"), "--input", str(source),

@@ -101,7 +101,7 @@ def test_mse_per_block_weighs_each_generated_block_alike():
     assert any("mse_per" in item for item in found.items)
 
 
-def test_losses_are_weighted_means_and_named():
+def test_losses_are_weighted_means_and_count_their_tokens():
     batch = edit_batch()
     batch = dataclasses.replace(batch, ce_indexes=torch.tensor([0, 1, 2]), ce_targets=torch.tensor([1, 2, 3]),
                                 ce_weights=torch.tensor([1.0, 1.0, 0.0]))
@@ -116,7 +116,6 @@ def test_losses_are_weighted_means_and_named():
     assert torch.allclose(losses.total, 0.25 * losses.ce + losses.mse)
     assert (losses.num_ce_tokens, losses.num_mse_tokens) == (2.0, 8.0)
     assert losses.scored_tokens == (2.0, 10.0)  # tokens scored: 6 + 4 target latents (weights 1 and 0.5)
-    assert set(losses.scalars()) >= {"train/loss", "train/ce", "train/mse"}
     losses.total.backward()
     assert logits.grad[2].abs().sum() == 0 and velocity.grad[:4].abs().sum() == 0  # placeholders / conditions
 
