@@ -29,7 +29,7 @@ from lance_ds.config.core import output_problem
 from lance_ds.data.example import (draw_scene, draw_training_frames, encoder_learning_rate, judge_image, judge_video,
                                    render_image, render_video)
 from lance_ds.data.sequence import resize_crop
-from lance_ds.model.vae import FrameAutoencoder, FrameVAE
+from lance_ds.model.vae import FrameAutoencoder, FrameVAE, unit_range
 from lance_ds.model.weights import FRAME_VAE_DIR, describe_model_dir
 
 
@@ -51,7 +51,7 @@ def draw_frames(count: int, split: str, size: int, resolution: int, seed: int) -
 
 def to_unit(frames: torch.Tensor) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1], as the VAE sees pixels."""
-    return frames.permute(0, 3, 1, 2).float() / 127.5 - 1
+    return unit_range(frames.permute(0, 3, 1, 2))
 
 
 def train(net: FrameAutoencoder, frames: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float,

@@ -31,11 +31,11 @@ import torch
 
 from lance_ds.config.core import output_problem
 from lance_ds.data.example import draw_training_frames, encoder_learning_rate
-from lance_ds.data.sequence import VisionGeometry, resize_crop, to_vae_pixels, vit_patchify
+from lance_ds.data.sequence import VisionGeometry, resize_crop, vit_patch_order
 from lance_ds.model.registry import SIZES
-from lance_ds.model.vae import FrameVAE
+from lance_ds.model.vae import FrameVAE, unit_range
 from lance_ds.model.weights import EXAMPLE_VIT_DIR, FRAME_VAE_DIR, describe_model_dir, save_safetensors
-from lance_ds.model.vision import VitConfig, build_vision_tower
+from lance_ds.model.vision import VitConfig, build_vision_tower, normalise_patches
 
 PAIR = 2  # frames per item: Qwen2.5-VL's temporal patch
 
@@ -61,7 +61,7 @@ def model_dir_problems(vae: str, out: str) -> list[str]:
 
 
 def patch_geometry(vit: VitConfig) -> VisionGeometry:
-    """What vit_patchify needs to know about the tower."""
+    """What vit_patch_order needs to know about the tower."""
     return VisionGeometry(vit_patch_size=vit.patch_size, vit_temporal_patch=vit.temporal_patch_size,
                           vit_merge_size=vit.spatial_merge_size)
 
@@ -74,7 +74,8 @@ class Pairs:
         flat = frames.flatten(0, 1)  # [N * 2, size, size, 3]
         self.frames = resize_crop(flat, resolution, resolution).view(count, PAIR, resolution, resolution, 3)
         side = vae.frame_size
-        pixels = torch.stack([to_vae_pixels(f) for f in resize_crop(flat, side, side).view(count, PAIR, side, side, 3)])
+        pixels = unit_range(resize_crop(flat, side, side).view(count, PAIR, side, side, 3).permute(0, 4, 1, 2, 3))
+        pixels = pixels.contiguous()
         self.targets = torch.cat([vae.encode(chunk)[..., 0, 0].transpose(1, 2).flatten(1)
                                   for chunk in pixels.split(1024)])
         self.geometry = geometry
@@ -84,9 +85,9 @@ class Pairs:
 
     def patches(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(patches [B * P, D], grid_thw [B, 3]) of the items at `index`."""
-        blocks = [vit_patchify(self.frames[i], self.geometry) for i in index.tolist()]
+        blocks = [vit_patch_order(self.frames[i].permute(0, 3, 1, 2), self.geometry) for i in index.tolist()]
         grid = torch.tensor([b[1] for b in blocks])
-        return torch.cat([b[0] for b in blocks]), grid
+        return normalise_patches(torch.cat([b[0] for b in blocks])), grid
 
 
 class Distiller(torch.nn.Module):

@@ -61,11 +61,11 @@ class PackedBatch:
     ce_targets: Tensor  # [C] long; the target token ids
     ce_weights: Tensor  # [C] float; 1 for real targets, 0 for a placeholder that keeps lm_head in the graph
     # understanding vision (frozen ViT)
-    vit_patches: Tensor  # [P, 3 * temporal_patch * patch * patch] float, Qwen2.5-VL patch order
+    vit_patches: Tensor  # [P, 3 * temporal_patch * patch * patch] uint8 pixels, Qwen2.5-VL patch order
     vit_grid_thw: Tensor  # [I, 3] long; patch grid (T / temporal_patch, H / patch, W / patch)
     vit_indexes: Tensor  # [M] long; positions of the merged ViT tokens, block after block
     # generation vision (frozen VAE)
-    vae_pixels: list[Tensor]  # G x [3, T, H, W] float in [-1, 1]; encoded on device by the frozen VAE
+    vae_pixels: list[Tensor]  # G x [3, T, H, W] uint8; scaled and encoded on the device by the frozen VAE
     vae_grid_thw: Tensor  # [G, 3] long; latent grid (t, h, w) of each block
     vae_indexes: Tensor  # [N] long; positions of the latent tokens, block after block, (t, h, w) raster
     vae_coords: Tensor  # [N, 3] long; (t, h, w) latent coordinates for the sin-cos / LAPE position tables

@@ -159,7 +159,7 @@ def collate(plans: list[SequencePlan], *, pad_to: int | None = None, pad_id: int
         ce_indexes=_cat_long(ce_idx),
         ce_targets=_cat_long(ce_tgt),
         ce_weights=torch.cat(ce_w) if ce_w else torch.zeros(0),
-        vit_patches=torch.cat(vit_patches) if vit_patches else torch.zeros(0, patch_dim),
+        vit_patches=torch.cat(vit_patches) if vit_patches else torch.zeros(0, patch_dim, dtype=torch.uint8),
         vit_grid_thw=torch.tensor(vit_grid, dtype=torch.long).reshape(-1, 3),
         vit_indexes=_cat_long(vit_idx),
         vae_pixels=vae_pixels,

@@ -47,10 +47,6 @@ from .tokenizer import SpecialTokenIds, TextTokenizer
 # Lance moves the temporal RoPE ids of understanding (ViT) blocks here, away from the text and latent ids.
 REFERENCE_TEMPORAL_START = 1000
 
-# Qwen2.5-VL image processor normalisation (OpenAI CLIP statistics), applied to pixels scaled to [0, 1].
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 _GEN_SYSTEM = ("Describe the {m} by detailing the color, quantity, visible text, shape, size, texture, spatial "
                "relationships and motion/camera movements of the objects and background:")
 _EDIT_SYSTEM = ("Describe the key features of the input {m} (color, shape, size, texture, objects, background), then "
@@ -150,9 +146,10 @@ class VitBlock:
     positions: Tensor  # [P / merge**2] long; sample-local positions of the merged tokens
 
     def patches(self, media: dict[str, Tensor]) -> Tensor:
-        """[P, 3 * temporal_patch * patch * patch] float32, Qwen2.5-VL patch order."""
+        """[P, 3 * temporal_patch * patch * patch] uint8 pixels, Qwen2.5-VL patch order (normalised on the device by
+        model.vision.encode_vit: a quarter of float32's bytes through shared memory and to the GPU)."""
         frames = pad_frames(self.cut.frames(media), self.geometry.vit_temporal_patch)
-        return vit_patchify(frames, self.geometry)[0]
+        return vit_patch_order(frames.permute(0, 3, 1, 2), self.geometry)[0]
 
 
 @dataclass
@@ -166,8 +163,8 @@ class VaeBlock:
     weight: float  # MSE weight: 1 for a real target, 0 for a condition or a placeholder
 
     def pixels(self, media: dict[str, Tensor]) -> Tensor:
-        """[3, T, H, W] float32 in [-1, 1]."""
-        return to_vae_pixels(self.cut.frames(media))
+        """[3, T, H, W] uint8 (scaled to [-1, 1] on the device by the VAE's encode_blocks)."""
+        return self.cut.frames(media).permute(3, 0, 1, 2)
 
     @property
     def coords(self) -> Tensor:
@@ -262,31 +259,16 @@ def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:
     return x[:, :, top:top + height, left:left + width].permute(0, 2, 3, 1).contiguous()
 
 
-def vit_patchify(frames: Tensor, geometry: VisionGeometry) -> tuple[Tensor, tuple[int, int, int]]:
-    """uint8 [T, H, W, 3] (T a multiple of temporal_patch; H, W of patch*merge) -> (patches [P, D], patch grid).
-
-    Qwen2.5-VL order: patches are grouped merge window by merge window (each window's merge*merge patches
-    consecutive), windows in (t, h, w) raster; a patch vector is (channel, frame, row, column) flattened.
-    """
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    x = (frames.permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # [T, 3, H, W]
-    return vit_patch_order(x, geometry)
-
-
 def vit_patch_order(x: Tensor, geometry: VisionGeometry) -> tuple[Tensor, tuple[int, int, int]]:
-    """Normalised pixels [T, 3, H, W] -> (patches [P, 3 * temporal_patch * patch**2], patch grid), Qwen2.5-VL order."""
+    """Pixels [T, 3, H, W] (T a multiple of temporal_patch; H, W of patch * merge) -> (patches [P, 3 * temporal_patch
+    * patch**2], patch grid). Qwen2.5-VL order: merge window by merge window (each window's merge**2 patches
+    consecutive), windows in (t, h, w) raster; a patch vector is (channel, frame, row, column) flattened."""
     tp, p, m = geometry.vit_temporal_patch, geometry.vit_patch_size, geometry.vit_merge_size
     num_frames, _, height, width = x.shape
     gt, gh, gw = num_frames // tp, height // p, width // p
     x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, h-window, w-window, h-in-window, w-in-window, C, frame, row, col
     return x.reshape(gt * gh * gw, 3 * tp * p * p).contiguous(), (gt, gh, gw)
-
-
-def to_vae_pixels(frames: Tensor) -> Tensor:
-    """uint8 [T, H, W, 3] -> float32 [3, T, H, W] in [-1, 1]."""
-    return frames.permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
 def blank_frames(shape: tuple[int, int, int]) -> Tensor:

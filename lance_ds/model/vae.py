@@ -35,6 +35,11 @@ from .weights import load_safetensors, save_safetensors
 KINDS = ("wan", "kl", "patch", "frame")
 
 
+def unit_range(pixels: Tensor) -> Tensor:
+    """uint8 pixels -> float32 in [-1, 1], what the codecs encode."""
+    return pixels.float() / 127.5 - 1.0
+
+
 @dataclass(frozen=True)
 class VaeConfig:
     """Which codec and, for codecs built from a config (tests, debug), its geometry."""
@@ -80,14 +85,16 @@ class FrozenVAE(nn.Module):
     @torch.no_grad()
     def encode_blocks(self, clips: list[Tensor], sample: bool = False,
                       generator: torch.Generator | None = None) -> list[Tensor]:
-        """Latent tokens [t*h*w, z] (fp32, (t, h, w) raster order) of each clip [3, T, H, W] in [-1, 1] (a packed
-        batch's VAE blocks); clips of one shape are encoded together, one call per shape."""
+        """Latent tokens [t*h*w, z] (fp32, (t, h, w) raster order) of each clip [3, T, H, W] (a packed batch's VAE
+        blocks: uint8 pixels, scaled to [-1, 1] here, on the device; or floats in [-1, 1]); clips of one shape are
+        encoded together, one call per shape."""
         out: list = [None] * len(clips)
         by_shape: dict[tuple, list[int]] = {}
         for i, clip in enumerate(clips):
             by_shape.setdefault(tuple(clip.shape), []).append(i)
         for indexes in by_shape.values():
-            batch = torch.stack([clips[i] for i in indexes]).to(self.device, self.dtype)
+            batch = torch.stack([clips[i] for i in indexes]).to(self.device)
+            batch = (unit_range(batch) if batch.dtype == torch.uint8 else batch).to(self.dtype)
             for i, latents in zip(indexes, self.encode(batch, sample=sample, generator=generator)):  # [z, t, h, w]
                 out[i] = latents.flatten(1).T.float()
         return out

@@ -22,6 +22,9 @@ from .weights import read_tensors, safetensors_index, strip_prefix
 
 # Key prefixes a ViT can have in the checkpoints we load, most specific first.
 VIT_PREFIXES = ("model.visual.", "visual.", "vit_model.", "")
+# Qwen2.5-VL image processor normalisation (OpenAI CLIP statistics), applied to pixels scaled to [0, 1].
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIT_TOP_MODULES = ("patch_embed", "blocks", "merger")
 
 
@@ -64,8 +67,17 @@ class VitConfig:
         return cls(**kwargs)
 
 
+def normalise_patches(patches: Tensor) -> Tensor:
+    """uint8 patches [P, 3 * tp * p * p] (channel-major vectors) -> float32, as Qwen2.5-VL's processor normalises."""
+    mean = torch.tensor(CLIP_MEAN, device=patches.device).view(1, 3, 1)
+    std = torch.tensor(CLIP_STD, device=patches.device).view(1, 3, 1)
+    x = patches.view(patches.shape[0], 3, -1).float() / 255.0
+    return ((x - mean) / std).view(patches.shape)
+
+
 def encode_vit(tower: torch.nn.Module, patches: Tensor, grid_thw: Tensor) -> Tensor:
-    """patches [P, 3 * tp * p * p], grid_thw [I, 3] -> merged tokens [M, H] in the tower's dtype.
+    """patches [P, 3 * tp * p * p] (the loader's uint8 pixels, or floats already normalised), grid_thw [I, 3] ->
+    merged tokens [M, H] in the tower's dtype.
 
     Runs without autograd when the tower is frozen (no activations kept for a backward that never comes). An empty
     batch gives [0, H] without running the tower: use it for a frozen tower (a trainable one inside LanceModel
@@ -74,6 +86,8 @@ def encode_vit(tower: torch.nn.Module, patches: Tensor, grid_thw: Tensor) -> Ten
     dtype = tower.patch_embed.proj.weight.dtype
     if patches.shape[0] == 0:  # no ViT block in this batch (transformers' tower cannot take an empty grid)
         return torch.zeros(0, tower.config.out_hidden_size, dtype=dtype, device=patches.device)
+    if patches.dtype == torch.uint8:
+        patches = normalise_patches(patches)
     trainable = any(p.requires_grad for p in tower.parameters())
     with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
         return tower(patches.to(dtype), grid_thw=grid_thw).pooler_output

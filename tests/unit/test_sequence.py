@@ -14,9 +14,9 @@ from conftest import LANCE_TINY
 from lance_ds.config.data import GroupConfig, ImageOptions, VideoOptions
 from lance_ds.data.batch import AttnMode, Sample
 from lance_ds.data.packing import collate
-from lance_ds.data.sequence import (CLIP_MEAN, CLIP_STD, DEFAULT_SYSTEM_PROMPTS, PLACEHOLDER_TASK,
+from lance_ds.data.sequence import (DEFAULT_SYSTEM_PROMPTS, PLACEHOLDER_TASK,
                                     REFERENCE_TEMPORAL_START, PlanError, SequencePlanner, VisionGeometry, fit_size,
-                                    resize_crop, vit_patch_order, vit_patchify)
+                                    resize_crop, vit_patch_order)
 from lance_ds.data.tokenizer import QWEN_SPECIAL_TOKENS, load_tokenizer
 
 REFERENCE = LANCE_TINY
@@ -135,13 +135,20 @@ def test_vit_patch_order_matches_lance(case, tiny_geometry):
     assert torch.equal(patches, t["inputs.packed_vit_tokens.0"])
 
 
-def test_vit_patchify_normalises_like_qwen(tiny_geometry):
-    frames = _image(28, 28).expand(2, -1, -1, -1)
-    patches, grid = vit_patchify(frames, tiny_geometry)
-    assert grid == (1, 2, 2) and patches.shape == (4, 3 * 2 * 14 * 14)
+def test_vit_patches_travel_as_uint8_and_are_normalised_like_qwen(tiny_geometry):
+    """The loader ships uint8 patches (a quarter of float32's bytes); encode_vit normalises them on the device, to
+    exactly what normalising the frames first gives."""
+    from lance_ds.model.vision import CLIP_MEAN, CLIP_STD, normalise_patches
+
+    frames = _video(2, 28, 28)
+    patches, grid = vit_patch_order(frames.permute(0, 3, 1, 2), tiny_geometry)
+    assert grid == (1, 2, 2) and patches.shape == (4, 3 * 2 * 14 * 14) and patches.dtype == torch.uint8
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    normalised_first = vit_patch_order((frames.permute(0, 3, 1, 2).float() / 255.0 - mean) / std, tiny_geometry)[0]
+    assert torch.equal(normalise_patches(patches), normalised_first)
     # the first patch's first value: channel 0, frame 0, pixel (0, 0)
     expected = (frames[0, 0, 0, 0].item() / 255.0 - CLIP_MEAN[0]) / CLIP_STD[0]
-    assert patches[0, 0].item() == pytest.approx(expected, abs=1e-6)
+    assert normalise_patches(patches)[0, 0].item() == pytest.approx(expected, abs=1e-6)
 
 
 def _video(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
