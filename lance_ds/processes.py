@@ -1,8 +1,11 @@
-"""Child processes that must not outlive their parent (loader workers, converter workers); no torch import."""
+"""Processes and their surroundings: children that must not outlive their parent (loader workers, converter
+workers), ranks that must outlive their console; no torch import."""
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import threading
 import time
 
@@ -29,3 +32,55 @@ def die_with_parent(parent: int | None = None, interval_s: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+class LosableConsole:
+    """sys.stdout / sys.stderr of a rank, which go on when the console goes away.
+
+    Multi-node ranks write into ssh pipes that end with the launcher (a stop kills pdsh, and its ssh sessions with
+    it); a console can hang up too. The next progress bar update then raised BrokenPipeError and the rank died
+    unsaved, a step before the stop signal it was about to save for. Here, on the first write that finds no reader,
+    the stream's file descriptor is pointed at /dev/null (for every writer of it: logging handlers, C code) and the
+    run goes on: TensorBoard and the checkpoints are its record."""
+
+    LOST = (errno.EPIPE, errno.EIO, errno.ECONNRESET)
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            self._lose(e)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            self._lose(e)
+
+    def _lose(self, error: OSError) -> None:
+        if error.errno not in self.LOST:
+            raise error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        try:
+            self._stream.flush()  # what the lost reader did not take goes to /dev/null now
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def survive_lost_console() -> None:
+    """Make this process's stdout and stderr LosableConsoles (call before any progress bar takes sys.stderr)."""
+    if not isinstance(sys.stdout, LosableConsole):
+        sys.stdout = LosableConsole(sys.stdout)
+    if not isinstance(sys.stderr, LosableConsole):
+        sys.stderr = LosableConsole(sys.stderr)

@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from lance_ds.model.weights import WeightsFileError
+    from lance_ds.processes import survive_lost_console
     from lance_ds.trainer import Trainer
+
+    survive_lost_console()  # a rank whose console goes away (a multi-node stop) still saves and stops
 
     try:
         trainer = Trainer(run, ds_config, resume=args.resume)

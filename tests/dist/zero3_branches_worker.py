@@ -107,7 +107,9 @@ def train(mode: str, steps: int, rank: int) -> dict:
         losses = compute_losses(pred.logits, pred.velocity, batch, flow, objective)
         engine.backward(losses.total)
         engine.step()
-        records.append(losses.scalars())
+        ce_tokens, mse_tokens = losses.scored_tokens
+        records.append({"train/loss": float(losses.total), "train/ce": float(losses.ce), "train/mse": float(losses.mse),
+                        "train/ce_tokens": ce_tokens, "train/mse_tokens": mse_tokens})
     after = snapshot()
     decoded = decode_answers(engine, bundle, rank) if mode == "full" else None
     return {"records": records, "decoded": decoded, "changed": {n: bool((after[n] - before[n]).abs().max() > 0) for n in watched},

@@ -171,6 +171,33 @@ def test_sigterm_to_the_script_reaches_the_ranks_which_save_and_stop(example_dat
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
 
 
+def test_ranks_whose_console_went_away_still_save_on_sigterm(example_data, tmp_path):
+    """Multi-node ranks write into ssh pipes that end before the ranks do (a stop kills pdsh and its sessions): the
+    next progress-bar update used to raise BrokenPipeError, and rank 0 died unsaved before the stop reached it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONFIG_FILE": "configs/debug.yaml", "OUTPUT_ROOT": str(tmp_path),
+           "RUN_NAME": "run", "NUM_GPUS": "1", "MASTER_PORT": str(free_port()), "NUM_WORKERS": "1",
+           "DATASET_CONFIG_FILE": subset(example_data, tmp_path, ("t2i", "i2t")), "CKPT_DEBUG_STEPS": "1",
+           "SAVE_EVERY": "1000"}
+    proc = subprocess.Popen(["bash", "scripts/sft_lance_unified.sh", "train.max_steps=1000", "validation.every=0",
+                             "data.packing_length=512"], cwd=REPO, env=env,  # the progress bar on (the default)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    deadline = time.time() + 180
+    while not latest.is_file() and proc.poll() is None and time.time() < deadline:  # step 1 saved: training
+        time.sleep(0.05)
+    proc.stdout.close()  # the console goes away
+    time.sleep(3)  # steps go on, each one writing to it
+    assert proc.poll() is None, "the job died when its console went away"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the job did not stop within 120 s of SIGTERM") from None
+    assert int(latest.read_text().strip().removeprefix("step_")) > 1  # it saved the step the stop found it in
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+
+
 @pytest.mark.parametrize("knob, value, message", [
     ("NUM_GPUS", "0", "NUM_GPUS must be a positive integer"),
     ("SAVE_EVERY", "ten", "SAVE_EVERY must be a positive integer"),
