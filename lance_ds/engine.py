@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +34,57 @@ class DistInfo:
     @property
     def is_first(self) -> bool:
         return self.rank == 0
+
+
+# How launchers that start the training processes themselves (no torchrun / deepspeed launcher in between) describe
+# them: (name, world size, rank, local rank, ranks on this node)
+_TASK_LAUNCHERS = (("srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", None),
+                   ("mpirun", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
+                    "OMPI_COMM_WORLD_LOCAL_SIZE"),
+                   ("mpiexec", "PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"))
+
+
+def launcher_env(env: dict[str, str]) -> tuple[str, dict[str, str]] | None:
+    """(launcher, RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE) for a process that srun or mpirun started as one
+    of several tasks, read from their own variables; None when RANK is set already or no such launcher is found.
+    Without this each task saw no RANK and trained alone, a world of one on GPU 0, all into one output_dir."""
+    if "RANK" in env:
+        return None
+    for name, size, rank, local_rank, local_size in _TASK_LAUNCHERS:
+        if env.get(size, "").isdigit() and int(env[size]) > 1 and env.get(rank, "").isdigit():
+            local = {"LOCAL_RANK": env.get(local_rank, "0")}
+            ranks_here = env.get(local_size) if local_size else _slurm_tasks_on_this_node(env)
+            if ranks_here:
+                local["LOCAL_WORLD_SIZE"] = ranks_here
+            return name, {"RANK": env[rank], "WORLD_SIZE": env[size], **local}
+    return None
+
+
+def _slurm_tasks_on_this_node(env: dict[str, str]) -> str | None:
+    """This node's entry of SLURM_STEP_TASKS_PER_NODE ("4(x2),3": 4 tasks on each of 2 nodes, then 3)."""
+    counts: list[str] = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match:
+            counts += [match[1]] * int(match[2] or 1)
+    node = env.get("SLURM_NODEID", "")
+    return counts[int(node)] if node.isdigit() and int(node) < len(counts) else None
+
+
+def adopt_launcher_env() -> str | None:
+    """Set RANK, WORLD_SIZE and LOCAL_RANK from srun's or mpirun's variables (see launcher_env); returns a reason
+    to refuse the run when they cannot be used, else None. Call before anything reads the world size."""
+    found = launcher_env(dict(os.environ))
+    if found is None:
+        return None
+    name, ranks = found
+    os.environ.update(ranks)
+    if "MASTER_ADDR" not in os.environ:
+        return (f"started by {name} as rank {ranks['RANK']} of {ranks['WORLD_SIZE']}, but MASTER_ADDR is not set: "
+                "every rank must know where rank 0 listens; set it in the job script, e.g. export MASTER_ADDR=$("
+                "scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) (and MASTER_PORT, default 29500)")
+    os.environ.setdefault("MASTER_PORT", "29500")  # the same on every rank (the one-process default below is not)
+    return None
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:

@@ -59,9 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     from lance_ds.config import ConfigError, load_and_check
     from lance_ds.config.core import to_dict
     from lance_ds.data.stream import DataError
+    from lance_ds.engine import adopt_launcher_env
 
+    refused = adopt_launcher_env()  # srun / mpirun starting this script directly: their ranks, before any check
     # one report per node: a problem only one node sees (a path not mounted there) must be said where it happens
     is_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if refused:
+        if is_first:
+            print(f"lance_ds: {refused}", file=sys.stderr)
+        return 2
     world = world_size_from_env()
     try:
         run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world)

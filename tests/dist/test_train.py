@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import REPO, RESOLUTION, deepspeed_cmd, launch, launch_env, read_scalars
+from conftest import REPO, RESOLUTION, deepspeed_cmd, free_port, launch, launch_env, read_scalars
 
 STEPS = 8
 NAN_AT = "nan_loss:3"  # every run: one rank's loss of step 3 is NaN, so step 3 is skipped on both ranks
@@ -207,3 +208,40 @@ def test_sigterm_stops_at_the_next_step_with_its_checkpoint_and_resumes_exactly(
     for step in expected_val:
         assert val[step] == pytest.approx(expected_val[step], rel=1e-5), (step, val, expected_val)
     assert tensorboard_steps(out, "hparam/train/loss") == [0]  # the finished run's record only, not the stop's
+
+
+def test_tasks_srun_starts_itself_train_as_one_run(reference, example_data, tmp_path):
+    """`srun python lance_ds/train.py` starts every rank itself, and says which is which in its own variables (no
+    RANK): each task used to train alone, a world of one on GPU 0, all of them into one output_dir. They now train
+    as the ranks of one run: the reference's 2-rank losses, step for step."""
+    out, port = tmp_path / "run", str(free_port())
+
+    def task(rank: int, **env: str) -> subprocess.Popen:
+        env = {k: v for k, v in launch_env(LANCE_DS_FAULT=NAN_AT, **env).items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                 "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "2"}
+        return subprocess.Popen([sys.executable, str(REPO / "lance_ds" / "train.py"), *train_args(out, example_data)],
+                                cwd=REPO, env={**env, **slurm}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+
+    tasks = [task(rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for rank in (0, 1)]
+    try:
+        logs = [t.communicate(timeout=240)[0] for t in tasks]
+    finally:
+        for t in tasks:
+            if t.poll() is None:
+                os.killpg(t.pid, signal.SIGKILL)
+    assert [t.returncode for t in tasks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "world        2 rank(s)" in logs[0], logs[0][-3000:]
+    expected, got = losses(reference), losses(out)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
+    # no MASTER_ADDR: no task can find rank 0; refused up front with the fix (not a world of one each)
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}
+    refused = subprocess.run([sys.executable, str(REPO / "lance_ds" / "train.py"), *train_args(tmp_path / "r2", example_data)],
+                             cwd=REPO, env={**env, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"},
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "started by srun as rank 0 of 2, but MASTER_ADDR is not set" in refused.stderr
+    assert not (tmp_path / "r2").exists()

@@ -1,5 +1,5 @@
-"""The learning-rate schedule across a resume (lance_ds.engine), on a plain torch optimizer: the LambdaLR that
-build_engine hands DeepSpeed, saved and loaded as the engine's checkpoint does."""
+"""lance_ds.engine: the learning-rate schedule across a resume, on a plain torch optimizer (the LambdaLR that
+build_engine hands DeepSpeed, saved and loaded as the engine's checkpoint does); the ranks a launcher describes."""
 
 import functools
 from types import SimpleNamespace
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lance_ds.config.run import TrainConfig
-from lance_ds.engine import follow_run_schedule, lr_multiplier, set_cpu_threads
+from lance_ds.engine import follow_run_schedule, launcher_env, lr_multiplier, set_cpu_threads
 
 
 def scheduled(train: TrainConfig):
@@ -81,3 +81,16 @@ def test_a_rank_without_omp_num_threads_takes_its_share_of_the_cores(monkeypatch
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_ranks_that_srun_or_mpirun_start_themselves_are_read_from_their_variables():
+    srun = {"SLURM_STEP_NUM_TASKS": "6", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+            "SLURM_STEP_TASKS_PER_NODE": "2(x2),3"}
+    assert launcher_env(srun) == ("srun", {"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3"})
+    mpirun = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+              "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    assert launcher_env(mpirun) == ("mpirun", {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                               "LOCAL_WORLD_SIZE": "2"})
+    assert launcher_env({**srun, "RANK": "0"}) is None  # torchrun / deepspeed inside srun: theirs is what counts
+    assert launcher_env({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) is None  # a batch script's plain python: one rank
+    assert launcher_env({**srun, "SLURM_STEP_NUM_TASKS": "1"}) is None
