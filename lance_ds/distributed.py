@@ -17,3 +17,12 @@ def world_size(group=None) -> int:
 
 def rank() -> int:
     return dist.get_rank() if initialized() else 0
+
+
+def every_rank(value) -> list:
+    """Every rank's `value` (picklable), by rank; every rank must call it. [value] in one process."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values

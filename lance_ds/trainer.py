@@ -8,6 +8,8 @@ placeholders), so ZeRO-3's collectives always match.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import signal
 import time
@@ -18,7 +20,7 @@ import torch.distributed as dist
 import yaml
 
 from .checkpoint import Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir, read_config
-from .config.core import to_dict
+from .config.core import ConfigError, to_dict
 from .config.data import TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
 from .config.run import Run
@@ -41,6 +43,7 @@ class Trainer:
     def __init__(self, run: Run, ds_config: dict, resume: str = "latest"):
         self.run, self.cfg, self.ds_config = run, run.config, ds_config
         self.dist = init_distributed()
+        refuse_disagreeing_ranks(run, ds_config)
         seed_everything(self.cfg.train.seed)
         self.out = Path(self.cfg.output_dir)
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
@@ -348,6 +351,23 @@ def flat_hparams(tree: dict, prefix: str = "") -> dict[str, float | int | str | 
 
 
 @torch.no_grad()
+def refuse_disagreeing_ranks(run: Run, ds_config: dict) -> None:
+    """Every rank reads the config files itself (each node its own checkout; a file edited while the job starts): one
+    that resolved another run, dataset or DeepSpeed config than rank 0 would hang the rest in a collective (seen: a
+    rank with another train.max_steps) or train on other data. Compared once, before anything is built."""
+    resolved = {"run": to_dict(run.config), "deepspeed": ds_config, "data": to_dict(run.dataset),
+                "validation data": to_dict(run.val_dataset) if run.val_dataset is not None else None}
+    fingerprints = {name: hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()
+                    for name, part in resolved.items()}
+    first, *others = distributed.every_rank(fingerprints)
+    differing = [f"rank {rank}: {', '.join(name for name in first if theirs[name] != first[name])}"
+                 for rank, theirs in enumerate(others, start=1) if theirs != first]
+    if differing:
+        raise ConfigError([f"ranks resolved other configs than rank 0 ({'; '.join(differing)}) from the files their "
+                           "nodes read: launch every node from the same files, and do not edit them while a job "
+                           "starts"])
+
+
 def encode_latents(vae, pixels: list[torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
     """Clean latent tokens [N, z] of a batch's VAE blocks (sampled from the posterior), block after block."""
     blocks = vae.encode_blocks(pixels, sample=True, generator=generator)

@@ -245,3 +245,24 @@ def test_tasks_srun_starts_itself_train_as_one_run(reference, example_data, tmp_
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "started by srun as rank 0 of 2, but MASTER_ADDR is not set" in refused.stderr
     assert not (tmp_path / "r2").exists()
+
+
+def test_ranks_that_read_other_configs_are_refused_before_anything_is_built(example_data, tmp_path):
+    """Each node reads the config files itself: a rank with another train.max_steps hung the others in a collective
+    until the process group's timeout (30 min). The ranks now compare what they resolved and all stop at once."""
+    out, port = tmp_path / "run", str(free_port())
+    tasks = [subprocess.Popen([sys.executable, str(REPO / "lance_ds" / "train.py"),
+                               *train_args(out, example_data, steps)], cwd=REPO,
+                              env=launch_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for rank, steps in ((0, 5), (1, 3))]
+    try:
+        logs = [t.communicate(timeout=120)[0] for t in tasks]
+    finally:
+        for t in tasks:
+            if t.poll() is None:
+                os.killpg(t.pid, signal.SIGKILL)
+    assert [t.returncode for t in tasks] == [2, 2], logs
+    assert "ranks resolved other configs than rank 0 (rank 1: run)" in logs[0], logs[0][-2000:]
+    assert not (out / "checkpoints").exists()
