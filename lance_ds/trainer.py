@@ -218,6 +218,7 @@ class Trainer:
             f"warmup {cfg.train.warmup_steps}), save every {cfg.checkpoint.save_every}",
             f"  validation   {self._validation_plan()}",
             f"  output       {self.out}",
+            *(f"  note         {note}" for note in self.loader.under_sharded()),
         ]
         print("\n".join(lines), flush=True)
 

@@ -777,6 +777,16 @@ class TrainLoader:
 
     # -- reporting -------------------------------------------------------------------------------------------------
 
+    def under_sharded(self) -> list[str]:
+        """Groups with fewer shards than loader slots, as a user can act on it: each slot then reads all of their
+        shards and keeps one sample in `slots` (no slot goes without data, but every byte is read `slots` times:
+        with 32 ranks x 4 workers on 10 shards, 128 times)."""
+        slots = self.spec.world_size * self.num_workers
+        return [f"{g.name}: {len(g.shards)} shard(s) for {slots} loader slots ({self.spec.world_size} rank(s) x "
+                f"{self.num_workers} worker(s)): each slot reads all of them to keep 1 sample in {slots}; {slots} or "
+                "more shards (tools/parquet_to_wds.py --samples-per-shard) read each sample once"
+                for g in self.spec.groups if len(g.shards) < slots]
+
     def stats(self) -> dict:
         """Totals over this rank's workers, for the batches consumed so far."""
         skipped: Counter = Counter()

@@ -178,6 +178,20 @@ def test_every_rank_takes_the_same_number_of_steps(tmp_path_factory, planner, nu
         loader.close()
 
 
+def test_fewer_shards_than_loader_slots_is_said_with_the_shard_count_that_reads_each_sample_once(tmp_path, planner):
+    """With fewer shards than slots every slot reads every shard to keep 1 sample in `slots` (no slot idles, but the
+    reads multiply by the slot count): the banner says so, and how many shards read each sample once."""
+    write_shards(tmp_path, "t2i", 3, 4)
+    dataset = DatasetConfig(groups=[group("g", [tmp_path])])
+    loader = build_train_loader(dataset, dataclasses.replace(DATA, num_workers=2), planner, rank=0, world_size=2,
+                                seed=0, micro_batch_size=1)
+    assert loader.under_sharded() == [
+        "g: 3 shard(s) for 4 loader slots (2 rank(s) x 2 worker(s)): each slot reads all of them to keep 1 sample in "
+        "4; 4 or more shards (tools/parquet_to_wds.py --samples-per-shard) read each sample once"]
+    enough = build_train_loader(dataset, DATA, planner, rank=0, world_size=3, seed=0, micro_batch_size=1)
+    assert enough.under_sharded() == []
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # exact resume
 
