@@ -19,6 +19,9 @@ def rank() -> int:
     return dist.get_rank() if initialized() else 0
 
 
+REFUSED = "refused"  # what a rank that refused its config says in the first exchange (train.stop_the_others_too)
+
+
 def every_rank(value) -> list:
     """Every rank's `value` (picklable), by rank; every rank must call it. [value] in one process."""
     if world_size() == 1:

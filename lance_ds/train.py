@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         if is_first:
             print(f"lance_ds: {e}", file=sys.stderr)
+        if not (args.print_config or args.check):
+            stop_the_others_too()
         return 2
     if args.print_config or args.check:
         if is_first:
@@ -114,6 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         exit_now(1, trace)
     trainer.close()
     return 128 + stopped if stopped else 0  # stopped by a signal (saved): the shell's code for that signal
+
+
+def stop_the_others_too() -> None:
+    """A rank that refused its config (or --resume) joins the process group all the same, to tell the others: a
+    problem only one node has (a path not mounted there) left the other nodes waiting out the rendezvous timeout
+    (30 minutes). Trainer's first exchange (trainer.refuse_disagreeing_ranks) reads this rank's REFUSED and stops."""
+    if "RANK" not in os.environ or world_size_from_env() == 1:
+        return  # one process, or a check outside the launcher (scripts/launch.sh runs one before it)
+    from lance_ds import distributed
+    from lance_ds.engine import init_distributed
+
+    init_distributed(timeout_s=300.0)
+    distributed.every_rank(distributed.REFUSED)
 
 
 def exit_now(code: int, trace: str = "") -> None:

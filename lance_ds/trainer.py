@@ -360,7 +360,12 @@ def refuse_disagreeing_ranks(run: Run, ds_config: dict) -> None:
                 "validation data": to_dict(run.val_dataset) if run.val_dataset is not None else None}
     fingerprints = {name: hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()
                     for name, part in resolved.items()}
-    first, *others = distributed.every_rank(fingerprints)
+    every = distributed.every_rank(fingerprints)
+    refused = [rank for rank, value in enumerate(every) if value == distributed.REFUSED]
+    if refused:
+        raise ConfigError([f"rank(s) {refused} refused the config or --resume (the reason is in their output: a "
+                           "problem only their node has, such as a path not mounted there)"])
+    first, *others = every
     differing = [f"rank {rank}: {', '.join(name for name in first if theirs[name] != first[name])}"
                  for rank, theirs in enumerate(others, start=1) if theirs != first]
     if differing:

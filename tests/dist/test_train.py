@@ -247,22 +247,41 @@ def test_tasks_srun_starts_itself_train_as_one_run(reference, example_data, tmp_
     assert not (tmp_path / "r2").exists()
 
 
+def ranks_started_alone(per_rank_args: list[list[str]], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Rank r of len(per_rank_args) as a node's launcher starts it (RANK, WORLD_SIZE, ...), each with its own args."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(REPO / "lance_ds" / "train.py"), *args], cwd=REPO,
+                              env=launch_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(len(per_rank_args)),
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port),  # one node each
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for rank, args in enumerate(per_rank_args)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    return [subprocess.CompletedProcess(p.args, p.returncode, log, "") for p, log in zip(procs, logs)]
+
+
 def test_ranks_that_read_other_configs_are_refused_before_anything_is_built(example_data, tmp_path):
     """Each node reads the config files itself: a rank with another train.max_steps hung the others in a collective
     until the process group's timeout (30 min). The ranks now compare what they resolved and all stop at once."""
-    out, port = tmp_path / "run", str(free_port())
-    tasks = [subprocess.Popen([sys.executable, str(REPO / "lance_ds" / "train.py"),
-                               *train_args(out, example_data, steps)], cwd=REPO,
-                              env=launch_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for rank, steps in ((0, 5), (1, 3))]
-    try:
-        logs = [t.communicate(timeout=120)[0] for t in tasks]
-    finally:
-        for t in tasks:
-            if t.poll() is None:
-                os.killpg(t.pid, signal.SIGKILL)
-    assert [t.returncode for t in tasks] == [2, 2], logs
-    assert "ranks resolved other configs than rank 0 (rank 1: run)" in logs[0], logs[0][-2000:]
+    out = tmp_path / "run"
+    ranks = ranks_started_alone([train_args(out, example_data, 5), train_args(out, example_data, 3)])
+    assert [r.returncode for r in ranks] == [2, 2], [r.stdout[-2000:] for r in ranks]
+    assert "ranks resolved other configs than rank 0 (rank 1: run)" in ranks[0].stdout, ranks[0].stdout[-2000:]
     assert not (out / "checkpoints").exists()
+
+
+def test_a_rank_that_refuses_its_config_stops_the_others(example_data, tmp_path):
+    """A problem only one node sees (its dataset path not mounted) used to end that node's ranks while the others
+    waited out the rendezvous timeout (30 min): the refusing rank now joins only to tell them, and all stop."""
+    out = tmp_path / "run"
+    missing = [*train_args(out, example_data), "--dataset_config", str(tmp_path / "not_mounted.yaml")]
+    start = time.time()
+    ranks = ranks_started_alone([train_args(out, example_data), missing])
+    assert [r.returncode for r in ranks] == [2, 2], [r.stdout[-2000:] for r in ranks]
+    assert "not_mounted.yaml" in ranks[1].stdout  # the reason, where it happened
+    assert "rank(s) [1] refused the config or --resume" in ranks[0].stdout, ranks[0].stdout[-2000:]
+    assert time.time() - start < 100 and not (out / "checkpoints").exists()
