@@ -340,18 +340,14 @@ def to_json(result: Evaluation) -> dict:
 def untrained_generator(checkpoint: str | Path, trained, dtype: str = "fp32"):
     """The checkpoint's model as training starts: built from its config.yaml with train.seed and no weights loaded
     (the frozen ViT / codec come out the same as the trained model's, as in export.build_from_trained)."""
-    from .export import find_checkpoint, inference_model_config, is_export_dir, read_run_config
+    from .export import build_untrained, find_checkpoint, is_export_dir, read_run_config
     from .generate import Generator
-    from .model import build_model
 
     if is_export_dir(checkpoint):
         raise ValueError(f"{checkpoint} is an export; --untrained needs the training checkpoint (its config.yaml "
                          "and seed say what the model looked like at step 0)")
     config = read_run_config(find_checkpoint(checkpoint))
-    model_cfg = inference_model_config(config.model, dtype, trained.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.train.seed)
-        bundle = build_model(model_cfg, len(trained.tokenizer), None, device=trained.device)
+    bundle, _ = build_untrained(config, dtype, trained.device, len(trained.tokenizer))
     bundle.model.to(trained.device).eval()
     return Generator(bundle.model, bundle.vit, bundle.vae, trained.planner, trained.tokenizer, config.objective)
 

@@ -285,6 +285,18 @@ def inference_model_config(model: ModelConfig, dtype: str, device: torch.device 
                                freeze_modules=[], dtype=dtype, vit_dtype=vit_dtype, attention=attention)
 
 
+def build_untrained(config: RunConfig, dtype: str, device: torch.device, num_text_classes: int):
+    """(the model as training built it before its first step, its inference model config): seeded with
+    train.seed, as the trainer seeds right before build_model, so that random frozen parts (debug sizes) come out
+    as the trained model's."""
+    from .model import build_model
+
+    model_cfg = inference_model_config(config.model, dtype, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        return build_model(model_cfg, num_text_classes, None, device=device), model_cfg
+
+
 def build_from_trained(weights: TrainedWeights, dtype: str = "fp32",
                        device: torch.device | str | None = None) -> InferenceParts:
     """Rebuild the trained model from a checkpoint's weights.
@@ -294,17 +306,13 @@ def build_from_trained(weights: TrainedWeights, dtype: str = "fp32",
     before build_model), so they equal the ones the model was trained with.
     """
     from .data.tokenizer import load_tokenizer
-    from .model import build_model
     from .model.build import default_device, load_state
     from .model.weights import LANCE_VIT_PREFIX
 
     device = torch.device(device) if device is not None else default_device()
     cfg = weights.config
     tokenizer = load_tokenizer(cfg.model.tokenizer_path)
-    model_cfg = inference_model_config(cfg.model, dtype, device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        bundle = build_model(model_cfg, len(tokenizer), None, device=device)
+    bundle, model_cfg = build_untrained(cfg, dtype, device, len(tokenizer))
     state = dict(weights.state)
     vit_state = {k[len(LANCE_VIT_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(LANCE_VIT_PREFIX)}
     if vit_state:  # trained with model.vit_trainable: the tower's weights are in the checkpoint
