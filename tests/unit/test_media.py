@@ -308,13 +308,14 @@ def test_probe_catches_truncated_payload_when_index_comes_first(tmp_path):
 
 def mux(frames: np.ndarray, fps: int, fmt: str, codec: str = "mpeg4", pix_fmt: str = "yuv420p",
         extra=None) -> bytes:
-    """Encode frames into a container of format `fmt`; extra(container) may add streams before the first frame."""
+    """Encode frames into a container of format `fmt`; extra(container, stream) may set the stream up or add
+    streams before the first frame."""
     out = io.BytesIO()
     with av.open(out, "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         if extra is not None:
-            extra(container)
+            extra(container, stream)
         for rgb in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                 container.mux(packet)
@@ -367,7 +368,7 @@ def test_probe_catches_a_matroska_file_cut_short(fmt):
 def test_cover_art_is_not_a_video_and_the_largest_stream_is():
     """An audio file's album art is a one-frame attached_pic "video" stream: refused, not trained as a 1-frame clip.
     With two real video streams, the largest is the video (as FFmpeg picks it), in probe, peek and decode alike."""
-    def cover(container):
+    def cover(container, _):
         art = container.add_stream("mjpeg", rate=1)
         art.width, art.height, art.pix_fmt = 16, 16, "yuvj420p"
         art.disposition = av.stream.Disposition.attached_pic
@@ -410,18 +411,12 @@ def test_cover_art_is_not_a_video_and_the_largest_stream_is():
 def _clip_with_display_rotation(degrees: int | None, fmt: str) -> bytes:
     """A 48 x 32 clip whose frames differ everywhere (noise), stored unturned, with a display rotation."""
     frames = np.random.default_rng(1).integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    with av.open(out, "w", format=fmt) as container:
-        stream = container.add_stream("mpeg4", rate=24)
-        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+
+    def rotate(_, stream):
         if degrees is not None:
             stream.set_display_rotation(degrees)  # counter-clockwise, as FFmpeg reads it back
-        for rgb in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+
+    return mux(frames, 24, fmt, extra=rotate)
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "mov", "matroska"])
