@@ -70,8 +70,19 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   NUM_NODES=${NUM_NODES:-1}; positive NUM_NODES
   [ "$NUM_NODES" -eq 1 ] || die "NUM_NODES=$NUM_NODES needs HOSTFILE (one 'host slots=N' line per node)"
-  NUM_GPUS=${NUM_GPUS:-$(bash "$repo/scripts/num_ranks.sh")}; positive NUM_GPUS
-  world=$NUM_GPUS; launcher+=(--num_gpus "$NUM_GPUS")
+  gpus=$(bash "$repo/scripts/num_ranks.sh" --gpus)
+  NUM_GPUS=${NUM_GPUS:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}; positive NUM_GPUS
+  world=$NUM_GPUS
+  if [ "$gpus" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    # given --num_gpus, DeepSpeed's runner drops CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1 (maybe another job's):
+    # the first NUM_GPUS of the visible ones are named instead
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    [ "$NUM_GPUS" -le "${#visible[@]}" ] ||
+      die "NUM_GPUS=$NUM_GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#visible[@]} GPU(s)"
+    launcher+=(--include "localhost:$(IFS=,; echo "${visible[*]:0:NUM_GPUS}")")
+  else
+    launcher+=(--num_gpus "$NUM_GPUS")
+  fi
 fi
 echo "$(basename "$0"): $world rank(s) on $NUM_NODES node(s)" >&2
 

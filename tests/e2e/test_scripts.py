@@ -256,3 +256,34 @@ def test_a_hostfile_sets_nodes_and_ranks_from_its_slots(example_data, tmp_path):
     proc = run_script("sft_lance_unified.sh", tmp_path, timeout=30, **knobs, NUM_NODES="3", NUM_GPUS="")
     assert proc.returncode == 2 and "NUM_NODES=3 but HOSTFILE lists 2 host(s)" in proc.stderr
 
+
+
+def test_cuda_visible_devices_choose_the_gpus(example_data, tmp_path):
+    """Given --num_gpus, DeepSpeed's runner drops CUDA_VISIBLE_DEVICES and takes GPUs 0..N-1: a job told to use GPUs
+    4-7 of a shared machine trained on 0-3. The scripts name the visible GPUs instead (a stub reports 4 GPUs, as
+    torch does under CUDA_VISIBLE_DEVICES=4,5,6,7; a stub deepspeed records what it is asked to run)."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "scripts", repo / "scripts")
+    for name in ("lance_ds", "configs", "ds_configs"):
+        (repo / name).symlink_to(REPO / name)
+    (repo / "scripts" / "num_ranks.sh").write_text("echo 4\n")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "deepspeed").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'launched'}\n")
+    (fake / "deepspeed").chmod(0o755)
+    knobs = {"DATASET_CONFIG_FILE": str(example_data["train"]), "PATH": f"{fake}:{os.environ['PATH']}"}
+
+    def launched(**more: str) -> str:
+        proc = run_script("sft_lance_unified.sh", tmp_path, timeout=60, repo=repo, **{**knobs, **more})
+        assert proc.returncode == 0, proc.stderr
+        return (tmp_path / "launched").read_text()
+
+    every = launched(CUDA_VISIBLE_DEVICES="4,5,6,7", NUM_GPUS="")
+    assert "--include localhost:4,5,6,7" in every and "--num_gpus" not in every
+    assert "--include localhost:4,5 " in launched(CUDA_VISIBLE_DEVICES="4,5,6,7", NUM_GPUS="2")
+    assert "--num_gpus 4" in launched(CUDA_VISIBLE_DEVICES="", NUM_GPUS="")  # not set: DeepSpeed's numbering
+    proc = run_script("sft_lance_unified.sh", tmp_path, timeout=60, repo=repo,
+                      **{**knobs, "CUDA_VISIBLE_DEVICES": "4,5", "NUM_GPUS": "3"})
+    assert proc.returncode == 2 and "NUM_GPUS=3 but CUDA_VISIBLE_DEVICES=4,5 names 2 GPU(s)" in proc.stderr
