@@ -1,5 +1,6 @@
 """Crash-test hooks: `LANCE_DS_FAULT=<name>:<step>[,<name>:<step>...]` makes a named point of the code fail at that step the way a
-real failure would, so tests can prove recovery (tests/dist/test_train.py). Off unless the variable is set."""
+real failure would, so tests can prove recovery (tests/dist/test_train.py); `<name>:<seconds>` slows one down. Off
+unless the variable is set."""
 
 from __future__ import annotations
 
@@ -15,3 +16,11 @@ def kill_if_armed(name: str, step: int) -> None:
     """SIGKILL this process here, as a machine failure would (no cleanup, no exception handlers)."""
     if armed(name, step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def seconds_if_armed(name: str) -> float:
+    """The seconds `<name>:<seconds>` asks for (0 when not armed): a slow point, e.g. a save longer than a grace."""
+    for fault in os.environ.get("LANCE_DS_FAULT", "").split(","):
+        if fault.startswith(f"{name}:"):
+            return float(fault.split(":", 1)[1])
+    return 0.0

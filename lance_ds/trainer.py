@@ -31,7 +31,7 @@ from .data.tokenizer import load_tokenizer
 from . import distributed
 from .ema import ShardedEMA
 from .engine import build_engine, follow_run_schedule, init_distributed, seed_everything, seed_micro_step
-from .faults import armed
+from .faults import armed, seconds_if_armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
 from .model import build_model, encode_vit
 from .objectives import compute_losses, prepare_flow, step_weights
@@ -103,6 +103,8 @@ class Trainer:
                     if stopped is None:  # (stopping: the save first, within the launcher's grace period)
                         self.validate_if_due()
                     if save:
+                        if stopped is not None:  # crash tests: a stop's save longer than DeepSpeed's 30 s grace
+                            time.sleep(seconds_if_armed("slow_stop_save"))
                         self.save()
         finally:
             requests.restore()
