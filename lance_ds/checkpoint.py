@@ -191,10 +191,10 @@ class Checkpointer:
                                   f"(complete steps: {self.complete_steps()})")
         return path
 
-    def check_resume(self, resume: str, model: dict, max_steps: int) -> Path | None:
+    def check_resume(self, resume: str, model: dict, max_steps: int, weight_decay: float = 0.0) -> Path | None:
         """The checkpoint `resume` names once it is known that this run can resume it (same number of ranks, same
-        architecture, a step not past max_steps), or None to start from scratch; else CheckpointError with the fix.
-        It reads JSON only, so `--check` runs it before any rank starts work."""
+        architecture, the same optimizer grouping, a step not past max_steps), or None to start from scratch; else
+        CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it before any rank starts work."""
         path = self.resolve(resume)
         if path is None:
             return None
@@ -210,6 +210,7 @@ class Checkpointer:
                 f"python -m deepspeed.checkpoint.ds_to_universal, keeps optimizer state for DeepSpeed's "
                 f"load_universal, but not lance_ds's per-rank data position.)")
         refuse_other_architecture(saved.get("model", {}), model, path)
+        refuse_other_grouping(float(read_config(path).get("train", {}).get("weight_decay") or 0.0), weight_decay, path)
         step = int(saved.get("step", 0))
         if step > max_steps:  # (step == max_steps: a finished run started again, which has nothing left to do)
             earlier = [s for s in self.complete_steps() if s <= max_steps]
@@ -390,6 +391,18 @@ def refuse_other_architecture(saved_model: dict, current_model: dict, path: Path
         detail = "; ".join(f"model.{k}: checkpoint {saved_model[k]!r}, now {current_model.get(k)!r}" for k in differing)
         raise CheckpointError(f"{path} was trained with a different architecture ({detail}). Resume with the "
                               f"same model settings, or start a new output_dir (or --resume none).")
+
+
+def refuse_other_grouping(saved: float, current: float, path: Path) -> None:
+    """With weight decay the optimizer holds two parameter groups (engine.optimizer_groups), without it one; its
+    saved state loads only into the same grouping."""
+    if (saved > 0) != (current > 0):
+        raise CheckpointError(f"{path} was trained with train.weight_decay={saved:g} and this run has {current:g}: "
+                              "with weight decay, biases and norm gains sit in an optimizer group of their own (not "
+                              "decayed), and the saved optimizer state fits only the grouping it was saved with. "
+                              f"Resume with train.weight_decay {'> 0' if saved > 0 else '= 0'}, or start a new run "
+                              f"from its weights (python tools/export_checkpoint.py {path} --out DIR, then "
+                              "model.path=DIR)")
 
 
 def read_config(path: Path) -> dict[str, Any]:

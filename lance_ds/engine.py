@@ -181,6 +181,18 @@ def follow_run_schedule(engine, train: TrainConfig) -> float:
     return saved
 
 
+def optimizer_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list:
+    """What AdamW steps. With weight decay, matrices (linear and embedding weights, LoRA adapters) decay and vectors
+    (biases, norm gains) do not: decay would pull a norm's gain towards 0 (nanoGPT, litgpt and transformers' Trainer
+    leave them out alike). Without weight decay, one group (a checkpoint resumes only into the grouping it was saved
+    with: checkpoint.check_resume)."""
+    if weight_decay == 0:
+        return params
+    vectors = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]  # (ZeRO-3: the shape before partitioning)
+    matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}] if vectors and matrices else params
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
     """Wrap the trainable model: DeepSpeed builds the optimizer from the resolved JSON; the schedule is the run
     config's (a LambdaLR, checkpointed by the engine; the config check refuses a DeepSpeed scheduler)."""
@@ -190,11 +202,12 @@ def build_engine(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
     if not params:
         raise ConfigError(["model.freeze_modules: froze every parameter, so there is nothing to train; unfreeze "
                            "something"])
+
     def schedule(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
-                                           lr_scheduler=schedule)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(params, train.weight_decay),
+                                           config=ds_config, lr_scheduler=schedule)
     from .model.vision import fp32_rope
 
     fp32_rope(engine.module)  # (a trainable ViT's RoPE buffers, cast to bf16 with the model below ZeRO-3)

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world)
         # what --resume names must be resumable by this run (ranks, architecture) before any rank starts work
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
-        checkpointer.check_resume(args.resume, to_dict(run.config.model), run.config.train.max_steps)
+        train = run.config.train
+        checkpointer.check_resume(args.resume, to_dict(run.config.model), train.max_steps, train.weight_decay)
     except (ConfigError, CheckpointError) as e:
         if is_first:
             print(f"lance_ds: {e}", file=sys.stderr)

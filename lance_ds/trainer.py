@@ -278,7 +278,8 @@ class Trainer:
     def _resume(self, resume: str) -> bool:
         """Restore the checkpoint `resume` names; False when the run starts from scratch."""
         check_output_dir_shared(self.out, self.dist.device)
-        resumable = self.checkpointer.check_resume(resume, to_dict(self.cfg.model), self.cfg.train.max_steps)
+        train = self.cfg.train
+        resumable = self.checkpointer.check_resume(resume, to_dict(self.cfg.model), train.max_steps, train.weight_decay)
         path = agree_on_resume(self.checkpointer.root, resumable, self.dist.device)
         if path is None:
             earlier = self.checkpointer.complete_steps()

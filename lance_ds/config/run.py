@@ -21,7 +21,7 @@ class TrainConfig:
     min_lr: float = doc(0.0, "learning rate at the end of a cosine schedule")
     lr_schedule: str = doc("constant", "after warmup: constant or cosine")
     warmup_steps: int = doc(500, "linear warmup from 0 to lr over this many steps")
-    weight_decay: float = doc(0.0, "AdamW weight decay")
+    weight_decay: float = doc(0.0, "AdamW weight decay of weight matrices (biases and norm gains are not decayed)")
     betas: list[float] = doc(factory=lambda: [0.9, 0.95], text="AdamW betas")
     eps: float = doc(1e-15, "AdamW epsilon")
     grad_clip: float = doc(1.0, "clip the global gradient norm to this (0 disables)")

@@ -28,7 +28,8 @@ def train_args(out: Path, data: dict, steps: int = STEPS, *extra: str) -> list[s
             "--dataset_config", str(data["train"]), "--output_dir", str(out),
             f"train.max_steps={steps}", "train.warmup_steps=2", "train.lr_schedule=constant", "log.every=3",
             "data.packing_length=512",
-            "checkpoint.save_every=2", "checkpoint.keep_last=2", "train.ema_decay=0.9", "validation.every=0", "train.grad_accum=2", *extra]
+            "checkpoint.save_every=2", "checkpoint.keep_last=2", "train.ema_decay=0.9", "validation.every=0", "train.grad_accum=2",
+            "train.weight_decay=0.1", *extra]  # (weight decay: two optimizer groups, which every resume must restore)
 
 
 # log.every=3 with save_every=2: scalars at every save and every third step; a resumed run must log the same windows

@@ -157,6 +157,10 @@ def test_refusals_name_the_fix(tmp_path):
     assert ck.check_resume("none", model, 100) is None
     with pytest.raises(CheckpointError, match="model.size: checkpoint .debug., now .100m."):
         ck.check_resume("10", {"size": "100m"}, 100)
+    # saved without weight decay (save() records no train.weight_decay): one optimizer group; with it, two
+    assert ck.check_resume("10", model, 100, weight_decay=0.0) == tmp_path / step_name(10)
+    with pytest.raises(CheckpointError, match="(?s)weight_decay=0 and this run has 0.1.*= 0, or start a new run"):
+        ck.check_resume("10", model, 100, weight_decay=0.1)
     # a checkpoint past max_steps (the run ended at once, saying "done"); at max_steps: a finished run, nothing to do
     save(ck, 20)
     assert ck.check_resume("latest", model, 20) == tmp_path / step_name(20)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lance_ds.config.run import TrainConfig
-from lance_ds.engine import follow_run_schedule, launcher_env, lr_multiplier, set_cpu_threads
+from lance_ds.engine import follow_run_schedule, launcher_env, lr_multiplier, optimizer_groups, set_cpu_threads
 
 
 def scheduled(train: TrainConfig):
@@ -94,3 +94,28 @@ def test_ranks_that_srun_or_mpirun_start_themselves_are_read_from_their_variable
     assert launcher_env({**srun, "RANK": "0"}) is None  # torchrun / deepspeed inside srun: theirs is what counts
     assert launcher_env({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) is None  # a batch script's plain python: one rank
     assert launcher_env({**srun, "SLURM_STEP_NUM_TASKS": "1"}) is None
+
+
+def test_weight_decay_spares_biases_and_norm_gains():
+    """Decay would pull a norm's gain towards 0: only matrices decay (one group, as before, without weight decay)."""
+    from lance_ds.config.model import ModelConfig
+    from lance_ds.model import build_model
+
+    model = build_model(ModelConfig(size="debug", dtype="fp32", vit_dtype="fp32"), 300).model
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert optimizer_groups(params, 0.0) == params
+    decayed, spared = optimizer_groups(params, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert "weight_decay" not in decayed and spared["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decayed["params"]) and all(p.ndim == 1 for p in spared["params"])
+    spared_names = [names[id(p)] for p in spared["params"]]
+    assert any("norm" in n for n in spared_names) and not any(n.endswith("proj.weight") for n in spared_names)
+    assert len(decayed["params"]) + len(spared["params"]) == len(params)
+    optimizer = torch.optim.AdamW(optimizer_groups(params, 0.1), lr=1.0, weight_decay=0.1)
+    norm = next(p for n, p in model.named_parameters() if "norm" in n and p.ndim == 1)
+    matrix = decayed["params"][0]
+    norm_before, matrix_before = norm.detach().clone(), matrix.detach().clone()
+    for p in params:
+        p.grad = torch.zeros_like(p)  # zero gradients: only decay moves a parameter
+    optimizer.step()
+    assert torch.equal(norm, norm_before) and torch.allclose(matrix, matrix_before * 0.9)
