@@ -79,7 +79,7 @@ def adopt_launcher_env() -> str | None:
         return None
     name, ranks = found
     os.environ.update(ranks)
-    if "MASTER_ADDR" not in os.environ:
+    if not os.environ.get("MASTER_ADDR"):
         return (f"started by {name} as rank {ranks['RANK']} of {ranks['WORLD_SIZE']}, but MASTER_ADDR is not set: "
                 "every rank must know where rank 0 listens; set it in the job script, e.g. export MASTER_ADDR=$("
                 "scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) (and MASTER_PORT, default 29500)")
@@ -188,8 +188,9 @@ def optimizer_groups(params: list[torch.nn.Parameter], weight_decay: float) -> l
     with: checkpoint.check_resume)."""
     if weight_decay == 0:
         return params
-    vectors = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]  # (ZeRO-3: the shape before partitioning)
-    matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    matrices, vectors = [], []
+    for p in params:
+        (matrices if len(getattr(p, "ds_shape", p.shape)) >= 2 else vectors).append(p)  # (ZeRO-3: shape before split)
     return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}] if vectors and matrices else params
 
 

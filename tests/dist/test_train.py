@@ -27,8 +27,8 @@ def train_args(out: Path, data: dict, steps: int = STEPS, *extra: str) -> list[s
     return ["--ds_config", str(REPO / "ds_configs/zero3.json"), "--config", str(REPO / "configs/debug.yaml"),
             "--dataset_config", str(data["train"]), "--output_dir", str(out),
             f"train.max_steps={steps}", "train.warmup_steps=2", "train.lr_schedule=constant", "log.every=3",
-            "data.packing_length=512",
-            "checkpoint.save_every=2", "checkpoint.keep_last=2", "train.ema_decay=0.9", "validation.every=0", "train.grad_accum=2",
+            "data.packing_length=512", "checkpoint.save_every=2", "checkpoint.keep_last=2", "train.ema_decay=0.9",
+            "validation.every=0", "train.grad_accum=2",
             "train.weight_decay=0.1", *extra]  # (weight decay: two optimizer groups, which every resume must restore)
 
 
@@ -211,51 +211,24 @@ def test_sigterm_stops_at_the_next_step_with_its_checkpoint_and_resumes_exactly(
     assert tensorboard_steps(out, "hparam/train/loss") == [0]  # the finished run's record only, not the stop's
 
 
-def test_tasks_srun_starts_itself_train_as_one_run(reference, example_data, tmp_path):
-    """`srun python lance_ds/train.py` starts every rank itself, and says which is which in its own variables (no
-    RANK): each task used to train alone, a world of one on GPU 0, all of them into one output_dir. They now train
-    as the ranks of one run: the reference's 2-rank losses, step for step."""
-    out, port = tmp_path / "run", str(free_port())
+def ranks_started_alone(per_rank_args: list[list[str]], launcher_env=None,
+                        timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Rank r of len(per_rank_args) started on its own, each with its own args and the variables
+    launcher_env(rank, world, port) gives it (default: a node's launcher's RANK, WORLD_SIZE, ..., one node each)."""
+    port, world = str(free_port()), len(per_rank_args)
 
-    def task(rank: int, **env: str) -> subprocess.Popen:
-        env = {k: v for k, v in launch_env(LANCE_DS_FAULT=NAN_AT, **env).items()
+    def node_launcher(rank: int, world: int, port: str) -> dict[str, str]:
+        return {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port}
+
+    started = launcher_env or node_launcher
+    procs = []
+    for rank, args in enumerate(per_rank_args):
+        env = {k: v for k, v in launch_env(LANCE_DS_FAULT=NAN_AT).items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-        slurm = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
-                 "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "2"}
-        return subprocess.Popen([sys.executable, str(REPO / "lance_ds" / "train.py"), *train_args(out, example_data)],
-                                cwd=REPO, env={**env, **slurm}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-
-    tasks = [task(rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for rank in (0, 1)]
-    try:
-        logs = [t.communicate(timeout=240)[0] for t in tasks]
-    finally:
-        for t in tasks:
-            if t.poll() is None:
-                os.killpg(t.pid, signal.SIGKILL)
-    assert [t.returncode for t in tasks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "world        2 rank(s)" in logs[0], logs[0][-3000:]
-    expected, got = losses(reference), losses(out)
-    assert sorted(got) == sorted(expected)
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
-    # no MASTER_ADDR: no task can find rank 0; refused up front with the fix (not a world of one each)
-    env = {k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}
-    refused = subprocess.run([sys.executable, str(REPO / "lance_ds" / "train.py"), *train_args(tmp_path / "r2", example_data)],
-                             cwd=REPO, env={**env, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"},
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "started by srun as rank 0 of 2, but MASTER_ADDR is not set" in refused.stderr
-    assert not (tmp_path / "r2").exists()
-
-
-def ranks_started_alone(per_rank_args: list[list[str]], timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """Rank r of len(per_rank_args) as a node's launcher starts it (RANK, WORLD_SIZE, ...), each with its own args."""
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(REPO / "lance_ds" / "train.py"), *args], cwd=REPO,
-                              env=launch_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(len(per_rank_args)),
-                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port),  # one node each
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for rank, args in enumerate(per_rank_args)]
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "lance_ds" / "train.py"), *args], cwd=REPO,
+                                      env={**env, **started(rank, world, port)}, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
     try:
         logs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
@@ -263,6 +236,31 @@ def ranks_started_alone(per_rank_args: list[list[str]], timeout: float = 120) ->
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     return [subprocess.CompletedProcess(p.args, p.returncode, log, "") for p, log in zip(procs, logs)]
+
+
+def test_tasks_srun_starts_itself_train_as_one_run(reference, example_data, tmp_path):
+    """`srun python lance_ds/train.py` starts every rank itself, and says which is which in its own variables (no
+    RANK): each task used to train alone, a world of one on GPU 0, all of them into one output_dir. They now train
+    as the ranks of one run: the reference's 2-rank losses, step for step."""
+    out = tmp_path / "run"
+
+    def srun(rank: int, world: int, port: str) -> dict[str, str]:
+        return {"SLURM_STEP_NUM_TASKS": str(world), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": str(world), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port}
+
+    tasks = ranks_started_alone([train_args(out, example_data)] * 2, srun, timeout=240)
+    assert [t.returncode for t in tasks] == [0, 0], tasks[0].stdout[-3000:] + tasks[1].stdout[-3000:]
+    assert "world        2 rank(s)" in tasks[0].stdout, tasks[0].stdout[-3000:]
+    expected, got = losses(reference), losses(out)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, got, expected)
+    # no MASTER_ADDR: no task can find rank 0; refused up front with the fix (not a world of one each)
+    [refused] = ranks_started_alone([train_args(tmp_path / "r2", example_data)],
+                                    lambda rank, world, port: {**srun(0, 2, port), "MASTER_ADDR": ""})
+    assert refused.returncode == 2 and "started by srun as rank 0 of 2, but MASTER_ADDR is not set" in refused.stdout
+    assert not (tmp_path / "r2").exists()
 
 
 def test_ranks_that_read_other_configs_are_refused_before_anything_is_built(example_data, tmp_path):
