@@ -354,7 +354,6 @@ def flat_hparams(tree: dict, prefix: str = "") -> dict[str, float | int | str | 
     return out
 
 
-@torch.no_grad()
 def refuse_disagreeing_ranks(run: Run, ds_config: dict) -> None:
     """Every rank reads the config files itself (each node its own checkout; a file edited while the job starts): one
     that resolved another run, dataset or DeepSpeed config than rank 0 would hang the rest in a collective (seen: a
@@ -377,6 +376,7 @@ def refuse_disagreeing_ranks(run: Run, ds_config: dict) -> None:
                            "starts"])
 
 
+@torch.no_grad()
 def encode_latents(vae, pixels: list[torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
     """Clean latent tokens [N, z] of a batch's VAE blocks (sampled from the posterior), block after block."""
     blocks = vae.encode_blocks(pixels, sample=True, generator=generator)
