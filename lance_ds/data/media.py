@@ -476,8 +476,9 @@ def decode_video(
     size: tuple[int, int] | None = None
     turns = 0  # counter-clockwise quarter turns that show the frames upright
     error, index = None, 0
+    decoded = _decoded_frames(container, stream)
     try:
-        for frame in _decoded_frames(container, stream):
+        for frame in decoded:
             if isinstance(frame, av.FFmpegError):
                 error = frame
                 continue
@@ -497,6 +498,7 @@ def decode_video(
     except av.FFmpegError as e:  # the demuxer's: a damaged container; keep the frames read so far (probe_video
         error = e  # rejects such files at conversion time)
     finally:
+        decoded.close()  # before the container: the demuxer it holds must not outlive it
         container.close()
     if not kept:
         reason = f"could not be decoded: {error}" if error is not None else "holds no decodable frame"
