@@ -115,6 +115,18 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     return DistInfo(int(os.environ["RANK"]), world_size, local_rank, device)
 
 
+def limit_collective_waits(seconds: float) -> None:
+    """From now on a collective that waits more than `seconds` for another rank fails (gloo raises, NCCL's watchdog
+    aborts) instead of hanging: a stalled or lost rank ends the run, and the launcher stops the others. Every group
+    DeepSpeed made too: ZeRO's gathers run on a copy of the world group, created with torch's 30-minute default."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world  # no public setter for a live group
+
+    for group in list(_world.pg_map):
+        _set_pg_timeout(timedelta(seconds=seconds), group)
+
+
 def set_cpu_threads() -> None:
     """Without OMP_NUM_THREADS (scripts/launch.sh sets 1; the deepspeed launcher does not forward it to other nodes),
     a rank takes its share of the node's cores, not every core as each of a node's ranks would by default."""

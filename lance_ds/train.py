@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import traceback
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C twice: at once, the last complete checkpoint kept
         trainer.close(finished=False)
         exit_now(128 + signal.SIGINT)
-    except BaseException:
-        trace = traceback.format_exc()
+    except BaseException as error:
+        trace = traceback.format_exc() + stall_advice(error, trainer)
         trainer.close(finished=False)
         exit_now(1, trace)
     trainer.close()
@@ -131,6 +132,17 @@ def stop_the_others_too() -> None:
     init_distributed(timeout_s=300.0)
     distributed.every_rank(distributed.REFUSED)
     exit_now(2)  # no interpreter shutdown: the process group's teardown aborted once the others had gone
+
+
+def stall_advice(error: BaseException, trainer) -> str:
+    """What a collective's timeout means (torch's own message names neither the cause nor the fix)."""
+    if not re.search(r"timed out", str(error), re.IGNORECASE):
+        return ""
+    saved = f"step {trainer.saved_step}" if trainer.saved_step is not None else "none yet"
+    return (f"lance_ds: rank {trainer.dist.rank} waited more than train.stall_timeout_s="
+            f"{trainer.cfg.train.stall_timeout_s:g} s for another rank: that rank stalled or was lost (its output says "
+            f"why); the last checkpoint ({saved}) is intact, and the same command resumes from it; raise "
+            "train.stall_timeout_s if one rank's step, validation or save can legitimately take longer\n")
 
 
 def exit_now(code: int, trace: str = "") -> None:

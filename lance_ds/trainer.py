@@ -30,7 +30,8 @@ from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
 from . import distributed
 from .ema import ShardedEMA
-from .engine import build_engine, follow_run_schedule, init_distributed, seed_everything, seed_micro_step
+from .engine import (build_engine, follow_run_schedule, init_distributed, limit_collective_waits, seed_everything,
+                     seed_micro_step)
 from .faults import armed, seconds_if_armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
 from .model import build_model, encode_vit
@@ -89,10 +90,13 @@ class Trainer:
         meter, speed = Meter(), Throughput()
         progress = self._progress_bar()
         requests, stopped = StopRequests(), None
+        first_step = self.step + 1
         try:
             while self.step < cfg.train.max_steps and stopped is None:
                 self.train_step(batches, meter, speed)
                 self.step += 1
+                if self.step == first_step:  # (start-up and the first step, with its loader warm-up: 30 minutes)
+                    limit_collective_waits(cfg.train.stall_timeout_s)
                 progress.update(1)
                 stopped = requests.agreed(self.dist.device)
                 save = self._save_due() or stopped is not None
@@ -139,6 +143,8 @@ class Trainer:
                 losses.total = losses.total * float("nan")  # crash tests: one rank's loss goes non-finite
             if armed("raise", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
                 raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {self.step + 1}")
+            if armed("stall", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
+                time.sleep(3600)  # crash tests: a rank stuck (a hung file system, a wedged GPU), alive but silent
             self.engine.backward(losses.total)
             self.engine.step()
             self._account(batch, speed)

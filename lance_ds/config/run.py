@@ -30,6 +30,9 @@ class TrainConfig:
     precision: str = doc("bf16", "mixed precision of the engine: bf16, fp16 or fp32")
     seed: int = doc(42, "seed of everything random (data order, noise, timesteps, init)")
     ema_decay: float = doc(0.0, "decay of an exponential moving average of the weights (0 disables; Lance uses 0.9999)")
+    stall_timeout_s: float = doc(600.0, "after the first step, a rank that waits longer than this for another in a "
+                                 "collective fails the run (that rank stalled or was lost; the last checkpoint stays "
+                                 "usable) instead of hanging; start-up and the first step may take 30 minutes")
 
     def check(self, problems: Problems, key: str) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum"):
@@ -48,6 +51,8 @@ class TrainConfig:
                          f"must be >= 0 (0: no decay), got {self.weight_decay}")
         problems.one_of(self.precision, PRECISIONS, join(key, "precision"))
         problems.require(0 <= self.ema_decay < 1, join(key, "ema_decay"), f"must be in [0, 1), got {self.ema_decay}")
+        problems.require(self.stall_timeout_s > 0, join(key, "stall_timeout_s"),
+                         f"must be > 0 seconds, got {self.stall_timeout_s}")
         problems.require(0 <= self.seed < 2**63, join(key, "seed"), f"must be in [0, 2**63), got {self.seed}")
 
 

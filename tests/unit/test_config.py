@@ -80,6 +80,7 @@ BAD = [
     ({}, ["train.lr_schedule=linear"], None, "train.lr_schedule"),
     ({}, ["train.betas=[0.9]"], None, "train.betas"),
     ({}, ["train.ema_decay=1.5"], None, "train.ema_decay"),
+    ({}, ["train.stall_timeout_s=0"], None, "train.stall_timeout_s"),
     ({}, ["checkpoint.save_every=0"], None, "checkpoint.save_every"),
     ({}, ["checkpoint.keep_last=-1"], None, "checkpoint.keep_last"),
     ({}, ["validation.every=10"], None, "validation.dataset_config"),
