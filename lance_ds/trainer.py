@@ -144,7 +144,10 @@ class Trainer:
             if armed("raise", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
                 raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {self.step + 1}")
             if armed("stall", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
-                time.sleep(3600)  # crash tests: a rank stuck (a hung file system, a wedged GPU), alive but silent
+                # crash tests: a rank stuck (a hung file system, a wedged GPU), alive but silent, where no signal
+                # handler runs (so the launcher's SIGTERM ends it, without its 30 s wait for a SIGKILL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                time.sleep(3600)
             self.engine.backward(losses.total)
             self.engine.step()
             self._account(batch, speed)
