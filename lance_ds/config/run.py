@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import glob
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.manifest import ManifestError, read_manifest
 from .core import Problems, apply_overrides, check, doc, from_dict, join, load_yaml
 from .data import GEN_TASKS, UND_TASKS, DataConfig, DatasetConfig, GroupConfig
 from .model import PRECISIONS, ModelConfig, ObjectiveConfig
@@ -199,20 +199,17 @@ def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> Non
             continue
         p = Path(source)
         if p.is_dir():
-            manifest = p / "manifest.json"
-            if not manifest.is_file():
+            try:
+                manifest = read_manifest(p)
+            except FileNotFoundError:
                 problems.add(f"{key}.shards", f"{p} has no manifest.json; point at a converter output dir "
                              "(tools/parquet_to_wds.py) or list its .tar files")
                 continue
-            try:
-                data = json.loads(manifest.read_text())
-                tasks.add(data["task"])
-                if not isinstance(data["shards"], list):
-                    raise ValueError("its 'shards' is not a list")
-            except (ValueError, KeyError, TypeError) as e:
-                problems.add(f"{key}.shards", f"{manifest} is not a converter manifest ({e}); re-run the converter")
+            except ManifestError as e:
+                problems.add(f"{key}.shards", str(e))
                 continue
-            if not data["shards"]:
+            tasks.add(manifest["task"])
+            if not manifest["shards"]:
                 empty.append(p)
         elif not (p.is_file() or glob.glob(source)):
             problems.add(f"{key}.shards", f"{source} matches no file or directory")

@@ -81,6 +81,7 @@ import pyarrow.parquet as pq
 
 from lance_ds.config.core import ConfigError, Problems, doc, output_problem
 from lance_ds.data import media
+from lance_ds.data.manifest import MANIFEST, parse_manifest
 from lance_ds.data.schemas import SCHEMAS, RowProblem, SchemaError, TaskSchema, resolve_task, validate_row
 from lance_ds.data.tar import TarShardWriter, file_crc32
 from lance_ds.processes import die_with_parent
@@ -94,7 +95,7 @@ _SHARD_PATTERN = re.compile(r"^shard-\d{6,}\.tar$")  # SHARD_NAME's: 7 digits fr
 _BATCH_BYTES = 32 << 20  # ~bytes of one record batch read from parquet: bounds a worker's memory
 _SHARDS_PER_UNIT = 4  # shards' worth of row groups per work unit: fuller shards when row groups are small
 _STEM_CHARS = 40  # longest file-stem part of a key (keeps member names under USTAR's 100 characters)
-_OUTPUT_FILES = ("manifest.json", "rejects.jsonl")  # besides the shards, what a conversion writes into DIR
+_OUTPUT_FILES = (MANIFEST, "rejects.jsonl")  # besides the shards, what a conversion writes into DIR
 # what a row adds to its shard besides its parquet bytes (weights of --shard-size-mb's plan): per tar member (KEY.json
 # and one per media column) a 512-byte header and on average half a block of padding; KEY.json's fields besides the
 # texts (key, task, source file and row) and, per media column, its metadata. Small media are mostly this: 1 kB PNGs
@@ -762,7 +763,7 @@ def _prepare_output(output: Path, planned: set[str], task: str) -> None:
                            f"choose another directory (one per task), or delete {output} to replace it")
     (output / STATE_DIR).mkdir(parents=True, exist_ok=True)
     (output / STATE_DIR / "task").write_text(task)
-    (output / "manifest.json").unlink(missing_ok=True)  # present only after a complete run
+    (output / MANIFEST).unlink(missing_ok=True)  # present only after a complete run
     _remove_temp_files(output)
     for path in output.iterdir():
         if _SHARD_PATTERN.match(path.name) and path.name not in planned:
@@ -774,10 +775,10 @@ def _prepare_output(output: Path, planned: set[str], task: str) -> None:
 def _output_task(output: Path) -> str | None:
     """The task an earlier conversion into `output` was of (an unfinished one's too), or None."""
     for path, read in ((output / STATE_DIR / "task", lambda text: text.strip()),
-                       (output / "manifest.json", lambda text: json.loads(text).get("task"))):
+                       (output / MANIFEST, lambda text: parse_manifest(text, MANIFEST)["task"])):
         try:
             return read(path.read_text()) or None
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             continue
     return None
 
@@ -920,23 +921,10 @@ def _write_outputs(output: Path, schema: TaskSchema, options: ConvertOptions, re
         "text_columns": list(schema.text_columns),
         "shards": shards,
     }
-    _write_atomic(output / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-
-
-def read_manifest(directory: str | Path) -> dict:
-    """A converter output's manifest.json, checked for the fields the loader relies on."""
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise ConvertError(f"{path} not found: {directory} is not a finished converter output "
-                           "(run tools/parquet_to_wds.py, or re-run it if it was interrupted)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT or manifest.get("task") not in SCHEMAS or "shards" not in manifest:
-        raise ConvertError(f"{path} is not a {FORMAT} manifest (format {manifest.get('format')!r}); "
-                           "re-run the converter")
-    return manifest
+    _write_atomic(output / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
 __all__ = [
-    "ConfigError", "ConvertError", "ConvertOptions", "ConvertSummary", "convert", "read_manifest", "plan_work",
+    "ConfigError", "ConvertError", "ConvertOptions", "ConvertSummary", "convert", "plan_work",
     "open_sources", "find_parquet_files", "sanitize_stem", "FORMAT", "STATE_DIR",
 ]  # ConfigError is re-exported: convert() raises it for bad options

@@ -62,6 +62,7 @@ from ..config.data import DataConfig, DatasetConfig, GroupConfig, VideoOptions
 from ..config.run import is_remote
 from ..stopping import ignore_stop_signals
 from .batch import PackedBatch, Sample
+from .manifest import MANIFEST, ManifestError, parse_manifest
 from .media import MediaError, decode_image, decode_video, describe, sampled_frame_count
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length, collate
 from .schemas import SCHEMAS, MediaKind
@@ -126,14 +127,11 @@ class ResolvedGroup:
         return None if any(c is None for c in counts) else sum(counts)
 
 
-def _read_manifest_text(text: str, where: str) -> dict:
+def _parse_manifest(text: str, where: str) -> dict:
     try:
-        manifest = json.loads(text)
-    except ValueError as e:
-        raise DataError(f"{where} is not valid JSON ({e}); re-run the converter") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise DataError(f"{where} is not a converter manifest (no 'shards' list); re-run tools/parquet_to_wds.py")
-    return manifest
+        return parse_manifest(text, where)
+    except ManifestError as e:
+        raise DataError(str(e)) from None
 
 
 def _manifest_shards(manifest: dict, base: str, join) -> list[ShardInfo]:
@@ -147,17 +145,17 @@ def resolve_sources(sources: list[str], where: str = "shards") -> tuple[list[Sha
     for source in sources:
         if source.startswith(("http://", "https://")) and source.endswith("manifest.json"):
             with urllib.request.urlopen(source, timeout=60) as response:
-                manifest = _read_manifest_text(response.read().decode("utf-8"), source)
+                manifest = _parse_manifest(response.read().decode("utf-8"), source)
             shards += _manifest_shards(manifest, source, urllib.parse.urljoin)
-            tasks.add(manifest.get("task"))
+            tasks.add(manifest["task"])
         elif is_remote(source):
             shards += [ShardInfo(u) for u in braceexpand.braceexpand(source)]
         elif Path(source).is_dir():
-            path = Path(source) / "manifest.json"
+            path = Path(source) / MANIFEST
             if path.is_file():
-                manifest = _read_manifest_text(path.read_text(encoding="utf-8"), str(path))
+                manifest = _parse_manifest(path.read_text(encoding="utf-8"), str(path))
                 shards += _manifest_shards(manifest, source, lambda base, name: str(Path(base) / name))
-                tasks.add(manifest.get("task"))
+                tasks.add(manifest["task"])
             else:
                 from .convert import STATE_DIR  # here only: the converter's module imports pyarrow
 
@@ -174,7 +172,7 @@ def resolve_sources(sources: list[str], where: str = "shards") -> tuple[list[Sha
                 raise DataError(f"{where}: {source} matches no file; give a converter output dir, .tar paths, a glob "
                                 "or a URL")
             shards += [ShardInfo(p) for p in expanded]
-    return shards, {t for t in tasks if t}
+    return shards, tasks
 
 
 def resolve_group(group: GroupConfig, where: str = "") -> ResolvedGroup:

@@ -496,9 +496,26 @@ def test_a_group_whose_conversions_wrote_nothing_is_refused(dataset_dir):
         load(dataset_dir, GOOD)
     assert len(err.value.problems) == 1 and "groups[0].shards" in err.value.problems[0]
     assert "hold(s) no samples" in err.value.problems[0] and "rejects.jsonl" in err.value.problems[0]
-    empty.write_text(json.dumps({"task": "t2i"}))
-    with pytest.raises(ConfigError, match="is not a converter manifest"):
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{not json", "is not valid JSON"),
+    (json.dumps({"task": "t2i"}), "no list of named shards"),
+    (json.dumps({"task": "t2i", "shards": [{"num_samples": 2}]}), "no list of named shards"),
+    (json.dumps({"task": "text2image", "shards": []}), "task 'text2image', not one of t2i"),
+])
+def test_a_manifest_that_is_not_a_converters_is_refused_alike_by_the_check_and_the_loader(dataset_dir, text, says):
+    from lance_ds.data.stream import DataError, resolve_sources
+
+    manifest = dataset_dir / "shards" / "t2i" / "manifest.json"
+    manifest.write_text(text)
+    with pytest.raises(ConfigError) as err:
         load(dataset_dir, GOOD)
+    [problem] = err.value.problems
+    assert problem.startswith("dataset_config.groups[0].shards") and says in problem and "re-run tools/parquet_to_wds.py" in problem
+    with pytest.raises(DataError) as loading:  # (a file replaced after the check, or a loader used on its own)
+        resolve_sources([str(manifest.parent)])
+    assert str(loading.value) in problem
 
 
 def test_output_dir_that_is_a_file_is_refused(dataset_dir):

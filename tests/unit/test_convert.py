@@ -26,7 +26,8 @@ from PIL import Image
 
 from lance_ds.config.core import ConfigError, Problems
 from lance_ds.data import convert as convert_module
-from lance_ds.data.convert import ConvertError, ConvertOptions, convert, read_manifest
+from lance_ds.data.convert import ConvertError, ConvertOptions, convert
+from lance_ds.data.manifest import read_manifest
 from lance_ds.data.media import encode_video
 from lance_ds.data.schemas import SCHEMAS, MediaKind
 

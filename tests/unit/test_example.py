@@ -221,7 +221,8 @@ def test_example_dataset_converts_cleanly_and_round_trips_to_the_judges(tmp_path
 
     import webdataset as wds
 
-    from lance_ds.data.convert import ConvertOptions, convert, read_manifest
+    from lance_ds.data.convert import ConvertOptions, convert
+    from lance_ds.data.manifest import read_manifest
 
     written = write_example_dataset(tmp_path / "datasets", ExampleConfig(num_per_task=4, rows_per_group=2))
     for task, path in written.items():
