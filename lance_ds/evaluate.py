@@ -390,17 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     from .config.run import load_dataset
     from .export import ExportError
     from .config.core import output_problem
-    from .generate import Generator, GenerateError
+    from .generate import Generator, GenerateError, sampling_problems
     from .metrics import TensorBoard
 
     args = parse_args(argv)
     problems = Problems()
     if args.num_per_task < 1:
         problems.add("--num-per-task", f"must be >= 1, got {args.num_per_task}")
-    if args.steps < 1:
-        problems.add("--steps", f"must be >= 1, got {args.steps}")
-    if not 0 <= args.cfg < math.inf:  # nan too
-        problems.add("--cfg", f"must be a finite number >= 0 (1: no guidance), got {args.cfg}")
+    for problem in sampling_problems(args.steps, args.cfg):
+        problems.add("", problem)
     # the outputs are written after the whole evaluation: one that cannot be written would throw it away
     tensorboard = None if args.tensorboard == "none" else args.tensorboard
     for flag, path, directory in (("--json", args.json, False), ("--tensorboard", tensorboard, True)):
