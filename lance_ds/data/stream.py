@@ -188,20 +188,50 @@ def resolve_group(group: GroupConfig, where: str = "") -> ResolvedGroup:
     return ResolvedGroup(group, task, shards)
 
 
-def fetch_raw(url: str, offset: int, key: str) -> RawSample:
-    """Re-read the one sample that starts at `offset` (resume); refuse if the shard changed since."""
+def fetch_raws(wanted: list[tuple[str, int, str]]) -> list[RawSample]:
+    """Re-read the samples at these (url, byte offset, key) addresses (resume), in that order; refuse if a shard
+    changed since. A file or an http(s) URL seeks to each sample. A pipe: command cannot seek: it would stream its
+    shard up to each sample again (a full shuffle buffer: the shard's first part ~256 times over, from object
+    storage), so each of its shards is read once, forward through every sample wanted from it."""
+    found: dict[tuple[str, int], RawSample] = {}
+    from_pipes: dict[str, set[int]] = {}
+    for url, offset, _ in wanted:
+        if url.startswith("pipe:"):
+            from_pipes.setdefault(url, set()).add(offset)
+        elif (url, offset) not in found:
+            found[url, offset] = _first_sample(url, offset)
+    for url, offsets in from_pipes.items():
+        last = max(offsets)
+        samples = iter_raw_samples(url, min(offsets))
+        try:
+            for raw in samples:
+                if raw.start in offsets:
+                    found[url, raw.start] = raw
+                if raw.start >= last:
+                    break
+        except ShardError:
+            pass  # the samples it still held are found; any other is refused below
+        finally:
+            samples.close()
+    for url, offset, key in wanted:
+        raw = found.get((url, offset))
+        if raw is None:
+            raise DataError(f"cannot re-read sample {key!r} at byte {offset} of {url}; the shards changed since the "
+                            "checkpoint was written: resume with the same data")
+        if raw.key != key:
+            raise DataError(f"{url} holds {raw.key!r} at byte {offset}, not {key!r} as when the checkpoint was "
+                            "written; the shards changed: resume with the same data")
+    return [found[url, offset] for url, offset, _ in wanted]
+
+
+def _first_sample(url: str, offset: int) -> RawSample | None:
     samples = iter_raw_samples(url, offset)
     try:
-        raw = next(samples)
-    except (StopIteration, ShardError) as e:
-        raise DataError(f"cannot re-read sample {key!r} at byte {offset} of {url} ({e}); the shards changed since "
-                        "the checkpoint was written: resume with the same data") from None
+        return next(samples)
+    except (StopIteration, ShardError):
+        return None
     finally:
         samples.close()
-    if raw.key != key:
-        raise DataError(f"{url} holds {raw.key!r} at byte {offset}, not {key!r} as when the checkpoint was written; "
-                        "the shards changed: resume with the same data")
-    return raw
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -634,28 +664,29 @@ class SlotStream:
         self.num_batches, self.num_samples = state["num_batches"], state["num_samples"]
         self.real_tokens, self.total_tokens = state["real_tokens"], state["total_tokens"]
         self.trained_epoch.update(state.get("trained_epoch", {}))
-        self.shuffle = [self._fetch(a) for a in state["shuffle_buffer"]]
+        buffered = self._fetch(state["shuffle_buffer"] + state["packing_buffer"])
+        self.shuffle = buffered[:len(state["shuffle_buffer"])]
         # they planned before, so they plan again (deterministic); the decoded ones from their pixels, as then
         decoded = state.get("packing_buffer_decoded", [False] * len(state["packing_buffer"]))
-        restored = (self._restored(address, was_decoded) for address, was_decoded in zip(state["packing_buffer"],
-                                                                                          decoded))
+        restored = (self._restored(raw, was_decoded) for raw, was_decoded in zip(buffered[len(self.shuffle):],
+                                                                                 decoded))
         self.packer.buffer = [plan for plan in restored if plan is not None]
 
-    def _restored(self, address: list, was_decoded: bool) -> SequencePlan | None:
+    def _restored(self, raw: RawSample, was_decoded: bool) -> SequencePlan | None:
         """A packing-buffer plan made again; None (counted) when it no longer decodes or fits, which only the
         groups' image / video options changed since the save can cause (a progressive-resolution resume)."""
         try:
-            plan = self.plan_raw(self._fetch(address), sizes_only=not was_decoded)
+            plan = self.plan_raw(raw, sizes_only=not was_decoded)
         except SkipSample as e:
-            self._failed(address[0], address[3], e.reason, str(e))
+            self._failed(raw.address[0], raw.address[3], e.reason, str(e))
             return None
         return plan if self._fits(plan) else None
 
-    def _fetch(self, address: list) -> RawSample:
-        name, shard, offset, _, key = address
-        raw = fetch_raw(self.groups[name].shards[shard].url, offset, key)
-        raw.address = list(address)
-        return raw
+    def _fetch(self, addresses: list[list]) -> list[RawSample]:
+        raws = fetch_raws([(self.groups[name].shards[shard].url, offset, key)
+                           for name, shard, offset, _, key in addresses])
+        # (one sample may be buffered twice, from two epochs of a small group: each its own address)
+        return [replace(raw, address=list(address)) for raw, address in zip(raws, addresses)]
 
     def close(self) -> None:
         for reader in self.readers.values():

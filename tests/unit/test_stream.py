@@ -26,7 +26,7 @@ from lance_ds.data.packing import Branches, OverlongSampleError
 from lance_ds.data.schemas import SCHEMAS, MediaKind
 from lance_ds.data.sequence import SequencePlanner, VisionGeometry
 from lance_ds.data.stream import (GroupReader, SkipCounter, SlotStream, StreamSpec, build_train_loader,
-                                  build_val_loader, fetch_raw, resolve_group)
+                                  build_val_loader, fetch_raws, resolve_group)
 from lance_ds.data.tar import ShardError, TarShardWriter, iter_raw_samples
 from lance_ds.data.tokenizer import load_tokenizer
 
@@ -247,6 +247,33 @@ def test_resume_rereads_only_the_buffered_samples(tmp_path, planner, monkeypatch
     opened.clear()
     assert_same_batches([resumed.next_batch()], [slot.next_batch()])
     assert opened[0] == cursor["offset"]  # the stream continues where it was, without re-reading the consumed part
+
+
+def test_a_resume_from_pipe_shards_runs_each_command_once(tmp_path, planner, monkeypatch):
+    """A pipe: command (`pipe:aws s3 cp s3://... -`) cannot seek: re-reading each buffered sample ran it again up to
+    that sample (a full shuffle buffer streamed the shard's first part 256 times). Each shard is now read once,
+    forward through every buffered sample it holds, and the run goes on as it would have."""
+    write_shards(tmp_path, "t2i", 2, 40)
+    sources = [f"pipe:cat {path}" for path in sorted(tmp_path.glob("*.tar"))]
+    spec = StreamSpec([resolve_group(group("g", sources, task="t2i"))], planner, DATA, Branches(), 1, 0, 0, 1)
+    slot = SlotStream(spec, 0, 1)
+    for _ in range(6):
+        slot.next_batch()
+    state = slot.state()
+    buffered = state["shuffle_buffer"] + state["packing_buffer"]
+    first_wanted = {}
+    for _, shard, offset, _, _ in buffered:
+        first_wanted[shard] = min(offset, first_wanted.get(shard, offset))
+    assert len(buffered) > 2 * len(first_wanted)  # several samples of a shard wanted back
+    opened = []
+    real_iter = stream_module.iter_raw_samples
+    monkeypatch.setattr(stream_module, "iter_raw_samples", lambda url, offset=0: opened.append((url, offset)) or
+                        real_iter(url, offset))
+    resumed = SlotStream(spec, 0, 1)
+    resumed.load(state)
+    assert sorted(opened) == sorted((sources[shard], offset) for shard, offset in first_wanted.items())
+    assert resumed.state() == state
+    assert_same_batches([resumed.next_batch() for _ in range(3)], [slot.next_batch() for _ in range(3)])
 
 
 def test_a_resume_with_a_higher_resolution_goes_on_without_what_no_longer_fits(tmp_path, planner, caplog):
@@ -716,7 +743,7 @@ def test_http_and_pipe_shards_stream_like_local_ones(http_root, planner):
     for honour_range, served in ((True, size - raws[2].start), (False, size)):
         server.honour_range = honour_range
         server.served.clear()
-        assert fetch_raw(shard, raws[2].start, raws[2].key).members == raws[2].members
+        assert fetch_raws([(shard, raws[2].start, raws[2].key)])[0].members == raws[2].members
         assert server.served == [served]
 
 
