@@ -22,8 +22,8 @@ epoch would give ranks different batch counts and deadlock ZeRO-3.) `stats_scala
 Exact resume. A slot's position is small JSON-able state: per group (epoch, unit, byte offset of the next sample,
 running index), the number of mixture and shuffle draws (draws are hashes of (seed, slot, counter): no RNG state to
 save), and the addresses (group, shard, byte offset, key) of the raw samples in the shuffle buffer and of the plans
-in the packing buffer. Resuming seeks to the byte offsets (HTTP: a Range request) and re-reads only the buffered
-samples; nothing that was consumed is read or decoded again. Each packed batch travels from its DataLoader worker
+in the packing buffer. Resuming seeks to the byte offsets (HTTP: a Range request; a pipe: shard is streamed once,
+up to its last buffered sample) and re-reads only the buffered samples; nothing consumed is decoded again. Each packed batch travels from its DataLoader worker
 with the worker's state right after producing it, so the main process knows the position of what it consumed
 (prefetched batches are not counted) and which worker comes next.
 Bad input is skipped and counted by reason (SKIP_REASONS), never fatal and never silent: the counts come with every
