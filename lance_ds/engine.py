@@ -87,7 +87,10 @@ def adopt_launcher_env() -> str | None:
     return None
 
 
-def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+STARTUP_TIMEOUT_S = 1800.0  # how long a collective may wait before limit_collective_waits (torch's default)
+
+
+def init_distributed(timeout_s: float = STARTUP_TIMEOUT_S) -> DistInfo:
     """Join the process group the launcher described (deepspeed, torchrun, or a single plain process)."""
     # A plain `python lance_ds/train.py` is a world of one; DeepSpeed would otherwise try MPI discovery.
     os.environ.setdefault("RANK", "0")

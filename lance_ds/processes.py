@@ -1,9 +1,11 @@
 """Processes and their surroundings: children that must not outlive their parent (loader workers, converter
-workers), ranks that must outlive their console; no torch import."""
+workers), ranks that must outlive their console, ranks that say where they are stuck; no torch import."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import faulthandler
 import os
 import sys
 import threading
@@ -84,3 +86,24 @@ def survive_lost_console() -> None:
         sys.stdout = LosableConsole(sys.stdout)
     if not isinstance(sys.stderr, LosableConsole):
         sys.stderr = LosableConsole(sys.stderr)
+
+
+@contextlib.contextmanager
+def said_if_slow(what: str, after_s: float, why: str):
+    """Within the block, once it has run `after_s` seconds, say so on stderr with where every thread of this process
+    is: the rank that holds the others up in a collective says what holds it (a file system read that does not
+    return, a loader worker that sends nothing, a GPU call). From a thread, so it speaks while the main thread is
+    stuck in C code."""
+    timer = threading.Timer(after_s, _say_where, args=(what, after_s, why))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _say_where(what: str, after_s: float, why: str) -> None:
+    print(f"lance_ds: rank {os.environ.get('RANK', '0')}: {what} has run {after_s:g} s ({why}); where this rank's "
+          "threads are:", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)

@@ -30,12 +30,13 @@ from .data.stream import build_train_loader
 from .data.tokenizer import load_tokenizer
 from . import distributed
 from .ema import ShardedEMA
-from .engine import (build_engine, follow_run_schedule, init_distributed, limit_collective_waits, seed_everything,
-                     seed_micro_step)
+from .engine import (STARTUP_TIMEOUT_S, build_engine, follow_run_schedule, init_distributed, limit_collective_waits,
+                     seed_everything, seed_micro_step)
 from .faults import armed, seconds_if_armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
 from .model import build_model, encode_vit
 from .objectives import compute_losses, prepare_flow, step_weights
+from .processes import said_if_slow
 from .stopping import StopRequests
 from .validation import TaskLosses, Validator, total_loss
 
@@ -90,13 +91,15 @@ class Trainer:
         meter, speed = Meter(), Throughput()
         progress = self._progress_bar()
         requests, stopped = StopRequests(), None
-        first_step = self.step + 1
+        patience = STARTUP_TIMEOUT_S  # start-up and the first step, with its loader warm-up
         try:
             while self.step < cfg.train.max_steps and stopped is None:
-                self.train_step(batches, meter, speed)
+                with self._said_if_slow(f"step {self.step + 1}", patience):
+                    self.train_step(batches, meter, speed)
                 self.step += 1
-                if self.step == first_step:  # (start-up and the first step, with its loader warm-up: 30 minutes)
-                    limit_collective_waits(cfg.train.stall_timeout_s)
+                if patience != cfg.train.stall_timeout_s:
+                    patience = cfg.train.stall_timeout_s
+                    limit_collective_waits(patience)
                 progress.update(1)
                 stopped = requests.agreed(self.dist.device)
                 save = self._save_due() or stopped is not None
@@ -107,9 +110,10 @@ class Trainer:
                     if stopped is None:  # (stopping: the save first, within the launcher's grace period)
                         self.validate_if_due()
                     if save:
-                        if stopped is not None:  # crash tests: a stop's save longer than DeepSpeed's 30 s grace
-                            time.sleep(seconds_if_armed("slow_stop_save"))
-                        self.save()
+                        with self._said_if_slow(f"the save of step {self.step}", patience):
+                            if stopped is not None:  # crash tests: a stop's save longer than DeepSpeed's 30 s grace
+                                time.sleep(seconds_if_armed("slow_stop_save"))
+                            self.save()
         finally:
             requests.restore()
         progress.close()
@@ -117,6 +121,13 @@ class Trainer:
             self.save()
         self.print_summary(stopped)
         return stopped
+
+    @staticmethod
+    def _said_if_slow(what: str, patience: float):
+        """Half-way to the collective timeout, a rank still in `what` says where it is: the rank that holds the others
+        up (only it is slow outside a collective) tells why, before the timeout ends the run."""
+        return said_if_slow(what, patience / 2, "half the time a collective may wait: train.stall_timeout_s after the "
+                            "first step")
 
     def train_step(self, batches, meter: Meter, speed: Throughput) -> None:
         """One optimizer step over `grad_accum` micro-batches."""

@@ -289,7 +289,8 @@ def test_a_rank_that_refuses_its_config_stops_the_others(example_data, tmp_path)
 def test_a_stalled_rank_ends_the_run_after_the_stall_timeout(example_data, tmp_path):
     """A rank stuck mid-run (a hung file system, a wedged GPU) is alive but silent: the others waited in a ZeRO-3
     collective for the process group's 30 minutes. After the first step they wait train.stall_timeout_s, then fail
-    with what it means, and the launcher stops the stuck rank; the last checkpoint is intact."""
+    with what it means, and the launcher stops the stuck rank; the last checkpoint is intact. Half-way, the stuck rank
+    says where it is."""
     out = tmp_path / "run"
     start = time.time()
     result = launch(train_args(out, example_data, STEPS, "train.stall_timeout_s=10"),
@@ -297,5 +298,8 @@ def test_a_stalled_rank_ends_the_run_after_the_stall_timeout(example_data, tmp_p
     assert result.returncode != 0
     assert "waited more than train.stall_timeout_s=10 s for another rank" in result.stdout, result.stdout[-3000:]
     assert "the last checkpoint (step 2) is intact" in result.stdout
+    # half-way, the stuck rank said where it was (before the launcher ended it)
+    said = result.stdout[result.stdout.index("lance_ds: rank 1: step 3 has run 5 s"):]
+    assert re.search(r"File .*trainer\.py\", line \d+ in train_step", said), result.stdout[-3000:]
     assert latest(out) == "step_00000002"
     assert time.time() - start < 120

@@ -1,11 +1,13 @@
-"""A rank outlives its console: output to a console that went away goes to /dev/null, other write errors still raise."""
+"""A rank outlives its console: output to a console that went away goes to /dev/null, other write errors still raise.
+A rank stuck in a block says where it is."""
 
 import io
 import os
+import time
 
 import pytest
 
-from lance_ds.processes import LosableConsole
+from lance_ds.processes import LosableConsole, said_if_slow
 
 
 def text_stream(fd: int) -> io.TextIOWrapper:
@@ -31,3 +33,15 @@ def test_other_write_errors_are_not_swallowed():
     console = LosableConsole(text_stream(full))
     with pytest.raises(OSError, match="No space left"):
         console.write("a line\n")
+
+
+def test_a_block_that_runs_long_says_where_every_thread_is(capfd):
+    with said_if_slow("step 7", 0.2, "a test"):
+        time.sleep(0.6)
+    said = capfd.readouterr().err
+    assert said.startswith("lance_ds: rank 0: step 7 has run 0.2 s (a test); where this rank's threads are:"), said
+    assert "in test_a_block_that_runs_long_says_where_every_thread_is" in said  # the stuck (main) thread's frames
+    with said_if_slow("step 8", 0.5, "a test"):
+        pass
+    time.sleep(0.7)
+    assert capfd.readouterr().err == ""  # a block that ended in time says nothing
