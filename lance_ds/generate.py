@@ -348,9 +348,9 @@ def parse_args(argv: list[str] | None = None):
 
 def sampling_problems(steps: int, cfg: float) -> list[str]:
     """--steps and --cfg, as generate and evaluate take them."""
-    problems = [f"--steps: must be >= 1, got {steps}"] if steps < 1 else []
+    problems = [f"--steps must be >= 1, got {steps}"] if steps < 1 else []
     if not 0 <= cfg < float("inf"):  # nan too
-        problems.append(f"--cfg: must be a finite number >= 0 (1: no guidance), got {cfg}")
+        problems.append(f"--cfg must be a finite number >= 0 (1: no guidance), got {cfg}")
     return problems
 
 
@@ -389,10 +389,10 @@ def check_args(args) -> list[str]:
         problems.append(f"--frames: only t2v and v2v have frames, not {args.task}")
     elif args.frames is not None and args.frames < 1:
         problems.append(f"--frames must be >= 1, got {args.frames}")
-    problems += sampling_problems(args.steps, args.cfg)
     # `not x > 0` rather than `x <= 0`: nan is refused too
     if not 0 < args.fps <= 1000:
         problems.append(f"--fps must be in (0, 1000] (frames per second of the mp4 written or read), got {args.fps}")
+    problems += sampling_problems(args.steps, args.cfg)
     if not args.temperature >= 0:
         problems.append(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.max_new_tokens < 1:

@@ -271,8 +271,8 @@ def test_cli_refuses_outputs_it_could_not_write_and_bad_steps_before_loading(tmp
     err = capsys.readouterr().err
     assert f"--json: {tmp_path / 'somedir'} is a directory" in err
     assert f"--tensorboard: {tmp_path / 'afile'} is a file" in err
-    assert "--steps: must be >= 1, got 0" in err
-    assert "--cfg: must be a finite number >= 0 (1: no guidance), got inf" in err
+    assert "--steps must be >= 1, got 0" in err
+    assert "--cfg must be a finite number >= 0 (1: no guidance), got inf" in err
     assert ev.main([*common, "--tensorboard", str(tmp_path / "afile")]) == 2
     assert f"--tensorboard: {tmp_path / 'afile'} is a file, not a directory" in capsys.readouterr().err
 

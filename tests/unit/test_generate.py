@@ -549,8 +549,8 @@ def test_cli_answers_with_the_system_prompt_it_is_given(tmp_path):
                                       str(tmp_path / "x.png"), "--system", "be brief", "--size", "²", "--fps", "inf",
                                       "--steps", "0", "--cfg", "nan"]))
     assert any(p.startswith("--fps must be in (0, 1000]") for p in problems), problems
-    assert "--steps: must be >= 1, got 0" in problems, problems
-    assert "--cfg: must be a finite number >= 0 (1: no guidance), got nan" in problems, problems
+    assert "--steps must be >= 1, got 0" in problems, problems
+    assert "--cfg must be a finite number >= 0 (1: no guidance), got nan" in problems, problems
     assert any(p.startswith("--system: only i2t / v2t take a system prompt") for p in problems), problems
     assert any(p.startswith("--size") for p in problems), problems  # a digit Python's int() does not read
 
