@@ -57,7 +57,8 @@ class Trainer:
                                  ce=self.cfg.model.visual_und)
         self.loader = build_train_loader(run.dataset, self.cfg.data, self.planner, rank=self.dist.rank,
                                          world_size=self.dist.world_size, seed=self.cfg.train.seed,
-                                         micro_batch_size=self.cfg.train.micro_batch_size, branches=self.branches)
+                                         micro_batch_size=self.cfg.train.micro_batch_size, branches=self.branches,
+                                         slow_batch_s=self.cfg.train.stall_timeout_s / 2)
         self.validator = Validator(self, run.val_dataset) if run.val_dataset is not None else None
         self.checkpointer = Checkpointer(checkpoints_dir(self.out), self.cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size)

@@ -66,7 +66,7 @@ from .manifest import MANIFEST, ManifestError, parse_manifest
 from .media import MediaError, decode_image, decode_video, describe, sampled_frame_count
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length, collate
 from .schemas import SCHEMAS, MediaKind
-from ..processes import die_with_parent
+from ..processes import die_with_parent, said_if_slow
 from .sequence import PlanError, SequencePlan, SequencePlanner, unit_hash
 from .tar import RawSample, ShardError, iter_raw_samples
 
@@ -706,8 +706,10 @@ class WorkerReport:
 
 
 class _TrainStream(IterableDataset):
-    def __init__(self, spec: StreamSpec, num_workers: int, states: list[dict | None], rotation: int):
+    def __init__(self, spec: StreamSpec, num_workers: int, states: list[dict | None], rotation: int,
+                 slow_batch_s: float):
         self.spec, self.num_workers, self.states, self.rotation = spec, num_workers, states, rotation
+        self.slow_batch_s = slow_batch_s
 
     def __iter__(self) -> Iterator[tuple[PackedBatch, WorkerReport]]:
         info = get_worker_info()
@@ -715,11 +717,16 @@ class _TrainStream(IterableDataset):
         # DataLoader asks workers 0, 1, ... in turn; worker 0 plays the logical worker whose batch is due next
         worker = (physical + self.rotation) % self.num_workers
         slot = SlotStream(self.spec, self.spec.rank * self.num_workers + worker, self.spec.world_size * self.num_workers)
+        # a worker that sends nothing holds its rank, and so every rank, up: it says where it is (a pipe: command
+        # or a file system read that does not return), as the trainer does about its step
+        why = "half of train.stall_timeout_s"
         if self.states[worker] is not None:
-            slot.load(self.states[worker])
+            with said_if_slow(f"loader worker {worker}'s resume", self.slow_batch_s, why):
+                slot.load(self.states[worker])
         try:
             while True:
-                batch = slot.next_batch()
+                with said_if_slow(f"loader worker {worker}'s next batch", self.slow_batch_s, why):
+                    batch = slot.next_batch()
                 yield batch, WorkerReport(worker, slot.state())
         finally:
             slot.close()
@@ -744,8 +751,9 @@ class TrainLoader:
     A new `iter(loader)` continues from the current position (load_state_dict before iterating to resume).
     """
 
-    def __init__(self, spec: StreamSpec, num_workers: int, prefetch_factor: int = 2):
+    def __init__(self, spec: StreamSpec, num_workers: int, prefetch_factor: int = 2, slow_batch_s: float = 300.0):
         self.spec = spec
+        self.slow_batch_s = slow_batch_s  # a worker's batch that takes longer says where the worker is
         self.num_workers = max(1, num_workers)
         self.use_processes = num_workers > 0
         self.prefetch_factor = prefetch_factor
@@ -755,7 +763,8 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[PackedBatch]:
         self.close()
-        dataset = _TrainStream(self.spec, self.num_workers, list(self.worker_states), self.next_worker)
+        dataset = _TrainStream(self.spec, self.num_workers, list(self.worker_states), self.next_worker,
+                               self.slow_batch_s)
         if self.use_processes:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers + fork: no thread pool
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep,
@@ -857,16 +866,17 @@ class TrainLoader:
 
 
 def build_train_loader(dataset: DatasetConfig, data: DataConfig, planner: SequencePlanner, *, rank: int,
-                       world_size: int, seed: int, micro_batch_size: int,
-                       branches: Branches | None = None) -> TrainLoader:
-    """The training loader of one rank. See the module docstring for the split, equal steps and resume."""
+                       world_size: int, seed: int, micro_batch_size: int, branches: Branches | None = None,
+                       slow_batch_s: float = 300.0) -> TrainLoader:
+    """The training loader of one rank. See the module docstring for the split, equal steps and resume. A worker
+    whose batch takes longer than `slow_batch_s` says where it is."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     groups = [resolve_group(g, f"groups[{i}] ({g.name})") for i, g in enumerate(dataset.groups)]
     if not groups:
         raise DataError("the dataset has no groups")
     spec = StreamSpec(groups, planner, data, branches or Branches(), micro_batch_size, seed, rank, world_size)
-    return TrainLoader(spec, data.num_workers, data.prefetch_factor)
+    return TrainLoader(spec, data.num_workers, data.prefetch_factor, slow_batch_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------

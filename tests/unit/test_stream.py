@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -274,6 +275,26 @@ def test_a_resume_from_pipe_shards_runs_each_command_once(tmp_path, planner, mon
     assert sorted(opened) == sorted((sources[shard], offset) for shard, offset in first_wanted.items())
     assert resumed.state() == state
     assert_same_batches([resumed.next_batch() for _ in range(3)], [slot.next_batch() for _ in range(3)])
+
+
+def test_a_loader_worker_that_sends_nothing_says_where_it_is(tmp_path, planner, monkeypatch, capfd):
+    """A worker stuck in a read holds its rank, and every rank, up: past slow_batch_s it prints its threads' stacks
+    (the rank's own report only shows it waiting for the loader)."""
+    write_shards(tmp_path, "t2i", 1, 4)
+    real_decode = stream_module.decode_sample
+
+    def stuck_read(raw, *args, **kwargs):
+        time.sleep(0.2)
+        return real_decode(raw, *args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "decode_sample", stuck_read)  # (the worker is forked: it has the patch)
+    data = dataclasses.replace(DATA, num_workers=1)
+    loader = build_train_loader(DatasetConfig(groups=[group("g", [tmp_path])]), data, planner, rank=0, world_size=1,
+                                seed=0, micro_batch_size=1, slow_batch_s=0.1)
+    take(loader, 1)
+    said = capfd.readouterr().err
+    assert "lance_ds: rank 0: loader worker 0's next batch has run 0.1 s (half of train.stall_timeout_s)" in said
+    assert "in stuck_read" in said, said
 
 
 def test_a_resume_with_a_higher_resolution_goes_on_without_what_no_longer_fits(tmp_path, planner, caplog):
