@@ -135,8 +135,9 @@ def stop_the_others_too() -> None:
 
 
 def stall_advice(error: BaseException, trainer) -> str:
-    """What a collective's timeout means (torch's own message names neither the cause nor the fix)."""
-    if not re.search(r"timed out", str(error), re.IGNORECASE):
+    """What a collective's timeout means (torch's own message names neither the cause nor the fix): gloo's words
+    for it (NCCL's watchdog ends the process itself, with its "collective operation timeout")."""
+    if not re.search(r"Timed out waiting \d+ ?ms", str(error)):
         return ""
     saved = f"step {trainer.saved_step}" if trainer.saved_step is not None else "none yet"
     return (f"lance_ds: rank {trainer.dist.rank} waited more than train.stall_timeout_s="
