@@ -83,32 +83,17 @@ def _suggest(name: str, options: typing.Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def _convert(value: Any, tp: Any, key: str, problems: Problems) -> Any:
     """Convert a YAML value to the annotated type, reporting (not raising) mismatches."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return value
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType):  # (config fields are `X | None` at most)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _convert(value, inner[0], key, problems)
-        for a in inner:  # first alternative that takes the value without complaint
-            trial = Problems()
-            out = _convert(value, a, key, trial)
-            if not trial:
-                return out
-        problems.add(key, f"expected {' or '.join(_type_name(a) for a in inner)}, got {value!r}")
-        return value
-    if origin is typing.Literal:
-        problems.one_of(value, args, key)
-        return value
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key, problems)
     if dataclasses.is_dataclass(tp):
         if isinstance(tp, type) and isinstance(value, tp):
             return value
@@ -116,7 +101,7 @@ def _convert(value: Any, tp: Any, key: str, problems: Problems) -> Any:
             problems.add(key, f"expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
             return tp()
         return from_dict(tp, value, problems, key)
-    if origin in (list, tuple):
+    if origin is list:
         if isinstance(value, str) and args and args[0] is str:  # `shards: dir` means `shards: [dir]`
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -129,7 +114,7 @@ def _convert(value: Any, tp: Any, key: str, problems: Problems) -> Any:
             # a section that is not a mapping is reported above and left out: its defaults would only add noise
             if not dataclasses.is_dataclass(item_tp) or isinstance(v, (dict, item_tp)):
                 items.append(out)
-        return tuple(items) if origin is tuple else items
+        return items
     if origin is dict:
         if not isinstance(value, dict):
             problems.add(key, f"expected a mapping, got {value!r}")
