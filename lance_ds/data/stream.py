@@ -28,7 +28,8 @@ with the worker's state right after producing it, so the main process knows the 
 (prefetched batches are not counted) and which worker comes next.
 Bad input is skipped and counted by reason (SKIP_REASONS), never fatal and never silent: the counts come with every
 batch (`stats_scalars()` -> `data/skipped`, `data/skipped/<reason>`), and the first few of each reason are logged.
-A shard that breaks off counts the samples it still held when its manifest says how many it has (else 1).
+A shard that breaks off counts the samples it still held when its manifest says how many it has (else 1); a remote
+one (a dropped connection) is first opened again at its next sample, up to len(RETRY_WAITS_S) times.
 
 Sources of a group (`GroupConfig.shards`): converter output directories (manifest.json lists the shards and their
 sample counts), .tar paths, globs, brace patterns (`shard-{000..009}.tar`), http(s) URLs (a `.../manifest.json` URL
@@ -46,6 +47,7 @@ import logging
 import math
 import os
 import random
+import time
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -71,6 +73,7 @@ from .sequence import PlanError, SequencePlan, SequencePlanner, unit_hash
 from .tar import RawSample, ShardError, iter_raw_samples
 
 logger = logging.getLogger(__name__)
+RETRY_WAITS_S = (1.0, 4.0, 16.0)  # before each new try of a remote shard that failed to open or read
 
 STATE_VERSION = 1
 SKIP_REASONS = (
@@ -349,6 +352,7 @@ class GroupReader:
         self.sample_split = len(group.shards) < num_slots
         self.cursor = GroupCursor()
         self._samples: Iterator[RawSample] | None = None
+        self._failures = 0  # consecutive failed reads of a remote shard (see _retried)
         self._units_epoch, self._units = -1, []
 
     def units(self, epoch: int) -> list[int]:
@@ -375,10 +379,13 @@ class GroupReader:
                 self._next_unit()
                 continue
             except ShardError as e:
+                if self._retried(e):
+                    continue
                 if self._owns(c.index):  # with a sample-level split every slot sees it; one counts it
                     self.skips.add(e.reason, *self._lost(shard, e))
                 self._next_unit()
                 continue
+            self._failures = 0
             c.offset, c.read_in_unit = raw.end, c.read_in_unit + 1
             index, c.index = c.index, c.index + 1
             if not self._owns(index):
@@ -386,6 +393,21 @@ class GroupReader:
             c.kept_in_epoch += 1
             raw.address = [self.group.name, shard, raw.start, c.epoch, raw.key]
             return raw
+
+    def _retried(self, error: ShardError) -> bool:
+        """A remote shard that broke off after giving samples (a dropped connection, a pipe: command that failed) is
+        opened again at its next sample, a few times with growing waits: object stores fail transiently, and the rest
+        of a multi-GB shard would be lost. The samples are the same (resume stays exact). One that gives none (a
+        wrong URL, a missing object) is counted at once, as a local one."""
+        if not error.transient or self.cursor.read_in_unit == 0 or self._failures == len(RETRY_WAITS_S):
+            return False
+        wait = RETRY_WAITS_S[self._failures]
+        self._failures += 1
+        logger.warning("data: %s; opening it again at byte %d in %g s (try %d of %d)", error, self.cursor.offset,
+                       wait, self._failures, len(RETRY_WAITS_S))
+        self.close()
+        time.sleep(wait)
+        return True
 
     def _lost(self, shard: int, error: ShardError) -> tuple[str, int]:
         """(message, samples skipped) for a shard that broke off: the samples it still held when its manifest says
@@ -399,6 +421,7 @@ class GroupReader:
     def _next_unit(self) -> None:
         c = self.cursor
         self.close()
+        self._failures = 0
         c.unit, c.offset, c.read_in_unit = c.unit + 1, 0, 0
         if c.unit < len(self.units(c.epoch)):
             return

@@ -226,11 +226,16 @@ def file_crc32(path: Path) -> str:
 
 class ShardError(Exception):
     """Reading a shard failed; `reason` is unreadable_shard, truncated_tar or corrupt_tar (the loader counts skipped
-    shards by it)."""
+    shards by it). `transient`: a remote source could not be opened or read (a dropped connection, a 5xx, a pipe:
+    command that failed), which a new try may not meet; not a damaged shard."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, transient: bool = False):
         super().__init__(message)
-        self.reason = reason
+        self.reason, self.transient = reason, transient
+
+
+def _remote(url: str) -> bool:
+    return url.startswith(("http://", "https://", "pipe:"))
 
 
 @dataclass
@@ -264,7 +269,7 @@ def open_shard(url: str, offset: int = 0) -> BinaryIO:
         stream.seek(offset)
         return stream
     except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException) as e:  # (a garbled reply)
-        raise ShardError("unreadable_shard", f"cannot open {url} at byte {offset}: {e}") from None
+        raise ShardError("unreadable_shard", f"cannot open {url} at byte {offset}: {e}", _remote(url)) from None
 
 
 def _discard(stream: BinaryIO, count: int) -> None:
@@ -281,8 +286,11 @@ def _read_exact(stream: BinaryIO, size: int, url: str, where: int) -> bytes:
         try:
             chunk = stream.read(left)
         except (OSError, http.client.HTTPException) as e:  # I/O error, dropped connection, failing pipe command
-            raise ShardError("unreadable_shard", f"{url}: reading at byte {where} failed: {e}") from None
+            raise ShardError("unreadable_shard", f"{url}: reading at byte {where} failed: {e}", _remote(url)) from None
         if not chunk:
+            if getattr(stream, "length", None):  # http.client reads a dropped connection as the end of the body
+                raise ShardError("unreadable_shard", f"{url}: the connection dropped at byte {where + size - left}",
+                                 transient=True)
             break
         parts.append(chunk)
         left -= len(chunk)
@@ -347,7 +355,8 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 def iter_raw_samples(url: str, offset: int = 0) -> Iterator[RawSample]:
     """Samples of a shard from byte `offset` (a sample start). A shard cut short yields what it completed (the last
-    sample possibly missing members) and then raises ShardError."""
+    sample possibly missing members) and then raises ShardError; a transient failure raises it after the last whole
+    sample."""
     stream = open_shard(url, offset)
     key, members, start, end = None, {}, offset, offset
     complete = False
@@ -361,8 +370,8 @@ def iter_raw_samples(url: str, offset: int = 0) -> Iterator[RawSample]:
             members[suffix] = data
             end = m_end
         complete = True
-    except ShardError:
-        if members:
+    except ShardError as e:
+        if members and not e.transient:  # (after a dropped connection the sample is read again, whole)
             yield RawSample(key, members, start, end)
         raise
     finally:
@@ -371,7 +380,7 @@ def iter_raw_samples(url: str, offset: int = 0) -> Iterator[RawSample]:
     try:
         stream.close()
     except OSError as e:  # a pipe: command that exited with an error status
-        raise ShardError("unreadable_shard", f"{url}: {e}") from None
+        raise ShardError("unreadable_shard", f"{url}: {e}", transient=True) from None
     if members:
         yield RawSample(key, members, start, end)
 

@@ -714,7 +714,7 @@ def test_media_that_do_not_decode_despite_their_key_json_are_counted(tmp_path, p
 def http_root(tmp_path):
     handler = functools.partial(_QuietHandler, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.served, server.honour_range = [], False
+    server.served, server.honour_range, server.drop = [], False, {}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}", server
@@ -724,7 +724,8 @@ def http_root(tmp_path):
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     """Serves the directory; honours `Range: bytes=N-` on files when the server's honour_range is set (like object
-    stores), else ignores it (like http.server). Records the body bytes of every response in server.served."""
+    stores), else ignores it (like http.server). Records the body bytes of every response in server.served. A file
+    named in server.drop (name -> times) has its connection dropped half-way through the body that many times."""
 
     def log_message(self, *args):
         pass
@@ -732,6 +733,18 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         path = Path(self.translate_path(self.path))
         wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if self.server.drop.get(path.name):
+            self.server.drop[path.name] -= 1
+            data = path.read_bytes()[int(wanted.group(1)) if wanted and self.server.honour_range else 0:]
+            self.server.served.append(len(data) // 2)
+            self.send_response(206 if wanted and self.server.honour_range else 200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops: the client reads a short body
+            self.close_connection = True
+            return
         if not (wanted and getattr(self.server, "honour_range", False) and path.is_file()):
             self.server.served.append(path.stat().st_size if path.is_file() else 0)
             return super().do_GET()
@@ -766,6 +779,23 @@ def test_http_and_pipe_shards_stream_like_local_ones(http_root, planner):
         server.served.clear()
         assert fetch_raws([(shard, raws[2].start, raws[2].key)])[0].members == raws[2].members
         assert server.served == [served]
+
+
+def test_a_remote_shard_that_breaks_off_is_opened_again_at_its_next_sample(http_root, planner, monkeypatch):
+    """A dropped connection lost the rest of the shard (a multi-GB shard from object storage: thousands of samples).
+    It is now opened again at the next sample (a Range request), and training sees what it would have."""
+    root, url, server = http_root
+    write_shards(root / "d", "t2i", 1, 8)
+    monkeypatch.setattr(stream_module, "RETRY_WAITS_S", (0.0, 0.0, 0.0))
+    build = functools.partial(build_train_loader, data=DATA, planner=planner, rank=0, world_size=1, seed=2,
+                              micro_batch_size=1)
+    expected = take(build(DatasetConfig(groups=[group("g", [root / "d"])])), 4)
+    server.honour_range, server.drop = True, {"shard-000000.tar": 2}  # twice: a new try may fail too
+    remote = build(DatasetConfig(groups=[group("g", [f"{url}/d/shard-000000.tar"])]))
+    assert_same_batches(take(remote, 4), expected)
+    assert remote.stats_scalars()["data/skipped"] == 0 and server.drop["shard-000000.tar"] == 0
+    size = (root / "d" / "shard-000000.tar").stat().st_size
+    assert server.served[0] == size // 2 and 0 < server.served[1] < size  # the second try: from a sample on
 
 
 def test_unreachable_shards_are_counted(http_root, planner):
