@@ -20,7 +20,9 @@ dir() { [ -d "${!1}" ] || die "$1 names '${!1}', which is not a directory"; }
 quoted() { local q="'"; printf "'%s'" "${!1//$q/$q$q}"; }
 
 : "${CONFIG_FILE:?set by the calling script}"
-python -c "import lance_ds, torch, deepspeed" 2>/dev/null ||
+# (found, not imported: importing torch and deepspeed costs seconds, and the config check below imports them anyway)
+python -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('lance_ds', 'torch', 'deepspeed'))))" \
+  2>/dev/null ||
   die "this python ($(command -v python || echo none)) cannot import lance_ds, torch and deepspeed; run" \
       "'bash scripts/setup_env.sh && source .venv/bin/activate' first"
 RUN_NAME=${RUN_NAME:-$(basename "$CONFIG_FILE" .yaml)}
@@ -70,7 +72,8 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   NUM_NODES=${NUM_NODES:-1}; positive NUM_NODES
   [ "$NUM_NODES" -eq 1 ] || die "NUM_NODES=$NUM_NODES needs HOSTFILE (one 'host slots=N' line per node)"
-  gpus=$(bash "$repo/scripts/num_ranks.sh" --gpus)
+  gpus=0  # (counting them imports torch: only when NUM_GPUS is not given or GPUs are named)
+  if [ -z "${NUM_GPUS:-}" ] || [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then gpus=$(bash "$repo/scripts/num_ranks.sh" --gpus); fi
   NUM_GPUS=${NUM_GPUS:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}; positive NUM_GPUS
   world=$NUM_GPUS
   if [ "$gpus" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then

@@ -89,22 +89,27 @@ def test_script_trains_the_debug_config(script, example_data, tmp_path):
     assert config["model"]["visual_gen"] == (not und_only)
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_knobs_not_set_leave_the_config_files_values(script, tmp_path):
+def test_knobs_not_set_leave_the_config_files_values(tmp_path):
     """A knob the user did not set passes nothing: CONFIG_FILE's own switches and dataset YAML apply (configs/tasks/
-    i2t.yaml: model.visual_gen false, datasets/i2t.yaml), and each script's default config still gives its mixture."""
+    i2t.yaml: model.visual_gen false, datasets/i2t.yaml); a knob that is set wins. (launch.sh, shared by the three.)"""
     repo = repo_with_shards(tmp_path)
     task_config = str(repo / "configs/tasks/i2t.yaml")
-    config = config_seen(script, tmp_path, repo=repo, CONFIG_FILE=task_config)
+    config = config_seen("sft_lance_unified.sh", tmp_path, repo=repo, CONFIG_FILE=task_config)
     assert config["model"]["visual_gen"] is False and config["model"]["visual_und"] is True
     assert os.path.realpath(config["dataset_config"]) == str(repo / "configs/datasets/i2t.yaml")
     assert config["checkpoint"]["debug_step"] == 10 and config["data"]["num_workers"] == 4  # base.yaml's
     debug_size = ("model.size=debug",)  # generation at size 3b needs a model.vae_path
-    config = config_seen(script, tmp_path, debug_size, repo=repo, CONFIG_FILE=task_config, VISUAL_GEN="true")
-    assert config["model"]["visual_gen"] is True  # a knob that is set wins over the YAML
-    mixture = {"sft_lance_unified.sh": "unified", "sft_lance_generation.sh": "multi_gen",
-               "sft_lance_understand.sh": "multi_und"}[script]
-    config = config_seen(script, tmp_path, debug_size, repo=repo, CONFIG_FILE="")  # the script's default config
+    config = config_seen("sft_lance_unified.sh", tmp_path, debug_size, repo=repo, CONFIG_FILE=task_config,
+                         VISUAL_GEN="true")
+    assert config["model"]["visual_gen"] is True
+
+
+@pytest.mark.parametrize("script, mixture", [("sft_lance_unified.sh", "unified"),
+                                             ("sft_lance_generation.sh", "multi_gen"),
+                                             ("sft_lance_understand.sh", "multi_und")])
+def test_each_script_defaults_to_its_mixture(script, mixture, tmp_path):
+    repo = repo_with_shards(tmp_path)
+    config = config_seen(script, tmp_path, ("model.size=debug",), repo=repo, CONFIG_FILE="")
     assert os.path.realpath(config["dataset_config"]) == str(repo / f"configs/datasets/{mixture}.yaml")
     assert config["model"]["visual_gen"] == (mixture != "multi_und") and config["model"]["visual_und"] is True
 
@@ -215,6 +220,17 @@ def test_bad_knob_is_refused_before_launch(knob, value, message, example_data, t
     knobs = {"DATASET_CONFIG_FILE": str(example_data["train"]), knob: value}
     proc = run_script("sft_lance_unified.sh", tmp_path, timeout=30, **knobs)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_a_python_without_lance_ds_is_told_how_to_set_up(tmp_path):
+    """The scripts are run from a shell where the venv is not active: the message names the python and the fix."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # -S: no site-packages (no torch)
+    (fake / "python").chmod(0o755)
+    proc = run_script("sft_lance_unified.sh", tmp_path, timeout=30, PATH=f"{fake}:{os.environ['PATH']}")
+    assert proc.returncode == 2 and f"this python ({fake / 'python'}) cannot import" in proc.stderr, proc.stderr
+    assert "scripts/setup_env.sh" in proc.stderr
 
 
 def test_config_problem_is_refused_before_launch(example_data, tmp_path):
