@@ -13,6 +13,8 @@ import math
 import os
 import random
 import re
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -90,6 +92,50 @@ def adopt_launcher_env() -> str | None:
 STARTUP_TIMEOUT_S = 1800.0  # how long a collective may wait before limit_collective_waits (torch's default)
 
 
+def stale_build_locks(recheck_s: float = 5.0) -> list[Path]:
+    """torch JIT-loads DeepSpeed's ops (the CPU comm op at every start; FusedAdam, CPUAdam when not prebuilt) under
+    a lock file in the op's build directory, which a process killed while holding it never removes: every later start
+    then waits for it forever at 0% CPU (pytorch/pytorch#189245). A lock in a directory of ours is stale when it stays
+    the same file for `recheck_s` while no process works in that directory (a build runs ninja and the compilers
+    there; otherwise the holder holds the lock for about a second)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    locks = {lock: _identity(lock) for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]}
+    locks = {lock: seen for lock, seen in locks.items() if seen is not None and seen[0] == os.getuid()}
+    if not locks:
+        return []
+    time.sleep(recheck_s)
+    return [lock for lock, seen in locks.items() if _identity(lock) == seen and not _someone_works_in(lock.parent)]
+
+
+def remove_stale_build_locks(recheck_s: float = 5.0) -> None:
+    for lock in stale_build_locks(recheck_s):
+        lock.unlink(missing_ok=True)
+        print(f"lance_ds: removed {lock}: torch's lock on building a DeepSpeed op, left by a process killed while "
+              "it held it (nothing is building there); every start would have waited for it forever",
+              file=sys.stderr, flush=True)
+
+
+def _identity(lock: Path) -> tuple[int, int, int] | None:
+    """(owner of the lock's directory, the lock's inode, its mtime): whether it is still the same file."""
+    try:
+        return lock.parent.stat().st_uid, lock.stat().st_ino, lock.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _someone_works_in(directory: Path) -> bool:
+    target = directory.resolve()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if Path(os.readlink(proc / "cwd")) == target:
+                return True
+        except OSError:  # gone meanwhile, or another user's (who cannot build in a directory of ours)
+            continue
+    return False
+
+
 def init_distributed(timeout_s: float = STARTUP_TIMEOUT_S) -> DistInfo:
     """Join the process group the launcher described (deepspeed, torchrun, or a single plain process)."""
     # A plain `python lance_ds/train.py` is a world of one; DeepSpeed would otherwise try MPI discovery.
@@ -102,6 +148,8 @@ def init_distributed(timeout_s: float = STARTUP_TIMEOUT_S) -> DistInfo:
     # launcher sets it, torchrun and plain python do not (measured: +12% per debug step)
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     set_cpu_threads()
+    if os.environ["LOCAL_RANK"] == "0":  # once per node: the other ranks waiting on a stale lock then go on
+        remove_stale_build_locks()
     import deepspeed
 
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))

@@ -337,16 +337,18 @@ def to_json(result: Evaluation) -> dict:
 # command line
 
 
-def untrained_generator(checkpoint: str | Path, trained, dtype: str = "fp32"):
+def untrained_generator(checkpoint: str | Path, trained, dtype: str = "fp32", moved: dict[str, str] | None = None):
     """The checkpoint's model as training starts: built from its config.yaml with train.seed and no weights loaded
     (the frozen ViT / codec come out the same as the trained model's, as in export.build_from_trained)."""
-    from .export import build_untrained, find_checkpoint, is_export_dir, read_run_config
+    from .export import build_untrained, find_checkpoint, is_export_dir, read_run_config, relocated
     from .generate import Generator
 
     if is_export_dir(checkpoint):
         raise ValueError(f"{checkpoint} is an export; --untrained needs the training checkpoint (its config.yaml "
                          "and seed say what the model looked like at step 0)")
-    config = read_run_config(find_checkpoint(checkpoint))
+    step_dir = find_checkpoint(checkpoint)
+    config = read_run_config(step_dir)
+    config = dataclasses.replace(config, model=relocated(config.model, moved, step_dir / "config.yaml"))
     bundle, _ = build_untrained(config, dtype, trained.device, len(trained.tokenizer))
     bundle.model.to(trained.device).eval()
     return Generator(bundle.model, bundle.vit, bundle.vae, trained.planner, trained.tokenizer, config.objective)
@@ -367,6 +369,8 @@ def checkpoint_step(checkpoint: str | Path) -> tuple[int, Path | None]:
 def parse_args(argv: list[str] | None = None):
     import argparse
 
+    from .export import add_model_dir_flags
+
     p = argparse.ArgumentParser(prog="python -m lance_ds.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (run, checkpoints or step dir) or export")
@@ -381,6 +385,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--tensorboard", help="TensorBoard dir to write to (default: the run's tensorboard/; 'none': off)")
     p.add_argument("--json", help="write the scores here (default: RUN_DIR/eval.json)")
     p.add_argument("--require-goals", action="store_true", help="exit with status 1 when a task misses its goal")
+    add_model_dir_flags(p)
     return p.parse_args(argv)
 
 
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .config.core import Problems
     from .config.run import load_dataset
-    from .export import ExportError
+    from .export import ExportError, moved_dirs
     from .config.core import output_problem
     from .generate import Generator, GenerateError, sampling_problems
     from .metrics import TensorBoard
@@ -413,13 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = EvalSettings(num_steps=args.steps, cfg_scale=args.cfg, seed=args.seed)
     try:
         step, run_dir = checkpoint_step(args.checkpoint)
-        trained = Generator.from_checkpoint(args.checkpoint, ema=args.ema)
+        trained = Generator.from_checkpoint(args.checkpoint, ema=args.ema, moved=moved_dirs(args))
         prompts = load_prompts(dataset, args.num_per_task, trained.planner, prompt_token_limit(args.checkpoint))
         print(f"lance_ds.evaluate: {len(prompts)} held-out prompts from {args.dataset_config}; {trained.source}",
               file=sys.stderr)
         results = {}
         if args.untrained:
-            results["step 0"] = evaluate(untrained_generator(args.checkpoint, trained), prompts, settings)
+            results["step 0"] = evaluate(untrained_generator(args.checkpoint, trained, moved=moved_dirs(args)),
+                                         prompts, settings)
         results[f"step {step}" if step >= 0 else "trained"] = evaluate(trained, prompts, settings)
     except (ExportError, GenerateError, ValueError, FileNotFoundError) as e:
         print(f"lance_ds.evaluate: {e}", file=sys.stderr)

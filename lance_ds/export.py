@@ -2,12 +2,14 @@
 
   python tools/export_checkpoint.py [--checkpoint] RUN_DIR | RUN_DIR/checkpoints | RUN_DIR/checkpoints/step_XXXXXXXX
                                     --out EXPORT_DIR [--ema] [--dtype fp32|bf16] [--overwrite]
+                                    [--vae-path DIR] [--vit-path DIR] [--model-path DIR] [--tokenizer-path DIR]
 
 A run dir or a checkpoints dir means the checkpoint `latest` names. The weights are the fp32 master weights that
 DeepSpeed's ZeRO consolidation (`deepspeed.utils.zero_to_fp32`) rebuilds from every rank's partitions, or, with
 --ema, the EMA that `lance_ds.ema.consolidate` rebuilds from the per-rank shards (parameters the EMA does not track,
 i.e. frozen ones, keep their trained values). LoRA runs are exported merged (W + alpha / r * B @ A), and their
-adapters alone in peft's format.
+adapters alone in peft's format. The --*-path flags say where this machine has the model directories the run's
+config names (a checkpoint copied off the machine that trained it); the export names them there.
 
 EXPORT_DIR/
   model.safetensors     Lance's names: both experts, the heads, latent_pos_embed.pos_embed, vit_model.* (the ViT)
@@ -74,6 +76,46 @@ PEFT_ADAPTER = "default"  # the adapter name lance_ds.model.lora injects (peft's
 
 class ExportError(RuntimeError):
     """A checkpoint that cannot be exported or loaded for inference; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model's directories on this machine
+
+# The directories a run's model section names, as the machine that trained had them. A checkpoint or export read
+# elsewhere (copied off the cluster) finds them where these flags of export_checkpoint, generate and evaluate say.
+MODEL_DIR_FLAGS = {"path": "--model-path", "tokenizer_path": "--tokenizer-path", "vit_path": "--vit-path",
+                   "vae_path": "--vae-path"}
+
+
+def add_model_dir_flags(parser) -> None:
+    for key, flag in MODEL_DIR_FLAGS.items():
+        parser.add_argument(flag, dest=f"moved_{key}", metavar="DIR",
+                            help=f"where this machine has model.{key} (default: where the run's config names it)")
+
+
+def moved_dirs(args) -> dict[str, str]:
+    """model key -> directory, for the flags add_model_dir_flags added that were given."""
+    return {key: value for key in MODEL_DIR_FLAGS if (value := getattr(args, f"moved_{key}", None))}
+
+
+def relocated(model: ModelConfig, moved: dict[str, str] | None, named_in: Path) -> ModelConfig:
+    """`model` with the directories `moved` gives, checked as training checks them before any weights are read: a
+    part this machine cannot load is refused in seconds, with the flag that points at where it is here, instead of
+    after consolidating every rank's partitions."""
+    from .model.build import model_problems
+
+    model = dataclasses.replace(model, **{key: str(Path(path).resolve()) for key, path in (moved or {}).items()})
+    problems = Problems()
+    model.check(problems, "model")
+    if not problems:
+        for key, problem in model_problems(model):
+            problems.add(key, problem)
+    if problems:
+        flags = {f"model.{key}": flag for key, flag in MODEL_DIR_FLAGS.items()}
+        lines = [item + (f" (moved? give {flags[key]} DIR)" if (key := item.split(":")[0]) in flags else "")
+                 for item in problems.items]
+        raise ExportError(f"{named_in} names model parts this machine cannot load:\n  " + "\n  ".join(lines))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,10 +203,11 @@ class TrainedWeights:
     cuts: dict = dataclasses.field(default_factory=dict)  # task -> image / video options training cut with
 
 
-def load_trained_weights(path: str | Path, ema: bool = False) -> TrainedWeights:
-    """Consolidate a training checkpoint (step, checkpoints or run dir) on CPU."""
+def load_trained_weights(path: str | Path, ema: bool = False, moved: dict[str, str] | None = None) -> TrainedWeights:
+    """Consolidate a training checkpoint (step, checkpoints or run dir) on CPU; `moved`: see relocated()."""
     step_dir = find_checkpoint(path)
     config = read_run_config(step_dir)
+    config = dataclasses.replace(config, model=relocated(config.model, moved, step_dir / "config.yaml"))
     trainer_state = read_trainer_state(step_dir)
     state = zero_consolidated_state(step_dir)
     if ema:
@@ -329,8 +372,10 @@ def build_from_trained(weights: TrainedWeights, dtype: str = "fp32",
                           weights.cuts)
 
 
-def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | str | None = None) -> InferenceParts:
-    """Build the model of an export directory (its lance_ds.yaml, with model.path and the tokenizer there)."""
+def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | str | None = None,
+                moved: dict[str, str] | None = None) -> InferenceParts:
+    """Build the model of an export directory (its lance_ds.yaml, with model.path and the tokenizer there);
+    `moved`: see relocated() (an export names the VAE where the training machine had it)."""
     from .data.tokenizer import load_tokenizer
     from .model import build_model
     from .model.build import default_device
@@ -343,13 +388,14 @@ def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | st
         raise ExportError(f"{path} is not a readable export ({'; '.join(problems.items)}); export the checkpoint "
                           "again with tools/export_checkpoint.py")
     model_data = {**data.get("model", {})}
-    for key in ("path", "tokenizer_path", "vit_path", "vae_path"):
+    for key in MODEL_DIR_FLAGS:  # (relative to the export)
         if isinstance(model_data.get(key), str) and not Path(model_data[key]).is_absolute():
             model_data[key] = str(path / model_data[key])
-    model_cfg = inference_model_config(from_dict(ModelConfig, model_data, problems, "model"), dtype, device)
+    model = from_dict(ModelConfig, model_data, problems, "model")
     objective = from_dict(ObjectiveConfig, data.get("objective", {}), problems, "objective")
     if problems:
         raise ExportError(f"{path / EXPORT_CONFIG} does not match this lance_ds version: {'; '.join(problems.items)}")
+    model_cfg = inference_model_config(relocated(model, moved, path / EXPORT_CONFIG), dtype, device)
     tokenizer = load_tokenizer(model_cfg.tokenizer_path)
     bundle = build_model(model_cfg, len(tokenizer), None, device=device)
     bundle.model.to(device).eval()
@@ -358,14 +404,16 @@ def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | st
 
 
 def load_inference_parts(path: str | Path, ema: bool = False, dtype: str = "fp32",
-                         device: torch.device | str | None = None) -> InferenceParts:
-    """An export directory, or a training checkpoint (step, checkpoints or run dir) consolidated on the fly."""
+                         device: torch.device | str | None = None,
+                         moved: dict[str, str] | None = None) -> InferenceParts:
+    """An export directory, or a training checkpoint (step, checkpoints or run dir) consolidated on the fly;
+    `moved`: see relocated()."""
     if is_export_dir(path):
         if ema:
             raise ExportError(f"{path} is an export; its weights were chosen when it was exported (export.json says "
                               "which). Drop --ema, or export the training checkpoint again with --ema")
-        return load_export(path, dtype, device)
-    return build_from_trained(load_trained_weights(path, ema), dtype, device)
+        return load_export(path, dtype, device, moved)
+    return build_from_trained(load_trained_weights(path, ema, moved), dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,9 +421,10 @@ def load_inference_parts(path: str | Path, ema: bool = False, dtype: str = "fp32
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False, dtype: str = "fp32",
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, moved: dict[str, str] | None = None) -> Path:
     """Write EXPORT_DIR (see the module doc) for a training checkpoint; returns it. Written under a temporary name
-    and renamed, so an interrupted export leaves no half-written directory behind."""
+    and renamed, so an interrupted export leaves no half-written directory behind. `moved`: see relocated(); the
+    export names those directories."""
     from .model.build import DTYPES
     from .model.lora import save_adapters
 
@@ -386,7 +435,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
         raise ExportError(f"{checkpoint} is already an export; give a training checkpoint (run, checkpoints or "
                           "step directory)")
     _check_out(out, Path(checkpoint), overwrite)
-    weights = load_trained_weights(checkpoint, ema)
+    weights = load_trained_weights(checkpoint, ema, moved)
     parts = build_from_trained(weights, "fp32", device="cpu")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -544,6 +593,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--ema", action="store_true", help="export the EMA weights (train.ema_decay > 0 runs)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the written weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_model_dir_flags(p)
     args = p.parse_args(argv)
     if (args.source is None) == (args.checkpoint is None):
         p.error("give the checkpoint once: --checkpoint DIR (or DIR as the first argument)")
@@ -558,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype, overwrite=args.overwrite)
+        out = export_checkpoint(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype, overwrite=args.overwrite,
+                                moved=moved_dirs(args))
     # FileNotFoundError, WeightsFileError: a model path (VAE, ViT) the run names is gone or damaged
     except (ExportError, FileNotFoundError, WeightsFileError) as e:
         print(f"export_checkpoint: {e}", file=sys.stderr)

@@ -93,11 +93,13 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, ema: bool = False, dtype: str = "fp32",
-                        device: torch.device | str | None = None, **kwargs) -> "Generator":
-        """A training checkpoint (run, checkpoints or step dir; consolidated on the fly) or an export dir."""
+                        device: torch.device | str | None = None, moved: dict[str, str] | None = None,
+                        **kwargs) -> "Generator":
+        """A training checkpoint (run, checkpoints or step dir; consolidated on the fly) or an export dir; `moved`:
+        where this machine has the model's directories (export.relocated)."""
         from .export import load_inference_parts
 
-        parts = load_inference_parts(path, ema=ema, dtype=dtype, device=device)
+        parts = load_inference_parts(path, ema=ema, dtype=dtype, device=device, moved=moved)
         bundle = parts.bundle
         planner = SequencePlanner(parts.tokenizer, bundle.geometry)
         gen = cls(bundle.model, bundle.vit, bundle.vae, planner, parts.tokenizer, parts.objective, **kwargs)
@@ -320,6 +322,8 @@ def planned(plan):
 def parse_args(argv: list[str] | None = None):
     import argparse
 
+    from .export import add_model_dir_flags
+
     p = argparse.ArgumentParser(prog="python -m lance_ds.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (run, checkpoints or step dir) or export")
@@ -343,6 +347,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--ema", action="store_true", help="a training checkpoint's EMA weights")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="model dtype")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add_model_dir_flags(p)
     return p.parse_args(argv)
 
 
@@ -493,7 +498,7 @@ def check_frames(args, geometry) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .export import ExportError
+    from .export import ExportError, moved_dirs
 
     args = parse_args(argv)
     problems = check_args(args)
@@ -501,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         print("lance_ds.generate: " + "\n  ".join([f"{len(problems)} problem(s):"] + problems), file=sys.stderr)
         return 2
     try:
-        gen = Generator.from_checkpoint(args.checkpoint, ema=args.ema, dtype=args.dtype, device=args.device)
+        gen = Generator.from_checkpoint(args.checkpoint, ema=args.ema, dtype=args.dtype, device=args.device,
+                                        moved=moved_dirs(args))
         print(f"lance_ds.generate: {gen.source}", file=sys.stderr)
         check_frames(args, gen.planner.geometry)
         input_side = parse_size(args.size)[0] if args.size and args.task not in ("t2i", "t2v") else None

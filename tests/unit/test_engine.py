@@ -119,3 +119,37 @@ def test_weight_decay_spares_biases_and_norm_gains():
         p.grad = torch.zeros_like(p)  # zero gradients: only decay moves a parameter
     optimizer.step()
     assert torch.equal(norm, norm_before) and torch.allclose(matrix, matrix_before * 0.9)
+
+
+def test_a_build_lock_left_by_a_killed_process_is_removed_and_a_live_build_is_left_alone(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """torch's JIT build lock of a DeepSpeed op outlives a process killed while holding it, and every later start
+    waited for it forever. Once per node, before any rank loads an op, a lock that stays the same file while nothing
+    works in its directory is removed, with a line saying so; a build in progress (a process working in the
+    directory, or a lock taken again meanwhile) keeps its lock."""
+    import subprocess
+    import threading
+
+    from lance_ds.engine import remove_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for op in ("left_by_a_kill", "being_built", "taken_again"):
+        (tmp_path / op).mkdir()
+        (tmp_path / op / "lock").touch()
+    compiler = subprocess.Popen(["sleep", "30"], cwd=tmp_path / "being_built")  # as ninja runs in the build dir
+
+    def take_again():  # another rank releases its lock and the next one takes it
+        (tmp_path / "taken_again" / "lock").unlink()
+        (tmp_path / "taken_again" / "lock").touch()
+
+    timer = threading.Timer(0.2, take_again)
+    timer.start()
+    try:
+        remove_stale_build_locks(recheck_s=0.6)
+    finally:
+        compiler.kill()
+        timer.join()
+    assert not (tmp_path / "left_by_a_kill" / "lock").exists()
+    assert (tmp_path / "being_built" / "lock").exists() and (tmp_path / "taken_again" / "lock").exists()
+    said = capsys.readouterr().err
+    assert f"removed {tmp_path / 'left_by_a_kill' / 'lock'}" in said and said.count("removed") == 1

@@ -315,3 +315,40 @@ def test_inference_attention_falls_back_where_flash_cannot_run():
     assert inference_model_config(flash, "bf16", cpu).attention == "sdpa"
     assert inference_model_config(ModelConfig(attention="flex"), "fp32", cuda).attention == "flex"
     assert inference_model_config(flash, "fp32").attention == "flash"  # what an export records: the run's choice
+
+
+def test_a_checkpoint_copied_to_another_machine_finds_its_model_dirs_where_the_flags_say(
+        trained_runs, exported, tmp_path, monkeypatch, capsys):
+    """A checkpoint names the directories of the machine that trained it (here model.tokenizer_path). Read where they
+    are elsewhere, export / generate / evaluate refuse it before reading any weights, naming the flag that fixes it;
+    with the flag they build the trained model: the same image as on the training machine."""
+    import lance_ds.export as export
+    from lance_ds.evaluate import untrained_generator
+    from lance_ds.generate import Generator, main as generate_main
+
+    copied = tmp_path / "copied" / "step_00000003"
+    shutil.copytree(trained_runs["full"] / "checkpoints" / "step_00000003", copied)
+    config = (copied / "config.yaml").read_text()
+    assert "tokenizer_path: null" in config  # the debug tokenizer, which the export holds too
+    (copied / "config.yaml").write_text(config.replace("tokenizer_path: null", "tokenizer_path: /cluster/tokenizer"))
+
+    def consolidated_too_early(*args):
+        raise AssertionError("weights were read before the model's directories were checked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(export, "zero_consolidated_state", consolidated_too_early)
+        assert export.main([str(copied), "--out", str(tmp_path / "out")]) == 2
+        refusal = capsys.readouterr().err
+        assert "model.tokenizer_path: /cluster/tokenizer is not a directory" in refusal
+        assert "give --tokenizer-path DIR" in refusal
+        with pytest.raises(export.ExportError, match="--tokenizer-path"):
+            untrained_generator(copied, Generator.from_checkpoint(exported, device="cpu"))
+    assert not (tmp_path / "out").exists()
+
+    moved = ["--tokenizer-path", str(exported)]
+    assert export.main([str(copied), "--out", str(tmp_path / "out"), *moved]) == 0
+    assert export.is_export_dir(tmp_path / "out")
+    t2i = ["--task", "t2i", "--prompt", "a red circle", "--steps", "2", "--device", "cpu"]
+    assert generate_main(["--checkpoint", str(trained_runs["full"]), *t2i, "--out", str(tmp_path / "there.png")]) == 0
+    assert generate_main(["--checkpoint", str(copied), *t2i, *moved, "--out", str(tmp_path / "here.png")]) == 0
+    assert (tmp_path / "here.png").read_bytes() == (tmp_path / "there.png").read_bytes()
