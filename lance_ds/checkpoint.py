@@ -6,6 +6,8 @@ Layout of OUTPUT_DIR/checkpoints/:
     config.yaml              the resolved run config (rank 0)
     rank_00000/data.json     this rank's data-loader position   (one dir per rank)
     rank_00000/ema.safetensors this rank's EMA shard (when EMA is on)
+    universal/               DeepSpeed's universal form of the engine files, made by the first resume on another
+                             number of ranks (kept for the next one)
   step_00000040.tmp/         a save in progress: ignored by resume, removed by the next save
   latest                     the name of the newest complete checkpoint (replaced atomically); without it, the
                              newest complete step is the latest
@@ -23,6 +25,7 @@ Nothing here unpickles data (rule 10): our own state is JSON and safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -30,6 +33,8 @@ import pickle
 import re
 import secrets
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,7 @@ CHECKPOINTS = "checkpoints"  # OUTPUT_DIR/checkpoints holds the step directories
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"  # written last: a step directory that has it is complete
 TMP_SUFFIX = ".tmp"
+UNIVERSAL = "universal"  # in a step dir: its engine state in DeepSpeed's universal form (any number of ranks)
 # Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
 # (vit_trainable, freeze_modules: which parameters the optimizer state covers.)
 ARCHITECTURE_KEYS = ("size", "path", "visual_und", "visual_gen", "lape", "training_type", "lora", "vit_trainable",
@@ -140,9 +146,19 @@ class Resumed:
 
     step: int
     path: Path
-    data_state: dict | None
-    ema_state: dict[str, torch.Tensor] | None
+    data_state: dict | None  # this rank's data position (None: saved without one, or by other ranks)
+    ema_state: dict[str, torch.Tensor] | None  # this rank's EMA shard (None: saved without EMA, or by other ranks)
     trainer_state: dict
+
+    @property
+    def saved_world(self) -> int:
+        return int(self.trainer_state["world_size"])
+
+    def rank_files(self, name: str) -> list[Path]:
+        """Every saving rank's file `name` (data.json, ema.safetensors) in rank order; [] when it saved none."""
+        if name not in self.trainer_state.get("rank_files", []):
+            return []
+        return [rank_dir(self.path, rank) / name for rank in range(self.saved_world)]
 
 
 class Checkpointer:
@@ -192,23 +208,13 @@ class Checkpointer:
         return path
 
     def check_resume(self, resume: str, model: dict, max_steps: int, weight_decay: float = 0.0) -> Path | None:
-        """The checkpoint `resume` names once it is known that this run can resume it (same number of ranks, same
-        architecture, the same optimizer grouping, a step not past max_steps), or None to start from scratch; else
-        CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it before any rank starts work."""
+        """The checkpoint `resume` names once it is known that this run can resume it (same architecture, the same
+        optimizer grouping, a step not past max_steps; any number of ranks: see load), or None to start from scratch;
+        else CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it before any rank starts work."""
         path = self.resolve(resume)
         if path is None:
             return None
         saved = json.loads((path / TRAINER_STATE).read_text())
-        saved_world = saved.get("world_size")
-        if saved_world != self.world_size:
-            raise CheckpointError(
-                f"{path} was saved by {saved_world} ranks but this run has {self.world_size}: its ZeRO optimizer "
-                f"shards and data positions are per rank, so an exact resume needs {saved_world} ranks. To go on "
-                f"with {self.world_size}, convert it to weights and start a new run from them (the optimizer "
-                f"state and data position restart):\n  python tools/export_checkpoint.py {path} --out {path}_export"
-                f"\n  ... model.path={path}_export --output_dir NEW_DIR\n(DeepSpeed's own converter, "
-                f"python -m deepspeed.checkpoint.ds_to_universal, keeps optimizer state for DeepSpeed's "
-                f"load_universal, but not lance_ds's per-rank data position.)")
         refuse_other_architecture(saved.get("model", {}), model, path)
         refuse_other_grouping(float(read_config(path).get("train", {}).get("weight_decay") or 0.0), weight_decay, path)
         step = int(saved.get("step", 0))
@@ -295,15 +301,39 @@ class Checkpointer:
 
     # -- loading -----------------------------------------------------------------------------------------------
 
+    def saved_world(self, path: Path) -> int:
+        return int(json.loads((path / TRAINER_STATE).read_text())["world_size"])
+
+    def make_universal(self, path: Path, device: torch.device) -> None:
+        """Before a resume on another number of ranks (ZeRO partitions the optimizer state by rank): rank 0 writes
+        the checkpoint's engine state in DeepSpeed's universal form (per parameter, any partitioning) into
+        path/universal, once; the engine then loads it with checkpoint.load_universal (lance_ds sets it). Every rank
+        fails together if the conversion does."""
+        target = path / UNIVERSAL
+        failure = None
+        if self.rank == 0 and not target.is_dir():
+            print(f"lance_ds: {path.name} was saved by {self.saved_world(path)} ranks and this run has "
+                  f"{self.world_size}: converting it to DeepSpeed's universal checkpoint ({target}, once)", flush=True)
+            failure = _convert_to_universal(path, target)
+        if _ranks_failing(failure is not None, device):
+            raise CheckpointError(failure or f"rank 0 could not convert {path} to a universal checkpoint (its output "
+                                  "says why)")
+
     def load(self, engine, path: Path) -> Resumed:
         """Restore the engine (weights, optimizer, scheduler) and read this rank's extra state (of a checkpoint
-        check_resume accepted)."""
+        check_resume accepted). From another number of ranks the engine loads path/universal (make_universal), and
+        the per-rank state is left to the caller to repartition (Resumed.rank_files)."""
         from .model.weights import load_safetensors
 
         trainer_state = json.loads((path / TRAINER_STATE).read_text())
         self.parent = path.name
+        same_ranks = int(trainer_state["world_size"]) == self.world_size
         try:
-            load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+            if same_ranks:
+                load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+            else:
+                with _weight_decay_kept(engine.optimizer):
+                    load_path, _ = engine.load_checkpoint(str(path), tag=UNIVERSAL)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
             if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
                 raise  # not an unreadable file (out of memory, a communication error, a shape mismatch): as it is
@@ -311,6 +341,9 @@ class Checkpointer:
         if load_path is None:
             raise self._unreadable(path, "DeepSpeed's engine files", FileNotFoundError("DeepSpeed found no engine "
                                                                                      "state for this rank"))
+        if not same_ranks:
+            return Resumed(step=int(trainer_state["step"]), path=path, data_state=None, ema_state=None,
+                           trainer_state=trainer_state)
         mine = rank_dir(path, self.rank)
         for name in trainer_state.get("rank_files", []):  # (older checkpoints do not list them)
             if not (mine / name).is_file():  # the save wrote it: without it this rank would quietly start over
@@ -336,8 +369,39 @@ class Checkpointer:
                                rank=self.rank)
 
 
+def _convert_to_universal(path: Path, target: Path) -> str | None:
+    """DeepSpeed's converter, path -> target (written aside, then renamed: whole or absent); None, or what failed."""
+    tmp = target.with_name(target.name + TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+                           "--output_folder", str(tmp)], capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
+        return (f"could not convert {path} to a universal checkpoint for a resume on another number of ranks "
+                f"(python -m deepspeed.checkpoint.ds_to_universal, exit {done.returncode}):\n{tail}\nResume with "
+                f"the {json.loads((path / TRAINER_STATE).read_text())['world_size']} ranks it was saved by, or start "
+                f"a new run from its weights (python tools/export_checkpoint.py {path} --out DIR, then "
+                f"model.path=DIR)")
+    os.replace(tmp, target)
+    return None
+
+
+@contextlib.contextmanager
+def _weight_decay_kept(optimizer):
+    """DeepSpeed's universal load gives every parameter group the hyperparameters of the first (deepspeed 0.19
+    stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3): the group of biases and norm gains would be
+    decayed (engine.optimizer_groups). Each group keeps its own weight decay."""
+    kept = [group.get("weight_decay") for group in optimizer.param_groups]
+    yield
+    for group, decay in zip(optimizer.param_groups, kept):
+        group["weight_decay"] = decay
+
+
 def _ranks_failing(failed: bool, device: torch.device) -> int:
     """How many ranks report a failure (collective: every rank calls it, so all of them raise together)."""
+    if not distributed.initialized():
+        return int(failed)
     count = torch.tensor([float(failed)], device=device)
     dist.all_reduce(count)
     return int(count.item())

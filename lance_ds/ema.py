@@ -9,6 +9,7 @@ rank order, the last one padded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -72,6 +73,43 @@ class ShardedEMA:
                     raise ValueError(f"EMA shard of {name} has shape {tuple(value.shape)}, expected "
                                      f"{tuple(self.shadow[name].shape)}: resume with the world size it was saved with")
                 self.shadow[name].copy_(value)
+
+    def load_repartitioned(self, shard_files: list[Path], rank: int) -> None:
+        """Restore from the shards of a checkpoint saved by another number of ranks (given in rank order): this
+        rank's part of each parameter, read without building the full tensors (a 7B model's would be 28 GB on every
+        rank)."""
+        from .model.weights import open_safetensors
+
+        with contextlib.ExitStack() as stack:
+            handles = [stack.enter_context(open_safetensors(path)) for path in shard_files]
+            shapes = json.loads(handles[0].metadata()["shapes"])  # (below stage 3 each rank saved the whole EMA: the
+            # first file holds all of it, and nothing is read past a parameter's real elements)
+            missing = sorted(set(self.shadow) - set(handles[0].keys()))
+            if missing:
+                raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}; the checkpoint was "
+                               "saved by a different model (check model.* in its config.yaml)")
+            for name, shadow in self.shadow.items():
+                flat = shadow.view(-1)
+                start = rank * flat.numel() if self.partitioned else 0
+                real = int(torch.Size(shapes[name]).numel())
+                flat.copy_(_span([h.get_slice(name) for h in handles], start, flat.numel(), real))
+
+
+def _span(slices, start: int, length: int, real: int) -> torch.Tensor:
+    """Elements [start, start + length) of the concatenation of flat tensors given as safetensors slices, reading
+    only the slices that overlap; past the `real` elements (the old partitions' padding, or the new ones') zeros."""
+    out = torch.zeros(length, dtype=torch.float32)
+    offset = 0
+    for piece in slices:
+        size = int(torch.Size(piece.get_shape()).numel())
+        lo, hi = max(start, offset), min(start + length, offset + size, real)
+        if lo < hi:
+            if len(piece.get_shape()) > 1:  # (a whole tensor, saved below stage 3)
+                out[lo - start:hi - start] = piece[:].flatten()[lo - offset:hi - offset]
+            else:
+                out[lo - start:hi - start] = piece[lo - offset:hi - offset]
+        offset += size
+    return out
 
 
 def consolidate(shard_files: list[Path]) -> dict[str, torch.Tensor]:

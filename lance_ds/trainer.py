@@ -50,6 +50,12 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
         self.parts = build_model(self.cfg.model, len(self.tokenizer), ds_config, device=self.dist.device)
+        self.checkpointer = Checkpointer(checkpoints_dir(self.out), self.cfg.checkpoint.keep_last,
+                                         self.dist.rank, self.dist.world_size)
+        resume_from = self._checkpoint_to_resume(resume)
+        if resume_from is not None and self.checkpointer.saved_world(resume_from) != self.dist.world_size:
+            self.checkpointer.make_universal(resume_from, self.dist.device)
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         self.engine = build_engine(self.parts.model, ds_config, self.cfg.train)
         self.ema = ShardedEMA(self.engine.module, self.cfg.train.ema_decay) if self.cfg.train.ema_decay > 0 else None
         self.planner = SequencePlanner(self.tokenizer, self.parts.geometry, seed=self.cfg.train.seed)
@@ -60,8 +66,6 @@ class Trainer:
                                          micro_batch_size=self.cfg.train.micro_batch_size, branches=self.branches,
                                          slow_batch_s=self.cfg.train.stall_timeout_s / 2)
         self.validator = Validator(self, run.val_dataset) if run.val_dataset is not None else None
-        self.checkpointer = Checkpointer(checkpoints_dir(self.out), self.cfg.checkpoint.keep_last,
-                                         self.dist.rank, self.dist.world_size)
         self.step = 0
         self.saved_step: int | None = None  # the step of this run's newest checkpoint
         self.skipped_steps = 0
@@ -71,7 +75,7 @@ class Trainer:
         self.last_lr = float("nan")
         self.validated_step: int | None = None  # the last step validation ran at (saved: a stop may skip it)
         self.task_losses = TaskLosses(self.dist.device)
-        resumed = self._resume(resume)
+        resumed = self._resume(resume_from)
         # the timeline restarts here: points an earlier run logged after this step (or any, from scratch) are dropped
         self.tb = TensorBoard(self.out / "tensorboard", enabled=self.dist.is_first,
                               purge_step=self.step + 1 if resumed else 0)
@@ -296,12 +300,15 @@ class Trainer:
         pointer = self.checkpointer.root / "latest"
         return pointer.read_text().strip() if pointer.is_file() else "(none)"
 
-    def _resume(self, resume: str) -> bool:
-        """Restore the checkpoint `resume` names; False when the run starts from scratch."""
+    def _checkpoint_to_resume(self, resume: str) -> Path | None:
+        """The checkpoint `resume` names (the same on every rank), or None to start from scratch."""
         check_output_dir_shared(self.out, self.dist.device)
         train = self.cfg.train
         resumable = self.checkpointer.check_resume(resume, to_dict(self.cfg.model), train.max_steps, train.weight_decay)
-        path = agree_on_resume(self.checkpointer.root, resumable, self.dist.device)
+        return agree_on_resume(self.checkpointer.root, resumable, self.dist.device)
+
+    def _resume(self, path: Path | None) -> bool:
+        """Restore the checkpoint at `path`; False when the run starts from scratch."""
         if path is None:
             earlier = self.checkpointer.complete_steps()
             if earlier and self.dist.is_first:
@@ -320,13 +327,31 @@ class Trainer:
         self.tokens_seen = int(resumed.trainer_state.get("tokens_seen", 0))
         # (checkpoints written before this was recorded: their step was validated, if due, before the save)
         self.validated_step = resumed.trainer_state.get("validated_step", self.step)
-        if resumed.data_state is not None:
-            self.loader.load_state_dict(resumed.data_state)
+        resharded = self._resume_data(resumed)
         if self.ema is not None:
-            self.ema.load_state_dict(resumed.ema_state)  # None: EMA is new at this resume, starts from these weights
+            if resumed.ema_state is None and resumed.rank_files("ema.safetensors"):
+                self.ema.load_repartitioned(resumed.rank_files("ema.safetensors"), self.dist.rank)
+            else:  # None: EMA is new at this resume, starts from these weights
+                self.ema.load_state_dict(resumed.ema_state)
         if self.dist.is_first:
-            print(f"lance_ds: resumed from {path} at step {self.step}", flush=True)
+            print(f"lance_ds: resumed from {path} at step {self.step}" + (
+                f" (saved by {resumed.saved_world} ranks x {resharded} loader workers; this run has "
+                f"{self.dist.world_size} x {self.loader.num_workers}: {RESHARD_NOTE})" if resharded else ""),
+                  flush=True)
         return True
+
+    def _resume_data(self, resumed) -> int | None:
+        """Restore the data position; from another layout of loader slots (ranks x workers) it is rebuilt from
+        every rank's (data/reshard.py) and the saved number of workers is returned."""
+        own = resumed.data_state
+        if own is not None and own.get("num_workers") == self.loader.num_workers:
+            self.loader.load_state_dict(own)
+            return None
+        everyone = [json.loads(f.read_text()) for f in resumed.rank_files("data.json")]
+        if not everyone:
+            return None  # (saved without a data position)
+        self.loader.load_resharded(everyone)
+        return int(everyone[0]["num_workers"])
 
     def close(self, finished: bool = True) -> None:
         """Release what the run holds. After a failure on this rank (finished=False) no collective: the other ranks
@@ -337,6 +362,10 @@ class Trainer:
         if finished and distributed.initialized():
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")
+
+
+RESHARD_NOTE = ("weights, optimizer and schedule go on as saved; the samples not yet trained are dealt to the new "
+                "loader slots, then the next epoch starts, split the new way")
 
 
 def training_cuts(dataset) -> dict[str, dict]:

@@ -51,7 +51,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -342,6 +342,9 @@ class GroupCursor:
     kept_in_epoch: int = 0
     last_epoch_size: int = 0  # samples this slot kept in its last complete epoch
     empty_epochs: int = 0  # consecutive epochs that handed this slot no sample
+    # read before the epochs: [epoch, shard, byte offset, samples left (-1: to the shard's end)], what another
+    # layout of slots had not trained yet when a run resumed on other ranks / workers (lance_ds.data.reshard)
+    pieces: list[list[int]] = field(default_factory=list)
 
 
 class GroupReader:
@@ -369,6 +372,10 @@ class GroupReader:
 
     def next(self) -> RawSample:
         c = self.cursor
+        while c.pieces:
+            raw = self._next_in_piece()
+            if raw is not None:
+                return raw
         while True:
             shard = self.units(c.epoch)[c.unit]
             if self._samples is None:
@@ -393,6 +400,28 @@ class GroupReader:
             c.kept_in_epoch += 1
             raw.address = [self.group.name, shard, raw.start, c.epoch, raw.key]
             return raw
+
+    def _next_in_piece(self) -> RawSample | None:
+        """The next sample of the first piece, or None when that piece ended (it is dropped). Read as a whole by this
+        slot, whatever the split; a piece that breaks off loses its rest (counted once, as one sample)."""
+        piece = self.cursor.pieces[0]
+        epoch, shard, offset, left = piece
+        if self._samples is None:
+            self._samples = iter_raw_samples(self.group.shards[shard].url, offset)
+        try:
+            raw = next(self._samples)
+        except StopIteration:
+            raw = None
+        except ShardError as e:
+            self.skips.add(e.reason, str(e))
+            raw = None
+        if raw is not None:
+            piece[2], piece[3] = raw.end, left - 1
+            raw.address = [self.group.name, shard, raw.start, epoch, raw.key]
+        if raw is None or piece[3] == 0:
+            self.close()
+            self.cursor.pieces.pop(0)
+        return raw
 
     def _retried(self, error: ShardError) -> bool:
         """A remote shard that broke off after giving samples (a dropped connection, a pipe: command that failed) is
@@ -441,11 +470,11 @@ class GroupReader:
             self._samples = None
 
     def state(self) -> dict:
-        return dict(vars(self.cursor))
+        return {**vars(self.cursor), "pieces": [list(piece) for piece in self.cursor.pieces]}  # (read on: copied)
 
     def load(self, state: dict) -> None:
         self.close()
-        self.cursor = GroupCursor(**state)
+        self.cursor = GroupCursor(**{**state, "pieces": [list(piece) for piece in state.get("pieces", [])]})
 
 
 class SkipCounter:
@@ -822,8 +851,8 @@ class TrainLoader:
         if saved != expected:
             raise DataError(
                 f"the saved data position is for (version, world_size, num_workers, rank) = {saved}, this run is "
-                f"{expected}; resume with the same number of ranks and data.num_workers (the position is per rank "
-                "and per worker), or start a new output_dir")
+                f"{expected}: the position is per rank and per worker; on another layout load every rank's with "
+                "load_resharded")
         if state.get("fingerprint") != self.spec.fingerprint():
             raise DataError("the dataset (groups, shards, weights), train.seed or the packing settings changed since "
                             "the checkpoint: its data position does not apply. Resume with the same dataset YAML and "
@@ -835,6 +864,18 @@ class TrainLoader:
         self.close()
         self.worker_states = list(state["workers"])
         self.next_worker = int(state["next_worker"])
+
+    def load_resharded(self, rank_states: list[dict]) -> None:
+        """Go on from the data position of a checkpoint saved by another number of ranks or workers (every rank's
+        data.json, in rank order): the samples its slots had not trained are dealt to this run's (data/reshard.py)."""
+        from .reshard import old_slot_states, resharded
+
+        slots = resharded(old_slot_states(rank_states, self.spec.fingerprint()), self.spec,
+                          self.spec.world_size * self.num_workers)
+        self.close()
+        first = self.spec.rank * self.num_workers
+        self.worker_states = slots[first:first + self.num_workers]
+        self.next_worker = 0
 
     # -- reporting -------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,87 @@
+"""The data position of a run resumed on another number of loader slots (ranks x data.num_workers).
+
+A saved position is per slot (stream.py): each slot reads its own share of each group's shards, so positions do
+not carry over to another split. What carries over is what has not been trained yet, as pieces: for each group,
+  - the samples the old slots had read but not trained (their shuffle and packing buffers), one piece each;
+  - the rest of each old slot's share of its current epoch (the shard it was in from its next sample on, then its
+    remaining shards), and its whole share of any later epoch another slot had already started;
+  - pieces an earlier reshard left unread.
+The pieces are dealt round-robin to the new slots, which read them first, then start the epoch after the furthest
+one begun, split the new way. With a shard-level split (a group with at least as many shards as the old slots),
+every sample of the interrupted epoch is trained once: none twice, none skipped. With a sample-level split (fewer
+shards than old slots, all slots read every shard) the slots' positions cannot be told apart sample by sample: the
+rest of the stream is taken from the slot furthest behind, so up to the slots' lag is trained twice.
+The run's counters (samples, tokens, skips) go to the first new slot, so that their sums over ranks carry on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from collections import Counter
+
+from .stream import DataError, GroupCursor, GroupReader, SkipCounter, StreamSpec
+
+_TOTALS = ("num_batches", "num_samples", "real_tokens", "total_tokens")
+
+
+def old_slot_states(rank_states: list[dict], fingerprint: str) -> list[dict | None]:
+    """The slot positions of a checkpoint's ranks (their data.json, in rank order), slot by slot."""
+    slots: list[dict | None] = []
+    for rank, state in enumerate(rank_states):
+        if state.get("fingerprint") != fingerprint:
+            raise DataError(f"rank {rank}'s saved data position is for another dataset, train.seed or packing "
+                            "setting: resume with the dataset YAML and data settings of the checkpoint, or start a "
+                            "new output_dir")
+        slots.extend(state["workers"])
+    return slots
+
+
+def resharded(old: list[dict | None], spec: StreamSpec, new_slots: int) -> list[dict]:
+    """The positions of `new_slots` slots that go on from the old slots' positions (None: a slot that had not
+    produced a trained batch, still at the start)."""
+    new = [_fresh_state(slot, new_slots, spec) for slot in range(new_slots)]
+    for group in spec.groups:
+        cursors = [GroupCursor(**(state["groups"][group.name] if state else {})) for state in old]
+        buffered = [[epoch, shard, offset, 1] for state in old if state
+                    for name, shard, offset, epoch, _ in state["shuffle_buffer"] + state["packing_buffer"]
+                    if name == group.name]
+        pieces = buffered + [list(p) for c in cursors for p in c.pieces] + _unread(group, cursors, spec.seed)
+        furthest = max(c.epoch for c in cursors)
+        for slot, state in enumerate(new):
+            state["groups"][group.name] = asdict(GroupCursor(epoch=furthest + 1, pieces=pieces[slot::new_slots]))
+            state["trained_epoch"][group.name] = max((s["trained_epoch"].get(group.name, 0) for s in old if s),
+                                                     default=0)
+    done = [state for state in old if state]
+    for key in _TOTALS:
+        new[0][key] = sum(state[key] for state in done)
+    new[0]["skipped"] = dict(sum((Counter(state["skipped"]) for state in done), Counter()))
+    return new
+
+
+def _unread(group, cursors: list[GroupCursor], seed: int) -> list[list[int]]:
+    """Pieces of the shards the old slots had not read, up to the end of the furthest epoch begun."""
+    num_slots = len(cursors)
+    readers = [GroupReader(group, slot, num_slots, seed, SkipCounter()) for slot in range(num_slots)]
+    furthest = max(c.epoch for c in cursors)
+    if readers[0].sample_split:  # every slot reads the same stream: go on from the one furthest behind
+        behind = min(cursors, key=lambda c: (c.epoch, c.unit, c.offset))
+        return _rest(readers[0], behind, furthest)
+    return [piece for reader, cursor in zip(readers, cursors) for piece in _rest(reader, cursor, furthest)]
+
+
+def _rest(reader: GroupReader, cursor: GroupCursor, furthest: int) -> list[list[int]]:
+    """The shards `reader`'s slot had still to read from `cursor` to the end of epoch `furthest`."""
+    units = reader.units(cursor.epoch)[cursor.unit:]
+    pieces = [[cursor.epoch, shard, cursor.offset if i == 0 else 0, -1] for i, shard in enumerate(units)]
+    for epoch in range(cursor.epoch + 1, furthest + 1):
+        pieces += [[epoch, shard, 0, -1] for shard in reader.units(epoch)]
+    return pieces
+
+
+def _fresh_state(slot: int, num_slots: int, spec: StreamSpec) -> dict:
+    names = [g.name for g in spec.groups]
+    return {"slot": slot, "num_slots": num_slots, "groups": {}, "mix_draws": 0, "shuffle_draws": 0,
+            "shuffle_buffer": [], "packing_buffer": [], "packing_buffer_decoded": [],
+            "failing": dict.fromkeys(names, 0), "failing_since": dict.fromkeys(names, 0),
+            "largest_epoch": dict.fromkeys(names, 0), "trained_epoch": dict.fromkeys(names, 0),
+            "skipped": {}, **dict.fromkeys(_TOTALS, 0)}
