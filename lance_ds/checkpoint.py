@@ -332,7 +332,7 @@ class Checkpointer:
             if same_ranks:
                 load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
             else:
-                with _weight_decay_kept(engine.optimizer):
+                with _universal_load_repaired(engine.optimizer):
                     load_path, _ = engine.load_checkpoint(str(path), tag=UNIVERSAL)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
             if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
@@ -388,14 +388,18 @@ def _convert_to_universal(path: Path, target: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _weight_decay_kept(optimizer):
-    """DeepSpeed's universal load gives every parameter group the hyperparameters of the first (deepspeed 0.19
-    stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3): the group of biases and norm gains would be
-    decayed (engine.optimizer_groups). Each group keeps its own weight decay."""
-    kept = [group.get("weight_decay") for group in optimizer.param_groups]
+def _universal_load_repaired(optimizer):
+    """Undo two slips of DeepSpeed's universal load (deepspeed 0.19, stage3.py
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3): it gives every parameter group the hyperparameters of the
+    first, so biases and norm gains would be decayed (engine.optimizer_groups); and one step-count tensor to every
+    group, which each group's update then advances, so Adam's bias correction would run N groups times too fast."""
+    decays = [group.get("weight_decay") for group in optimizer.param_groups]
     yield
-    for group, decay in zip(optimizer.param_groups, kept):
+    for group, decay in zip(optimizer.param_groups, decays):
         group["weight_decay"] = decay
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _ranks_failing(failed: bool, device: torch.device) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, RESOLUTION, deepspeed_cmd, free_port, launch, launch_env, read_scalars
@@ -209,6 +211,40 @@ def test_sigterm_stops_at_the_next_step_with_its_checkpoint_and_resumes_exactly(
     for step in expected_val:
         assert val[step] == pytest.approx(expected_val[step], rel=1e-5), (step, val, expected_val)
     assert tensorboard_steps(out, "hparam/train/loss") == [0]  # the finished run's record only, not the stop's
+
+
+def test_a_run_resumes_on_another_number_of_ranks(reference, example_data, tmp_path):
+    """2 ranks -> 1 (a node lost, a smaller box): the engine goes on from the 2-rank checkpoint through DeepSpeed's
+    universal form (made once, into the step dir). With a learning rate too small to move a weight, the weights stay
+    those saved, the EMA moves from its saved value towards them, Adam's step count goes on, and each optimizer group
+    keeps its own weight decay (DeepSpeed's universal load gives every group the first one's)."""
+    from lance_ds.ema import consolidate
+    from lance_ds.export import zero_consolidated_state
+
+    out = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    result = launch(train_args(out, example_data, STEPS + 2, "train.lr=1e-30", "train.min_lr=0"), num_ranks=1)
+    assert re.search(r"resumed from .*step_00000008 at step 8 \(saved by 2 ranks x \d+ loader workers; this run has "
+                     r"1 x \d+", result.stdout), result.stdout[-3000:]
+    saved, went_on = out / "checkpoints" / "step_00000008", out / "checkpoints" / "step_00000010"
+    assert (saved / "universal" / "zero").is_dir()
+    weights = zero_consolidated_state(saved)
+    assert all(torch.equal(weights[name], value) for name, value in zero_consolidated_state(went_on).items())
+    ema_saved = consolidate([saved / f"rank_{rank:05d}" / "ema.safetensors" for rank in range(2)])
+    ema_now = consolidate([went_on / "rank_00000" / "ema.safetensors"])
+    decay = 0.9 ** 2  # two steps of train.ema_decay=0.9 towards the unchanged weights
+    for name, value in ema_now.items():
+        expected = decay * ema_saved[name] + (1 - decay) * weights[name]
+        assert torch.allclose(value, expected, atol=1e-6), name
+    assert any(not torch.equal(ema_saved[name], weights[name]) for name in ema_saved)  # (the EMA lags the weights)
+
+    def adam(step_dir: Path, rank: int = 0) -> dict:
+        state = torch.load(step_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
+        return state["optimizer_state_dict"]["optimizer_state_dict"]
+
+    before, after = adam(saved), adam(went_on)
+    assert int(after["state"][0]["step"]) == int(before["state"][0]["step"]) + 2
+    assert [g["weight_decay"] for g in after["param_groups"]] == [0.1, 0.0]
 
 
 def ranks_started_alone(per_rank_args: list[list[str]], launcher_env=None,
