@@ -338,6 +338,10 @@ class Trainer:
                 f" (saved by {resumed.saved_world} ranks x {resharded} loader workers; this run has "
                 f"{self.dist.world_size} x {self.loader.num_workers}: {RESHARD_NOTE})" if resharded else ""),
                   flush=True)
+            changed = batch_change(read_config(path).get("train", {}), resumed.saved_world, self.cfg.train,
+                                   self.dist.world_size)
+            if changed:
+                print(f"lance_ds: {changed}", flush=True)
         return True
 
     def _resume_data(self, resumed) -> int | None:
@@ -390,6 +394,19 @@ def schedule_changes(saved: dict, train) -> list[str]:
     keys = ["lr", "lr_schedule", "warmup_steps", "min_lr"] + (["max_steps"] if train.lr_schedule == "cosine" else [])
     return [f"train.{k} {saved[k]} -> {getattr(train, k)}" for k in keys
             if k in saved and saved[k] != getattr(train, k)]
+
+
+def batch_change(saved: dict, saved_world: int, train, world: int) -> str | None:
+    """What a resume changes in the sequences per optimizer step (micro batch x grad_accum x ranks), and the
+    grad_accum that keeps it, if any; None when it stays."""
+    before = int(saved.get("micro_batch_size", train.micro_batch_size)) * int(saved.get("grad_accum", 1)) * saved_world
+    now = train.micro_batch_size * train.grad_accum * world
+    if before == now:
+        return None
+    keeps, rest = divmod(before, train.micro_batch_size * world)
+    hint = f"; train.grad_accum={keeps} keeps it" if keeps and not rest else ""
+    return (f"the global batch changes from {before} to {now} sequences per step (micro batch x grad_accum x "
+            f"ranks){hint}; the learning rate stays as configured")
 
 
 def flat_hparams(tree: dict, prefix: str = "") -> dict[str, float | int | str | bool]:

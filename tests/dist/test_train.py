@@ -226,6 +226,8 @@ def test_a_run_resumes_on_another_number_of_ranks(reference, example_data, tmp_p
     result = launch(train_args(out, example_data, STEPS + 2, "train.lr=1e-30", "train.min_lr=0"), num_ranks=1)
     assert re.search(r"resumed from .*step_00000008 at step 8 \(saved by 2 ranks x \d+ loader workers; this run has "
                      r"1 x \d+", result.stdout), result.stdout[-3000:]
+    assert "global batch changes from 4 to 2 sequences per step" in result.stdout  # (grad_accum 2, 2 ranks -> 1)
+    assert "train.grad_accum=4 keeps it" in result.stdout
     saved, went_on = out / "checkpoints" / "step_00000008", out / "checkpoints" / "step_00000010"
     assert (saved / "universal" / "zero").is_dir()
     weights = zero_consolidated_state(saved)
