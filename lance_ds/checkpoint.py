@@ -374,7 +374,7 @@ def _convert_to_universal(path: Path, target: Path) -> str | None:
     tmp = target.with_name(target.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-                           "--output_folder", str(tmp)], capture_output=True, text=True)
+                           "--output_folder", str(tmp), "--inject_missing_state"], capture_output=True, text=True)
     if done.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])

@@ -313,6 +313,17 @@ def test_consolidate_reassembles_zero3_partitions(tmp_path):
     assert torch.equal(consolidate(files)["w"], full)
 
 
+def test_a_checkpoint_deepspeed_cannot_convert_is_refused_with_what_to_do(tmp_path):
+    """A resume on another number of ranks converts the checkpoint first; when DeepSpeed's converter fails (here: no
+    ZeRO files), the run stops with its reason and the ways on, and leaves no half-written universal folder."""
+    path = save(Checkpointer(tmp_path, keep_last=2, rank=0, world_size=2), 10)
+    one_rank = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    with pytest.raises(CheckpointError, match="(?s)could not convert .*ds_to_universal.*Resume with the 2 ranks "
+                                              ".*export_checkpoint.py"):
+        one_rank.make_universal(path, torch.device("cpu"))
+    assert [p.name for p in path.iterdir() if p.is_dir()] == ["rank_00000"]
+
+
 def _partitioned_linear(rank: int, world: int) -> torch.nn.Module:
     """A Linear(3, 3) as ZeRO-3 leaves it on `rank` of `world`: each parameter's ds_tensor is its rank's chunk."""
     model = torch.nn.Linear(3, 3)
