@@ -347,18 +347,25 @@ def test_the_epoch_reported_is_that_of_the_samples_trained_on(tmp_path, planner)
     loader.close()
 
 
-def test_resume_with_other_world_size_or_data_is_refused(tmp_path, planner):
+def test_resume_with_other_world_size_is_resharded_and_with_other_data_refused(tmp_path, planner):
     write_shards(tmp_path, "t2i", 2, 4)
     dataset = DatasetConfig(groups=[group("g", [tmp_path])])
-    loader = build_train_loader(dataset, DATA, planner, rank=0, world_size=2, seed=0, micro_batch_size=1)
-    take(loader, 1)
-    state = loader.state_dict()
-    other = build_train_loader(dataset, DATA, planner, rank=0, world_size=3, seed=0, micro_batch_size=1)
+    states = []
+    for rank in range(2):
+        loader = build_train_loader(dataset, DATA, planner, rank=rank, world_size=2, seed=0, micro_batch_size=1)
+        take(loader, 1)
+        states.append(loader.state_dict())
+    other = build_train_loader(dataset, DATA, planner, rank=2, world_size=3, seed=0, micro_batch_size=1)
     with pytest.raises(stream_module.DataError, match="load_resharded"):
-        other.load_state_dict(state)
+        other.load_state_dict(states[0])
+    other.load_resharded(states)  # this rank's slot of the three the old two are dealt to
+    assert [(s["slot"], s["num_slots"]) for s in other.worker_states] == [(2, 3)]
+    assert len(take(other, 2)) == 2 and other.stats()["batches"] == 2  # (the run's counters went to rank 0's slot)
     other = build_train_loader(dataset, DATA, planner, rank=0, world_size=2, seed=1, micro_batch_size=1)
     with pytest.raises(stream_module.DataError, match="changed since the checkpoint"):
-        other.load_state_dict(state)
+        other.load_state_dict(states[0])
+    with pytest.raises(stream_module.DataError, match="another dataset, train.seed"):
+        other.load_resharded(states)
 
 
 def train_slots(spec, num_slots: int, states: list[dict] | None, batches: int, trained: list) -> list[dict]:
