@@ -210,7 +210,8 @@ class Checkpointer:
     def check_resume(self, resume: str, model: dict, max_steps: int, weight_decay: float = 0.0) -> Path | None:
         """The checkpoint `resume` names once it is known that this run can resume it (same architecture, the same
         optimizer grouping, a step not past max_steps; any number of ranks: see load), or None to start from scratch;
-        else CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it before any rank starts work."""
+        else CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it before any rank starts
+        work."""
         path = self.resolve(resume)
         if path is None:
             return None
