@@ -360,6 +360,17 @@ class Checkpointer:
                        data_state=read(mine / "data.json", lambda f: json.loads(f.read_text())),
                        ema_state=read(mine / "ema.safetensors", load_safetensors), trainer_state=trainer_state)
 
+    def every_rank_data(self, resumed: Resumed) -> list[dict]:
+        """Every saving rank's data position, in rank order ([] when saved without): a resume on another layout of
+        loader slots rebuilds this run's from them."""
+        positions = []
+        for file in resumed.rank_files("data.json"):
+            try:
+                positions.append(json.loads(file.read_text()))
+            except (OSError, ValueError) as e:
+                raise self._unreadable(resumed.path, str(file), e) from e
+        return positions
+
     def _unreadable(self, path: Path, what: str, error: Exception) -> CheckpointError:
         """The error for a checkpoint that check_resume accepted but whose files cannot be read back."""
         reason = (str(error).splitlines() or [""])[0][:300]

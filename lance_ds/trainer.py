@@ -351,7 +351,7 @@ class Trainer:
         if own is not None and own.get("num_workers") == self.loader.num_workers:
             self.loader.load_state_dict(own)
             return None
-        everyone = [json.loads(f.read_text()) for f in resumed.rank_files("data.json")]
+        everyone = self.checkpointer.every_rank_data(resumed)
         if not everyone:
             return None  # (saved without a data position)
         self.loader.load_resharded(everyone)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lance_ds.checkpoint import Checkpointer, CheckpointError, step_name
+from lance_ds.checkpoint import Checkpointer, CheckpointError, Resumed, step_name
 from lance_ds.config.core import ConfigError
 from lance_ds.ema import ShardedEMA, consolidate
 
@@ -322,6 +322,18 @@ def test_a_checkpoint_deepspeed_cannot_convert_is_refused_with_what_to_do(tmp_pa
                                               ".*export_checkpoint.py"):
         one_rank.make_universal(path, torch.device("cpu"))
     assert [p.name for p in path.iterdir() if p.is_dir()] == ["rank_00000"]
+
+
+def test_every_rank_data_position_is_read_for_a_reshard_or_the_file_is_named(tmp_path):
+    path = save(Checkpointer(tmp_path, keep_last=2, rank=0, world_size=2), 10)  # (rank 1 did not write its part)
+    resumed = Resumed(step=10, path=path, data_state=None, ema_state=None,
+                      trainer_state=json.loads((path / "trainer_state.json").read_text()))
+    one_rank = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    with pytest.raises(CheckpointError, match="rank_00001/data.json could not be read"):
+        one_rank.every_rank_data(resumed)
+    (path / "rank_00001").mkdir()
+    (path / "rank_00001" / "data.json").write_text(json.dumps({"position": 11}))
+    assert one_rank.every_rank_data(resumed) == [{"position": 10}, {"position": 11}]
 
 
 def _partitioned_linear(rank: int, world: int) -> torch.nn.Module:
