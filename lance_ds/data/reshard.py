@@ -1,11 +1,13 @@
 """The data position of a run resumed on another number of loader slots (ranks x data.num_workers).
 
 A saved position is per slot (stream.py): each slot reads its own share of each group's shards, so positions do
-not carry over to another split. What carries over is what has not been trained yet, as pieces: for each group,
-  - the samples the old slots had read but not trained (their shuffle and packing buffers), one piece each;
-  - the rest of each old slot's share of its current epoch (the shard it was in from its next sample on, then its
-    remaining shards), and its whole share of any later epoch another slot had already started;
-  - pieces an earlier reshard left unread.
+not carry over to another split. What carries over is what has not been trained yet:
+  - the samples the old slots had read but not trained (their shuffle and packing buffers), dealt round-robin into
+    the new slots' shuffle buffers (re-read by address as at any resume; a buffer dealt more than its size is drawn
+    down to it first), up to twice a slot's usual buffers; any more become one-sample pieces;
+  - as pieces, per group: the rest of each old slot's share of its current epoch (the shard it was in from its next
+    sample on, then its remaining shards), its whole share of any later epoch another slot had already started, and
+    the pieces an earlier reshard left unread.
 The pieces are dealt round-robin to the new slots, which read them first, then start the epoch after the furthest
 one begun, split the new way. With a shard-level split (a group with at least as many shards as the old slots),
 every sample of the interrupted epoch is trained once: none twice, none skipped. With a sample-level split (fewer
@@ -40,12 +42,14 @@ def resharded(old: list[dict | None], spec: StreamSpec, new_slots: int) -> list[
     """The positions of `new_slots` slots that go on from the old slots' positions (None: a slot that had not
     produced a trained batch, still at the start)."""
     new = [_fresh_state(slot, new_slots, spec) for slot in range(new_slots)]
+    buffered = [address for state in old if state for address in state["shuffle_buffer"] + state["packing_buffer"]]
+    room = new_slots * 2 * (spec.data.shuffle_buffer + spec.data.packing_buffer)  # (memory: a slot's usual twice)
+    for slot, state in enumerate(new):
+        state["shuffle_buffer"] = buffered[:room][slot::new_slots]
     for group in spec.groups:
         cursors = [GroupCursor(**(state["groups"][group.name] if state else {})) for state in old]
-        buffered = [[epoch, shard, offset, 1] for state in old if state
-                    for name, shard, offset, epoch, _ in state["shuffle_buffer"] + state["packing_buffer"]
-                    if name == group.name]
-        pieces = buffered + [list(p) for c in cursors for p in c.pieces] + _unread(group, cursors, spec.seed)
+        overflow = [[epoch, shard, offset, 1] for name, shard, offset, epoch, _ in buffered[room:] if name == group.name]
+        pieces = overflow + [list(p) for c in cursors for p in c.pieces] + _unread(group, cursors, spec.seed)
         furthest = max(c.epoch for c in cursors)
         for slot, state in enumerate(new):
             state["groups"][group.name] = asdict(GroupCursor(epoch=furthest + 1, pieces=pieces[slot::new_slots]))

@@ -564,12 +564,14 @@ class SlotStream:
 
     def _next_shuffled(self) -> RawSample:
         size = self.spec.data.shuffle_buffer
-        if size == 0:
+        if size == 0 and not self.shuffle:
             return self._next_mixed()
         while len(self.shuffle) < size:
             self.shuffle.append(self._next_mixed())
-        j = int(self._draw("shuffle", self.shuffle_draws) * size)
+        j = int(self._draw("shuffle", self.shuffle_draws) * len(self.shuffle))
         self.shuffle_draws += 1
+        if len(self.shuffle) > size:  # dealt more by a reshard (data/reshard.py): drawn down to its size first
+            return self.shuffle.pop(j)
         raw, self.shuffle[j] = self.shuffle[j], self._next_mixed()
         return raw
 

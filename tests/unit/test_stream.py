@@ -407,6 +407,10 @@ def test_a_resume_on_other_slots_trains_the_rest_of_each_epoch_begun(tmp_path, p
     before = len(trained)
     final = resharded(states, spec, 1)
     assert final[0]["num_samples"] == before == sum(s["num_samples"] for s in states)
+    # the buffered samples go to the new shuffle buffer, up to twice a slot's buffers; the rest as one-sample pieces
+    buffered, room = sum(len(s["shuffle_buffer"]) + len(s["packing_buffer"]) for s in states), 2 * (6 + 4)
+    assert buffered > room and len(final[0]["shuffle_buffer"]) == room
+    assert sum(piece[3] == 1 for piece in final[0]["groups"]["g"]["pieces"]) == buffered - room
     states = train_slots(spec, 1, final, 30, trained)
     counts = Counter(key for key, epoch in trained if epoch <= begun)
     epochs = begun + 1
@@ -416,6 +420,7 @@ def test_a_resume_on_other_slots_trains_the_rest_of_each_epoch_begun(tmp_path, p
     else:  # every slot read every shard: from the slot furthest behind, a little twice
         assert epochs * len(keys) <= sum(counts.values()) <= epochs * len(keys) + 3 * (DATA.shuffle_buffer + 8)
     assert states[0]["num_samples"] == len(trained)
+    assert len(states[0]["shuffle_buffer"]) == DATA.shuffle_buffer  # drawn down to its size
 
 
 # ----------------------------------------------------------------------------------------------------------------
