@@ -315,7 +315,7 @@ class Checkpointer:
         if self.rank == 0 and not target.is_dir():
             print(f"lance_ds: {path.name} was saved by {self.saved_world(path)} ranks and this run has "
                   f"{self.world_size}: converting it to DeepSpeed's universal checkpoint ({target}, once)", flush=True)
-            failure = _convert_to_universal(path, target)
+            failure = _convert_to_universal(path, target, self.saved_world(path))
         if _ranks_failing(failure is not None, device):
             raise CheckpointError(failure or f"rank 0 could not convert {path} to a universal checkpoint (its output "
                                   "says why)")
@@ -381,7 +381,7 @@ class Checkpointer:
                                rank=self.rank)
 
 
-def _convert_to_universal(path: Path, target: Path) -> str | None:
+def _convert_to_universal(path: Path, target: Path, saved_world: int) -> str | None:
     """DeepSpeed's converter, path -> target (written aside, then renamed: whole or absent); None, or what failed."""
     tmp = target.with_name(target.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -392,9 +392,8 @@ def _convert_to_universal(path: Path, target: Path) -> str | None:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
         return (f"could not convert {path} to a universal checkpoint for a resume on another number of ranks "
                 f"(python -m deepspeed.checkpoint.ds_to_universal, exit {done.returncode}):\n{tail}\nResume with "
-                f"the {json.loads((path / TRAINER_STATE).read_text())['world_size']} ranks it was saved by, or start "
-                f"a new run from its weights (python tools/export_checkpoint.py {path} --out DIR, then "
-                f"model.path=DIR)")
+                f"the {saved_world} ranks it was saved by, or start a new run from its weights (python "
+                f"tools/export_checkpoint.py {path} --out DIR, then model.path=DIR)")
     os.replace(tmp, target)
     return None
 
