@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     world = world_size_from_env()
     try:
         run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world)
-        # what --resume names must be resumable by this run (ranks, architecture) before any rank starts work
+        # what --resume names must be resumable by this run (architecture, optimizer groups) before any rank starts work
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
         train = run.config.train
         checkpointer.check_resume(args.resume, to_dict(run.config.model), train.max_steps, train.weight_decay)
