@@ -64,21 +64,29 @@ def resharded(old: list[dict | None], spec: StreamSpec, new_slots: int) -> list[
 
 def _unread(group, cursors: list[GroupCursor], seed: int) -> list[list[int]]:
     """Pieces of the shards the old slots had not read, up to the end of the furthest epoch begun."""
-    num_slots = len(cursors)
-    readers = [GroupReader(group, slot, num_slots, seed, SkipCounter()) for slot in range(num_slots)]
-    furthest = max(c.epoch for c in cursors)
-    if readers[0].sample_split:  # every slot reads the same stream: go on from the one furthest behind
+    whole = GroupReader(group, 0, 1, seed, SkipCounter())  # one slot's units: an epoch's whole shard order
+    orders: dict[int, list[int]] = {}
+
+    def order(epoch: int) -> list[int]:  # (each epoch shuffled once, not once per old slot)
+        if epoch not in orders:
+            orders[epoch] = list(whole.units(epoch))
+        return orders[epoch]
+
+    num_slots, furthest = len(cursors), max(c.epoch for c in cursors)
+    if len(group.shards) < num_slots:  # a sample-level split: every slot read the same stream; from the one behind
         behind = min(cursors, key=lambda c: (c.epoch, c.unit, c.offset))
-        return _rest(readers[0], behind, furthest)
-    return [piece for reader, cursor in zip(readers, cursors) for piece in _rest(reader, cursor, furthest)]
+        return _rest(order, behind, furthest)
+    return [piece for slot, cursor in enumerate(cursors)
+            for piece in _rest(lambda epoch, slot=slot: order(epoch)[slot::num_slots], cursor, furthest)]
 
 
-def _rest(reader: GroupReader, cursor: GroupCursor, furthest: int) -> list[list[int]]:
-    """The shards `reader`'s slot had still to read from `cursor` to the end of epoch `furthest`."""
-    units = reader.units(cursor.epoch)[cursor.unit:]
-    pieces = [[cursor.epoch, shard, cursor.offset if i == 0 else 0, -1] for i, shard in enumerate(units)]
+def _rest(units, cursor: GroupCursor, furthest: int) -> list[list[int]]:
+    """The shards a slot whose epochs' shards are `units(epoch)` had still to read from `cursor` to the end of epoch
+    `furthest`."""
+    pieces = [[cursor.epoch, shard, cursor.offset if i == 0 else 0, -1]
+              for i, shard in enumerate(units(cursor.epoch)[cursor.unit:])]
     for epoch in range(cursor.epoch + 1, furthest + 1):
-        pieces += [[epoch, shard, 0, -1] for shard in reader.units(epoch)]
+        pieces += [[epoch, shard, 0, -1] for shard in units(epoch)]
     return pieces
 
 
