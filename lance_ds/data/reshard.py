@@ -18,8 +18,8 @@ The run's counters (samples, tokens, skips) go to the first new slot, so that th
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from collections import Counter
+from dataclasses import asdict
 
 from .stream import DataError, GroupCursor, GroupReader, SkipCounter, StreamSpec
 
