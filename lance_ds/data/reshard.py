@@ -52,10 +52,10 @@ def resharded(old: list[dict | None], spec: StreamSpec, new_slots: int) -> list[
                     if name == group.name]
         pieces = overflow + [list(p) for c in cursors for p in c.pieces] + _unread(group, cursors, spec.seed)
         furthest = max(c.epoch for c in cursors)
+        trained = max((s["trained_epoch"].get(group.name, 0) for s in old if s), default=0)
         for slot, state in enumerate(new):
             state["groups"][group.name] = asdict(GroupCursor(epoch=furthest + 1, pieces=pieces[slot::new_slots]))
-            state["trained_epoch"][group.name] = max((s["trained_epoch"].get(group.name, 0) for s in old if s),
-                                                     default=0)
+            state["trained_epoch"][group.name] = trained
     done = [state for state in old if state]
     for key in _TOTALS:
         new[0][key] = sum(state[key] for state in done)
