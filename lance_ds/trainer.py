@@ -317,8 +317,9 @@ class Trainer:
             return False
         resumed = self.checkpointer.load(self.engine, path)
         follow_run_schedule(self.engine, self.cfg.train)
+        saved_train = read_config(path).get("train", {})
         if self.dist.is_first:
-            changed = schedule_changes(read_config(path).get("train", {}), self.cfg.train)
+            changed = schedule_changes(saved_train, self.cfg.train)
             if changed:
                 print(f"lance_ds: the learning-rate schedule changed since the checkpoint ({'; '.join(changed)}): "
                       f"from step {resumed.step} the rate follows the new one", flush=True)
@@ -338,8 +339,7 @@ class Trainer:
                 f" (saved by {resumed.saved_world} ranks x {resharded} loader workers; this run has "
                 f"{self.dist.world_size} x {self.loader.num_workers}: {RESHARD_NOTE})" if resharded else ""),
                   flush=True)
-            changed = batch_change(read_config(path).get("train", {}), resumed.saved_world, self.cfg.train,
-                                   self.dist.world_size)
+            changed = batch_change(saved_train, resumed.saved_world, self.cfg.train, self.dist.world_size)
             if changed:
                 print(f"lance_ds: {changed}", flush=True)
         return True
