@@ -26,8 +26,8 @@ in the packing buffer. Resuming seeks to the byte offsets (HTTP: a Range request
 up to its last buffered sample) and re-reads only the buffered samples; nothing consumed is decoded again. Each packed batch travels from its DataLoader worker
 with the worker's state right after producing it, so the main process knows the position of what it consumed
 (prefetched batches are not counted) and which worker comes next. A resume on another number of slots (other ranks
-or workers) cannot be exact: data/reshard.py deals the samples not yet trained to the new slots as pieces
-(GroupCursor.pieces), read before the next epoch.
+or workers) cannot be exact: data/reshard.py deals the samples not yet trained to the new slots, the buffered ones
+into their shuffle buffers, the rest of each shard and epoch begun as pieces (GroupCursor.pieces) read first.
 Bad input is skipped and counted by reason (SKIP_REASONS), never fatal and never silent: the counts come with every
 batch (`stats_scalars()` -> `data/skipped`, `data/skipped/<reason>`), and the first few of each reason are logged.
 A shard that breaks off counts the samples it still held when its manifest says how many it has (else 1); a remote
