@@ -4,15 +4,16 @@ A saved position is per slot (stream.py): each slot reads its own share of each 
 not carry over to another split. What carries over is what has not been trained yet:
   - the samples the old slots had read but not trained (their shuffle and packing buffers), dealt round-robin into
     the new slots' shuffle buffers (re-read by address as at any resume; a buffer dealt more than its size is drawn
-    down to it first), up to twice a slot's usual buffers; any more become one-sample pieces;
+    down to it first), up to twice a slot's usual buffers; any more become one-sample pieces, in shard order;
   - as pieces, per group: the rest of each old slot's share of its current epoch (the shard it was in from its next
     sample on, then its remaining shards), its whole share of any later epoch another slot had already started, and
     the pieces an earlier reshard left unread.
-The pieces are dealt round-robin to the new slots, which read them first, then start the epoch after the furthest
-one begun, split the new way. With a shard-level split (a group with at least as many shards as the old slots),
-every sample of the interrupted epoch is trained once: none twice, none skipped. With a sample-level split (fewer
-shards than old slots, all slots read every shard) the slots' positions cannot be told apart sample by sample: the
-rest of the stream is taken from the slot furthest behind, so up to the slots' lag is trained twice.
+The pieces are dealt round-robin to the new slots (those of one shard together), which read them first, then start
+the epoch after the furthest one begun, split the new way. With a shard-level split (a group with at least as many
+shards as the old slots), every sample of the interrupted epoch is trained once: none twice, none skipped. With a
+sample-level split (fewer shards than old slots, all slots read every shard) the slots' positions cannot be told
+apart sample by sample: the rest of the stream is taken from the slot furthest behind, so up to the slots' lag is
+trained twice.
 The run's counters (samples, tokens, skips) go to the first new slot, so that their sums over ranks carry on.
 """
 
@@ -48,19 +49,32 @@ def resharded(old: list[dict | None], spec: StreamSpec, new_slots: int) -> list[
         state["shuffle_buffer"] = buffered[:room][slot::new_slots]
     for group in spec.groups:
         cursors = [GroupCursor(**(state["groups"][group.name] if state else {})) for state in old]
-        overflow = [[epoch, shard, offset, 1] for name, shard, offset, epoch, _ in buffered[room:]
-                    if name == group.name]
+        overflow = sorted([epoch, shard, offset, 1] for name, shard, offset, epoch, _ in buffered[room:]
+                          if name == group.name)
         pieces = overflow + [list(p) for c in cursors for p in c.pieces] + _unread(group, cursors, spec.seed)
+        dealt = _deal(pieces, new_slots)
         furthest = max(c.epoch for c in cursors)
         trained = max((s["trained_epoch"].get(group.name, 0) for s in old if s), default=0)
         for slot, state in enumerate(new):
-            state["groups"][group.name] = asdict(GroupCursor(epoch=furthest + 1, pieces=pieces[slot::new_slots]))
+            state["groups"][group.name] = asdict(GroupCursor(epoch=furthest + 1, pieces=dealt[slot]))
             state["trained_epoch"][group.name] = trained
     done = [state for state in old if state]
     for key in _TOTALS:
         new[0][key] = sum(state[key] for state in done)
     new[0]["skipped"] = dict(sum((Counter(state["skipped"]) for state in done), Counter()))
     return new
+
+
+def _deal(pieces: list[list[int]], num_slots: int) -> list[list[list[int]]]:
+    """The pieces dealt round-robin to the slots, a run of pieces of one shard (and epoch) as one: the slot reads the
+    run in one pass (a pipe: shard streamed once, not once per piece)."""
+    dealt: list[list[list[int]]] = [[] for _ in range(num_slots)]
+    slot = -1
+    for i, piece in enumerate(pieces):
+        if i == 0 or piece[:2] != pieces[i - 1][:2]:
+            slot = (slot + 1) % num_slots
+        dealt[slot].append(piece)
+    return dealt
 
 
 def _unread(group, cursors: list[GroupCursor], seed: int) -> list[list[int]]:

@@ -412,6 +412,8 @@ class GroupReader:
             self._samples = iter_raw_samples(self.group.shards[shard].url, offset)
         try:
             raw = next(self._samples)
+            while raw.start < offset:  # a pipe: stream left open by the piece before: read forward to this one
+                raw = next(self._samples)
         except StopIteration:
             raw = None
         except ShardError as e:
@@ -421,9 +423,18 @@ class GroupReader:
             piece[2], piece[3] = raw.end, left - 1
             raw.address = [self.group.name, shard, raw.start, epoch, raw.key]
         if raw is None or piece[3] == 0:
-            self.close()
             self.cursor.pieces.pop(0)
+            if raw is None or not self._next_piece_further_on(piece):
+                self.close()
         return raw
+
+    def _next_piece_further_on(self, done: list[int]) -> bool:
+        """Whether the next piece lies further on in the pipe: shard that `done` was read from. A pipe: command cannot
+        seek (fetch_raws): opened again per piece, it would stream the shard up to each one, which for the one-sample
+        pieces of a reshard's overflow (data/reshard.py) means once per sample."""
+        pieces = self.cursor.pieces
+        return (bool(pieces) and pieces[0][:2] == done[:2] and pieces[0][2] >= done[2]
+                and self.group.shards[done[1]].url.startswith("pipe:"))
 
     def _retried(self, error: ShardError) -> bool:
         """A remote shard that broke off after giving samples (a dropped connection, a pipe: command that failed) is

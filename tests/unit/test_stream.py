@@ -424,6 +424,36 @@ def test_a_resume_on_other_slots_trains_the_rest_of_each_epoch_begun(tmp_path, p
     assert len(states[0]["shuffle_buffer"]) == DATA.shuffle_buffer  # drawn down to its size
 
 
+def test_a_reshard_reads_a_pipe_shard_once_for_its_samples_beyond_the_new_buffers(tmp_path, planner, monkeypatch):
+    """6 slots -> 1: the buffered samples beyond twice the new slot's buffers become one-sample pieces. A pipe: shard
+    streamed up to each of them again (a shuffle buffer's worth of `aws s3 cp` runs per old slot); the pieces are now
+    in shard order and each shard's are read in one pass, and the samples read are exactly those pieces."""
+    write_shards(tmp_path, "t2i", 12, 8)
+    sources = [f"pipe:cat {path}" for path in sorted(tmp_path.glob("*.tar"))]
+    spec = StreamSpec([resolve_group(group("g", sources, task="t2i", caption_dropout=0.0))], planner, DATA,
+                      Branches(), 1, 7, 0, 1)
+    final = resharded(train_slots(spec, 6, None, 2, []), spec, 1)
+    overflow = [piece for piece in final[0]["groups"]["g"]["pieces"] if piece[3] == 1]
+    runs = {(epoch, shard) for epoch, shard, _, _ in overflow}
+    assert len(overflow) >= 2 * len(runs)  # several samples of a shard among them
+    stream = SlotStream(spec, 0, 1)
+    stream.load(final[0])
+    opened = []
+    real_iter = stream_module.iter_raw_samples
+    monkeypatch.setattr(stream_module, "iter_raw_samples", lambda url, offset=0: opened.append((url, offset)) or
+                        real_iter(url, offset))
+    read = [stream.readers["g"].next() for _ in overflow]
+    assert [[address[3], address[1], address[2], 1] for address in (raw.address for raw in read)] == overflow
+    assert len(opened) == len(runs)
+    stream.close()
+    reader = GroupReader(spec.groups[0], 0, 1, 7, SkipCounter())  # pieces of a shard out of order: opened again
+    starts = [raw.start for raw in real_iter(sources[0])]
+    reader.cursor.pieces = [[0, 0, starts[5], 1], [0, 0, starts[6], 1], [0, 0, starts[2], 1]]
+    assert [reader.next().start for _ in range(3)] == [starts[5], starts[6], starts[2]]
+    assert len(opened) == len(runs) + 2
+    reader.close()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # mixing
 
