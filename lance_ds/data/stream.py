@@ -997,17 +997,22 @@ class ValLoader:
                     self.skips.add(e.reason, str(e))
 
     def _plan(self, group: ResolvedGroup, raw: RawSample) -> SequencePlan | None:
+        """The sample's plan, or None (counted). Planned from its media's sizes first, as for training: a sample too
+        long to evaluate is dropped without being decoded; then again from the decoded media (sizes may differ
+        from KEY.json's)."""
         try:
-            plan = self.planner.plan(decode_sample(raw, group), group.config)
+            for sizes_only in (True, False):
+                plan = self.planner.plan(decode_sample(raw, group, sizes_only=sizes_only), group.config)
+                if self.packing_length is not None and not check_length(plan, self.packing_length, True):
+                    self.skips.add("overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens "
+                                               f"> packing_length {self.packing_length}")
+                    return None
         except SkipSample as e:
             self.skips.add(e.reason, str(e))
         except PlanError as e:
             self.skips.add("bad_sample", str(e))
         else:
-            if self.packing_length is None or check_length(plan, self.packing_length, filter_overlong=True):
-                return plan
-            self.skips.add("overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens > "
-                                       f"packing_length {self.packing_length}")
+            return plan
         return None
 
     def _batch(self, plans: list[SequencePlan]) -> PackedBatch:

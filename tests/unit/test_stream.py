@@ -715,6 +715,11 @@ def test_overlong_samples_are_dropped_without_decoding(tmp_path, planner, monkey
     take(loader, 3)  # (more, and group "b", whose every sample is too long, would be refused: see above)
     assert loader.stats_scalars()["data/skipped/overlong"] >= 2
     assert sizes and max(sizes) < len(_png(0, 128)) // 4  # only the small images were ever decoded
+    sizes.clear()  # validation too
+    val = build_val_loader(DatasetConfig(groups=groups), DATA, planner, rank=0, world_size=1)
+    assert sorted(p.key for plans in val.iter_plans() for p in plans) == [f"s000x{i:04d}" for i in range(4)]
+    assert val.stats_scalars()["val/skipped/overlong"] == 2
+    assert len(sizes) == 4 and max(sizes) < len(_png(0, 128)) // 4
 
 
 def test_key_json_that_understates_a_sample_costs_time_not_samples(tmp_path, planner):
