@@ -1001,7 +1001,7 @@ class ValLoader:
         long to evaluate is dropped without being decoded; then again from the decoded media (sizes may differ
         from KEY.json's)."""
         try:
-            for sizes_only in (True, False):
+            for sizes_only in (True, False) if self.packing_length is not None else (False,):
                 plan = self.planner.plan(decode_sample(raw, group, sizes_only=sizes_only), group.config)
                 if self.packing_length is not None and not check_length(plan, self.packing_length, True):
                     self.skips.add("overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens "
