@@ -41,6 +41,7 @@ Shard layout (DESIGN.md): sample KEY has KEY.json (task, text columns, media met
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import itertools
@@ -803,10 +804,10 @@ def _keep(item):
     return item
 
 
-def _init_worker(_: int) -> None:
+def _init_worker(_: int, rank_pid: int) -> None:
     torch.set_num_threads(1)  # workers decode and resize; the trainer's threads stay with the trainer
     ignore_stop_signals()  # the rank stops at a step boundary, with a checkpoint; its workers exit with it
-    die_with_parent()
+    die_with_parent(rank_pid)  # (given: a rank run as a container's pid 1 would look like a dead parent)
 
 
 class TrainLoader:
@@ -835,7 +836,8 @@ class TrainLoader:
         if self.use_processes:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers + fork: no thread pool
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_keep,
-                                     prefetch_factor=self.prefetch_factor, worker_init_fn=_init_worker,
+                                     prefetch_factor=self.prefetch_factor,
+                                     worker_init_fn=functools.partial(_init_worker, rank_pid=os.getpid()),
                                      persistent_workers=False, pin_memory=torch.cuda.is_available()))
         else:
             source = iter(dataset)

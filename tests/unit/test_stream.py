@@ -1042,6 +1042,35 @@ def test_a_data_worker_dies_with_its_rank(tmp_path):
     assert not Path(f"/proc/{worker}").exists() or "Z" in _state(worker), "the worker outlived its rank"
 
 
+def test_data_workers_run_under_a_rank_that_is_a_containers_pid_1(tmp_path):
+    """`docker run IMAGE python lance_ds/train.py` makes the rank pid 1: its workers' parent is then pid 1, which
+    is also what an orphan's parent is; they must not take their rank for dead. (pid 1 is simulated: os.getpid and
+    os.getppid answer 1 in the rank and, forked, in its workers.)"""
+    import subprocess
+    import sys
+
+    write_shards(tmp_path / "shards", "t2i", 2, 4)
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, sys\n"
+        "os.getpid = os.getppid = lambda: 1\n"
+        "from lance_ds.config.data import DataConfig, DatasetConfig, GroupConfig, ImageOptions\n"
+        "from lance_ds.data.sequence import SequencePlanner, VisionGeometry\n"
+        "from lance_ds.data.stream import build_train_loader\n"
+        "from lance_ds.data.tokenizer import load_tokenizer\n"
+        "planner = SequencePlanner(load_tokenizer(None), VisionGeometry(), seed=0)\n"
+        "dataset = DatasetConfig(groups=[GroupConfig(name='g', shards=[sys.argv[1]], task='t2i',\n"
+        "                                            image=ImageOptions(resolution=32))])\n"
+        "data = DataConfig(packing_length=192, packing_buffer=4, shuffle_buffer=6, num_workers=1)\n"
+        "loader = build_train_loader(dataset, data, planner, rank=0, world_size=1, seed=0, micro_batch_size=1)\n"
+        "batches = iter(loader)\n"
+        "print(sum(next(batches).num_tokens > 0 for _ in range(3)), 'batches')\n"
+        "loader.close()\n")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "shards")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "3 batches" in done.stdout, done.stderr[-2000:]
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
