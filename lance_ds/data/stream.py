@@ -1098,10 +1098,11 @@ def first_samples(dataset: DatasetConfig, per_group: int,
 
 
 def within(planner: SequencePlanner, max_tokens: int) -> Callable[[GroupConfig, Sample], bool]:
-    """first_samples' `fits`: the sample, planned as its group cuts it, has at most `max_tokens` tokens."""
+    """first_samples' `fits`: the sample, planned as its group cuts it but with its caption (prompts keep theirs),
+    has at most `max_tokens` tokens."""
     def fits(group: GroupConfig, sample: Sample) -> bool:
         try:
-            return planner.plan(sample, group).num_tokens <= max_tokens
+            return planner.plan(sample, replace(group, caption_dropout=0.0)).num_tokens <= max_tokens
         except PlanError:
             return True  # (not a length problem: generating from it reports it)
 

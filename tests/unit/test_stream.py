@@ -581,6 +581,9 @@ def test_first_samples_pass_over_samples_longer_than_a_packed_sequence(tmp_path)
     assert [s.key for _, s in stream_module.first_samples(dataset, 2)] == ["k0", "k1"]
     fits = stream_module.within(planner, 1024)
     assert [s.key for _, s in stream_module.first_samples(dataset, 2, fits)] == ["k0", "k2"]
+    # prompts keep their captions: a caption training would drop (classifier-free guidance) is measured too
+    dropping = DatasetConfig(groups=[group("g", [tmp_path / "shard-000000.tar"], caption_dropout=0.99)])
+    assert [s.key for _, s in stream_module.first_samples(dropping, 2, fits)] == ["k0", "k2"]
 
 
 def test_an_unfinished_conversion_is_refused_not_read(tmp_path):
