@@ -213,7 +213,7 @@ def seed_micro_step(seed: int, step: int, micro: int, rank: int, device: torch.d
     uninterrupted run drew, with no RNG state to checkpoint."""
     g = torch.Generator(device=device)
     g.manual_seed(hash((seed, step, micro, rank)) % 2**63)
-    torch.manual_seed(g.initial_seed())
+    torch.manual_seed(hash((seed, step, micro, rank, 1)) % 2**63)  # another stream: dropout masks apart from the noise
     return g
 
 

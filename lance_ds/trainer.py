@@ -172,7 +172,9 @@ class Trainer:
         self.skipped_steps += skipped
         if self.ema is not None and not skipped:
             self.ema.update()
-        meter.add("train/grad_norm", _finite_or_nan(self.engine.get_global_grad_norm()))
+        norm = self.engine.get_global_grad_norm()
+        if not skipped and norm is not None and math.isfinite(norm):  # a skipped step's inf would blank the window
+            meter.add("train/grad_norm", float(norm))
 
     def forward(self, batch, generator: torch.Generator):
         """Frozen encoders (no grad) -> noised latents -> the engine's predictions, for one batch on the device."""
@@ -449,9 +451,3 @@ def encode_latents(vae, pixels: list[torch.Tensor], generator: torch.Generator |
     blocks = vae.encode_blocks(pixels, sample=True, generator=generator)
     return torch.cat(blocks) if blocks else torch.zeros(0, vae.latent_channels, device=vae.device)
 
-
-def _finite_or_nan(x) -> float:
-    if x is None:
-        return math.nan
-    x = float(x)
-    return x if math.isfinite(x) else math.nan

@@ -5,6 +5,7 @@ training, SIGKILL during a save - resumes to exactly the losses of an uninterrup
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -98,6 +99,9 @@ def test_training_writes_what_users_watch(reference):
     assert scalars["train/lr"][2] == pytest.approx(lr)  # the rate of step 2, warmed up (not the window's mean)
     assert scalars["train/lr"][STEPS] == pytest.approx(lr)
     assert scalars["train/skipped_steps"][2] == 0 and scalars["train/skipped_steps"][STEPS] == 1  # the NaN step
+    # the norm averages the steps applied: the window of step 3 alone (skipped) has none, the others no NaN
+    norms = scalars["train/grad_norm"]
+    assert sorted(norms) == [2, 4, 6, 8] and all(map(math.isfinite, norms.values())), norms
     # real (not padding) tokens per packed batch: first-fit fills the 1024-token batches of the example mixture
     assert all(0.5 < v <= 1.0 for v in scalars["data/packing_efficiency"].values()), scalars["data/packing_efficiency"]
     images = read_images(reference)

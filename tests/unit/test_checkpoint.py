@@ -404,6 +404,8 @@ def test_a_micro_step_draws_from_its_coordinates_alone():
     again = draws(5)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(draws(6)[1], first[1])
+    generator = seed_micro_step(0, 5, 1, 0, torch.device("cpu"))
+    assert not torch.equal(torch.rand(64, generator=generator), torch.rand(64))  # dropout's stream is not the noise's
 
 
 def test_every_file_of_a_save_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
