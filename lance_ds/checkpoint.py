@@ -54,8 +54,10 @@ TRAINER_STATE = "trainer_state.json"  # written last: a step directory that has 
 TMP_SUFFIX = ".tmp"
 UNIVERSAL = "universal"  # in a step dir: its engine state in DeepSpeed's universal form (any number of ranks)
 # Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
-# (vit_trainable, freeze_modules: which parameters the optimizer state covers.)
-ARCHITECTURE_KEYS = ("size", "path", "visual_und", "visual_gen", "lape", "training_type", "lora", "vit_trainable",
+# (vit_trainable, freeze_modules: which parameters the optimizer state covers. Not the directories, model.path and
+# the like: they move between runs, e.g. copied to a job's local disk; what they give the model is compared as its
+# parameters' shapes once it is built, refuse_other_shapes.)
+ARCHITECTURE_KEYS = ("size", "visual_und", "visual_gen", "lape", "training_type", "lora", "vit_trainable",
                      "freeze_modules")
 
 
@@ -207,16 +209,19 @@ class Checkpointer:
                                   f"(complete steps: {self.complete_steps()})")
         return path
 
-    def check_resume(self, resume: str, model: dict, max_steps: int, weight_decay: float = 0.0) -> Path | None:
+    def check_resume(self, resume: str, model: dict, max_steps: int, weight_decay: float = 0.0,
+                     shapes: dict[str, list[int]] | None = None) -> Path | None:
         """The checkpoint `resume` names once it is known that this run can resume it (same architecture, the same
         optimizer grouping, a step not past max_steps; any number of ranks: see load), or None to start from scratch;
         else CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it before any rank starts
-        work."""
+        work; `shapes` (the built model's parameters, model_shapes) are compared too when given."""
         path = self.resolve(resume)
         if path is None:
             return None
         saved = json.loads((path / TRAINER_STATE).read_text())
         refuse_other_architecture(saved.get("model", {}), model, path)
+        if shapes is not None:
+            refuse_other_shapes(saved.get("parameters"), shapes, saved.get("model", {}), path)
         refuse_other_grouping(float(read_config(path).get("train", {}).get("weight_decay") or 0.0), weight_decay, path)
         step = int(saved.get("step", 0))
         if step > max_steps:  # (step == max_steps: a finished run started again, which has nothing left to do)
@@ -465,11 +470,39 @@ def agree_on_resume(root: Path, path: Path | None, device: torch.device) -> Path
 
 def refuse_other_architecture(saved_model: dict, current_model: dict, path: Path) -> None:
     """A checkpoint resumes only into the architecture that wrote it; the error names every differing key."""
-    differing = [k for k in ARCHITECTURE_KEYS if k in saved_model and saved_model[k] != current_model.get(k)]
+    def setting(model: dict, key: str):
+        value = model.get(key)
+        if key == "lora" and isinstance(value, dict):  # (adapter dropout: no weights of its own)
+            value = {k: v for k, v in value.items() if k != "dropout"}
+        return value
+
+    differing = [k for k in ARCHITECTURE_KEYS
+                 if k in saved_model and setting(saved_model, k) != setting(current_model, k)]
     if differing:
         detail = "; ".join(f"model.{k}: checkpoint {saved_model[k]!r}, now {current_model.get(k)!r}" for k in differing)
         raise CheckpointError(f"{path} was trained with a different architecture ({detail}). Resume with the "
                               f"same model settings, or start a new output_dir (or --resume none).")
+
+
+MODEL_DIRS = ("path", "vit_path", "vae_path", "tokenizer_path")
+
+
+def refuse_other_shapes(saved: dict[str, list[int]] | None, current: dict[str, list[int]], saved_model: dict,
+                        path: Path) -> None:
+    """The built model's parameters are those the checkpoint holds, by name and shape: its directories (model.path,
+    vae_path, tokenizer_path, ...) may have moved since, not changed the geometry (the vocabulary, the VAE's
+    latent channels, the decoder's sizes). Checkpoints written before shapes were saved are not compared."""
+    if saved is None:
+        return
+    differing = [f"{name}: checkpoint {saved.get(name)}, now {current.get(name)}"
+                 for name in sorted(saved.keys() | current.keys()) if saved.get(name) != current.get(name)]
+    if differing:
+        dirs = ", ".join(f"model.{k}={saved_model.get(k)}" for k in MODEL_DIRS if saved_model.get(k)) or "none"
+        more = f"; and {len(differing) - 5} more" if len(differing) > 5 else ""
+        raise CheckpointError(f"{path} holds parameters of other shapes than this run's model builds "
+                              f"({'; '.join(differing[:5])}{more}): a model directory now gives another geometry "
+                              f"(the checkpoint's: {dirs}). Point them at the directories it was trained from, or "
+                              f"start a new output_dir (or --resume none).")
 
 
 def refuse_other_grouping(saved: float, current: float, path: Path) -> None:

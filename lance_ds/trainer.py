@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir, read_config
+from .checkpoint import (MODEL_DIRS, Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir,
+                         read_config)
 from .config.core import ConfigError, to_dict
 from .config.data import TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
@@ -35,6 +36,7 @@ from .engine import (STARTUP_TIMEOUT_S, build_engine, follow_run_schedule, init_
 from .faults import armed, seconds_if_armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
 from .model import build_model, encode_vit
+from .model.build import model_shapes
 from .objectives import compute_losses, prepare_flow, step_weights
 from .processes import said_if_slow
 from .stopping import StopRequests
@@ -294,7 +296,7 @@ class Trainer:
     def save(self) -> None:
         state = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
                  "validated_step": self.validated_step, "model": to_dict(self.cfg.model),
-                 "cuts": training_cuts(self.run.dataset)}
+                 "parameters": self._shapes(), "cuts": training_cuts(self.run.dataset)}
         self.checkpointer.save(self.engine, self.step, state, to_dict(self.cfg), self.loader.state_dict(), self.ema)
         self.saved_step = self.step
 
@@ -306,8 +308,13 @@ class Trainer:
         """The checkpoint `resume` names (the same on every rank), or None to start from scratch."""
         check_output_dir_shared(self.out, self.dist.device)
         train = self.cfg.train
-        resumable = self.checkpointer.check_resume(resume, to_dict(self.cfg.model), train.max_steps, train.weight_decay)
+        resumable = self.checkpointer.check_resume(resume, to_dict(self.cfg.model), train.max_steps,
+                                                   train.weight_decay, shapes=self._shapes())
         return agree_on_resume(self.checkpointer.root, resumable, self.dist.device)
+
+    def _shapes(self) -> dict[str, list[int]]:
+        """The engine's parameters by name and (unpartitioned) shape: what a checkpoint of this run holds."""
+        return {name: list(shape) for name, shape in model_shapes(self.parts.model).items()}
 
     def _resume(self, path: Path | None) -> bool:
         """Restore the checkpoint at `path`; False when the run starts from scratch."""
@@ -337,6 +344,11 @@ class Trainer:
             else:  # None: EMA is new at this resume, starts from these weights
                 self.ema.load_state_dict(resumed.ema_state)
         if self.dist.is_first:
+            saved_model, model = resumed.trainer_state.get("model", {}), to_dict(self.cfg.model)
+            for key in (k for k in MODEL_DIRS if saved_model.get(k, model[k]) != model[k]):
+                print(f"lance_ds: model.{key} was {saved_model[key]} when {path.name} was saved, now {model[key]} "
+                      "(same parameter shapes; weights trained are the checkpoint's, frozen parts load from the new "
+                      "directory)", flush=True)
             print(f"lance_ds: resumed from {path} at step {self.step}" + (
                 f" (saved by {resumed.saved_world} ranks x {resharded} loader workers; this run has "
                 f"{self.dist.world_size} x {self.loader.num_workers}: {RESHARD_NOTE})" if resharded else ""),

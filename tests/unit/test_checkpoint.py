@@ -388,6 +388,26 @@ def test_resume_into_another_architecture_is_refused_naming_the_keys(tmp_path):
             refuse_other_architecture(saved, to_dict(ModelConfig(**change)), tmp_path)
 
 
+def test_a_moved_model_directory_resumes_and_another_geometry_is_refused(tmp_path):
+    """Base weights copied to a job's local disk sit at another path each run: that resumes. A directory that gives
+    the model other shapes (another vocabulary, VAE, size) is refused before DeepSpeed's load, naming the
+    parameters and the checkpoint's directories."""
+    ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    shapes = {"embed.weight": [100, 8], "vae2llm.weight": [8, 16]}
+    saved_model = {"size": "debug", "path": "/scratch/job1/base", "lora": {"r": 4, "dropout": 0.0}}
+    ck.save(FakeEngine(), 10, {"model": saved_model, "parameters": shapes}, {"train": {}}, None, None)
+    moved = {**saved_model, "path": "/scratch/job2/base", "lora": {"r": 4, "dropout": 0.1}}
+    assert ck.check_resume("10", moved, 100, shapes=dict(shapes)) == tmp_path / step_name(10)
+    other = {**shapes, "vae2llm.weight": [8, 48]}
+    with pytest.raises(CheckpointError, match=r"vae2llm.weight: checkpoint \[8, 16\], now \[8, 48\].*"
+                                              r"model.path=/scratch/job1/base"):
+        ck.check_resume("10", moved, 100, shapes=other)
+    with pytest.raises(CheckpointError, match="embed.weight: checkpoint .100, 8., now None"):
+        ck.check_resume("10", moved, 100, shapes={"vae2llm.weight": [8, 16]})
+    with pytest.raises(CheckpointError, match="model.lora"):  # the adapters' rank is their shapes
+        ck.check_resume("10", {**moved, "lora": {"r": 8, "dropout": 0.0}}, 100, shapes=dict(shapes))
+
+
 def test_a_micro_step_draws_from_its_coordinates_alone():
     """Noise and dropout (LoRA adapters draw from torch's global RNG) of a micro-step do not depend on what ran
     before it, so a resumed run draws what the uninterrupted one drew."""
