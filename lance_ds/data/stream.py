@@ -13,14 +13,14 @@ Slots. A slot is one (rank, data-loader worker): slot = rank * num_workers + wor
 num_workers. Each group's shards are split over the slots explicitly (webdataset's split_by_node then split_by_worker,
 done here with the slot index so that it does not depend on environment variables):
   - shards >= slots: in epoch e the shards are permuted (seeded by seed, group, e) and slot s reads shards[s::slots];
-  - shards <  slots: every slot reads every shard (permuted per epoch) and keeps the samples whose running index in
-    the group's endless stream is s modulo num_slots (sample-level split: no slot is left without data, each sample
-    of an epoch goes to exactly one slot).
+  - shards <  slots: every slot reads every shard (permuted per epoch) and keeps sample j of the shard at position u
+    of epoch e's order when e + u + j is s modulo num_slots (sample-level split: no slot is left without data, each
+    sample of an epoch goes to exactly one slot, whatever another slot failed to read).
 Equal steps. Every slot loops over its group's data epoch after epoch, so a rank's stream never ends: every rank
 yields a batch whenever asked, for any shard/worker/rank counts, and training stops at train.max_steps. (A finite
 epoch would give ranks different batch counts and deadlock ZeRO-3.) `stats_scalars()` reports epochs per group.
 Exact resume. A slot's position is small JSON-able state: per group (epoch, unit, byte offset of the next sample,
-running index), the number of mixture and shuffle draws (draws are hashes of (seed, slot, counter): no RNG state to
+samples read from that shard), the number of mixture and shuffle draws (draws are hashes of (seed, slot, counter): no RNG state to
 save), and the addresses (group, shard, byte offset, key) of the raw samples in the shuffle buffer and of the plans
 in the packing buffer. Resuming seeks to the byte offsets (HTTP: a Range request; a pipe: shard is streamed once,
 up to its last buffered sample) and re-reads only the buffered samples; nothing consumed is decoded again. Each packed batch travels from its DataLoader worker
@@ -340,7 +340,6 @@ class GroupCursor:
     epoch: int = 0
     unit: int = 0  # index into this epoch's shard list of the slot
     offset: int = 0  # byte offset in that shard of the next sample to read
-    index: int = 0  # raw samples read from the group so far (sample-level split: sample i goes to slot i % slots)
     read_in_unit: int = 0  # raw samples read from the current shard (if it breaks, the rest of it is lost)
     kept_in_epoch: int = 0
     last_epoch_size: int = 0  # samples this slot kept in its last complete epoch
@@ -370,8 +369,12 @@ class GroupReader:
             self._units = order if self.sample_split else order[self.slot::self.num_slots]
         return self._units
 
-    def _owns(self, index: int) -> bool:
-        return not self.sample_split or index % self.num_slots == self.slot
+    def _owns(self, j: int) -> bool:
+        """Whether sample j of the current shard is this slot's. With a sample-level split, by its place in its shard
+        and its shard's in the epoch: not by a count over the group, which a shard that broke off for one slot alone
+        (a remote read) would have put out of step with the other slots' for the rest of the run."""
+        c = self.cursor
+        return not self.sample_split or (c.epoch + c.unit + j) % self.num_slots == self.slot
 
     def next(self) -> RawSample:
         c = self.cursor
@@ -391,14 +394,13 @@ class GroupReader:
             except ShardError as e:
                 if self._retried(e):
                     continue
-                if self._owns(c.index):  # with a sample-level split every slot sees it; one counts it
-                    self.skips.add(e.reason, *self._lost(shard, e))
+                self._count_lost(shard, e)
                 self._next_unit()
                 continue
             self._failures = 0
+            mine = self._owns(c.read_in_unit)
             c.offset, c.read_in_unit = raw.end, c.read_in_unit + 1
-            index, c.index = c.index, c.index + 1
-            if not self._owns(index):
+            if not mine:
                 continue
             c.kept_in_epoch += 1
             raw.address = [self.group.name, shard, raw.start, c.epoch, raw.key]
@@ -452,14 +454,21 @@ class GroupReader:
         time.sleep(wait)
         return True
 
-    def _lost(self, shard: int, error: ShardError) -> tuple[str, int]:
-        """(message, samples skipped) for a shard that broke off: the samples it still held when its manifest says
-        how many it has, else 1 (the shard)."""
+    def _count_lost(self, shard: int, error: ShardError) -> None:
+        """Count what this slot loses of a shard that broke off: the samples it would have kept of the rest, when the
+        manifest says how many the shard has (with a sample-level split each slot counts its own share, so a break
+        every slot meets is counted once and one a slot meets alone, a remote read, is counted too); else the shard,
+        as one sample, counted by one slot."""
+        c = self.cursor
         expected = self.group.shards[shard].num_samples
         if expected is None:
-            return str(error), 1
-        lost = max(1, expected - self.cursor.read_in_unit)
-        return f"{error}; its last {lost} of {expected} samples are lost", lost
+            if self._owns(c.read_in_unit):
+                self.skips.add(error.reason, str(error))
+            return
+        lost = sum(map(self._owns, range(c.read_in_unit, expected)))
+        if lost:  # (none: the shard ended without its end-of-archive blocks, after all its samples)
+            self.skips.add(error.reason, f"{error}; its last {expected - c.read_in_unit} of {expected} samples are "
+                                         "lost", lost)
 
     def _next_unit(self) -> None:
         c = self.cursor

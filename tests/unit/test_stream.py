@@ -159,6 +159,39 @@ def test_split_gives_every_sample_of_an_epoch_to_one_slot(tmp_path, num_shards, 
     assert sorted(seen) == sorted(keys)  # each sample exactly once per epoch, over all slots
 
 
+def test_a_shard_that_fails_for_one_slot_alone_leaves_the_split_of_the_others_as_it_was(tmp_path, monkeypatch):
+    """Fewer shards than slots: every slot reads every shard and keeps its samples of it. One slot failing to open a
+    shard once (an object store's 503) loses that slot's samples of it, counted, and nothing else: before, the
+    slots' split went out of step for the rest of the run (samples trained twice or never, every epoch)."""
+    keys = write_shards(tmp_path, "t2i", 2, 5)
+    resolved = resolve_group(group("g", [tmp_path]))
+    real, failed = stream_module.iter_raw_samples, []
+
+    def once_unreadable_for_slot_1(url, offset=0):
+        if slot == 1 and url.endswith("shard-000001.tar") and not failed:
+            failed.append(url)
+            return unreadable(url)
+        return real(url, offset)
+
+    def unreadable(url):  # (a generator, as iter_raw_samples: it raises when first read)
+        raise ShardError("unreadable_shard", f"cannot open {url}: HTTP Error 503: Slow Down", transient=True)
+        yield
+
+    monkeypatch.setattr(stream_module, "iter_raw_samples", once_unreadable_for_slot_1)
+    trained, skips = Counter(), SkipCounter()
+    for slot in range(4):
+        reader = GroupReader(resolved, slot, 4, seed=0, skips=skips)
+        while (raw := reader.next()).address[3] < 4:
+            trained[raw.address[3], raw.key] += 1
+        reader.close()
+    assert failed
+    for epoch in range(4):
+        counts = [trained[epoch, key] for key in keys]
+        lost = skips.counts["unreadable_shard"] if epoch == 0 else 0  # the failed slot's share of that shard
+        assert max(counts) == 1 and counts.count(0) == lost, (epoch, counts)
+    assert 1 <= skips.counts["unreadable_shard"] <= 2
+
+
 @pytest.mark.parametrize("num_shards", [1, 3, 8])
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("world_size", [1, 3])
@@ -557,6 +590,15 @@ def test_corrupt_input_is_skipped_and_counted(tmp_path, planner):
         assert [reader.next().address[3] for _ in range(2)] == [0, 1]  # h000x0000 in epoch 0, then in epoch 1
         assert dict(skips.counts) == {"corrupt_tar": lost}
         reader.close()
+    # a shard cut right after its last sample (no end-of-archive blocks) loses nothing: nothing is counted
+    keys = write_shards(tmp_path / "ends", "t2i", 1, 3, prefix="e")
+    path = tmp_path / "ends" / "shard-000000.tar"
+    path.write_bytes(path.read_bytes()[:_read_all(path)[-1].end])
+    skips = SkipCounter()
+    reader = GroupReader(resolve_group(group("e", [tmp_path / "ends"])), 0, 1, seed=0, skips=skips)
+    assert sorted(reader.next().key for _ in range(3)) == keys and reader.next().address[3] == 1
+    assert not skips.counts
+    reader.close()
 
 
 def test_first_samples_pass_over_damaged_shards_and_samples(tmp_path):
