@@ -3,7 +3,12 @@ asks here instead of guarding every collective."""
 
 from __future__ import annotations
 
+from typing import Callable, Iterator, TypeVar
+
+import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def initialized() -> bool:
@@ -29,3 +34,19 @@ def every_rank(value) -> list:
     values = [None] * world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def until_every_rank_is_done(items: Iterator[T], filler: Callable[[], T], device: torch.device) -> Iterator[T]:
+    """`items`, then `filler()`s until every rank's items have run out: as many on every rank, whatever one rank
+    has (under ZeRO-3 each forward pass gathers parameters with every rank: a rank with one pass fewer hangs the
+    others). One all-reduce per item; every rank must call it."""
+    if world_size() == 1:
+        yield from items
+        return
+    while True:
+        item = next(items, None)
+        more = torch.tensor([item is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        yield item if item is not None else filler()

@@ -2,9 +2,9 @@
 
 Validation evaluates a fixed held-out set: the ValLoader gives batch j of the set to rank j % world_size, and the
 noise and timesteps of batch j come from a generator seeded by j alone, so the per-task losses are the same for any
-number of ranks. Every rank runs the same number of forward passes (placeholders where a rank runs out), and every
-rank takes part in generating the samples (ZeRO-3 gathers parameters collectively), which rank 0 writes to
-TensorBoard.
+number of ranks. Every rank runs the same number of forward passes (placeholders where a rank runs out, agreed on
+batch by batch), and every rank takes part in generating the samples (ZeRO-3 gathers parameters collectively), for
+the same prompts (checked when they are read), which rank 0 writes to TensorBoard.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .config.data import GEN_TASKS, TASKS
 from .data.batch import PackedBatch
-from .distributed import world_size
+from .distributed import every_rank, until_every_rank_is_done, world_size
 from .metrics import summed_over_ranks
 from .objectives import TokenLosses, token_losses
 
@@ -76,6 +76,21 @@ def total_loss(scalars: dict[str, float], prefix: str, objective) -> float:
     return objective.ce_weight * scalars.get(f"{prefix}/ce", 0.0) + objective.mse_weight * scalars.get(f"{prefix}/mse", 0.0)
 
 
+def refuse_other_prompts(mine: list[tuple[str, str]]) -> None:
+    """Every rank must generate for the same prompts (each generation step gathers parameters with every rank):
+    a rank that read others (a shard it could not read, after retries) would hang the run at its first validation;
+    it ends it now instead, naming what differs. A collective."""
+    from .data.stream import DataError
+
+    every = every_rank(mine)
+    differing = [rank for rank, theirs in enumerate(every) if theirs != every[0]]
+    if differing:
+        raise DataError(f"the validation prompts differ between ranks (rank 0 read {len(every[0])}: {every[0][:4]}...; "
+                        f"rank {differing[0]} read {len(every[differing[0]])}: {every[differing[0]][:4]}...): a "
+                        "validation shard was readable on some ranks only (see their warnings); check that every "
+                        "node sees the validation data alike, or set validation.num_generations=0")
+
+
 class Validator:
     """Held-out losses per task and generated samples, on every rank together."""
 
@@ -92,6 +107,8 @@ class Validator:
         self.prompts = first_samples(dataset, cfg.validation.num_generations,
                                      within(trainer.planner, cfg.data.packing_length)) \
             if cfg.validation.num_generations else []
+        if cfg.validation.num_generations:
+            refuse_other_prompts([(g.name, s.key) for g, s in self.prompts])
 
     @torch.no_grad()
     def run(self, step: int) -> dict[str, float]:
@@ -99,7 +116,8 @@ class Validator:
         was_training = tr.engine.module.training
         tr.engine.module.eval()
         losses = TaskLosses(tr.dist.device)
-        for k, batch in enumerate(self.loader):
+        batches = until_every_rank_is_done(iter(self.loader), self.loader.placeholder, tr.dist.device)
+        for k, batch in enumerate(batches):
             batch = batch.to(tr.dist.device)
             global_index = k * tr.dist.world_size + tr.dist.rank  # the loader's batch j lives on rank j % world
             gen = torch.Generator(device=tr.dist.device)

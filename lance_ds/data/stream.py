@@ -208,7 +208,7 @@ def fetch_raws(wanted: list[tuple[str, int, str]]) -> list[RawSample]:
             found[url, offset] = _first_sample(url, offset)
     for url, offsets in from_pipes.items():
         last = max(offsets)
-        samples = iter_raw_samples(url, min(offsets))
+        samples = read_shard(url, min(offsets))
         try:
             for raw in samples:
                 if raw.start in offsets:
@@ -231,13 +231,37 @@ def fetch_raws(wanted: list[tuple[str, int, str]]) -> list[RawSample]:
 
 
 def _first_sample(url: str, offset: int) -> RawSample | None:
-    samples = iter_raw_samples(url, offset)
+    samples = read_shard(url, offset)
     try:
         return next(samples)
     except (StopIteration, ShardError):
         return None
     finally:
         samples.close()
+
+
+def read_shard(url: str, offset: int = 0) -> Iterator[RawSample]:
+    """A shard's samples from byte `offset`, as iter_raw_samples; a remote one that fails (a dropped connection, an
+    object store's 503) is opened again at its next sample, len(RETRY_WAITS_S) times at most in a row. For the reads
+    every rank makes alike (validation, its prompts, a resume's buffered samples): one rank that alone gave up on a
+    shard would see other data than the others (the training reader, GroupReader, has its own retries)."""
+    failures = 0
+    while True:
+        samples = iter_raw_samples(url, offset)
+        try:
+            for raw in samples:
+                failures, offset = 0, raw.end
+                yield raw
+            return
+        except ShardError as e:
+            if not e.transient or failures == len(RETRY_WAITS_S):
+                raise
+            logger.warning("data: %s; opening it again at byte %d in %g s (try %d of %d)", e, offset,
+                           RETRY_WAITS_S[failures], failures + 1, len(RETRY_WAITS_S))
+            time.sleep(RETRY_WAITS_S[failures])
+            failures += 1
+        finally:
+            samples.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -978,8 +1002,9 @@ class ValLoader:
 
     Sample i (counting the first max_samples raw samples of every group, groups in order) belongs to batch i // samples_per_batch, and batch j to
     rank j % world_size: every sample is evaluated once across ranks and the batches do not depend on the number of
-    ranks. Each rank reads every shard (only its own samples are decoded) and ends with placeholder-only batches up to
-    ceil(num_batches / world_size), so every rank runs the same number of forward passes. Caption dropout is off.
+    ranks. Each rank reads every shard (only its own samples are decoded); ranks with fewer batches go on with
+    placeholder-only ones (`placeholder()`) until every rank is done (lance_ds.validation), so every rank runs the
+    same number of forward passes. Caption dropout is off.
     Samples longer than packing_length, which training never sees, are skipped and counted (val/skipped/overlong),
     also under data.filter_overlong=false: an error there would end the run in its middle.
     Each iteration starts from the beginning.
@@ -1001,11 +1026,13 @@ class ValLoader:
     def _group_samples(self, group: ResolvedGroup) -> Iterator[tuple[ResolvedGroup, RawSample]]:
         for shard in group.shards:
             try:
-                for raw in iter_raw_samples(shard.url):
+                for raw in read_shard(shard.url):
                     yield group, raw
             except ShardError as e:
-                if self.rank == 0:  # every rank sees the same shards; one counts
+                if self.rank == 0:  # every rank reads the same shards; one counts (the others say it)
                     self.skips.add(e.reason, str(e))
+                else:
+                    logger.warning("data%s: %s", self.skips.where, e)
 
     def _plan(self, group: ResolvedGroup, raw: RawSample) -> SequencePlan | None:
         """The sample's plan, or None (counted). Planned from its media's sizes first, as for training: a sample too
@@ -1032,16 +1059,20 @@ class ValLoader:
             plans = plans + [self.planner.placeholder(**missing)]
         return collate(plans, pad_id=self.planner.special.pad)
 
+    def placeholder(self) -> PackedBatch:
+        """A batch of placeholders only (every branch, no loss): a forward pass for a rank with no batch left."""
+        return self._batch([])
+
     def __iter__(self) -> Iterator[PackedBatch]:
         for plans in self.iter_plans():
             yield self._batch(plans)
 
     def iter_plans(self) -> Iterator[list[SequencePlan]]:
-        """This rank's batches as plan lists (an empty list: a placeholder-only batch)."""
+        """This rank's batches as plan lists (an empty list: its samples were all skipped)."""
         k, world = self.samples_per_batch, self.world_size
         self.skips = SkipCounter(f" validation rank {self.rank}")  # counts of this pass
         plans: list[SequencePlan] = []
-        num_raw = own_batches = 0
+        num_raw = 0
         current = None  # the batch index being collected (one of ours)
         for group, raw in self._raw_samples():
             batch_index = num_raw // k
@@ -1049,7 +1080,6 @@ class ValLoader:
             if batch_index % world != self.rank:
                 continue
             if current is not None and batch_index != current:
-                own_batches += 1
                 yield plans
                 plans = []
             current = batch_index
@@ -1057,11 +1087,7 @@ class ValLoader:
             if plan is not None:
                 plans.append(plan)
         if current is not None:
-            own_batches += 1
             yield plans
-        per_rank = math.ceil(math.ceil(num_raw / k) / world)
-        for _ in range(per_rank - own_batches):
-            yield []
 
     def stats_scalars(self) -> dict[str, float]:
         return skip_scalars("val", self.skips.counts)
@@ -1086,7 +1112,7 @@ def first_samples(dataset: DatasetConfig, per_group: int,
         found = 0
         for shard in group.shards:
             try:
-                for raw in iter_raw_samples(shard.url):
+                for raw in read_shard(shard.url):
                     if found == per_group:
                         break
                     try:
