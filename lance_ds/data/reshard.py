@@ -48,7 +48,7 @@ def resharded(old: list[dict | None], spec: StreamSpec, new_slots: int) -> list[
     for slot, state in enumerate(new):
         state["shuffle_buffer"] = buffered[:room][slot::new_slots]
     for group in spec.groups:
-        cursors = [GroupCursor(**(state["groups"][group.name] if state else {})) for state in old]
+        cursors = [GroupCursor.from_state(state["groups"][group.name] if state else {}) for state in old]
         overflow = sorted([epoch, shard, offset, 1] for name, shard, offset, epoch, _ in buffered[room:]
                           if name == group.name)
         pieces = overflow + [list(p) for c in cursors for p in c.pieces] + _unread(group, cursors, spec.seed)

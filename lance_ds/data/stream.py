@@ -54,7 +54,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -372,6 +372,13 @@ class GroupCursor:
     # layout of slots had not trained yet when a run resumed on other ranks / workers (lance_ds.data.reshard)
     pieces: list[list[int]] = field(default_factory=list)
 
+    @classmethod
+    def from_state(cls, state: dict) -> "GroupCursor":
+        """A saved cursor (copied); fields an older lance_ds saved and this one no longer keeps are left out."""
+        known = {f.name for f in fields(cls)} - {"pieces"}
+        return cls(**{k: v for k, v in state.items() if k in known},
+                   pieces=[list(piece) for piece in state.get("pieces", [])])
+
 
 class GroupReader:
     """A slot's share of one group, epoch after epoch: raw samples with their addresses."""
@@ -521,7 +528,7 @@ class GroupReader:
 
     def load(self, state: dict) -> None:
         self.close()
-        self.cursor = GroupCursor(**{**state, "pieces": [list(piece) for piece in state.get("pieces", [])]})
+        self.cursor = GroupCursor.from_state(state)
 
 
 class SkipCounter:

@@ -282,6 +282,9 @@ def test_resume_rereads_only_the_buffered_samples(tmp_path, planner, monkeypatch
     opened.clear()
     assert_same_batches([resumed.next_batch()], [slot.next_batch()])
     assert opened[0] == cursor["offset"]  # the stream continues where it was, without re-reading the consumed part
+    older = SlotStream(spec, 0, 1)  # a position saved by a lance_ds that kept a running index per group
+    older.load({**state, "groups": {"g": {**cursor, "index": 7}}})
+    assert older.state() == state
 
 
 def test_a_resume_from_pipe_shards_runs_each_command_once(tmp_path, planner, monkeypatch):
