@@ -77,6 +77,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lance_ds.config.core import ConfigError, Problems, doc, output_problem
@@ -213,7 +214,7 @@ def read_footer(path: Path) -> pq.FileMetaData:
 
 def make_source(index: int, path: Path, meta: pq.FileMetaData, columns: tuple[str, ...]) -> SourceFile:
     """A SourceFile from a footer; row-group sizes count only the columns that are converted."""
-    wanted = set(columns)
+    wanted = set(columns) | {f"{c}.bytes" for c in columns}  # (a struct's bytes: Hugging Face's Image feature)
     group_bytes = []
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
@@ -528,6 +529,8 @@ _AS_BINARY = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa
 def _column_values(column: pa.Array) -> list:
     """Python values of one column of a record batch. Binary columns come as memoryviews into the arrow buffer
     (zero-copy slices at the offsets): media bytes are then copied once, into the shard, instead of twice."""
+    if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
+        column = pc.struct_field(column, "bytes")  # Hugging Face datasets' Image / Video features: {bytes, path}
     if pa.types.is_dictionary(column.type):  # categorical text (pandas writes these), or deduplicated media
         column = column.dictionary_decode()
     if column.type in _AS_BINARY:
