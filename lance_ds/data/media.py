@@ -67,6 +67,9 @@ def _unsigned(data) -> memoryview:
     return view if view.format == "B" else view.cast("B")
 
 
+VIDEO_EXTENSIONS = ("mp4", "mov", "avi", "webm", "mkv", "ogv", "ts")  # of the containers sniff_extension knows
+
+
 def sniff_extension(data: bytes) -> str | None:
     """The file extension the bytes' magic number says ("jpg", "png", "mp4", ...), or None when unknown."""
     data = _unsigned(data)
@@ -106,6 +109,8 @@ def describe(data: bytes, kind: str, full: bool = True) -> dict:
     ext = sniff_extension(data)
     if kind == "image":
         info = probe_image(data) if full else peek_image(data)
+        if ext in VIDEO_EXTENSIONS:  # an ISO-media image (HEIF / AVIF branded mif1, msf1, ...): as PIL reads it
+            ext = None
         ext = ext or {"jpeg": "jpg"}.get(info.format, re.sub(r"[^a-z0-9]", "", info.format) or "bin")
         return {"format": ext, "bytes": len(data), "width": info.width, "height": info.height}
     info = probe_video(data) if full else peek_video(data)
@@ -167,7 +172,7 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         top = 65535.0 if img.mode.startswith("I;16") or gray.max(initial=0) > 255 else 255.0
         gray = np.clip(gray / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)  # a new, writable array
-    if img.mode == "P" and "transparency" in img.info:
+    if "transparency" in img.info and img.mode in ("P", "RGB", "L"):  # a palette entry or colour key (tRNS)
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
@@ -590,7 +595,10 @@ def _first_frame_and_packets(container, stream) -> tuple[av.VideoFrame | None, _
             packets.start = min(packets.start, packet.pts) if packets.start is not None else packet.pts
             packets.end = max(packets.end or 0, packet.pts + (packet.duration or 0))
         if first is None:
-            decoded = packet.decode()
+            try:
+                decoded = packet.decode()
+            except av.FFmpegError:  # a damaged packet: decode_video skips it too, as players do
+                decoded = []
             first = decoded[0] if decoded else None
     if first is None:  # codecs with delay (B-frames) hand the first frame out on flush
         flushed = stream.codec_context.decode(None)

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from lance_ds.data.example import Scene, render_video
 from lance_ds.data.media import (
     MediaError,
+    describe,
     decode_image,
     decode_video,
     encode_image,
@@ -89,6 +90,21 @@ def test_rgba_alpha_is_composited():
     rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
     out = decode_image(encode_image(rgba, "png"))[0]
     assert tuple(out[0, 0].tolist()) == (255, 0, 0) and tuple(out[3, 0].tolist()) == (255, 255, 255)
+
+
+def test_colour_key_transparency_goes_on_white_as_alpha_does():
+    """A PNG's tRNS colour key (RGB or grayscale: logos, stickers) is transparency like an alpha channel's: white,
+    not the key's stored colour (black)."""
+    for mode, key in (("RGB", (0, 0, 0)), ("L", 0), ("P", 0)):
+        image = Image.new(mode, (4, 4), key)
+        if mode == "P":
+            image.putpalette([0, 0, 0, 255, 0, 0])
+        image.paste(1 if mode == "P" else (255, 0, 0) if mode == "RGB" else 128, (0, 0, 2, 4))
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG", transparency=key)
+        out = decode_image(buffer.getvalue())[0]
+        assert tuple(out[0, 3].tolist()) == (255, 255, 255), mode  # keyed: white
+        assert tuple(out[0, 0].tolist()) != (255, 255, 255), mode  # the rest as stored
 
 
 @pytest.mark.parametrize("data, message", [
@@ -353,6 +369,9 @@ def test_a_packet_the_decoder_refuses_costs_that_frame_only():
     assert frame_ids(decode_video(damaged([3]), sample_fps=6)) == [0, 2, 4, 6, 8, 10]
     with pytest.raises(MediaError, match="could not be decoded"):  # nothing decodable at all: still refused
         decode_video(damaged(range(12)))
+    # a damaged first frame: the probe (the converter's --verify full) accepts what decoding trains on
+    assert frame_ids(decode_video(damaged([0]))) == list(range(1, 12))
+    assert probe_video(damaged([0])).num_frames == 12
 
 
 @pytest.mark.parametrize("fmt", ["matroska", "webm"])
@@ -461,6 +480,10 @@ def test_sniff_extension():
     assert sniff_extension(pil_bytes(Image.new("RGB", (2, 2)), "GIF")) == "gif"
     assert sniff_extension(pil_bytes(Image.new("RGB", (2, 2)), "TIFF")) == "tiff"
     assert sniff_extension(b"random bytes here") is None
+    # an image in ISO media with a brand of the HEIF family (mif1: the common one) was named .mp4 in the shards
+    avif = pil_bytes(Image.new("RGB", (16, 16), (255, 0, 0)), "AVIF")
+    mif1 = avif[:8] + b"mif1" + avif[12:]
+    assert describe(mif1, "image")["format"] == describe(mif1, "image", full=False)["format"] == "avif"
 
 
 def jpeg_with_orientation(orientation: int, big_endian: bool, damaged: bool = False,
