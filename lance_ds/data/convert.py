@@ -343,7 +343,8 @@ def _cut_shards(members, sources, target, first_index, schema, options) -> list[
     """Cut a unit's rows into ceil(weight / target) shards of equal weight; all rows of a row group weigh the same,
     so the cuts are found group by group, without a list of rows."""
     total = sum(w * sources[f].group_rows[g] for f, g, w in members)
-    num_shards = max(1, math.ceil(total / target - 1e-9))
+    rows = sum(sources[f].group_rows[g] for f, g, _ in members)
+    num_shards = max(1, min(rows, math.ceil(total / target - 1e-9)))  # (a tiny --shard-size-mb: a row per shard)
     shards: list[list[RowSpan]] = [[] for _ in range(num_shards)]
     shard, placed = 0, 0.0  # current shard, weight of the rows placed so far
     for file, g, row_weight in members:

@@ -632,6 +632,8 @@ def test_shard_size_mb_bounds_shards(tmp_path):
     sizes = [s["bytes"] for s in read_manifest(out)["shards"]]
     assert summary.num_samples == 40 and len(sizes) >= 4
     assert max(sizes) < 0.1e6 * 1.5, sizes
+    tiny = run([source], tmp_path / "tiny", shard_size_mb=1e-12)  # a shard per row (it planned 10^19 shards)
+    assert tiny.num_samples == tiny.num_shards == 40
 
 
 def test_shard_size_mb_counts_the_tar_overhead_of_small_media(tmp_path):
