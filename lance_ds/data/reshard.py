@@ -110,5 +110,6 @@ def _fresh_state(slot: int, num_slots: int, spec: StreamSpec) -> dict:
     return {"slot": slot, "num_slots": num_slots, "groups": {}, "mix_draws": 0, "shuffle_draws": 0,
             "shuffle_buffer": [], "packing_buffer": [], "packing_buffer_decoded": [],
             "failing": dict.fromkeys(names, 0), "failing_since": dict.fromkeys(names, 0),
+            "failing_shards": {name: [] for name in names},
             "largest_epoch": dict.fromkeys(names, 0), "trained_epoch": dict.fromkeys(names, 0),
             "skipped": {}, **dict.fromkeys(_TOTALS, 0)}

@@ -20,8 +20,8 @@ Equal steps. Every slot loops over its group's data epoch after epoch, so a rank
 yields a batch whenever asked, for any shard/worker/rank counts, and training stops at train.max_steps. (A finite
 epoch would give ranks different batch counts and deadlock ZeRO-3.) `stats_scalars()` reports epochs per group.
 Exact resume. A slot's position is small JSON-able state: per group (epoch, unit, byte offset of the next sample,
-samples read from that shard), the number of mixture and shuffle draws (draws are hashes of (seed, slot, counter): no RNG state to
-save), and the addresses (group, shard, byte offset, key) of the raw samples in the shuffle buffer and of the plans
+samples read from that shard), the number of mixture and shuffle draws (draws are hashes of (seed, slot, counter):
+no RNG state to save), and the addresses (group, shard, byte offset, key) of the raw samples in the shuffle buffer and of the plans
 in the packing buffer. Resuming seeks to the byte offsets (HTTP: a Range request; a pipe: shard is streamed once,
 up to its last buffered sample) and re-reads only the buffered samples; nothing consumed is decoded again. Each packed batch travels from its DataLoader worker
 with the worker's state right after producing it, so the main process knows the position of what it consumed
@@ -76,6 +76,7 @@ from .sequence import PlanError, SequencePlan, SequencePlanner, unit_hash
 from .tar import RawSample, ShardError, iter_raw_samples
 
 logger = logging.getLogger(__name__)
+FAILING_SHARDS = 32  # shards a group's samples must fail from before it is given up (SlotStream._failed)
 RETRY_WAITS_S = (1.0, 4.0, 16.0)  # before each new try of a remote shard that failed to open or read
 
 STATE_VERSION = 1
@@ -389,6 +390,7 @@ class GroupReader:
         self.cursor = GroupCursor()
         self._samples: Iterator[RawSample] | None = None
         self._failures = 0  # consecutive failed reads of a remote shard (see _retried)
+        self.unreadable: set[int] = set()  # shards that gave no sample the last time they were opened
         self._units_epoch, self._units = -1, []
 
     def units(self, epoch: int) -> list[int]:
@@ -426,9 +428,12 @@ class GroupReader:
                 if self._retried(e):
                     continue
                 self._count_lost(shard, e)
+                if c.read_in_unit == 0:
+                    self.unreadable.add(shard)
                 self._next_unit()
                 continue
             self._failures = 0
+            self.unreadable.discard(shard)
             mine = self._owns(c.read_in_unit)
             c.offset, c.read_in_unit = raw.end, c.read_in_unit + 1
             if not mine:
@@ -596,6 +601,7 @@ class SlotStream:
         self.packer = TokenBudgetPacker(data.packing_length, data.packing_buffer, data.packing)
         self.failing = {g.name: 0 for g in spec.groups}  # consecutive unusable samples per group
         self.failing_since = {g.name: 0 for g in spec.groups}  # the epoch of the first sample of that run
+        self.failing_shards = {g.name: [] for g in spec.groups}  # the shards it came from (FAILING_SHARDS at most)
         self.largest_epoch = {g.name: 0 for g in spec.groups}  # most samples this slot kept in one epoch so far
         self.trained_epoch = {g.name: 0 for g in spec.groups}  # epoch of the newest sample put in a batch
         self.num_batches = 0
@@ -647,7 +653,7 @@ class SlotStream:
         data = self.spec.data
         if check_length(plan, data.packing_length, data.filter_overlong):
             return True
-        self._failed(plan.address[0], plan.address[3], "overlong", f"{plan.key} ({plan.group}, {plan.task}): "
+        self._failed(plan.address, "overlong", f"{plan.key} ({plan.group}, {plan.task}): "
                      f"{plan.num_tokens} tokens > packing_length {data.packing_length}")
         return False
 
@@ -659,7 +665,7 @@ class SlotStream:
             try:
                 plan = self.plan_raw(raw, sizes_only=True)
             except SkipSample as e:
-                self._failed(raw.address[0], raw.address[3], e.reason, str(e))
+                self._failed(raw.address, e.reason, str(e))
                 continue
             if self._fits(plan):
                 return plan
@@ -677,22 +683,30 @@ class SlotStream:
                 return plan
             plan = self._plan(sample, raw)
         except SkipSample as e:
-            self._failed(raw.address[0], raw.address[3], e.reason, str(e))
+            self._failed(raw.address, e.reason, str(e))
             return None
         return plan if self._fits(plan) else None
 
-    def _failed(self, group: str, epoch: int, reason: str, message: str) -> None:
-        """Count a skipped sample (read in `epoch` of its group). A group cannot feed training when its samples
-        fail for two whole epochs in a row, and more of them than the shuffle buffer plus two of this slot's largest
-        epochs hold (a slot's share of an epoch varies: few shards, many slots, shards of different sizes)."""
+    def _failed(self, address: list, reason: str, message: str) -> None:
+        """Count a skipped sample (at `address`: group, shard, offset, epoch, key). A group cannot feed training when
+        its samples fail for two whole epochs in a row, more of them than the shuffle buffer plus two of this slot's
+        largest epochs hold (a slot's share of an epoch varies: few shards, many slots, shards of different sizes),
+        and from every shard of the group or FAILING_SHARDS of them: a slot's share of a few epochs can be all bad
+        shards of a group that has good ones too."""
+        group, shard, _, epoch, _ = address
         self.skips.add(reason, message)
         if self.failing[group] == 0:
-            self.failing_since[group] = epoch
+            self.failing_since[group], self.failing_shards[group] = epoch, []
         self.failing[group] += 1
+        shards = self.failing_shards[group]
+        if shard not in shards and len(shards) < FAILING_SHARDS:
+            shards.append(shard)
         self.largest_epoch[group] = max(self.largest_epoch[group], self.readers[group].cursor.last_epoch_size)
         whole_epochs = epoch - self.failing_since[group] - 1
         limit = self.spec.data.shuffle_buffer + 2 * self.largest_epoch[group]
-        if whole_epochs >= 2 and self.failing[group] > limit:
+        every_shard = min(FAILING_SHARDS, len(self.groups[group].shards))
+        bad_shards = len(set(shards) | self.readers[group].unreadable)
+        if whole_epochs >= 2 and self.failing[group] > limit and bad_shards >= every_shard:
             fix = (f"raise data.packing_length (now {self.spec.data.packing_length}) above the samples' length, or "
                    "lower the group's resolution / max_frames" if set(self.skips.counts) == {"overlong"} else
                    f"fix or remove the group's shards ({self.groups[group].shards[0].url}, ...)")
@@ -746,6 +760,7 @@ class SlotStream:
             "shuffle_buffer": [r.address for r in self.shuffle],
             "failing": dict(self.failing),
             "failing_since": dict(self.failing_since),
+            "failing_shards": {name: list(shards) for name, shards in self.failing_shards.items()},
             "largest_epoch": dict(self.largest_epoch),
             "packing_buffer": [p.address for p in self.packer.buffer],
             "packing_buffer_decoded": [not p.needs_media for p in self.packer.buffer],
@@ -768,6 +783,7 @@ class SlotStream:
         self.skips.counts = Counter(state["skipped"])
         self.failing = dict(state["failing"])
         self.failing_since.update(state.get("failing_since", {}))
+        self.failing_shards.update({name: list(shards) for name, shards in state.get("failing_shards", {}).items()})
         self.largest_epoch.update(state.get("largest_epoch", {}))
         self.num_batches, self.num_samples = state["num_batches"], state["num_samples"]
         self.real_tokens, self.total_tokens = state["real_tokens"], state["total_tokens"]
@@ -786,7 +802,7 @@ class SlotStream:
         try:
             plan = self.plan_raw(raw, sizes_only=not was_decoded)
         except SkipSample as e:
-            self._failed(raw.address[0], raw.address[3], e.reason, str(e))
+            self._failed(raw.address, e.reason, str(e))
             return None
         return plan if self._fits(plan) else None
 

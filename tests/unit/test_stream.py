@@ -129,11 +129,20 @@ def take(loader, n: int) -> list[PackedBatch]:
 def take_within(loader, n: int, seconds: float) -> list[PackedBatch]:
     """take() that fails instead of hanging when a rank's stream stalls."""
     out: list = []
-    thread = threading.Thread(target=lambda: out.extend(take(loader, n)), daemon=True)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.extend(take(loader, n))
+        except BaseException as e:  # handed to the caller's thread
+            raised.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(seconds)
     assert not thread.is_alive(), f"the loader hung: {len(out)} of {n} batches after {seconds} s"
-    assert len(out) == n, "the loader stopped early (see the thread's exception above)"
+    if raised:
+        raise raised[0]
     return out
 
 
@@ -656,10 +665,12 @@ def test_a_group_without_any_usable_sample_is_reported(tmp_path, planner):
     writer = TarShardWriter(bad / "x.tar")
     writer.add("k.json", b"{broken")
     writer.close()
-    dataset = DatasetConfig(groups=[group("g", [bad / "x.tar"])])
-    loader = build_train_loader(dataset, DATA, planner, rank=0, world_size=1, seed=0, micro_batch_size=1)
-    with pytest.raises(stream_module.DataError, match="without one usable sample"):
-        take(loader, 1)
+    (bad / "y.tar").write_bytes(b"not a tar at all" * 64)  # a shard that gives no sample: bad too
+    for shards in ([bad / "x.tar"], [bad / "x.tar", bad / "y.tar"]):
+        dataset = DatasetConfig(groups=[group("g", shards)])
+        loader = build_train_loader(dataset, DATA, planner, rank=0, world_size=1, seed=0, micro_batch_size=1)
+        with pytest.raises(stream_module.DataError, match="without one usable sample"):
+            take_within(loader, 1, seconds=60)
     # samples all longer than packing_length: the fix named is the setting, not the shards
     write_shards(tmp_path / "ok", "t2i", 1, 3, prefix="ok")
     short = dataclasses.replace(DATA, packing_length=8)
@@ -669,14 +680,20 @@ def test_a_group_without_any_usable_sample_is_reported(tmp_path, planner):
         take(loader, 1)
 
 
-@pytest.mark.parametrize("layout", ["fewer shards than slots", "shards of different sizes"])
+@pytest.mark.parametrize("layout", ["fewer shards than slots", "shards of different sizes", "half the shards bad"])
 def test_a_group_with_usable_samples_is_never_given_up(tmp_path, planner, layout):
-    """Slots whose share of an epoch is tiny or empty, or whose last epoch was small, still read on through bad
-    samples: only a group with nothing usable for two whole epochs is refused."""
+    """Slots whose share of an epoch is tiny or empty, or whose last epoch was small, or all bad shards for a few
+    epochs in a row, still read on through bad samples: only a group with nothing usable for two whole epochs, from
+    every shard, is refused."""
     broken = {"image.png": b"broken"}
+    slots = None
     if layout == "fewer shards than slots":  # one bad sample of 10, 16 slots, no shuffle buffer
         write_shards(tmp_path / "g", "t2i", 1, 10, media=lambda s: broken if s == 3 else {"image.png": _png(s)})
         sources, data, num_slots, seeds = [tmp_path / "g"], dataclasses.replace(DATA, shuffle_buffer=0), 16, [0]
+    elif layout == "half the shards bad":  # 8 shards of 5 samples, 4 of them all broken; 8 slots
+        write_shards(tmp_path / "g", "t2i", 8, 5, media=lambda s: broken if s < 20 else {"image.png": _png(s)})
+        sources, data, num_slots, seeds = [tmp_path / "g"], DATA, 8, [0]
+        slots = [7]  # (its share was bad shards for epochs 34-37: given up after 65 batches)
     else:  # a 40-sample shard of bad images, two 1-sample shards, a good 40-sample one; 2 slots
         write_shards(tmp_path / "bad", "t2i", 1, 40, prefix="bad", media=lambda s: broken)
         write_shards(tmp_path / "tiny", "t2i", 2, 1, prefix="tiny")
@@ -686,7 +703,7 @@ def test_a_group_with_usable_samples_is_never_given_up(tmp_path, planner, layout
         data = dataclasses.replace(DATA, shuffle_buffer=8)
     resolved = [resolve_group(group("g", sources))]
     for seed in seeds:
-        for slot in range(num_slots):
+        for slot in slots or range(num_slots):
             stream = SlotStream(StreamSpec(resolved, planner, dataclasses.replace(data, packing_buffer=1), Branches(),
                                            1, seed, 0, 1), slot, num_slots)
             for _ in range(130):
