@@ -219,7 +219,8 @@ def seed_micro_step(seed: int, step: int, micro: int, rank: int, device: torch.d
 
 def lr_multiplier(step: int, train: TrainConfig) -> float:
     """train.lr times this is the learning rate of optimizer step `step` (0-based): linear warmup that reaches the
-    peak at step warmup_steps - 1 (the first step already moves the weights), then constant or cosine to min_lr."""
+    peak at step warmup_steps - 1 (the first step already moves the weights), then constant or cosine to min_lr.
+    (`step` counts the steps applied: DeepSpeed does not advance the schedule over a step it skipped.)"""
     if step < train.warmup_steps:
         return (step + 1) / train.warmup_steps
     if train.lr_schedule == "cosine":

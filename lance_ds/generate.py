@@ -431,7 +431,7 @@ def parse_size(text: str) -> tuple[int, int] | None:
     if len(parts) not in (1, 2) or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):  # ("²")
         return None
     height, width = (int(parts[0]), int(parts[-1]))
-    return height, width
+    return (height, width) if height > 0 and width > 0 else None
 
 
 def cli_sample(args, group: GroupConfig | None = None) -> Sample:

@@ -760,7 +760,9 @@ def _prepare_output(output: Path, planned: set[str], task: str) -> None:
         if foreign:
             listed = ", ".join(foreign[:3]) + (f" (and {len(foreign) - 3} more)" if len(foreign) > 3 else "")
             raise ConvertError(f"--output {output} already holds {listed}, which this converter did not make (it has "
-                               f"no {STATE_DIR}/); choose an empty or new directory, or the one this converter wrote")
+                               f"no {STATE_DIR}/, the converter's record of what it wrote: another tool's files, or "
+                               f"a conversion whose {STATE_DIR}/ was removed); choose an empty or new directory, or "
+                               "remove those files (shard-*.tar, manifest.json, rejects.jsonl) to convert into it")
     earlier = _output_task(output)
     if earlier is not None and earlier != task:
         raise ConvertError(f"--output {output} holds a conversion of {earlier} data and these inputs are {task}; "

@@ -726,9 +726,8 @@ class SlotStream:
                 plan = self._decoded(plan)
                 if plan is None:
                     continue
-                if plan.num_tokens > room:
-                    if self._fits(plan):  # (one that fits no sequence would come back for ever)
-                        self.packer.buffer.insert(0, plan)
+                if plan.num_tokens > room:  # (it fits a sequence: _decoded dropped any that does not)
+                    self.packer.buffer.insert(0, plan)
                     continue
                 sequence.append(plan)
                 room -= plan.num_tokens

@@ -4,11 +4,14 @@
   text    per-token CE, greedy / top-p decoding of packed prompts with a KV cache
   losses  named losses normalised by global token counts (rule 2)
 
-A training micro-step, in the trainer:
-    flow = prepare_flow(clean_latents, batch, cfg.objective, generator)
-    pred = engine(batch, vit_embeds, flow.noisy, flow.timesteps)
-    losses = compute_losses(pred.logits, pred.velocity, batch, flow, cfg.objective)
-    engine.backward(losses.total)
+A training step of `micro_steps` micro-batches, in the trainer:
+    weights = step_weights(micro_batches, cfg.objective, device)   # the whole step's token counts, all ranks
+    for batch in micro_batches:
+        flow = prepare_flow(clean_latents, batch, cfg.objective, generator)
+        pred = engine(batch, vit_embeds, flow.noisy, flow.timesteps)
+        losses = compute_losses(pred.logits, pred.velocity, batch, flow, cfg.objective, step=weights,
+                                micro_steps=micro_steps)
+        engine.backward(losses.total)
 """
 
 from .flow import (

@@ -553,6 +553,9 @@ def test_cli_answers_with_the_system_prompt_it_is_given(tmp_path):
     assert "--cfg must be a finite number >= 0 (1: no guidance), got nan" in problems, problems
     assert any(p.startswith("--system: only i2t / v2t take a system prompt") for p in problems), problems
     assert any(p.startswith("--size") for p in problems), problems  # a digit Python's int() does not read
+    for size in ("0", "64x0"):  # an input cut to nothing
+        problems = check_args(parse_args(base + ["--size", size]))
+        assert any(p.startswith("--size: give SIDE or HEIGHTxWIDTH") for p in problems), (size, problems)
 
 
 def test_cli_says_when_a_v2v_input_is_shorter_than_its_frames(tmp_path, capsys):
