@@ -494,7 +494,8 @@ def decode_video(
             if not keep:
                 continue  # decoded (later frames depend on it) but not converted to RGB: that is the costly part
             if size is None:
-                size, turns = (frame.width, frame.height), _quarter_turns(frame.rotation)
+                size = _square_pixels(frame.width, frame.height, stream.sample_aspect_ratio)
+                turns = _quarter_turns(frame.rotation)
             if (frame.width, frame.height) != size:  # a mid-stream resolution change: keep the first size
                 frame = frame.reformat(width=size[0], height=size[1])
             kept.append(frame.to_ndarray(format="rgb24"))
@@ -538,6 +539,7 @@ def probe_video(data: bytes) -> VideoInfo:
         declared, rate, duration = stream.frames, _stream_rate(stream), _stream_duration(container, stream)
         end = None if stream.duration is None else (stream.start_time or 0) + stream.duration  # in stream time
         length = _declared_length(container, stream)
+        pixel_ratio = stream.sample_aspect_ratio  # (read while the container is open)
         first, packets = _first_frame_and_packets(container, stream)
     except av.FFmpegError as e:
         raise MediaError(f"video is damaged ({codec}): {e}") from None
@@ -561,7 +563,7 @@ def probe_video(data: bytes) -> VideoInfo:
         rate = num_frames / duration
     if not duration and rate:
         duration = num_frames / rate
-    width, height = _displayed(first.width, first.height, _quarter_turns(first.rotation))
+    width, height = _displayed(*_square_pixels(first.width, first.height, pixel_ratio), _quarter_turns(first.rotation))
     return VideoInfo(width=width, height=height, num_frames=num_frames, fps=rate, duration=duration)
 
 
@@ -617,7 +619,9 @@ def peek_video(data: bytes) -> VideoInfo:
         num_frames = stream.frames or (round(duration * rate) if duration and rate else 0)
         if stream.frames and stream.duration is not None and rate:  # an edit list can show fewer than it holds
             num_frames = min(num_frames, round(duration * rate))
-        width, height = _displayed(stream.codec_context.width, stream.codec_context.height, _mp4_turns(data))
+        width, height = _displayed(*_square_pixels(stream.codec_context.width, stream.codec_context.height,
+                                                   stream.sample_aspect_ratio),
+                                   _mp4_turns(data))
         return VideoInfo(width=width, height=height, num_frames=num_frames, fps=rate, duration=duration)
     finally:
         container.close()
@@ -633,6 +637,15 @@ def _quarter_turns(degrees: float | None) -> int:
 
 def _displayed(width: int, height: int, turns: int) -> tuple[int, int]:
     return (height, width) if turns % 2 else (width, height)
+
+
+def _square_pixels(width: int, height: int, ratio: Fraction | None) -> tuple[int, int]:
+    """The size a player shows a frame at (before its rotation): anamorphic pixels widened or narrowed to square ones
+    by the stream's sample aspect `ratio` (16:9 DVD video is stored 720 x 480 with 32:27 pixels: shown 853 x 480).
+    Ratios beyond 1:4 .. 4:1 are taken for damaged headers and ignored."""
+    if not ratio or ratio == 1 or not Fraction(1, 4) <= ratio <= 4:
+        return width, height
+    return max(1, round(width * ratio)), height
 
 
 def _mp4_turns(data) -> int:

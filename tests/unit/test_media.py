@@ -438,6 +438,24 @@ def _clip_with_display_rotation(degrees: int | None, fmt: str) -> bytes:
     return mux(frames, 24, fmt, extra=rotate)
 
 
+@pytest.mark.parametrize("fmt", ["mp4", "matroska"])
+def test_anamorphic_pixels_are_shown_square(fmt):
+    """16:9 DVD video is stored 720 x 480 with 32:27 pixels: it trained squashed to 3:2. Decoded, probed and peeked
+    it is 853 x 480, as players show it (here 72 x 48 -> 85 x 48)."""
+    left_half_white = np.zeros((3, 48, 72, 3), np.uint8)
+    left_half_white[:, :, :36] = 255
+
+    def widen(container, stream):
+        stream.codec_context.sample_aspect_ratio = Fraction(32, 27)
+
+    data = mux(left_half_white, 12, fmt, extra=widen)
+    frames = decode_video(data)
+    assert tuple(frames.shape) == (3, 48, 85, 3)
+    assert frames[0, 24, 40].float().mean() > 200 and frames[0, 24, 45].float().mean() < 50  # scaled, not cropped
+    for info in (probe_video(data), peek_video(data)):
+        assert (info.width, info.height) == (85, 48)
+
+
 @pytest.mark.parametrize("fmt", ["mp4", "mov", "matroska"])
 @pytest.mark.parametrize("degrees", [90, -90, 180])
 def test_a_clip_with_a_display_rotation_decodes_as_a_player_shows_it(fmt, degrees):
