@@ -382,13 +382,13 @@ def model_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 def load_llm_weights(model: LanceModel, path: Path) -> None:
     """Lance checkpoint key for key, or a Qwen2.5-VL checkpoint's text weights (+ gen expert copied), read lazily."""
-    shapes = model_shapes(model)
-    with_vit = hasattr(model, "vit_model")
-    own = {n for n in shapes if with_vit or not n.startswith(LANCE_VIT_PREFIX)}
+    # not the ViT, trainable or not: load_vit's (model.vit_path first, else model.path's)
+    shapes = {n: shape for n, shape in model_shapes(model).items() if not n.startswith(LANCE_VIT_PREFIX)}
+    own = set(shapes)
     if is_lance_dir(path):
         where = str(path / LANCE_WEIGHTS)
         index = safetensors_index(path / LANCE_WEIGHTS)
-        state = LazyState(index, lance_sources(index, with_vit))
+        state = LazyState(index, lance_sources(index))
         if LANCE_POS_TABLE in index:
             check_position_table(model, read_tensors(index, [LANCE_POS_TABLE])[LANCE_POS_TABLE], where)
     else:

@@ -168,9 +168,9 @@ class LazyState(Mapping):
         return len(self.sources)
 
 
-def lance_sources(index: dict[str, Path], with_vit: bool) -> dict[str, str]:
-    """Lance's checkpoint names are the model's: identity, minus the fixed table (and the ViT when it is frozen)."""
-    return {k: k for k in index if k != LANCE_POS_TABLE and (with_vit or not k.startswith(LANCE_VIT_PREFIX))}
+def lance_sources(index: dict[str, Path]) -> dict[str, str]:
+    """Lance's checkpoint names are the model's: identity, minus the fixed table and the ViT (build.load_vit's)."""
+    return {k: k for k in index if k != LANCE_POS_TABLE and not k.startswith(LANCE_VIT_PREFIX)}
 
 
 def qwen_sources(index: dict[str, Path], model_shapes: dict[str, torch.Size]) -> dict[str, str | Callable[[], Tensor]]:

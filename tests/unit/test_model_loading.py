@@ -98,6 +98,9 @@ def test_init_from_qwen25vl_dir(tmp_path, tied):
         theirs = hf.model.visual(batch.vit_patches, grid_thw=batch.vit_grid_thw).pooler_output
     assert torch.allclose(ours_vit, theirs, atol=1e-6)
     assert bundle.geometry.tokens_per_second == 2
+    # trained along: the same tower, in the model (the build said the checkpoint lacked it)
+    trainable = dict(build_model(cfg(path=str(tmp_path), vit_trainable=True), NUM_CLASSES).model.named_parameters())
+    assert torch.equal(trainable["vit_model.patch_embed.proj.weight"], hf.model.visual.patch_embed.proj.weight)
 
 
 def test_vit_from_a_lance_vit_safetensors_dir(tmp_path):
@@ -110,6 +113,16 @@ def test_vit_from_a_lance_vit_safetensors_dir(tmp_path):
     second = build_model(cfg(vit_path=str(vit_dir)), NUM_CLASSES)
     a, b = first.vit.state_dict(), second.vit.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # model.vit_path wins over the ViT in a Lance model.path, frozen or trained along
+    torch.manual_seed(5)
+    other = build_model(cfg(), NUM_CLASSES)
+    lance_dir = tmp_path / "lance"
+    save_lance_dir(lance_dir, other.model.state_dict(), other.spec.llm, other.spec.vit, other.vit.state_dict(),
+                   other.model.latent_pos_embed.table())
+    trained = build_model(cfg(path=str(lance_dir), vit_path=str(vit_dir), vit_trainable=True), NUM_CLASSES)
+    vit_in_model = {k.removeprefix("vit_model."): v for k, v in trained.model.state_dict().items()
+                    if k.startswith("vit_model.")}
+    assert vit_in_model.keys() == a.keys() and all(torch.equal(a[k], vit_in_model[k]) for k in a)
     with pytest.raises(FileNotFoundError, match="model.vit_path: no \\*.safetensors files"):
         build_model(cfg(vit_path=str(tmp_path)), NUM_CLASSES)  # a directory without safetensors
     save_file({"foo": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
