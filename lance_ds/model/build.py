@@ -432,8 +432,11 @@ def check_position_table(model: LanceModel, table: torch.Tensor, where: str) -> 
     # another position scheme differs by order 1
     err = (ours - table.float()).abs().max().item()
     if not math.isfinite(err) or err > 1e-2:
-        raise ValueError(f"{where}: the stored latent position table differs from the sin-cos table by {err:.3g}; "
-                         "this checkpoint uses another position scheme")
+        raise ValueError(f"{where}: the stored latent position table differs from the sin-cos table by {err:.3g}: "
+                         f"this checkpoint covers another latent grid than the {model.cfg.max_latent_size} x "
+                         f"{model.cfg.max_latent_size} x {model.cfg.max_latent_frames} assumed (set "
+                         "model.max_latent_size and model.max_num_frames to the checkpoint's when its "
+                         "llm_config.json does not say), or uses another position scheme")
 
 
 def freeze_by_patterns(model: nn.Module, patterns: list[str]) -> list[str]:

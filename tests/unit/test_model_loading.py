@@ -57,6 +57,22 @@ def test_lance_checkpoint_mismatch_is_named(tmp_path):
         build_model(cfg(path=str(tmp_path)), NUM_CLASSES)
 
 
+def test_a_lance_table_of_an_unrecorded_grid_names_the_settings_that_load_it(tmp_path):
+    """Lance's llm_config.json does not record the latent grid: it is read from the table's row count, which 16 x 16
+    x 4 frames (1024 rows) shares with 32 x 32 x 1. The refusal names the settings that load it."""
+    import json
+
+    first = build_model(cfg(max_latent_size=16, max_num_frames=13), NUM_CLASSES)
+    save_lance_dir(tmp_path, first.model.state_dict(), first.spec.llm, first.spec.vit, first.vit.state_dict(),
+                   first.model.latent_pos_embed.table())
+    config = json.loads((tmp_path / "llm_config.json").read_text())
+    config.pop("max_latent_size", None), config.pop("max_num_frames", None)
+    (tmp_path / "llm_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="32 x 32 x 1 assumed .set model.max_latent_size and model.max_num_frames"):
+        build_model(cfg(path=str(tmp_path)), NUM_CLASSES)
+    build_model(cfg(path=str(tmp_path), max_latent_size=16, max_num_frames=13), NUM_CLASSES)
+
+
 def tiny_qwen25vl(directory, tied: bool):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
