@@ -25,17 +25,21 @@ python -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('
   2>/dev/null ||
   die "this python ($(command -v python || echo none)) cannot import lance_ds, torch and deepspeed; run" \
       "'bash scripts/setup_env.sh && source .venv/bin/activate' first"
-RUN_NAME=${RUN_NAME:-$(basename "$CONFIG_FILE" .yaml)}
-OUTPUT_ROOT=${OUTPUT_ROOT:-runs}
 DS_CONFIG=${DS_CONFIG:-$repo/ds_configs/zero3.json}
 MASTER_PORT=${MASTER_PORT:-29500}
 RESUME=${RESUME:-latest}
 
 file CONFIG_FILE; file DS_CONFIG
 positive MASTER_PORT
-[[ "$RUN_NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN_NAME may hold letters, digits, '.', '_' and '-', got '$RUN_NAME'"
 
-args=(--config "$CONFIG_FILE" --ds_config "$DS_CONFIG" --output_dir "$OUTPUT_ROOT/$RUN_NAME" --resume "$RESUME")
+args=(--config "$CONFIG_FILE" --ds_config "$DS_CONFIG" --resume "$RESUME")
+# the run goes to CONFIG_FILE's output_dir, or to OUTPUT_ROOT/RUN_NAME when either knob is set (the other then
+# defaults to runs/ or the config file's name): two experiments' train.yaml must not share runs/train
+if [ -n "${RUN_NAME:-}${OUTPUT_ROOT:-}" ]; then
+  RUN_NAME=${RUN_NAME:-$(basename "$CONFIG_FILE" .yaml)}
+  [[ "$RUN_NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN_NAME may hold letters, digits, '.', '_' and '-', got '$RUN_NAME'"
+  args+=(--output_dir "${OUTPUT_ROOT:-runs}/$RUN_NAME")
+fi
 if [ -n "${DATASET_CONFIG_FILE:-}" ]; then file DATASET_CONFIG_FILE; args+=(--dataset_config "$DATASET_CONFIG_FILE"); fi
 if [ -n "${VAL_DATASET_CONFIG_FILE:-}" ]; then file VAL_DATASET_CONFIG_FILE; args+=("validation.dataset_config=$(quoted VAL_DATASET_CONFIG_FILE)"); fi
 if [ -n "${MODEL_PATH:-}" ]; then dir MODEL_PATH; args+=("model.path=$(quoted MODEL_PATH)"); fi

@@ -3,6 +3,7 @@ stop and save on SIGTERM, and refuse bad knobs with a message naming the knob be
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -136,6 +137,20 @@ def test_relative_paths_are_the_callers(example_data, tmp_path):
                          DATASET_CONFIG_FILE="data/train.yaml", args=["validation.dataset_config=data/train.yaml"])
     assert config["dataset_config"] == config["validation"]["dataset_config"] == str(work / "data" / "train.yaml")
     assert config["output_dir"] == "out/run"  # (relative: train.py runs where the script was called)
+
+
+def test_a_configs_output_dir_stands_unless_a_knob_names_another(example_data, tmp_path):
+    """Every run went to runs/<config file name>: two experiments' train.yaml shared runs/train, and the second
+    resumed the first's checkpoint. The config's output_dir stands unless RUN_NAME or OUTPUT_ROOT is set."""
+    work = tmp_path / "work"
+    (work / "expA").mkdir(parents=True)
+    (work / "expA" / "train.yaml").write_text(yaml.safe_dump({"extends": str(REPO / "configs/debug.yaml"),
+                                                              "output_dir": "scratch/expA"}))
+    seen = functools.partial(config_seen, "sft_lance_unified.sh", tmp_path, cwd=work, CONFIG_FILE="expA/train.yaml",
+                             DATASET_CONFIG_FILE=str(example_data["train"]), VALIDATION_STEP="0")
+    assert seen(OUTPUT_ROOT="", RUN_NAME="")["output_dir"] == "scratch/expA"
+    assert seen(OUTPUT_ROOT="", RUN_NAME="try2")["output_dir"] == "runs/try2"
+    assert seen(OUTPUT_ROOT="out", RUN_NAME="")["output_dir"] == "out/train"
 
 
 def test_zero_turns_the_debug_save_and_validation_off(example_data, tmp_path):
