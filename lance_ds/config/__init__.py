@@ -11,12 +11,13 @@ __all__ = ["ConfigError", "Problems", "Run", "RunConfig", "doc", "load_and_check
 
 
 def load_and_check(config_path: str | None, overrides: list[str], ds_path: str, world_size: int,
-                   on_gpu: bool | None = None) -> tuple[Run, dict]:
+                   on_gpu: bool | None = None, devices_here: bool = True) -> tuple[Run, dict]:
     """Everything a rank needs to know before it starts: the run, its datasets and the resolved DeepSpeed JSON.
 
     Raises one ConfigError listing every problem found (unknown keys, bad values, missing files, switches that do
-    not match the data, model files the build would fail on, DeepSpeed conflicts). model.tokenizer_path left unset
-    becomes model.path's own tokenizer when it has one.
+    not match the data, model files the build would fail on, DeepSpeed conflicts; what needs a GPU unless
+    `devices_here` is false: the ranks run on other machines, launched from a login node). model.tokenizer_path left
+    unset becomes model.path's own tokenizer when it has one.
     """
     import torch
 
@@ -27,7 +28,7 @@ def load_and_check(config_path: str | None, overrides: list[str], ds_path: str, 
     run = load_run(config_path, overrides, problems)
     raw = load_ds_json(ds_path, problems)
     problems.raise_if_any()
-    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    on_gpu = (torch.cuda.is_available() if on_gpu is None else on_gpu) if devices_here else None
     try:  # model.path's config files are read here first
         hidden_size = hidden_size_of(run.config.model)
     except (OSError, ValueError) as e:

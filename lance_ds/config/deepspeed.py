@@ -272,9 +272,10 @@ _ALWAYS_OWNED = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
 _FILLED_WHEN_MISSING = {"optimizer.params.torch_adam"}
 
 
-def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: int, on_gpu: bool,
+def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: int, on_gpu: bool | None,
                       problems: Problems) -> dict:
-    """Fill "auto" from the run config, report conflicts, and add what is missing (the optimizer)."""
+    """Fill "auto" from the run config, report conflicts, and add what is missing (the optimizer). on_gpu None: the
+    ranks run on other machines than this one (a launch from a login node), whose devices each rank checks."""
     ds = copy.deepcopy(raw)
     check_top_level_keys(ds, problems)
     check_scheduler(ds, problems)
@@ -285,7 +286,7 @@ def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: i
     if "optimizer" not in ds:  # the recipe's AdamW; every param below is then filled from the run config
         ds["optimizer"] = {"type": "AdamW", "params": {k: AUTO for k in ("lr", "betas", "eps", "weight_decay")}}
     adam = check_optimizer_type(ds, problems)
-    for key, (value, source) in recipe_values(cfg, world_size, hidden_size, on_gpu).items():
+    for key, (value, source) in recipe_values(cfg, world_size, hidden_size, bool(on_gpu)).items():
         present, current = _get(ds, key)
         if present and current == AUTO:
             _set(ds, key, value)
@@ -303,10 +304,10 @@ def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: i
     problems.one_of(zero.get("stage", 0), (0, 1, 2, 3), "--ds_config zero_optimization.stage")
     check_zero_section(zero, problems)
     check_checkpoint_writer(ds, problems)
-    if not on_gpu and cfg.train.precision == "fp16":
+    if on_gpu is False and cfg.train.precision == "fp16":
         problems.add("train.precision", "fp16 needs a GPU (DeepSpeed has no fp16 engine on CPU); use bf16 or fp32")
     if cfg.model.attention == "flash":  # here, not at the first forward of every rank
-        if not on_gpu or importlib.util.find_spec("flash_attn") is None:
+        if on_gpu is False or (on_gpu and importlib.util.find_spec("flash_attn") is None):
             problems.add("model.attention", "flash needs a GPU and the flash_attn package (pip install flash-attn); "
                                             "use flex or sdpa")
         elif cfg.train.precision == "fp32":

@@ -260,6 +260,13 @@ def test_a_hostfile_sets_nodes_and_ranks_from_its_slots(example_data, tmp_path):
     assert "--num_gpus 4" in (tmp_path / "launched").read_text()
     proc = run_script("sft_lance_unified.sh", tmp_path, timeout=30, **knobs, NUM_NODES="3", NUM_GPUS="")
     assert proc.returncode == 2 and "NUM_NODES=3 but HOSTFILE lists 2 host(s)" in proc.stderr
+    # launched from a machine without GPUs (a login node): what needs the ranks' GPUs is theirs to check
+    gpu_only = (*TRAIN_ONE_STEP, "train.precision=fp16")
+    proc = run_script("sft_lance_unified.sh", tmp_path, timeout=60, args=gpu_only, **knobs, NUM_GPUS="")
+    assert proc.returncode == 0, proc.stderr
+    here = {k: v for k, v in knobs.items() if k != "HOSTFILE"}
+    proc = run_script("sft_lance_unified.sh", tmp_path, timeout=60, args=gpu_only, **here)
+    assert proc.returncode == 2 and "fp16 needs a GPU" in proc.stderr, proc.stderr
 
 
 
