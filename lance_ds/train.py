@@ -9,20 +9,27 @@ Every config problem is reported at once, before any rank initialises distribute
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 import yaml
+
+
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run YAML (configs/*.yaml)")
-    p.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON; 'auto' values come from the run config")
+    p.add_argument("--ds_config", default=str(DEFAULT_DS_CONFIG),
+                   help="DeepSpeed JSON; 'auto' values come from the run config (default: this repository's "
+                        "ds_configs/zero3.json, wherever the command runs)")
     p.add_argument("--dataset_config", help="dataset YAML (same as dataset_config=FILE)")
     p.add_argument("--output_dir", help="same as output_dir=DIR")
     p.add_argument("--resume", default="latest", help="latest (default: continue if a checkpoint exists), none, or a step")
@@ -52,6 +59,8 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's log goes to the stdout it finds when imported: stderr,
+        import deepspeed  # noqa: F401  (stdout is for --print_config's YAML and JSON)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 

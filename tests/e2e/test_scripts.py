@@ -67,7 +67,7 @@ def config_seen(name: str, tmp_path, args=(), cwd=REPO, repo=REPO, **knobs: str)
     proc = run_script(name, tmp_path, timeout=60, args=args, cwd=cwd, repo=repo, PATH=f"{fake}:{os.environ['PATH']}",
                       **knobs)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = printed.read_text()  # DeepSpeed's accelerator notice, the run config (output_dir first), the DeepSpeed JSON
+    text = printed.read_text()  # the run config (output_dir first), then the DeepSpeed JSON
     return yaml.safe_load(text[text.index("output_dir:"):text.index("\n{")])
 
 

@@ -233,6 +233,14 @@ def test_print_config_and_check_exit_before_any_work(dataset_dir, capsys):
     assert json.loads("{" + printed_ds)["optimizer"]["params"]["lr"] == 3e-5
     assert main(["--check", *args]) == 0 and "configs OK" in capsys.readouterr().out
     assert main(["--check", *args, "train.lr=-1"]) == 2 and "train.lr: must be > 0" in capsys.readouterr().err
+    # from elsewhere than the repository, without --ds_config (its default is the repository's): stdout holds the
+    # config alone (DeepSpeed's accelerator notice went there, ahead of the YAML)
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "lance_ds" / "train.py"), "--print_config", "--config",
+                           "run.yaml"], cwd=dataset_dir, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("output_dir:"), (done.stdout[:300], done.stderr[-1000:])
 
 
 def test_a_key_given_twice_is_refused_naming_the_file_line_and_key(dataset_dir):
