@@ -109,13 +109,8 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
         # a trainable ViT follows the model: the engine (or zero.Init) sets its dtype, or model.dtype below
         vit = build_vision_tower(spec.vit, None if cfg.vit_trainable else DTYPES[cfg.vit_dtype])
         load_vit(vit, cfg)
-    lance_cfg = LanceConfig(
-        llm=replace(spec.llm, mot=cfg.visual_gen), num_text_classes=num_text_classes,
-        latent_channels=vae.latent_channels if vae is not None else spec.vae.latent_channels,
-        max_latent_size=spec.max_latent_size, max_num_frames=spec.max_num_frames,
-        visual_und=cfg.visual_und, visual_gen=cfg.visual_gen, attention=cfg.attention,
-        lape_spatial=cfg.lape.num_spatial_tokens if cfg.lape.enabled and cfg.visual_gen else 0,
-        lape_temporal=cfg.lape.num_temporal_tokens if cfg.lape.enabled and cfg.visual_gen else 0)
+    lance_cfg = lance_config(cfg, spec, vae.latent_channels if vae is not None else spec.vae.latent_channels,
+                             num_text_classes)
     trainable_vit = vit if cfg.visual_und and cfg.vit_trainable else None
     with zero_init(ds_config) if zero3 else contextlib.nullcontext():
         model = LanceModel(lance_cfg, vit_model=trainable_vit)
@@ -142,6 +137,15 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
                          torch.finfo(DTYPES[cfg.dtype]).bits // 8)
     geometry = geometry_of(spec, lance_cfg, vae)
     return ModelBundle(model=model, vit=vit, vae=vae, geometry=geometry, spec=spec, lape=lape, hf_ds_config=hf_ds)
+
+
+def lance_config(cfg: ModelConfig, spec: ModelSpec, latent_channels: int, num_text_classes: int) -> LanceConfig:
+    return LanceConfig(
+        llm=replace(spec.llm, mot=cfg.visual_gen), num_text_classes=num_text_classes, latent_channels=latent_channels,
+        max_latent_size=spec.max_latent_size, max_num_frames=spec.max_num_frames,
+        visual_und=cfg.visual_und, visual_gen=cfg.visual_gen, attention=cfg.attention,
+        lape_spatial=cfg.lape.num_spatial_tokens if cfg.lape.enabled and cfg.visual_gen else 0,
+        lape_temporal=cfg.lape.num_temporal_tokens if cfg.lape.enabled and cfg.visual_gen else 0)
 
 
 def geometry_of(spec: ModelSpec, lance_cfg: LanceConfig, vae: FrozenVAE | None) -> Geometry:
@@ -256,17 +260,39 @@ def model_problems(cfg: ModelConfig) -> list[tuple[str, str]]:
             problems += [("model.tokenizer_path", p) for p in tokenizer_disagreements(cfg, tokenizer)]
         except (OSError, ValueError) as e:
             problems.append(("model.tokenizer_path", str(e)))
+    if cfg.training_type == "lora" or cfg.freeze_modules or cfg.path:
+        problems += _built_model_problems(cfg, spec)
+    return problems
+
+
+def _built_model_problems(cfg: ModelConfig, spec: ModelSpec) -> list[tuple[str, str]]:
+    """What the built model would refuse, found on the meta device (names and shapes: nothing is allocated): LoRA
+    targets and freeze patterns that match no layer, model.path weights that do not fit the model's switches."""
+    latent_channels = spec.vae.latent_channels
+    if cfg.visual_gen:
+        with contextlib.suppress(OSError, ValueError):  # (reported above)
+            latent_channels = codec_source(cfg, spec)[0].latent_channels
+    with torch.device("meta"):
+        vit = build_vision_tower(spec.vit, None) if cfg.visual_und and cfg.vit_trainable else None
+        model = LanceModel(lance_config(cfg, spec, latent_channels, num_text_classes=1), vit_model=vit)
+    problems = []
     if cfg.training_type == "lora":
         from .lora import lora_targets
 
-        with torch.device("meta"):  # the layer names only: nothing is allocated
-            llm = LanceModel(LanceConfig(llm=replace(spec.llm, mot=cfg.visual_gen), num_text_classes=1,
-                                         latent_channels=spec.vae.latent_channels, visual_und=cfg.visual_und,
-                                         visual_gen=cfg.visual_gen))
         try:
-            lora_targets(llm, list(cfg.lora.target_modules))
+            lora_targets(model, list(cfg.lora.target_modules))
         except ValueError as e:
             problems.append(("model.lora.target_modules", str(e).removeprefix("model.lora.target_modules ")))
+    problems += [("model.freeze_modules", p) for p in unmatched_patterns(model, cfg.freeze_modules)]
+    if cfg.path:
+        try:
+            shapes = _decoder_shapes(model)
+            where, _, sources = llm_sources(Path(cfg.path), shapes)
+            problem = llm_weights_problem(shapes, sources, where, model)
+        except (OSError, ValueError) as e:
+            problem = str(e)
+        if problem:
+            problems.append(("model.path", problem))
     return problems
 
 
@@ -382,40 +408,56 @@ def model_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 def load_llm_weights(model: LanceModel, path: Path) -> None:
     """Lance checkpoint key for key, or a Qwen2.5-VL checkpoint's text weights (+ gen expert copied), read lazily."""
-    # not the ViT, trainable or not: load_vit's (model.vit_path first, else model.path's)
-    shapes = {n: shape for n, shape in model_shapes(model).items() if not n.startswith(LANCE_VIT_PREFIX)}
-    own = set(shapes)
+    shapes = _decoder_shapes(model)
+    where, index, sources = llm_sources(path, shapes)
+    problem = llm_weights_problem(shapes, sources, where, model)
+    if problem:
+        raise ValueError(problem)
+    if LANCE_POS_TABLE in index and is_lance_dir(path):
+        check_position_table(model, read_tensors(index, [LANCE_POS_TABLE])[LANCE_POS_TABLE], where)
+    load_state(model, LazyState(index, sources), where)
+
+
+def _decoder_shapes(model: LanceModel) -> dict[str, torch.Size]:
+    """The parameters model.path gives: all but the ViT's, trainable or not (load_vit's: model.vit_path first)."""
+    return {n: shape for n, shape in model_shapes(model).items() if not n.startswith(LANCE_VIT_PREFIX)}
+
+
+def llm_sources(path: Path, shapes: dict[str, torch.Size]) -> tuple[str, dict[str, Path], dict]:
+    """(where, its safetensors index, model parameter -> its source) for model.path: a Lance checkpoint or lance_ds
+    export, or a Qwen2.5-VL / Qwen2 one. Reads headers only."""
     if is_lance_dir(path):
-        where = str(path / LANCE_WEIGHTS)
         index = safetensors_index(path / LANCE_WEIGHTS)
-        state = LazyState(index, lance_sources(index))
-        if LANCE_POS_TABLE in index:
-            check_position_table(model, read_tensors(index, [LANCE_POS_TABLE])[LANCE_POS_TABLE], where)
-    else:
-        where = f"{path} (Qwen2.5-VL)"
-        index = safetensors_index(path)
-        state = LazyState(index, qwen_sources(index, shapes))
-    loaded = load_state(model, state, where)
-    missing = sorted(own - loaded - {n for n in own if n.startswith("lape.")})
+        return str(path / LANCE_WEIGHTS), index, lance_sources(index, shapes)
+    index = safetensors_index(path)
+    return f"{path} (Qwen2.5-VL)", index, qwen_sources(index, shapes)
+
+
+GEN_HEADS = ("time_embedder.", "vae2llm.", "llm2vae.")  # the generation path's own layers, outside the decoder
+
+
+def llm_weights_problem(shapes: dict[str, torch.Size], sources: dict, where: str, model: LanceModel) -> str | None:
+    """What model.path lacks that the model needs, or holds that it does not know, naming the switch to change;
+    None when they fit. LAPE tables start fresh when absent; so do the generation heads of a checkpoint trained
+    without the generation path (Qwen2.5-VL, or a lance_ds model.visual_gen=false export)."""
+    own = set(shapes)
+    starts_fresh = ("lape.",) + (() if any(n.startswith(GEN_HEADS) for n in sources) else GEN_HEADS)
+    missing = sorted(n for n in own - set(sources) if not n.startswith(starts_fresh))
     if missing:
-        # gen-side heads absent from a Qwen2.5-VL checkpoint keep their fresh init; anything else must be there
-        fresh = ("time_embedder.", "vae2llm.", "llm2vae.")
-        hard = [n for n in missing if not n.startswith(fresh) or is_lance_dir(path)]
-        if hard:
-            raise ValueError(f"{where} lacks {len(hard)} parameters the model needs, e.g. {hard[:4]}; is this the "
-                             "right checkpoint for these model switches (visual_und / visual_gen)?")
-    unused = sorted(set(state) - loaded)
-    allowed = [n for n in unused if _optional_key(n, model)]
-    if len(allowed) != len(unused):
-        extra = sorted(set(unused) - set(allowed))
-        raise ValueError(f"{where} has {len(extra)} tensors the model does not know, e.g. {extra[:4]}; the model "
-                         "geometry or switches do not match the checkpoint")
+        return (f"{where} lacks {len(missing)} parameters the model needs, e.g. {missing[:4]}; is this the right "
+                "checkpoint for these model switches (visual_und / visual_gen)?")
+    unknown = sorted(n for n in set(sources) - own if not _optional_key(n, model))
+    if unknown:
+        lape = "; it holds LAPE tables: set model.lape.enabled=true" if any(n.startswith("lape.") for n in unknown) \
+            else ""
+        return (f"{where} has {len(unknown)} tensors the model does not know, e.g. {unknown[:4]}; the model "
+                f"geometry or switches do not match the checkpoint{lape}")
+    return None
 
 
 def _optional_key(name: str, model: LanceModel) -> bool:
     """Checkpoint tensors a model built without some branch may leave unused."""
-    if not model.cfg.visual_gen and (gen_to_und_name(name) is not None or
-                                     name.startswith(("time_embedder.", "vae2llm.", "llm2vae."))):
+    if not model.cfg.visual_gen and (gen_to_und_name(name) is not None or name.startswith(GEN_HEADS)):
         return True
     return False
 
@@ -441,15 +483,19 @@ def check_position_table(model: LanceModel, table: torch.Tensor, where: str) -> 
 
 def freeze_by_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
     """requires_grad=False for parameters whose name matches any glob in `patterns`; every pattern must match."""
-    names = [n for n, _ in model.named_parameters()]
-    frozen = []
-    for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise ConfigError([f"model.freeze_modules: pattern {pattern!r} matches no parameter; names look like "
-                               f"{names[:3]} (use globs such as 'language_model.model.embed_tokens*')"])
-        frozen.extend(hits)
+    unmatched = unmatched_patterns(model, patterns)
+    if unmatched:
+        raise ConfigError([f"model.freeze_modules: {problem}" for problem in unmatched])
     params = dict(model.named_parameters())
+    frozen = [n for n in params if any(fnmatch.fnmatchcase(n, pattern) for pattern in patterns)]
     for n in frozen:
         params[n].requires_grad_(False)
     return frozen
+
+
+def unmatched_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
+    """A problem for each glob of `patterns` that matches no parameter name of `model`."""
+    names = [n for n, _ in model.named_parameters()]
+    return [f"pattern {pattern!r} matches no parameter; names look like {names[:3]} (use globs such as "
+            "'language_model.model.embed_tokens*')" for pattern in patterns
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]

@@ -168,9 +168,25 @@ class LazyState(Mapping):
         return len(self.sources)
 
 
-def lance_sources(index: dict[str, Path]) -> dict[str, str]:
-    """Lance's checkpoint names are the model's: identity, minus the fixed table and the ViT (build.load_vit's)."""
-    return {k: k for k in index if k != LANCE_POS_TABLE and not k.startswith(LANCE_VIT_PREFIX)}
+def lance_sources(index: dict[str, Path], model_shapes: dict[str, torch.Size]) -> dict[str, str]:
+    """Lance's checkpoint names are the model's: identity, minus the fixed table and the ViT (build.load_vit's).
+    One trained without the generation path (a model.visual_gen=false export) lends its gen expert as Qwen2.5-VL
+    does: the und twin's weights."""
+    from .llm import gen_to_und_name
+
+    sources = {k: k for k in index if k != LANCE_POS_TABLE and not k.startswith(LANCE_VIT_PREFIX)}
+    if not any(gen_to_und_name(k) for k in sources):
+        _gen_expert_from_und(sources, model_shapes)
+    return sources
+
+
+def _gen_expert_from_und(sources: dict, model_shapes: dict[str, torch.Size]) -> None:
+    from .llm import gen_to_und_name
+
+    for name in model_shapes:
+        und = gen_to_und_name(name)
+        if und is not None and name not in sources and und in sources:
+            sources[name] = sources[und]
 
 
 def qwen_sources(index: dict[str, Path], model_shapes: dict[str, torch.Size]) -> dict[str, str | Callable[[], Tensor]]:
@@ -186,14 +202,11 @@ def qwen_sources(index: dict[str, Path], model_shapes: dict[str, torch.Size]) ->
     head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
     if head not in sources and embed in sources:
         sources[head] = sources[embed]
-    for name, shape in model_shapes.items():
+    for name, shape in model_shapes.items():  # Qwen2.5-VL has no QK-norms: ones (no scaling)
         und = gen_to_und_name(name) or name
-        if name in sources:
-            continue
-        if und.endswith(("q_norm.weight", "k_norm.weight")):
+        if name not in sources and und.endswith(("q_norm.weight", "k_norm.weight")):
             sources[name] = lambda shape=shape: torch.ones(shape)
-        elif und in sources:
-            sources[name] = sources[und]
+    _gen_expert_from_und(sources, model_shapes)
     return sources
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lance_ds.config.model import ModelConfig
+from lance_ds.config.model import LapeConfig, ModelConfig
 from lance_ds.model import build_model, build_vae, encode_vit
 from lance_ds.model.registry import resolve_spec
 from lance_ds.model.synthetic import Text, Vae, Vit, random_latents, synthetic_batch
@@ -71,6 +71,34 @@ def test_a_lance_table_of_an_unrecorded_grid_names_the_settings_that_load_it(tmp
     with pytest.raises(ValueError, match="32 x 32 x 1 assumed .set model.max_latent_size and model.max_num_frames"):
         build_model(cfg(path=str(tmp_path)), NUM_CLASSES)
     build_model(cfg(path=str(tmp_path), max_latent_size=16, max_num_frames=13), NUM_CLASSES)
+
+
+def _lance_dir(directory, bundle) -> str:
+    save_lance_dir(directory, bundle.model.state_dict(), bundle.spec.llm, bundle.spec.vit, bundle.vit.state_dict(),
+                   bundle.model.latent_pos_embed.table() if bundle.model.cfg.visual_gen else None)
+    return str(directory)
+
+
+def test_checkpoints_of_other_switches_are_refused_by_the_config_check_or_adopted(tmp_path):
+    """Found by --check from the weights' headers, not after every rank built the model: a LAPE checkpoint under a
+    model without LAPE (named: the switch), a freeze pattern that matches nothing. An understanding-only export
+    (model.visual_gen=false) starts the generation path as Qwen2.5-VL does: the gen expert a copy of the und one."""
+    from lance_ds.model.build import model_problems
+
+    lape = _lance_dir(tmp_path / "lape", build_model(cfg(lape=LapeConfig(enabled=True)), NUM_CLASSES))
+    problems = dict(model_problems(cfg(path=lape, tokenizer_path=None)))
+    assert "set model.lape.enabled=true" in problems["model.path"], problems
+    assert not dict(model_problems(cfg(path=lape, lape=LapeConfig(enabled=True)))).get("model.path")
+    problems = dict(model_problems(cfg(freeze_modules=["language_model.embed_tokens.*"])))
+    assert "'language_model.embed_tokens.*' matches no parameter" in problems["model.freeze_modules"], problems
+    und = build_model(cfg(visual_gen=False), NUM_CLASSES)
+    und_dir = _lance_dir(tmp_path / "und", und)
+    assert not dict(model_problems(cfg(path=und_dir))).get("model.path")
+    unified = dict(build_model(cfg(path=und_dir), NUM_CLASSES).model.named_parameters())
+    trained = dict(und.model.named_parameters())
+    assert torch.equal(unified["language_model.model.layers.0.mlp_moe_gen.up_proj.weight"],
+                       trained["language_model.model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(unified["language_model.lm_head.weight"], trained["language_model.lm_head.weight"])
 
 
 def tiny_qwen25vl(directory, tied: bool):
