@@ -27,7 +27,7 @@ from .config.deepspeed import zero_stage
 from .config.run import Run
 from .data.packing import Branches
 from .data.sequence import SequencePlanner
-from .data.stream import build_train_loader
+from .data.stream import build_train_loader, overlong_groups
 from .data.tokenizer import load_tokenizer
 from . import distributed
 from .ema import ShardedEMA
@@ -52,6 +52,10 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
         self.parts = build_model(self.cfg.model, len(self.tokenizer), ds_config, device=self.dist.device)
+        self.planner = SequencePlanner(self.tokenizer, self.parts.geometry, seed=self.cfg.train.seed)
+        overlong = overlong_groups(run.dataset, self.planner, self.cfg.data.packing_length)
+        if overlong:  # (every rank reads the same samples: all refuse)
+            raise ConfigError(overlong)
         self.checkpointer = Checkpointer(checkpoints_dir(self.out), self.cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size)
         resume_from = self._checkpoint_to_resume(resume)
@@ -60,7 +64,6 @@ class Trainer:
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         self.engine = build_engine(self.parts.model, ds_config, self.cfg.train)
         self.ema = ShardedEMA(self.engine.module, self.cfg.train.ema_decay) if self.cfg.train.ema_decay > 0 else None
-        self.planner = SequencePlanner(self.tokenizer, self.parts.geometry, seed=self.cfg.train.seed)
         self.branches = Branches(vit=self.cfg.model.visual_und, vae_target=self.cfg.model.visual_gen,
                                  ce=self.cfg.model.visual_und)
         self.loader = build_train_loader(run.dataset, self.cfg.data, self.planner, rank=self.dist.rank,

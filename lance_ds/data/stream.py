@@ -42,6 +42,7 @@ Shard layout (DESIGN.md): sample KEY has KEY.json (task, text columns, media met
 from __future__ import annotations
 
 import functools
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -1154,6 +1155,40 @@ def first_samples(dataset: DatasetConfig, per_group: int,
     return out
 
 
+def overlong_groups(dataset: DatasetConfig, planner: SequencePlanner, packing_length: int,
+                    num_samples: int = 8) -> list[str]:
+    """A problem for each group whose samples, `num_samples` of them read across its shards (the first of shards
+    spread over the list) and planned from their sizes as training plans them, are all longer than a packed
+    sequence: its samples would all be dropped, and the run would train without the group until the loader gave up
+    on it epochs later. Some but not all too long: said as a warning (they are dropped and counted)."""
+    problems = []
+    for i, config in enumerate(dataset.groups):
+        group = resolve_group(config, f"groups[{i}] ({config.name})")
+        lengths = []
+        step = max(1, len(group.shards) // num_samples)
+        for shard in group.shards[::step]:
+            per_shard = max(1, -(-num_samples // len(group.shards)))
+            with contextlib.suppress(ShardError):
+                for raw in itertools.islice(read_shard(shard.url), per_shard):
+                    with contextlib.suppress(SkipSample, PlanError):
+                        sample = decode_sample(raw, group, sizes_only=True)  # (captions kept: most are)
+                        lengths.append(planner.plan(sample, replace(config, caption_dropout=0.0)).num_tokens)
+            if len(lengths) >= num_samples:
+                break
+        over = [n for n in lengths if n > packing_length]
+        where = f"dataset_config.groups[{i}] ({config.name})"
+        if over and len(over) == len(lengths):
+            problems.append(f"{where}: the {len(lengths)} samples read across its shards are {min(over)}-{max(over)} "
+                            f"tokens, all longer than data.packing_length={packing_length}: it would train nothing. "
+                            "Raise data.packing_length, or lower the group's image.resolution / video.resolution / "
+                            "video.max_frames")
+        elif over:
+            logger.warning("%s: %d of %d samples read are longer than data.packing_length=%d (up to %d tokens); "
+                           "such samples are dropped and counted (data/skipped/overlong)", where, len(over),
+                           len(lengths), packing_length, max(over))
+    return problems
+
+
 def within(planner: SequencePlanner, max_tokens: int) -> Callable[[GroupConfig, Sample], bool]:
     """first_samples' `fits`: the sample, planned as its group cuts it but with its caption (prompts keep theirs),
     has at most `max_tokens` tokens."""
@@ -1176,6 +1211,6 @@ def build_val_loader(dataset: DatasetConfig, data: DataConfig, planner: Sequence
 
 
 __all__ = [
-    "build_train_loader", "build_val_loader", "first_samples", "TrainLoader", "ValLoader", "SlotStream", "StreamSpec", "DataError",
+    "build_train_loader", "build_val_loader", "first_samples", "overlong_groups", "TrainLoader", "ValLoader", "SlotStream", "StreamSpec", "DataError",
     "SKIP_REASONS", "resolve_group", "resolve_sources", "decode_sample", "ShardInfo",
 ]

@@ -711,6 +711,27 @@ def test_a_group_with_usable_samples_is_never_given_up(tmp_path, planner, layout
             stream.close()
 
 
+def test_a_group_too_long_to_pack_is_refused_before_training(tmp_path, planner, caplog):
+    """A group whose samples are all longer than a packed sequence trained nothing, silently but for skip counts,
+    until the loader gave up on it epochs later: it is refused at start, naming the settings; one with some such
+    samples is said."""
+    write_shards(tmp_path / "small", "t2i", 2, 4, prefix="s")
+    write_shards(tmp_path / "big", "t2i", 3, 3, prefix="b", media=lambda i: {"image.png": _png(i, 128)})
+    writer = TarShardWriter(tmp_path / "mixed.tar")  # one caption of 400 words among short ones
+    for i, caption in enumerate(["a red circle", "red " * 400, "a blue square", "a green star"]):
+        writer.add(f"m{i}.json", json.dumps({"key": f"m{i}", "task": "t2i", "caption": caption}).encode())
+        writer.add(f"m{i}.image.png", _png(i))
+    writer.close()
+    big = dataclasses.replace(group("b", [tmp_path / "big"]), image=ImageOptions(resolution=256))
+    dataset = DatasetConfig(groups=[group("s", [tmp_path / "small"]), big, group("m", [tmp_path / "mixed.tar"])])
+    with caplog.at_level("WARNING"):
+        problems = stream_module.overlong_groups(dataset, planner, DATA.packing_length)
+    assert len(problems) == 1 and problems[0].startswith("dataset_config.groups[1] (b): the 9 samples read across "
+                                                         "its shards are"), problems  # (3 of each of its 3 shards)
+    assert "all longer than data.packing_length=192" in problems[0] and "Raise data.packing_length" in problems[0]
+    assert "dataset_config.groups[2] (m): 1 of 4 samples read are longer" in caplog.text
+
+
 def test_overlong_samples_are_dropped_or_refused(tmp_path, planner):
     write_shards(tmp_path / "small", "t2i", 1, 4, prefix="s")
     write_shards(tmp_path / "big", "t2i", 1, 2, prefix="b", media=lambda i: {"image.png": _png(i, 128)})
