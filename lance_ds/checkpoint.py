@@ -210,11 +210,12 @@ class Checkpointer:
         return path
 
     def check_resume(self, resume: str, model: dict, max_steps: int, weight_decay: float = 0.0,
-                     shapes: dict[str, list[int]] | None = None) -> Path | None:
+                     shapes: dict[str, list[int]] | None = None, data: str | None = None) -> Path | None:
         """The checkpoint `resume` names once it is known that this run can resume it (same architecture, the same
-        optimizer grouping, a step not past max_steps; any number of ranks: see load), or None to start from scratch;
-        else CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it before any rank starts
-        work; `shapes` (the built model's parameters, model_shapes) are compared too when given."""
+        optimizer grouping, the same data order, a step not past max_steps; any number of ranks: see load), or None
+        to start from scratch; else CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it
+        before any rank starts work; `shapes` (the built model's parameters, model_shapes) and `data` (the data
+        order's fingerprint, data.stream.data_fingerprint) are compared when given."""
         path = self.resolve(resume)
         if path is None:
             return None
@@ -222,6 +223,11 @@ class Checkpointer:
         refuse_other_architecture(saved.get("model", {}), model, path)
         if shapes is not None:
             refuse_other_shapes(saved.get("parameters"), shapes, saved.get("model", {}), path)
+        if data is not None and saved.get("data_fingerprint", data) != data:
+            raise CheckpointError(f"{path} was trained on another data order: the dataset (groups, shards, weights), "
+                                  "train.seed, train.micro_batch_size or the packing settings changed since, so its "
+                                  "data position does not apply. Resume with the dataset YAML and data settings it "
+                                  "was trained with, or start a new output_dir (or --resume none)")
         refuse_other_grouping(float(read_config(path).get("train", {}).get("weight_decay") or 0.0), weight_decay, path)
         step = int(saved.get("step", 0))
         if step > max_steps:  # (step == max_steps: a finished run started again, which has nothing left to do)

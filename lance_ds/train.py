@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from lance_ds.checkpoint import Checkpointer, CheckpointError, checkpoints_dir
     from lance_ds.config import ConfigError, load_and_check
     from lance_ds.config.core import to_dict
-    from lance_ds.data.stream import DataError
+    from lance_ds.data.stream import DataError, run_data_fingerprint
     from lance_ds.engine import adopt_launcher_env
 
     refused = adopt_launcher_env()  # srun / mpirun starting this script directly: their ranks, before any check
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         # what --resume names must be resumable by this run (architecture, optimizer groups) before any rank starts work
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
         train = run.config.train
-        checkpointer.check_resume(args.resume, to_dict(run.config.model), train.max_steps, train.weight_decay)
-    except (ConfigError, CheckpointError) as e:
+        checkpointer.check_resume(args.resume, to_dict(run.config.model), train.max_steps, train.weight_decay,
+                                  data=run_data_fingerprint(run))
+    except (ConfigError, CheckpointError, DataError) as e:
         if is_first:
             print(f"lance_ds: {e}", file=sys.stderr)
         if not (args.print_config or args.check):

@@ -27,7 +27,7 @@ from .config.deepspeed import zero_stage
 from .config.run import Run
 from .data.packing import Branches
 from .data.sequence import SequencePlanner
-from .data.stream import build_train_loader, overlong_groups
+from .data.stream import build_train_loader, overlong_groups, run_data_fingerprint
 from .data.tokenizer import load_tokenizer
 from . import distributed
 from .ema import ShardedEMA
@@ -299,7 +299,8 @@ class Trainer:
     def save(self) -> None:
         state = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
                  "validated_step": self.validated_step, "model": to_dict(self.cfg.model),
-                 "parameters": self._shapes(), "cuts": training_cuts(self.run.dataset)}
+                 "parameters": self._shapes(), "data_fingerprint": self.loader.spec.fingerprint(),
+                 "cuts": training_cuts(self.run.dataset)}
         self.checkpointer.save(self.engine, self.step, state, to_dict(self.cfg), self.loader.state_dict(), self.ema)
         self.saved_step = self.step
 
@@ -312,7 +313,8 @@ class Trainer:
         check_output_dir_shared(self.out, self.dist.device)
         train = self.cfg.train
         resumable = self.checkpointer.check_resume(resume, to_dict(self.cfg.model), train.max_steps,
-                                                   train.weight_decay, shapes=self._shapes())
+                                                   train.weight_decay, shapes=self._shapes(),
+                                                   data=run_data_fingerprint(self.run))
         return agree_on_resume(self.checkpointer.root, resumable, self.dist.device)
 
     def _shapes(self) -> dict[str, list[int]]:

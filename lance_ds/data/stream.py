@@ -555,6 +555,27 @@ class SkipCounter:
 # one slot: mixture -> shuffle -> plan -> pack -> decode
 
 
+def data_fingerprint(groups: list[ResolvedGroup], data: DataConfig, seed: int, micro_batch_size: int) -> str:
+    """Identifies the data order: the groups, their shards and weights, and the packing that consumes them. A data
+    position (and a checkpoint) applies to this order only."""
+    identity = [[g.name, g.config.weight, [s.url for s in g.shards]] for g in groups]
+    identity += [seed, data.shuffle_buffer, data.packing_length, data.packing, data.packing_buffer, micro_batch_size]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+
+def run_data_fingerprint(run) -> str:
+    """data_fingerprint of a run's training data (a config.run.Run), as its loader will have it."""
+    train = run.config.train
+    return data_fingerprint(resolve_groups(run.dataset), run.config.data, train.seed, train.micro_batch_size)
+
+
+def resolve_groups(dataset: DatasetConfig) -> list[ResolvedGroup]:
+    groups = [resolve_group(g, f"groups[{i}] ({g.name})") for i, g in enumerate(dataset.groups)]
+    if not groups:
+        raise DataError("the dataset has no groups")
+    return groups
+
+
 @dataclass
 class StreamSpec:
     """Everything a slot needs; copied into each DataLoader worker."""
@@ -569,11 +590,7 @@ class StreamSpec:
     world_size: int
 
     def fingerprint(self) -> str:
-        """Identifies the data order: the groups, their shards and weights, and the packing that consumes them."""
-        identity = [[g.name, g.config.weight, [s.url for s in g.shards]] for g in self.groups]
-        identity += [self.seed, self.data.shuffle_buffer, self.data.packing_length, self.data.packing,
-                     self.data.packing_buffer, self.micro_batch_size]
-        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+        return data_fingerprint(self.groups, self.data, self.seed, self.micro_batch_size)
 
     def options_fingerprint(self) -> str:
         """Identifies how samples are cut (the groups' image / video options, caption dropout, system prompts):
@@ -1009,9 +1026,7 @@ def build_train_loader(dataset: DatasetConfig, data: DataConfig, planner: Sequen
     whose batch takes longer than `slow_batch_s` says where it is."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    groups = [resolve_group(g, f"groups[{i}] ({g.name})") for i, g in enumerate(dataset.groups)]
-    if not groups:
-        raise DataError("the dataset has no groups")
+    groups = resolve_groups(dataset)
     spec = StreamSpec(groups, planner, data, branches or Branches(), micro_batch_size, seed, rank, world_size)
     return TrainLoader(spec, data.num_workers, data.prefetch_factor, slow_batch_s)
 
@@ -1211,6 +1226,6 @@ def build_val_loader(dataset: DatasetConfig, data: DataConfig, planner: Sequence
 
 
 __all__ = [
-    "build_train_loader", "build_val_loader", "first_samples", "overlong_groups", "TrainLoader", "ValLoader", "SlotStream", "StreamSpec", "DataError",
+    "build_train_loader", "build_val_loader", "first_samples", "overlong_groups", "data_fingerprint", "run_data_fingerprint", "resolve_groups", "TrainLoader", "ValLoader", "SlotStream", "StreamSpec", "DataError",
     "SKIP_REASONS", "resolve_group", "resolve_sources", "decode_sample", "ShardInfo",
 ]

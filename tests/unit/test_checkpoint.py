@@ -408,6 +408,17 @@ def test_a_moved_model_directory_resumes_and_another_geometry_is_refused(tmp_pat
         ck.check_resume("10", {**moved, "lora": {"r": 8, "dropout": 0.0}}, 100, shapes=dict(shapes))
 
 
+
+def test_a_resume_on_another_data_order_is_refused_before_any_rank_builds(tmp_path):
+    """Another dataset (or seed, micro batch, packing) was refused by the loader, after every rank had built the
+    model; its fingerprint is in trainer_state.json, so --check and each rank's own check refuse it first."""
+    ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    ck.save(FakeEngine(), 10, {"model": {"size": "debug"}, "data_fingerprint": "abc"}, {"train": {}}, None, None)
+    assert ck.check_resume("10", {"size": "debug"}, 100, data="abc") == tmp_path / step_name(10)
+    with pytest.raises(CheckpointError, match="trained on another data order.*or start a new output_dir"):
+        ck.check_resume("10", {"size": "debug"}, 100, data="def")
+
+
 def test_a_micro_step_draws_from_its_coordinates_alone():
     """Noise and dropout (LoRA adapters draw from torch's global RNG) of a micro-step do not depend on what ran
     before it, so a resumed run draws what the uninterrupted one drew."""
