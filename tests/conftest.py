@@ -30,6 +30,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def on_two_gloo_ranks(work) -> dict[int, object]:
+    """work(rank) run in 2 forked processes joined by a real gloo process group; what each returned, by rank."""
+    import multiprocessing
+
+    def rank_main(rank: int, port: int, results) -> None:
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        try:
+            results.put((rank, work(rank)))
+        finally:
+            dist.destroy_process_group()
+
+    context = multiprocessing.get_context("fork")
+    results, port = context.Queue(), free_port()
+    procs = [context.Process(target=rank_main, args=(rank, port, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs)
+    return got
+
+
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"

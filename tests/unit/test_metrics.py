@@ -1,37 +1,18 @@
 """Counters that TensorBoard shows for the whole run are sums over ranks (a real 2-process gloo group)."""
 
-import multiprocessing
-import os
-
 import torch
 
-from conftest import free_port
+from conftest import on_two_gloo_ranks
 from lance_ds.metrics import summed_over_ranks
 
 
-def _rank(rank: int, port: int, results) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        mine = {"data/skipped": 1.0 + rank, "data/samples": 10.0 * (rank + 1), "data/epoch/g": 3.0 + rank}
-        results.put((rank, summed_over_ranks(mine, ["data/skipped", "data/samples"], torch.device("cpu"))))
-    finally:
-        dist.destroy_process_group()
+def _sum(rank: int) -> dict:
+    mine = {"data/skipped": 1.0 + rank, "data/samples": 10.0 * (rank + 1), "data/epoch/g": 3.0 + rank}
+    return summed_over_ranks(mine, ["data/skipped", "data/samples"], torch.device("cpu"))
 
 
 def test_counters_are_summed_over_ranks_and_the_rest_left_alone():
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    port = free_port()
-    procs = [context.Process(target=_rank, args=(r, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(results.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert all(p.exitcode == 0 for p in procs)
+    got = on_two_gloo_ranks(_sum)
     for rank in range(2):
         assert got[rank] == {"data/skipped": 3.0, "data/samples": 30.0, "data/epoch/g": 3.0 + rank}
     alone = {"data/skipped": 2.0}
