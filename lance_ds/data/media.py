@@ -67,7 +67,7 @@ def _unsigned(data) -> memoryview:
     return view if view.format == "B" else view.cast("B")
 
 
-VIDEO_EXTENSIONS = ("mp4", "mov", "avi", "webm", "mkv", "ogv", "ts")  # of the containers sniff_extension knows
+VIDEO_EXTENSIONS = ("mp4", "mov", "avi", "webm", "mkv", "ogv", "ts", "m2ts", "flv")  # those sniff_extension knows
 
 
 def sniff_extension(data: bytes) -> str | None:
@@ -93,12 +93,18 @@ def sniff_extension(data: bytes) -> str | None:
         if brand in (b"avif", b"avis"):
             return "avif"
         return "mov" if brand == b"qt  " else "mp4"
+    if head[4:8] in (b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"):  # QuickTime from before ftyp boxes
+        return "mov"
+    if head.startswith(b"FLV\x01"):
+        return "flv"
     if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: Matroska or WebM
         return "webm" if b"webm" in bytes(data[:4096]) else "mkv"
     if head.startswith(b"OggS"):
         return "ogv"
     if len(data) >= 377 and data[0] == 0x47 and data[188] == 0x47 and data[376] == 0x47:  # MPEG-TS sync bytes
         return "ts"
+    if len(data) >= 389 and data[4] == 0x47 and data[196] == 0x47 and data[388] == 0x47:  # 192-byte packets (Blu-ray)
+        return "m2ts"
     return None
 
 

@@ -498,6 +498,12 @@ def test_sniff_extension():
     assert sniff_extension(pil_bytes(Image.new("RGB", (2, 2)), "GIF")) == "gif"
     assert sniff_extension(pil_bytes(Image.new("RGB", (2, 2)), "TIFF")) == "tiff"
     assert sniff_extension(b"random bytes here") is None
+    # containers that were named .bin in the shards (stock tools key on the extension)
+    flv = mux(counter_video(3), 12, "flv", codec="flv")
+    m2ts = mux(counter_video(3), 12, "mpegts", extra=lambda container, stream: container.options.update(
+        {"mpegts_m2ts_mode": "1"}))
+    assert sniff_extension(flv) == "flv" and sniff_extension(m2ts) == "m2ts"
+    assert sniff_extension(b"\x00\x00\x00\x08wide\x00\x00\x00\x00mdat") == "mov"
     # an image in ISO media with a brand of the HEIF family (mif1: the common one) was named .mp4 in the shards
     avif = pil_bytes(Image.new("RGB", (16, 16), (255, 0, 0)), "AVIF")
     mif1 = avif[:8] + b"mif1" + avif[12:]
