@@ -176,6 +176,8 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         gray = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or gray.max(initial=0) > 255 else 255.0
+        if img.mode == "F" and gray.max(initial=0) <= 1.0:  # float images in [0, 1] (scientific TIFFs, EXR-like)
+            top = 1.0
         gray = np.clip(gray / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)  # a new, writable array
     if "transparency" in img.info and img.mode in ("P", "RGB", "L"):  # a palette entry or colour key (tRNS)

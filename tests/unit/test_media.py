@@ -75,9 +75,10 @@ def test_jpeg_round_trip_is_close():
     ("CMYK", "JPEG", (255, 255, 255)),  # zero ink is white
     ("CMYK", "TIFF", (255, 255, 255)),
     ("1", "BMP", (0, 0, 0)),
+    ("F", "TIFF", (128, 128, 128)),  # float in [0, 1]: 0.5 is mid-grey (it was 0.5 / 255: black)
 ])
 def test_every_image_mode_becomes_rgb(mode, fmt, expected):
-    colour = {"L": 90, "I;16": 65535}.get(mode, 0)
+    colour = {"L": 90, "I;16": 65535, "F": 0.5}.get(mode, 0)
     data = pil_bytes(Image.new(mode, (5, 3), colour), fmt)
     out = decode_image(data)
     assert out.shape == (1, 3, 5, 3) and out.dtype == torch.uint8
