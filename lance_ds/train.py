@@ -34,9 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", help="same as output_dir=DIR")
     p.add_argument("--resume", default="latest", help="latest (default: continue if a checkpoint exists), none, or a step")
     p.add_argument("--print_config", action="store_true", help="print the resolved run config and DeepSpeed JSON, then exit")
-    p.add_argument("--check", nargs="?", const="here", choices=("here", "elsewhere"),
-                   help="check the configs and exit (what the launch scripts run first); --check elsewhere: the ranks "
-                        "run on other machines (a hostfile), whose GPUs are left to each rank to check")
+    p.add_argument("--check", action="store_true", help="check the configs and exit (what the launch scripts run first)")
+    p.add_argument("--ranks_elsewhere", action="store_true",
+                   help="with --check: the ranks run on other machines (a hostfile), so what needs their GPUs "
+                        "(fp16, flash attention) is left to each rank to check")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 model.visual_gen=false")
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     world = world_size_from_env()
     try:
         run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world,
-                                        devices_here=args.check != "elsewhere")
+                                        devices_here=not args.ranks_elsewhere)
         # what --resume names must be resumable by this run (architecture, optimizer groups) before any rank starts work
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
         train = run.config.train

@@ -96,7 +96,8 @@ echo "$(basename "$0"): $world rank(s) on $NUM_NODES node(s)" >&2
 # Refuse a bad config here, before the launcher starts any rank (with the run's world size: the batch checks use it).
 train="$repo/lance_ds/train.py"
 # (with a hostfile the ranks run elsewhere: their GPUs are theirs to check, not this machine's, maybe a login node)
-WORLD_SIZE=$world python "$train" --check "$([ -n "${HOSTFILE:-}" ] && echo elsewhere || echo here)" "${args[@]}"
+elsewhere=(); if [ -n "${HOSTFILE:-}" ]; then elsewhere=(--ranks_elsewhere); fi
+WORLD_SIZE=$world python "$train" --check ${elsewhere[@]+"${elsewhere[@]}"} "${args[@]}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # On one node DeepSpeed's runner passes no signal on: a SIGTERM to it (docker stop, kill PID, a scheduler that signals
 # only the job's first process) would leave the ranks training, unsaved, until they are killed. So the job runs in a
