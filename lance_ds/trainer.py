@@ -27,7 +27,7 @@ from .config.deepspeed import zero_stage
 from .config.run import Run
 from .data.packing import Branches
 from .data.sequence import SequencePlanner
-from .data.stream import build_train_loader, overlong_groups, run_data_fingerprint
+from .data.stream import build_train_loader, overlong_groups
 from .data.tokenizer import load_tokenizer
 from . import distributed
 from .ema import ShardedEMA
@@ -312,9 +312,9 @@ class Trainer:
         """The checkpoint `resume` names (the same on every rank), or None to start from scratch."""
         check_output_dir_shared(self.out, self.dist.device)
         train = self.cfg.train
+        # (the data order was checked before the build, by train.py; the loader refuses another one too)
         resumable = self.checkpointer.check_resume(resume, to_dict(self.cfg.model), train.max_steps,
-                                                   train.weight_decay, shapes=self._shapes(),
-                                                   data=run_data_fingerprint(self.run))
+                                                   train.weight_decay, shapes=self._shapes())
         return agree_on_resume(self.checkpointer.root, resumable, self.dist.device)
 
     def _shapes(self) -> dict[str, list[int]]:

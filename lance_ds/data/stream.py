@@ -21,10 +21,11 @@ yields a batch whenever asked, for any shard/worker/rank counts, and training st
 epoch would give ranks different batch counts and deadlock ZeRO-3.) `stats_scalars()` reports epochs per group.
 Exact resume. A slot's position is small JSON-able state: per group (epoch, unit, byte offset of the next sample,
 samples read from that shard), the number of mixture and shuffle draws (draws are hashes of (seed, slot, counter):
-no RNG state to save), and the addresses (group, shard, byte offset, key) of the raw samples in the shuffle buffer and of the plans
-in the packing buffer. Resuming seeks to the byte offsets (HTTP: a Range request; a pipe: shard is streamed once,
-up to its last buffered sample) and re-reads only the buffered samples; nothing consumed is decoded again. Each packed batch travels from its DataLoader worker
-with the worker's state right after producing it, so the main process knows the position of what it consumed
+no RNG state to save), and the addresses (group, shard, byte offset, key) of the raw samples in the shuffle buffer
+and of the plans in the packing buffer. Resuming seeks to the byte offsets (HTTP: a Range request; a pipe: shard is
+streamed once, up to its last buffered sample) and re-reads only the buffered samples; nothing consumed is decoded
+again. Each packed batch travels from its DataLoader worker with the worker's state right after producing it, so the
+main process knows the position of what it consumed
 (prefetched batches are not counted) and which worker comes next. A resume on another number of slots (other ranks
 or workers) cannot be exact: data/reshard.py deals the samples not yet trained to the new slots, the buffered ones
 into their shuffle buffers, the rest of each shard and epoch begun as pieces (GroupCursor.pieces) read first.
@@ -41,8 +42,8 @@ Shard layout (DESIGN.md): sample KEY has KEY.json (task, text columns, media met
 
 from __future__ import annotations
 
-import functools
 import contextlib
+import functools
 import glob
 import hashlib
 import itertools
@@ -1177,8 +1178,8 @@ def overlong_groups(dataset: DatasetConfig, planner: SequencePlanner, packing_le
     sequence: its samples would all be dropped, and the run would train without the group until the loader gave up
     on it epochs later. Some but not all too long: said as a warning (they are dropped and counted)."""
     problems = []
-    for i, config in enumerate(dataset.groups):
-        group = resolve_group(config, f"groups[{i}] ({config.name})")
+    for i, group in enumerate(resolve_groups(dataset)):
+        config = group.config
         lengths = []
         step = max(1, len(group.shards) // num_samples)
         for shard in group.shards[::step]:
@@ -1226,6 +1227,7 @@ def build_val_loader(dataset: DatasetConfig, data: DataConfig, planner: Sequence
 
 
 __all__ = [
-    "build_train_loader", "build_val_loader", "first_samples", "overlong_groups", "data_fingerprint", "run_data_fingerprint", "resolve_groups", "TrainLoader", "ValLoader", "SlotStream", "StreamSpec", "DataError",
+    "build_train_loader", "build_val_loader", "first_samples", "overlong_groups", "data_fingerprint",
+    "run_data_fingerprint", "resolve_groups", "TrainLoader", "ValLoader", "SlotStream", "StreamSpec", "DataError",
     "SKIP_REASONS", "resolve_group", "resolve_sources", "decode_sample", "ShardInfo",
 ]
