@@ -243,6 +243,29 @@ def test_print_config_and_check_exit_before_any_work(dataset_dir, capsys):
     assert done.returncode == 0 and done.stdout.startswith("output_dir:"), (done.stdout[:300], done.stderr[-1000:])
 
 
+def test_a_resume_on_another_data_order_is_refused_by_the_check_before_any_build(dataset_dir, capsys):
+    """train.py checks what --resume names on every rank before building; a checkpoint trained on other data (its
+    fingerprint in trainer_state.json) is refused there, not by the loader after the build."""
+    from lance_ds.checkpoint import Checkpointer
+    from lance_ds.config import load_and_check
+    from lance_ds.data.stream import run_data_fingerprint
+    from lance_ds.train import main
+
+    (dataset_dir / "run.yaml").write_text(yaml.safe_dump({**GOOD, "output_dir": str(dataset_dir / "out")}))
+    args = ["--check", "--config", str(dataset_dir / "run.yaml")]
+    run, _ = load_and_check(str(dataset_dir / "run.yaml"), [], str(REPO / "ds_configs/zero3.json"), 1)
+
+    class Engine:
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+
+    for fingerprint, code in ((run_data_fingerprint(run), 0), ("trained on other data", 2)):
+        Checkpointer(dataset_dir / "out" / "checkpoints", 2, 0, 1).save(
+            Engine(), 5, {"model": {}, "data_fingerprint": fingerprint}, {"train": {}}, None, None)
+        assert main(args) == code
+    assert "was trained on another data order" in capsys.readouterr().err
+
+
 def test_a_key_given_twice_is_refused_naming_the_file_line_and_key(dataset_dir):
     """PyYAML (and json) keep the last of two equal keys: the first `train:` block would be silently dropped."""
     (dataset_dir / "run.yaml").write_text("dataset_config: data.yaml\ntrain:\n  lr: 1.0e-3\ntrain:\n  max_steps: 5\n")
