@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .chunks import budget_chunks
 from .config.core import Problems, from_dict, output_problem
-from .config.data import GEN_TASKS, GroupConfig, UND_TASKS
+from .config.data import GEN_TASKS, UND_TASKS, VIDEO_TASKS, GroupConfig
 from .config.model import ObjectiveConfig
 from .data.batch import PackedBatch, Sample
 from .data.packing import collate
@@ -331,8 +331,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--prompt", help="what to generate (t2i, t2v) or the edit instruction (i2i, v2v)")
     p.add_argument("--input", help="the image (i2i, i2t) or video (v2v, v2t) file to condition on")
     p.add_argument("--question", default="", help="i2t / v2t: the question (default: none, as in captioning)")
-    p.add_argument("--system", help="i2t / v2t: the system prompt, as the training rows' caption_i gave it "
-                   "(default: the task's default system prompt)")
+    p.add_argument("--system", help="the system prompt: i2t / v2t as the training rows' caption_i gave it (default: "
+                   "the one training used for the task, else the task's default)")
     p.add_argument("--out", help="output file: .png / .jpg for images, .mp4 for videos")
     p.add_argument("--steps", type=int, default=30, help="Euler steps (Lance: 30)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (Lance: 4.0; 1 = none)")
@@ -341,7 +341,8 @@ def parse_args(argv: list[str] | None = None):
                    "SIDE the input is cut to (its area; aspect by the training buckets). Default: what training cut "
                    "the task with (recorded in checkpoints and exports), else 64, or a frame VAE's own size")
     p.add_argument("--frames", type=int, help="t2v: frames to generate (4k + 1); v2v: frames read from --input")
-    p.add_argument("--fps", type=float, default=12.0, help="frame rate of a written mp4, and of reading --input")
+    p.add_argument("--fps", type=float, help="frame rate of reading --input and of a written mp4 (default: the "
+                   "sample_fps training read the task's videos at, else 12)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="i2t / v2t: answer length limit")
     p.add_argument("--temperature", type=float, default=0.0, help="i2t / v2t: 0 = greedy")
     p.add_argument("--ema", action="store_true", help="a training checkpoint's EMA weights")
@@ -395,7 +396,7 @@ def check_args(args) -> list[str]:
     elif args.frames is not None and args.frames < 1:
         problems.append(f"--frames must be >= 1, got {args.frames}")
     # `not x > 0` rather than `x <= 0`: nan is refused too
-    if not 0 < args.fps <= 1000:
+    if args.fps is not None and not 0 < args.fps <= 1000:
         problems.append(f"--fps must be in (0, 1000] (frames per second of the mp4 written or read), got {args.fps}")
     problems += sampling_problems(args.steps, args.cfg)
     if not args.temperature >= 0:
@@ -406,8 +407,6 @@ def check_args(args) -> list[str]:
         problems.append(f"--prompt: {args.task} answers a question about its input: give it as --question")
     if generation and args.question:
         problems.append(f"--question: {args.task} generates; give what to generate (or the edit) as --prompt")
-    if generation and args.system:
-        problems.append(f"--system: only i2t / v2t take a system prompt; {args.task} is conditioned on --prompt")
     if args.device is not None and not _device_available(args.device):
         problems.append(f"--device: {args.device} is not available on this machine (CUDA available: "
                         f"{torch.cuda.is_available()}, {torch.cuda.device_count()} device(s)); try --device cpu")
@@ -434,7 +433,8 @@ def parse_size(text: str) -> tuple[int, int] | None:
     return (height, width) if height > 0 and width > 0 else None
 
 
-def cli_sample(args, group: GroupConfig | None = None) -> Sample:
+def cli_sample(args, group: GroupConfig) -> Sample:
+    """The request as a sample; an input video read as training read the task's (`group`: cli_group's)."""
     from .data.media import decode_image, decode_video
 
     media = {}
@@ -443,44 +443,54 @@ def cli_sample(args, group: GroupConfig | None = None) -> Sample:
         if args.task in ("i2i", "i2t"):
             frames = decode_image(data)
         else:
-            max_frames = args.frames or (group or GroupConfig()).video.max_frames
-            frames = decode_video(data, sample_fps=args.fps, max_frames=max_frames)
+            video = group.video
+            frames = decode_video(data, video.sample_fps, video.max_frames, video.max_duration)
             if args.frames is not None and frames.shape[0] < args.frames:
-                print(f"lance_ds.generate: {args.input} gives {frames.shape[0]} frames at --fps {args.fps:g}, not "
-                      f"--frames {args.frames}: the edit keeps as many as the VAE can make of them", file=sys.stderr)
+                print(f"lance_ds.generate: {args.input} gives {frames.shape[0]} frames at {video.sample_fps:g} fps, "
+                      f"not --frames {args.frames}: the edit keeps as many as the VAE can make of them", file=sys.stderr)
         media[PROMPT_MEDIA[args.task][0]] = frames
-    texts = ({"caption": args.prompt or ""} if args.task in GEN_TASKS else
-             {"caption_q": args.question, **({"caption_i": args.system} if args.system else {})})
+    texts = {"caption": args.prompt or ""} if args.task in GEN_TASKS else {"caption_q": args.question}
     return Sample(task=args.task, texts=texts, media=media, key=args.input or "prompt")
 
 
-def cli_group(vae, task: str | None = None, cuts: dict | None = None, size: int | None = None) -> GroupConfig:
+def cli_group(vae, task: str | None = None, cuts: dict | None = None, size: int | None = None,
+              frames: int | None = None, fps: float | None = None, system: str | None = None) -> GroupConfig:
     """The options a command-line prompt or input is cut with: those training cut `task` with (`cuts`, recorded in
-    checkpoints and exports), else the defaults (64 pixels); `size` (--size of an input task) as the image side.
+    checkpoints and exports: sizes, frame sampling, system prompt), else the defaults (64 pixels, 12 fps); then the
+    flags: `size` (--size of an input task: the side its input is cut to; i2t / v2t: the ViT's), `frames` (--frames:
+    to generate, or read from a v2v input), `fps` (--fps), `system` (--system).
     A codec that takes one frame size only (the main job's frame VAE: 32) fixes the VAE side, the ViT still seeing
     an edit's source at the ViT's own."""
     known = (cuts or {}).get(task)
     group = GroupConfig() if known is None else from_dict(GroupConfig, {**known, "task": task}, Problems())
+    image, video = group.image, group.video
     if size is not None:
-        group.image.resolution = size
+        if task in UND_TASKS:  # only the ViT sees an understanding task's input
+            image.vit_resolution = size
+        image.resolution, video.resolution = size, None
+    video.max_frames = frames or video.max_frames
+    video.sample_fps = fps or video.sample_fps
+    group.system_prompt = system or group.system_prompt
     side = getattr(vae, "frame_size", None)
     if side:
-        group.image.vit_resolution = group.image.vit_resolution or group.image.resolution
-        group.image.resolution = side
+        seen_at = video.resolution if task in VIDEO_TASKS and video.resolution else image.resolution
+        image.vit_resolution = image.vit_resolution or seen_at
+        image.resolution, video.resolution = side, None
     return group
 
 
 def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig,
                      frame_size: int | None = None) -> tuple[int, int, int] | None:
-    """--size / --frames for t2i / t2v; None keeps the group's (its resolution, 9 frames). frame_size: a frame VAE's
-    one frame size, refused before sampling if --size asks for another."""
-    if args.task not in ("t2i", "t2v") or (args.size is None and args.frames is None):
+    """--size for t2i / t2v: (frames, height, width), the frames the group's (cli_group's: --frames); None without
+    --size, the planner then cutting as training did. frame_size: a frame VAE's one frame size, refused before
+    sampling if --size asks for another."""
+    if args.task not in ("t2i", "t2v") or args.size is None:
         return None
-    height, width = parse_size(args.size) if args.size else (group.image.resolution,) * 2
+    height, width = parse_size(args.size)
     if frame_size and (height, width) != (frame_size, frame_size):
         raise GenerateError(f"--size: this model's frame VAE makes {frame_size} x {frame_size} frames only; use "
                             f"--size {frame_size} (or leave it out)")
-    frames = 1 if args.task == "t2i" else args.frames or planner.geometry.vae_num_frames(group.video.max_frames)
+    frames = 1 if args.task == "t2i" else planner.geometry.vae_num_frames(group.video.max_frames)
     return frames, height, width
 
 
@@ -511,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lance_ds.generate: {gen.source}", file=sys.stderr)
         check_frames(args, gen.planner.geometry)
         input_side = parse_size(args.size)[0] if args.size and args.task not in ("t2i", "t2v") else None
-        group = cli_group(gen.vae, args.task, gen.cuts, input_side)
+        group = cli_group(gen.vae, args.task, gen.cuts, input_side, args.frames, args.fps, args.system)
         sample = cli_sample(args, group)
         if args.task in UND_TASKS:
             print(gen.answer([sample], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -524,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lance_ds.generate: {e}", file=sys.stderr)
         return 2
     try:
-        write_media(frames, Path(args.out), args.fps)
+        write_media(frames, Path(args.out), group.video.sample_fps)
     except OSError as e:  # checked before loading; still possible (a full disk, a path changed meanwhile)
         print(f"lance_ds.generate: could not write {args.out}: {e}", file=sys.stderr)
         return 1

@@ -392,11 +392,13 @@ RESHARD_NOTE = ("weights, optimizer and schedule go on as saved; the samples not
 
 
 def training_cuts(dataset) -> dict[str, dict]:
-    """task -> the image / video options of its first group: what inference cuts inputs and prompts with (saved
-    with each checkpoint, carried into exports), so that a model trained at 448 px is not asked at 64."""
+    """task -> the image / video options and system prompt of its first group: what inference cuts inputs and
+    prompts with (saved with each checkpoint, carried into exports), so that a model trained at 448 px is not asked
+    at 64, nor under another system prompt."""
     cuts: dict[str, dict] = {}
     for group in dataset.groups:
-        cuts.setdefault(group.task, {"image": to_dict(group.image), "video": to_dict(group.video)})
+        cuts.setdefault(group.task, {"image": to_dict(group.image), "video": to_dict(group.video),
+                                     "system_prompt": group.system_prompt})
     return cuts
 
 

@@ -454,7 +454,7 @@ class SequencePlanner:
             if sample.task in ("t2i", "t2v"):
                 plan = self._prompt_generation(sample, group, shape, drop_caption)
             else:
-                plan = self._prompt_edit(sample, group, shape, drop_caption)
+                plan = self._prompt_edit(sample, group, shape, drop_caption, asked=target_shape is not None)
         plan.key, plan.group = sample.key, sample.group
         return plan
 
@@ -463,11 +463,15 @@ class SequencePlanner:
         return self._generation_layout(sample, group, self._prompt_caption(sample, drop_caption),
                                        FrameCut(None, *shape))
 
-    def _prompt_edit(self, sample: Sample, group: GroupConfig, shape: tuple[int, int, int],
-                     drop_caption: bool) -> SequencePlan:
+    def _prompt_edit(self, sample: Sample, group: GroupConfig, shape: tuple[int, int, int], drop_caption: bool,
+                     asked: bool) -> SequencePlan:
+        """asked: `shape` is the caller's target_shape, not one cut from the sample's media."""
         source = SOURCE_MEDIA[sample.task]
         seen = _num_frames(sample, source)
-        if sample.task == "v2v" and "output_video" in sample.media:  # the ViT sees what training showed it
+        # the ViT sees the source as far as the target goes, as training showed it (_paired_frames)
+        if asked:
+            seen = min(seen, shape[0])
+        elif sample.task == "v2v" and "output_video" in sample.media:
             seen = _paired_frames(sample, source, "output_video")
         return self._edit_layout(sample, group, source, seen, FrameCut(source, *shape),
                                  self._prompt_caption(sample, drop_caption), FrameCut(None, *shape))

@@ -124,8 +124,8 @@ def test_generate_cli_cuts_prompts_at_the_frame_size(tmp_path):
     group = cli_group(build_vae(VaeConfig(), saved_vae(tmp_path)))
     assert group.image.resolution == 16 and group.image.vit_resolution == 64  # the ViT sees sources as usual
     assert cli_group(PatchCodec(4, 4)).image.resolution == 64
-    args = Namespace(task="t2i", size=None, frames=1)
-    assert cli_target_shape(args, planner=None, group=group, frame_size=16) == (1, 16, 16)
+    assert cli_target_shape(Namespace(task="t2i", size=None), planner=None, group=group, frame_size=16) is None
+    assert cli_target_shape(Namespace(task="t2i", size="16"), planner=None, group=group, frame_size=16) == (1, 16, 16)
     with pytest.raises(ValueError, match="frame VAE makes 16 x 16 frames only; use --size 16"):  # before sampling
         cli_target_shape(Namespace(task="t2i", size="32", frames=None), planner=None, group=group, frame_size=16)
 

@@ -329,6 +329,11 @@ def test_a_video_edit_prompt_is_the_trained_sequence_up_to_the_target(planner):
     assert torch.equal(trained.vit[0].patches(trained.media), prompt.vit[0].patches(prompt.media))  # the ViT sees the source cut to 9 frames
     assert torch.equal(trained.input_ids, prompt.input_ids) and torch.equal(trained.position_ids, prompt.position_ids)
     assert [b.grid_thw for b in trained.vae] == [b.grid_thw for b in prompt.vae]
+    # asked for a 9-frame target (the CLI's --frames 9) without one: the ViT sees the source as far, as in training
+    asked = planner.prompt(dataclasses.replace(v2v, media={"input_video": frames(13, 40)}), group,
+                           target_shape=(9, 64, 64))
+    assert torch.equal(trained.vit[0].patches(trained.media), asked.vit[0].patches(asked.media))
+    assert torch.equal(trained.input_ids, asked.input_ids)
 
 
 def test_prompts_are_cut_into_chunks_within_the_token_budget():
@@ -531,27 +536,67 @@ def test_inference_cuts_inputs_as_training_cut_the_task(from_checkpoint, exporte
     assert cli_group(from_checkpoint.vae, "v2t", cuts).image.resolution == 64  # a task training did not see
 
 
-def test_cli_answers_with_the_system_prompt_it_is_given(tmp_path):
-    """Training rows carry their system prompt (caption_i); asking without it plans another header than training
-    saw (the example world's rows all say "You are a helpful assistant.")."""
-    from lance_ds.data.media import encode_image
-    from lance_ds.data.sequence import DEFAULT_SYSTEM_PROMPTS
-    from lance_ds.generate import check_args, cli_sample, parse_args
+def test_cli_cuts_as_training_cut_the_task_then_as_the_flags_say(planner):
+    """What the checkpoint recorded of training (sizes, frame sampling, system prompt) cuts a CLI request; each flag
+    overrides its part alone (a trained system prompt was dropped; --size missed video.resolution and the ViT's;
+    t2v --frames drew at image.resolution; inputs were read at 12 fps whatever training read them at)."""
+    from lance_ds.config.data import DatasetConfig, GroupConfig, ImageOptions, VideoOptions
+    from lance_ds.generate import cli_group, cli_target_shape, parse_args
+    from lance_ds.model.vae import PatchCodec
+    from lance_ds.trainer import training_cuts
 
-    image = tmp_path / "in.png"
-    image.write_bytes(encode_image(und_samples()[0].media["image"]))
-    base = ["--checkpoint", str(tmp_path), "--task", "i2t", "--input", str(image), "--question", "What is it?"]
-    sample = cli_sample(parse_args(base + ["--system", "You are a helpful assistant."]))
-    assert sample.texts == {"caption_q": "What is it?", "caption_i": "You are a helpful assistant."}
-    assert "caption_i" not in cli_sample(parse_args(base)).texts  # the planner's default then
-    assert DEFAULT_SYSTEM_PROMPTS["i2t"] != "You are a helpful assistant."
+    vae = PatchCodec(8, 4)
+    image = ImageOptions(resolution=64, vit_resolution=56)
+    video = VideoOptions(sample_fps=4.0, max_frames=5, resolution=32)
+    cuts = training_cuts(DatasetConfig([GroupConfig(task, ["x"], task=task, system_prompt="You draw.", image=image,
+                                                    video=video) for task in ("t2v", "v2v", "v2t")]))
+    t2v = cli_group(vae, "t2v", cuts)
+    assert (t2v.system_prompt, t2v.video.resolution, t2v.video.sample_fps) == ("You draw.", 32, 4.0)
+    prompt = planner.prompt(gen_samples()[1], t2v)
+    assert "You draw." in planner.tokenizer.decode(prompt.input_ids.tolist())
+    assert prompt.vae[-1].grid_thw == (2, 4, 4)  # 5 frames of 32 x 32, as training drew
+    longer = cli_group(vae, "t2v", cuts, frames=9)  # --frames alone: the trained side still
+    args = parse_args(["--checkpoint", "x", "--task", "t2v", "--prompt", "x", "--out", "a.mp4", "--frames", "9"])
+    assert cli_target_shape(args, planner, longer) is None
+    assert planner.prompt(gen_samples()[1], longer).vae[-1].grid_thw == (3, 4, 4)
+    args = parse_args(["--checkpoint", "x", "--task", "t2v", "--prompt", "x", "--out", "a.mp4", "--size", "48"])
+    assert cli_target_shape(args, planner, t2v) == (5, 48, 48)
+    assert cli_group(vae, "t2v", cuts, system="Be bold.").system_prompt == "Be bold."
+    # --size of an input: the VAE's side for an edit, the ViT's for a question
+    assert planner.prompt(gen_samples()[3], cli_group(vae, "v2v", cuts, size=64)).vae[0].grid_thw[1:] == (8, 8)
+    v2t = cli_group(vae, "v2t", cuts, size=112)
+    assert v2t.image.vit_resolution == 112 and cli_group(vae, "v2t", cuts).image.vit_resolution == 56
+    # a question's --system (the training rows' caption_i), else the task's default
+    question = und_samples()[0]
+    asked = planner.prompt(question, cli_group(vae, "i2t", system="Be brief."))
+    assert "system\nBe brief.<|im_end|>" in planner.tokenizer.decode(asked.input_ids.tolist())
+    assert "Be brief." not in planner.tokenizer.decode(planner.prompt(question, cli_group(vae, "i2t")).input_ids.tolist())
+
+
+def test_cli_reads_an_input_video_at_the_trained_frame_rate(tmp_path, planner):
+    from lance_ds.data.media import encode_video
+    from lance_ds.generate import cli_group, cli_sample, parse_args
+    from lance_ds.model.vae import PatchCodec
+
+    video = tmp_path / "in.mp4"
+    video.write_bytes(encode_video(torch.zeros(24, 32, 32, 3, dtype=torch.uint8), fps=24))  # one second
+    cuts = {"v2t": {"video": {"sample_fps": 4.0, "max_frames": 33, "max_duration": 10.0}}}
+    args = parse_args(["--checkpoint", "x", "--task", "v2t", "--input", str(video)])
+    assert cli_sample(args, cli_group(PatchCodec(8, 4), "v2t", cuts)).media["video"].shape[0] == 4
+    assert cli_sample(args, cli_group(PatchCodec(8, 4), "v2t", cuts, fps=12)).media["video"].shape[0] == 12
+    assert cli_sample(args, cli_group(PatchCodec(8, 4), "v2t")).media["video"].shape[0] == 9  # defaults: 12 fps, 9
+
+
+def test_cli_refuses_bad_sampling_flags(tmp_path):
+    from lance_ds.generate import check_args, parse_args
+
+    base = ["--checkpoint", str(tmp_path), "--task", "i2t", "--input", str(tmp_path), "--question", "What is it?"]
     problems = check_args(parse_args(["--checkpoint", str(tmp_path), "--task", "t2i", "--prompt", "x", "--out",
-                                      str(tmp_path / "x.png"), "--system", "be brief", "--size", "²", "--fps", "inf",
-                                      "--steps", "0", "--cfg", "nan"]))
+                                      str(tmp_path / "x.png"), "--size", "²", "--fps", "inf", "--steps", "0",
+                                      "--cfg", "nan"]))
     assert any(p.startswith("--fps must be in (0, 1000]") for p in problems), problems
     assert "--steps must be >= 1, got 0" in problems, problems
     assert "--cfg must be a finite number >= 0 (1: no guidance), got nan" in problems, problems
-    assert any(p.startswith("--system: only i2t / v2t take a system prompt") for p in problems), problems
     assert any(p.startswith("--size") for p in problems), problems  # a digit Python's int() does not read
     for size in ("0", "64x0"):  # an input cut to nothing
         problems = check_args(parse_args(base + ["--size", size]))
@@ -560,17 +605,19 @@ def test_cli_answers_with_the_system_prompt_it_is_given(tmp_path):
 
 def test_cli_says_when_a_v2v_input_is_shorter_than_its_frames(tmp_path, capsys):
     from lance_ds.data.media import encode_video
-    from lance_ds.generate import cli_sample, parse_args
+    from lance_ds.generate import cli_group, cli_sample, parse_args
+    from lance_ds.model.vae import PatchCodec
 
     clip = und_samples()[1].media["video"]
     video = tmp_path / "in.mp4"
     video.write_bytes(encode_video(clip, fps=12))
     base = ["--checkpoint", str(tmp_path), "--task", "v2v", "--input", str(video), "--prompt", "make it red"]
-    cli_sample(parse_args(base + ["--frames", str(clip.shape[0])]))
+    read = lambda frames: cli_sample(parse_args(base + ["--frames", str(frames)]),  # noqa: E731
+                                     cli_group(PatchCodec(8, 4), "v2v", frames=frames))
+    read(clip.shape[0])
     assert capsys.readouterr().err == ""
-    sample = cli_sample(parse_args(base + ["--frames", str(clip.shape[0] + 4)]))
-    assert sample.media["input_video"].shape[0] == clip.shape[0]
-    assert f"gives {clip.shape[0]} frames at --fps 12, not --frames {clip.shape[0] + 4}" in capsys.readouterr().err
+    assert read(clip.shape[0] + 4).media["input_video"].shape[0] == clip.shape[0]
+    assert f"gives {clip.shape[0]} frames at 12 fps, not --frames {clip.shape[0] + 4}" in capsys.readouterr().err
 
 
 def test_cli_as_a_module_writes_an_mp4(exported, tmp_path):
