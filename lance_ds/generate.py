@@ -262,6 +262,9 @@ class Generator:
         if samples and not switch_on:
             raise GenerateError(f"the model was built with {switch}=false, so it cannot serve "
                                 f"{sorted({s.task for s in samples})}")
+        edits = sorted({s.task for s in samples} & {"i2i", "v2v"})
+        if edits and not self.lance.cfg.visual_und:  # an edit's source reaches the model through the ViT
+            raise GenerateError(f"the model was built with model.visual_und=false (no ViT), so it cannot serve {edits}")
 
     def _agree(self, what: str, problem: Exception | None, num_chunks: int, *settings: int) -> int:
         """Before the first forward, with every rank: how many idle forward batches this rank adds so that it runs

@@ -45,13 +45,15 @@ class OverlongSampleError(ValueError):
 
 
 def check_length(plan: SequencePlan, packing_length: int, filter_overlong: bool) -> bool:
-    """True when the plan fits a packed sequence; False (drop and count it) or an error when it does not."""
-    if plan.num_tokens <= packing_length:
+    """True when the plan fits a packed sequence - with its caption, dropped or not: a sample trains in every epoch
+    or none -; False (drop and count it) or an error when it does not."""
+    length = plan.tokens_with_caption or plan.num_tokens
+    if length <= packing_length:
         return True
     if filter_overlong:
         return False
     raise OverlongSampleError(
-        f"sample {plan.key!r} of group {plan.group!r} ({plan.task}) has {plan.num_tokens} tokens, more than "
+        f"sample {plan.key!r} of group {plan.group!r} ({plan.task}) has {length} tokens, more than "
         f"data.packing_length={packing_length}. Raise data.packing_length, lower the group's image.resolution / "
         f"video.max_frames, or set data.filter_overlong=true to drop (and count) such samples.")
 

@@ -167,8 +167,8 @@ def _check_text(column: TextColumn, value: object) -> tuple[str | None, str | No
             return None, f"text is not valid UTF-8 ({e.reason} at byte {e.start})"
     if not isinstance(value, str):
         return None, f"expected a string, got {_type_name(value)}: {value!r:.40}"  # the value after ":" (the kind)
-    if not value and not column.may_be_empty:
-        return None, "empty string"
+    if not value.strip() and not column.may_be_empty:
+        return None, "empty string" if not value else f"only whitespace: {value!r:.40}"
     return value, None
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config.data import VIDEO_TASKS, GroupConfig
+from ..config.data import GEN_TASKS, VIDEO_TASKS, GroupConfig
 from .batch import AttnMode, Sample
 from .schemas import SCHEMAS
 from .tokenizer import SpecialTokenIds, TextTokenizer
@@ -192,6 +192,9 @@ class SequencePlan:
     key: str = ""
     group: str = ""
     address: object = None  # where the stream read it (used to re-read it on resume)
+    # tokens it has with the caption that caption dropout replaced: whether a sample fits a pack is decided on it, so
+    # that one too long with its caption never trains without it either (None: num_tokens)
+    tokens_with_caption: int | None = None
     raw: object = None  # the stream's undecoded sample, while `media` are sizes only
 
     @property
@@ -390,7 +393,7 @@ class SequencePlanner:
                 raise PlanError(f"{sample.task} sample {sample.key!r} has no {name!r} media "
                                 f"(it has {sorted(sample.media)})")
         for name in TASK_TEXTS.get(sample.task, ()):
-            if not sample.texts.get(name):
+            if not (sample.texts.get(name) or "").strip():  # "  " would train a blank answer, or an empty caption
                 raise PlanError(f"{sample.task} sample {sample.key!r} has no {name!r} text")
         if sample.task in ("t2i", "t2v"):
             plan = self._plan_generation(sample, group)
@@ -402,6 +405,8 @@ class SequencePlanner:
             raise PlanError(f"sample {sample.key!r} has unknown task {sample.task!r}; expected one of "
                             f"{sorted(TASK_MEDIA)}")
         plan.key, plan.group = sample.key, sample.group
+        if sample.task in GEN_TASKS and self.drops_caption(sample, group):
+            plan.tokens_with_caption = plan.num_tokens - 1 + len(self.tokenizer.encode(sample.texts["caption"]))
         return plan
 
     def drops_caption(self, sample: Sample, group: GroupConfig) -> bool:
@@ -460,7 +465,7 @@ class SequencePlanner:
 
     def _prompt_generation(self, sample: Sample, group: GroupConfig, shape: tuple[int, int, int],
                            drop_caption: bool) -> SequencePlan:
-        return self._generation_layout(sample, group, self._prompt_caption(sample, drop_caption),
+        return self._generation_layout(sample, group, self._caption(sample, drop_caption),
                                        FrameCut(None, *shape))
 
     def _prompt_edit(self, sample: Sample, group: GroupConfig, shape: tuple[int, int, int], drop_caption: bool,
@@ -474,10 +479,7 @@ class SequencePlanner:
         elif sample.task == "v2v" and "output_video" in sample.media:
             seen = _paired_frames(sample, source, "output_video")
         return self._edit_layout(sample, group, source, seen, FrameCut(source, *shape),
-                                 self._prompt_caption(sample, drop_caption), FrameCut(None, *shape))
-
-    def _prompt_caption(self, sample: Sample, drop_caption: bool) -> list[int]:
-        return [self.special.uncond] if drop_caption else self.tokenizer.encode(sample.texts["caption"])
+                                 self._caption(sample, drop_caption), FrameCut(None, *shape))
 
     def _prompt_target_shape(self, sample: Sample, group: GroupConfig,
                              target_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
@@ -528,14 +530,15 @@ class SequencePlanner:
 
     def _plan_generation(self, sample: Sample, group: GroupConfig) -> SequencePlan:
         target = self._vae_cut(sample, TARGET_MEDIA[sample.task], group, sample.task == "t2v")
-        return self._generation_layout(sample, group, self._caption(sample, group), target)
+        return self._generation_layout(sample, group, self._caption(sample, self.drops_caption(sample, group)), target)
 
     def _plan_edit(self, sample: Sample, group: GroupConfig) -> SequencePlan:
         source, target = SOURCE_MEDIA[sample.task], TARGET_MEDIA[sample.task]
         seen = _paired_frames(sample, source, target)  # (images: 1)
         target_cut = self._vae_cut(sample, target, group, sample.task == "v2v", seen)
         source_cut = FrameCut(source, target_cut.count, target_cut.height, target_cut.width)
-        return self._edit_layout(sample, group, source, seen, source_cut, self._caption(sample, group), target_cut)
+        return self._edit_layout(sample, group, source, seen, source_cut,
+                                 self._caption(sample, self.drops_caption(sample, group)), target_cut)
 
     def _plan_understanding(self, sample: Sample, group: GroupConfig) -> SequencePlan:
         return self._understanding_layout(sample, group, self.tokenizer.encode(sample.texts["caption_a"]))
@@ -572,7 +575,8 @@ class SequencePlanner:
     def _understanding_layout(self, sample: Sample, group: GroupConfig, answer: list[int] | None) -> SequencePlan:
         """header | [ViT media] question | assistant prefix | answer <|im_end|> (scored); a prompt stops before it"""
         video = sample.task == "v2t"
-        b = self._header(sample, group, system=sample.texts.get("caption_i") or None)
+        system = sample.texts.get("caption_i")
+        b = self._header(sample, group, system=system if system and system.strip() else None)  # blank: the default
         vit_block = self._vit_block(b, self._vit_cut(sample, "video" if video else "image", group, video))
         b.text(self.tokenizer.encode(sample.texts.get("caption_q", "")) + self._assistant_prefix(), new_split=True)
         if answer is not None:
@@ -594,10 +598,9 @@ class SequencePlanner:
         s, enc = self.special, self.tokenizer.encode
         return [s.im_end] + enc("\n") + [s.im_start] + enc("assistant\n")
 
-    def _caption(self, sample: Sample, group: GroupConfig) -> list[int]:
-        if self.drops_caption(sample, group):
-            return [self.special.uncond]
-        return self.tokenizer.encode(sample.texts["caption"])
+    def _caption(self, sample: Sample, drop: bool) -> list[int]:
+        """The caption's ids, or the unconditional token that replaces a dropped one (classifier-free guidance)."""
+        return [self.special.uncond] if drop else self.tokenizer.encode(sample.texts["caption"])
 
     def _resolution(self, group: GroupConfig, video: bool) -> int:
         return (group.video.resolution if video and group.video.resolution else group.image.resolution)

@@ -673,7 +673,7 @@ class SlotStream:
         if check_length(plan, data.packing_length, data.filter_overlong):
             return True
         self._failed(plan.address, "overlong", f"{plan.key} ({plan.group}, {plan.task}): "
-                     f"{plan.num_tokens} tokens > packing_length {data.packing_length}")
+                     f"{plan.tokens_with_caption or plan.num_tokens} tokens > packing_length {data.packing_length}")
         return False
 
     def _next_plan(self) -> SequencePlan:

@@ -124,6 +124,22 @@ def test_bad_config_is_refused_naming_the_key(dataset_dir, run_patch, overrides,
     assert key in str(err.value), str(err.value)
 
 
+def test_an_edit_group_needs_the_vit():
+    """A generation-only model (model.visual_und=false) with an i2i / v2v group was accepted, then failed at the first
+    edit batch: an edit's source reaches the model through the ViT."""
+    from lance_ds.config.core import Problems
+    from lance_ds.config.data import DatasetConfig, GroupConfig
+    from lance_ds.config.model import ModelConfig
+    from lance_ds.config.run import check_switches
+
+    for task, refused in (("t2i", False), ("i2i", True), ("v2v", True)):
+        problems = Problems()
+        check_switches(ModelConfig(visual_und=False), DatasetConfig([GroupConfig("g", ["x"], task=task)]), problems,
+                       "dataset_config")
+        assert bool(problems.items) == refused, (task, problems.items)
+        assert not refused or "model.visual_und=true" in str(problems.items[0])
+
+
 def test_every_problem_is_reported_at_once(dataset_dir):
     with pytest.raises(ConfigError) as err:
         load(dataset_dir, {**GOOD, "trian": 1}, ["train.lr=-1", "checkpoint.keep_last=0", "model.attention=x"])

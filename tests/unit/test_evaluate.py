@@ -226,6 +226,24 @@ def test_a_tiny_random_model_runs_every_task_and_is_judged_wrong():
     assert strips["t2v"].shape[0] == 9 and strips["t2i"].shape[0] == 1  # frames of the generated clip
 
 
+def test_a_model_without_the_vit_refuses_edits_by_name():
+    """model.visual_und=false builds no ViT, which an edit's source passes through: refused, not a crash mid-way."""
+    from lance_ds.config.model import ModelConfig
+    from lance_ds.data.sequence import SequencePlanner
+    from lance_ds.data.tokenizer import load_tokenizer
+    from lance_ds.generate import GenerateError, Generator
+    from lance_ds.model import build_model
+
+    tokenizer = load_tokenizer()
+    bundle = build_model(ModelConfig(size="debug", dtype="fp32", vit_dtype="fp32", visual_und=False), len(tokenizer),
+                         None, device="cpu")
+    gen = Generator(bundle.model.eval(), bundle.vit, bundle.vae, SequencePlanner(tokenizer, bundle.geometry),
+                    tokenizer)
+    edit = next(p.sample for p in held_out_prompts(per_task=1) if p.sample.task == "i2i")
+    with pytest.raises(GenerateError, match=r"model.visual_und=false \(no ViT\), so it cannot serve \['i2i'\]"):
+        gen.generate([edit], num_steps=1)
+
+
 def ev_resolution(task: str):
     from lance_ds.config.data import ImageOptions
 

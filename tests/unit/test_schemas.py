@@ -62,6 +62,7 @@ def test_valid_row_passes_with_texts_exact():
     ({"caption": "a", "image_bytes": None}, "image_bytes", "null"),
     ({"caption": "a", "image_bytes": b""}, "image_bytes", "empty bytes"),
     ({"caption": "", "image_bytes": b"x"}, "caption", "empty string"),
+    ({"caption": " \n\t", "image_bytes": b"x"}, "caption", "only whitespace"),  # trained as a blank caption
     ({"caption": 7, "image_bytes": b"x"}, "caption", "expected a string, got int"),
     ({"caption": "a", "image_bytes": "/data/cat.jpg"}, "image_bytes", "got a string"),
     ({"caption": "a", "image_bytes": 3.5}, "image_bytes", "got float"),

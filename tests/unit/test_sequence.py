@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import LANCE_TINY
 from lance_ds.config.data import GroupConfig, ImageOptions, VideoOptions
 from lance_ds.data.batch import AttnMode, Sample
-from lance_ds.data.packing import collate
+from lance_ds.data.packing import check_length, collate
 from lance_ds.data.sequence import (DEFAULT_SYSTEM_PROMPTS, PLACEHOLDER_TASK,
                                     REFERENCE_TEMPORAL_START, PlanError, SequencePlanner, VisionGeometry, fit_size,
                                     resize_crop, vit_patch_order)
@@ -236,6 +236,22 @@ def test_caption_dropout_is_deterministic_per_sample(fake_tokenizer):
                        for i in range(200)]
 
 
+def test_a_sample_too_long_with_its_caption_is_too_long_without_it(fake_tokenizer):
+    """Whether a sample fits a pack is decided with its caption: one too long only because of it trained in the
+    epochs dropout replaced the caption, always captionless (its conditional version never)."""
+    planner = SequencePlanner(fake_tokenizer, VisionGeometry(), seed=7)
+    group = GroupConfig(name="g", task="t2i", caption_dropout=0.5, image=ImageOptions(resolution=32))
+    samples = [Sample("t2i", {"caption": "a red cube " * 40}, {"image": _image(32, 32)}, key=f"k{i}", group="g")
+               for i in range(20)]
+    plans = [planner.plan(s, group) for s in samples]
+    kept = [p.num_tokens for s, p in zip(samples, plans) if not planner.drops_caption(s, group)]
+    dropped = [p for s, p in zip(samples, plans) if planner.drops_caption(s, group)]
+    assert kept and dropped and max(p.num_tokens for p in dropped) < min(kept)
+    assert {p.tokens_with_caption for p in dropped} == set(kept)
+    assert not any(check_length(p, min(kept) - 1, filter_overlong=True) for p in plans)
+    assert all(check_length(p, min(kept), filter_overlong=True) for p in plans)
+
+
 def test_buckets_and_limits():
     assert fit_size(100, 200, resolution=64, buckets=[1.0, 2.0, 0.5], multiple=16) == (32, 80)
     assert fit_size(200, 100, resolution=64, buckets=[1.0, 2.0, 0.5], multiple=28) == (84, 28)
@@ -255,6 +271,11 @@ def test_bad_samples_raise_plan_error(fake_tokenizer):
         planner.plan(Sample("t2i", {"caption": "x"}, {}, key="k"))
     with pytest.raises(PlanError, match="no 'caption_a' text"):
         planner.plan(Sample("i2t", {"caption_a": ""}, {"image": _image(28, 28)}, key="k"))
+    with pytest.raises(PlanError, match="no 'caption' text"):  # it trained as a caption of blanks
+        planner.plan(Sample("t2i", {"caption": " \n "}, {"image": _image(28, 28)}, key="k"))
+    blank_system = planner.plan(Sample("i2t", {"caption_i": "  ", "caption_a": "a"}, {"image": _image(28, 28)}))
+    assert torch.equal(blank_system.input_ids, planner.plan(Sample("i2t", {"caption_a": "a"},
+                                                                   {"image": _image(28, 28)})).input_ids)
     with pytest.raises(PlanError, match="unknown task"):
         planner.plan(Sample("x2y", {}, {}, key="k"))
 
