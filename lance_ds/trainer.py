@@ -81,6 +81,7 @@ class Trainer:
         self.validated_step: int | None = None  # the last step validation ran at (saved: a stop may skip it)
         self.task_losses = TaskLosses(self.dist.device)
         resumed = self._resume(resume_from)
+        self.first_step = self.step  # 0, or the step this run resumed at (its summary counts the steps it trained)
         # the timeline restarts here: points an earlier run logged after this step (or any, from scratch) are dropped
         self.tb = TensorBoard(self.out / "tensorboard", enabled=self.dist.is_first,
                               purge_step=self.step + 1 if resumed else 0)
@@ -153,6 +154,7 @@ class Trainer:
         weights = step_weights(micro_batches, self.cfg.objective, self.dist.device)
         meter.add("train/ce_tokens", float(weights[2]))
         meter.add("train/mse_tokens", float(weights[3]))
+        step_losses = TaskLosses(self.dist.device)
         for micro, batch in enumerate(micro_batches):
             gen = seed_micro_step(self.cfg.train.seed, self.step, micro, self.dist.rank, self.dist.device)
             batch = batch.to(self.dist.device, non_blocking=True)  # from pinned memory (GPU): asynchronous
@@ -160,26 +162,36 @@ class Trainer:
             losses = compute_losses(pred.logits, pred.velocity, batch, flow, self.cfg.objective, step=weights,
                                     micro_steps=micro_steps)
             del pred  # the logits [C, V'] need not outlive the losses (backward keeps what it needs)
-            if armed("nan_loss", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
-                losses.total = losses.total * float("nan")  # crash tests: one rank's loss goes non-finite
-            if armed("raise", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
-                raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {self.step + 1}")
-            if armed("stall", self.step + 1) and self.dist.rank == self.dist.world_size - 1:
-                # crash tests: a rank stuck (a hung file system, a wedged GPU), alive but silent, where no signal
-                # handler runs (so the launcher's SIGTERM ends it, without its 30 s wait for a SIGKILL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                time.sleep(3600)
+            if self.dist.rank == self.dist.world_size - 1:
+                self._inject_faults(losses)
             self.engine.backward(losses.total)
             self.engine.step()
             self._account(batch, speed)
-            self.task_losses.add(batch, losses.per_token)
+            step_losses.add(batch, losses.per_token)
         skipped = self.engine.skipped_steps - skipped_before
         self.skipped_steps += skipped
-        if self.ema is not None and not skipped:
+        if skipped:  # the window's losses and norm average the steps applied: one step's NaN would blank it
+            return
+        self.task_losses.merge(step_losses)
+        if self.ema is not None:
             self.ema.update()
         norm = self.engine.get_global_grad_norm()
-        if not skipped and norm is not None and math.isfinite(norm):  # a skipped step's inf would blank the window
+        if norm is not None and math.isfinite(norm):
             meter.add("train/grad_norm", float(norm))
+
+    def _inject_faults(self, losses) -> None:
+        """Crash tests (LANCE_DS_FAULT, lance_ds.faults), on the last rank."""
+        if armed("nan_loss", self.step + 1):  # its loss goes non-finite, per token too
+            nan = float("nan")
+            losses.total, losses.per_token.ce, losses.per_token.mse = (
+                losses.total * nan, losses.per_token.ce * nan, losses.per_token.mse * nan)
+        if armed("raise", self.step + 1):
+            raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {self.step + 1}")
+        if armed("stall", self.step + 1):
+            # a rank stuck (a hung file system, a wedged GPU), alive but silent, where no signal handler runs (so
+            # the launcher's SIGTERM ends it, without its 30 s wait for a SIGKILL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(3600)
 
     def forward(self, batch, generator: torch.Generator):
         """Frozen encoders (no grad) -> noised latents -> the engine's predictions, for one batch on the device."""
@@ -218,9 +230,10 @@ class Trainer:
         scalars["data/packing_efficiency_total"] = run["real_tokens_total"] / max(run["packed_tokens_total"], 1)
         self.tokens_seen += int(run["real_tokens"])
         scalars.update(self.task_losses.scalars("train"))  # token-weighted means over all ranks
-        scalars["train/loss"] = total_loss(scalars, "train", self.cfg.objective)
+        if "train/ce" in scalars or "train/mse" in scalars:  # none in a window of skipped steps alone
+            scalars["train/loss"] = total_loss(scalars, "train", self.cfg.objective)
+            self.last_losses = {k: v for k, v in scalars.items() if k in ("train/loss", "train/ce", "train/mse")}
         self.tb.scalars(self.step, scalars)
-        self.last_losses = {k: v for k, v in scalars.items() if k in ("train/loss", "train/ce", "train/mse")}
         progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.last_losses.items()})
         meter.reset()
         speed.reset()
@@ -277,7 +290,9 @@ class Trainer:
         losses = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in self.last_losses.items())
         ended = (f"stopped by {signal.Signals(stopped).name} at step {self.step} of {self.cfg.train.max_steps} "
                  "(saved; the same command resumes it)" if stopped else "done")
-        print(f"lance_ds: {ended}: {self.step} steps in {elapsed:.0f} s, {self.tokens_seen:,} tokens, "
+        steps = (f"{self.step} steps" if self.first_step == 0 else
+                 f"steps {self.first_step + 1}-{self.step} (resumed at {self.first_step})")
+        print(f"lance_ds: {ended}: {steps} in {elapsed:.0f} s, {self.tokens_seen:,} tokens in all, "
               f"skipped steps {self.skipped_steps}; final {losses}\n"
               f"  checkpoint  {self.checkpointer.root / 'latest'} -> {self._latest_name()}\n"
               f"  tensorboard {self.out / 'tensorboard'}", flush=True)

@@ -50,6 +50,9 @@ class TaskLosses:
         self.sums[:, column].index_add_(0, task, torch.where(real, values.double() * w, 0.0))
         self.sums[:, column + 1].index_add_(0, task, w)
 
+    def merge(self, other: "TaskLosses") -> None:
+        self.sums += other.sums
+
     def scalars(self, prefix: str) -> dict[str, float]:
         """Per-task means over all ranks since the last call (collective: every rank must call it); then reset."""
         sums = self.sums.clone()

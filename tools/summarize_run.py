@@ -19,6 +19,12 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def is_loss(tag: str) -> bool:
+    """train/loss, val/ce, train/mse/t2i ... (not train/ce_tokens, a count)."""
+    split, _, name = tag.partition("/")
+    return split in ("train", "val") and name.split("/")[0] in ("loss", "ce", "mse")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
@@ -28,8 +34,7 @@ def main(argv=None) -> int:
               "runs/main", file=sys.stderr)
         return 2
     scalars = read_scalars(args.run_dir)
-    losses = sorted(t for t in scalars if t.startswith(("train/loss", "train/ce", "train/mse", "val/loss", "val/ce",
-                                                         "val/mse")))
+    losses = sorted(t for t in scalars if is_loss(t))
     if not losses:
         print(f"no loss scalars under {args.run_dir / 'tensorboard'}", file=sys.stderr)
         return 1
