@@ -35,13 +35,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default="latest", help="latest (default: continue if a checkpoint exists), none, or a step")
     p.add_argument("--print_config", action="store_true", help="print the resolved run config and DeepSpeed JSON, then exit")
     p.add_argument("--check", action="store_true", help="check the configs and exit (what the launch scripts run first)")
+    p.add_argument("--world_size", type=int, help="with --check: the ranks the run will have (default: the "
+                   "launcher's WORLD_SIZE, else 1); the DeepSpeed JSON's train_batch_size is checked against it")
     p.add_argument("--ranks_elsewhere", action="store_true",
                    help="with --check: the ranks run on other machines (a hostfile), so what needs their GPUs "
                         "(fp16, flash attention) is left to each rank to check")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 model.visual_gen=false")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before, between or after the flags
+    if args.world_size is not None and not (args.check or args.print_config):
+        p.error("--world_size goes with --check or --print_config: a launched run has the launcher's ranks")
+    if args.world_size is not None and args.world_size < 1:
+        p.error(f"--world_size must be >= 1, got {args.world_size}")
     for flag in ("dataset_config", "output_dir"):
         # given (even empty: refused as such), a path, quoted: YAML would read 0755 as a number, cut "runs/a #2" at #
         if getattr(args, flag) is not None:
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_first:
             print(f"lance_ds: {refused}", file=sys.stderr)
         return 2
-    world = world_size_from_env()
+    world = args.world_size or world_size_from_env()
     try:
         run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world,
                                         devices_here=not args.ranks_elsewhere)

@@ -225,7 +225,7 @@ def recipe_values(cfg: RunConfig, world_size: int, hidden_size: int, on_gpu: boo
         "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
         "train_batch_size": (t.micro_batch_size * t.grad_accum * world_size,
-                             "train.micro_batch_size x train.grad_accum x world size"),
+                             f"train.micro_batch_size x train.grad_accum x {world_size} rank(s)"),
         "gradient_clipping": (t.grad_clip, "train.grad_clip"),
         "bf16.enabled": (t.precision == "bf16", "train.precision"),
         "fp16.enabled": (t.precision == "fp16", "train.precision"),

@@ -200,6 +200,9 @@ def test_path_flags_stay_strings():
     problems = Problems()
     data = apply_overrides({}, args.overrides, problems)
     assert not problems and data == {"output_dir": "runs/exp #2", "dataset_config": "0755", "train": {"seed": 3}}
+    # overrides after a flag (argparse took them for unknown arguments: the key looked wrong, not its place)
+    late = parse_args(["--config", "a.yaml", "train.lr=1e-3", "--output_dir", "d", "train.max_steps=10"])
+    assert late.overrides == ['output_dir="d"', "train.lr=1e-3", "train.max_steps=10"] and late.config == "a.yaml"
     # an empty flag (`--output_dir "$RUN"` with RUN unset) is passed on, to be refused, not dropped for the default
     assert parse_args(["--output_dir", ""]).overrides == ['output_dir=""']
     # string keys take an override's text as typed (YAML would cut a path at " #" and read 0755 as 493) ...
@@ -249,6 +252,15 @@ def test_print_config_and_check_exit_before_any_work(dataset_dir, capsys):
     assert json.loads("{" + printed_ds)["optimizer"]["params"]["lr"] == 3e-5
     assert main(["--check", *args]) == 0 and "configs OK" in capsys.readouterr().out
     assert main(["--check", *args, "train.lr=-1"]) == 2 and "train.lr: must be > 0" in capsys.readouterr().err
+    # a JSON written for 8 ranks, checked where it is written (outside the launcher): --world_size says so
+    eight = dataset_dir / "eight.json"
+    eight.write_text(json.dumps({**json.loads((REPO / "ds_configs/zero3.json").read_text()), "train_batch_size": 8}))
+    one_each = ["--ds_config", str(eight), "train.micro_batch_size=1", "train.grad_accum=1"]
+    assert main(["--check", *args, *one_each]) == 2
+    assert "x 1 rank(s)" in capsys.readouterr().err
+    assert main(["--check", *args, *one_each, "--world_size", "8"]) == 0
+    with pytest.raises(SystemExit):  # a launched run's ranks are the launcher's
+        main([*args, "--world_size", "8"])
     # from elsewhere than the repository, without --ds_config (its default is the repository's): stdout holds the
     # config alone (DeepSpeed's accelerator notice went there, ahead of the YAML)
     import subprocess
