@@ -306,6 +306,8 @@ def resolve_ds_config(raw: dict, cfg: RunConfig, world_size: int, hidden_size: i
     check_checkpoint_writer(ds, problems)
     if on_gpu is False and cfg.train.precision == "fp16":
         problems.add("train.precision", "fp16 needs a GPU (DeepSpeed has no fp16 engine on CPU); use bf16 or fp32")
+    if cfg.model.attention == "flex" and on_gpu is False:  # torch's flex_attention has no backward on CPU
+        problems.add("model.attention", "flex trains on CUDA only (on CPU it has no backward); use sdpa on CPU")
     if cfg.model.attention == "flash":  # here, not at the first forward of every rank
         if on_gpu is False or (on_gpu and importlib.util.find_spec("flash_attn") is None):
             problems.add("model.attention", "flash needs a GPU and the flash_attn package (pip install flash-attn); "

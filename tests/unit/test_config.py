@@ -527,6 +527,8 @@ def test_flash_attention_is_checked_before_any_rank_starts(dataset_dir, monkeypa
 
     with pytest.raises(ConfigError, match="model.attention: flash needs a GPU and the flash_attn package"):
         load(dataset_dir, GOOD, ["model.attention=flash"])  # on_gpu=False here
+    with pytest.raises(ConfigError, match="model.attention: flex trains on CUDA only"):  # (failed at the first backward)
+        load(dataset_dir, GOOD, ["model.attention=flex"])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # as if flash_attn were installed
     run, _ = load(dataset_dir, GOOD, ["train.precision=fp32"])
     run.config.model.attention = "flash"  # on a GPU machine
