@@ -252,6 +252,7 @@ class Trainer:
         lines = [
             "lance_ds: training",
             f"  model        {parts.describe()}",
+            f"  weights      {describe_weights(cfg.model)}",
             f"  switches     visual_und={cfg.model.visual_und} visual_gen={cfg.model.visual_gen} "
             f"lape={cfg.model.lape.enabled} training_type={cfg.model.training_type}",
             "  data         " + "; ".join(f"{g.name} ({g.task}, weight {g.weight}, "
@@ -415,6 +416,12 @@ def training_cuts(dataset) -> dict[str, dict]:
         cuts.setdefault(group.task, {"image": to_dict(group.image), "video": to_dict(group.video),
                                      "system_prompt": group.system_prompt})
     return cuts
+
+
+def describe_weights(model) -> str:
+    """Where training starts from: 'model.path /m/lance; model.vit_path /m/qwen', or 'random decoder ...'."""
+    dirs = [f"model.{k} {getattr(model, k)}" for k in ("path", "vit_path", "vae_path") if getattr(model, k)]
+    return "; ".join(([] if model.path else ["random decoder (no model.path)"]) + dirs)
 
 
 def describe_cut(group) -> str:

@@ -64,6 +64,8 @@ class ModelConfig:
                            "patch (exactly invertible space-to-depth, the debug size's default)")
     tokenizer_path: str | None = doc(None, "local tokenizer directory (Qwen2.5's for real runs); unset: model.path's "
                                            "own tokenizer, or the debug tokenizer without model.path")
+    random_init: bool = doc(False, "start from random weights on purpose (a Lance size without model.path is "
+                                   "refused otherwise: hours of training a random 3b model by a forgotten path)")
     visual_und: bool = doc(True, "build the understanding path (ViT tokens, CE on answers)")
     visual_gen: bool = doc(True, "build the generation path (VAE tokens, flow-matching MSE)")
     vit_trainable: bool = doc(False, "train the ViT (then it is part of the engine and the checkpoint); frozen by default")
@@ -93,6 +95,10 @@ class ModelConfig:
         for name in ("max_latent_size", "max_num_frames"):
             if getattr(self, name) is not None:
                 problems.positive(getattr(self, name), join(key, name))
+        if self.size == "3b" and self.path is None and not self.random_init:
+            problems.add(join(key, "path"), "model.size=3b is Lance's geometry, to fine-tune from its weights: set "
+                         "model.path=DIR (a local Lance or Qwen2.5-VL checkpoint; MODEL_PATH in scripts/sft_lance_*.sh)"
+                         ", or model.random_init=true to train from random weights on purpose")
         for name in ("path", "vit_path", "vae_path", "tokenizer_path"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_dir():

@@ -206,6 +206,7 @@ def test_sigterm_stops_at_the_next_step_with_its_checkpoint_and_resumes_exactly(
     assert 2 < stopped <= 6, f"stopped at step {stopped}, not within a few steps of the signal (after step 2):\n{log}"
     assert f"stopped by SIGTERM at step {stopped} of {STEPS}" in log and "Traceback" not in log, log[-4000:]
     assert f"validation   every 1 steps on {example_data['val']} (4 samples per group, 0 generation(s)" in log
+    assert "weights      random decoder (no model.path)" in log  # said where training starts from
     assert re.search(r"v2t \(v2t, weight 1\.0, \d+ samples, 56 px, 9 frames at 12 fps\)", log)  # each group's cut
     assert max(tensorboard_steps(out, "train/lr")) == stopped  # the stop ends a logging window, as a save does
     assert stopped not in read_scalars(out)["val/loss"]

@@ -85,6 +85,7 @@ BAD = [
     ({}, ["checkpoint.keep_last=-1"], None, "checkpoint.keep_last"),
     ({}, ["validation.every=10"], None, "validation.dataset_config"),
     ({}, ["model.attention=xformers"], None, "model.attention"),
+    ({}, ["model.size=3b", "model.visual_gen=false"], None, "model.random_init=true"),  # a random 3b by a lost path
     ({}, ["model.visual_und=false", "model.visual_gen=false"], None, "model.visual_und"),
     ({}, ["model.lape.num_spatial_tokens=0"], None, "model.lape.num_spatial_tokens"),
     ({}, ["model.lape.num_temporal_tokens=abc"], None, "model.lape.num_temporal_tokens"),
