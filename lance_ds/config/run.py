@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.manifest import ManifestError, read_manifest
+from ..data.manifest import ManifestError, local_shards, read_manifest
 from .core import Problems, apply_overrides, check, doc, from_dict, join, load_yaml
 from .data import GEN_TASKS, UND_TASKS, DataConfig, DatasetConfig, GroupConfig
 from .model import PRECISIONS, ModelConfig, ObjectiveConfig
@@ -211,8 +210,15 @@ def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> Non
             tasks.add(manifest["task"])
             if not manifest["shards"]:
                 empty.append(p)
-        elif not (p.is_file() or glob.glob(source)):
-            problems.add(f"{key}.shards", f"{source} matches no file or directory")
+        else:
+            try:
+                found, beside = local_shards(source)
+            except ManifestError as e:
+                problems.add(f"{key}.shards", str(e))
+                continue
+            if not found:
+                problems.add(f"{key}.shards", f"{source} matches no file or directory")
+            tasks |= beside
     if empty and len(empty) == len(group.shards):
         problems.add(f"{key}.shards", f"{', '.join(map(str, empty))} hold(s) no samples: the conversion wrote none "
                      "(see rejects.jsonl there); fix the inputs and convert again, or remove the group")

@@ -69,7 +69,7 @@ from ..config.data import DataConfig, DatasetConfig, GroupConfig, VideoOptions
 from ..config.run import is_remote
 from ..stopping import ignore_stop_signals
 from .batch import PackedBatch, Sample
-from .manifest import MANIFEST, ManifestError, parse_manifest
+from .manifest import MANIFEST, ManifestError, local_shards, parse_manifest
 from .media import MediaError, decode_image, decode_video, describe, sampled_frame_count
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length, collate
 from .schemas import SCHEMAS, MediaKind
@@ -176,11 +176,15 @@ def resolve_sources(sources: list[str], where: str = "shards") -> tuple[list[Sha
                     raise DataError(f"{where}: {source} has neither manifest.json nor *.tar files")
                 shards += [ShardInfo(p) for p in found]
         else:
-            expanded = [p for pattern in braceexpand.braceexpand(source) for p in sorted(glob.glob(pattern))]
+            try:
+                expanded, beside = local_shards(source)
+            except ManifestError as e:
+                raise DataError(f"{where}: {e}") from None
             if not expanded:
                 raise DataError(f"{where}: {source} matches no file; give a converter output dir, .tar paths, a glob "
                                 "or a URL")
             shards += [ShardInfo(p) for p in expanded]
+            tasks |= beside
     return shards, tasks
 
 
