@@ -14,16 +14,18 @@ RUN_DIR=${RUN_DIR:-runs/main}
 VAE_DIR=${VAE_DIR:-example_vae}
 VIT_DIR=${VIT_DIR:-example_vit}
 
-echo "== 1/6 example data (parquet in the Lance schemas) -> datasets/, held-out scenes -> datasets_val/"
-python tools/make_example_dataset.py --out datasets/ --num-per-task 512 ${EXAMPLE_ARGS:-}
-python tools/make_example_dataset.py --out datasets_val/ --split val --num-per-task 32 ${EXAMPLE_ARGS:-}
+# the example world lives under example/ (its parquet and shards): shards/ and datasets/ stay the user's, as the
+# shipped dataset YAMLs (configs/datasets/*.yaml) and the README name them
+echo "== 1/6 example data (parquet in the Lance schemas) -> example/datasets/, held-out scenes -> example/datasets_val/"
+python tools/make_example_dataset.py --out example/datasets/ --num-per-task 512 ${EXAMPLE_ARGS:-}
+python tools/make_example_dataset.py --out example/datasets_val/ --split val --num-per-task 32 ${EXAMPLE_ARGS:-}
 
-echo "== 2/6 parquet -> webdataset shards -> shards/, shards_val/"
-for task_dir in datasets/*/; do
-  python tools/parquet_to_wds.py --input "$task_dir" --output "shards/$(basename "$task_dir")" --samples-per-shard 64 --no-progress
-done
-for task_dir in datasets_val/*/; do
-  python tools/parquet_to_wds.py --input "$task_dir" --output "shards_val/$(basename "$task_dir")" --no-progress
+echo "== 2/6 parquet -> webdataset shards -> example/shards/, example/shards_val/"
+for split in "" _val; do
+  for task_dir in example/datasets$split/*/; do
+    python tools/parquet_to_wds.py --input "$task_dir" --output "example/shards$split/$(basename "$task_dir")" \
+      --samples-per-shard 64 --no-progress
+  done
 done
 
 echo "== 3/6 the example world's encoders: frame VAE -> $VAE_DIR, ViT -> $VIT_DIR (deterministic: kept when there)"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Write the synthetic example dataset (coloured shapes; see lance_ds/data/example.py) for all six Lance tasks.
 
-  python tools/make_example_dataset.py --out datasets/                      # train split
-  python tools/make_example_dataset.py --out datasets_val/ --split val     # held-out scenes, never in train
+  python tools/make_example_dataset.py --out example/datasets/                    # train split
+  python tools/make_example_dataset.py --out example/datasets_val/ --split val   # held-out scenes, never in train
 
 OUT gets {text2image,text2video,image2image,video2video,image2text,video2text}/{split}-00000.parquet.
 The same flags always give the same files.

@@ -282,19 +282,19 @@ def make_table(task: str, cfg: ExampleConfig) -> pa.Table:
 def write_example_dataset(out: str | Path, cfg: ExampleConfig | None = None) -> dict[str, Path]:
     """Write OUT/{text2image,...}/{split}-00000.parquet for every task; returns task -> file.
 
-    A val split may not share directories with a train split (converting the directory would mix them).
+    A directory holding other parquet (the other split, a user's data) is refused: converting it would mix them.
     """
     cfg = cfg or ExampleConfig()
     written = {}
     for task in cfg.tasks:
         directory = Path(out) / SCHEMAS[task].dir_name
-        other = "val" if cfg.split == "train" else "train"
-        clash = sorted(directory.glob(f"{other}-*.parquet")) if directory.is_dir() else []
-        if clash:
-            raise ValueError(f"{directory} already holds the {other} split ({clash[0].name}); write the {cfg.split} "
-                             f"split under another --out, or converting the directory would mix the splits")
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{cfg.split}-00000.parquet"
+        clash = sorted(p for p in directory.glob("*.parquet") if p != path) if directory.is_dir() else []
+        if clash:
+            raise ValueError(f"{directory} already holds other parquet ({clash[0].name}"
+                             f"{f' and {len(clash) - 1} more' if len(clash) > 1 else ''}); write the example "
+                             f"{cfg.split} split under another --out, or converting the directory would mix them")
+        directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         pq.write_table(make_table(task, cfg), tmp, row_group_size=cfg.rows_per_group)
         tmp.replace(path)

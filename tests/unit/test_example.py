@@ -45,6 +45,13 @@ def test_val_split_cannot_share_a_directory_with_train(tmp_path):
     write_example_dataset(tmp_path, ExampleConfig(tasks=("t2i",), **TINY))
     with pytest.raises(ValueError, match="another --out"):
         write_example_dataset(tmp_path, ExampleConfig(split="val", tasks=("t2i",), **TINY))
+    # nor with a user's own parquet (it was added beside theirs, and the two converted together)
+    mine = tmp_path / "mine"
+    (mine / "text2image").mkdir(parents=True)
+    (mine / "text2image" / "part-0.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"already holds other parquet \(part-0.parquet\)"):
+        write_example_dataset(mine, ExampleConfig(tasks=("t2i",), **TINY))
+    write_example_dataset(tmp_path, ExampleConfig(tasks=("t2i",), **TINY))  # its own file: written again
 
 
 def test_config_errors_are_collected():
