@@ -83,6 +83,23 @@ def _suggest(name: str, options: typing.Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _in_other_section(cls: type, name: str, value: Any, prefix: str) -> str:
+    """A key put in the wrong section (lr=, optim.lr=): the fields deeper in `cls` that have its name, or its keys'."""
+    leaves = [str(k) for k in value] if isinstance(value, dict) else [name]
+    found = [join(prefix, path) for leaf in leaves for path in _field_paths(cls) if path.rsplit(".", 1)[-1] == leaf]
+    return f"; did you mean {' or '.join(repr(p) for p in found[:3])}?" if found else ""
+
+
+def _field_paths(cls: type) -> list[str]:
+    """Dotted names of every field of a config dataclass, its sections' fields included."""
+    paths = []
+    for name, tp in typing.get_type_hints(cls).items():
+        paths.append(name)
+        if dataclasses.is_dataclass(tp):
+            paths += [f"{name}.{sub}" for sub in _field_paths(tp)]
+    return paths
+
+
 def _convert(value: Any, tp: Any, key: str, problems: Problems) -> Any:
     """Convert a YAML value to the annotated type, reporting (not raising) mismatches."""
     origin = typing.get_origin(tp)
@@ -167,7 +184,8 @@ def from_dict(cls: type[T], data: dict, problems: Problems, prefix: str = "") ->
     for name, value in data.items():
         key = join(prefix, str(name))
         if name not in fields:
-            problems.add(key, f"unknown key{_suggest(str(name), fields)} (valid keys: {', '.join(sorted(fields))})")
+            hint = _suggest(str(name), fields) or _in_other_section(cls, str(name), value, prefix)
+            problems.add(key, f"unknown key{hint} (valid keys: {', '.join(sorted(fields))})")
             continue
         local = Problems()
         converted = _convert(value, hints[name], key, local)

@@ -151,6 +151,11 @@ def test_unknown_key_suggests_the_closest_name():
     problems = Problems()
     from_dict(RunConfig, {"train": {"warmup_step": 3}}, problems)
     assert "did you mean 'warmup_steps'" in problems.items[0]
+    # a key in the wrong section, or in none, is found where it lives
+    problems = Problems()
+    from_dict(RunConfig, {"optim": {"lr": 1e-3}, "max_steps": 5}, problems)
+    assert problems.items[0].startswith("optim: unknown key; did you mean 'train.lr'?"), problems.items
+    assert problems.items[1].startswith("max_steps: unknown key; did you mean 'train.max_steps'?"), problems.items
 
 
 def test_missing_group_shards_and_wrong_task(dataset_dir):
