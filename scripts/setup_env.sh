@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with the pinned stack and lance_ds installed editable; re-running is a no-op until a
-# requirements file changes. Keeps a torch that is already installed (GPU users install their own CUDA build
-# first); otherwise installs $LANCE_TORCH or requirements-cpu.txt's pin torch==2.13.0 (never a bare `torch`).
+# requirements file changes. Keeps a torch already installed in .venv (GPU users install their own CUDA build
+# there first); otherwise installs $LANCE_TORCH or requirements-cpu.txt's pin torch==2.13.0 (never a bare `torch`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,12 +2,12 @@
 """Train the frame VAE of the example world: the codec the README's main job generates through.
 
   python tools/train_example_vae.py --out example_vae/            # ~2.5 min on 2 CPU cores
-  ... configs/debug.yaml: model.vae_path: ../example_vae
+  then train with model.vae_path=example_vae (as scripts/main_job.sh does)
 
 Frames of train-split scenes (lance_ds.data.example: images, and single frames of the videos) are drawn at the
 example data's size (64 px), coded as the dataset codes them (PNG or JPEG), and resized to --resolution the way the
 loader resizes them; a per-frame VAE (lance_ds.model.vae.FrameAutoencoder: MLPs, one frame <-> --latent-channels
-numbers) learns to reconstruct them. A whole frame in a few numbers is what lets the 2.6 M-parameter debug model learn
+numbers) learns to reconstruct them. A whole frame in a few numbers is what lets the ~4 M-parameter debug model learn
 to draw, edit and animate the shapes in minutes on a CPU; the patch codec's 4x4-pixel tokens left it drawing blobs.
 
 At the end the program judges (lance_ds.data.example's judges) reconstructions of held-out scenes: the accuracy a
