@@ -49,6 +49,10 @@ if [ -n "${SAVE_EVERY:-}" ]; then positive SAVE_EVERY; args+=("checkpoint.save_e
 # 0 turns these off (checkpoint.debug_step, validation.every)
 if [ -n "${CKPT_DEBUG_STEPS:-}" ]; then nonnegative CKPT_DEBUG_STEPS; args+=("checkpoint.debug_step=$CKPT_DEBUG_STEPS"); fi
 if [ -n "${VALIDATION_STEP:-}" ]; then nonnegative VALIDATION_STEP; args+=("validation.every=$VALIDATION_STEP"); fi
+if [ -n "${VAL_DATASET_CONFIG_FILE:-}" ] && [ -z "${VALIDATION_STEP:-}" ]; then
+  echo "launch.sh: VAL_DATASET_CONFIG_FILE without VALIDATION_STEP validates only if CONFIG_FILE sets validation.every" \
+    "(configs/base.yaml: 0, off); set VALIDATION_STEP=N to validate every N steps" >&2
+fi
 if [ -n "${NUM_WORKERS:-}" ]; then nonnegative NUM_WORKERS; args+=("data.num_workers=$NUM_WORKERS"); fi
 if [ -n "${ENABLE_LAPE:-}" ]; then boolean ENABLE_LAPE; args+=("model.lape.enabled=$ENABLE_LAPE"); fi
 if [ -n "${NUM_SPATIAL_TOKENS:-}" ]; then positive NUM_SPATIAL_TOKENS; args+=("model.lape.num_spatial_tokens=$NUM_SPATIAL_TOKENS"); fi

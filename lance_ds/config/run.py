@@ -250,8 +250,9 @@ def load_run(config_path: str | None, overrides: list[str], problems: Problems) 
         return None
     dataset = load_dataset(config.dataset_config, problems, "dataset_config")
     val = None
-    if config.validation.every > 0 and config.validation.dataset_config:
+    if config.validation.dataset_config:  # read even while validation is off: a file named must be there
         val = load_dataset(config.validation.dataset_config, problems, "validation.dataset_config")
+        val = val if config.validation.every > 0 else None
     check_switches(config.model, dataset, problems, "dataset_config")
     if val is not None:
         check_switches(config.model, val, problems, "validation.dataset_config")

@@ -110,6 +110,7 @@ BAD = [
     ({}, ["model.freeze_modules=[*norm*,lm_head*]"], None, "model.freeze_modules"),  # YAML reads *norm* as an alias
     ({"validation": {"every": 5, "dataset_config": "data.yaml"}}, ["model.visual_gen=false"], None,
      "validation.dataset_config.groups[0]"),  # the held-out set is checked against the switches too
+    ({}, ["validation.dataset_config=nowhere.yaml"], None, "validation.dataset_config"),  # named while off: read too
 ]
 
 
