@@ -41,8 +41,13 @@ else
   OMP_NUM_THREADS="$(nproc)" python tools/train_example_vit.py --vae "$VAE_DIR" --out "$VIT_DIR"
 fi
 
-echo "== 4/6 train (deepspeed, $(bash scripts/num_ranks.sh) ranks) -> $RUN_DIR"
-deepspeed --num_gpus "$(bash scripts/num_ranks.sh)" --master_port "${MASTER_PORT:-29510}" lance_ds/train.py \
+ranks=$(bash scripts/num_ranks.sh)
+placement=(--num_gpus "$ranks")
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$(bash scripts/num_ranks.sh --gpus)" -gt 0 ]; then
+  placement=(--include "localhost:$CUDA_VISIBLE_DEVICES")  # with --num_gpus DeepSpeed drops it: GPUs 0..N-1
+fi
+echo "== 4/6 train (deepspeed, $ranks ranks) -> $RUN_DIR"
+deepspeed "${placement[@]}" --master_port "${MASTER_PORT:-29510}" lance_ds/train.py \
   --ds_config ds_configs/zero3.json --config configs/debug.yaml --output_dir "$RUN_DIR" --resume none \
   model.vae_path="$VAE_DIR" model.vit_path="$VIT_DIR" model.vit_trainable=false "$@"
 
