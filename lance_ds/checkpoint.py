@@ -426,11 +426,7 @@ def _universal_load_repaired(optimizer):
 
 def _ranks_failing(failed: bool, device: torch.device) -> int:
     """How many ranks report a failure (collective: every rank calls it, so all of them raise together)."""
-    if not distributed.initialized():
-        return int(failed)
-    count = torch.tensor([float(failed)], device=device)
-    dist.all_reduce(count)
-    return int(count.item())
+    return int(distributed.sum_over_ranks(torch.tensor([float(failed)], device=device)).item())
 
 
 SHARED_TOKEN = ".lance_ds_shared"

@@ -15,9 +15,9 @@ def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def world_size(group=None) -> int:
-    """Ranks in `group` (the default group when None); 1 without a process group."""
-    return dist.get_world_size(group) if initialized() else 1
+def world_size() -> int:
+    """Ranks in the process group; 1 without one."""
+    return dist.get_world_size() if initialized() else 1
 
 
 def rank() -> int:
@@ -36,6 +36,23 @@ def every_rank(value) -> list:
     return values
 
 
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` (a detached copy) summed over every rank; every rank must call it with the same shape."""
+    values = values.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest of every rank's `value`; every rank must call it. `value` itself in one process."""
+    if world_size() == 1:
+        return value
+    largest = torch.tensor([float(value)], device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return largest.item()
+
+
 def until_every_rank_is_done(items: Iterator[T], filler: Callable[[], T], device: torch.device) -> Iterator[T]:
     """`items`, then `filler()`s until every rank's items have run out: as many on every rank, whatever one rank
     has (under ZeRO-3 each forward pass gathers parameters with every rank: a rank with one pass fewer hangs the
@@ -45,8 +62,6 @@ def until_every_rank_is_done(items: Iterator[T], filler: Callable[[], T], device
         return
     while True:
         item = next(items, None)
-        more = torch.tensor([item is not None], dtype=torch.int32, device=device)
-        dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not more.item():
+        if not max_over_ranks(item is not None, device):
             return
         yield item if item is not None else filler()

@@ -490,7 +490,7 @@ def write_lance_dir(directory: Path, state: dict[str, Tensor], parts: InferenceP
     bundle = parts.bundle
     model_state = {k: v.to(dtype) for k, v in state.items() if not k.startswith(LANCE_VIT_PREFIX)}
     vit_state = {k: v.to(dtype) for k, v in bundle.vit.state_dict().items()} if bundle.vit is not None else None
-    # the fixed sin-cos table stays fp32: loading checks it against the recomputed one to 1e-3, which bf16 misses
+    # the fixed sin-cos table stays fp32, exact: loading compares it with the recomputed one (within bf16's rounding)
     table = bundle.model.latent_pos_embed.table().float() if bundle.model.cfg.visual_gen else None
     special = parts.tokenizer.special
     extra = {"max_latent_size": bundle.spec.max_latent_size, "max_num_frames": bundle.spec.max_num_frames,

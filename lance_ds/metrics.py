@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import world_size
+from .distributed import sum_over_ranks, world_size
 
 
 def host_rss_bytes() -> int:
@@ -38,12 +38,9 @@ def memory_scalars() -> dict[str, float]:
 def summed_over_ranks(scalars: dict[str, float], keys: list[str], device: torch.device) -> dict[str, float]:
     """`scalars` with the counts named by `keys` summed over all ranks (a collective: every rank calls it with the
     same keys, in the same order)."""
-    import torch.distributed as dist
-
     if not keys or world_size() == 1:
         return scalars
-    totals = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(totals)
+    totals = sum_over_ranks(torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=device))
     return {**scalars, **dict(zip(keys, totals.tolist()))}
 
 

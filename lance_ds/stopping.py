@@ -14,7 +14,6 @@ import signal
 import threading
 
 import torch
-import torch.distributed as dist
 
 from . import distributed
 
@@ -39,11 +38,7 @@ class StopRequests:
     def agreed(self, device: torch.device) -> int | None:
         """The signal that stops the run, the same on every rank (a collective: every rank calls it at the same
         step); None: go on."""
-        if distributed.world_size() == 1:
-            return self.signal
-        received = torch.tensor([float(self.signal or 0)], device=device)
-        dist.all_reduce(received, op=dist.ReduceOp.MAX)
-        return int(received.item()) or None
+        return int(distributed.max_over_ranks(self.signal or 0, device)) or None
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from .config.data import GEN_TASKS, TASKS
 from .data.batch import PackedBatch
-from .distributed import every_rank, until_every_rank_is_done, world_size
+from .distributed import every_rank, sum_over_ranks, until_every_rank_is_done
 from .metrics import summed_over_ranks
 from .objectives import TokenLosses, token_losses
 
@@ -55,9 +54,7 @@ class TaskLosses:
 
     def scalars(self, prefix: str) -> dict[str, float]:
         """Per-task means over all ranks since the last call (collective: every rank must call it); then reset."""
-        sums = self.sums.clone()
-        if world_size() > 1:
-            dist.all_reduce(sums)
+        sums = sum_over_ranks(self.sums)
         self.sums.zero_()
         out = {}
         for i, task in enumerate(TASKS):

@@ -75,8 +75,8 @@ class ValidationConfig:
 
     every: int = doc(0, "validate every this many steps, and at step 0 (0: off)")
     dataset_config: str | None = doc(None, "dataset YAML of the held-out set (required when every > 0)")
-    max_samples: int = doc(64, "samples of the held-out set used for the losses (the same ones every time)")
-    num_generations: int = doc(2, "prompts per generation task rendered to TensorBoard")
+    max_samples: int = doc(64, "samples per group of the held-out set used for the losses (the same ones every time)")
+    num_generations: int = doc(2, "samples per group rendered to TensorBoard (images, videos, or answers)")
     sample_steps: int = doc(30, "Euler steps when generating validation samples")
     cfg_scale: float = doc(4.0, "classifier-free guidance scale for validation samples")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict
 
-from .stream import DataError, GroupCursor, GroupReader, SkipCounter, StreamSpec
+from .stream import DataError, GroupCursor, GroupReader, SkipCounter, SlotStream, StreamSpec
 
 _TOTALS = ("num_batches", "num_samples", "real_tokens", "total_tokens")
 
@@ -42,7 +42,7 @@ def old_slot_states(rank_states: list[dict], fingerprint: str) -> list[dict | No
 def resharded(old: list[dict | None], spec: StreamSpec, new_slots: int) -> list[dict]:
     """The positions of `new_slots` slots that go on from the old slots' positions (None: a slot that had not
     produced a trained batch, still at the start)."""
-    new = [_fresh_state(slot, new_slots, spec) for slot in range(new_slots)]
+    new = [SlotStream(spec, slot, new_slots).state() for slot in range(new_slots)]  # (opens nothing)
     buffered = [address for state in old if state for address in state["shuffle_buffer"] + state["packing_buffer"]]
     room = new_slots * 2 * (spec.data.shuffle_buffer + spec.data.packing_buffer)  # (memory: a slot's usual twice)
     for slot, state in enumerate(new):
@@ -104,12 +104,3 @@ def _rest(units, cursor: GroupCursor, furthest: int) -> list[list[int]]:
         pieces += [[epoch, shard, 0, -1] for shard in units(epoch)]
     return pieces
 
-
-def _fresh_state(slot: int, num_slots: int, spec: StreamSpec) -> dict:
-    names = [g.name for g in spec.groups]
-    return {"slot": slot, "num_slots": num_slots, "groups": {}, "mix_draws": 0, "shuffle_draws": 0,
-            "shuffle_buffer": [], "packing_buffer": [], "packing_buffer_decoded": [],
-            "failing": dict.fromkeys(names, 0), "failing_since": dict.fromkeys(names, 0),
-            "failing_shards": {name: [] for name in names},
-            "largest_epoch": dict.fromkeys(names, 0), "trained_epoch": dict.fromkeys(names, 0),
-            "skipped": {}, **dict.fromkeys(_TOTALS, 0)}

@@ -24,9 +24,10 @@ requested size (the sampler writes its latents), and `drop_caption=True` gives t
 classifier-free guidance (the caption replaced by <|endoftext|>, as caption dropout does in training).
 
 Pixels: ViT input is resized/cropped to sides that are multiples of patch*merge (28), images repeated to
-temporal_patch (2) frames, normalised with the CLIP mean/std as Qwen2.5-VL's processor does, and cut into patches in
-Qwen2.5-VL order; VAE input is resized/cropped to multiples of the VAE's spatial factor, trimmed to 4k+1 frames (for a
-temporal factor 4) and scaled to [-1, 1]. Both pick the aspect-ratio bucket closest to the source.
+temporal_patch (2) frames, and cut into patches in Qwen2.5-VL order; VAE input is resized/cropped to multiples of the
+VAE's spatial factor and trimmed to 4k+1 frames (for a temporal factor 4). Both pick the aspect-ratio bucket closest to
+the source and stay uint8 until the device (the ViT normalises with the CLIP mean/std as Qwen2.5-VL's processor does,
+the VAE scales to [-1, 1]): a quarter of the bytes through the loader.
 """
 
 from __future__ import annotations

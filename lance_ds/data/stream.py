@@ -1054,8 +1054,7 @@ class ValLoader:
     """
 
     def __init__(self, groups: list[ResolvedGroup], planner: SequencePlanner, *, rank: int, world_size: int,
-                 samples_per_batch: int, branches: Branches, max_samples: int | None = None,
-                 packing_length: int | None = None):
+                 samples_per_batch: int, branches: Branches, packing_length: int, max_samples: int | None = None):
         self.groups = [replace(g, config=replace(g.config, caption_dropout=0.0)) for g in groups]
         self.packing_length = packing_length
         self.planner, self.rank, self.world_size = planner, rank, world_size
@@ -1082,9 +1081,9 @@ class ValLoader:
         long to evaluate is dropped without being decoded; then again from the decoded media (sizes may differ
         from KEY.json's)."""
         try:
-            for sizes_only in (True, False) if self.packing_length is not None else (False,):
+            for sizes_only in (True, False):
                 plan = self.planner.plan(decode_sample(raw, group, sizes_only=sizes_only), group.config)
-                if self.packing_length is not None and not check_length(plan, self.packing_length, True):
+                if not check_length(plan, self.packing_length, True):
                     self.skips.add("overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens "
                                                f"> packing_length {self.packing_length}")
                     return None

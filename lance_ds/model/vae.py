@@ -16,7 +16,7 @@ Four codecs:
   frame  a small per-frame VAE (MLPs; each frame of one fixed size <-> one latent token) trained for a narrow world
          by tools/train_example_vae.py: the README's main job's codec (a whole frame in z numbers is what lets a
          ~4 M-parameter model learn to draw in minutes). Latent = (mean - latents_mean) / latents_std, plus the
-         posterior noise when sampling, as for wan.
+         posterior noise when sampling, normalised as the mean is (unlike wan's).
 All are frozen, built outside zero.Init and outside the engine, and never checkpointed (DESIGN rule 5).
 """
 

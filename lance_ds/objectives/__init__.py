@@ -30,12 +30,12 @@ from .flow import (
                    shift_timesteps,
                    token_blocks,
 )
-from .losses import Losses, TokenLosses, compute_losses, global_sums, normalised, step_weights, token_losses
-from .text import all_ranks_done, ce_per_token, decode_text, pick_token
+from .losses import Losses, TokenLosses, compute_losses, normalised, step_weights, token_losses
+from .text import ce_per_token, decode_text, pick_token
 
 __all__ = [
-    "PREDICTIONS", "FlowInputs", "Losses", "SamplerInputs", "TokenLosses", "all_ranks_done", "as_velocity",
-    "ce_per_token", "compute_losses", "decode_text", "euler_sample", "global_sums", "guided_steps", "lance_velocity_fn",
+    "PREDICTIONS", "FlowInputs", "Losses", "SamplerInputs", "TokenLosses", "as_velocity",
+    "ce_per_token", "compute_losses", "decode_text", "euler_sample", "guided_steps", "lance_velocity_fn",
     "latent_weights", "mse_per_token", "normalised", "pick_token", "prepare_flow", "sample_timesteps", "sampling_schedule",
     "shift_timesteps", "step_weights", "token_blocks", "token_losses",
 ]

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lance_ds.config.model import ObjectiveConfig
 from lance_ds.data.batch import PackedBatch
-from lance_ds.distributed import world_size
+from lance_ds.distributed import sum_over_ranks, world_size
 
 from .flow import FlowInputs, as_velocity, latent_weights, mse_per_token
 from .text import ce_per_token
@@ -58,25 +57,17 @@ class Losses:
         return float(self.counts[2]), float(self.counts[3])
 
 
-def global_sums(values: Tensor, group=None) -> Tensor:
-    """Sum a small vector over the ranks of `group` (identity without a process group); no gradient."""
-    values = values.detach().float().clone()
-    if world_size(group) > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-    return values
-
-
 def normalised(per_token: Tensor, weights: Tensor, global_count: Tensor, num_ranks: int) -> Tensor:
     """sum(w * l) * world / global_sum(w); 0 (still in the graph) when no rank has a weighted token."""
     count = torch.where(global_count > 0, global_count, torch.ones_like(global_count))
     return (per_token * weights.to(per_token.dtype)).sum() * num_ranks / count
 
 
-def step_weights(batches: list[PackedBatch], cfg: ObjectiveConfig, device: torch.device, group=None) -> Tensor:
+def step_weights(batches: list[PackedBatch], cfg: ObjectiveConfig, device: torch.device) -> Tensor:
     """[CE weight, MSE weight, CE positions, MSE latent tokens scored] summed over the micro-batches of one optimizer
-    step on every rank of `group` (one all-reduce): what compute_losses divides by."""
+    step on every rank (one all-reduce, in float64: counts stay exact): what compute_losses divides by."""
     mine = sum(_weight_counts(batch.ce_weights, latent_weights(batch, cfg)) for batch in batches)
-    return global_sums(mine.to(device), group)
+    return sum_over_ranks(mine.to(device))
 
 
 def _weight_counts(ce_w: Tensor, mse_w: Tensor) -> Tensor:
@@ -85,7 +76,7 @@ def _weight_counts(ce_w: Tensor, mse_w: Tensor) -> Tensor:
 
 
 def compute_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: FlowInputs | None,
-                   cfg: ObjectiveConfig, group=None, step: Tensor | None = None, micro_steps: int = 1) -> Losses:
+                   cfg: ObjectiveConfig, step: Tensor | None = None, micro_steps: int = 1) -> Losses:
     """CE on batch.ce_indexes (weights batch.ce_weights) and MSE on noised latents (weights flow.weights).
 
     logits [C, V'] and velocity [N, z] (the flow head's output: see objective.prediction) are the model's
@@ -95,8 +86,8 @@ def compute_losses(logits: Tensor, velocity: Tensor, batch: PackedBatch, flow: F
     """
     tokens = token_losses(logits, velocity, batch, flow, cfg)
     ce_w, mse_w = tokens.ce_weights, tokens.mse_weights
-    counts = global_sums(_weight_counts(ce_w, mse_w), group) if step is None else step
-    ranks = world_size(group) * micro_steps
+    counts = sum_over_ranks(_weight_counts(ce_w, mse_w)) if step is None else step
+    ranks = world_size() * micro_steps
     ce = normalised(tokens.ce, ce_w, counts[0].float(), ranks)
     mse = normalised(tokens.mse, mse_w, counts[1].float().to(tokens.mse.device), ranks)
     total = cfg.ce_weight * ce + cfg.mse_weight * mse

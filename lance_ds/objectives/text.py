@@ -9,12 +9,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from lance_ds.data.batch import PAD_TASK, AttnMode, PackedBatch
-from lance_ds.distributed import world_size
+from lance_ds.distributed import max_over_ranks
 
 
 def ce_per_token(logits: Tensor, targets: Tensor) -> Tensor:
@@ -96,18 +95,11 @@ def decode_text(model: torch.nn.Module, prompts: PackedBatch, vit_embeds: Tensor
                 answers[i].append(token)
                 done[i] = token == eos_token_id
         # the step count, not the answers, ends the loop: it is the same on every rank
-        if step == max_new_tokens - 1 or all_ranks_done(all(done), device):
+        if step == max_new_tokens - 1 or not max_over_ranks(not all(done), device):
             break
         positions = positions + 1  # text after text: the last token's RoPE id + 1 on all three axes
         logits = model.extend(torch.tensor(tokens, device=device), positions, sample_ids, cache)
     return answers
 
 
-def all_ranks_done(done: bool, device: torch.device) -> bool:
-    """True when `done` holds on every rank (the same answer on all ranks, so all stop at the same step); collective
-    whenever a process group is initialised."""
-    if world_size() == 1:
-        return done
-    flag = torch.tensor([0.0 if done else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return float(flag) == 0.0
+
