@@ -44,6 +44,7 @@ import torch.distributed as dist
 import yaml
 
 from . import distributed
+from .config.model import MODEL_DIRS
 from .ema import ShardedEMA
 from .faults import kill_if_armed
 from .model.weights import save_safetensors
@@ -484,9 +485,6 @@ def refuse_other_architecture(saved_model: dict, current_model: dict, path: Path
         detail = "; ".join(f"model.{k}: checkpoint {saved_model[k]!r}, now {current_model.get(k)!r}" for k in differing)
         raise CheckpointError(f"{path} was trained with a different architecture ({detail}). Resume with the "
                               f"same model settings, or start a new output_dir (or --resume none).")
-
-
-MODEL_DIRS = ("path", "vit_path", "vae_path", "tokenizer_path")
 
 
 def refuse_other_shapes(saved: dict[str, list[int]] | None, current: dict[str, list[int]], saved_model: dict,

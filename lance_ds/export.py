@@ -51,7 +51,7 @@ from torch import Tensor
 
 from .checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, Checkpointer, rank_dir, step_name
 from .config.core import Problems, from_dict, load_yaml, output_problem, to_dict
-from .config.model import LoraConfig, ModelConfig, ObjectiveConfig
+from .config.model import MODEL_DIRS, LoraConfig, ModelConfig, ObjectiveConfig
 from .config.run import RunConfig
 from .model.weights import save_safetensors
 
@@ -83,8 +83,7 @@ class ExportError(RuntimeError):
 
 # The directories a run's model section names, as the machine that trained had them. A checkpoint or export read
 # elsewhere (copied off the cluster) finds them where these flags of export_checkpoint, generate and evaluate say.
-MODEL_DIR_FLAGS = {"path": "--model-path", "tokenizer_path": "--tokenizer-path", "vit_path": "--vit-path",
-                   "vae_path": "--vae-path"}
+MODEL_DIR_FLAGS = {key: "--model-path" if key == "path" else "--" + key.replace("_", "-") for key in MODEL_DIRS}
 
 
 def add_model_dir_flags(parser) -> None:

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import (MODEL_DIRS, Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir,
+from .checkpoint import (Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir,
                          read_config)
 from .config.core import ConfigError, to_dict
 from .config.data import TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
+from .config.model import MODEL_DIRS
 from .config.run import Run
 from .data.packing import Branches
 from .data.sequence import SequencePlanner

@@ -47,6 +47,8 @@ class LoraConfig:
 # Named geometries of lance_ds.model.registry (kept here so that config checks need no torch import).
 MODEL_SIZES = ("debug", "tiny", "100m", "3b")
 VAE_KINDS = ("auto", "wan", "kl", "patch", "frame")
+ATTENTION_BACKENDS = ("sdpa", "flex", "flash")
+MODEL_DIRS = ("path", "vit_path", "vae_path", "tokenizer_path")  # the model.* keys that name local directories
 
 
 @dataclass
@@ -87,7 +89,7 @@ class ModelConfig:
         problems.require(self.visual_und or self.visual_gen, join(key, "visual_und"),
                          "at least one of model.visual_und and model.visual_gen must be true")
         problems.one_of(self.size, MODEL_SIZES, join(key, "size"))  # (with model.path it still picks the codec)
-        problems.one_of(self.attention, ("sdpa", "flex", "flash"), join(key, "attention"))
+        problems.one_of(self.attention, ATTENTION_BACKENDS, join(key, "attention"))
         problems.one_of(self.vae, VAE_KINDS, join(key, "vae"))
         for name in ("dtype", "vit_dtype", "vae_dtype"):
             problems.one_of(getattr(self, name), PRECISIONS, join(key, name))
@@ -99,7 +101,7 @@ class ModelConfig:
             problems.add(join(key, "path"), "model.size=3b is Lance's geometry, to fine-tune from its weights: set "
                          "model.path=DIR (a local Lance or Qwen2.5-VL checkpoint; MODEL_PATH in scripts/sft_lance_*.sh)"
                          ", or model.random_init=true to train from random weights on purpose")
-        for name in ("path", "vit_path", "vae_path", "tokenizer_path"):
+        for name in MODEL_DIRS:
             value = getattr(self, name)
             if value is not None and not Path(value).is_dir():
                 problems.add(join(key, name), f"{value} is not a directory; point it at a local checkpoint directory")

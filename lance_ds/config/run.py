@@ -8,7 +8,7 @@ from pathlib import Path
 from ..data.manifest import ManifestError, local_shards, read_manifest
 from .core import Problems, apply_overrides, check, doc, from_dict, join, load_yaml
 from .data import GEN_TASKS, UND_TASKS, DataConfig, DatasetConfig, GroupConfig
-from .model import PRECISIONS, ModelConfig, ObjectiveConfig
+from .model import MODEL_DIRS, PRECISIONS, ModelConfig, ObjectiveConfig
 
 
 @dataclass
@@ -137,8 +137,7 @@ class Run:
 
 # Files a run YAML reads are relative to the YAML (so configs move with their data); output_dir and paths given
 # on the command line are relative to where you launch. Both are made absolute as they are read.
-INPUT_PATH_KEYS = ("dataset_config", "validation.dataset_config", "model.path", "model.vit_path", "model.vae_path",
-                   "model.tokenizer_path")
+INPUT_PATH_KEYS = ("dataset_config", "validation.dataset_config", *(f"model.{key}" for key in MODEL_DIRS))
 
 
 def resolve_input_paths(data: dict, base: Path) -> dict:

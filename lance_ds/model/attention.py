@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lance_ds.config.model import ATTENTION_BACKENDS
 from lance_ds.data.batch import AttnMode
 
-BACKENDS = ("sdpa", "flex", "flash")
 # plain ints: flex's eager path mis-evaluates tensor comparisons against IntEnum members
 CAUSAL, NOISE = int(AttnMode.CAUSAL), int(AttnMode.NOISE)
 
@@ -376,4 +376,4 @@ def build_attention(backend: str, layout: PackedLayout):
         return FlexAttention(layout)
     if backend == "flash":
         return VarlenAttention(layout)
-    raise ValueError(f"model.attention must be one of {list(BACKENDS)}, got {backend!r}")
+    raise ValueError(f"model.attention must be one of {list(ATTENTION_BACKENDS)}, got {backend!r}")

@@ -30,9 +30,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lance_ds.config.model import VAE_KINDS
+
 from .weights import load_safetensors, save_safetensors
 
-KINDS = ("wan", "kl", "patch", "frame")
+KINDS = tuple(k for k in VAE_KINDS if k != "auto")
 
 
 def unit_range(pixels: Tensor) -> Tensor:
@@ -315,9 +317,7 @@ def detect_kind(path: str | Path) -> str:
 def build_vae(cfg: VaeConfig, path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> FrozenVAE:
     """The frozen codec: loaded from `path` (a diffusers directory) when given, else built from `cfg`."""
     kind = detect_kind(path) if path else cfg.kind
-    if kind == "patch":
-        if path:
-            raise ValueError("the patch codec has no weights; unset model.vae_path or set model.vae to wan/kl")
+    if kind == "patch":  # (weights never say patch: it has none)
         vae: FrozenVAE = PatchCodec(cfg.spatial_factor, cfg.temporal_factor)
     elif kind == "frame":
         if not path:
