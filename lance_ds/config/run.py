@@ -248,10 +248,11 @@ def load_run(config_path: str | None, overrides: list[str], problems: Problems) 
             problems.add("dataset_config", "no dataset YAML: pass --dataset_config FILE")
         return None
     dataset = load_dataset(config.dataset_config, problems, "dataset_config")
-    val = None
-    if config.validation.dataset_config:  # read even while validation is off: a file named must be there
-        val = load_dataset(config.validation.dataset_config, problems, "validation.dataset_config")
-        val = val if config.validation.every > 0 else None
+    val, val_path = None, config.validation.dataset_config
+    if val_path and config.validation.every > 0:
+        val = load_dataset(val_path, problems, "validation.dataset_config")
+    elif val_path and not Path(val_path).is_file():  # named while validation is off: there all the same
+        problems.add("validation.dataset_config", f"{val_path} is not a file")
     check_switches(config.model, dataset, problems, "dataset_config")
     if val is not None:
         check_switches(config.model, val, problems, "validation.dataset_config")
