@@ -1,5 +1,7 @@
 """Example dataset: deterministic, in the Lance schemas, disjoint val split; judges accept right and reject wrong."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -108,17 +110,23 @@ def test_questions_and_answers_are_templated(tables):
 
 
 def test_val_scenes_never_occur_in_train():
-    for task in ("t2i", "t2v"):
-        train = make_table(task, ExampleConfig(num_per_task=30, rows_per_group=30)).to_pylist()
-        val = make_table(task, ExampleConfig(num_per_task=30, rows_per_group=30, split="val")).to_pylist()
-        column = "image_bytes" if task == "t2i" else "video_bytes"
-        train_media = {r[column] for r in train}
-        assert not train_media & {r[column] for r in val}
+    """No medium of the val split - of any task, sources and edit targets alike - is one of train's."""
+    from lance_ds.data.example import _edited
+
+    def media(split: str) -> set[bytes]:
+        cfg = ExampleConfig(num_per_task=30, rows_per_group=30, split=split, size=32)
+        return {value for task in SCHEMAS for row in make_table(task, cfg).to_pylist()
+                for column, value in row.items() if column.endswith("_bytes")}
+
+    assert not media("train") & media("val")
     rng_train, rng_val = np.random.default_rng(0), np.random.default_rng(0)  # even the same stream cannot collide
     for video in (False, True):
         train = {draw_scene(rng_train, video, "train") for _ in range(300)}
         val = {draw_scene(rng_val, video, "val") for _ in range(300)}
         assert not train & val and all(s.held_out() for s in val) and not any(s.held_out() for s in train)
+        # an edit's target (another colour or shape: new scenes) stays in its source's split
+        for scene in train | val:
+            assert _edited(scene, rng_train, allow_shape=True)[0].held_out() == scene.held_out()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +191,12 @@ def test_edit_judge_checks_the_requested_change_and_the_place():
     assert not judge_edit(source, render_image(Scene("blue", "square", 16, 30, 34)), "make it blue")  # changed both
     moved = judge_edit(source, render_image(Scene("blue", "circle", 14, 50, 16)), "make it blue")
     assert not moved and "position" in moved.reason
+    # within the world's places (all within 18% of the side of each other), and resized: both caught
+    nearby = judge_edit(render_image(Scene("red", "circle", 16, 28, 28)),
+                        render_image(Scene("blue", "circle", 16, 36, 36)), "make it blue")
+    assert not nearby and "position" in nearby.reason
+    smaller = judge_edit(source, render_image(Scene("blue", "circle", 11, 30, 34)), "make it blue")
+    assert not smaller and "size" in smaller.reason
     with pytest.raises(ValueError, match="names no colour or shape"):
         judge_edit(source, recoloured, "make it nicer")
 
@@ -193,6 +207,8 @@ def test_video_edit_judge_keeps_the_motion():
     assert judge_generation("v2v", "make it yellow", render_video(target), source)
     reversed_motion = render_video(target)[::-1]
     assert not judge_generation("v2v", "make it yellow", reversed_motion, source)
+    slower = judge_generation("v2v", "make it yellow", render_video(dataclasses.replace(target, travel=8)), source)
+    assert not slower and "travel" in slower.reason  # the right direction, a third of the way
     with pytest.raises(ValueError, match="source"):
         judge_generation("v2v", "make it yellow", render_video(target))
 
