@@ -159,14 +159,13 @@ def test_kill9_during_save_and_during_training_resume_exactly(reference, example
 
 def test_an_error_on_one_rank_ends_the_job_at_once_with_its_traceback(example_data, tmp_path):
     """The other rank waits in a ZeRO-3 collective the failed one never joins: the failed rank must exit (not wait
-    in a barrier for the process group's 30-minute timeout) so that the launcher stops the job."""
-    start = time.time()
+    in a barrier for the process group's 30-minute timeout) so that the launcher stops the job (within launch's
+    timeout: a wall-clock bound of its own would only add flakiness on a loaded machine)."""
     result = launch(train_args(tmp_path / "run", example_data), env=launch_env(LANCE_DS_FAULT="raise:3"),
                     timeout=180, check=False)
     assert result.returncode != 0
     assert "injected failure on rank 1 at step 3" in result.stdout and "Traceback" in result.stdout
     assert latest(tmp_path / "run") == "step_00000002"  # the last checkpoint is usable
-    assert time.time() - start < 150
 
 
 def test_validation_losses_do_not_depend_on_the_number_of_ranks(reference, example_data, tmp_path):
@@ -324,12 +323,11 @@ def test_a_rank_that_refuses_its_config_stops_the_others(example_data, tmp_path)
     waited out the rendezvous timeout (30 min): the refusing rank now joins only to tell them, and all stop."""
     out = tmp_path / "run"
     missing = [*train_args(out, example_data), "--dataset_config", str(tmp_path / "not_mounted.yaml")]
-    start = time.time()
-    ranks = ranks_started_alone([train_args(out, example_data), missing])
+    ranks = ranks_started_alone([train_args(out, example_data), missing])  # (within its timeout, not 30 min)
     assert [r.returncode for r in ranks] == [2, 2], [r.stdout[-2000:] for r in ranks]
     assert "not_mounted.yaml" in ranks[1].stdout  # the reason, where it happened
     assert "rank(s) [1] refused the config or --resume" in ranks[0].stdout, ranks[0].stdout[-2000:]
-    assert time.time() - start < 100 and not (out / "checkpoints").exists()
+    assert not (out / "checkpoints").exists()
 
 
 def test_a_stalled_rank_ends_the_run_after_the_stall_timeout(example_data, tmp_path):
@@ -338,7 +336,6 @@ def test_a_stalled_rank_ends_the_run_after_the_stall_timeout(example_data, tmp_p
     with what it means, and the launcher stops the stuck rank; the last checkpoint is intact. Half-way, the stuck rank
     says where it is."""
     out = tmp_path / "run"
-    start = time.time()
     result = launch(train_args(out, example_data, STEPS, "train.stall_timeout_s=10"),
                     env=launch_env(LANCE_DS_FAULT="stall:3"), timeout=180, check=False)
     assert result.returncode != 0
@@ -348,4 +345,3 @@ def test_a_stalled_rank_ends_the_run_after_the_stall_timeout(example_data, tmp_p
     said = result.stdout[result.stdout.index("lance_ds: rank 1: step 3 has run 5 s"):]
     assert re.search(r"File .*trainer\.py\", line \d+ in train_step", said), result.stdout[-3000:]
     assert latest(out) == "step_00000002"
-    assert time.time() - start < 120

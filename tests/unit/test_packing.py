@@ -123,7 +123,9 @@ def test_placeholder_added_exactly_for_missing_branches(planner, has_vit, has_ta
     batch = build_micro_batch([[plan]], planner, Branches(), packing_length=64)
     needs = not (has_vit and has_target and has_ce)
     assert ("placeholder" in batch.tasks) == needs
-    assert batch.vit_grid_thw.shape[0] >= 1 and bool(batch.vae_is_target.any()) and batch.ce_targets.numel() >= 1
+    # one block of each branch: the plan's, or the placeholder's for those it lacks (no more)
+    assert batch.vit_grid_thw.shape[0] == 1 and batch.vae_grid_thw.shape[0] == 1 and bool(batch.vae_is_target.any())
+    assert batch.ce_targets.numel() == (2 if has_ce else 1)
     assert batch.num_tokens == 64 and batch.num_real_tokens == 10
     # the placeholder carries no loss: its CE weights and VAE weights are 0, real ones keep 1
     assert batch.ce_weights.sum().item() == (2 if has_ce else 0)

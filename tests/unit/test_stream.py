@@ -706,9 +706,10 @@ def test_a_group_with_usable_samples_is_never_given_up(tmp_path, planner, layout
         for slot in slots or range(num_slots):
             stream = SlotStream(StreamSpec(resolved, planner, dataclasses.replace(data, packing_buffer=1), Branches(),
                                            1, seed, 0, 1), slot, num_slots)
-            for _ in range(130):
-                stream.next_batch()  # raised DataError ("without one usable sample") before
+            batches = [stream.next_batch() for _ in range(130)]  # raised DataError ("without one usable sample")
             stream.close()
+            assert all(b.num_real_tokens > 0 for b in batches)
+            assert sum(stream.skips.counts.values()) > 0, (seed, slot)  # it did meet the bad samples
 
 
 def test_a_group_too_long_to_pack_is_refused_before_training(tmp_path, planner, caplog):
