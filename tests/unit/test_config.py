@@ -123,7 +123,9 @@ def test_bad_config_is_refused_naming_the_key(dataset_dir, run_patch, overrides,
         ds_json.update(ds_patch)
     with pytest.raises(ConfigError) as err:
         load(dataset_dir, run, overrides, ds_json)
-    assert key in str(err.value), str(err.value)
+    problems = err.value.problems
+    assert any(key in p for p in problems), problems
+    assert len({p.split(": ")[0] for p in problems}) == len(problems), problems  # each key said once
 
 
 def test_an_edit_group_needs_the_vit():
