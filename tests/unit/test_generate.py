@@ -424,7 +424,14 @@ def test_packed_sampling_does_not_depend_on_packing_and_twins_see_only_themselve
     v_cond, v_uncond = lance_velocity_fn(gen.model, cond_inputs, joint)(x, 0.9, True)
     assert torch.allclose(v_cond, lance_velocity_fn(gen.model, cond_inputs)(x, 0.9, False)[0], atol=1e-5)
     assert torch.allclose(v_uncond, lance_velocity_fn(gen.model, uncond_inputs)(x, 0.9, False)[0], atol=1e-5)
-    assert not torch.allclose(v_cond, v_uncond, atol=1e-3)  # the caption matters
+    assert not torch.equal(v_cond, v_uncond)  # each sees its own caption (barely: this model never trained edits)
+    t2i = samples[0]  # a task it trained: there the caption matters
+    cond, uncond = gen.planner.prompt(t2i), gen.planner.prompt(t2i, drop_caption=True)
+    x = torch.randn(cond.vae[-1].coords.shape[0], gen.lance.cfg.latent_channels, generator=sample_generator(5, 0))
+    cond_inputs = gen._sampler_inputs([cond])
+    v_cond, v_uncond = lance_velocity_fn(gen.model, cond_inputs, gen._with_twins(cond_inputs, [cond], [uncond]))(
+        x, 0.9, True)
+    assert not torch.allclose(v_cond, v_uncond, atol=1e-3)
     unguided = gen.generate(samples[:1], num_steps=NUM_STEPS, cfg_scale=1.0, seed=5)[0]
     assert not torch.equal(unguided, packed[0])  # guidance changes the result
 
