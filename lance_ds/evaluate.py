@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .checkpoint import CHECKPOINTS
@@ -258,10 +257,7 @@ def evaluate(generator, prompts: list[Prompt], settings: EvalSettings | None = N
                             examples.append(Example(task, p.sample.texts["caption"], verdict.ok,
                                                     _reading(verdict.found), _reading(verdict.expected),
                                                     side_by_side(source, output, target)))
-    if world > 1:
-        summed = counts.to(device)
-        dist.all_reduce(summed)
-        counts = summed.cpu()
+    counts = distributed.sum_over_ranks(counts.to(device)).cpu()
     scores = {}
     for i, task in enumerate(TASKS):
         correct, total, chance, reference = counts[i].tolist()

@@ -178,26 +178,25 @@ def test_an_edit_that_moves_the_shape_is_wrong():
     assert reference.ok and not verdict.ok and "position" in verdict.reason
 
 
-def test_prompts_are_shared_evenly_over_ranks_and_the_counts_add_up(prompts, monkeypatch):
+def test_prompts_are_shared_evenly_over_ranks_and_the_counts_add_up(prompts):
+    from conftest import on_two_gloo_ranks
+
     assert ev.share([1, 2, 3, 4, 5], 0, 2) == (0, [(1, True), (2, True), (3, True)])
     assert ev.share([1, 2, 3, 4, 5], 1, 2) == (3, [(4, True), (5, True), (1, False)])
     assert ev.share([1], 1, 2) == (1, [(1, False)])
     alone = FakeGenerator("right")
     single = ev.evaluate(alone, prompts[:-1], ev.EvalSettings())  # v2t: 3 prompts, uneven
-    monkeypatch.setattr(ev.dist, "all_reduce", lambda tensor: None)
-    totals = {t: [0, 0] for t in TASKS}
-    calls, noise = [], {}
-    for rank in range(2):
-        monkeypatch.setattr(ev.distributed, "rank", lambda rank=rank: rank)
-        monkeypatch.setattr(ev.distributed, "world_size", lambda group=None: 2)
+
+    def on_rank(rank: int):  # two real ranks, their counts summed by the real all-reduce
         fake = FakeGenerator("right")
-        for t, s in ev.evaluate(fake, prompts[:-1], ev.EvalSettings(batch_size=1)).scores.items():
-            totals[t][0] += s.correct
-            totals[t][1] += s.total
-        calls.append(fake.calls)
-        noise.update({key: drawn for key, drawn in fake.noise.items() if key not in noise})  # padding: not counted
-    assert calls[0] == calls[1] == [1, 1] * len(TASKS)  # the same forwards on every rank, padding included
-    assert totals == {t: [s.correct, s.total] for t, s in single.scores.items()}
+        scores = ev.evaluate(fake, prompts[:-1], ev.EvalSettings(batch_size=1)).scores
+        return {t: [s.correct, s.total] for t, s in scores.items()}, fake.calls, fake.noise
+
+    ranks = on_two_gloo_ranks(on_rank)
+    assert ranks[0][1] == ranks[1][1] == [1, 1] * len(TASKS)  # the same forwards on every rank, padding included
+    for rank in (0, 1):  # every rank has the run's totals
+        assert ranks[rank][0] == {t: [s.correct, s.total] for t, s in single.scores.items()}
+    noise = {**ranks[1][2], **ranks[0][2]}  # (a rank's padding repeats the first prompt: the same noise)
     # each generation prompt starts from the same noise whatever the ranks and batches
     assert noise == alone.noise and len(noise) == sum(p.sample.task in GEN_TASKS for p in prompts[:-1])
 
