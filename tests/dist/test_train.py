@@ -133,9 +133,10 @@ def test_kill9_during_save_and_during_training_resume_exactly(reference, example
                     check=False)
     assert killed.returncode != 0
     assert latest(out) == "step_00000002" and (out / "checkpoints" / "step_00000004.tmp").is_dir()
-    # 2. resume from step 2; SIGKILL the whole job from outside as soon as step 6 is saved (i.e. mid step 7)
+    # 2. resume from step 2; SIGKILL the whole job from outside once step 6 is saved, mid step 7 (where one rank is
+    # held: a fast machine cannot finish the run first)
     proc = subprocess.Popen(deepspeed_cmd(2, *train_args(out, example_data)), cwd=REPO,
-                            env=launch_env(LANCE_DS_FAULT=NAN_AT),
+                            env=launch_env(LANCE_DS_FAULT=f"{NAN_AT},stall:7"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while latest(out) != "step_00000006" and proc.poll() is None and time.time() < deadline:
