@@ -8,6 +8,7 @@ import errno
 import faulthandler
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -104,6 +105,11 @@ def said_if_slow(what: str, after_s: float, why: str):
 
 
 def _say_where(what: str, after_s: float, why: str) -> None:
-    print(f"lance_ds: rank {os.environ.get('RANK', '0')}: {what} has run {after_s:g} s ({why}); where this rank's "
-          "threads are:", file=sys.stderr, flush=True)
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    with tempfile.TemporaryFile("w+") as dump:
+        faulthandler.dump_traceback(file=dump, all_threads=True)
+        dump.seek(0)
+        stacks = dump.read()
+    said = (f"lance_ds: rank {os.environ.get('RANK', '0')}: {what} has run {after_s:g} s ({why}); where this rank's "
+            f"threads are:\n{stacks}")
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), said.encode())  # one write: ranks that say where they are at once do not interleave
