@@ -179,9 +179,9 @@ class Checkpointer:
     def complete_steps(self) -> list[int]:
         """Steps with a complete checkpoint directory, oldest first."""
         steps = []
-        for p in self.root.glob("step_*"):
-            if p.is_dir() and not p.name.endswith(TMP_SUFFIX) and (p / TRAINER_STATE).is_file():
-                steps.append(int(p.name.split("_")[1]))
+        for p in self.root.glob("step_*"):  # (a user's step_00000020.bak or step_final is not one of ours)
+            if (step := re.fullmatch(r"step_(\d+)", p.name)) and (p / TRAINER_STATE).is_file():
+                steps.append(int(step[1]))
         return sorted(steps)
 
     def resolve(self, resume: str) -> Path | None:
@@ -211,12 +211,14 @@ class Checkpointer:
         return path
 
     def check_resume(self, resume: str, model: dict, max_steps: int, weight_decay: float = 0.0,
-                     shapes: dict[str, list[int]] | None = None, data: str | None = None) -> Path | None:
+                     shapes: dict[str, list[int]] | None = None, data: str | None = None,
+                     prediction: str | None = None) -> Path | None:
         """The checkpoint `resume` names once it is known that this run can resume it (same architecture, the same
-        optimizer grouping, the same data order, a step not past max_steps; any number of ranks: see load), or None
-        to start from scratch; else CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it
-        before any rank starts work; `shapes` (the built model's parameters, model_shapes) and `data` (the data
-        order's fingerprint, data.stream.data_fingerprint) are compared when given."""
+        optimizer grouping, the same data order, the same flow-head target, a step not past max_steps; any number of
+        ranks: see load), or None to start from scratch; else CheckpointError with the fix. It reads JSON / YAML
+        only, so `--check` runs it before any rank starts work; `shapes` (the built model's parameters,
+        model_shapes), `data` (the data order's fingerprint, data.stream.data_fingerprint) and `prediction`
+        (objective.prediction) are compared when given."""
         path = self.resolve(resume)
         if path is None:
             return None
@@ -229,7 +231,13 @@ class Checkpointer:
                                   "train.seed, train.micro_batch_size or the packing settings changed since, so its "
                                   "data position does not apply. Resume with the dataset YAML and data settings it "
                                   "was trained with, or start a new output_dir (or --resume none)")
-        refuse_other_grouping(float(read_config(path).get("train", {}).get("weight_decay") or 0.0), weight_decay, path)
+        saved_config = read_config(path)
+        refuse_other_grouping(float(saved_config.get("train", {}).get("weight_decay") or 0.0), weight_decay, path)
+        trained_to = saved_config.get("objective", {}).get("prediction", "velocity")
+        if prediction is not None and trained_to != prediction:
+            raise CheckpointError(f"{path} was trained with objective.prediction={trained_to}: its flow head outputs "
+                                  f"that, which {prediction} would read as something else. Resume with "
+                                  f"objective.prediction={trained_to}, or start a new output_dir (or --resume none)")
         step = int(saved.get("step", 0))
         if step > max_steps:  # (step == max_steps: a finished run started again, which has nothing left to do)
             earlier = [s for s in self.complete_steps() if s <= max_steps]

@@ -134,6 +134,10 @@ def find_checkpoint(path: str | Path) -> Path:
                 raise ExportError(f"{pointer} names {step_dir.name}, which is not a complete checkpoint (no "
                                   f"{TRAINER_STATE}); pass a complete step directory instead")
             return step_dir
+        # a first save ended between its rename and `latest`: the newest complete step, as a resume takes it
+        newest = Checkpointer(root, keep_last=0, rank=0, world_size=1).complete_steps()
+        if newest:
+            return root / step_name(newest[-1])
     raise ExportError(f"{path} is not a training checkpoint: expected a step directory (with {TRAINER_STATE}), a "
                       f"checkpoints directory or a run directory (with {CHECKPOINTS}/{LATEST})")
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
         train = run.config.train
         checkpointer.check_resume(args.resume, to_dict(run.config.model), train.max_steps, train.weight_decay,
-                                  data=run_data_fingerprint(run))
+                                  data=run_data_fingerprint(run), prediction=run.config.objective.prediction)
     except (ConfigError, CheckpointError, DataError) as e:
         if is_first:
             print(f"lance_ds: {e}", file=sys.stderr)

@@ -293,7 +293,8 @@ class Trainer:
         ended = (f"stopped by {signal.Signals(stopped).name} at step {self.step} of {self.cfg.train.max_steps} "
                  "(saved; the same command resumes it)" if stopped else "done")
         steps = (f"{self.step} steps" if self.first_step == 0 else
-                 f"steps {self.first_step + 1}-{self.step} (resumed at {self.first_step})")
+                 f"steps {self.first_step + 1}-{self.step} (resumed at {self.first_step})" if self.step > self.first_step
+                 else f"no step left to train (resumed at {self.step})")
         print(f"lance_ds: {ended}: {steps} in {elapsed:.0f} s, {self.tokens_seen:,} tokens in all, "
               f"skipped steps {self.skipped_steps}; final {losses}\n"
               f"  checkpoint  {self.checkpointer.root / 'latest'} -> {self._latest_name()}\n"
@@ -331,7 +332,8 @@ class Trainer:
         train = self.cfg.train
         # (the data order was checked before the build, by train.py; the loader refuses another one too)
         resumable = self.checkpointer.check_resume(resume, to_dict(self.cfg.model), train.max_steps,
-                                                   train.weight_decay, shapes=self._shapes())
+                                                   train.weight_decay, shapes=self._shapes(),
+                                                   prediction=self.cfg.objective.prediction)
         return agree_on_resume(self.checkpointer.root, resumable, self.dist.device)
 
     def _shapes(self) -> dict[str, list[int]]:

@@ -44,6 +44,10 @@ def test_save_publishes_atomically_and_keeps_the_last(tmp_path):
         save(ck, step)
     assert ck.complete_steps() == [20, 30]
     assert (tmp_path / "latest").read_text() == step_name(30)
+    import shutil  # a user's copy beside them is not a step (its name made every start and resume raise)
+
+    shutil.copytree(tmp_path / step_name(20), tmp_path / f"{step_name(20)}.bak")
+    assert ck.complete_steps() == [20, 30]
     assert not list(tmp_path.glob("*.tmp"))
     path = ck.resolve("latest")
     assert json.loads((path / "trainer_state.json").read_text())["step"] == 30
@@ -158,6 +162,10 @@ def test_refusals_name_the_fix(tmp_path):
         ck.check_resume("10", {"size": "100m"}, 100)
     # saved without weight decay (save() records no train.weight_decay): one optimizer group; with it, two
     assert ck.check_resume("10", model, 100, weight_decay=0.0) == tmp_path / step_name(10)
+    # what the flow head was trained to output (x0 read as a velocity: mse 1.04 -> 5.48 two steps after a resume)
+    assert ck.check_resume("10", model, 100, prediction="velocity") == tmp_path / step_name(10)
+    with pytest.raises(CheckpointError, match="objective.prediction=velocity: its flow head outputs that"):
+        ck.check_resume("10", model, 100, prediction="data")
     with pytest.raises(CheckpointError, match="(?s)weight_decay=0 and this run has 0.1.*= 0, or start a new run"):
         ck.check_resume("10", model, 100, weight_decay=0.1)
     # a checkpoint past max_steps (the run ended at once, saying "done"); at max_steps: a finished run, nothing to do
