@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import io
 import json
 import shutil
@@ -322,11 +323,13 @@ class InferenceParts:
 def inference_model_config(model: ModelConfig, dtype: str, device: torch.device | None = None) -> ModelConfig:
     """A run's model section rebuilt for inference: merged LoRA, frozen ViT, no gradient checkpointing, weights in
     `dtype` (a ViT trained with the model too: it was trained in full precision, not in model.vit_dtype). Off CUDA
-    the attention backend is sdpa: flash needs CUDA and flex has no fast CPU kernel (all three compute the same)."""
+    the attention backend is sdpa: flash needs CUDA and flex has no fast CPU kernel (all three compute the same);
+    so is a flash-trained model's on a machine without flash_attn, or in fp32."""
     vit_dtype = dtype if model.vit_trainable else model.vit_dtype
     attention = model.attention
-    if device is not None and (device.type != "cuda" or (attention == "flash" and dtype == "fp32")):
-        attention = "sdpa"  # FlashAttention takes fp16 / bf16 on CUDA only
+    flash_here = dtype != "fp32" and importlib.util.find_spec("flash_attn") is not None
+    if device is not None and (device.type != "cuda" or (attention == "flash" and not flash_here)):
+        attention = "sdpa"
     return dataclasses.replace(model, training_type="full", vit_trainable=False, gradient_checkpointing=False,
                                freeze_modules=[], dtype=dtype, vit_dtype=vit_dtype, attention=attention)
 

@@ -21,6 +21,7 @@ Backends (`model.attention`):
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -272,12 +273,21 @@ def _pack_group(segments: list[tuple[list[int], list[int]]], layout: PackedLayou
         cu_q=cu(q_lens), cu_k=cu(k_lens), max_q=max(q_lens), max_k=max(k_lens))
 
 
+FLASH_MIN_VERSION = (2, 1)  # causal masks aligned bottom-right: varlen_plan's causal segments have more keys than queries
+
+
 def import_flash_varlen():
     try:
+        import flash_attn
         from flash_attn import flash_attn_varlen_func
     except ImportError as e:
         raise RuntimeError("model.attention=flash needs the flash_attn package (pip install flash-attn, CUDA only), "
                            f"which does not import here ({e}); use model.attention=flex or sdpa") from e
+    version = tuple(int(p) for p in re.findall(r"\d+", flash_attn.__version__)[:2])
+    if version < FLASH_MIN_VERSION:  # earlier versions align causal masks top-left: wrong attention, silently
+        raise RuntimeError(f"model.attention=flash needs flash_attn >= 2.1, found {flash_attn.__version__} (before "
+                           "2.1 its causal masks align top-left, which packed segments here do not match); upgrade "
+                           "it, or use model.attention=flex or sdpa")
     return flash_attn_varlen_func
 
 

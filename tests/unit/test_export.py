@@ -315,17 +315,23 @@ def test_damaged_checkpoint_files_are_named_with_the_steps_to_export_instead(tmp
         assert f"{step_dir / 'config.yaml'} is damaged" in err and "step_00000001" in err, err
 
 
-def test_inference_attention_falls_back_where_flash_cannot_run():
+def test_inference_attention_falls_back_where_flash_cannot_run(monkeypatch):
+    import importlib.util
+
     from lance_ds.config.model import ModelConfig
     from lance_ds.export import inference_model_config
 
     flash = ModelConfig(attention="flash")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # a GPU box without flash_attn (a traceback)
+    assert inference_model_config(flash, "bf16", cuda).attention == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # with it
     assert inference_model_config(flash, "bf16", cuda).attention == "flash"
     assert inference_model_config(flash, "fp32", cuda).attention == "sdpa"  # FlashAttention takes fp16 / bf16 only
     assert inference_model_config(flash, "bf16", cpu).attention == "sdpa"
     assert inference_model_config(ModelConfig(attention="flex"), "fp32", cuda).attention == "flex"
     assert inference_model_config(flash, "fp32").attention == "flash"  # what an export records: the run's choice
+
 
 
 def test_a_checkpoint_copied_to_another_machine_finds_its_model_dirs_where_the_flags_say(

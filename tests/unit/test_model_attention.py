@@ -196,3 +196,21 @@ def test_flex_backward_on_cpu_is_refused_clearly():
 def test_unknown_backend_named():
     with pytest.raises(ValueError, match="model.attention"):
         build_attention("xformers", layout_from(MIXED))
+
+
+def test_flash_attention_before_2_1_is_refused(monkeypatch):
+    """flash_attn < 2.1 aligns causal masks top-left: packed causal segments with more keys than queries would
+    attend wrongly, without an error."""
+    import sys
+    import types
+
+    from lance_ds.model.attention import import_flash_varlen
+
+    for version, ok in (("2.0.9", False), ("2.1.0", True), ("2.7.4.post1", True)):
+        monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(__version__=version,
+                                                                             flash_attn_varlen_func=len))
+        if ok:
+            assert import_flash_varlen() is len
+        else:
+            with pytest.raises(RuntimeError, match="needs flash_attn >= 2.1, found 2.0.9"):
+                import_flash_varlen()
