@@ -150,6 +150,10 @@ def init_distributed(timeout_s: float = STARTUP_TIMEOUT_S) -> DistInfo:
     set_cpu_threads()
     if os.environ["LOCAL_RANK"] == "0":  # once per node: the other ranks waiting on a stale lock then go on
         remove_stale_build_locks()
+    if torch.cuda.is_available():
+        # a launcher that binds each task its own GPU (srun --gpus-per-task=1, mpirun with a GPU binding) shows task 3
+        # one device, cuda:0: its node-local index would name a device it cannot see (DeepSpeed then refused it)
+        os.environ["LOCAL_RANK"] = str(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     import deepspeed
 
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))

@@ -2,6 +2,7 @@
 build_engine hands DeepSpeed, saved and loaded as the engine's checkpoint does); the ranks a launcher describes."""
 
 import functools
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -153,3 +154,25 @@ def test_a_build_lock_left_by_a_killed_process_is_removed_and_a_live_build_is_le
     assert (tmp_path / "being_built" / "lock").exists() and (tmp_path / "taken_again" / "lock").exists()
     said = capsys.readouterr().err
     assert f"removed {tmp_path / 'left_by_a_kill' / 'lock'}" in said and said.count("removed") == 1
+
+
+def test_a_task_bound_to_its_own_gpu_uses_the_one_it_sees(monkeypatch):
+    """srun --gpus-per-task=1 gives task 3 of a node one visible GPU, cuda:0: its SLURM_LOCALID named cuda:3, which
+    DeepSpeed's init_process_group refused ("device_id cuda:3 is out of range")."""
+    import deepspeed
+
+    from lance_ds import engine
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: seen.setdefault("set", index))
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.setdefault("local", os.environ["LOCAL_RANK"]))
+    monkeypatch.setattr(engine, "release_shm_buffer", lambda: None)
+    monkeypatch.setattr(engine, "remove_stale_build_locks", lambda: None)
+    monkeypatch.setattr(engine, "set_cpu_threads", lambda: None)
+    for name, value in (("RANK", "3"), ("LOCAL_RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_WORLD_SIZE", "8"),
+                        ("LOCAL_SIZE", "8"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29999")):
+        monkeypatch.setenv(name, value)  # (all restored after the test)
+    info = engine.init_distributed()
+    assert seen == {"local": "0", "set": 0} and info.device == torch.device("cuda", 0) and info.rank == 3
