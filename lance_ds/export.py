@@ -445,18 +445,22 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     parts = build_from_trained(weights, "fp32", device="cpu")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    torch_dtype = DTYPES[dtype]
-    vae_saved = write_lance_dir(tmp, weights.state, parts, torch_dtype)
-    parts.tokenizer.hf.save_pretrained(str(tmp))
-    write_export_config(tmp, weights.config, dtype, vae_saved, weights.cuts)
-    save_transformers_llm(tmp / LLM_DIR, weights.state, parts, torch_dtype)
-    if weights.adapters is not None:
-        save_adapters(tmp / LORA_DIR, weights.adapters, weights.config.model.lora)
-    info = {"source": str(weights.step_dir.resolve()), "step": weights.step,
-            "weights": "ema" if weights.ema else "trained", "lora": "merged" if weights.adapters else None,
-            "dtype": dtype, "consolidation": "deepspeed.utils.zero_to_fp32" + (" + lance_ds.ema.consolidate"
-                                                                               if weights.ema else "")}
-    (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    try:
+        torch_dtype = DTYPES[dtype]
+        vae_saved = write_lance_dir(tmp, weights.state, parts, torch_dtype)
+        parts.tokenizer.hf.save_pretrained(str(tmp))
+        write_export_config(tmp, weights.config, dtype, vae_saved, weights.cuts)
+        save_transformers_llm(tmp / LLM_DIR, weights.state, parts, torch_dtype)
+        if weights.adapters is not None:
+            save_adapters(tmp / LORA_DIR, weights.adapters, weights.config.model.lora)
+        info = {"source": str(weights.step_dir.resolve()), "step": weights.step,
+                "weights": "ema" if weights.ema else "trained", "lora": "merged" if weights.adapters else None,
+                "dtype": dtype, "consolidation": "deepspeed.utils.zero_to_fp32" + (" + lance_ds.ema.consolidate"
+                                                                                   if weights.ema else "")}
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    except BaseException:  # a full disk, no permission, Ctrl-C: nothing half-written stays behind (or looks whole)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():  # (--overwrite) the earlier export is set aside, not deleted, until the new one is in place
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -610,6 +614,8 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     import sys
 
+    from safetensors import SafetensorError
+
     from .model.weights import WeightsFileError
 
     args = parse_args(argv)
@@ -620,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, FileNotFoundError, WeightsFileError) as e:
         print(f"export_checkpoint: {e}", file=sys.stderr)
         return 2
+    except (OSError, SafetensorError) as e:  # writing it: a full disk, a lost mount (what was written is removed)
+        print(f"export_checkpoint: could not write {args.out}: {e}", file=sys.stderr)
+        return 1
     info = json.loads((out / EXPORT_INFO).read_text())
     print(f"exported {info['source']} (step {info['step']}, {info['weights']} weights"
           f"{', LoRA merged' if info['lora'] else ''}) to {out}\n"

@@ -369,3 +369,19 @@ def test_a_checkpoint_copied_to_another_machine_finds_its_model_dirs_where_the_f
     assert generate_main(["--checkpoint", str(trained_runs["full"]), *t2i, "--out", str(tmp_path / "there.png")]) == 0
     assert generate_main(["--checkpoint", str(copied), *t2i, *moved, "--out", str(tmp_path / "here.png")]) == 0
     assert (tmp_path / "here.png").read_bytes() == (tmp_path / "there.png").read_bytes()
+
+
+def test_an_export_that_cannot_be_written_leaves_nothing(trained_runs, tmp_path, monkeypatch, capsys):
+    """A full disk mid-export left OUT.tmp (most of the weights, passing is_export_dir) and a traceback."""
+    import errno
+
+    import lance_ds.export as export
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "save_transformers_llm", disk_full)  # after model.safetensors is written
+    assert export.main([str(trained_runs["full"]), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left on device" in err, err
+    assert not list(tmp_path.iterdir())  # neither out nor out.tmp
