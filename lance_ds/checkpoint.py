@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import pickle
 import re
 import secrets
+import socket
 import shutil
 import subprocess
 import sys
@@ -439,6 +441,36 @@ def _ranks_failing(failed: bool, device: torch.device) -> int:
 
 
 SHARED_TOKEN = ".lance_ds_shared"
+RUN_LOCK = ".lance_ds_running"  # locked by rank 0 of the run training into the output_dir (released when it exits)
+
+
+def claim_output_dir(output_dir: Path, device: torch.device):
+    """Refuse a second run in an output_dir another one is training into (two configs naming one output_dir, a job
+    started twice): each save sweeps the partial saves it finds, so the two would publish each other's half-written
+    checkpoints and prune the good ones. Rank 0 holds an exclusive lock on a file there for the life of its process
+    (a crash releases it); every rank fails together. Returns the open lock file, to keep. A filesystem without
+    locks (some parallel filesystems) leaves the check undone."""
+    held, holder = None, ""
+    if distributed.rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        held = open(output_dir / RUN_LOCK, "a+")
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.seek(0)
+            held.truncate()
+            held.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            held.flush()
+        except BlockingIOError:
+            held.seek(0)
+            holder = held.read().strip() or "another process"
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+    if _ranks_failing(bool(holder), device):
+        raise CheckpointError(f"output_dir {output_dir} is in use by another run ({holder or 'see rank 0'}): two runs "
+                              "there would publish and prune each other's checkpoints. Wait for it to end, or give "
+                              "this run another output_dir")
+    return held
 
 
 def check_output_dir_shared(output_dir: Path, device: torch.device) -> None:

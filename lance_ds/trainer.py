@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import (Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir,
+from .checkpoint import (Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir, claim_output_dir,
                          read_config)
 from .config.core import ConfigError, to_dict
 from .config.data import TASKS, VIDEO_TASKS
@@ -51,6 +51,8 @@ class Trainer:
         refuse_disagreeing_ranks(run, ds_config)
         seed_everything(self.cfg.train.seed)
         self.out = Path(self.cfg.output_dir)
+        check_output_dir_shared(self.out, self.dist.device)
+        self.output_lock = claim_output_dir(self.out, self.dist.device)  # held until close() or this process exits
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
         self.parts = build_model(self.cfg.model, len(self.tokenizer), ds_config, device=self.dist.device)
         self.planner = SequencePlanner(self.tokenizer, self.parts.geometry, seed=self.cfg.train.seed)
@@ -292,9 +294,9 @@ class Trainer:
         losses = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in self.last_losses.items())
         ended = (f"stopped by {signal.Signals(stopped).name} at step {self.step} of {self.cfg.train.max_steps} "
                  "(saved; the same command resumes it)" if stopped else "done")
-        steps = (f"{self.step} steps" if self.first_step == 0 else
-                 f"steps {self.first_step + 1}-{self.step} (resumed at {self.first_step})" if self.step > self.first_step
-                 else f"no step left to train (resumed at {self.step})")
+        first = self.first_step
+        steps = (f"{self.step} steps" if first == 0 else f"no step left to train (resumed at {first})"
+                 if self.step == first else f"steps {first + 1}-{self.step} (resumed at {first})")
         print(f"lance_ds: {ended}: {steps} in {elapsed:.0f} s, {self.tokens_seen:,} tokens in all, "
               f"skipped steps {self.skipped_steps}; final {losses}\n"
               f"  checkpoint  {self.checkpointer.root / 'latest'} -> {self._latest_name()}\n"
@@ -328,7 +330,6 @@ class Trainer:
 
     def _checkpoint_to_resume(self, resume: str) -> Path | None:
         """The checkpoint `resume` names (the same on every rank), or None to start from scratch."""
-        check_output_dir_shared(self.out, self.dist.device)
         train = self.cfg.train
         # (the data order was checked before the build, by train.py; the loader refuses another one too)
         resumable = self.checkpointer.check_resume(resume, to_dict(self.cfg.model), train.max_steps,
@@ -401,6 +402,8 @@ class Trainer:
         and the launcher stops them."""
         self.tb.close()
         self.loader.close()
+        if self.output_lock is not None:
+            self.output_lock.close()  # the output_dir is free for the next run
         if finished and distributed.initialized():
             dist.barrier()
             dist.destroy_process_group()  # otherwise a rank can abort at exit ("terminate called ...")

@@ -566,3 +566,19 @@ def test_each_rank_flushes_the_files_it_wrote(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", unsupported)
     checkpoint._fsync_dir(tmp_path)  # tolerated
 
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
+    """Two runs training into one output_dir (two configs naming it, a job started twice) published each other's
+    half-written checkpoints and pruned the good ones: the second is refused while the first holds the directory,
+    and a run that ended (or crashed) frees it."""
+    import os
+    import socket
+
+    from lance_ds.checkpoint import claim_output_dir
+
+    first = claim_output_dir(tmp_path / "run", torch.device("cpu"))
+    with pytest.raises(CheckpointError, match=f"in use by another run \\({socket.gethostname()} pid {os.getpid()}\\)"):
+        claim_output_dir(tmp_path / "run", torch.device("cpu"))
+    first.close()  # the first run's process ended
+    claim_output_dir(tmp_path / "run", torch.device("cpu")).close()
