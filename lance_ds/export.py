@@ -452,7 +452,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
         write_export_config(tmp, weights.config, dtype, vae_saved, weights.cuts)
         save_transformers_llm(tmp / LLM_DIR, weights.state, parts, torch_dtype)
         if weights.adapters is not None:
-            save_adapters(tmp / LORA_DIR, weights.adapters, weights.config.model.lora)
+            save_adapters(tmp / LORA_DIR, weights.adapters, weights.config.model.lora, weights.config.model.path)
         info = {"source": str(weights.step_dir.resolve()), "step": weights.step,
                 "weights": "ema" if weights.ema else "trained", "lora": "merged" if weights.adapters else None,
                 "dtype": dtype, "consolidation": "deepspeed.utils.zero_to_fp32" + (" + lance_ds.ema.consolidate"

@@ -24,11 +24,13 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 NOT_IN_VIT = r"vit_model\..*"  # peft's exclude_modules: adapters go on the LLM's projections only
 
 
-def peft_config(settings: LoraSettings, targets: list[str], exclude_modules: str | None = None):
+def peft_config(settings: LoraSettings, targets: list[str], exclude_modules: str | None = None,
+                base: str | None = None):
     from peft import LoraConfig
 
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=targets, exclude_modules=exclude_modules, bias="none")
+                      target_modules=targets, exclude_modules=exclude_modules, bias="none",
+                      base_model_name_or_path=base)
 
 
 def lora_targets(model: nn.Module, names: list[str]) -> list[str]:
@@ -108,11 +110,14 @@ def save_lora(model: nn.Module, settings: LoraSettings, directory: str | Path,
     return save_adapters(directory, lora_state_dict(model, state_dict), settings)
 
 
-def save_adapters(directory: str | Path, adapters: dict[str, torch.Tensor], settings: LoraSettings) -> Path:
-    """adapter_config.json + adapter_model.safetensors of adapter tensors under peft's names."""
+def save_adapters(directory: str | Path, adapters: dict[str, torch.Tensor], settings: LoraSettings,
+                  base: str | None = None) -> Path:
+    """adapter_config.json + adapter_model.safetensors of adapter tensors under peft's names. `base`: the weights
+    they go on (the run's model.path; None: random, from the run's seed), and never the ViT's layers of the same
+    name (excluded as when they were added)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    peft_config(settings, adapted_modules(adapters)).save_pretrained(str(directory))
+    peft_config(settings, adapted_modules(adapters), NOT_IN_VIT, base).save_pretrained(str(directory))
     save_safetensors({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_WEIGHTS))
     return directory
 

@@ -385,3 +385,17 @@ def test_an_export_that_cannot_be_written_leaves_nothing(trained_runs, tmp_path,
     err = capsys.readouterr().err
     assert "could not write" in err and "No space left on device" in err, err
     assert not list(tmp_path.iterdir())  # neither out nor out.tmp
+
+
+def test_exported_adapters_name_the_weights_they_go_on(tmp_path):
+    """An export's lora/ goes on the run's model.path, not on the export (whose weights hold it merged: applied there
+    it counts twice), and never on the ViT's layers of the same names; its adapter_config.json says both."""
+    from lance_ds.config.model import LoraConfig
+    from lance_ds.model.lora import NOT_IN_VIT, save_adapters
+
+    adapters = {"base_model.model.language_model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 8),
+                "base_model.model.language_model.layers.0.mlp.up_proj.lora_B.weight": torch.zeros(8, 4)}
+    save_adapters(tmp_path / "lora", adapters, LoraConfig(r=4), base="/models/Lance_3B")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "/models/Lance_3B" and config["exclude_modules"] == NOT_IN_VIT
+    assert config["target_modules"] == ["up_proj"] and config["r"] == 4
