@@ -1,5 +1,6 @@
 """Counters that TensorBoard shows for the whole run are sums over ranks (a real 2-process gloo group)."""
 
+import pytest
 import torch
 
 from conftest import on_two_gloo_ranks
@@ -19,20 +20,21 @@ def test_counters_are_summed_over_ranks_and_the_rest_left_alone():
     assert summed_over_ranks(alone, ["data/skipped"], torch.device("cpu")) == alone  # no process group: as is
 
 
-def test_throughput_leaves_pauses_out_and_rates_the_runs_sums():
-    import time
+def test_throughput_leaves_pauses_out_and_rates_the_runs_sums(monkeypatch):
+    import lance_ds.metrics as metrics
 
-    from lance_ds.metrics import Throughput
-
-    speed = Throughput()
+    clock = [100.0]  # a clock the test moves (sleeps made the bounds depend on the machine's load)
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    speed = metrics.Throughput()
+    clock[0] += 0.1  # a step
     with speed.paused():  # a validation or a save between steps
-        time.sleep(0.3)
+        clock[0] += 0.3
     totals = {"real_tokens": 300.0, "packed_tokens": 400.0, "samples": 3.0, "data_wait": 0.0}
     rates = speed.scalars(totals, world_size=2)
-    assert rates["train/tokens_per_s"] > 300 / 0.1  # the 0.3 s paused is not in the window's time
+    assert rates["train/tokens_per_s"] == pytest.approx(300 / 0.1)  # the 0.3 s paused is not in the window's time
     assert rates["data/packing_efficiency"] == 0.75  # real / packed tokens of all ranks
     speed.reset()
-    time.sleep(0.2)
+    clock[0] += 0.2
     rates = speed.scalars({**totals, "data_wait": 0.2}, world_size=2)
-    assert 0.3 < rates["train/data_wait_fraction"] <= 0.5  # 0.2 s of waiting summed over 2 ranks in ~0.2 s
-    assert 300 / 0.4 < rates["train/tokens_per_s"] <= 300 / 0.2
+    assert rates["train/data_wait_fraction"] == pytest.approx(0.5)  # 0.2 s of waiting over 2 ranks x 0.2 s
+    assert rates["train/tokens_per_s"] == pytest.approx(300 / 0.2)
