@@ -49,12 +49,12 @@ from . import distributed
 from .config.model import MODEL_DIRS
 from .ema import ShardedEMA
 from .faults import kill_if_armed
+from .files import TMP_SUFFIX, fsync, fsync_dir, write_atomic
 from .model.weights import save_safetensors
 
 CHECKPOINTS = "checkpoints"  # OUTPUT_DIR/checkpoints holds the step directories and LATEST
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"  # written last: a step directory that has it is complete
-TMP_SUFFIX = ".tmp"
 UNIVERSAL = "universal"  # in a step dir: its engine state in DeepSpeed's universal form (any number of ranks)
 # Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
 # (vit_trainable, freeze_modules: which parameters the optimizer state covers. Not the directories, model.path and
@@ -81,22 +81,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError as e:  # some network and FUSE file systems cannot sync a directory: nothing more to do there
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-
-
 _RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank files: bf16_zero_pp_rank_3_...
 
 
@@ -115,25 +99,15 @@ def _fsync_own(root: Path, rank: int) -> None:
         for name in files:
             path = Path(folder, name)
             if writer_of(path.relative_to(root)) == rank:
-                _fsync(path)
+                fsync(path)
     if rank_dir(root, rank).is_dir():
-        _fsync_dir(rank_dir(root, rank))
+        fsync_dir(rank_dir(root, rank))
 
 
 def _fsync_folders(root: Path) -> None:
     """Flush the folders of a save (the names they hold), once every rank has written into them (rank 0)."""
     for folder, _, _ in os.walk(root):
-        _fsync_dir(Path(folder))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        fsync_dir(Path(folder))
 
 
 class CheckpointError(RuntimeError):
@@ -191,16 +165,16 @@ class Checkpointer:
         if resume == "none":
             return None
         if resume == "latest":
-            pointer = self.root / LATEST
-            if not pointer.is_file():  # nothing saved yet, or the first save ended between its rename and `latest`
+            name = latest_name(self.root)
+            if name is None:  # nothing saved yet, or the first save ended between its rename and `latest`
                 complete = self.complete_steps()
                 return self.root / step_name(complete[-1]) if complete else None
-            path = self.root / pointer.read_text().strip()
+            path = self.root / name
             if not (path / TRAINER_STATE).is_file():
                 aside = self._aside(path.name)
                 hint = (f", or rename {aside} (its previous copy, whole: a re-save of it was interrupted) to "
                         f"{path.name}" if (aside / TRAINER_STATE).is_file() else "")
-                raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
+                raise CheckpointError(f"{self.root / LATEST} names {path.name}, which is not a complete checkpoint; "
                                       f"resume from a step instead (--resume STEP, complete: {self.complete_steps()})"
                                       f"{hint}")
             return path
@@ -224,7 +198,7 @@ class Checkpointer:
         path = self.resolve(resume)
         if path is None:
             return None
-        saved = json.loads((path / TRAINER_STATE).read_text())
+        saved = read_trainer_state(path)
         refuse_other_architecture(saved.get("model", {}), model, path)
         if shapes is not None:
             refuse_other_shapes(saved.get("parameters"), shapes, saved.get("model", {}), path)
@@ -282,13 +256,13 @@ class Checkpointer:
             state = dict(trainer_state, step=step, world_size=self.world_size, rank_files=rank_files,
                          parent=self.parent)
             # trainer_state.json is written last: its presence marks a complete directory.
-            _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2))
+            write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2), durable=True)
             final, replaced = self.root / name, self._aside(name)
             if final.exists():  # a re-save of the same step (after a resume): the old copy goes only once the new
                 os.replace(final, replaced)  # one is in place (a crash in between leaves it as a .tmp: see below)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
-            _write_atomic(self.root / LATEST, name)
+            fsync_dir(self.root)
+            write_atomic(self.root / LATEST, name, durable=True)
             shutil.rmtree(replaced, ignore_errors=True)
             self._prune(name)
         self.parent = name
@@ -314,7 +288,7 @@ class Checkpointer:
 
     def _parent_of(self, name: str) -> str | None:
         try:
-            state = json.loads((self.root / name / TRAINER_STATE).read_text())
+            state = read_trainer_state(self.root / name)
         except (OSError, ValueError):
             return None
         if "parent" in state:
@@ -325,7 +299,7 @@ class Checkpointer:
     # -- loading -----------------------------------------------------------------------------------------------
 
     def saved_world(self, path: Path) -> int:
-        return int(json.loads((path / TRAINER_STATE).read_text())["world_size"])
+        return int(read_trainer_state(path)["world_size"])
 
     def make_universal(self, path: Path, device: torch.device) -> None:
         """Before a resume on another number of ranks (ZeRO partitions the optimizer state by rank): rank 0 writes
@@ -348,7 +322,7 @@ class Checkpointer:
         the per-rank state is left to the caller to repartition (Resumed.rank_files)."""
         from .model.weights import load_safetensors
 
-        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        trainer_state = read_trainer_state(path)
         self.parent = path.name
         same_ranks = int(trainer_state["world_size"]) == self.world_size
         try:
@@ -555,6 +529,17 @@ def refuse_other_grouping(saved: float, current: float, path: Path) -> None:
                               f"Resume with train.weight_decay {'> 0' if saved > 0 else '= 0'}, or start a new run "
                               f"from its weights (python tools/export_checkpoint.py {path} --out DIR, then "
                               "model.path=DIR)")
+
+
+def latest_name(root: Path) -> str | None:
+    """The step directory root/latest names (None: no save was published there yet)."""
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def read_trainer_state(step_dir: Path) -> dict[str, Any]:
+    """step_dir/trainer_state.json: step, world_size, rank_files, parent, model, ... (OSError, ValueError as read)."""
+    return json.loads((step_dir / TRAINER_STATE).read_text())
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -127,6 +127,15 @@ def load_prompts(dataset: DatasetConfig, num_per_task: int, planner=None,
     return [Prompt(sample, group) for group, sample in first_samples(dataset, num_per_task, fits)]
 
 
+def by_group_and_task(prompts: list[Prompt]) -> list[list[Prompt]]:
+    """The prompts of each (group, task), in first-seen order: one Generator call cuts its prompts with one group's
+    options and runs one task."""
+    batches: dict[tuple[str, str], list[Prompt]] = {}
+    for p in prompts:
+        batches.setdefault((p.group.name, p.sample.task), []).append(p)
+    return list(batches.values())
+
+
 EXPORT_PROMPT_TOKENS = 32768  # an export records no packing length: the decoder's position range (Qwen2.5's)
 
 
@@ -223,11 +232,9 @@ def evaluate(generator, prompts: list[Prompt], settings: EvalSettings | None = N
     device = getattr(generator, "device", torch.device("cpu"))
     counts = torch.zeros(len(TASKS), 4, dtype=torch.float64)  # correct, total, chance sum, reference correct
     examples: list[Example] = []
-    by_group: dict[tuple[str, str], list[Prompt]] = {}  # a batch is one task's prompts, cut with one group's options
     for p in prompts:
         refuse_unjudgeable(p.sample)
-        by_group.setdefault((p.group.name, p.sample.task), []).append(p)
-    for group_prompts in by_group.values():
+    for group_prompts in by_group_and_task(prompts):
         offset, mine = share(group_prompts, rank, world)
         for first in range(0, len(mine), settings.batch_size):
             batch = mine[first:first + settings.batch_size]
@@ -352,12 +359,12 @@ def untrained_generator(checkpoint: str | Path, trained, dtype: str = "fp32", mo
 
 def checkpoint_step(checkpoint: str | Path) -> tuple[int, Path | None]:
     """(step, run dir) of a training checkpoint; (-1, None) for an export."""
-    from .export import find_checkpoint, is_export_dir, read_trainer_state
+    from .export import checked_trainer_state, find_checkpoint, is_export_dir
 
     if is_export_dir(checkpoint):
         return -1, None
     step_dir = find_checkpoint(checkpoint)
-    step = read_trainer_state(step_dir)["step"]
+    step = checked_trainer_state(step_dir)["step"]
     run_dir = step_dir.parent.parent if step_dir.parent.name == CHECKPOINTS else None
     return step, run_dir
 

@@ -50,7 +50,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from .checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, Checkpointer, rank_dir, step_name
+from .checkpoint import (CHECKPOINTS, LATEST, TRAINER_STATE, Checkpointer, latest_name, rank_dir, read_trainer_state,
+                         step_name)
 from .config.core import Problems, from_dict, load_yaml, output_problem, to_dict
 from .config.model import MODEL_DIRS, LoraConfig, ModelConfig, ObjectiveConfig
 from .config.run import RunConfig
@@ -128,11 +129,11 @@ def find_checkpoint(path: str | Path) -> Path:
     if (path / TRAINER_STATE).is_file():
         return path
     for root in (path, path / CHECKPOINTS):
-        pointer = root / LATEST
-        if pointer.is_file():
-            step_dir = root / pointer.read_text().strip()
+        name = latest_name(root)
+        if name is not None:
+            step_dir = root / name
             if not (step_dir / TRAINER_STATE).is_file():
-                raise ExportError(f"{pointer} names {step_dir.name}, which is not a complete checkpoint (no "
+                raise ExportError(f"{root / LATEST} names {step_dir.name}, which is not a complete checkpoint (no "
                                   f"{TRAINER_STATE}); pass a complete step directory instead")
             return step_dir
         # a first save ended between its rename and `latest`: the newest complete step, as a resume takes it
@@ -167,11 +168,11 @@ def read_run_config(step_dir: Path) -> RunConfig:
     return config
 
 
-def read_trainer_state(step_dir: Path) -> dict:
+def checked_trainer_state(step_dir: Path) -> dict:
     """The checkpoint's trainer_state.json (its step and world size)."""
     state_file = step_dir / TRAINER_STATE
     try:
-        state = json.loads(state_file.read_text())
+        state = read_trainer_state(step_dir)
         step = int(state["step"])  # every lance_ds checkpoint has it; anything else is a damaged file
     except (ValueError, TypeError, KeyError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError, int()
         raise damaged(state_file, step_dir, e) from e
@@ -212,7 +213,7 @@ def load_trained_weights(path: str | Path, ema: bool = False, moved: dict[str, s
     step_dir = find_checkpoint(path)
     config = read_run_config(step_dir)
     config = dataclasses.replace(config, model=relocated(config.model, moved, step_dir / "config.yaml"))
-    trainer_state = read_trainer_state(step_dir)
+    trainer_state = checked_trainer_state(step_dir)
     state = zero_consolidated_state(step_dir)
     if ema:
         state = with_ema(state, step_dir, int(trainer_state.get("world_size", 1)))

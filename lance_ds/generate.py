@@ -31,7 +31,6 @@ when every prompt on every rank is done (an all-reduced flag) or at max_new_toke
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from .data.batch import PackedBatch, Sample
 from .data.packing import collate
 from .data.sequence import PROMPT_MEDIA, SequencePlan, SequencePlanner
 from .distributed import world_size
+from .files import write_atomic
 from .model.vision import encode_vit
 from .objectives import (SamplerInputs, decode_text, euler_sample, guided_steps, lance_velocity_fn,
                          sampling_schedule)
@@ -554,12 +554,7 @@ def write_media(frames: Tensor, path: Path, fps: float) -> None:
     else:
         data = encode_image(frames[:1], "jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # an earlier output is replaced whole or not at all
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind (after the rename there is no tmp)
+    write_atomic(path, data)  # an earlier output is replaced whole or not at all
 
 
 if __name__ == "__main__":

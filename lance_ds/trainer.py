@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import (Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir, claim_output_dir,
-                         read_config)
+from .checkpoint import (LATEST, Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir,
+                         claim_output_dir, latest_name, read_config)
 from .config.core import ConfigError, to_dict
 from .config.data import TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
@@ -299,7 +299,7 @@ class Trainer:
                  if self.step == first else f"steps {first + 1}-{self.step} (resumed at {first})")
         print(f"lance_ds: {ended}: {steps} in {elapsed:.0f} s, {self.tokens_seen:,} tokens in all, "
               f"skipped steps {self.skipped_steps}; final {losses}\n"
-              f"  checkpoint  {self.checkpointer.root / 'latest'} -> {self._latest_name()}\n"
+              f"  checkpoint  {self.checkpointer.root / LATEST} -> {latest_name(self.checkpointer.root) or '(none)'}\n"
               f"  tensorboard {self.out / 'tensorboard'}", flush=True)
 
     # -- validation ------------------------------------------------------------------------------------------------
@@ -323,10 +323,6 @@ class Trainer:
                  "cuts": training_cuts(self.run.dataset)}
         self.checkpointer.save(self.engine, self.step, state, to_dict(self.cfg), self.loader.state_dict(), self.ema)
         self.saved_step = self.step
-
-    def _latest_name(self) -> str:
-        pointer = self.checkpointer.root / "latest"
-        return pointer.read_text().strip() if pointer.is_file() else "(none)"
 
     def _checkpoint_to_resume(self, resume: str) -> Path | None:
         """The checkpoint `resume` names (the same on every rank), or None to start from scratch."""

@@ -95,7 +95,8 @@ class Validator:
     """Held-out losses per task and generated samples, on every rank together."""
 
     def __init__(self, trainer: "Trainer", dataset: "DatasetConfig"):
-        from .data.stream import build_val_loader, first_samples, within
+        from .data.stream import build_val_loader
+        from .evaluate import load_prompts
 
         self.trainer = trainer
         cfg = trainer.cfg
@@ -104,11 +105,10 @@ class Validator:
                                        max_samples=cfg.validation.max_samples)
         # the same fixed prompts on every rank (generation runs on all ranks together under ZeRO-3), each with the
         # group it is cut with (its resolutions and frame sampling, as in training)
-        self.prompts = first_samples(dataset, cfg.validation.num_generations,
-                                     within(trainer.planner, cfg.data.packing_length)) \
-            if cfg.validation.num_generations else []
+        self.prompts = load_prompts(dataset, cfg.validation.num_generations, trainer.planner,
+                                    cfg.data.packing_length) if cfg.validation.num_generations else []
         if cfg.validation.num_generations:
-            refuse_other_prompts([(g.name, s.key) for g, s in self.prompts])
+            refuse_other_prompts([(p.group.name, p.sample.key) for p in self.prompts])
 
     @torch.no_grad()
     def run(self, step: int) -> dict[str, float]:
@@ -137,18 +137,16 @@ class Validator:
 
     def samples(self, step: int) -> None:
         """Generated images / videos for fixed prompts and answers to fixed questions, to TensorBoard (rank 0)."""
-        from .evaluate import judged_pixels, side_by_side
+        from .evaluate import by_group_and_task, judged_pixels, side_by_side
         from .generate import Generator
 
         tr = self.trainer
         cfg = tr.cfg.validation
         generator = Generator(tr.engine, tr.parts.vit, tr.parts.vae, tr.planner, tr.tokenizer, tr.cfg.objective)
-        by_group: dict[tuple[str, str], tuple] = {}  # one call per group and task
-        for group, sample in self.prompts:
-            by_group.setdefault((group.name, sample.task), (group, []))[1].append(sample)
         seen: dict[str, int] = {}
         rows = ["| task | question | reference | answer |", "|---|---|---|---|"]
-        for group, samples in by_group.values():
+        for prompts in by_group_and_task(self.prompts):
+            group, samples = prompts[0].group, [p.sample for p in prompts]
             if samples[0].task in GEN_TASKS:
                 outputs = generator.generate(samples, num_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
                                              seed=tr.cfg.train.seed, group=group)

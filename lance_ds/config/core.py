@@ -103,77 +103,95 @@ def _field_paths(cls: type) -> list[str]:
 def _convert(value: Any, tp: Any, key: str, problems: Problems) -> Any:
     """Convert a YAML value to the annotated type, reporting (not raising) mismatches."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):  # (config fields are `X | None` at most)
-        if value is None and type(None) in args:
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        (inner,) = [a for a in args if a is not type(None)]
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
         return _convert(value, inner, key, problems)
     if dataclasses.is_dataclass(tp):
-        if isinstance(tp, type) and isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            problems.add(key, f"expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
-            return tp()
-        return from_dict(tp, value, problems, key)
+        return _to_section(value, tp, key, problems)
     if origin is list:
-        if isinstance(value, str) and args and args[0] is str:  # `shards: dir` means `shards: [dir]`
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            problems.add(key, f"expected a list, got {value!r}")
-            return value
-        item_tp = args[0] if args else Any
-        items = []
-        for i, v in enumerate(value):
-            out = _convert(v, item_tp, f"{key}[{i}]", problems)
-            # a section that is not a mapping is reported above and left out: its defaults would only add noise
-            if not dataclasses.is_dataclass(item_tp) or isinstance(v, (dict, item_tp)):
-                items.append(out)
-        return items
+        return _to_list(value, tp, key, problems)
     if origin is dict:
         if not isinstance(value, dict):
             problems.add(key, f"expected a mapping, got {value!r}")
         return value
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML reads "1e-4" as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            problems.add(key, f"expected a number, got {value!r}")
-            return value
-        # inf and nan pass every `> 0` or range check written as a negation, and train to a NaN checkpoint
-        if not math.isfinite(number):
-            problems.add(key, f"must be a finite number, got {value!r}")
-            return value
-        return number
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        problems.add(key, f"expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        problems.add(key, f"expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # 0755 -> 493, 2024_01 -> 202401
-            problems.add(key, f"YAML reads this as the number {value!r}, not as text; quote it (e.g. '0755')")
-            return value
-        problems.add(key, f"expected a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, key, problems)
     return value
+
+
+def _to_section(value: Any, tp: type, key: str, problems: Problems) -> Any:
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        problems.add(key, f"expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return tp()
+    return from_dict(tp, value, problems, key)
+
+
+def _to_list(value: Any, tp: Any, key: str, problems: Problems) -> Any:
+    args = typing.get_args(tp)
+    if isinstance(value, str) and args and args[0] is str:  # `shards: dir` means `shards: [dir]`
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        problems.add(key, f"expected a list, got {value!r}")
+        return value
+    item_tp = args[0] if args else Any
+    items = []
+    for i, v in enumerate(value):
+        out = _convert(v, item_tp, f"{key}[{i}]", problems)
+        # a section that is not a mapping is reported above and left out: its defaults would only add noise
+        if not dataclasses.is_dataclass(item_tp) or isinstance(v, (dict, item_tp)):
+            items.append(out)
+    return items
+
+
+def _to_float(value: Any, key: str, problems: Problems) -> Any:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):  # YAML reads "1e-4" as a string
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        problems.add(key, f"expected a number, got {value!r}")
+        return value
+    # inf and nan pass every `> 0` or range check written as a negation, and train to a NaN checkpoint
+    if not math.isfinite(number):
+        problems.add(key, f"must be a finite number, got {value!r}")
+        return value
+    return number
+
+
+def _to_int(value: Any, key: str, problems: Problems) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    problems.add(key, f"expected an integer, got {value!r}")
+    return value
+
+
+def _to_bool(value: Any, key: str, problems: Problems) -> Any:
+    if not isinstance(value, bool):
+        problems.add(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _to_str(value: Any, key: str, problems: Problems) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # 0755 -> 493, 2024_01 -> 202401
+        problems.add(key, f"YAML reads this as the number {value!r}, not as text; quote it (e.g. '0755')")
+    elif not isinstance(value, str):
+        problems.add(key, f"expected a string, got {value!r}")
+    return value
+
+
+_SCALARS: dict[type, Callable[[Any, str, Problems], Any]] = {float: _to_float, int: _to_int, bool: _to_bool, str: _to_str}
 
 
 def from_dict(cls: type[T], data: dict, problems: Problems, prefix: str = "") -> T:

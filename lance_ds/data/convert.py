@@ -85,6 +85,7 @@ from lance_ds.data import media
 from lance_ds.data.manifest import MANIFEST, parse_manifest
 from lance_ds.data.schemas import SCHEMAS, RowProblem, SchemaError, TaskSchema, resolve_task, validate_row
 from lance_ds.data.tar import TarShardWriter, file_crc32
+from lance_ds.files import write_atomic
 from lance_ds.processes import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -521,7 +522,7 @@ def load_done_record(output: Path, plan: ShardPlan) -> ShardRecord | None:
 
 
 def save_record(output: Path, record: ShardRecord) -> None:
-    _write_atomic(_record_path(output, record.name), json.dumps(dataclasses.asdict(record), ensure_ascii=False))
+    write_atomic(_record_path(output, record.name), json.dumps(dataclasses.asdict(record), ensure_ascii=False))
 
 
 _AS_BINARY = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view()}
@@ -800,12 +801,6 @@ def _remove_temp_files(output: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _run_units(units, schema, sources, output, options, on_progress) -> list[UnitResult]:
     if options.workers == 1 or len(units) <= 1:
         return [convert_unit(u, schema, sources, output, options.verify, on_progress) for u in units]
@@ -913,7 +908,7 @@ def _progress_bar(total: int, task: str, enabled: bool):
 
 def _write_outputs(output: Path, schema: TaskSchema, options: ConvertOptions, records: list[ShardRecord]) -> None:
     rejects = "".join(json.dumps(line, ensure_ascii=False) + "\n" for r in records for line in r.rejects)
-    _write_atomic(output / "rejects.jsonl", rejects)
+    write_atomic(output / "rejects.jsonl", rejects)
     shards = [{"name": r.name, "num_samples": r.num_samples, "bytes": r.bytes, "crc32": r.crc32, "media": r.media}
               for r in records if r.num_samples]
     manifest = {
@@ -927,7 +922,7 @@ def _write_outputs(output: Path, schema: TaskSchema, options: ConvertOptions, re
         "text_columns": list(schema.text_columns),
         "shards": shards,
     }
-    _write_atomic(output / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    write_atomic(output / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
 __all__ = [
