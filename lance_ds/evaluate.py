@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CHECKPOINTS
-from .config.data import GEN_TASKS, TASKS, UND_TASKS, DatasetConfig, GroupConfig
+from .config.data import GEN_TASKS, TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, DatasetConfig, GroupConfig
 from .data.batch import Sample
 from .data.example import COLOURS, DIRECTIONS, SHAPES, judge_answer, judge_generation, parse_answer
 from .data.sequence import SOURCE_MEDIA, TARGET_MEDIA, resize_crop
@@ -207,7 +207,7 @@ def side_by_side(*clips: Tensor | None) -> Tensor:
 def refuse_unjudgeable(sample: Sample) -> None:
     """The judge reads the example world (colours, shapes, motions): a t2i / t2v caption naming none of them would
     score 100% at a chance of 100%, "goals met" about nothing. ValueError, pointing at validation instead."""
-    if sample.task in ("t2i", "t2v") and not any(parse_answer(sample.texts.get("caption", "")).values()):
+    if sample.task in TEXT_TO_MEDIA_TASKS and not any(parse_answer(sample.texts.get("caption", "")).values()):
         raise ValueError(f"{sample.task} sample {sample.key!r}: its caption {sample.texts.get('caption', '')[:80]!r} "
                          "names no colour, shape or direction of the example world, which is all lance_ds.evaluate "
                          "judges; for your own data watch validation (validation.every, val/* in TensorBoard)")

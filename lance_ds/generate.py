@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .chunks import budget_chunks
 from .config.core import Problems, from_dict, output_problem
-from .config.data import GEN_TASKS, UND_TASKS, VIDEO_TASKS, GroupConfig
+from .config.data import GEN_TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, VIDEO_TASKS, GroupConfig
 from .config.model import ObjectiveConfig
 from .data.batch import PackedBatch, Sample
 from .data.packing import collate
@@ -365,10 +365,15 @@ def sampling_problems(steps: int, cfg: float) -> list[str]:
 
 def check_args(args) -> list[str]:
     """Every problem with the request at once, each naming the flag and the fix."""
+    return (_input_output_problems(args) + _shape_problems(args) + _decoding_problems(args)
+            + _role_problems(args) + _device_problems(args))
+
+
+def _input_output_problems(args) -> list[str]:
     problems = []
     generation = args.task in GEN_TASKS
     video = args.task in ("t2v", "v2v")
-    needs_input = args.task not in ("t2i", "t2v")
+    needs_input = args.task not in TEXT_TO_MEDIA_TASKS
     if generation and not args.prompt:
         problems.append(f"--prompt: {args.task} needs a prompt (what to generate, or the edit instruction)")
     if needs_input and not args.input:
@@ -388,10 +393,15 @@ def check_args(args) -> list[str]:
     # here, not when writing: an --out that cannot be written would throw the generation away
     if generation and args.out and (problem := output_problem("--out", args.out)):
         problems.append(problem)
+    return problems
+
+
+def _shape_problems(args) -> list[str]:
+    problems = []
     size = parse_size(args.size) if args.size is not None else None
     if args.size is not None and size is None:
         problems.append(f"--size: give SIDE or HEIGHTxWIDTH in pixels, e.g. 64 or 64x96, got {args.size!r}")
-    elif size is not None and args.task not in ("t2i", "t2v") and size[0] != size[1]:
+    elif size is not None and args.task not in TEXT_TO_MEDIA_TASKS and size[0] != size[1]:
         problems.append(f"--size: {args.task} cuts its input to an area (SIDE x SIDE, aspect kept by its buckets); "
                         f"give one SIDE, got {args.size!r}")
     if args.frames is not None and args.task not in ("t2v", "v2v"):
@@ -401,19 +411,33 @@ def check_args(args) -> list[str]:
     # `not x > 0` rather than `x <= 0`: nan is refused too
     if args.fps is not None and not 0 < args.fps <= 1000:
         problems.append(f"--fps must be in (0, 1000] (frames per second of the mp4 written or read), got {args.fps}")
-    problems += sampling_problems(args.steps, args.cfg)
+    return problems
+
+
+def _decoding_problems(args) -> list[str]:
+    problems = sampling_problems(args.steps, args.cfg)
     if not args.temperature >= 0:
         problems.append(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not generation and args.prompt:
-        problems.append(f"--prompt: {args.task} answers a question about its input: give it as --question")
-    if generation and args.question:
-        problems.append(f"--question: {args.task} generates; give what to generate (or the edit) as --prompt")
-    if args.device is not None and not _device_available(args.device):
-        problems.append(f"--device: {args.device} is not available on this machine (CUDA available: "
-                        f"{torch.cuda.is_available()}, {torch.cuda.device_count()} device(s)); try --device cpu")
     return problems
+
+
+def _role_problems(args) -> list[str]:
+    """A prompt given under the other task family's flag."""
+    generation = args.task in GEN_TASKS
+    if not generation and args.prompt:
+        return [f"--prompt: {args.task} answers a question about its input: give it as --question"]
+    if generation and args.question:
+        return [f"--question: {args.task} generates; give what to generate (or the edit) as --prompt"]
+    return []
+
+
+def _device_problems(args) -> list[str]:
+    if args.device is not None and not _device_available(args.device):
+        return [f"--device: {args.device} is not available on this machine (CUDA available: "
+                f"{torch.cuda.is_available()}, {torch.cuda.device_count()} device(s)); try --device cpu"]
+    return []
 
 
 def _device_available(name: str) -> bool:
@@ -487,7 +511,7 @@ def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig,
     """--size for t2i / t2v: (frames, height, width), the frames the group's (cli_group's: --frames); None without
     --size, the planner then cutting as training did. frame_size: a frame VAE's one frame size, refused before
     sampling if --size asks for another."""
-    if args.task not in ("t2i", "t2v") or args.size is None:
+    if args.task not in TEXT_TO_MEDIA_TASKS or args.size is None:
         return None
     height, width = parse_size(args.size)
     if frame_size and (height, width) != (frame_size, frame_size):
@@ -523,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                                         moved=moved_dirs(args))
         print(f"lance_ds.generate: {gen.source}", file=sys.stderr)
         check_frames(args, gen.planner.geometry)
-        input_side = parse_size(args.size)[0] if args.size and args.task not in ("t2i", "t2v") else None
+        input_side = parse_size(args.size)[0] if args.size and args.task not in TEXT_TO_MEDIA_TASKS else None
         group = cli_group(gen.vae, args.task, gen.cuts, input_side, args.frames, args.fps, args.system)
         sample = cli_sample(args, group)
         if args.task in UND_TASKS:

@@ -74,10 +74,6 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
-    from lance_ds.checkpoint import Checkpointer, CheckpointError, checkpoints_dir
-    from lance_ds.config import ConfigError, load_and_check
-    from lance_ds.config.core import to_dict
-    from lance_ds.data.stream import DataError, run_data_fingerprint
     from lance_ds.engine import adopt_launcher_env
 
     refused = adopt_launcher_env()  # srun / mpirun starting this script directly: their ranks, before any check
@@ -87,30 +83,53 @@ def main(argv: list[str] | None = None) -> int:
         if is_first:
             print(f"lance_ds: {refused}", file=sys.stderr)
         return 2
+    checked = check_run(args, is_first)
+    if checked is None:
+        return 2
+    run, ds_config = checked
+    if args.print_config or args.check:
+        if is_first:
+            if args.print_config:
+                from lance_ds.config.core import to_dict
+
+                print(yaml.safe_dump(to_dict(run.config), sort_keys=False))
+                print(json.dumps(ds_config, indent=2))
+            else:
+                print("lance_ds: configs OK")
+        return 0
+    return train(run, ds_config, args.resume, is_first)
+
+
+def check_run(args, is_first: bool):
+    """(run, DeepSpeed config) when the configs and --resume are sound; None once the problem is said."""
+    from lance_ds.checkpoint import Checkpointer, CheckpointError, checkpoints_dir
+    from lance_ds.config import ConfigError, load_and_check
+    from lance_ds.config.core import to_dict
+    from lance_ds.data.stream import DataError, run_data_fingerprint
+
     world = args.world_size or world_size_from_env()
     try:
         run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world,
                                         devices_here=not args.ranks_elsewhere)
         # what --resume names must be resumable by this run (architecture, optimizer groups) before any rank starts work
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
-        train = run.config.train
-        checkpointer.check_resume(args.resume, to_dict(run.config.model), train.max_steps, train.weight_decay,
+        schedule = run.config.train
+        checkpointer.check_resume(args.resume, to_dict(run.config.model), schedule.max_steps, schedule.weight_decay,
                                   data=run_data_fingerprint(run), prediction=run.config.objective.prediction)
     except (ConfigError, CheckpointError, DataError) as e:
         if is_first:
             print(f"lance_ds: {e}", file=sys.stderr)
         if not (args.print_config or args.check):
             stop_the_others_too()
-        return 2
-    if args.print_config or args.check:
-        if is_first:
-            if args.print_config:
-                print(yaml.safe_dump(to_dict(run.config), sort_keys=False))
-                print(json.dumps(ds_config, indent=2))
-            else:
-                print("lance_ds: configs OK")
-        return 0
+        return None
+    return run, ds_config
 
+
+def train(run, ds_config: dict, resume: str, is_first: bool) -> int:
+    """Train to the end (0) or to a stopping signal (128 + its number, saved); anything else ends the process."""
+    from lance_ds.checkpoint import CheckpointError
+    from lance_ds.config import ConfigError
+    from lance_ds.data.stream import DataError
     from lance_ds.model.weights import WeightsFileError
     from lance_ds.processes import survive_lost_console
     from lance_ds.trainer import Trainer
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     survive_lost_console()  # a rank whose console goes away (a multi-node stop) still saves and stops
 
     try:
-        trainer = Trainer(run, ds_config, resume=args.resume)
+        trainer = Trainer(run, ds_config, resume=resume)
     except (CheckpointError, ConfigError, DataError, WeightsFileError) as e:
         # found once the model, data and checkpoint are opened (a freeze pattern that matches no parameter): one
         # line, not a traceback per rank; a rank's own files: said by that rank

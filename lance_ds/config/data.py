@@ -9,6 +9,8 @@ from .core import Problems, doc, join
 TASKS = ("t2i", "t2v", "i2i", "v2v", "i2t", "v2t")
 GEN_TASKS = ("t2i", "t2v", "i2i", "v2v")
 UND_TASKS = ("i2t", "v2t")
+TEXT_TO_MEDIA_TASKS = ("t2i", "t2v")  # generation from a caption alone
+EDIT_TASKS = ("i2i", "v2v")  # generation from a source (seen through the ViT) and an instruction
 VIDEO_TASKS = ("t2v", "v2v", "v2t")  # the tasks whose samples hold videos
 
 

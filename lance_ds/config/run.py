@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..data.manifest import ManifestError, local_shards, read_manifest
 from .core import Problems, apply_overrides, check, doc, from_dict, join, load_yaml
-from .data import GEN_TASKS, UND_TASKS, DataConfig, DatasetConfig, GroupConfig
+from .data import EDIT_TASKS, GEN_TASKS, UND_TASKS, DataConfig, DatasetConfig, GroupConfig
 from .model import MODEL_DIRS, PRECISIONS, ModelConfig, ObjectiveConfig
 
 
@@ -268,7 +268,7 @@ def check_switches(model: ModelConfig, dataset: DatasetConfig, problems: Problem
         if group.task in UND_TASKS and not model.visual_und:
             problems.add(f"{key}.groups[{i}]", f"group '{group.name}' is a {group.task} (understanding) task "
                          "but model.visual_und is false; set model.visual_und=true or remove the group")
-        elif group.task in ("i2i", "v2v") and not model.visual_und:
+        elif group.task in EDIT_TASKS and not model.visual_und:
             problems.add(f"{key}.groups[{i}]", f"group '{group.name}' is a {group.task} edit, whose source the "
                          "model sees through the ViT, but model.visual_und is false (no ViT); set "
                          "model.visual_und=true or remove the group")

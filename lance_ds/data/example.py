@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from lance_ds.config.data import TASKS, VIDEO_TASKS
+from lance_ds.config.data import EDIT_TASKS, TASKS, TEXT_TO_MEDIA_TASKS, VIDEO_TASKS
 from lance_ds.data.media import decode_image, encode_image, encode_video
 from lance_ds.data.schemas import SCHEMAS
 
@@ -265,9 +265,9 @@ def make_row(task: str, row: int, rng: np.random.Generator, cfg: ExampleConfig) 
             return encode_video(render_video(s, cfg.size, cfg.frames), cfg.fps)
         return encode_image(render_image(s, cfg.size), "png" if row % 2 == 0 else "jpeg")
 
-    if task in ("t2i", "t2v"):
+    if task in TEXT_TO_MEDIA_TASKS:
         return {"caption": scene.caption(), f"{kind}_bytes": encode(scene)}
-    if task in ("i2i", "v2v"):
+    if task in EDIT_TASKS:
         target, instruction = _edited(scene, rng, allow_shape=task == "i2i")
         return {"caption": instruction, f"input_{kind}_bytes": encode(scene), f"output_{kind}_bytes": encode(target)}
     question, answer = _question(scene, rng)
@@ -544,7 +544,7 @@ def judge_generation(task: str, caption: str, output, source=None) -> Verdict:
         return judge_image(output, caption)
     if task == "t2v":
         return judge_video(output, caption)
-    if task in ("i2i", "v2v"):
+    if task in EDIT_TASKS:
         if source is None:
             raise ValueError(f"judging {task} needs the source pixels the edit was applied to")
         return judge_edit(source, output, caption)

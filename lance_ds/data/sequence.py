@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config.data import GEN_TASKS, VIDEO_TASKS, GroupConfig
+from ..config.data import EDIT_TASKS, GEN_TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, VIDEO_TASKS, GroupConfig
 from .batch import AttnMode, Sample
 from .schemas import SCHEMAS
 from .tokenizer import SpecialTokenIds, TextTokenizer
@@ -396,11 +396,11 @@ class SequencePlanner:
         for name in TASK_TEXTS.get(sample.task, ()):
             if not (sample.texts.get(name) or "").strip():  # "  " would train a blank answer, or an empty caption
                 raise PlanError(f"{sample.task} sample {sample.key!r} has no {name!r} text")
-        if sample.task in ("t2i", "t2v"):
+        if sample.task in TEXT_TO_MEDIA_TASKS:
             plan = self._plan_generation(sample, group)
-        elif sample.task in ("i2i", "v2v"):
+        elif sample.task in EDIT_TASKS:
             plan = self._plan_edit(sample, group)
-        elif sample.task in ("i2t", "v2t"):
+        elif sample.task in UND_TASKS:
             plan = self._plan_understanding(sample, group)
         else:
             raise PlanError(f"sample {sample.key!r} has unknown task {sample.task!r}; expected one of "
@@ -450,14 +450,14 @@ class SequencePlanner:
             if name not in sample.media:
                 raise PlanError(f"{sample.task} prompt {sample.key!r} needs {name!r} media to condition on "
                                 f"(it has {sorted(sample.media)})")
-        if sample.task in ("i2t", "v2t"):
+        if sample.task in UND_TASKS:
             plan = self._understanding_layout(sample, group, answer=None)
         else:
             if not drop_caption and not sample.texts.get("caption"):
                 raise PlanError(f"{sample.task} prompt {sample.key!r} has no 'caption' text (the prompt or edit "
                                 "instruction)")
             shape = self._prompt_target_shape(sample, group, target_shape)
-            if sample.task in ("t2i", "t2v"):
+            if sample.task in TEXT_TO_MEDIA_TASKS:
                 plan = self._prompt_generation(sample, group, shape, drop_caption)
             else:
                 plan = self._prompt_edit(sample, group, shape, drop_caption, asked=target_shape is not None)
