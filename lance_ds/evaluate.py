@@ -121,7 +121,7 @@ def load_prompts(dataset: DatasetConfig, num_per_task: int, planner=None,
                  max_tokens: int | None = None) -> list[Prompt]:
     """The first `num_per_task` decodable samples of every group, in shard order (every rank reads the same); with
     a planner, those of at most `max_tokens` tokens."""
-    from .data.stream import first_samples, within
+    from .data.held_out import first_samples, within
 
     fits = within(planner, max_tokens) if planner is not None and max_tokens else None
     return [Prompt(sample, group) for group, sample in first_samples(dataset, num_per_task, fits)]

@@ -95,7 +95,7 @@ class Validator:
     """Held-out losses per task and generated samples, on every rank together."""
 
     def __init__(self, trainer: "Trainer", dataset: "DatasetConfig"):
-        from .data.stream import build_val_loader
+        from .data.held_out import build_val_loader
         from .evaluate import load_prompts
 
         self.trainer = trainer

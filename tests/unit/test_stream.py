@@ -21,14 +21,15 @@ import torch
 from lance_ds.config.data import DataConfig, DatasetConfig, GroupConfig, ImageOptions, VideoOptions
 from lance_ds.data import stream as stream_module
 from lance_ds.data.batch import PackedBatch
+from lance_ds.data.held_out import build_val_loader, first_samples, within
 from lance_ds.data.media import MediaError, encode_image, encode_video
 from lance_ds.data.media import describe as describe_bytes
 from lance_ds.data.packing import Branches, OverlongSampleError
 from lance_ds.data.schemas import SCHEMAS, MediaKind
 from lance_ds.data.sequence import SequencePlanner, VisionGeometry
 from lance_ds.data.reshard import resharded
-from lance_ds.data.stream import (GroupReader, SkipCounter, SlotStream, StreamSpec, build_train_loader,
-                                  build_val_loader, fetch_raws, resolve_group)
+from lance_ds.data.stream import (GroupReader, SkipCounter, SlotStream, StreamSpec, build_train_loader, fetch_raws,
+                                  resolve_group)
 from lance_ds.data.tar import ShardError, TarShardWriter, iter_raw_samples
 from lance_ds.data.tokenizer import load_tokenizer
 
@@ -617,7 +618,7 @@ def test_first_samples_pass_over_damaged_shards_and_samples(tmp_path):
     _corrupt_shards(tmp_path)
     dataset = DatasetConfig(groups=[group("g", [tmp_path / "trunc/shard-000000.tar", tmp_path / "bad/*.tar",
                                                 tmp_path / "hdr", tmp_path / "good"])])
-    keys = [sample.key for _, sample in stream_module.first_samples(dataset, per_group=6)]
+    keys = [sample.key for _, sample in first_samples(dataset, per_group=6)]
     # trunc: the two samples before the cut; bad: the one decodable sample; hdr: the first, before the bad header
     assert keys == ["t000x0000", "t000x0001", "b4", "h000x0000", "g000x0000", "g000x0001"]
 
@@ -632,12 +633,12 @@ def test_first_samples_pass_over_samples_longer_than_a_packed_sequence(tmp_path)
     writer.close()
     dataset = DatasetConfig(groups=[group("g", [tmp_path / "shard-000000.tar"])])
     planner = SequencePlanner(load_tokenizer(), VisionGeometry())
-    assert [s.key for _, s in stream_module.first_samples(dataset, 2)] == ["k0", "k1"]
-    fits = stream_module.within(planner, 1024)
-    assert [s.key for _, s in stream_module.first_samples(dataset, 2, fits)] == ["k0", "k2"]
+    assert [s.key for _, s in first_samples(dataset, 2)] == ["k0", "k1"]
+    fits = within(planner, 1024)
+    assert [s.key for _, s in first_samples(dataset, 2, fits)] == ["k0", "k2"]
     # prompts keep their captions: a caption training would drop (classifier-free guidance) is measured too
     dropping = DatasetConfig(groups=[group("g", [tmp_path / "shard-000000.tar"], caption_dropout=0.99)])
-    assert [s.key for _, s in stream_module.first_samples(dropping, 2, fits)] == ["k0", "k2"]
+    assert [s.key for _, s in first_samples(dropping, 2, fits)] == ["k0", "k2"]
 
 
 def test_an_unfinished_conversion_is_refused_not_read(tmp_path):
@@ -998,7 +999,7 @@ def test_what_every_rank_reads_alike_tries_a_remote_shard_again(http_root, plann
     val = build_val_loader(dataset, DATA, planner, rank=0, world_size=1)
     assert sorted(p.key for plans in val.iter_plans() for p in plans) == keys and not val.skips.counts
     server.drop = {"shard-000000.tar": 1}
-    assert [sample.key for _, sample in stream_module.first_samples(dataset, 8)] == keys
+    assert [sample.key for _, sample in first_samples(dataset, 8)] == keys
     last = list(iter_raw_samples(str(root / "d" / "shard-000000.tar")))[-1]
     server.drop = {"shard-000000.tar": 1}  # half of the last sample's bytes, then the connection drops
     assert fetch_raws([(shard, last.start, last.key)])[0].members == last.members
