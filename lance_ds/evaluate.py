@@ -29,12 +29,14 @@ to the run's TensorBoard.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -238,32 +240,13 @@ def evaluate(generator, prompts: list[Prompt], settings: EvalSettings | None = N
         offset, mine = share(group_prompts, rank, world)
         for first in range(0, len(mine), settings.batch_size):
             batch = mine[first:first + settings.batch_size]
-            samples = [p.sample for p, _ in batch]
-            task, group = samples[0].task, batch[0][0].group
-            row = counts[TASKS.index(task)]
-            logged = sum(e.task == task for e in examples)
-            if task in UND_TASKS:
-                answers = generator.answer(samples, max_new_tokens=settings.max_new_tokens, group=group)
-                for (p, counted), answer in zip(batch, answers):
-                    ok, chance = judge_understanding(p.sample, answer)
-                    if counted:
-                        row += torch.tensor([float(ok), 1.0, chance, 0.0], dtype=torch.float64)
-                        if logged < settings.num_logged:
-                            logged += 1
-                            examples.append(Example(task, _question(p.sample), ok, answer, p.sample.texts["caption_a"]))
-            else:
-                outputs = generator.generate(samples, num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
-                                             seed=settings.seed, group=group, first_index=offset + first)
-                for (p, counted), output in zip(batch, outputs):
-                    verdict, reference, source, target = judge_output(p.sample, output)
-                    if counted:
-                        row += torch.tensor([float(verdict.ok), 1.0, chance_of(verdict.expected),
-                                             float(bool(reference))], dtype=torch.float64)
-                        if logged < settings.num_logged:
-                            logged += 1
-                            examples.append(Example(task, p.sample.texts["caption"], verdict.ok,
-                                                    _reading(verdict.found), _reading(verdict.expected),
-                                                    side_by_side(source, output, target)))
+            task = batch[0][0].sample.task
+            run = _answered if task in UND_TASKS else _generated
+            for (_, counted), judged in zip(batch, run(generator, [p for p, _ in batch], settings, offset + first)):
+                if counted:  # (a rank's share is padded with repeats, uncounted)
+                    counts[TASKS.index(task)] += torch.tensor(judged.counts, dtype=torch.float64)
+                    if sum(e.task == task for e in examples) < settings.num_logged:
+                        examples.append(judged.example())
     counts = distributed.sum_over_ranks(counts.to(device)).cpu()
     scores = {}
     for i, task in enumerate(TASKS):
@@ -272,6 +255,40 @@ def evaluate(generator, prompts: list[Prompt], settings: EvalSettings | None = N
             scores[task] = TaskScore(task, int(correct), int(total), chance / total,
                                      reference / total if task in GEN_TASKS else None)
     return Evaluation(scores, examples if rank == 0 else [], time.perf_counter() - start)
+
+
+@dataclass
+class _Judged:
+    counts: tuple[float, float, float, float]  # correct, 1, chance, reference correct (as `evaluate` sums them)
+    example: Callable[[], Example]  # built only for the prompts that are logged (side by side frames cost)
+
+
+def _answered(generator, prompts: list[Prompt], settings: EvalSettings, first_index: int) -> list[_Judged]:
+    samples = [p.sample for p in prompts]
+    answers = generator.answer(samples, max_new_tokens=settings.max_new_tokens, group=prompts[0].group)
+    judged = []
+    for sample, answer in zip(samples, answers):
+        ok, chance = judge_understanding(sample, answer)
+        judged.append(_Judged((float(ok), 1.0, chance, 0.0), functools.partial(
+            Example, sample.task, _question(sample), ok, answer, sample.texts["caption_a"])))
+    return judged
+
+
+def _generated(generator, prompts: list[Prompt], settings: EvalSettings, first_index: int) -> list[_Judged]:
+    samples = [p.sample for p in prompts]
+    outputs = generator.generate(samples, num_steps=settings.num_steps, cfg_scale=settings.cfg_scale,
+                                 seed=settings.seed, group=prompts[0].group, first_index=first_index)
+    judged = []
+    for sample, output in zip(samples, outputs):
+        verdict, reference, source, target = judge_output(sample, output)
+
+        def example(sample=sample, verdict=verdict, source=source, output=output, target=target) -> Example:
+            return Example(sample.task, sample.texts["caption"], verdict.ok, _reading(verdict.found),
+                           _reading(verdict.expected), side_by_side(source, output, target))
+
+        judged.append(_Judged((float(verdict.ok), 1.0, chance_of(verdict.expected), float(bool(reference))),
+                              example))
+    return judged
 
 
 def _question(sample: Sample) -> str:
@@ -394,27 +411,12 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
-    from .config.core import Problems
-    from .config.run import load_dataset
     from .export import ExportError, moved_dirs
-    from .config.core import output_problem
-    from .generate import Generator, GenerateError, sampling_problems
-    from .metrics import TensorBoard
+    from .generate import Generator, GenerateError
 
     args = parse_args(argv)
-    problems = Problems()
-    if args.num_per_task < 1:
-        problems.add("--num-per-task", f"must be >= 1, got {args.num_per_task}")
-    for problem in sampling_problems(args.steps, args.cfg):
-        problems.add("", problem)
-    # the outputs are written after the whole evaluation: one that cannot be written would throw it away
-    tensorboard = None if args.tensorboard == "none" else args.tensorboard
-    for flag, path, directory in (("--json", args.json, False), ("--tensorboard", tensorboard, True)):
-        if path and (problem := output_problem(flag, path, directory)):
-            problems.add("", problem)
-    dataset = load_dataset(args.dataset_config, problems, "--dataset_config")
     try:
-        problems.raise_if_any()
+        dataset = checked_arguments(args)
     except ConfigError as e:
         print(f"lance_ds.evaluate: {e}", file=sys.stderr)
         return 2
@@ -433,11 +435,39 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, GenerateError, ValueError, FileNotFoundError) as e:
         print(f"lance_ds.evaluate: {e}", file=sys.stderr)
         return 2
-    final = list(results.values())[-1]
+    missed = report(args, settings, results, step, run_dir)
+    return 1 if args.require_goals and missed else 0
+
+
+def checked_arguments(args) -> DatasetConfig:
+    """The held-out dataset; a ConfigError naming every problem with the flags at once."""
+    from .config.core import Problems, output_problem
+    from .config.run import load_dataset
+    from .generate import sampling_problems
+
+    problems = Problems()
+    if args.num_per_task < 1:
+        problems.add("--num-per-task", f"must be >= 1, got {args.num_per_task}")
+    for problem in sampling_problems(args.steps, args.cfg):
+        problems.add("", problem)
+    # the outputs are written after the whole evaluation: one that cannot be written would throw it away
+    tensorboard = None if args.tensorboard == "none" else args.tensorboard
+    for flag, path, directory in (("--json", args.json, False), ("--tensorboard", tensorboard, True)):
+        if path and (problem := output_problem(flag, path, directory)):
+            problems.add("", problem)
+    dataset = load_dataset(args.dataset_config, problems, "--dataset_config")
+    problems.raise_if_any()
+    return dataset
+
+
+def report(args, settings: EvalSettings, results: dict[str, Evaluation], step: int, run_dir: Path | None) -> list[str]:
+    """The table on stdout, TensorBoard scalars and samples, the JSON file; returns the tasks that missed a goal."""
+    from .metrics import TensorBoard
+
     print(f"Held-out evaluation ({args.steps} Euler steps, CFG {args.cfg}; "
           + ", ".join(f"{name}: {r.seconds:.0f} s" for name, r in results.items()) + ")")
     print(format_table(results))
-    missed = [t for t, ok in goals_met(final).items() if not ok]
+    missed = [t for t, ok in goals_met(list(results.values())[-1]).items() if not ok]
     print("goals: " + ("all met" if not missed else f"missed by {', '.join(missed)}"))
     tb_dir = args.tensorboard or (str(run_dir / "tensorboard") if run_dir else None)
     if tb_dir and tb_dir != "none":
@@ -452,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         json_path.write_text(json.dumps({"settings": dataclasses.asdict(settings), "num_per_task": args.num_per_task,
                                          "dataset_config": str(args.dataset_config),
                                          "results": {k: to_json(v) for k, v in results.items()}}, indent=2))
-    return 1 if args.require_goals and missed else 0
+    return missed
 
 
 if __name__ == "__main__":
