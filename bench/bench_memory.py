@@ -37,8 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trainer import (REPO, LanceLoop, build_trainer, collect_batches, cycle_from, example_dataset,  # noqa: E402
-                           free_port, machine_line, print_result, spawn_ranks, work_dir)
+from bench_trainer import LanceLoop, build_trainer, collect_batches, cycle_from  # noqa: E402
+from common import REPO, example_dataset, free_port, machine_line, print_result, spawn_ranks, work_dir  # noqa: E402
 
 MIB = 2**20
 GOAL_CATEGORIES = ("parameters", "master_weights", "gradients", "optimizer_states")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trainer import REPO, example_dataset, free_port, machine_line, work_dir  # noqa: E402
+from common import REPO, example_dataset, free_port, machine_line, work_dir  # noqa: E402
 
 SETUPS = (("1 rank x 1 thread", 1, 1), ("2 ranks x 1 thread", 2, 1), ("1 rank x 2 threads", 1, 2))
 
