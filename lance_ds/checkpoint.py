@@ -46,6 +46,7 @@ import torch.distributed as dist
 import yaml
 
 from . import distributed
+from .config.deepspeed import zero_stage
 from .config.model import MODEL_DIRS
 from .ema import ShardedEMA
 from .faults import kill_if_armed
@@ -188,13 +189,14 @@ class Checkpointer:
 
     def check_resume(self, resume: str, model: dict, max_steps: int, weight_decay: float = 0.0,
                      shapes: dict[str, list[int]] | None = None, data: str | None = None,
-                     prediction: str | None = None) -> Path | None:
+                     prediction: str | None = None, engine: dict | None = None) -> Path | None:
         """The checkpoint `resume` names once it is known that this run can resume it (same architecture, the same
-        optimizer grouping, the same data order, the same flow-head target, a step not past max_steps; any number of
-        ranks: see load), or None to start from scratch; else CheckpointError with the fix. It reads JSON / YAML
-        only, so `--check` runs it before any rank starts work; `shapes` (the built model's parameters,
-        model_shapes), `data` (the data order's fingerprint, data.stream.data_fingerprint) and `prediction`
-        (objective.prediction) are compared when given."""
+        optimizer grouping, the same data order, the same flow-head target, the same precision and ZeRO stage, a
+        step not past max_steps; any number of ranks: see load), or None to start from scratch; else
+        CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it before any rank starts work;
+        `shapes` (the built model's parameters, model_shapes), `data` (the data order's fingerprint,
+        data.stream.data_fingerprint), `prediction` (objective.prediction) and `engine` (engine_setup) are compared
+        when given."""
         path = self.resolve(resume)
         if path is None:
             return None
@@ -214,6 +216,9 @@ class Checkpointer:
             raise CheckpointError(f"{path} was trained with objective.prediction={trained_to}: its flow head outputs "
                                   f"that, which {prediction} would read as something else. Resume with "
                                   f"objective.prediction={trained_to}, or start a new output_dir (or --resume none)")
+        if engine is not None:  # (checkpoints that did not record it: their precision is in their config)
+            saved_engine = saved.get("engine", {"precision": saved_config.get("train", {}).get("precision")})
+            refuse_other_engine(saved_engine, engine, path)
         step = int(saved.get("step", 0))
         if step > max_steps:  # (step == max_steps: a finished run started again, which has nothing left to do)
             earlier = [s for s in self.complete_steps() if s <= max_steps]
@@ -528,6 +533,26 @@ def refuse_other_grouping(saved: float, current: float, path: Path) -> None:
                               "decayed), and the saved optimizer state fits only the grouping it was saved with. "
                               f"Resume with train.weight_decay {'> 0' if saved > 0 else '= 0'}, or start a new run "
                               f"from its weights (python tools/export_checkpoint.py {path} --out DIR, then "
+                              "model.path=DIR)")
+
+
+def engine_setup(precision: str, ds_config: dict) -> dict[str, Any]:
+    """What decides the layout of DeepSpeed's optimizer files: recorded with a checkpoint, compared at a resume."""
+    return {"precision": precision, "zero_stage": zero_stage(ds_config)}
+
+
+_ENGINE_KEYS = {"precision": "train.precision", "zero_stage": "zero_optimization.stage (--ds_config)"}
+
+
+def refuse_other_engine(saved: dict, current: dict, path: Path) -> None:
+    """DeepSpeed names and lays out its optimizer files by precision and ZeRO stage; under another one it finds
+    none (a bare FileNotFoundError or AssertionError on every rank)."""
+    changed = [f"{name} {saved[key]}, now {current[key]}" for key, name in _ENGINE_KEYS.items()
+               if saved.get(key) is not None and key in current and saved[key] != current[key]]
+    if changed:
+        raise CheckpointError(f"{path} was saved under another DeepSpeed set-up ({'; '.join(changed)}), whose "
+                              "optimizer files this one cannot read. Resume with the set-up it was saved with, or start "
+                              f"a new run from its weights (python tools/export_checkpoint.py {path} --out DIR, then "
                               "model.path=DIR)")
 
 

@@ -62,6 +62,13 @@ class Meter:
         self.sums.clear()
         self.counts.clear()
 
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums.update(state["sums"])
+        self.counts.update(state["counts"])
+
 
 class Throughput:
     """This rank's real tokens, packed tokens (padding and placeholders included), samples and seconds waiting for
@@ -73,20 +80,33 @@ class Throughput:
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.paused_s = 0.0
+        self.pause_start: float | None = None  # inside paused(): since when
+        self.earlier_s = 0.0  # the window's training time in the run it was resumed from
         self.counts = {"real_tokens": 0.0, "packed_tokens": 0.0, "samples": 0.0, "data_wait": 0.0}
+
+    def seconds(self) -> float:
+        """The window's training time so far (a pause under way left out too)."""
+        now = time.perf_counter()
+        pausing = now - self.pause_start if self.pause_start is not None else 0.0
+        return now - self.start - self.paused_s - pausing + self.earlier_s
+
+    def restart_clock(self) -> None:
+        """Training starts now: the time before (start-up) is not the window's."""
+        self.start, self.paused_s = time.perf_counter(), 0.0
 
     @contextlib.contextmanager
     def paused(self):
         """Time spent here is no training time: it is left out of the window's rates."""
-        start = time.perf_counter()
+        self.pause_start = time.perf_counter()
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - start
+            self.paused_s += time.perf_counter() - self.pause_start
+            self.pause_start = None
 
     def scalars(self, totals: dict[str, float], world_size: int) -> dict[str, float]:
         """The window's rates from `totals`, its counts summed over all ranks (they may differ between ranks)."""
-        elapsed = max(time.perf_counter() - self.start - self.paused_s, 1e-9)
+        elapsed = max(self.seconds(), 1e-9)
         return {
             "train/tokens_per_s": totals["real_tokens"] / elapsed,
             "train/samples_per_s": totals["samples"] / elapsed,

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_run(args, is_first: bool):
     """(run, DeepSpeed config) when the configs and --resume are sound; None once the problem is said."""
-    from lance_ds.checkpoint import Checkpointer, CheckpointError, checkpoints_dir
+    from lance_ds.checkpoint import Checkpointer, CheckpointError, checkpoints_dir, engine_setup
     from lance_ds.config import ConfigError, load_and_check
     from lance_ds.config.core import to_dict
     from lance_ds.data.stream import DataError, run_data_fingerprint
@@ -115,7 +115,8 @@ def check_run(args, is_first: bool):
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
         schedule = run.config.train
         checkpointer.check_resume(args.resume, to_dict(run.config.model), schedule.max_steps, schedule.weight_decay,
-                                  data=run_data_fingerprint(run), prediction=run.config.objective.prediction)
+                                  data=run_data_fingerprint(run), prediction=run.config.objective.prediction,
+                                  engine=engine_setup(schedule.precision, ds_config))
     except (ConfigError, CheckpointError, DataError) as e:
         if is_first:
             print(f"lance_ds: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.distributed as dist
 import yaml
 
 from .checkpoint import (LATEST, Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir,
-                         claim_output_dir, latest_name, read_config)
+                         claim_output_dir, engine_setup, latest_name, read_config)
 from .config.core import ConfigError, to_dict
 from .config.data import TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
@@ -78,11 +79,13 @@ class Trainer:
         self.saved_step: int | None = None  # the step of this run's newest checkpoint
         self.skipped_steps = 0
         self.started = time.time()
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # real tokens of every rank, through the last logged point
+        self.saved_tokens_seen = 0  # ... through the last save
         self.last_losses: dict[str, float] = {}
         self.last_lr = float("nan")
         self.validated_step: int | None = None  # the last step validation ran at (saved: a stop may skip it)
-        self.task_losses = TaskLosses(self.dist.device)
+        # the logging window: its per-task losses, averages (grad norm, scored tokens) and throughput counts
+        self.task_losses, self.meter, self.speed = TaskLosses(self.dist.device), Meter(), Throughput()
         resumed = self._resume(resume_from)
         self.first_step = self.step  # 0, or the step this run resumed at (its summary counts the steps it trained)
         # the timeline restarts here: points an earlier run logged after this step (or any, from scratch) are dropped
@@ -102,7 +105,8 @@ class Trainer:
         batches = iter(self.loader)
         if self.validated_step != self.step:  # step 0, or a resume from a stop that skipped its validation
             self.validate_if_due()
-        meter, speed = Meter(), Throughput()
+        meter, speed = self.meter, self.speed
+        speed.restart_clock()
         progress = self._progress_bar()
         requests, stopped = StopRequests(), None
         patience = STARTUP_TIMEOUT_S  # start-up and the first step, with its loader warm-up
@@ -117,8 +121,9 @@ class Trainer:
                 progress.update(1)
                 stopped = requests.agreed(self.dist.device)
                 save = self._save_due() or stopped is not None
-                # a save ends a logging window too: a run resumed from it logs the windows the uninterrupted one did
-                if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps or save:
+                # (a checkpoint carries the open window: a run resumed from it logs the points the uninterrupted one
+                # does)
+                if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
                     self.log(meter, speed, progress)
                 with speed.paused():
                     if stopped is None:  # (stopping: the save first, within the launcher's grace period)
@@ -130,6 +135,8 @@ class Trainer:
                             self.save()
         finally:
             requests.restore()
+        if self.step >= cfg.train.max_steps:
+            stopped = None  # a stop asked for in the last step: the run is complete all the same
         progress.close()
         if self.saved_step != self.step:  # (not read from the files: every rank must decide alike)
             self.save()
@@ -188,6 +195,8 @@ class Trainer:
             nan = float("nan")
             losses.total, losses.per_token.ce, losses.per_token.mse = (
                 losses.total * nan, losses.per_token.ce * nan, losses.per_token.mse * nan)
+        if armed("sigterm", self.step + 1):  # a scheduler's stop arriving during this step
+            os.kill(os.getpid(), signal.SIGTERM)
         if armed("raise", self.step + 1):
             raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {self.step + 1}")
         if armed("stall", self.step + 1):
@@ -297,7 +306,7 @@ class Trainer:
         first = self.first_step
         steps = (f"{self.step} steps" if first == 0 else f"no step left to train (resumed at {first})"
                  if self.step == first else f"steps {first + 1}-{self.step} (resumed at {first})")
-        print(f"lance_ds: {ended}: {steps} in {elapsed:.0f} s, {self.tokens_seen:,} tokens in all, "
+        print(f"lance_ds: {ended}: {steps} in {elapsed:.0f} s, {self.saved_tokens_seen:,} tokens in all, "
               f"skipped steps {self.skipped_steps}; final {losses}\n"
               f"  checkpoint  {self.checkpointer.root / LATEST} -> {latest_name(self.checkpointer.root) or '(none)'}\n"
               f"  tensorboard {self.out / 'tensorboard'}", flush=True)
@@ -317,12 +326,32 @@ class Trainer:
         return self.step % ck.save_every == 0 or self.step == ck.debug_step
 
     def save(self) -> None:
-        state = {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
+        window = self._open_window()
+        self.saved_tokens_seen = self.tokens_seen + int(window["counts"]["real_tokens"])  # (its window: not logged)
+        state = {"skipped_steps": self.skipped_steps, "tokens_seen": self.saved_tokens_seen, "window": window,
                  "validated_step": self.validated_step, "model": to_dict(self.cfg.model),
                  "parameters": self._shapes(), "data_fingerprint": self.loader.spec.fingerprint(),
+                 "engine": engine_setup(self.cfg.train.precision, self.ds_config),
                  "cuts": training_cuts(self.run.dataset)}
         self.checkpointer.save(self.engine, self.step, state, to_dict(self.cfg), self.loader.state_dict(), self.ema)
         self.saved_step = self.step
+
+    def _open_window(self) -> dict:
+        """The logging window since the last point, summed over ranks (collective), for a checkpoint."""
+        counts = summed_over_ranks(dict(self.speed.counts), list(self.speed.counts), self.dist.device)
+        return {"meter": self.meter.state_dict(), "seconds": self.speed.seconds(), "counts": counts,
+                "task_losses": distributed.sum_over_ranks(self.task_losses.sums).tolist()}
+
+    def _carry_window(self, window: dict | None) -> None:
+        """Continue the window a checkpoint saved (None: saved by an older lance_ds): rank 0 holds its sums over the
+        ranks that saved it, which the next point sums with this run's."""
+        if window is None:
+            return
+        self.speed.earlier_s = window["seconds"]
+        self.meter.load_state_dict(window["meter"])  # (rank 0's: the ranks' grad norms and scored tokens agree)
+        if self.dist.is_first:
+            self.speed.counts.update(window["counts"])
+            self.task_losses.sums.copy_(torch.tensor(window["task_losses"], dtype=torch.float64))
 
     def _checkpoint_to_resume(self, resume: str) -> Path | None:
         """The checkpoint `resume` names (the same on every rank), or None to start from scratch."""
@@ -330,7 +359,8 @@ class Trainer:
         # (the data order was checked before the build, by train.py; the loader refuses another one too)
         resumable = self.checkpointer.check_resume(resume, to_dict(self.cfg.model), train.max_steps,
                                                    train.weight_decay, shapes=self._shapes(),
-                                                   prediction=self.cfg.objective.prediction)
+                                                   prediction=self.cfg.objective.prediction,
+                                                   engine=engine_setup(train.precision, self.ds_config))
         return agree_on_resume(self.checkpointer.root, resumable, self.dist.device)
 
     def _shapes(self) -> dict[str, list[int]]:
@@ -355,7 +385,10 @@ class Trainer:
                       f"from step {resumed.step} the rate follows the new one", flush=True)
         self.step = self.saved_step = resumed.step
         self.skipped_steps = int(resumed.trainer_state.get("skipped_steps", 0))
-        self.tokens_seen = int(resumed.trainer_state.get("tokens_seen", 0))
+        window = resumed.trainer_state.get("window")
+        self._carry_window(window)
+        self.tokens_seen = int(resumed.trainer_state.get("tokens_seen", 0)) - int(window["counts"]["real_tokens"]
+                                                                                  if window else 0)
         # (checkpoints written before this was recorded: their step was validated, if due, before the save)
         self.validated_step = resumed.trainer_state.get("validated_step", self.step)
         resharded = self._resume_data(resumed)

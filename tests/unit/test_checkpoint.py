@@ -178,6 +178,26 @@ def test_refusals_name_the_fix(tmp_path):
         ck.check_resume("20", model, 5)
 
 
+def test_a_resume_under_another_precision_or_zero_stage_is_refused_with_the_fix(tmp_path):
+    """DeepSpeed finds no optimizer files of another precision or stage: every rank died in a bare FileNotFoundError
+    (fp32 -> bf16) or AssertionError (ZeRO-3 -> 2); --check said "configs OK"."""
+    from lance_ds.checkpoint import engine_setup
+
+    ck = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=1)
+    zero3 = {"zero_optimization": {"stage": 3}}
+    model = {"size": "debug"}
+    ck.save(FakeEngine(), 10, {"model": model, "engine": engine_setup("fp32", zero3)}, {"train": {}}, None, None)
+    assert ck.check_resume("10", model, 100, engine=engine_setup("fp32", zero3)) == tmp_path / step_name(10)
+    with pytest.raises(CheckpointError, match=r"\(train.precision fp32, now bf16\).*export_checkpoint.py"):
+        ck.check_resume("10", model, 100, engine=engine_setup("bf16", zero3))
+    with pytest.raises(CheckpointError, match=r"zero_optimization.stage \(--ds_config\) 3, now 2"):
+        ck.check_resume("10", model, 100, engine=engine_setup("fp32", {"zero_optimization": {"stage": 2}}))
+    # a checkpoint from before the set-up was recorded: its precision is in its config.yaml
+    ck.save(FakeEngine(), 20, {"model": model}, {"train": {"precision": "bf16"}}, None, None)
+    with pytest.raises(CheckpointError, match=r"train.precision bf16, now fp32"):
+        ck.check_resume("20", model, 100, engine=engine_setup("fp32", zero3))
+
+
 def test_an_engine_state_deepspeed_cannot_find_names_the_rank_and_other_steps(tmp_path):
     class Empty(FakeEngine):
         def load_checkpoint(self, root, tag, **kw):
@@ -481,7 +501,7 @@ def test_check_refuses_a_resume_this_run_cannot_make_before_any_work(tmp_path, c
     from lance_ds.config.core import to_dict
     from lance_ds.config.model import ModelConfig
 
-    ck.save(FakeEngine(), 4, {"model": to_dict(ModelConfig())}, {}, None, None)
+    ck.save(FakeEngine(), 4, {"model": to_dict(ModelConfig())}, {"train": {"precision": "bf16"}}, None, None)
     args = ["--check", "--config", str(tmp_path / "run.yaml")]
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(args) == 0 and "configs OK" in capsys.readouterr().out
@@ -489,6 +509,8 @@ def test_check_refuses_a_resume_this_run_cannot_make_before_any_work(tmp_path, c
         assert main([*args, "--resume", resume]) == 2 and message in capsys.readouterr().err
     assert main([*args, "model.lape.enabled=true"]) == 2
     assert "model.lape: checkpoint" in capsys.readouterr().err
+    assert main([*args, "train.precision=fp32"]) == 2
+    assert "train.precision bf16, now fp32" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(args) == 0  # another number of ranks resumes it (resharded)
 

@@ -38,3 +38,30 @@ def test_throughput_leaves_pauses_out_and_rates_the_runs_sums(monkeypatch):
     rates = speed.scalars({**totals, "data_wait": 0.2}, world_size=2)
     assert rates["train/data_wait_fraction"] == pytest.approx(0.5)  # 0.2 s of waiting over 2 ranks x 0.2 s
     assert rates["train/tokens_per_s"] == pytest.approx(300 / 0.2)
+
+
+def test_a_windows_time_leaves_out_a_pause_under_way_and_carries_into_a_resumed_run(monkeypatch):
+    """A save happens inside a pause (after validation): the window time it records must not count that pause; the
+    resumed run's window goes on from it, start-up left out."""
+    import lance_ds.metrics as metrics
+
+    clock = [50.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    speed = metrics.Throughput()
+    clock[0] += 2.0  # steps
+    with speed.paused():
+        clock[0] += 5.0  # validation, then the save reads the window
+        saved = speed.seconds()
+    assert saved == pytest.approx(2.0)
+    resumed = metrics.Throughput()
+    resumed.earlier_s = saved
+    clock[0] += 30.0  # the resumed run's start-up
+    resumed.restart_clock()
+    clock[0] += 1.0
+    assert resumed.seconds() == pytest.approx(3.0)
+    meter = metrics.Meter()
+    meter.add("train/grad_norm", 2.0)
+    carried = metrics.Meter()
+    carried.load_state_dict(meter.state_dict())
+    carried.add("train/grad_norm", 4.0)
+    assert carried.means() == {"train/grad_norm": 3.0}
