@@ -49,7 +49,7 @@ from . import distributed
 from .config.deepspeed import zero_stage
 from .config.model import MODEL_DIRS
 from .ema import ShardedEMA
-from .faults import kill_if_armed
+from .faults import kill_if_armed, terminate_if_armed
 from .files import TMP_SUFFIX, fsync, fsync_dir, write_atomic
 from .model.weights import save_safetensors
 
@@ -200,7 +200,12 @@ class Checkpointer:
         path = self.resolve(resume)
         if path is None:
             return None
-        saved = read_trainer_state(path)
+        try:
+            saved, saved_config = read_trainer_state(path), read_config(path)
+            if not isinstance(saved, dict) or not isinstance(saved_config, dict):
+                raise ValueError("not a mapping")
+        except (OSError, ValueError, yaml.YAMLError) as e:  # (every rank meets it: said once, not by rank)
+            raise self._unreadable(path, f"its {TRAINER_STATE} or config.yaml", e, own=False) from e
         refuse_other_architecture(saved.get("model", {}), model, path)
         if shapes is not None:
             refuse_other_shapes(saved.get("parameters"), shapes, saved.get("model", {}), path)
@@ -209,7 +214,6 @@ class Checkpointer:
                                   "train.seed, train.micro_batch_size or the packing settings changed since, so its "
                                   "data position does not apply. Resume with the dataset YAML and data settings it "
                                   "was trained with, or start a new output_dir (or --resume none)")
-        saved_config = read_config(path)
         refuse_other_grouping(float(saved_config.get("train", {}).get("weight_decay") or 0.0), weight_decay, path)
         trained_to = saved_config.get("objective", {}).get("prediction", "velocity")
         if prediction is not None and trained_to != prediction:
@@ -237,6 +241,7 @@ class Checkpointer:
         """Write a complete checkpoint for `step` on every rank, then publish it atomically."""
         name = step_name(step)
         tmp = self.root / (name + TMP_SUFFIX)
+        terminate_if_armed("sigterm_during_save", step)  # crash tests: a stop that must wait for this save
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("*" + TMP_SUFFIX):  # left by a run killed during a save
@@ -372,14 +377,14 @@ class Checkpointer:
                 raise self._unreadable(resumed.path, str(file), e) from e
         return positions
 
-    def _unreadable(self, path: Path, what: str, error: Exception) -> CheckpointError:
-        """The error for a checkpoint that check_resume accepted but whose files cannot be read back."""
+    def _unreadable(self, path: Path, what: str, error: Exception, own: bool = True) -> CheckpointError:
+        """The error for a checkpoint whose files cannot be read back; `own`: this rank's files (it says so)."""
         reason = (str(error).splitlines() or [""])[0][:300]
         others = [s for s in self.complete_steps() if self.root / step_name(s) != path]
         return CheckpointError(f"cannot resume from {path}: {what} could not be read ({type(error).__name__}: "
                                f"{reason}). If the save that wrote it was cut short or the files were damaged, "
                                f"resume from another step (--resume STEP; complete: {others or 'none'})",
-                               rank=self.rank)
+                               rank=self.rank if own else None)
 
 
 def _convert_to_universal(path: Path, target: Path, saved_world: int) -> str | None:

@@ -18,6 +18,12 @@ def kill_if_armed(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def terminate_if_armed(name: str, step: int) -> None:
+    """SIGTERM this process here, as a scheduler's stop arriving at this point would."""
+    if armed(name, step):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def seconds_if_armed(name: str) -> float:
     """The seconds `<name>:<seconds>` asks for (0 when not armed): a slow point, e.g. a save longer than a grace."""
     for fault in os.environ.get("LANCE_DS_FAULT", "").split(","):

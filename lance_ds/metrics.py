@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -119,38 +120,58 @@ class TensorBoard:
     """A SummaryWriter on rank 0 and nothing elsewhere, so call sites need no rank checks.
 
     purge_step: TensorBoard drops the points of earlier writers to log_dir at this step and after (a resumed run
-    passes the step after its checkpoint, so what a killed run logged past it does not show twice)."""
+    passes the step after its checkpoint, so what a killed run logged past it does not show twice).
+    A write that fails (a full disk, a lost mount) turns TensorBoard off with one warning: the run and its
+    checkpoints go on; what is watched matters less than a week of training."""
 
     def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None):
         self.writer = None
+        self.log_dir = log_dir
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as e:
+            writer, self.writer = self.writer, None
+            print(f"lance_ds: TensorBoard turned off: writing to {self.log_dir} failed ({type(e).__name__}: {e}); "
+                  "training and checkpoints go on", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                writer.close()
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+            with self._writing():
+                for tag, value in values.items():
+                    self.writer.add_scalar(tag, value, step)
 
     def video_frames(self, tag: str, step: int, frames_thwc: torch.Tensor) -> None:
         """frames_thwc: uint8 [T, H, W, 3], shown as one strip of frames (no moviepy needed)."""
         if self.writer:
             strip = torch.cat(list(frames_thwc), dim=1)
-            self.writer.add_image(tag, strip, step, dataformats="HWC")
+            with self._writing():
+                self.writer.add_image(tag, strip, step, dataformats="HWC")
 
     def text(self, tag: str, step: int, text: str) -> None:
         if self.writer:
-            self.writer.add_text(tag, text, step)
+            with self._writing():
+                self.writer.add_text(tag, text, step)
 
     def hparams(self, params: dict[str, float | int | str | bool], metrics: dict[str, float]) -> None:
         if self.writer:
-            self.writer.add_hparams(params, metrics, run_name=".")
+            with self._writing():
+                self.writer.add_hparams(params, metrics, run_name=".")
 
     def flush(self) -> None:
         if self.writer:
-            self.writer.flush()
+            with self._writing():
+                self.writer.flush()
 
     def close(self) -> None:
         if self.writer:
-            self.writer.close()
+            with self._writing():
+                self.writer.close()

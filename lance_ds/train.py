@@ -150,14 +150,23 @@ def train(run, ds_config: dict, resume: str, is_first: bool) -> int:
     try:
         stopped = trainer.train()
     except KeyboardInterrupt:  # Ctrl-C twice: at once, the last complete checkpoint kept
-        trainer.close(finished=False)
+        close_after_failure(trainer)
         exit_now(128 + signal.SIGINT)
     except BaseException as error:
         trace = traceback.format_exc() + stall_advice(error, trainer)
-        trainer.close(finished=False)
+        close_after_failure(trainer)
         exit_now(1, trace)
     trainer.close()
     return 128 + stopped if stopped else 0  # stopped by a signal (saved): the shell's code for that signal
+
+
+def close_after_failure(trainer) -> None:
+    """Release what the run holds; a second failure here (the same full disk) must not keep the process from
+    exiting with the first one's report."""
+    try:
+        trainer.close(finished=False)
+    except BaseException as e:
+        print(f"lance_ds: while closing after the failure: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
 def stop_the_others_too() -> None:

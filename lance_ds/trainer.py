@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from . import distributed
 from .ema import ShardedEMA
 from .engine import (STARTUP_TIMEOUT_S, build_engine, follow_run_schedule, init_distributed, limit_collective_waits,
                      seed_everything, seed_micro_step)
-from .faults import armed, seconds_if_armed
+from .faults import armed, seconds_if_armed, terminate_if_armed
 from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
 from .model import build_model, encode_vit
 from .model.build import model_shapes
@@ -133,13 +132,13 @@ class Trainer:
                             if stopped is not None:  # crash tests: a stop's save longer than DeepSpeed's 30 s grace
                                 time.sleep(seconds_if_armed("slow_stop_save"))
                             self.save()
+            if self.saved_step != self.step:  # (not read from the files: every rank must decide alike)
+                self.save()  # (a SIGTERM now waits for it, as for any save)
         finally:
             requests.restore()
         if self.step >= cfg.train.max_steps:
             stopped = None  # a stop asked for in the last step: the run is complete all the same
         progress.close()
-        if self.saved_step != self.step:  # (not read from the files: every rank must decide alike)
-            self.save()
         self.print_summary(stopped)
         return stopped
 
@@ -195,8 +194,7 @@ class Trainer:
             nan = float("nan")
             losses.total, losses.per_token.ce, losses.per_token.mse = (
                 losses.total * nan, losses.per_token.ce * nan, losses.per_token.mse * nan)
-        if armed("sigterm", self.step + 1):  # a scheduler's stop arriving during this step
-            os.kill(os.getpid(), signal.SIGTERM)
+        terminate_if_armed("sigterm", self.step + 1)  # a scheduler's stop arriving during this step
         if armed("raise", self.step + 1):
             raise RuntimeError(f"injected failure on rank {self.dist.rank} at step {self.step + 1}")
         if armed("stall", self.step + 1):
@@ -429,8 +427,8 @@ class Trainer:
         """Release what the run holds. After a failure on this rank (finished=False) no collective: the other ranks
         may be inside one, and a barrier here would wait out the process group's timeout (30 min); the caller exits
         and the launcher stops them."""
+        self.loader.close()  # first: its workers ignore SIGTERM, and exiting with them alive would hang
         self.tb.close()
-        self.loader.close()
         if self.output_lock is not None:
             self.output_lock.close()  # the output_dir is free for the next run
         if finished and distributed.initialized():

@@ -109,18 +109,18 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 command -v setsid >/dev/null || exec "${launcher[@]}" "$train" "${args[@]}"  # (no setsid: as it is)
 setsid "${launcher[@]}" "$train" "${args[@]}" &
 job=$!
-stop_ranks() {
-  # On one node, SIGTERM goes to the ranks (their command lines carry --local_rank=) and not to DeepSpeed's launcher,
-  # which would kill them 30 s later, saving or not; it waits for them instead. Across nodes the launchers are what
-  # reach the remote ranks: the whole group.
+stop_ranks() {  # SIGNAL
+  # On one node, the signal goes to the ranks (their command lines carry --local_rank=) and not to DeepSpeed's
+  # launcher, which would SIGTERM them itself and kill them 30 s later, saving or not; it waits for them instead.
+  # Across nodes the launchers are what reach the remote ranks: the whole group.
   # (no `return` here: run from a trap in this sourced file, it would end the file, not the function)
-  if [ -n "${HOSTFILE:-}" ] || ! command -v pkill >/dev/null || ! pkill -TERM -g "$job" -f -- '--local_rank='; then
-    kill -TERM -- "-$job" 2>/dev/null
+  if [ -n "${HOSTFILE:-}" ] || ! command -v pkill >/dev/null || ! pkill "-$1" -g "$job" -f -- '--local_rank='; then
+    kill "-$1" -- "-$job" 2>/dev/null
   fi
 }
 signalled=
-trap 'signalled=1; stop_ranks' TERM
-trap 'signalled=1; kill -INT -- "-$job" 2>/dev/null' INT  # (twice: the ranks stop at once)
+trap 'signalled=1; stop_ranks TERM' TERM
+trap 'signalled=1; stop_ranks INT' INT  # (twice: the ranks stop at once)
 status=0
 while kill -0 "$job" 2>/dev/null; do wait "$job" && status=0 || status=$?; done  # the launcher's exit status
 if [ -n "$signalled" ]; then  # its ranks may still be saving (the runner itself dies of the signal)

@@ -317,6 +317,12 @@ def output_problem(flag: str, path: str | Path, directory: bool = False) -> str 
     in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if in_the_way is not None:
         return f"{flag}: {in_the_way} is a file, so {path} cannot be created under it; choose another path"
+    # where the writing happens: in the directory itself, else in the nearest folder that exists (a read-only
+    # mount, another user's folder)
+    folder = path if directory and path.is_dir() else next(p for p in (path.parent, *path.parent.parents)
+                                                             if p.exists())
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{flag}: {folder} is not writable here, so {path} cannot be written; choose another path"
     return None
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.manifest import ManifestError, local_shards, read_manifest
-from .core import Problems, apply_overrides, check, doc, from_dict, join, load_yaml
+from .core import Problems, apply_overrides, check, doc, from_dict, join, load_yaml, output_problem
 from .data import EDIT_TASKS, GEN_TASKS, UND_TASKS, DataConfig, DatasetConfig, GroupConfig
 from .model import MODEL_DIRS, PRECISIONS, ModelConfig, ObjectiveConfig
 
@@ -122,8 +122,8 @@ class RunConfig:
         # An empty output_dir is the working directory: checkpoints and tensorboard/ would land wherever one launches.
         if not self.output_dir.strip():
             problems.add(join(key, "output_dir"), "is empty; give a directory (e.g. output_dir=runs/my_run)")
-        elif Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            problems.add(join(key, "output_dir"), f"{self.output_dir} is a file; give a directory")
+        elif problem := output_problem(join(key, "output_dir"), self.output_dir, directory=True):
+            problems.add("", problem)
 
 
 @dataclass

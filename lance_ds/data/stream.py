@@ -550,10 +550,13 @@ class SkipCounter:
         self.where = where
 
     def add(self, reason: str, message: str, count: int = 1) -> None:
+        """`count` samples skipped for one `reason` (a shard that breaks off counts what it still held)."""
+        reported = self.counts[reason]
         self.counts[reason] += count
-        if self.counts[reason] <= _LOGGED_PER_REASON:
-            more = " (further ones are only counted)" if self.counts[reason] == _LOGGED_PER_REASON else ""
-            logger.warning("data%s: skipped (%s): %s%s", self.where, reason, message, more)
+        if reported < _LOGGED_PER_REASON:
+            more = " (further ones are only counted)" if self.counts[reason] >= _LOGGED_PER_REASON else ""
+            lost = f" ({count} samples)" if count > 1 else ""
+            logger.warning("data%s: skipped (%s)%s: %s%s", self.where, reason, lost, message, more)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -149,9 +149,11 @@ def test_kill9_during_save_and_during_training_resume_exactly(reference, example
     left = shm_buffers() - shm_before
     assert not left, f"killed runs left DeepSpeed's shared-memory buffers behind: {sorted(left)}"
     assert not (out / "checkpoints" / "step_00000004.tmp").exists()  # the next save cleaned the partial one
-    # 3. resume from step 6 to the end
-    log = launch(train_args(out, example_data)).stdout
+    # 3. resume from step 6 to the end, with a SIGTERM in the last step: the run is complete (done, exit status 0,
+    # its hparams record), not stopped
+    log = launch(train_args(out, example_data), env=launch_env(LANCE_DS_FAULT="sigterm:8")).stdout
     assert "lance_ds: done: steps 7-8 (resumed at 6) in" in log, log[-3000:]  # not "8 steps" at its pace
+    assert tensorboard_steps(out, "hparam/train/loss") == [0]
     expected, got = losses(reference), losses(out)
     assert sorted(got) == LOSSES_LOGGED  # the same windows (resumed at 2, mid-window, and at 6)
     # and TensorBoard shows each once: what the run killed in its save of step 4 had logged past step 2 is purged
@@ -173,13 +175,14 @@ def test_an_error_on_one_rank_ends_the_job_at_once_with_its_traceback(example_da
 
 def test_validation_losses_do_not_depend_on_the_number_of_ranks(reference, example_data, tmp_path):
     """Held-out batch j goes to rank j % world and draws its noise from j alone: 1 rank scores what 2 ranks did.
-    (This one-step run also gets a SIGTERM in its step, the last: the run is complete, not stopped.)"""
+    (This one-step run also gets a SIGTERM during its final save, which completes: the default handler was back by
+    then, and the rank died with the save unmade.)"""
     out = tmp_path / "one_rank"
     validating = ("validation.every=4", f"validation.dataset_config={example_data['val']}", "validation.max_samples=4",
                   "validation.num_generations=0")
     log = launch(train_args(out, example_data, 1, *validating), num_ranks=1,
-                 env=launch_env(LANCE_DS_FAULT="sigterm:1")).stdout  # (launch: exit status 0 asserted)
-    assert "lance_ds: done: 1 steps" in log and tensorboard_steps(out, "hparam/train/loss") == [0], log[-3000:]
+                 env=launch_env(LANCE_DS_FAULT="sigterm_during_save:1")).stdout  # (launch: exit status 0 asserted)
+    assert "lance_ds: done: 1 steps" in log and latest(out) == "step_00000001", log[-3000:]
     one, two = read_scalars(out), read_scalars(reference)
     val_tags = [t for t in two if t.startswith(("val/ce", "val/mse", "val/loss"))]
     assert len(val_tags) >= 8

@@ -161,13 +161,14 @@ def test_zero_turns_the_debug_save_and_validation_off(example_data, tmp_path):
     assert config["checkpoint"]["debug_step"] == 0 and config["validation"]["every"] == 0
 
 
-def test_sigterm_to_the_script_reaches_the_ranks_which_save_and_stop(example_data, tmp_path):
-    """DeepSpeed's runner passes no signal on to the ranks of one node: `kill PID` or `docker stop` on the script
-    must still end the job with a checkpoint of the step it was in, not leave the ranks training unsaved. The save
-    may take longer than the 30 s after which DeepSpeed's launcher kills ranks it has signalled (a 3B model's
-    optimizer state): the script signals the ranks, not the launcher (here the stop's save takes 32 s). And the
-    console may be gone by then (multi-node ranks write into ssh pipes that end first): the next progress-bar update
-    raised BrokenPipeError, and the rank died unsaved before the stop reached it."""
+def test_a_stop_signal_to_the_script_reaches_the_ranks_which_save_and_stop(example_data, tmp_path):
+    """DeepSpeed's runner passes no signal on to the ranks of one node: `kill PID`, `docker stop` (SIGTERM) or Ctrl-C
+    (SIGINT) on the script must still end the job with a checkpoint of the step it was in, not leave the ranks
+    training unsaved. The save may take longer than the 30 s after which DeepSpeed's launcher kills ranks it has
+    signalled (a 3B model's optimizer state): the script signals the ranks, not the launcher (here the stop's save
+    takes 32 s; both signals take the same path: Ctrl-C, sent here, went to the launcher too and lost the save). And
+    the console may be gone by then (multi-node ranks write into ssh pipes that end first): the next progress-bar
+    update raised BrokenPipeError, and the rank died unsaved before the stop reached it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CONFIG_FILE": "configs/debug.yaml", "OUTPUT_ROOT": str(tmp_path),
            "RUN_NAME": "run", "NUM_GPUS": "1", "MASTER_PORT": str(free_port()), "NUM_WORKERS": "1",
            "DATASET_CONFIG_FILE": subset(example_data, tmp_path, ("t2i", "i2t")), "CKPT_DEBUG_STEPS": "1",
@@ -182,12 +183,12 @@ def test_sigterm_to_the_script_reaches_the_ranks_which_save_and_stop(example_dat
     proc.stdout.close()  # the console goes away
     time.sleep(3)  # steps go on, each one writing to it
     assert proc.poll() is None, "the job died when its console went away"
-    proc.send_signal(signal.SIGTERM)  # to the script alone
+    proc.send_signal(signal.SIGINT)  # to the script alone, as a terminal's Ctrl-C (the job has a session of its own)
     try:
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the job did not stop within 120 s of SIGTERM") from None
+        raise AssertionError("the job did not stop within 120 s of SIGINT") from None
     # (step 1 was the only save before the stop: a later step is the stop's save, which outlasted the launcher's 30 s)
     assert 1 < int(latest.read_text().strip().removeprefix("step_")) < 1000 and proc.returncode != 0
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]

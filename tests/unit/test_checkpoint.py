@@ -604,3 +604,22 @@ def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
         claim_output_dir(tmp_path / "run", torch.device("cpu"))
     first.close()  # the first run's process ended
     claim_output_dir(tmp_path / "run", torch.device("cpu")).close()
+
+
+@pytest.mark.parametrize("damage", ["empty_state", "garbled_config", "no_config"])
+def test_a_damaged_trainer_state_or_config_is_named_with_the_other_steps(tmp_path, damage):
+    """They gave a bare JSONDecodeError / FileNotFoundError / YAML traceback from --check and from every rank."""
+    ck = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=1)
+    save(ck, 10)
+    save(ck, 20)
+    step = tmp_path / step_name(20)
+    if damage == "empty_state":
+        (step / "trainer_state.json").write_text("")
+    elif damage == "garbled_config":
+        (step / "config.yaml").write_text("train: [unclosed")
+    else:
+        (step / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*step_00000020: its trainer_state.json or "
+                                              r"config.yaml could not be read .*--resume STEP; complete: \[10\]") as e:
+        ck.check_resume("latest", {"size": "debug"}, 100)
+    assert e.value.rank is None  # every rank meets it: said once per node, not as one rank's problem

@@ -611,11 +611,23 @@ def test_a_manifest_that_is_not_a_converters_is_refused_alike_by_the_check_and_t
     assert str(loading.value) in problem
 
 
-def test_output_dir_that_is_a_file_is_refused(dataset_dir):
+def test_output_dir_that_is_a_file_or_not_writable_is_refused(dataset_dir, monkeypatch):
     (dataset_dir / "taken").write_text("")
     with pytest.raises(ConfigError) as err:
         load(dataset_dir, GOOD, [f"output_dir={dataset_dir / 'taken'}"])
-    assert err.value.problems == [f"output_dir: {dataset_dir / 'taken'} is a file; give a directory"]
+    assert err.value.problems == [f"output_dir: {dataset_dir / 'taken'} is a file, not a directory; choose another "
+                                  "output_dir"]
+    # a read-only mount (or another user's folder): --check said "configs OK", then every rank died in a traceback
+    import lance_ds.config.core as core
+
+    read_only = dataset_dir / "mnt"
+    read_only.mkdir()
+    monkeypatch.setattr(core.os, "access", lambda path, mode: Path(path) != read_only)  # (root may write anywhere)
+    with pytest.raises(ConfigError) as err:
+        load(dataset_dir, GOOD, [f"output_dir={read_only / 'runs' / 'a'}"])
+    assert err.value.problems == [f"output_dir: {read_only} is not writable here, so {read_only / 'runs' / 'a'} "
+                                  "cannot be written; choose another path"]
+    load(dataset_dir, GOOD, [f"output_dir={dataset_dir / 'runs' / 'a'}"])
 
 
 def test_one_unknown_key_in_a_group_is_the_only_problem_reported(dataset_dir):
@@ -624,3 +636,16 @@ def test_one_unknown_key_in_a_group_is_the_only_problem_reported(dataset_dir):
     with pytest.raises(ConfigError) as err:
         load(dataset_dir, {**GOOD, "dataset_config": "typo.yaml"})
     assert len(err.value.problems) == 1 and "groups[0].imagee: unknown key; did you mean 'image'?" in str(err.value)
+
+
+def test_closing_after_a_failure_that_fails_again_still_lets_the_rank_exit(capsys):
+    """train.py must reach exit_now after a failure: a close() that raised too (the same full disk) left the process
+    in Python's exit, waiting on loader workers that ignore SIGTERM."""
+    from lance_ds.train import close_after_failure
+
+    class Failing:
+        def close(self, finished=True):
+            raise OSError(28, "No space left on device")
+
+    close_after_failure(Failing())
+    assert "while closing after the failure: OSError" in capsys.readouterr().err

@@ -65,3 +65,24 @@ def test_a_windows_time_leaves_out_a_pause_under_way_and_carries_into_a_resumed_
     carried.load_state_dict(meter.state_dict())
     carried.add("train/grad_norm", 4.0)
     assert carried.means() == {"train/grad_norm": 3.0}
+
+
+def test_a_failing_tensorboard_write_turns_tensorboard_off_and_training_goes_on(tmp_path, capsys):
+    """A full disk or a lost mount under the event file: the write's OSError ended the run, and closing after it
+    raised again, so the rank never exited (its loader workers alive)."""
+    import lance_ds.metrics as metrics
+
+    tb = metrics.TensorBoard(tmp_path / "tb", enabled=True)
+    tb.scalars(1, {"train/loss": 1.0})
+    writer = tb.writer
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    writer.add_scalar = writer.close = full
+    tb.scalars(2, {"train/loss": 0.5})
+    assert tb.writer is None and "TensorBoard turned off" in capsys.readouterr().err
+    tb.scalars(3, {"train/loss": 0.4})  # no-ops from here, no second warning
+    tb.text("t", 3, "x")
+    tb.close()
+    assert capsys.readouterr().err == ""
