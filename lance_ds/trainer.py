@@ -22,7 +22,7 @@ import yaml
 from .checkpoint import (LATEST, Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir,
                          claim_output_dir, engine_setup, latest_name, read_config)
 from .config.core import ConfigError, to_dict
-from .config.data import TASKS, VIDEO_TASKS
+from .config.data import TASKS, TEXT_TO_MEDIA_TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
 from .config.model import MODEL_DIRS
 from .config.run import Run
@@ -458,9 +458,13 @@ def describe_weights(model) -> str:
 
 
 def describe_cut(group) -> str:
-    """How a group's media are cut, in a few words: '512 px' (the side of the area), '+ 33 frames at 12 fps'."""
-    cut = f"{group.image.resolution} px"
-    if group.task in VIDEO_TASKS:
+    """How a group's media are cut, in a few words: '512 px' (the side of the area; a video's own side if it has
+    one), ', ViT 448 px' (when the ViT sees another side), ', 33 frames at 12 fps'."""
+    video = group.task in VIDEO_TASKS
+    cut = f"{(group.video.resolution if video else None) or group.image.resolution} px"
+    if group.image.vit_resolution is not None and group.task not in TEXT_TO_MEDIA_TASKS:
+        cut += f", ViT {group.image.vit_resolution} px"
+    if video:
         cut += f", {group.video.max_frames} frames at {group.video.sample_fps:g} fps"
     return cut
 

@@ -649,3 +649,17 @@ def test_closing_after_a_failure_that_fails_again_still_lets_the_rank_exit(capsy
 
     close_after_failure(Failing())
     assert "while closing after the failure: OSError" in capsys.readouterr().err
+
+
+def test_the_banner_says_the_side_a_video_and_the_vit_are_cut_at():
+    """It said the image side for a video group with a side of its own (64 px for 33 x 384 x 384 clips) and never the
+    ViT's."""
+    from lance_ds.config.data import GroupConfig, ImageOptions, VideoOptions
+    from lance_ds.trainer import describe_cut
+
+    t2v = GroupConfig(name="a", task="t2v", video=VideoOptions(resolution=384, max_frames=33, sample_fps=12))
+    assert describe_cut(t2v) == "384 px, 33 frames at 12 fps"
+    i2i = GroupConfig(name="b", task="i2i", image=ImageOptions(resolution=512, vit_resolution=224))
+    assert describe_cut(i2i) == "512 px, ViT 224 px"
+    t2i = GroupConfig(name="c", task="t2i", image=ImageOptions(resolution=512, vit_resolution=224))
+    assert describe_cut(t2i) == "512 px"  # (no ViT input)
