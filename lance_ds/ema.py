@@ -2,9 +2,10 @@
 
 Under ZeRO-3 each rank keeps the EMA of its own parameter partitions (`param.ds_tensor`) in fp32, so the EMA costs
 4 bytes per parameter divided by the world size, and updating it needs no communication. Below stage 3 every rank
-holds full parameters and so a full EMA. A checkpoint stores each rank's shard; `consolidate` rebuilds full
-tensors offline from the shards, the same way ZeRO-3 partitions a flattened parameter: equal contiguous chunks in
-rank order, the last one padded.
+holds full parameters, and keeps the EMA of the same part ZeRO-3 would give it (its chunk of each flattened
+parameter, the last one shorter): a full EMA on every rank would be 24 GB per GPU for a 6B model, saved again by
+every rank. A checkpoint stores each rank's shard; `consolidate` rebuilds full tensors offline from the shards, the
+same way ZeRO-3 partitions a flattened parameter: equal contiguous chunks in rank order, the last one padded.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ PARTITIONED = "partitioned"
 _CHUNK_ELEMENTS = 64 << 20  # elements lerped per multi-tensor call (256 MB of fp32)
 
 
-def _local(p: torch.nn.Parameter) -> torch.Tensor:
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+def _chunk(numel: int, world: int) -> int:
+    """Elements per rank when a flattened parameter is split as ZeRO-3 splits it (padded to a multiple of world)."""
+    return -(-numel // world)
 
 
 def _full_shape(p: torch.nn.Parameter) -> list[int]:
@@ -32,24 +34,39 @@ def _full_shape(p: torch.nn.Parameter) -> list[int]:
 class ShardedEMA:
     """EMA shadow of `model`'s trainable parameters, local to this rank."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, rank: int | None = None, world_size: int | None = None):
+        from . import distributed
+
         self.decay = decay
+        self.rank = distributed.rank() if rank is None else rank
+        self.world = distributed.world_size() if world_size is None else world_size
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.zero3 = any(hasattr(p, "ds_tensor") for p in self.params.values())
+        self.partitioned = self.zero3 or self.world > 1
+        self.shapes = {n: _full_shape(p) for n, p in self.params.items()}
         self.shadow: dict[str, torch.Tensor] = {}
         self.load_state_dict(None)
-        self.partitioned = any(hasattr(p, "ds_tensor") for p in self.params.values())
         names = list(self.shadow)
         self.chunks = [[names[i] for i in chunk]
                        for chunk in budget_chunks([self.shadow[n].numel() for n in names], _CHUNK_ELEMENTS)]
-        self.shapes = {n: _full_shape(p) for n, p in self.params.items()}
 
     @torch.no_grad()
     def update(self) -> None:
         # a few multi-tensor kernels per step, not one lerp per parameter (a 3B model has ~1000 of them); in chunks,
         # so that the fp32 copies of bf16 weights never exist for the whole model at once
         for names in self.chunks:
-            torch._foreach_lerp_([self.shadow[n] for n in names], [_local(self.params[n]).float() for n in names],
+            torch._foreach_lerp_([self.shadow[n] for n in names], [self._local(n).float() for n in names],
                                  1.0 - self.decay)
+
+    def _local(self, name: str) -> torch.Tensor:
+        """This rank's part of a parameter: its ZeRO-3 partition, its chunk of the full one, or all of it alone."""
+        p = self.params[name]
+        if self.zero3:
+            return p.ds_tensor
+        if not self.partitioned:
+            return p.data
+        chunk = _chunk(p.numel(), self.world)
+        return p.data.reshape(-1)[self.rank * chunk:(self.rank + 1) * chunk]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
@@ -61,7 +78,7 @@ class ShardedEMA:
         """Restore a saved shadow; None (a checkpoint saved without EMA: it was turned on at this resume) starts it
         from the current, resumed weights."""
         if state is None:
-            self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
+            self.shadow = {n: self._local(n).detach().float().clone() for n in self.params}
             return
         missing = sorted(set(self.shadow) - set(state))
         if missing:
@@ -69,6 +86,11 @@ class ShardedEMA:
                            "saved by a different model (check model.* in its config.yaml)")
         for name, value in state.items():
             if name in self.shadow:
+                whole = list(value.shape) == self.shapes[name]
+                if self.partitioned and not self.zero3 and whole and value.numel() != self.shadow[name].numel():
+                    # saved whole by every rank below stage 3 (before the EMA was split there): this rank's chunk
+                    start = self.rank * _chunk(value.numel(), self.world)
+                    value = value.reshape(-1)[start:start + self.shadow[name].numel()]
                 if value.shape != self.shadow[name].shape:
                     raise ValueError(f"EMA shard of {name} has shape {tuple(value.shape)}, expected "
                                      f"{tuple(self.shadow[name].shape)}: resume with the world size it was saved with")
@@ -90,8 +112,9 @@ class ShardedEMA:
                                "saved by a different model (check model.* in its config.yaml)")
             for name, shadow in self.shadow.items():
                 flat = shadow.view(-1)
-                start = rank * flat.numel() if self.partitioned else 0
                 real = int(torch.Size(shapes[name]).numel())
+                start = (rank * flat.numel() if self.zero3 else rank * _chunk(real, self.world) if self.partitioned
+                         else 0)
                 flat.copy_(_span([h.get_slice(name) for h in handles], start, flat.numel(), real))
 
 

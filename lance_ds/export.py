@@ -42,6 +42,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import sys
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -637,3 +638,7 @@ def main(argv: list[str] | None = None) -> int:
           f"--checkpoint {out} ...)\n"
           f"  transformers: AutoModelForCausalLM.from_pretrained('{out / LLM_DIR}')")
     return 0
+
+
+if __name__ == "__main__":  # (python -m lance_ds.export, as generate and evaluate run; tools/export_checkpoint.py too)
+    sys.exit(main())

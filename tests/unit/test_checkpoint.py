@@ -623,3 +623,34 @@ def test_a_damaged_trainer_state_or_config_is_named_with_the_other_steps(tmp_pat
                                               r"config.yaml could not be read .*--resume STEP; complete: \[10\]") as e:
         ck.check_resume("latest", {"size": "debug"}, 100)
     assert e.value.rank is None  # every rank meets it: said once per node, not as one rank's problem
+
+
+def test_below_stage_3_each_rank_keeps_and_saves_its_chunk_of_the_ema_not_all_of_it(tmp_path):
+    """ZeRO-2 with train.ema_decay: every rank kept and saved the same full fp32 EMA (24 GB per GPU and again per
+    rank in every checkpoint for a 6B model). Each rank now keeps ZeRO-3's chunk of each flattened parameter."""
+    model = torch.nn.Linear(3, 3)  # weight: 9 elements -> chunks of 5 and 4 on 2 ranks
+    emas = [ShardedEMA(model, 0.5, rank=r, world_size=2) for r in range(2)]
+    assert [e.shadow["weight"].numel() for e in emas] == [5, 4] and [e.shadow["bias"].numel() for e in emas] == [2, 1]
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    files = []
+    for rank, ema in enumerate(emas):
+        ema.update()
+        files.append(tmp_path / f"ema{rank}.safetensors")
+        save_file(ema.state_dict(), str(files[-1]), metadata=ema.metadata())
+    full = consolidate(files)
+    assert torch.allclose(full["weight"], start["weight"] + 1.0) and torch.equal(full["bias"], start["bias"])
+    # resumed on 3 ranks (chunks of 3), and on 1 (the whole parameter)
+    three = [ShardedEMA(model, 0.5, rank=r, world_size=3) for r in range(3)]
+    for rank, ema in enumerate(three):
+        ema.load_repartitioned(files, rank)
+    assert torch.equal(torch.cat([e.shadow["weight"] for e in three]), full["weight"].flatten())
+    alone = ShardedEMA(model, 0.5)
+    alone.load_repartitioned(files, 0)
+    assert torch.equal(alone.shadow["weight"], full["weight"])
+    # a checkpoint from before the split (each rank saved it whole), resumed on as many ranks: each takes its chunk
+    whole = {"weight": full["weight"].clone(), "bias": full["bias"].clone()}
+    again = ShardedEMA(model, 0.5, rank=1, world_size=2)
+    again.load_state_dict(whole)
+    assert torch.equal(again.shadow["weight"], full["weight"].flatten()[5:]) and again.shadow["bias"].numel() == 1
