@@ -247,9 +247,15 @@ class Checkpointer:
             for stale in self.root.glob("*" + TMP_SUFFIX):  # left by a run killed during a save
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step}, save_latest=False)
         mine = rank_dir(tmp, self.rank)
-        mine.mkdir(parents=True, exist_ok=True)
+        try:  # first, so that a folder that cannot be written says why (DeepSpeed's own error drops the errno)
+            mine.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot write the checkpoint of step {step} under {self.root} ({e.strerror or e}); "
+                                  f"the last complete one ({latest_name(self.root) or 'none yet'}) stays usable: "
+                                  "free space or fix the folder's permissions, then run the same command to resume",
+                                  rank=self.rank) from e
+        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step}, save_latest=False)
         rank_files = [name for name, saved in (("data.json", data_state), ("ema.safetensors", ema)) if saved is not None]
         if data_state is not None:
             (mine / "data.json").write_text(json.dumps(data_state))

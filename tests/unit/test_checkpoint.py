@@ -654,3 +654,22 @@ def test_below_stage_3_each_rank_keeps_and_saves_its_chunk_of_the_ema_not_all_of
     again = ShardedEMA(model, 0.5, rank=1, world_size=2)
     again.load_state_dict(whole)
     assert torch.equal(again.shadow["weight"], full["weight"].flatten()[5:]) and again.shadow["bias"].numel() == 1
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_says_why_and_what_is_kept(tmp_path, monkeypatch):
+    """DeepSpeed swallowed the OSError and raised 'Parent directory ... does not exist' (no errno, no word of the
+    checkpoint that is still good)."""
+    ck = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    save(ck, 10)
+    real_mkdir = Path.mkdir
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.startswith("rank_") and ".tmp" in str(self):
+            raise OSError(28, "No space left on device")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", full_disk)
+    with pytest.raises(CheckpointError, match=r"cannot write the checkpoint of step 20 under .*\(No space left on "
+                                              r"device\); the last complete one \(step_00000010\) stays usable"):
+        save(ck, 20)
+    assert ck.resolve("latest") == tmp_path / step_name(10)
