@@ -189,14 +189,15 @@ class Checkpointer:
 
     def check_resume(self, resume: str, model: dict, max_steps: int, weight_decay: float = 0.0,
                      shapes: dict[str, list[int]] | None = None, data: str | None = None,
-                     prediction: str | None = None, engine: dict | None = None) -> Path | None:
+                     prediction: str | None = None, engine: dict | None = None,
+                     config: dict | None = None) -> Path | None:
         """The checkpoint `resume` names once it is known that this run can resume it (same architecture, the same
         optimizer grouping, the same data order, the same flow-head target, the same precision and ZeRO stage, a
         step not past max_steps; any number of ranks: see load), or None to start from scratch; else
         CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it before any rank starts work;
         `shapes` (the built model's parameters, model_shapes), `data` (the data order's fingerprint,
         data.stream.data_fingerprint), `prediction` (objective.prediction) and `engine` (engine_setup) are compared
-        when given."""
+        when given; `config` (the run's, as a dict) names the setting behind another data order."""
         path = self.resolve(resume)
         if path is None:
             return None
@@ -210,10 +211,12 @@ class Checkpointer:
         if shapes is not None:
             refuse_other_shapes(saved.get("parameters"), shapes, saved.get("model", {}), path)
         if data is not None and saved.get("data_fingerprint", data) != data:
-            raise CheckpointError(f"{path} was trained on another data order: the dataset (groups, shards, weights), "
-                                  "train.seed, train.micro_batch_size or the packing settings changed since, so its "
-                                  "data position does not apply. Resume with the dataset YAML and data settings it "
-                                  "was trained with, or start a new output_dir (or --resume none)")
+            changed = (data_order_changes(saved_config, config) if config is not None else
+                       ["the dataset (groups, shards, weights), train.seed, train.micro_batch_size or the packing "
+                        "settings changed"])
+            raise CheckpointError(f"{path} was trained on another data order ({'; '.join(changed)}), so its data "
+                                  "position does not apply. Resume with the dataset YAML and data settings it was "
+                                  "trained with, or start a new output_dir (or --resume none)")
         refuse_other_grouping(float(saved_config.get("train", {}).get("weight_decay") or 0.0), weight_decay, path)
         trained_to = saved_config.get("objective", {}).get("prediction", "velocity")
         if prediction is not None and trained_to != prediction:
@@ -547,6 +550,22 @@ def refuse_other_grouping(saved: float, current: float, path: Path) -> None:
                               "model.path=DIR)")
 
 
+DATA_ORDER_KEYS = ("train.seed", "train.micro_batch_size", "data.shuffle_buffer", "data.packing_length",
+                   "data.packing", "data.packing_buffer")  # with the dataset's groups: data.stream.data_fingerprint
+
+
+def data_order_changes(saved_config: dict, config: dict) -> list[str]:
+    """The settings of the data order that differ between a checkpoint's config and the run's ('KEY A -> B'); none:
+    the dataset itself (its groups, shards or weights) changed."""
+    def value(cfg: dict, key: str):
+        section, name = key.split(".")
+        return cfg.get(section, {}).get(name)
+
+    changed = [f"{key} {value(saved_config, key)} -> {value(config, key)}" for key in DATA_ORDER_KEYS
+               if value(saved_config, key) is not None and value(saved_config, key) != value(config, key)]
+    return changed or ["the dataset (its groups, shards or weights) changed"]
+
+
 def engine_setup(precision: str, ds_config: dict) -> dict[str, Any]:
     """What decides the layout of DeepSpeed's optimizer files: recorded with a checkpoint, compared at a resume."""
     return {"precision": precision, "zero_stage": zero_stage(ds_config)}
@@ -562,9 +581,9 @@ def refuse_other_engine(saved: dict, current: dict, path: Path) -> None:
                if saved.get(key) is not None and key in current and saved[key] != current[key]]
     if changed:
         raise CheckpointError(f"{path} was saved under another DeepSpeed set-up ({'; '.join(changed)}), whose "
-                              "optimizer files this one cannot read. Resume with the set-up it was saved with, or start "
-                              f"a new run from its weights (python tools/export_checkpoint.py {path} --out DIR, then "
-                              "model.path=DIR)")
+                              "optimizer files this one cannot read. Resume with the set-up it was saved with, or "
+                              f"start a new run from its weights (python tools/export_checkpoint.py {path} --out DIR, "
+                              "then model.path=DIR)")
 
 
 def latest_name(root: Path) -> str | None:

@@ -116,7 +116,7 @@ def check_run(args, is_first: bool):
         schedule = run.config.train
         checkpointer.check_resume(args.resume, to_dict(run.config.model), schedule.max_steps, schedule.weight_decay,
                                   data=run_data_fingerprint(run), prediction=run.config.objective.prediction,
-                                  engine=engine_setup(schedule.precision, ds_config))
+                                  engine=engine_setup(schedule.precision, ds_config), config=to_dict(run.config))
     except (ConfigError, CheckpointError, DataError) as e:
         if is_first:
             print(f"lance_ds: {e}", file=sys.stderr)

@@ -445,6 +445,17 @@ def test_a_resume_on_another_data_order_is_refused_before_any_rank_builds(tmp_pa
     assert ck.check_resume("10", {"size": "debug"}, 100, data="abc") == tmp_path / step_name(10)
     with pytest.raises(CheckpointError, match="trained on another data order.*or start a new output_dir"):
         ck.check_resume("10", {"size": "debug"}, 100, data="def")
+    # with the run's config the refusal names what changed (the checkpoint's config.yaml has what it was)
+    ck.save(FakeEngine(), 20, {"model": {"size": "debug"}, "data_fingerprint": "abc"},
+            {"train": {"seed": 0, "micro_batch_size": 1}, "data": {"packing_length": 1024}}, None, None)
+    now = {"train": {"seed": 1, "micro_batch_size": 1}, "data": {"packing_length": 2048}}
+    with pytest.raises(CheckpointError, match=r"another data order \(train.seed 0 -> 1; data.packing_length 1024 -> "
+                                              r"2048\), so its data position does not apply"):
+        ck.check_resume("20", {"size": "debug"}, 100, data="def", config=now)
+    same = {"train": {"seed": 0, "micro_batch_size": 1}, "data": {"packing_length": 1024}}
+    with pytest.raises(CheckpointError, match=r"another data order \(the dataset \(its groups, shards or weights\) "
+                                              r"changed\)"):
+        ck.check_resume("20", {"size": "debug"}, 100, data="def", config=same)
 
 
 def test_a_micro_step_draws_from_its_coordinates_alone():
