@@ -101,6 +101,10 @@ class ModelConfig:
             problems.add(join(key, "path"), "model.size=3b is Lance's geometry, to fine-tune from its weights: set "
                          "model.path=DIR (a local Lance or Qwen2.5-VL checkpoint; MODEL_PATH in scripts/sft_lance_*.sh)"
                          ", or model.random_init=true to train from random weights on purpose")
+        if self.size == "3b" and self.path is None and self.random_init and self.tokenizer_path is None:
+            problems.add(join(key, "tokenizer_path"), "a random 3b model without model.path takes its vocabulary "
+                         "from the tokenizer, which would be the debug one (a few thousand words): set "
+                         "model.tokenizer_path=DIR (Qwen2.5's, 151k tokens)")
         for name in MODEL_DIRS:
             value = getattr(self, name)
             if value is not None and not Path(value).is_dir():

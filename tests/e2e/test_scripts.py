@@ -17,6 +17,8 @@ import yaml
 
 from conftest import REPO, free_port
 
+from lance_ds.data.tokenizer import DEBUG_TOKENIZER_DIR
+
 
 def subset(example_data, tmp_path, tasks) -> str:
     groups = [g for g in yaml.safe_load(example_data["train"].read_text())["groups"] if g["name"] in tasks]
@@ -90,8 +92,8 @@ def test_knobs_not_set_leave_the_config_files_values(tmp_path):
     i2t.yaml: model.visual_gen false, datasets/i2t.yaml); a knob that is set wins. (launch.sh, shared by the three.)"""
     repo = repo_with_shards(tmp_path)
     task_config = str(repo / "configs/tasks/i2t.yaml")
-    config = config_seen("sft_lance_unified.sh", tmp_path, ("model.random_init=true",), repo=repo,
-                         CONFIG_FILE=task_config)  # (size 3b: no model.path here)
+    random_3b = ("model.random_init=true", f"model.tokenizer_path={DEBUG_TOKENIZER_DIR}")  # (no model.path here)
+    config = config_seen("sft_lance_unified.sh", tmp_path, random_3b, repo=repo, CONFIG_FILE=task_config)
     assert config["model"]["visual_gen"] is False and config["model"]["visual_und"] is True
     assert os.path.realpath(config["dataset_config"]) == str(repo / "configs/datasets/i2t.yaml")
     assert config["checkpoint"]["debug_step"] == 10 and config["data"]["num_workers"] == 4  # base.yaml's

@@ -86,6 +86,7 @@ BAD = [
     ({}, ["validation.every=10"], None, "validation.dataset_config"),
     ({}, ["model.attention=xformers"], None, "model.attention"),
     ({}, ["model.size=3b", "model.visual_gen=false"], None, "model.random_init=true"),  # a random 3b by a lost path
+    ({}, ["model.size=3b", "model.visual_gen=false", "model.random_init=true"], None, "model.tokenizer_path"),
     ({}, ["model.visual_und=false", "model.visual_gen=false"], None, "model.visual_und"),
     ({}, ["model.lape.num_spatial_tokens=0"], None, "model.lape.num_spatial_tokens"),
     ({}, ["model.lape.num_temporal_tokens=abc"], None, "model.lape.num_temporal_tokens"),
