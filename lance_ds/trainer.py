@@ -120,8 +120,7 @@ class Trainer:
                 progress.update(1)
                 stopped = requests.agreed(self.dist.device)
                 save = self._save_due() or stopped is not None
-                # (a checkpoint carries the open window: a run resumed from it logs the points the uninterrupted one
-                # does)
+                # (a save carries the open window, _open_window: a run resumed from it logs the uninterrupted points)
                 if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
                     self.log(meter, speed, progress)
                 with speed.paused():
