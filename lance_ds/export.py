@@ -129,6 +129,10 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / TRAINER_STATE).is_file():
         return path
+    if not path.exists():
+        steps = Checkpointer(path.parent, keep_last=0, rank=0, world_size=1).complete_steps()
+        kept = f" (complete steps there: {steps}; older ones were removed by checkpoint.keep_last)" if steps else ""
+        raise ExportError(f"{path} does not exist{kept}")
     for root in (path, path / CHECKPOINTS):
         name = latest_name(root)
         if name is not None:
@@ -270,7 +274,7 @@ def with_ema(state: dict[str, Tensor], step_dir: Path, world_size: int) -> dict[
     present = [f for f in shards if f.is_file()]
     if not present:
         raise ExportError(f"{step_dir} has no EMA weights (rank_*/ema.safetensors): the run trained with "
-                          "train.ema_decay=0. Export without --ema, or train with train.ema_decay > 0 (Lance: 0.9999)")
+                          "train.ema_decay=0. Drop --ema (its trained weights), or train with train.ema_decay > 0 (Lance: 0.9999)")
     if len(present) != len(shards):
         missing = sorted(str(f.relative_to(step_dir)) for f in set(shards) - set(present))
         raise ExportError(f"{step_dir} lacks EMA shards {missing} of its {world_size} ranks; the checkpoint is "

@@ -385,7 +385,10 @@ def _input_output_problems(args) -> list[str]:
                         "the output's size)")
     if generation:
         suffixes = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
-        if not args.out or Path(args.out).suffix.lower() not in suffixes:
+        if not args.out:
+            problems.append(f"--out: {args.task} writes {'a video' if video else 'an image'}: give its path, ending in "
+                            f"{' or '.join(suffixes)}")
+        elif Path(args.out).suffix.lower() not in suffixes:
             problems.append(f"--out: {args.task} writes {'a video' if video else 'an image'}: give a path ending in "
                             f"{' or '.join(suffixes)}, got {args.out!r}")
     elif args.out:
@@ -477,7 +480,7 @@ def cli_sample(args, group: GroupConfig) -> Sample:
                       f"not --frames {args.frames}: the edit keeps as many as the VAE can make of them", file=sys.stderr)
         media[PROMPT_MEDIA[args.task][0]] = frames
     texts = {"caption": args.prompt or ""} if args.task in GEN_TASKS else {"caption_q": args.question}
-    return Sample(task=args.task, texts=texts, media=media, key=args.input or "prompt")
+    return Sample(task=args.task, texts=texts, media=media, key=args.input or args.prompt or "prompt")  # (named in errors)
 
 
 def cli_group(vae, task: str | None = None, cuts: dict | None = None, size: int | None = None,

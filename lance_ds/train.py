@@ -26,7 +26,7 @@ DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="run YAML (configs/*.yaml)")
+    p.add_argument("--config", required=True, help="run YAML (configs/*.yaml, or a run's own config.yaml)")
     p.add_argument("--ds_config", default=str(DEFAULT_DS_CONFIG),
                    help="DeepSpeed JSON; 'auto' values come from the run config (default: this repository's "
                         "ds_configs/zero3.json, wherever the command runs)")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 def check_run(args, is_first: bool):
     """(run, DeepSpeed config) when the configs and --resume are sound; None once the problem is said."""
     from lance_ds.checkpoint import Checkpointer, CheckpointError, checkpoints_dir, engine_setup
-    from lance_ds.config import ConfigError, load_and_check
+    from lance_ds.config import ConfigError, config_warnings, load_and_check
     from lance_ds.config.core import to_dict
     from lance_ds.data.stream import DataError, run_data_fingerprint
 
@@ -111,6 +111,9 @@ def check_run(args, is_first: bool):
     try:
         run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world,
                                         devices_here=not args.ranks_elsewhere)
+        if is_first:
+            for warning in config_warnings(run.config):
+                print(f"lance_ds: warning: {warning}", file=sys.stderr)
         # what --resume names must be resumable by this run (architecture, optimizer groups) before any rank starts work
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
         schedule = run.config.train

@@ -254,6 +254,10 @@ class Trainer:
         return tqdm(total=self.cfg.train.max_steps, initial=self.step, disable=not enabled, desc="train",
                     dynamic_ncols=True)
 
+    def _samples_of(self, group: str) -> str:
+        count = self.loader.num_samples(group)
+        return "? samples (no manifest)" if count is None else f"{count} samples"
+
     def print_banner(self) -> None:
         if not self.dist.is_first:
             return
@@ -265,7 +269,7 @@ class Trainer:
             f"  switches     visual_und={cfg.model.visual_und} visual_gen={cfg.model.visual_gen} "
             f"lape={cfg.model.lape.enabled} training_type={cfg.model.training_type}",
             "  data         " + "; ".join(f"{g.name} ({g.task}, weight {g.weight}, "
-                                          f"{self.loader.num_samples(g.name)} samples, {describe_cut(g)})"
+                                          f"{self._samples_of(g.name)}, {describe_cut(g)})"
                                           for g in self.run.dataset.groups),
             f"  world        {self.dist.world_size} rank(s) on {self.dist.device.type}, ZeRO stage "
             f"{zero_stage(self.ds_config)}, precision {cfg.train.precision}",
@@ -453,7 +457,10 @@ def training_cuts(dataset) -> dict[str, dict]:
 def describe_weights(model) -> str:
     """Where training starts from: 'model.path /m/lance; model.vit_path /m/qwen', or 'random decoder ...'."""
     dirs = [f"model.{k} {getattr(model, k)}" for k in ("path", "vit_path", "vae_path") if getattr(model, k)]
-    return "; ".join(([] if model.path else ["random decoder (no model.path)"]) + dirs)
+    random = [] if model.path else ["random decoder (no model.path)"]
+    if model.visual_und and not (model.path or model.vit_path):
+        random.append(f"random {'trainable' if model.vit_trainable else 'frozen'} ViT")
+    return "; ".join(random + dirs)
 
 
 def describe_cut(group) -> str:

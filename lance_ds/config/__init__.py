@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from .core import ConfigError, Problems, doc
 from .deepspeed import load_ds_json, resolve_ds_config
-from .run import Run, RunConfig, load_run
+from .run import Run, RunConfig, config_warnings, load_run
 
-__all__ = ["ConfigError", "Problems", "Run", "RunConfig", "doc", "load_and_check", "load_ds_json", "load_run",
+__all__ = ["ConfigError", "Problems", "Run", "RunConfig", "config_warnings", "doc", "load_and_check", "load_ds_json", "load_run",
            "resolve_ds_config"]
 
 

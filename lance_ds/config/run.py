@@ -217,7 +217,7 @@ def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> Non
                 continue
             if not found:
                 problems.add(f"{key}.shards", f"{source} matches no file or directory")
-            tasks |= beside
+            tasks |= {manifest["task"] for manifest in beside.values()}
     if empty and len(empty) == len(group.shards):
         problems.add(f"{key}.shards", f"{', '.join(map(str, empty))} hold(s) no samples: the conversion wrote none "
                      "(see rejects.jsonl there); fix the inputs and convert again, or remove the group")
@@ -250,13 +250,33 @@ def load_run(config_path: str | None, overrides: list[str], problems: Problems) 
     dataset = load_dataset(config.dataset_config, problems, "dataset_config")
     val, val_path = None, config.validation.dataset_config
     if val_path and config.validation.every > 0:
+        before = len(problems.items)
         val = load_dataset(val_path, problems, "validation.dataset_config")
+        if len(problems.items) > before:  # often the example's held-out YAML, named by a shipped config
+            problems.add("validation.dataset_config", f"{val_path} is the held-out data validation.every="
+                         f"{config.validation.every} reads: set validation.dataset_config=YOUR_VAL.yaml, or "
+                         "validation.every=0 to train without validation")
     elif val_path and not Path(val_path).is_file():  # named while validation is off: there all the same
         problems.add("validation.dataset_config", f"{val_path} is not a file")
     check_switches(config.model, dataset, problems, "dataset_config")
     if val is not None:
         check_switches(config.model, val, problems, "validation.dataset_config")
     return Run(config, dataset, val)
+
+
+def config_warnings(config: RunConfig) -> list[str]:
+    """Settings that are allowed but rarely what a user means: said before the run starts, not refused."""
+    warnings = []
+    train, model = config.train, config.model
+    if 0 < train.max_steps <= train.warmup_steps:
+        warnings.append(f"train.warmup_steps={train.warmup_steps} is not below train.max_steps={train.max_steps}: the "
+                        f"learning rate never reaches train.lr={train.lr:g} (it ends at "
+                        f"{train.lr * train.max_steps / train.warmup_steps:.3g}); lower train.warmup_steps")
+    if model.visual_und and not model.vit_trainable and model.vit_path is None and model.path is None:
+        warnings.append("the ViT is random (no model.vit_path or model.path) and frozen (model.vit_trainable=false): "
+                        "understanding and edits would see features that carry nothing; set model.vit_path, or "
+                        "model.vit_trainable=true")
+    return warnings
 
 
 def check_switches(model: ModelConfig, dataset: DatasetConfig, problems: Problems, key: str) -> None:

@@ -83,7 +83,7 @@ import pyarrow.parquet as pq
 from lance_ds.config.core import ConfigError, Problems, doc, output_problem
 from lance_ds.data import media
 from lance_ds.data.manifest import MANIFEST, parse_manifest
-from lance_ds.data.schemas import SCHEMAS, RowProblem, SchemaError, TaskSchema, resolve_task, validate_row
+from lance_ds.data.schemas import SCHEMAS, PathOnly, RowProblem, SchemaError, TaskSchema, resolve_task, validate_row
 from lance_ds.data.tar import TarShardWriter, file_crc32
 from lance_ds.files import write_atomic
 from lance_ds.processes import die_with_parent
@@ -531,7 +531,10 @@ _AS_BINARY = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa
 def _column_values(column: pa.Array) -> list:
     """Python values of one column of a record batch. Binary columns come as memoryviews into the arrow buffer
     (zero-copy slices at the offsets): media bytes are then copied once, into the shard, instead of twice."""
+    paths = None
     if pa.types.is_struct(column.type) and column.type.get_field_index("bytes") >= 0:
+        if column.type.get_field_index("path") >= 0:
+            paths = pc.struct_field(column, "path")
         column = pc.struct_field(column, "bytes")  # Hugging Face datasets' Image / Video features: {bytes, path}
     if pa.types.is_dictionary(column.type):  # categorical text (pandas writes these), or deduplicated media
         column = column.dictionary_decode()
@@ -551,7 +554,8 @@ def _column_values(column: pa.Array) -> list:
     values = [view[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
     if column.null_count:
         for i in np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)).tolist():
-            values[i] = None
+            path = paths[i].as_py() if paths is not None else None
+            values[i] = PathOnly(path) if path else None  # (a row's check says which of the two it was)
     return values
 
 

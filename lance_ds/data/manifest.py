@@ -40,23 +40,23 @@ def read_manifest(directory: str | Path) -> dict:
     return parse_manifest(path.read_text(encoding="utf-8"), str(path))
 
 
-def local_shards(source: str) -> tuple[list[str], set[str]]:
-    """The shards a local .tar path, glob or brace pattern names (sorted per pattern), and the tasks of the converter
-    manifests beside them. A pattern keeps .tar files only: DIR/* also matches the converter's manifest.json and
+def local_shards(source: str) -> tuple[list[str], dict[Path, dict]]:
+    """The shards a local .tar path, glob or brace pattern names (sorted per pattern), and the converter manifests
+    beside them (by folder). A pattern keeps .tar files only: DIR/* also matches the converter's manifest.json and
     rejects.jsonl, which read as corrupt shards every epoch; one that matches files but no .tar is refused."""
     if Path(source).is_file():
-        return [source], _tasks_beside([source])
+        return [source], _manifests_beside([source])
     matched = [p for pattern in braceexpand.braceexpand(source) for p in sorted(glob.glob(pattern))]
     shards = [p for p in matched if p.endswith(".tar") and Path(p).is_file()]
     if matched and not shards:
         raise ManifestError(f"{source} matches no .tar shard, only {matched[0]}" +
                             (f" and {len(matched) - 1} more" if len(matched) > 1 else "") +
                             "; match the .tar files (DIR/*.tar) or give the converter output DIR itself")
-    return shards, _tasks_beside(shards)
+    return shards, _manifests_beside(shards)
 
 
-def _tasks_beside(shards: list[str]) -> set[str]:
-    """The tasks of the manifest.json files in the shards' folders (a converter output's .tar files listed one by
-    one, or by a glob)."""
+def _manifests_beside(shards: list[str]) -> dict[Path, dict]:
+    """The manifest.json files in the shards' folders (a converter output's .tar files listed one by one, or by a
+    glob), by folder."""
     folders = {Path(p).parent for p in shards}
-    return {read_manifest(f)["task"] for f in sorted(folders) if (f / MANIFEST).is_file()}
+    return {f: read_manifest(f) for f in sorted(folders) if (f / MANIFEST).is_file()}

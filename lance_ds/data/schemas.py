@@ -70,7 +70,7 @@ class TaskSchema:
 
 _CAPTION = TextColumn("caption")
 _UNDERSTANDING_TEXTS = (
-    TextColumn("caption_i", may_be_empty=True),  # system prompt
+    TextColumn("caption_i", may_be_empty=True, null_means_empty=True),  # system prompt; blank: the default one
     TextColumn("caption_q", may_be_empty=True, null_means_empty=True),  # question; "" when the task has none
     TextColumn("caption_a"),  # the answer: what the CE loss trains on, so never empty
 )
@@ -172,10 +172,21 @@ def _check_text(column: TextColumn, value: object) -> tuple[str | None, str | No
     return value, None
 
 
+@dataclass(frozen=True)
+class PathOnly:
+    """A media struct ({bytes, path}, as Hugging Face datasets write Image / Video features) whose bytes are null
+    and whose path is set: the file was not embedded in the parquet."""
+
+    path: str
+
+
 def _check_media(value: object) -> tuple[bytes | memoryview | None, str | None]:
     """(the bytes, None) or (None, reason). A memoryview (zero-copy from an arrow buffer) is passed on as is."""
     if value is None:
         return None, "null value"
+    if isinstance(value, PathOnly):
+        return None, (f"the struct holds only a path ({value.path!r:.80}), no bytes: embed each file's bytes in the "
+                      "parquet (the struct's 'bytes' field) before converting")
     if isinstance(value, str):
         return None, (f"expected encoded bytes (a binary column), got a string {value!r:.40}; "
                       "store the file's bytes, not a path or base64")

@@ -183,8 +183,9 @@ def resolve_sources(sources: list[str], where: str = "shards") -> tuple[list[Sha
             if not expanded:
                 raise DataError(f"{where}: {source} matches no file; give a converter output dir, .tar paths, a glob "
                                 "or a URL")
-            shards += [ShardInfo(p) for p in expanded]
-            tasks |= beside
+            counts = {folder / s["name"]: s.get("num_samples") for folder, m in beside.items() for s in m["shards"]}
+            shards += [ShardInfo(p, counts.get(Path(p))) for p in expanded]
+            tasks |= {manifest["task"] for manifest in beside.values()}
     return shards, tasks
 
 

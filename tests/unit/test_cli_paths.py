@@ -24,6 +24,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_generating(tmp_path, ca
             f"--out: {tmp_path / 'afile'} is a file, so {out} cannot be created under it; choose another path"]
     assert problems(*t2i, str(tmp_path / "new" / "dir" / "x.png")) == []  # missing directories are created
     assert problems(*t2i, str(tmp_path / "afile.png")) == []
+    assert problems("--task", "t2v", "--prompt", "x") == ["--out: t2v writes a video: give its path, ending in .mp4"]
     # the CLI stops there: nothing loaded (the checkpoint does not even exist), nothing touched
     assert main(["--checkpoint", str(tmp_path / "no_run"), *t2i, str(tmp_path / "afile" / "x.png")]) == 2
     assert "afile is a file" in capsys.readouterr().err

@@ -227,7 +227,7 @@ def test_paths_are_relative_to_the_yaml_that_names_them_and_absolute_after(datas
 def test_path_flags_stay_strings():
     from lance_ds.train import parse_args
 
-    args = parse_args(["--output_dir", "runs/exp #2", "--dataset_config", "0755", "train.seed=3"])
+    args = parse_args(["--config", "a.yaml", "--output_dir", "runs/exp #2", "--dataset_config", "0755", "train.seed=3"])
     problems = Problems()
     data = apply_overrides({}, args.overrides, problems)
     assert not problems and data == {"output_dir": "runs/exp #2", "dataset_config": "0755", "train": {"seed": 3}}
@@ -235,7 +235,7 @@ def test_path_flags_stay_strings():
     late = parse_args(["--config", "a.yaml", "train.lr=1e-3", "--output_dir", "d", "train.max_steps=10"])
     assert late.overrides == ['output_dir="d"', "train.lr=1e-3", "train.max_steps=10"] and late.config == "a.yaml"
     # an empty flag (`--output_dir "$RUN"` with RUN unset) is passed on, to be refused, not dropped for the default
-    assert parse_args(["--output_dir", ""]).overrides == ['output_dir=""']
+    assert parse_args(["--config", "a.yaml", "--output_dir", ""]).overrides == ['output_dir=""']
     # string keys take an override's text as typed (YAML would cut a path at " #" and read 0755 as 493) ...
     data = apply_overrides({}, ["model.path=/m/run #2", "output_dir=0755", "model.vae_path=null",
                                 "model.attention='flex'", "train.seed=0755", "model.tokenizer_path=2024_01"],
@@ -283,8 +283,22 @@ def test_print_config_and_check_exit_before_any_work(dataset_dir, capsys):
     printed_run, _, printed_ds = out.partition("\n{")
     assert yaml.safe_load(printed_run)["train"]["lr"] == 3e-5
     assert json.loads("{" + printed_ds)["optimizer"]["params"]["lr"] == 3e-5
-    assert main(["--check", *args]) == 0 and "configs OK" in capsys.readouterr().out
+    assert main(["--check", *args]) == 0
+    out, err = capsys.readouterr()
+    assert "configs OK" in out
+    # allowed, but rarely meant: said (GOOD trains 10 steps under the default 500 warmup steps, random frozen ViT)
+    assert "warning: train.warmup_steps=500 is not below train.max_steps=10" in err and "(it ends at 6e-07)" in err
+    assert "warning: the ViT is random (no model.vit_path or model.path) and frozen" in err
+    assert main(["--check", *args, "train.warmup_steps=2", "model.vit_trainable=true"]) == 0
+    assert "warning" not in capsys.readouterr().err
     assert main(["--check", *args, "train.lr=-1"]) == 2 and "train.lr: must be > 0" in capsys.readouterr().err
+    # validation on held-out data that is not there (a shipped config's example YAML): how to point it elsewhere
+    assert main(["--check", *args, "validation.every=5", f"validation.dataset_config={dataset_dir / 'no.yaml'}"]) == 2
+    assert ("validation.dataset_config: " + f"{dataset_dir / 'no.yaml'} is the held-out data validation.every=5 "
+            "reads: set validation.dataset_config=YOUR_VAL.yaml, or validation.every=0") in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a run YAML is required: the bare defaults are no run anyone meant
+        main(["--check", "--dataset_config", str(dataset_dir / "data.yaml")])
+    assert "the following arguments are required: --config" in capsys.readouterr().err
     # a JSON written for 8 ranks, checked where it is written (outside the launcher): --world_size says so
     eight = dataset_dir / "eight.json"
     eight.write_text(json.dumps({**json.loads((REPO / "ds_configs/zero3.json").read_text()), "train_batch_size": 8}))

@@ -549,7 +549,7 @@ def test_text_that_is_not_utf8_in_a_string_column_rejects_its_row(tmp_path, kind
 
 def test_hugging_face_image_structs_convert_like_binary_columns(tmp_path):
     """Hugging Face datasets store an Image / Video feature as struct<bytes, path>: its bytes are the medium (every
-    row was rejected, "got dict"); a row with no bytes (stored by path) or a null struct is rejected."""
+    row was rejected, "got dict"); a row with no bytes (stored by path: said so) or a null struct is rejected."""
     images = [pil_bytes("RGB", (64, 64), "PNG", i) for i in range(12)]  # ~12 kB each
     feature = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     structs = [{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images)] + [{"bytes": None, "path": "x.png"},
@@ -559,7 +559,9 @@ def test_hugging_face_image_structs_convert_like_binary_columns(tmp_path):
     summary = run([tmp_path / "hf.parquet"], tmp_path / "out", shard_size_mb=0.05)
     assert (summary.num_samples, summary.num_rejects) == (12, 2)
     assert [(r["row"], r["column"], r["reason"]) for r in read_rejects(tmp_path / "out")] == [
-        (12, "image_bytes", "null value"), (13, "image_bytes", "null value")]
+        (12, "image_bytes", "the struct holds only a path ('x.png'), no bytes: embed each file's bytes in the "
+                            "parquet (the struct's 'bytes' field) before converting"),
+        (13, "image_bytes", "null value")]
     samples = list(wds.WebDataset(shard_urls(tmp_path / "out"), shardshuffle=False))
     assert [s["image.png"] for s in samples] == images
     assert len(read_manifest(tmp_path / "out")["shards"]) >= 3  # sized by the structs' bytes

@@ -179,12 +179,17 @@ def test_a_trained_vit_comes_back_from_the_checkpoint_in_full_precision(tmp_path
 def test_a_run_whose_first_save_ended_before_latest_is_found(tmp_path):
     """A first save killed between its rename and `latest` resumes (the newest complete step): export and evaluate
     take it too (they said "not a training checkpoint")."""
-    from lance_ds.export import find_checkpoint
+    from lance_ds.export import ExportError, find_checkpoint
 
     for step in (2, 4):
         (tmp_path / "run" / "checkpoints" / f"step_0000000{step}").mkdir(parents=True)
         (tmp_path / "run" / "checkpoints" / f"step_0000000{step}" / "trainer_state.json").write_text("{}")
     assert find_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step_00000004"
+    # a step removed by keep_last (or mistyped): said so, with the steps there are
+    with pytest.raises(ExportError, match=r"step_00000003 does not exist \(complete steps there: \[2, 4\]; older"):
+        find_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000003")
+    with pytest.raises(ExportError, match=r"/nowhere/run does not exist$"):
+        find_checkpoint("/nowhere/run")
 
 
 def test_checkpoint_paths_resolve_and_bad_inputs_are_refused(trained_runs, exported, tmp_path, capsys):

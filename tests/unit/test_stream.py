@@ -169,6 +169,18 @@ def test_split_gives_every_sample_of_an_epoch_to_one_slot(tmp_path, num_shards, 
     assert sorted(seen) == sorted(keys)  # each sample exactly once per epoch, over all slots
 
 
+def test_a_groups_samples_are_counted_from_the_converter_manifest_beside_its_tars(tmp_path):
+    """The banner's count and the task come from manifest.json, for a converter output given as its directory, a
+    glob of its tars or one tar; without a manifest the count is unknown (None), not a guess."""
+    write_shards(tmp_path / "out", "t2i", 3, 4)
+    for sources, count in (([tmp_path / "out"], 12), ([str(tmp_path / "out" / "*.tar")], 12),
+                           ([str(tmp_path / "out" / "shard-000001.tar")], 4)):
+        resolved = resolve_group(group("g", sources))
+        assert (resolved.num_samples, resolved.task) == (count, "t2i"), sources
+    write_shards(tmp_path / "bare", "t2i", 2, 4, manifest=False)
+    assert resolve_group(group("g", [str(tmp_path / "bare" / "*.tar")], task="t2i")).num_samples is None
+
+
 def test_a_shard_that_fails_for_one_slot_alone_leaves_the_split_of_the_others_as_it_was(tmp_path, monkeypatch):
     """Fewer shards than slots: every slot reads every shard and keeps its samples of it. One slot failing to open a
     shard once (an object store's 503) loses that slot's samples of it, counted, and nothing else: before, the
