@@ -190,14 +190,15 @@ class Checkpointer:
     def check_resume(self, resume: str, model: dict, max_steps: int, weight_decay: float = 0.0,
                      shapes: dict[str, list[int]] | None = None, data: str | None = None,
                      prediction: str | None = None, engine: dict | None = None,
-                     config: dict | None = None) -> Path | None:
+                     config: dict | None = None, groups: dict | None = None) -> Path | None:
         """The checkpoint `resume` names once it is known that this run can resume it (same architecture, the same
         optimizer grouping, the same data order, the same flow-head target, the same precision and ZeRO stage, a
         step not past max_steps; any number of ranks: see load), or None to start from scratch; else
         CheckpointError with the fix. It reads JSON / YAML only, so `--check` runs it before any rank starts work;
         `shapes` (the built model's parameters, model_shapes), `data` (the data order's fingerprint,
         data.stream.data_fingerprint), `prediction` (objective.prediction) and `engine` (engine_setup) are compared
-        when given; `config` (the run's, as a dict) names the setting behind another data order."""
+        when given; `config` (the run's, as a dict) and `groups` (data.stream.data_groups) name what changed in
+        another data order."""
         path = self.resolve(resume)
         if path is None:
             return None
@@ -211,12 +212,15 @@ class Checkpointer:
         if shapes is not None:
             refuse_other_shapes(saved.get("parameters"), shapes, saved.get("model", {}), path)
         if data is not None and saved.get("data_fingerprint", data) != data:
-            changed = (data_order_changes(saved_config, config) if config is not None else
+            changed = (data_order_changes(saved_config, config, saved.get("data_groups"), groups)
+                       if config is not None else
                        ["the dataset (groups, shards, weights), train.seed, train.micro_batch_size or the packing "
                         "settings changed"])
             raise CheckpointError(f"{path} was trained on another data order ({'; '.join(changed)}), so its data "
                                   "position does not apply. Resume with the dataset YAML and data settings it was "
-                                  "trained with, or start a new output_dir (or --resume none)")
+                                  "trained with; or, to go on from its weights, optimizer and step on the new data "
+                                  "(read from its beginning), checkpoint.data_change=restart; or start a new "
+                                  "output_dir (or --resume none)")
         refuse_other_grouping(float(saved_config.get("train", {}).get("weight_decay") or 0.0), weight_decay, path)
         trained_to = saved_config.get("objective", {}).get("prediction", "velocity")
         if prediction is not None and trained_to != prediction:
@@ -554,16 +558,33 @@ DATA_ORDER_KEYS = ("train.seed", "train.micro_batch_size", "data.shuffle_buffer"
                    "data.packing", "data.packing_buffer")  # with the dataset's groups: data.stream.data_fingerprint
 
 
-def data_order_changes(saved_config: dict, config: dict) -> list[str]:
-    """The settings of the data order that differ between a checkpoint's config and the run's ('KEY A -> B'); none:
-    the dataset itself (its groups, shards or weights) changed."""
+def data_order_changes(saved_config: dict, config: dict, saved_groups: dict | None = None,
+                       groups: dict | None = None) -> list[str]:
+    """What differs in the data order between a checkpoint and the run: settings ('KEY A -> B') and, when both
+    sides' data.stream.data_groups are known, groups ('group g weight 1.0 -> 2.0', 'group h added', ...)."""
     def value(cfg: dict, key: str):
         section, name = key.split(".")
         return cfg.get(section, {}).get(name)
 
     changed = [f"{key} {value(saved_config, key)} -> {value(config, key)}" for key in DATA_ORDER_KEYS
                if value(saved_config, key) is not None and value(saved_config, key) != value(config, key)]
+    if saved_groups is not None and groups is not None:
+        changed += group_changes(saved_groups, groups)
     return changed or ["the dataset (its groups, shards or weights) changed"]
+
+
+def group_changes(saved: dict[str, dict], now: dict[str, dict]) -> list[str]:
+    changed = [f"group {name} removed" for name in saved if name not in now]
+    changed += [f"group {name} added" for name in now if name not in saved]
+    for name in (n for n in now if n in saved):
+        before, after = saved[name], now[name]
+        if before["weight"] != after["weight"]:
+            changed.append(f"group {name} weight {before['weight']} -> {after['weight']}")
+        if before["digest"] != after["digest"]:
+            changed.append(f"group {name} shards {before['shards']} -> {after['shards']} (another list)")
+    if not changed and list(saved) != list(now):
+        changed.append(f"the groups' order {list(saved)} -> {list(now)}")
+    return changed
 
 
 def engine_setup(precision: str, ds_config: dict) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def check_run(args, is_first: bool):
     from lance_ds.checkpoint import Checkpointer, CheckpointError, checkpoints_dir, engine_setup
     from lance_ds.config import ConfigError, config_warnings, load_and_check
     from lance_ds.config.core import to_dict
-    from lance_ds.data.stream import DataError, run_data_fingerprint
+    from lance_ds.data.stream import DataError, run_data_order
 
     world = args.world_size or world_size_from_env()
     try:
@@ -117,9 +117,13 @@ def check_run(args, is_first: bool):
         # what --resume names must be resumable by this run (architecture, optimizer groups) before any rank starts work
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
         schedule = run.config.train
+        fingerprint, groups = run_data_order(run)
+        if run.config.checkpoint.data_change == "restart":  # another data order is read from its beginning
+            fingerprint = None
         checkpointer.check_resume(args.resume, to_dict(run.config.model), schedule.max_steps, schedule.weight_decay,
-                                  data=run_data_fingerprint(run), prediction=run.config.objective.prediction,
-                                  engine=engine_setup(schedule.precision, ds_config), config=to_dict(run.config))
+                                  data=fingerprint, prediction=run.config.objective.prediction,
+                                  engine=engine_setup(schedule.precision, ds_config), config=to_dict(run.config),
+                                  groups=groups)
     except (ConfigError, CheckpointError, DataError) as e:
         if is_first:
             print(f"lance_ds: {e}", file=sys.stderr)

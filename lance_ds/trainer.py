@@ -20,7 +20,7 @@ import torch.distributed as dist
 import yaml
 
 from .checkpoint import (LATEST, Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir,
-                         claim_output_dir, engine_setup, latest_name, read_config)
+                         claim_output_dir, data_order_changes, engine_setup, latest_name, read_config)
 from .config.core import ConfigError, to_dict
 from .config.data import TASKS, TEXT_TO_MEDIA_TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
@@ -28,7 +28,7 @@ from .config.model import MODEL_DIRS
 from .config.run import Run
 from .data.packing import Branches
 from .data.sequence import SequencePlanner
-from .data.stream import build_train_loader, overlong_groups
+from .data.stream import build_train_loader, data_groups, overlong_groups
 from .data.tokenizer import load_tokenizer
 from . import distributed
 from .ema import ShardedEMA
@@ -332,6 +332,7 @@ class Trainer:
         state = {"skipped_steps": self.skipped_steps, "tokens_seen": self.saved_tokens_seen, "window": window,
                  "validated_step": self.validated_step, "model": to_dict(self.cfg.model),
                  "parameters": self._shapes(), "data_fingerprint": self.loader.spec.fingerprint(),
+                 "data_groups": data_groups(self.loader.spec.groups),
                  "engine": engine_setup(self.cfg.train.precision, self.ds_config),
                  "cuts": training_cuts(self.run.dataset)}
         self.checkpointer.save(self.engine, self.step, state, to_dict(self.cfg), self.loader.state_dict(), self.ema)
@@ -415,7 +416,17 @@ class Trainer:
 
     def _resume_data(self, resumed) -> int | None:
         """Restore the data position; from another layout of loader slots (ranks x workers) it is rebuilt from
-        every rank's (data/reshard.py) and the saved number of workers is returned."""
+        every rank's (data/reshard.py) and the saved number of workers is returned. Another data order (allowed by
+        checkpoint.data_change=restart) is read from its beginning."""
+        fingerprint = self.loader.spec.fingerprint()
+        if resumed.trainer_state.get("data_fingerprint", fingerprint) != fingerprint:
+            if self.dist.is_first:
+                changed = data_order_changes(read_config(resumed.path), to_dict(self.cfg),
+                                             resumed.trainer_state.get("data_groups"),
+                                             data_groups(self.loader.spec.groups))
+                print(f"lance_ds: the data order changed since {resumed.path.name} was saved ({'; '.join(changed)}): "
+                      "checkpoint.data_change=restart reads the new data from its beginning", flush=True)
+            return None
         own = resumed.data_state
         if own is not None and own.get("num_workers") == self.loader.num_workers:
             self.loader.load_state_dict(own)

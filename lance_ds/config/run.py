@@ -62,11 +62,15 @@ class CheckpointConfig:
     save_every: int = doc(1000, "save every this many steps (and at the end)")
     keep_last: int = doc(3, "keep this many most recent checkpoints (older ones are deleted after a complete save)")
     debug_step: int = doc(0, "also save once at this early step, to prove saving works before a long run (0: off)")
+    data_change: str = doc("refuse", "a resume onto another data order (dataset YAML, train.seed, packing): refuse, "
+                                     "or restart: keep the weights, optimizer, EMA and step, and read the new data "
+                                     "from its beginning (a resume on the same data order is exact either way)")
 
     def check(self, problems: Problems, key: str) -> None:
         problems.positive(self.save_every, join(key, "save_every"))
         problems.positive(self.keep_last, join(key, "keep_last"))
         problems.require(self.debug_step >= 0, join(key, "debug_step"), f"must be >= 0, got {self.debug_step}")
+        problems.one_of(self.data_change, ("refuse", "restart"), join(key, "data_change"))
 
 
 @dataclass

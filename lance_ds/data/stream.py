@@ -572,10 +572,18 @@ def data_fingerprint(groups: list[ResolvedGroup], data: DataConfig, seed: int, m
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
-def run_data_fingerprint(run) -> str:
-    """data_fingerprint of a run's training data (a config.run.Run), as its loader will have it."""
-    train = run.config.train
-    return data_fingerprint(resolve_groups(run.dataset), run.config.data, train.seed, train.micro_batch_size)
+def run_data_order(run) -> tuple[str, dict[str, dict]]:
+    """data_fingerprint and data_groups of a run's training data (a config.run.Run), as its loader will have them."""
+    train, groups = run.config.train, resolve_groups(run.dataset)
+    return data_fingerprint(groups, run.config.data, train.seed, train.micro_batch_size), data_groups(groups)
+
+
+def data_groups(groups: list[ResolvedGroup]) -> dict[str, dict]:
+    """The groups' part of the data order in a form that can be compared: name -> weight, shard count and a digest
+    of the shard list (recorded with a checkpoint; a resume on other data names the group that changed)."""
+    return {g.name: {"weight": g.config.weight, "shards": len(g.shards),
+                     "digest": hashlib.sha256(json.dumps([s.url for s in g.shards]).encode()).hexdigest()[:12]}
+            for g in groups}
 
 
 def resolve_groups(dataset: DatasetConfig) -> list[ResolvedGroup]:
@@ -1084,6 +1092,6 @@ def overlong_groups(dataset: DatasetConfig, planner: SequencePlanner, packing_le
 
 __all__ = [
     "build_train_loader", "overlong_groups", "data_fingerprint",
-    "run_data_fingerprint", "resolve_groups", "TrainLoader", "SlotStream", "StreamSpec", "DataError",
+    "run_data_order", "data_groups", "resolve_groups", "TrainLoader", "SlotStream", "StreamSpec", "DataError",
     "SKIP_REASONS", "resolve_group", "resolve_sources", "decode_sample", "ShardInfo",
 ]

@@ -85,6 +85,16 @@ def test_a_script_trains_the_debug_config(example_data, tmp_path):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["num_workers"] == 0 and config["checkpoint"]["save_every"] == 1
     assert config["model"]["visual_gen"] is False
+    # the run goes on with other data: refused by the script's check (naming the change), or, with
+    # checkpoint.data_change=restart, from the checkpoint's weights and step on the new data from its beginning
+    other = {"DATASET_CONFIG_FILE": subset(example_data, tmp_path, ("i2t",)), "NUM_WORKERS": "0", "VISUAL_GEN": "false"}
+    two_steps = ("train.max_steps=2", *TRAIN_ONE_STEP[1:])
+    proc = run_script(script, tmp_path, args=two_steps, **other)
+    assert proc.returncode == 2 and "another data order (group v2t removed)" in proc.stderr, proc.stderr[-3000:]
+    proc = run_script(script, tmp_path, args=(*two_steps, "checkpoint.data_change=restart"), **other)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the data order changed since step_00000001 was saved (group v2t removed)" in proc.stdout
+    assert "resumed from" in proc.stdout and (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
 def test_knobs_not_set_leave_the_config_files_values(tmp_path):

@@ -456,6 +456,18 @@ def test_a_resume_on_another_data_order_is_refused_before_any_rank_builds(tmp_pa
     with pytest.raises(CheckpointError, match=r"another data order \(the dataset \(its groups, shards or weights\) "
                                               r"changed\)"):
         ck.check_resume("20", {"size": "debug"}, 100, data="def", config=same)
+    # checkpoints record their groups: the refusal names the group that changed, and the way to keep the weights
+    groups = {"a": {"weight": 1.0, "shards": 4, "digest": "x"}, "b": {"weight": 1.0, "shards": 2, "digest": "y"}}
+    ck.save(FakeEngine(), 30, {"model": {"size": "debug"}, "data_fingerprint": "abc", "data_groups": groups},
+            same, None, None)
+    now = {"a": {"weight": 2.0, "shards": 5, "digest": "z"}, "c": {"weight": 1.0, "shards": 1, "digest": "w"}}
+    with pytest.raises(CheckpointError, match=r"another data order \(group b removed; group c added; group a weight "
+                                              r"1.0 -> 2.0; group a shards 4 -> 5 \(another list\)\).*"
+                                              r"checkpoint.data_change=restart"):
+        ck.check_resume("30", {"size": "debug"}, 100, data="def", config=same, groups=now)
+    swapped = dict(reversed(list(groups.items())))
+    with pytest.raises(CheckpointError, match=r"the groups' order \['a', 'b'\] -> \['b', 'a'\]"):
+        ck.check_resume("30", {"size": "debug"}, 100, data="def", config=same, groups=swapped)
 
 
 def test_a_micro_step_draws_from_its_coordinates_alone():

@@ -323,7 +323,7 @@ def test_a_resume_on_another_data_order_is_refused_by_the_check_before_any_build
     fingerprint in trainer_state.json) is refused there, not by the loader after the build."""
     from lance_ds.checkpoint import Checkpointer
     from lance_ds.config import load_and_check
-    from lance_ds.data.stream import run_data_fingerprint
+    from lance_ds.data.stream import run_data_order
     from lance_ds.train import main
 
     (dataset_dir / "run.yaml").write_text(yaml.safe_dump({**GOOD, "output_dir": str(dataset_dir / "out")}))
@@ -334,11 +334,12 @@ def test_a_resume_on_another_data_order_is_refused_by_the_check_before_any_build
         def save_checkpoint(self, root, tag, client_state, save_latest):
             (Path(root) / tag).mkdir(parents=True, exist_ok=True)
 
-    for fingerprint, code in ((run_data_fingerprint(run), 0), ("trained on other data", 2)):
+    for fingerprint, code in ((run_data_order(run)[0], 0), ("trained on other data", 2)):
         Checkpointer(dataset_dir / "out" / "checkpoints", 2, 0, 1).save(
             Engine(), 5, {"model": {}, "data_fingerprint": fingerprint}, {"train": {}}, None, None)
         assert main(args) == code
     assert "was trained on another data order" in capsys.readouterr().err
+    assert main([*args, "checkpoint.data_change=restart"]) == 0  # the weights go on; the new data from its start
 
 
 def test_a_key_given_twice_is_refused_naming_the_file_line_and_key(dataset_dir):
