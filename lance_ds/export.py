@@ -274,7 +274,8 @@ def with_ema(state: dict[str, Tensor], step_dir: Path, world_size: int) -> dict[
     present = [f for f in shards if f.is_file()]
     if not present:
         raise ExportError(f"{step_dir} has no EMA weights (rank_*/ema.safetensors): the run trained with "
-                          "train.ema_decay=0. Drop --ema (its trained weights), or train with train.ema_decay > 0 (Lance: 0.9999)")
+                          "train.ema_decay=0. Drop --ema (its trained weights), or train with train.ema_decay > 0 "
+                          "(Lance: 0.9999)")
     if len(present) != len(shards):
         missing = sorted(str(f.relative_to(step_dir)) for f in set(shards) - set(present))
         raise ExportError(f"{step_dir} lacks EMA shards {missing} of its {world_size} ranks; the checkpoint is "

@@ -480,7 +480,7 @@ def cli_sample(args, group: GroupConfig) -> Sample:
                       f"not --frames {args.frames}: the edit keeps as many as the VAE can make of them", file=sys.stderr)
         media[PROMPT_MEDIA[args.task][0]] = frames
     texts = {"caption": args.prompt or ""} if args.task in GEN_TASKS else {"caption_q": args.question}
-    return Sample(task=args.task, texts=texts, media=media, key=args.input or args.prompt or "prompt")  # (named in errors)
+    return Sample(task=args.task, texts=texts, media=media, key=args.input or args.prompt or "prompt")
 
 
 def cli_group(vae, task: str | None = None, cuts: dict | None = None, size: int | None = None,

@@ -419,7 +419,8 @@ class Trainer:
         every rank's (data/reshard.py) and the saved number of workers is returned. Another data order (allowed by
         checkpoint.data_change=restart) is read from its beginning."""
         fingerprint = self.loader.spec.fingerprint()
-        if resumed.trainer_state.get("data_fingerprint", fingerprint) != fingerprint:
+        restart = self.cfg.checkpoint.data_change == "restart"  # (else train.py, and the loader, refuse another)
+        if restart and resumed.trainer_state.get("data_fingerprint", fingerprint) != fingerprint:
             if self.dist.is_first:
                 changed = data_order_changes(read_config(resumed.path), to_dict(self.cfg),
                                              resumed.trainer_state.get("data_groups"),

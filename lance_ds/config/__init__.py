@@ -6,8 +6,8 @@ from .core import ConfigError, Problems, doc
 from .deepspeed import load_ds_json, resolve_ds_config
 from .run import Run, RunConfig, config_warnings, load_run
 
-__all__ = ["ConfigError", "Problems", "Run", "RunConfig", "config_warnings", "doc", "load_and_check", "load_ds_json", "load_run",
-           "resolve_ds_config"]
+__all__ = ["ConfigError", "Problems", "Run", "RunConfig", "config_warnings", "doc", "load_and_check", "load_ds_json",
+           "load_run", "resolve_ds_config"]
 
 
 def load_and_check(config_path: str | None, overrides: list[str], ds_path: str, world_size: int,
