@@ -114,6 +114,7 @@ def check_run(args, is_first: bool):
         if is_first:
             for warning in config_warnings(run.config):
                 print(f"lance_ds: warning: {warning}", file=sys.stderr)
+        refuse_overlong_groups(run)
         # what --resume names must be resumable by this run (architecture, optimizer groups) before any rank starts work
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
         schedule = run.config.train
@@ -131,6 +132,26 @@ def check_run(args, is_first: bool):
             stop_the_others_too()
         return None
     return run, ds_config
+
+
+def refuse_overlong_groups(run) -> None:
+    """A group whose samples, planned as training plans them, are all longer than a packed sequence would train
+    nothing: refused here (a few samples per group are read), before the launcher starts ranks that load the model."""
+    from lance_ds.config import ConfigError
+    from lance_ds.data.sequence import SequencePlanner
+    from lance_ds.data.stream import overlong_groups
+    from lance_ds.data.tokenizer import load_tokenizer
+    from lance_ds.model.build import planned_geometry
+
+    config = run.config
+    try:
+        geometry = planned_geometry(config.model)
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"model.vae_path: {e}"]) from None
+    planner = SequencePlanner(load_tokenizer(config.model.tokenizer_path), geometry, seed=config.train.seed)
+    problems = overlong_groups(run.dataset, planner, config.data.packing_length)
+    if problems:
+        raise ConfigError(problems)
 
 
 def train(run, ds_config: dict, resume: str, is_first: bool) -> int:

@@ -28,7 +28,7 @@ from .config.model import MODEL_DIRS
 from .config.run import Run
 from .data.packing import Branches
 from .data.sequence import SequencePlanner
-from .data.stream import build_train_loader, data_groups, overlong_groups
+from .data.stream import build_train_loader, data_groups
 from .data.tokenizer import load_tokenizer
 from . import distributed
 from .ema import ShardedEMA
@@ -56,9 +56,6 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
         self.parts = build_model(self.cfg.model, len(self.tokenizer), ds_config, device=self.dist.device)
         self.planner = SequencePlanner(self.tokenizer, self.parts.geometry, seed=self.cfg.train.seed)
-        overlong = overlong_groups(run.dataset, self.planner, self.cfg.data.packing_length)
-        if overlong:  # (every rank reads the same samples: all refuse)
-            raise ConfigError(overlong)
         self.checkpointer = Checkpointer(checkpoints_dir(self.out), self.cfg.checkpoint.keep_last,
                                          self.dist.rank, self.dist.world_size)
         resume_from = self._checkpoint_to_resume(resume)

@@ -29,7 +29,7 @@ from .lance import LanceConfig, LanceModel
 from .llm import RMSNorm, copy_und_to_gen, gen_to_und_name
 from .positions import LearnablePositions, lape_cost
 from .registry import ModelSpec, resolve_spec
-from .vae import FrozenVAE, VaeConfig, build_vae, detect_kind
+from .vae import FrozenVAE, VaeConfig, build_vae, codec_shape, detect_kind
 from .vision import build_vision_tower, freeze, load_vision_weights, vit_prefix
 from .weights import (LANCE_POS_TABLE, LANCE_VIT_PREFIX, LANCE_WEIGHTS, LazyState, is_lance_dir, lance_sources,
                       qwen_sources, read_tensors, safetensors_index)
@@ -148,7 +148,7 @@ def lance_config(cfg: ModelConfig, spec: ModelSpec, latent_channels: int, num_te
         lape_temporal=cfg.lape.num_temporal_tokens if cfg.lape.enabled and cfg.visual_gen else 0)
 
 
-def geometry_of(spec: ModelSpec, lance_cfg: LanceConfig, vae: FrozenVAE | None) -> Geometry:
+def geometry_of(spec: ModelSpec, lance_cfg: LanceConfig, vae: FrozenVAE | VaeConfig | None) -> Geometry:
     codec = vae if vae is not None else spec.vae
     return Geometry(
         vae_spatial_factor=codec.spatial_factor, vae_temporal_factor=codec.temporal_factor,
@@ -156,6 +156,14 @@ def geometry_of(spec: ModelSpec, lance_cfg: LanceConfig, vae: FrozenVAE | None) 
         vit_merge_size=spec.vit.spatial_merge_size, tokens_per_second=spec.vit.tokens_per_second,
         max_latent_size=lance_cfg.max_latent_size, max_latent_frames=lance_cfg.max_latent_frames,
         latent_channels=lance_cfg.latent_channels, hidden_size=lance_cfg.llm.hidden_size)
+
+
+def planned_geometry(cfg: ModelConfig) -> Geometry:
+    """The geometry build_model(cfg) reports, from config files alone (no weights loaded): what the config check
+    plans samples with."""
+    spec = resolve_spec(cfg)
+    codec = codec_shape(*codec_source(cfg, spec)) if cfg.visual_gen else spec.vae
+    return geometry_of(spec, lance_config(cfg, spec, codec.latent_channels, num_text_classes=1), codec)
 
 
 def default_device() -> torch.device:
@@ -271,7 +279,7 @@ def _built_model_problems(cfg: ModelConfig, spec: ModelSpec) -> list[tuple[str, 
     latent_channels = spec.vae.latent_channels
     if cfg.visual_gen:
         with contextlib.suppress(OSError, ValueError):  # (reported above)
-            latent_channels = codec_source(cfg, spec)[0].latent_channels
+            latent_channels = codec_shape(*codec_source(cfg, spec)).latent_channels
     with torch.device("meta"):
         vit = build_vision_tower(spec.vit, None) if cfg.visual_und and cfg.vit_trainable else None
         model = LanceModel(lance_config(cfg, spec, latent_channels, num_text_classes=1), vit_model=vit)

@@ -23,6 +23,7 @@ All are frozen, built outside zero.Init and outside the engine, and never checkp
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,9 +151,7 @@ class WanVAE(FrozenVAE):
         super().__init__()
         cfg = vae.config
         self.vae = vae
-        self.latent_channels = cfg.z_dim
-        self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
-        self.temporal_factor = 2 ** sum(bool(d) for d in cfg.temperal_downsample)
+        self.latent_channels, self.spatial_factor, self.temporal_factor = wan_shape(cfg)
         mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         if mean.numel() != self.latent_channels or std.numel() != self.latent_channels:
@@ -184,9 +183,7 @@ class KLVAE(FrozenVAE):
         super().__init__()
         cfg = vae.config
         self.vae = vae
-        self.latent_channels = cfg.latent_channels
-        self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
-        self.temporal_factor = 1
+        self.latent_channels, self.spatial_factor, self.temporal_factor = kl_shape(cfg)
         self.shift = float(cfg.shift_factor or 0.0)
         self.scale = float(cfg.scaling_factor)
 
@@ -312,6 +309,35 @@ def detect_kind(path: str | Path) -> str:
         return "frame"
     raise ValueError(f"{cfg_file}: _class_name {name!r} is not a supported VAE (AutoencoderKLWan, AutoencoderKL or "
                      f"{FrameAutoencoder.CONFIG_NAME})")
+
+
+# (latent channels, spatial factor, temporal factor) of each codec from its config (a diffusers config or the
+# config.json of a saved directory): the codec classes take theirs from here, and the config check plans with them
+def wan_shape(cfg: Mapping) -> tuple[int, int, int]:
+    return (cfg["z_dim"], 2 ** (len(cfg["dim_mult"]) - 1) * (cfg.get("patch_size") or 1),
+            2 ** sum(bool(d) for d in cfg["temperal_downsample"]))
+
+
+def kl_shape(cfg: Mapping) -> tuple[int, int, int]:
+    return cfg["latent_channels"], 2 ** (len(cfg["block_out_channels"]) - 1), 1
+
+
+def frame_shape(cfg: Mapping) -> tuple[int, int, int]:
+    return cfg["latent_channels"], cfg["resolution"], 1  # one token per frame of the one size it takes
+
+
+def codec_shape(cfg: VaeConfig, path: str | Path | None = None) -> VaeConfig:
+    """The latent channels and factors of the codec build_vae(cfg, path) builds, from config files alone (no
+    weights, no diffusers import)."""
+    if not path:
+        return cfg
+    kind = detect_kind(path)
+    saved = json.loads((Path(path) / "config.json").read_text())
+    try:
+        channels, spatial, temporal = {"wan": wan_shape, "kl": kl_shape, "frame": frame_shape}[kind](saved)
+    except KeyError as e:
+        raise ValueError(f"{Path(path) / 'config.json'} lacks {e}, which a {kind} VAE's config has") from None
+    return VaeConfig(kind=kind, latent_channels=channels, spatial_factor=spatial, temporal_factor=temporal)
 
 
 def build_vae(cfg: VaeConfig, path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> FrozenVAE:

@@ -239,6 +239,13 @@ def test_config_problem_is_refused_before_launch(example_data, tmp_path):
                       VISUAL_GEN="false")
     assert proc.returncode == 2
     assert "model.visual_gen is false" in proc.stderr and "deepspeed" not in proc.stdout.lower()
+    # a group whose samples cannot fit a packed sequence: found from a few samples (it was found only by the ranks,
+    # after the launch and the model's build)
+    proc = run_script("sft_lance_understand.sh", tmp_path, timeout=60, args=(*TRAIN_ONE_STEP, "data.packing_length=24"),
+                      DATASET_CONFIG_FILE=subset(example_data, tmp_path, ("i2t",)), VISUAL_GEN="false")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "(i2t): the 8 samples read across its shards are" in proc.stderr
+    assert "all longer than data.packing_length=24" in proc.stderr and "deepspeed" not in proc.stdout.lower()
 
 
 def test_the_check_before_launch_uses_the_run_world_size(example_data, tmp_path):

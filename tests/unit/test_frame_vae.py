@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, run_tool
 from lance_ds.config.model import ModelConfig
 from lance_ds.model import build_model, build_vae
+from lance_ds.model.build import planned_geometry
 from lance_ds.model.vae import FrameAutoencoder, FrameVAE, VaeConfig, detect_kind
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -68,8 +69,10 @@ def test_the_debug_model_generates_through_it(tmp_path):
     from lance_ds.generate import Generator
 
     tokenizer = load_tokenizer(None)
-    bundle = build_model(ModelConfig(size="debug", dtype="fp32", vae_path=str(saved_vae(tmp_path))), len(tokenizer))
+    config = ModelConfig(size="debug", dtype="fp32", vae_path=str(saved_vae(tmp_path)))
+    bundle = build_model(config, len(tokenizer))
     assert bundle.geometry.latent_channels == 6 and bundle.geometry.vae_spatial_factor == 16
+    assert planned_geometry(config) == bundle.geometry  # what --check plans with, from the config files alone
     planner = SequencePlanner(tokenizer, bundle.geometry)
     generator = Generator(bundle.model, bundle.vit, bundle.vae, planner, tokenizer)
     (image,) = generator.generate([Sample(task="t2i", key="k", texts={"caption": "a red circle"}, media={})],

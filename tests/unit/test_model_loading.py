@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from lance_ds.config.model import LapeConfig, ModelConfig
 from lance_ds.model import build_model, build_vae, encode_vit
+from lance_ds.model.build import planned_geometry
 from lance_ds.model.registry import resolve_spec
 from lance_ds.model.synthetic import Text, Vae, Vit, random_latents, synthetic_batch
 from lance_ds.model.vae import PatchCodec, VaeConfig
@@ -185,6 +186,7 @@ def test_wan_vae_from_save_pretrained(tmp_path):
     vae = bundle.vae
     assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor) == (16, 16, 4)
     assert (bundle.geometry.vae_spatial_factor, bundle.geometry.vae_temporal_factor) == (16, 4)
+    assert planned_geometry(cfg(vae_path=str(tmp_path))) == bundle.geometry  # what --check plans with
     pixels = torch.rand(1, 3, 5, 32, 48) * 2 - 1
     latents = vae.encode(pixels)
     assert latents.shape == (1, 16, 2, 2, 3)  # (5 - 1) // 4 + 1 frames
@@ -224,6 +226,20 @@ def test_kl_vae_from_config_folds_frames():
     latents = vae.encode(torch.rand(1, 3, 2, 16, 16) * 2 - 1)
     assert latents.shape == (1, 4, 2, 4, 4)
     assert vae.decode(latents).shape == (1, 3, 2, 16, 16)
+
+
+def test_the_config_check_plans_with_the_geometry_the_build_reports(tmp_path):
+    """--check plans samples (a group too long to pack is refused there) from config files alone, no weights
+    loaded: its geometry must be the one the built model reports, for every codec source."""
+    from diffusers import AutoencoderKL
+
+    from lance_ds.model.build import TINY_CODECS
+
+    AutoencoderKL(**TINY_CODECS["kl"].diffusers_config).save_pretrained(tmp_path / "kl")
+    for model in (cfg(), cfg(visual_gen=False), cfg(vae="kl"), cfg(vae_path=str(tmp_path / "kl")),
+                  cfg(size="debug")):
+        assert planned_geometry(model) == build_model(model, NUM_CLASSES).geometry, model
+    assert planned_geometry(cfg(vae_path=str(tmp_path / "kl"))).vae_spatial_factor == 4
 
 
 def test_codec_choice_errors_are_clear():
