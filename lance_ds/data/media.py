@@ -386,6 +386,11 @@ def _open_container(data: bytes) -> tuple[av.container.InputContainer, av.video.
     if stream.codec_context is None:  # a damaged header: FFmpeg found a stream but nothing to decode it with
         container.close()
         raise MediaError(f"the video stream in the {container.format.name} container has no decodable codec")
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width * height > Image.MAX_IMAGE_PIXELS:  # a few hundred kB of black frames can decode to gigabytes
+        container.close()
+        raise MediaError(f"video frames are too large to decode safely: {width} x {height} pixels, more than PIL's "
+                         f"limit of {Image.MAX_IMAGE_PIXELS} (images have the same)")
     return container, stream
 
 
@@ -562,11 +567,17 @@ def probe_video(data: bytes) -> VideoInfo:
         raise MediaError(f"video is truncated: the container declares {declared} frames but only {packets.count} "
                          "are present")
     if not declared and length and packets.seconds is not None and rate:  # Matroska / WebM declare no frame count
-        # but a duration; short by more than two frames and 5% of it: cut short (timestamps are rounded)
-        if length - packets.seconds > max(2 / rate, 0.05 * length):
-            raise MediaError(f"video is truncated: its frames end at {packets.seconds:.3f} s but the container "
+        # but a duration (which some muxers count from 0, not from the first frame: its end time); short by more
+        # than two frames and 5% of it: cut short (timestamps are rounded)
+        reached = max(packets.seconds, packets.end_seconds)
+        if length - reached > max(2 / rate, 0.05 * length):
+            raise MediaError(f"video is truncated: its frames end at {reached:.3f} s but the container "
                              f"declares {length:.3f} s")
     num_frames = min(declared, packets.shown) if declared else packets.shown  # what decoding gives
+    if not declared and packets.seconds and packets.count > 1:  # Matroska's rate is a nominal frame duration, which
+        measured = packets.count / packets.seconds  # a variable-rate clip's frames do not keep: planning by it would
+        if not rate or abs(measured - rate) > 0.05 * rate:  # expect the wrong number of frames
+            rate = measured
     if not rate and duration:
         rate = num_frames / duration
     if not duration and rate:
@@ -591,6 +602,11 @@ class _Packets:
         if self.end is None or not self.time_base:
             return None
         return float((self.end - self.start) * self.time_base)
+
+    @property
+    def end_seconds(self) -> float:
+        """The end of the last frame on the stream's clock (0: no timestamps)."""
+        return float(self.end * self.time_base) if self.end is not None and self.time_base else 0.0
 
 
 def _first_frame_and_packets(container, stream) -> tuple[av.VideoFrame | None, _Packets]:
@@ -714,8 +730,9 @@ def _declared_length(container, stream) -> float | None:
 def _stream_duration(container, stream) -> float:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / av.time_base
+    if container.duration is not None:  # (Matroska / WebM: up to the end time, so a stream starting late lasts
+        start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
+        return max(container.duration / av.time_base - max(start, 0.0), 0.0)  # from its start to there)
     return 0.0
 
 

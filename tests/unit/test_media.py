@@ -385,6 +385,65 @@ def test_probe_catches_a_matroska_file_cut_short(fmt):
         probe_video(data[:len(data) * 6 // 10])
 
 
+def shifted(data: bytes, fmt: str, seconds: float) -> bytes:
+    """`data`'s packets remuxed into `fmt` with every timestamp `seconds` later (a -copyts remux, a TS capture)."""
+    out = io.BytesIO()
+    with av.open(io.BytesIO(data)) as source, av.open(out, "w", format=fmt) as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(video=0):
+            if packet.pts is None and packet.dts is None:
+                continue  # the demuxer's flush packet
+            shift = round(seconds / packet.time_base)
+            packet.pts = packet.pts + shift if packet.pts is not None else None
+            packet.dts = packet.dts + shift if packet.dts is not None else None
+            packet.stream = stream
+            target.mux(packet)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["matroska", "webm"])
+def test_a_matroska_clip_that_starts_late_is_whole_and_planned_as_decoded(fmt):
+    """Matroska's duration runs from 0 to the last frame's end: a clip whose timestamps start at 5 s was rejected as
+    cut short by --verify full, and --verify none planned 7 s of frames for its 2 s."""
+    frames = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    clip = shifted(mux(frames, 12, fmt, codec="libvpx-vp9" if fmt == "webm" else "mpeg4"), fmt, 5.0)
+    kept = decode_video(clip, sample_fps=100, max_frames=1000, max_duration=1000).shape[0]
+    for info in (probe_video(clip), peek_video(clip)):
+        assert (info.num_frames, kept) == (24, 24) and info.duration == pytest.approx(2.0, abs=0.01)
+    with pytest.raises(MediaError, match="truncated"):  # cut short is still cut short
+        probe_video(clip[:len(clip) * 6 // 10])
+
+
+def test_a_variable_rate_matroska_clip_is_probed_at_its_measured_rate():
+    """Matroska's rate is a nominal frame duration: 20 frames at 30 fps then 20 at 5 fps said 30 fps for 4.5 s, and
+    the loader planned a third of the frames it then decoded."""
+    times = [33 * i for i in range(20)] + [660 + 200 * i for i in range(20)]  # milliseconds
+    out = io.BytesIO()
+    with av.open(out, "w", format="matroska") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for t, rgb in zip(times, counter_video(len(times))):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    info = probe_video(out.getvalue())
+    assert info.num_frames == 40 and info.fps == pytest.approx(40 / info.duration, rel=0.05) and info.fps < 10
+
+
+def test_video_frames_too_large_to_decode_are_refused_as_images_are(monkeypatch):
+    """A few hundred kB of black 10240 x 10240 frames decoded to 2.7 GB (6.5 GB at peak) in the loader: refused by
+    the converter (both verify modes) and by decoding (other tools' shards), as PIL refuses such images."""
+    clip = encode_video(counter_video(3), fps=12)  # 32 x 24
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 24 - 1)
+    for read in (probe_video, peek_video, decode_video):
+        with pytest.raises(MediaError, match="video frames are too large to decode safely: 32 x 24 pixels"):
+            read(clip)
+
+
 def test_cover_art_is_not_a_video_and_the_largest_stream_is():
     """An audio file's album art is a one-frame attached_pic "video" stream: refused, not trained as a 1-frame clip.
     With two real video streams, the largest is the video (as FFmpeg picks it), in probe, peek and decode alike."""
