@@ -98,13 +98,14 @@ def run_one(args, size: str, attention: str, train: bool) -> dict:
 
 
 def flops_per_token(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, context: float) -> dict:
-    """Training FLOPs per token: 6 x (matmul parameters one token passes: ONE expert, MoT routes each token to one)
-    plus attention scores and values, 12 x layers x context x (heads x head_dim) for forward + backward."""
-    head_dim = hidden // heads
-    attn_params = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
-    dense = 6 * layers * (attn_params + 3 * hidden * intermediate)
-    attention = 12 * layers * context * heads * head_dim
-    return {"dense": dense, "attention": attention, "total": dense + attention}
+    """Training FLOPs per token as the trainer's train/mfu counts them (lance_ds.metrics.DecoderFlops), a token
+    attending to `context` keys on average."""
+    from lance_ds.metrics import DecoderFlops
+    from lance_ds.model.llm import LLMConfig
+
+    flops = DecoderFlops.of(LLMConfig(vocab_size=0, hidden_size=hidden, intermediate_size=intermediate,
+                                      num_layers=layers, num_heads=heads, num_kv_heads=kv_heads))
+    return {"dense": flops.per_token, "attention": flops.per_pair * context, "total": flops(1, context)}
 
 
 def paper_mfu() -> list[str]:

@@ -8,6 +8,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,9 +72,48 @@ class Meter:
         self.counts.update(state["counts"])
 
 
+@dataclass(frozen=True)
+class DecoderFlops:
+    """Training FLOPs (forward + backward) of the decoder, by the convention of PaLM's and torchtitan's MFU: 6 x the
+    matmul parameters a token passes (one expert: MoT routes each token to one), plus 12 x layers x heads x head_dim
+    per (query, key) pair of a sample's attention, a sample of n tokens counting n x n pairs. Recomputation
+    (gradient checkpointing), the lm_head on scored tokens and the frozen ViT and VAE are left out."""
+
+    per_token: float
+    per_pair: float
+
+    @classmethod
+    def of(cls, llm) -> "DecoderFlops":
+        """From the decoder's geometry (a model.llm.LLMConfig)."""
+        head_dim = llm.hidden_size // llm.num_heads
+        attention = 2 * llm.hidden_size * head_dim * (llm.num_heads + llm.num_kv_heads)  # q, o; k, v
+        return cls(per_token=6 * llm.num_layers * (attention + 3 * llm.hidden_size * llm.intermediate_size),
+                   per_pair=12 * llm.num_layers * llm.num_heads * head_dim)
+
+    def __call__(self, tokens: float, pairs: float) -> float:
+        return self.per_token * tokens + self.per_pair * pairs
+
+
+# Dense bf16 / fp16 TFLOP/s of one GPU, by a part of its name (the first that matches: the more specific first)
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("B200", 2250.0),
+               ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0))
+
+
+def peak_tflops(device: torch.device, precision: str, configured: float | None = None) -> float | None:
+    """The peak train/mfu is measured against: log.peak_tflops, else a known GPU's bf16 / fp16 dense peak (None on
+    CPUs, unknown GPUs and fp32, which runs at another peak)."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for part, tflops in PEAK_TFLOPS if part in name), None)
+
+
 class Throughput:
-    """This rank's real tokens, packed tokens (padding and placeholders included), samples and seconds waiting for
-    data in one logging window, and the window's wall time less its pauses (validation, checkpoint saves)."""
+    """This rank's real tokens, packed tokens (padding and placeholders included), samples, attended (query, key)
+    pairs of real samples and seconds waiting for data in one logging window, and the window's wall time less its
+    pauses (validation, checkpoint saves)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -83,7 +123,8 @@ class Throughput:
         self.paused_s = 0.0
         self.pause_start: float | None = None  # inside paused(): since when
         self.earlier_s = 0.0  # the window's training time in the run it was resumed from
-        self.counts = {"real_tokens": 0.0, "packed_tokens": 0.0, "samples": 0.0, "data_wait": 0.0}
+        self.counts = {"real_tokens": 0.0, "packed_tokens": 0.0, "samples": 0.0, "attended_pairs": 0.0,
+                       "data_wait": 0.0}
 
     def seconds(self) -> float:
         """The window's training time so far (a pause under way left out too)."""
@@ -105,15 +146,23 @@ class Throughput:
             self.paused_s += time.perf_counter() - self.pause_start
             self.pause_start = None
 
-    def scalars(self, totals: dict[str, float], world_size: int) -> dict[str, float]:
-        """The window's rates from `totals`, its counts summed over all ranks (they may differ between ranks)."""
+    def scalars(self, totals: dict[str, float], world_size: int, flops: DecoderFlops | None = None,
+                peak: float | None = None) -> dict[str, float]:
+        """The window's rates from `totals`, its counts summed over all ranks (they may differ between ranks); with
+        the decoder's `flops`, its TFLOP/s per rank, and its model FLOPs utilisation against a `peak` (TFLOP/s)."""
         elapsed = max(self.seconds(), 1e-9)
-        return {
+        out = {
             "train/tokens_per_s": totals["real_tokens"] / elapsed,
             "train/samples_per_s": totals["samples"] / elapsed,
             "train/data_wait_fraction": totals["data_wait"] / world_size / elapsed,  # mean over ranks
             "data/packing_efficiency": totals["real_tokens"] / max(totals["packed_tokens"], 1.0),
         }
+        if flops is not None:
+            per_rank = flops(totals["real_tokens"], totals.get("attended_pairs", 0.0)) / world_size / elapsed / 1e12
+            out["train/tflops_per_rank"] = per_rank
+            if peak:
+                out["train/mfu"] = per_rank / peak
+        return out
 
 
 class TensorBoard:

@@ -35,7 +35,7 @@ from .ema import ShardedEMA
 from .engine import (STARTUP_TIMEOUT_S, build_engine, follow_run_schedule, init_distributed, limit_collective_waits,
                      seed_everything, seed_micro_step)
 from .faults import armed, seconds_if_armed, terminate_if_armed
-from .metrics import Meter, TensorBoard, Throughput, memory_scalars, summed_over_ranks
+from .metrics import DecoderFlops, Meter, TensorBoard, Throughput, memory_scalars, peak_tflops, summed_over_ranks
 from .model import build_model, encode_vit
 from .model.build import model_shapes
 from .objectives import compute_losses, prepare_flow, step_weights
@@ -82,6 +82,8 @@ class Trainer:
         self.validated_step: int | None = None  # the last step validation ran at (saved: a stop may skip it)
         # the logging window: its per-task losses, averages (grad norm, scored tokens) and throughput counts
         self.task_losses, self.meter, self.speed = TaskLosses(self.dist.device), Meter(), Throughput()
+        self.flops = DecoderFlops.of(self.parts.spec.llm)
+        self.peak_tflops = peak_tflops(self.dist.device, self.cfg.train.precision, self.cfg.log.peak_tflops)
         resumed = self._resume(resume_from)
         self.first_step = self.step  # 0, or the step this run resumed at (its summary counts the steps it trained)
         # the timeline restarts here: points an earlier run logged after this step (or any, from scratch) are dropped
@@ -218,6 +220,7 @@ class Trainer:
         speed.counts["real_tokens"] += batch.num_real_tokens
         speed.counts["packed_tokens"] += batch.num_tokens
         speed.counts["samples"] += sum(t in TASKS for t in batch.tasks)  # not padding or placeholders
+        speed.counts["attended_pairs"] += batch.attended_pairs
 
     # -- logging ---------------------------------------------------------------------------------------------------
 
@@ -232,7 +235,7 @@ class Trainer:
                 "real_tokens_total": stats["real_tokens"], "packed_tokens_total": stats["total_tokens"]}
         run = summed_over_ranks(mine, list(mine), self.dist.device)
         scalars.update({k: run.get(k, v) for k, v in data.items()})
-        scalars.update(speed.scalars(run, self.dist.world_size))
+        scalars.update(speed.scalars(run, self.dist.world_size, self.flops, self.peak_tflops))
         scalars["data/packing_efficiency_total"] = run["real_tokens_total"] / max(run["packed_tokens_total"], 1)
         self.tokens_seen += int(run["real_tokens"])
         scalars.update(self.task_losses.scalars("train"))  # token-weighted means over all ranks

@@ -103,9 +103,13 @@ class LogConfig:
 
     every: int = doc(10, "log scalars every this many steps")
     progress_bar: bool = doc(True, "show a progress bar on rank 0")
+    peak_tflops: float | None = doc(None, "one GPU's peak dense TFLOP/s that train/mfu is measured against (None: "
+                                          "the bf16 / fp16 peak of known GPUs: H100, H200, A100, L40S, ...)")
 
     def check(self, problems: Problems, key: str) -> None:
         problems.positive(self.every, join(key, "every"))
+        if self.peak_tflops is not None:
+            problems.positive(self.peak_tflops, join(key, "peak_tflops"), float)
 
 
 @dataclass

@@ -74,6 +74,7 @@ class PackedBatch:
     # bookkeeping (not model inputs)
     tasks: list[str] = field(default_factory=list)  # per sample id; PAD_TASK for padding
     num_real_tokens: int = 0  # tokens of real samples (not padding, not placeholders)
+    attended_pairs: int = 0  # n x n summed over the real samples of n tokens (the attention's FLOPs count them)
 
     @property
     def num_tokens(self) -> int:

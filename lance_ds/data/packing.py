@@ -114,7 +114,7 @@ def collate(plans: list[SequencePlan], *, pad_to: int | None = None, pad_id: int
     vae_pixels, vae_grid, vae_idx, vae_coords, vae_target, vae_w = [], [], [], [], [], []
     tasks: list[str] = []
     offset = split = 0
-    num_real = 0
+    num_real = pairs = 0
     for sample_id, plan in enumerate(plans):
         n = plan.num_tokens
         ids.append(plan.input_ids)
@@ -142,6 +142,7 @@ def collate(plans: list[SequencePlan], *, pad_to: int | None = None, pad_id: int
             vae_w.append(block.weight)
         tasks.append(plan.task)
         num_real += n if plan.is_real else 0
+        pairs += n * n if plan.is_real else 0
         offset += n
     if pad_to is not None and pad_to > offset:
         n = pad_to - offset
@@ -172,6 +173,7 @@ def collate(plans: list[SequencePlan], *, pad_to: int | None = None, pad_id: int
         vae_weights=torch.tensor(vae_w, dtype=torch.float32),
         tasks=tasks,
         num_real_tokens=num_real,
+        attended_pairs=pairs,
     )
 
 

@@ -91,9 +91,11 @@ def shm_buffers() -> set[str]:
 def test_training_writes_what_users_watch(reference):
     scalars = read_scalars(reference)
     for tag in ("train/loss", "train/ce", "train/mse", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/tflops_per_rank",
                 "train/ce/i2t", "train/mse/t2i", "train/mse/v2v", "data/skipped", "memory/host_rss_gb",
                 "val/loss", "val/ce/v2t", "val/mse/i2i"):
         assert tag in scalars, f"missing TensorBoard scalar {tag}"
+    assert "train/mfu" not in scalars and all(v > 0 for v in scalars["train/tflops_per_rank"].values())  # no CPU peak
     loss = scalars["train/loss"]
     assert sorted(loss) == LOSSES_LOGGED and sorted(scalars["train/lr"]) == LOGGED
     assert all(map(math.isfinite, loss.values())), loss  # the NaN step's losses were not averaged in

@@ -40,6 +40,40 @@ def test_throughput_leaves_pauses_out_and_rates_the_runs_sums(monkeypatch):
     assert rates["train/tokens_per_s"] == pytest.approx(300 / 0.2)
 
 
+def test_model_flops_utilisation_counts_the_decoder_as_torchtitan_does(monkeypatch):
+    """6 x the matmul parameters one token passes (one MoT expert) + 12 x layers x heads x head_dim per attended
+    (query, key) pair; train/mfu against the GPU's dense bf16 peak, or log.peak_tflops; none on a CPU or in fp32."""
+    import lance_ds.metrics as metrics
+    from lance_ds.model.llm import LLMConfig
+    from lance_ds.model.registry import SIZES
+
+    llm = LLMConfig(vocab_size=10, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    flops = metrics.DecoderFlops.of(llm)
+    one_layer = 64 * 16 * (4 + 2) * 2 + 3 * 64 * 128  # q, k, v, o (16 per head) + gate, up, down
+    assert flops.per_token == 6 * 2 * one_layer and flops.per_pair == 12 * 2 * 4 * 16
+    # the 3B geometry: ~2.8 B matmul parameters per token (the MoT decoder holds twice that, in two experts)
+    assert metrics.DecoderFlops.of(SIZES["3b"].llm).per_token / 6 == pytest.approx(2.77e9, rel=0.01)
+    clock = [100.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    speed = metrics.Throughput()
+    clock[0] += 2.0
+    totals = {"real_tokens": 1000.0, "packed_tokens": 1000.0, "samples": 2.0, "data_wait": 0.0,
+              "attended_pairs": 2 * 500.0 ** 2}
+    rates = speed.scalars(totals, world_size=4, flops=flops, peak=1e-3)
+    expected = (flops.per_token * 1000 + flops.per_pair * 500_000) / 4 / 2.0 / 1e12
+    assert rates["train/tflops_per_rank"] == pytest.approx(expected)
+    assert rates["train/mfu"] == pytest.approx(expected / 1e-3)
+    assert "train/mfu" not in speed.scalars(totals, world_size=4, flops=flops)  # no known peak
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert metrics.peak_tflops(cuda, "bf16") == 989.0 and metrics.peak_tflops(cuda, "fp32") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert metrics.peak_tflops(cuda, "bf16") == 756.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some New GPU")
+    assert metrics.peak_tflops(cuda, "bf16") is None and metrics.peak_tflops(cuda, "bf16", 500.0) == 500.0
+    assert metrics.peak_tflops(torch.device("cpu"), "bf16") is None
+
+
 def test_a_windows_time_leaves_out_a_pause_under_way_and_carries_into_a_resumed_run(monkeypatch):
     """A save happens inside a pause (after validation): the window time it records must not count that pause; the
     resumed run's window goes on from it, start-up left out."""

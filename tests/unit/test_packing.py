@@ -87,6 +87,7 @@ def test_collate_offsets_splits_and_padding(planner):
     b.vae = [VaeBlock(FrameCut(None, 1, 16, 16), (1, 1, 1), torch.tensor([4]), True, 1.0)]
     batch = collate([a, b], pad_to=16, pad_id=planner.special.pad)
     assert batch.num_tokens == 16 and batch.num_real_tokens == 12
+    assert batch.attended_pairs == 5 * 5 + 7 * 7  # each sample attends within itself; padding is no work
     assert batch.sample_ids.tolist() == [0] * 5 + [1] * 7 + [2] * 4 and batch.tasks == ["i2t", "i2t", "pad"]
     assert batch.split_ids.tolist() == [0] * 5 + [1] * 7 + [2] * 4
     assert batch.ce_indexes.tolist() == [2, 3, 5 + 3, 5 + 4, 5 + 5]
@@ -126,7 +127,8 @@ def test_placeholder_added_exactly_for_missing_branches(planner, has_vit, has_ta
     # one block of each branch: the plan's, or the placeholder's for those it lacks (no more)
     assert batch.vit_grid_thw.shape[0] == 1 and batch.vae_grid_thw.shape[0] == 1 and bool(batch.vae_is_target.any())
     assert batch.ce_targets.numel() == (2 if has_ce else 1)
-    assert batch.num_tokens == 64 and batch.num_real_tokens == 10
+    assert batch.num_tokens == 64 and batch.num_real_tokens == 10 and batch.attended_pairs == 10 * 10  # (not the
+    # placeholder's)
     # the placeholder carries no loss: its CE weights and VAE weights are 0, real ones keep 1
     assert batch.ce_weights.sum().item() == (2 if has_ce else 0)
     assert batch.vae_weights.sum().item() == (1.0 if has_target else 0.0)

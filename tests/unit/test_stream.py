@@ -608,8 +608,11 @@ def test_corrupt_input_is_skipped_and_counted(tmp_path, planner):
     keys = [r.key for r in _read_all(tmp_path / "trunc/shard-000000.tar")]
     assert keys == ["t000x0000", "t000x0001", "t000x0002"]
     # a shard whose manifest gives its size counts the samples lost with it: "hdr" breaks after 1 of its 3 samples,
-    # so each pass over it loses 2 (the bare .tar of "trunc" counts 1 a pass: its size is not known)
-    for source, lost in ((tmp_path / "hdr", 2), (tmp_path / "hdr" / "shard-000000.tar", 1)):
+    # so each pass over it loses 2, named by its directory or by its .tar beside the manifest; a .tar without one
+    # counts 1 a pass: its size is not known
+    sources = ((tmp_path / "hdr", 2), (tmp_path / "hdr" / "shard-000000.tar", 2), (tmp_path / "bare.tar", 1))
+    shutil.copy(tmp_path / "hdr" / "shard-000000.tar", tmp_path / "bare.tar")
+    for source, lost in sources:
         skips = SkipCounter()
         reader = GroupReader(resolve_group(group("h", [source])), 0, 1, seed=0, skips=skips)
         assert [reader.next().address[3] for _ in range(2)] == [0, 1]  # h000x0000 in epoch 0, then in epoch 1
