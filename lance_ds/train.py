@@ -114,7 +114,7 @@ def check_run(args, is_first: bool):
         if is_first:
             for warning in config_warnings(run.config):
                 print(f"lance_ds: warning: {warning}", file=sys.stderr)
-        refuse_overlong_groups(run)
+        check_data_against_model(run, is_first)
         # what --resume names must be resumable by this run (architecture, optimizer groups) before any rank starts work
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
         schedule = run.config.train
@@ -134,9 +134,10 @@ def check_run(args, is_first: bool):
     return run, ds_config
 
 
-def refuse_overlong_groups(run) -> None:
-    """A group whose samples, planned as training plans them, are all longer than a packed sequence would train
-    nothing: refused here (a few samples per group are read), before the launcher starts ranks that load the model."""
+def check_data_against_model(run, is_first: bool) -> None:
+    """What the data asks of this model, planned as training plans it from a few samples per group (read here, before
+    the launcher starts ranks that load the model): a group whose samples are all longer than a packed sequence would
+    train nothing (refused); sizes beyond the model's latent position table are cut to it (said)."""
     from lance_ds.config import ConfigError
     from lance_ds.data.sequence import SequencePlanner
     from lance_ds.data.stream import overlong_groups
@@ -152,6 +153,33 @@ def refuse_overlong_groups(run) -> None:
     problems = overlong_groups(run.dataset, planner, config.data.packing_length)
     if problems:
         raise ConfigError(problems)
+    if is_first:
+        for warning in beyond_the_position_table(run.dataset, geometry):
+            print(f"lance_ds: warning: {warning}", file=sys.stderr)
+
+
+def beyond_the_position_table(dataset, geometry) -> list[str]:
+    """Generation groups that ask for larger or longer media than the model's latent position table holds: they are
+    cut to what it holds, which the group's settings do not show."""
+    from lance_ds.config.data import GEN_TASKS, VIDEO_TASKS
+
+    side = geometry.max_latent_size * geometry.vae_spatial_factor
+    frames = geometry.vae_num_frames(10 ** 6)
+    out = []
+    for i, group in enumerate(dataset.groups):
+        if group.task not in GEN_TASKS:
+            continue
+        video = group.task in VIDEO_TASKS
+        key = f"dataset_config.groups[{i}] ({group.name})"
+        asked = (group.video.resolution if video else None) or group.image.resolution
+        if asked > side:
+            out.append(f"{key}: {asked} px, but the model's latent positions reach {side} px (model "
+                       f"max_latent_size {geometry.max_latent_size} x the VAE's {geometry.vae_spatial_factor}): its "
+                       f"media are cut to at most {side} px a side")
+        if video and group.video.max_frames > frames:
+            out.append(f"{key}: video.max_frames={group.video.max_frames}, but the model's latent positions hold "
+                       f"{frames} frames: clips are cut to {frames}")
+    return out
 
 
 def train(run, ds_config: dict, resume: str, is_first: bool) -> int:

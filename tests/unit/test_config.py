@@ -679,3 +679,29 @@ def test_the_banner_says_the_side_a_video_and_the_vit_are_cut_at():
     assert describe_cut(i2i) == "512 px, ViT 224 px"
     t2i = GroupConfig(name="c", task="t2i", image=ImageOptions(resolution=512, vit_resolution=224))
     assert describe_cut(t2i) == "512 px"  # (no ViT input)
+
+
+def test_generation_sizes_beyond_the_latent_position_table_are_said(tmp_path):
+    """The 3b model's latent positions reach 64 x 16 = 1024 px a side and 121 frames: a group asking for 1280 px or
+    161 frames was cut to them silently (its banner said 1280 px)."""
+    from lance_ds.config.data import DatasetConfig, GroupConfig, ImageOptions, VideoOptions
+    from lance_ds.model.build import planned_geometry
+    from lance_ds.train import beyond_the_position_table
+
+    # Wan2.2's VAE config (16x spatial: 8 from three downsamplings x its 2 x 2 patches, 4x temporal); no weights read
+    wan = {"_class_name": "AutoencoderKLWan", "z_dim": 48, "patch_size": 2, "dim_mult": [1, 2, 4, 4],
+           "temperal_downsample": [False, True, True]}
+    (tmp_path / "config.json").write_text(json.dumps(wan))
+    geometry = planned_geometry(ModelConfig(size="3b", vae_path=str(tmp_path)))
+    assert (geometry.max_latent_size * geometry.vae_spatial_factor, geometry.vae_num_frames(10 ** 6)) == (1024, 121)
+    groups = [GroupConfig(name="big", task="t2i", image=ImageOptions(resolution=1280)),
+              GroupConfig(name="long", task="t2v", video=VideoOptions(resolution=512, max_frames=161)),
+              GroupConfig(name="fits", task="v2v", image=ImageOptions(resolution=2048),
+                          video=VideoOptions(resolution=1024, max_frames=121)),
+              GroupConfig(name="und", task="i2t", image=ImageOptions(resolution=2048))]  # the ViT has no such table
+    said = beyond_the_position_table(DatasetConfig(groups=groups), geometry)
+    assert said == [
+        "dataset_config.groups[0] (big): 1280 px, but the model's latent positions reach 1024 px (model "
+        "max_latent_size 64 x the VAE's 16): its media are cut to at most 1024 px a side",
+        "dataset_config.groups[1] (long): video.max_frames=161, but the model's latent positions hold 121 frames: "
+        "clips are cut to 121"]
