@@ -68,6 +68,44 @@ class ShardedEMA:
         chunk = _chunk(p.numel(), self.world)
         return p.data.reshape(-1)[self.rank * chunk:(self.rank + 1) * chunk]
 
+    @contextlib.contextmanager
+    def applied(self, optimizer=None):
+        """The model holds the EMA weights (in its own dtype) inside the block, and exactly its trained ones again
+        after it. A collective: every rank enters it. Under ZeRO-3 each rank writes its partitions, between the
+        engine's `optimizer` partitioning every parameter and gathering the persistent (never released) ones again,
+        as around a checkpoint load; below stage 3 each rank writes its chunk and the chunks are gathered."""
+        trained = {n: self._local(n).clone() for n in self.params}
+        self._write(self.shadow, optimizer)
+        try:
+            yield
+        finally:
+            self._write(trained, optimizer)
+
+    @torch.no_grad()
+    def _write(self, parts: dict[str, torch.Tensor], optimizer) -> None:
+        if self.zero3 and optimizer is not None:
+            optimizer.checkpoint_event_prologue()
+        for name, part in parts.items():
+            self._local(name).copy_(part)
+        if self.zero3 and optimizer is not None:
+            optimizer.checkpoint_event_epilogue()
+        elif self.partitioned and not self.zero3:
+            for name in parts:
+                self._gather_chunks(name)
+
+    def _gather_chunks(self, name: str) -> None:
+        """Every rank's chunk of a full parameter into everyone's copy of it (below stage 3)."""
+        import torch.distributed as dist
+
+        flat = self.params[name].data.view(-1)
+        chunk = _chunk(flat.numel(), self.world)
+        mine = torch.zeros(chunk, dtype=flat.dtype, device=flat.device)
+        own = flat[self.rank * chunk:(self.rank + 1) * chunk]
+        mine[:own.numel()] = own
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        flat.copy_(torch.cat(every)[:flat.numel()])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 

@@ -113,6 +113,13 @@ class Validator:
     @torch.no_grad()
     def run(self, step: int) -> dict[str, float]:
         tr = self.trainer
+        if tr.cfg.validation.weights == "ema":
+            with tr.ema.applied(tr.engine.optimizer):
+                return self._run(step)
+        return self._run(step)
+
+    def _run(self, step: int) -> dict[str, float]:
+        tr = self.trainer
         was_training = tr.engine.module.training
         tr.engine.module.eval()
         losses = TaskLosses(tr.dist.device)

@@ -83,6 +83,8 @@ class ValidationConfig:
     num_generations: int = doc(2, "samples per group rendered to TensorBoard (images, videos, or answers)")
     sample_steps: int = doc(30, "Euler steps when generating validation samples")
     cfg_scale: float = doc(4.0, "classifier-free guidance scale for validation samples")
+    weights: str = doc("trained", "the weights validation scores and samples with: trained (those being trained) or "
+                                  "ema (their moving average, train.ema_decay > 0)")
 
     def check(self, problems: Problems, key: str) -> None:
         problems.require(self.every >= 0, join(key, "every"), f"must be >= 0, got {self.every}")
@@ -95,6 +97,7 @@ class ValidationConfig:
                          f"must be >= 0 (0: no samples), got {self.num_generations}")
         problems.require(self.cfg_scale >= 0, join(key, "cfg_scale"),
                          f"must be >= 0 (1: no guidance), got {self.cfg_scale}")
+        problems.one_of(self.weights, ("trained", "ema"), join(key, "weights"))
 
 
 @dataclass
@@ -127,6 +130,9 @@ class RunConfig:
     log: LogConfig = doc(factory=LogConfig, text="logging")
 
     def check(self, problems: Problems, key: str) -> None:
+        if self.validation.weights == "ema":
+            problems.require(self.train.ema_decay > 0, join(key, "validation.weights"),
+                             "ema needs an EMA: set train.ema_decay > 0 (Lance: 0.9999), or validation.weights=trained")
         # An empty output_dir is the working directory: checkpoints and tensorboard/ would land wherever one launches.
         if not self.output_dir.strip():
             problems.add(join(key, "output_dir"), "is empty; give a directory (e.g. output_dir=runs/my_run)")

@@ -178,10 +178,11 @@ def test_an_error_on_one_rank_ends_the_job_at_once_with_its_traceback(example_da
 def test_validation_losses_do_not_depend_on_the_number_of_ranks(reference, example_data, tmp_path):
     """Held-out batch j goes to rank j % world and draws its noise from j alone: 1 rank scores what 2 ranks did.
     (This one-step run also gets a SIGTERM during its final save, which completes: the default handler was back by
-    then, and the rank died with the save unmade.)"""
+    then, and the rank died with the save unmade. It validates with the EMA, swapped in and out under ZeRO-3: at step
+    0 the EMA is the weights.)"""
     out = tmp_path / "one_rank"
     validating = ("validation.every=4", f"validation.dataset_config={example_data['val']}", "validation.max_samples=4",
-                  "validation.num_generations=0")
+                  "validation.num_generations=0", "validation.weights=ema")
     log = launch(train_args(out, example_data, 1, *validating), num_ranks=1,
                  env=launch_env(LANCE_DS_FAULT="sigterm_during_save:1")).stdout  # (launch: exit status 0 asserted)
     assert "lance_ds: done: 1 steps" in log and latest(out) == "step_00000001", log[-3000:]

@@ -696,3 +696,36 @@ def test_a_checkpoint_folder_that_cannot_be_written_says_why_and_what_is_kept(tm
                                               r"device\); the last complete one \(step_00000010\) stays usable"):
         save(ck, 20)
     assert ck.resolve("latest") == tmp_path / step_name(10)
+
+
+def _ema_applied_on_a_rank(rank: int) -> dict:
+    """Below stage 3 on 2 gloo ranks: identical full weights, each rank's EMA chunk; inside applied() every rank
+    holds the whole EMA, after it exactly its trained weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)  # weight: 9 elements -> chunks of 5 and 4
+    ema = ShardedEMA(model, 0.5)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.weight.add_(2.0)
+        model.bias.mul_(-1.0)
+    ema.update()  # EMA = (start + now) / 2
+    now = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.applied():
+        inside = {n: p.detach().clone() for n, p in model.named_parameters()}
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"expected": {n: (trained[n] + now[n]) / 2 for n in now}, "inside": inside, "after": after, "now": now}
+
+
+def test_validating_with_the_ema_below_stage_3_gathers_every_ranks_chunk_and_gives_the_weights_back():
+    from conftest import on_two_gloo_ranks
+
+    for got in on_two_gloo_ranks(_ema_applied_on_a_rank).values():
+        for name, expected in got["expected"].items():
+            assert torch.allclose(got["inside"][name], expected), name  # all of it, not this rank's chunk only
+            assert torch.equal(got["after"][name], got["now"][name]), name
+    alone = ShardedEMA(torch.nn.Linear(2, 2), 0.0)  # one rank, no ZeRO: the whole parameter
+    with torch.no_grad():
+        alone.params["weight"].zero_()
+    with alone.applied():
+        assert not torch.equal(alone.params["weight"], torch.zeros(2, 2))  # (decay 0 kept the initial weights)
+    assert torch.equal(alone.params["weight"], torch.zeros(2, 2))

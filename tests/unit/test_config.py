@@ -705,3 +705,10 @@ def test_generation_sizes_beyond_the_latent_position_table_are_said(tmp_path):
         "max_latent_size 64 x the VAE's 16): its media are cut to at most 1024 px a side",
         "dataset_config.groups[1] (long): video.max_frames=161, but the model's latent positions hold 121 frames: "
         "clips are cut to 121"]
+
+
+def test_validating_with_the_ema_needs_one(dataset_dir):
+    with pytest.raises(ConfigError, match=r"validation.weights: ema needs an EMA: set train.ema_decay > 0"):
+        load(dataset_dir, GOOD, ["validation.weights=ema"])
+    run, _ = load(dataset_dir, GOOD, ["validation.weights=ema", "train.ema_decay=0.999"])
+    assert run.config.validation.weights == "ema"

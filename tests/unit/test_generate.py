@@ -183,6 +183,8 @@ def generator_phases(trainer, rank: int) -> tuple[dict, dict[str, torch.Tensor]]
 def run_worker(out: Path, dataset: Path, ds_json: Path) -> None:
     from safetensors.torch import save_file
 
+    from lance_ds.generate import Generator
+
     run_yaml = out / "run.yaml"
     rank = int(os.environ["RANK"])
     trainer = train(run_yaml, out / "full", dataset, ds_json, "train.ema_decay=0.5")
@@ -191,6 +193,12 @@ def run_worker(out: Path, dataset: Path, ds_json: Path) -> None:
     reference.update({f"pred.{k}": v for k, v in engine_predictions(trainer).items()})
     reference.update({f"vit.{k}": v.float() for k, v in trainer.parts.vit.state_dict().items()})
     record, videos = generator_phases(trainer, rank)
+    with trainer.ema.applied(trainer.engine.optimizer):  # as validation.weights=ema validates
+        reference.update({f"applied.{k}": v for k, v in gathered_state(trainer.engine.module).items()})
+        gen = Generator(trainer.engine, trainer.parts.vit, trainer.parts.vae, trainer.planner, trainer.tokenizer,
+                        trainer.cfg.objective)
+        videos.update({f"ema_video.{i}": v for i, v in enumerate(gen.generate(gen_samples(), num_steps=NUM_STEPS))})
+    reference.update({f"after.{k}": v for k, v in gathered_state(trainer.engine.module).items()})
     trainer.tb.close()  # not trainer.close(): that ends the process group, which the LoRA run below still needs
     lora = train(run_yaml, out / "lora", dataset, ds_json, "model.training_type=lora", "model.lora.r=4")
     reference.update({f"lora_pred.{k}": v for k, v in engine_predictions(lora).items()})
@@ -213,7 +221,9 @@ def launch_runs(root: Path) -> dict:
 
     dataset = make_shards(root, "train", 4, tasks=("t2i", "i2t"))
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny params (test rule)
+    # partition all but the norms (192 elements): tiny params too (test rule), and some persistent ones, which ZeRO-3
+    # keeps gathered (the EMA swap must gather them again)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 200
     (root / "ds.json").write_text(json.dumps(ds))
     (root / "run.yaml").write_text(RUN_YAML)
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
@@ -378,6 +388,23 @@ def test_checkpoint_generation_equals_the_live_engine(trained_runs, from_checkpo
         assert frames.shape == live.shape
         assert (frames.int() - live.int()).abs().max() <= 1  # float rounding only
     assert from_checkpoint.answer(und_samples(), max_new_tokens=MAX_NEW_TOKENS) == trained_runs["ranks"][0]["answers"]
+
+
+def test_validating_with_ema_weights_uses_them_and_gives_the_trained_ones_back(trained_runs):
+    """validation.weights=ema: inside ShardedEMA.applied the ZeRO-3 model holds the EMA (persistent parameters
+    included) and generates what the checkpoint's EMA generates; after it, exactly the trained weights again."""
+    from lance_ds.generate import Generator
+
+    ref = trained_runs["reference"]
+    names = [k.removeprefix("ema.") for k in ref if k.startswith("ema.")]
+    assert names and any("norm" in n for n in names)  # (the norms are the persistent ones here)
+    for name in names:
+        assert torch.equal(ref[f"applied.{name}"], ref[f"ema.{name}"]), name  # (an fp32 run)
+        assert torch.equal(ref[f"after.{name}"], ref[f"weights.{name}"]), name
+    assert any(not torch.equal(ref[f"ema.{n}"], ref[f"weights.{n}"]) for n in names)
+    gen = Generator.from_checkpoint(trained_runs["full"], ema=True, device="cpu")
+    for i, frames in enumerate(gen.generate(gen_samples(), num_steps=NUM_STEPS)):
+        assert (frames.int() - trained_runs["videos"][0][f"ema_video.{i}"].int()).abs().max() <= 1
 
 
 def test_export_generates_what_the_checkpoint_generates(from_checkpoint, exported):
