@@ -167,9 +167,10 @@ def test_kill9_during_save_and_during_training_resume_exactly(reference, example
 def test_an_error_on_one_rank_ends_the_job_at_once_with_its_traceback(example_data, tmp_path):
     """The other rank waits in a ZeRO-3 collective the failed one never joins: the failed rank must exit (not wait
     in a barrier for the process group's 30-minute timeout) so that the launcher stops the job (within launch's
-    timeout: a wall-clock bound of its own would only add flakiness on a loaded machine)."""
-    result = launch(train_args(tmp_path / "run", example_data), env=launch_env(LANCE_DS_FAULT="raise:3"),
-                    timeout=180, check=False)
+    timeout: a wall-clock bound of its own would only add flakiness on a loaded machine). It trains in bf16, as the
+    shipped recipes do: gradients accumulated in fp32 (data_types), which DeepSpeed's ZeRO-3 engine builds with."""
+    result = launch(train_args(tmp_path / "run", example_data, STEPS, "train.precision=bf16"),
+                    env=launch_env(LANCE_DS_FAULT="raise:3"), timeout=180, check=False)
     assert result.returncode != 0
     assert "injected failure on rank 1 at step 3" in result.stdout and "Traceback" in result.stdout
     assert latest(tmp_path / "run") == "step_00000002"  # the last checkpoint is usable
