@@ -711,9 +711,11 @@ def _ema_applied_on_a_rank(rank: int) -> dict:
     ema.update()  # EMA = (start + now) / 2
     now = {n: p.detach().clone() for n, p in model.named_parameters()}
     with ema.applied():
-        inside = {n: p.detach().clone() for n, p in model.named_parameters()}
-    after = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"expected": {n: (trained[n] + now[n]) / 2 for n in now}, "inside": inside, "after": after, "now": now}
+        inside = {n: p.detach().tolist() for n, p in model.named_parameters()}
+    after = {n: p.detach().tolist() for n, p in model.named_parameters()}
+    # (plain lists: tensors would cross the queue as shared memory that dies with this process)
+    return {"expected": {n: ((trained[n] + now[n]) / 2).tolist() for n in now}, "inside": inside, "after": after,
+            "now": {n: v.tolist() for n, v in now.items()}}
 
 
 def test_validating_with_the_ema_below_stage_3_gathers_every_ranks_chunk_and_gives_the_weights_back():
@@ -721,8 +723,8 @@ def test_validating_with_the_ema_below_stage_3_gathers_every_ranks_chunk_and_giv
 
     for got in on_two_gloo_ranks(_ema_applied_on_a_rank).values():
         for name, expected in got["expected"].items():
-            assert torch.allclose(got["inside"][name], expected), name  # all of it, not this rank's chunk only
-            assert torch.equal(got["after"][name], got["now"][name]), name
+            assert torch.allclose(torch.tensor(got["inside"][name]), torch.tensor(expected)), name  # all of it,
+            assert got["after"][name] == got["now"][name], name  # not this rank's chunk only; then exactly back
     alone = ShardedEMA(torch.nn.Linear(2, 2), 0.0)  # one rank, no ZeRO: the whole parameter
     with torch.no_grad():
         alone.params["weight"].zero_()
