@@ -173,6 +173,21 @@ def test_zero_turns_the_debug_save_and_validation_off(example_data, tmp_path):
     assert config["checkpoint"]["debug_step"] == 0 and config["validation"]["every"] == 0
 
 
+def job_processes(script: int, mark: str) -> list[str]:
+    """'pid ppid status command' of the script's descendants and of any process whose command line names `mark`
+    (ranks and loader workers orphaned by a launcher that exited)."""
+    try:
+        family = {p.pid for p in psutil.Process(script).children(recursive=True)} | {script}
+    except psutil.Error:
+        family = set()
+    found = []
+    for p in psutil.process_iter(["pid", "ppid", "status", "cmdline"]):
+        command = " ".join(p.info["cmdline"] or [])
+        if p.info["pid"] in family or mark in command:
+            found.append(f"{p.info['pid']} {p.info['ppid']} {p.info['status']} {command[:120]}")
+    return found
+
+
 def test_a_stop_signal_to_the_script_reaches_the_ranks_which_save_and_stop(example_data, tmp_path):
     """DeepSpeed's runner passes no signal on to the ranks of one node: `kill PID`, `docker stop` (SIGTERM) or Ctrl-C
     (SIGINT) on the script must still end the job with a checkpoint of the step it was in, not leave the ranks
@@ -199,8 +214,9 @@ def test_a_stop_signal_to_the_script_reaches_the_ranks_which_save_and_stop(examp
     try:
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
+        left = job_processes(proc.pid, str(tmp_path))  # (what still ran, to say where it hung)
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the job did not stop within 120 s of SIGINT") from None
+        raise AssertionError(f"the job did not stop within 120 s of SIGINT; still there: {left}") from None
     # (step 1 was the only save before the stop: a later step is the stop's save, which outlasted the launcher's 30 s)
     assert 1 < int(latest.read_text().strip().removeprefix("step_")) < 1000 and proc.returncode != 0
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
