@@ -555,7 +555,7 @@ def refuse_other_grouping(saved: float, current: float, path: Path) -> None:
 
 
 DATA_ORDER_KEYS = ("train.seed", "train.micro_batch_size", "data.shuffle_buffer", "data.packing_length",
-                   "data.packing", "data.packing_buffer")  # with the dataset's groups: data.stream.data_fingerprint
+                   "data.packing", "data.packing_buffer", "data.buffer_mb")  # with the dataset's groups: data.stream.data_fingerprint
 
 
 def data_order_changes(saved_config: dict, config: dict, saved_groups: dict | None = None,

@@ -103,6 +103,9 @@ class DataConfig:
     num_workers: int = doc(1, "data loader worker processes per rank")
     prefetch_factor: int = doc(2, "packed batches each worker prepares ahead")
     shuffle_buffer: int = doc(256, "raw samples held for shuffling before decode (0: no shuffle)")
+    buffer_mb: float = doc(1024.0, "encoded megabytes that each of a loader worker's two buffers (shuffle, packing) "
+                                   "holds at most: of long videos they hold fewer samples than shuffle_buffer / "
+                                   "packing_buffer, not GBs per worker")
     val_samples_per_batch: int = doc(8, "samples per validation micro-batch (in order; no token budget)")
 
     def check(self, problems: Problems, key: str) -> None:
@@ -113,4 +116,5 @@ class DataConfig:
         problems.positive(self.prefetch_factor, join(key, "prefetch_factor"))
         problems.require(self.shuffle_buffer >= 0, join(key, "shuffle_buffer"),
                          f"must be >= 0, got {self.shuffle_buffer}")
+        problems.positive(self.buffer_mb, join(key, "buffer_mb"), float)
         problems.positive(self.val_samples_per_batch, join(key, "val_samples_per_batch"))

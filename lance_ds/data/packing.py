@@ -64,14 +64,17 @@ class TokenBudgetPacker:
     first_fit: a sequence starts with the oldest buffered plan (no plan waits forever), then takes every other
     buffered plan, oldest first, that still fits. next_fit: plans in arrival order until the next one does not fit.
     The buffer is the packer's only state: the stream saves the addresses of the plans in it to resume exactly.
+    It is full at `buffer_size` plans, or sooner when its plans' undecoded samples (`plan.raw`) hold `max_bytes`.
     """
 
-    def __init__(self, packing_length: int, buffer_size: int = 64, strategy: str = "first_fit"):
+    def __init__(self, packing_length: int, buffer_size: int = 64, strategy: str = "first_fit",
+                 max_bytes: float = float("inf")):
         if strategy not in ("first_fit", "next_fit"):
             raise ValueError(f"packing strategy must be first_fit or next_fit, got {strategy!r}")
         self.packing_length = packing_length
         self.buffer_size = buffer_size
         self.strategy = strategy
+        self.max_bytes = max_bytes
         self.buffer: list[SequencePlan] = []
 
     def add(self, plan: SequencePlan) -> None:
@@ -82,7 +85,11 @@ class TokenBudgetPacker:
 
     def ready(self) -> bool:
         """Enough plans buffered to pack well (pop_sequence also works before, e.g. to drain at the end)."""
-        return len(self.buffer) >= self.buffer_size
+        return len(self.buffer) >= self.buffer_size or self.held_bytes() >= self.max_bytes
+
+    def held_bytes(self) -> int:
+        """The encoded bytes the buffered plans hold until they are decoded."""
+        return sum(plan.raw.nbytes for plan in self.buffer if plan.raw is not None)
 
     def pop_sequence(self) -> list[SequencePlan]:
         """The plans of one packed sequence, removed from the buffer (empty when the buffer is)."""

@@ -568,7 +568,8 @@ def data_fingerprint(groups: list[ResolvedGroup], data: DataConfig, seed: int, m
     """Identifies the data order: the groups, their shards and weights, and the packing that consumes them. A data
     position (and a checkpoint) applies to this order only."""
     identity = [[g.name, g.config.weight, [s.url for s in g.shards]] for g in groups]
-    identity += [seed, data.shuffle_buffer, data.packing_length, data.packing, data.packing_buffer, micro_batch_size]
+    identity += [seed, data.shuffle_buffer, data.packing_length, data.packing, data.packing_buffer, micro_batch_size,
+                 data.buffer_mb]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
@@ -632,8 +633,9 @@ class SlotStream:
         self.mix_draws = 0
         self.shuffle_draws = 0
         self.shuffle: list[RawSample] = []
+        self.shuffle_bytes = 0  # the encoded bytes it holds
         data = spec.data
-        self.packer = TokenBudgetPacker(data.packing_length, data.packing_buffer, data.packing)
+        self.packer = TokenBudgetPacker(data.packing_length, data.packing_buffer, data.packing, data.buffer_mb * 1e6)
         self.failing = {g.name: 0 for g in spec.groups}  # consecutive unusable samples per group
         self.failing_since = {g.name: 0 for g in spec.groups}  # the epoch of the first sample of that run
         self.failing_shards = {g.name: [] for g in spec.groups}  # the shards it came from (FAILING_SHARDS at most)
@@ -656,17 +658,28 @@ class SlotStream:
         return self.readers[self.spec.groups[index].name].next()
 
     def _next_shuffled(self) -> RawSample:
-        size = self.spec.data.shuffle_buffer
-        if size == 0 and not self.shuffle:
+        """The next raw sample out of the shuffle buffer, which holds `shuffle_buffer` samples or, of large ones (long
+        videos), `buffer_mb` of them."""
+        size, room = self.spec.data.shuffle_buffer, self.spec.data.buffer_mb * 1e6
+        while len(self.shuffle) < size and self.shuffle_bytes < room:
+            self._hold(self._next_mixed())
+        if not self.shuffle:
             return self._next_mixed()
-        while len(self.shuffle) < size:
-            self.shuffle.append(self._next_mixed())
         j = int(self._draw("shuffle", self.shuffle_draws) * len(self.shuffle))
         self.shuffle_draws += 1
-        if len(self.shuffle) > size:  # dealt more by a reshard (data/reshard.py): drawn down to its size first
-            return self.shuffle.pop(j)
-        raw, self.shuffle[j] = self.shuffle[j], self._next_mixed()
+        raw = self.shuffle[j]
+        self.shuffle_bytes -= raw.nbytes
+        # over its size (dealt more by a reshard, data/reshard.py) or its bytes: drawn down first
+        if len(self.shuffle) > size or self.shuffle_bytes + raw.nbytes > room:
+            self.shuffle.pop(j)
+        else:
+            self.shuffle[j] = self._next_mixed()
+            self.shuffle_bytes += self.shuffle[j].nbytes
         return raw
+
+    def _hold(self, raw: RawSample) -> None:
+        self.shuffle.append(raw)
+        self.shuffle_bytes += raw.nbytes
 
     def plan_raw(self, raw: RawSample, sizes_only: bool = False) -> SequencePlan:
         """Plan one raw sample (raises SkipSample). sizes_only: from its media's sizes, without decoding
@@ -824,6 +837,7 @@ class SlotStream:
         self.trained_epoch.update(state.get("trained_epoch", {}))
         buffered = self._fetch(state["shuffle_buffer"] + state["packing_buffer"])
         self.shuffle = buffered[:len(state["shuffle_buffer"])]
+        self.shuffle_bytes = sum(raw.nbytes for raw in self.shuffle)
         # they planned before, so they plan again (deterministic); the decoded ones from their pixels, as then
         decoded = state.get("packing_buffer_decoded", [False] * len(state["packing_buffer"]))
         restored = (self._restored(raw, was_decoded) for raw, was_decoded in zip(buffered[len(self.shuffle):],

@@ -248,6 +248,10 @@ class RawSample:
     end: int  # byte offset just past its last member (the next sample's start)
     address: list | None = None  # [group, shard index, start, epoch, key], set by the group reader
 
+    @property
+    def nbytes(self) -> int:
+        return sum(len(data) for data in self.members.values())
+
 
 def open_shard(url: str, offset: int = 0) -> BinaryIO:
     """A readable binary stream positioned at byte `offset` of the shard. Raises ShardError("unreadable_shard")."""

@@ -309,6 +309,31 @@ def test_resume_rereads_only_the_buffered_samples(tmp_path, planner, monkeypatch
     assert older.state() == state
 
 
+def test_large_samples_are_buffered_up_to_buffer_mb_and_still_shuffle_and_resume_exactly(tmp_path, planner):
+    """A buffer of 256 long videos held GBs per loader worker: by count alone, each buffer held every sample here."""
+    keys = write_shards(tmp_path, "t2i", 2, 40, media=lambda seed: {"image.png": _png(seed, size=96)})  # ~28 kB each
+    resolved = [resolve_group(group("g", [tmp_path]))]
+    data = dataclasses.replace(DATA, shuffle_buffer=64, packing_buffer=32, buffer_mb=0.2)
+    spec = StreamSpec(resolved, planner, data, Branches(), 1, 0, 0, 1)
+    slot, largest = SlotStream(spec, 0, 1), 0
+    for _ in range(12):
+        slot.next_batch()
+        largest = max([largest] + [raw.nbytes for raw in slot.shuffle])
+        assert slot.shuffle_bytes == sum(raw.nbytes for raw in slot.shuffle) <= 0.2e6 + largest
+        assert slot.packer.held_bytes() <= 0.2e6 + largest and len(slot.packer.buffer) < 32
+        assert 3 <= len(slot.shuffle) < 12
+    drawn = [slot._next_shuffled().key for _ in range(20)]
+    assert drawn != sorted(drawn, key=keys.index)  # still out of order
+    state = slot.state()
+    resumed = SlotStream(spec, 0, 1)
+    resumed.load(state)
+    assert resumed.shuffle_bytes == slot.shuffle_bytes
+    assert_same_batches([resumed.next_batch() for _ in range(3)], [slot.next_batch() for _ in range(3)])
+    unbounded = SlotStream(dataclasses.replace(spec, data=dataclasses.replace(data, buffer_mb=1024.0)), 0, 1)
+    unbounded.next_batch()
+    assert len(unbounded.shuffle) == 64 and len(unbounded.packer.buffer) >= 32 - 8  # (a sequence taken out of 32)
+
+
 def test_a_resume_from_pipe_shards_runs_each_command_once(tmp_path, planner, monkeypatch):
     """A pipe: command (`pipe:aws s3 cp s3://... -`) cannot seek: re-reading each buffered sample ran it again up to
     that sample (a full shuffle buffer streamed the shard's first part 256 times). Each shard is now read once,
