@@ -568,8 +568,9 @@ def data_fingerprint(groups: list[ResolvedGroup], data: DataConfig, seed: int, m
     """Identifies the data order: the groups, their shards and weights, and the packing that consumes them. A data
     position (and a checkpoint) applies to this order only."""
     identity = [[g.name, g.config.weight, [s.url for s in g.shards]] for g in groups]
-    identity += [seed, data.shuffle_buffer, data.packing_length, data.packing, data.packing_buffer, micro_batch_size,
-                 data.buffer_mb]
+    identity += [seed, data.shuffle_buffer, data.packing_length, data.packing, data.packing_buffer, micro_batch_size]
+    if data.buffer_mb != DataConfig.buffer_mb:  # (a later setting: at its default, earlier checkpoints still resume)
+        identity.append(data.buffer_mb)
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 

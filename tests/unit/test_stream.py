@@ -332,6 +332,7 @@ def test_large_samples_are_buffered_up_to_buffer_mb_and_still_shuffle_and_resume
     unbounded = SlotStream(dataclasses.replace(spec, data=dataclasses.replace(data, buffer_mb=1024.0)), 0, 1)
     unbounded.next_batch()
     assert len(unbounded.shuffle) == 64 and len(unbounded.packer.buffer) >= 32 - 8  # (a sequence taken out of 32)
+    assert unbounded.spec.fingerprint() != spec.fingerprint()  # another data order: a resume says so
 
 
 def test_a_resume_from_pipe_shards_runs_each_command_once(tmp_path, planner, monkeypatch):
