@@ -1,7 +1,7 @@
 """Training checkpoint -> inference directory, on CPU, without a launcher.
 
   python tools/export_checkpoint.py [--checkpoint] RUN_DIR | RUN_DIR/checkpoints | RUN_DIR/checkpoints/step_XXXXXXXX
-                                    --out EXPORT_DIR [--ema] [--dtype fp32|bf16] [--overwrite]
+                                    --out EXPORT_DIR [--ema] [--dtype fp32|bf16|fp16] [--overwrite]
                                     [--vae-path DIR] [--vit-path DIR] [--model-path DIR] [--tokenizer-path DIR]
 
 A run dir or a checkpoints dir means the checkpoint `latest` names. The weights are the fp32 master weights that

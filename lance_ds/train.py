@@ -35,8 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default="latest", help="latest (default: continue if a checkpoint exists), none, or a step")
     p.add_argument("--print_config", action="store_true", help="print the resolved run config and DeepSpeed JSON, then exit")
     p.add_argument("--check", action="store_true", help="check the configs and exit (what the launch scripts run first)")
-    p.add_argument("--world_size", type=int, help="with --check: the ranks the run will have (default: the "
-                   "launcher's WORLD_SIZE, else 1); the DeepSpeed JSON's train_batch_size is checked against it")
+    p.add_argument("--world_size", type=int, help="with --check or --print_config: the ranks the run will have "
+                   "(default: the launcher's WORLD_SIZE, else 1); the DeepSpeed JSON's train_batch_size is checked "
+                   "against it")
     p.add_argument("--ranks_elsewhere", action="store_true",
                    help="with --check: the ranks run on other machines (a hostfile), so what needs their GPUs "
                         "(fp16, flash attention) is left to each rank to check")
