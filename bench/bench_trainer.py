@@ -79,7 +79,7 @@ class LanceLoop:
         from lance_ds.stopping import StopRequests
 
         self.trainer = trainer
-        self.meter, self.speed = Meter(), Throughput()
+        trainer.meter, trainer.speed = Meter(), Throughput()
         trainer.task_losses = TaskLosses(trainer.dist.device)
         self.progress = trainer._progress_bar()
         self.requests = StopRequests()
@@ -87,12 +87,12 @@ class LanceLoop:
     def run(self, batches, num_steps: int) -> None:
         t = self.trainer
         for _ in range(num_steps):
-            t.train_step(batches, self.meter, self.speed)
+            t.train_step(batches)
             t.step += 1
             self.progress.update(1)
             stopped = self.requests.agreed(t.dist.device)  # the ranks agree on a SIGTERM every step
             if t.step % t.cfg.log.every == 0 or stopped:
-                t.log(self.meter, self.speed, self.progress)
+                t.log(self.progress)
             t.validate_if_due()  # validation.every=0: a check, as in train()
             if t._save_due() or stopped:
                 t.save()

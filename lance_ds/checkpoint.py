@@ -57,6 +57,9 @@ CHECKPOINTS = "checkpoints"  # OUTPUT_DIR/checkpoints holds the step directories
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"  # written last: a step directory that has it is complete
 UNIVERSAL = "universal"  # in a step dir: its engine state in DeepSpeed's universal form (any number of ranks)
+RUN_CONFIG = "config.yaml"  # in a step dir and an output dir: the run config
+DATA_POSITION = "data.json"  # per rank: the loader's position
+EMA_WEIGHTS = "ema.safetensors"  # per rank: its part of the EMA
 # Model keys that change the architecture: a checkpoint saved with other values cannot be resumed.
 # (vit_trainable, freeze_modules: which parameters the optimizer state covers. Not the directories, model.path and
 # the like: they move between runs, e.g. copied to a job's local disk; what they give the model is compared as its
@@ -263,14 +266,14 @@ class Checkpointer:
                                   "free space or fix the folder's permissions, then run the same command to resume",
                                   rank=self.rank) from e
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step}, save_latest=False)
-        rank_files = [name for name, saved in (("data.json", data_state), ("ema.safetensors", ema)) if saved is not None]
+        rank_files = [name for name, saved in ((DATA_POSITION, data_state), (EMA_WEIGHTS, ema)) if saved is not None]
         if data_state is not None:
-            (mine / "data.json").write_text(json.dumps(data_state))
+            (mine / DATA_POSITION).write_text(json.dumps(data_state))
         if ema is not None:
-            save_safetensors({k: v.contiguous() for k, v in ema.state_dict().items()}, str(mine / "ema.safetensors"),
-                      metadata=ema.metadata())
+            save_safetensors({k: v.contiguous() for k, v in ema.state_dict().items()}, str(mine / EMA_WEIGHTS),
+                             metadata=ema.metadata())
         if self.rank == 0:
-            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            (tmp / RUN_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         _fsync_own(tmp, self.rank)
         _barrier()
         kill_if_armed("kill_during_save", step)  # crash tests: after the engine files, before publishing
@@ -376,14 +379,14 @@ class Checkpointer:
                 raise self._unreadable(path, str(file), e) from e
 
         return Resumed(step=int(trainer_state["step"]), path=path,
-                       data_state=read(mine / "data.json", lambda f: json.loads(f.read_text())),
-                       ema_state=read(mine / "ema.safetensors", load_safetensors), trainer_state=trainer_state)
+                       data_state=read(mine / DATA_POSITION, lambda f: json.loads(f.read_text())),
+                       ema_state=read(mine / EMA_WEIGHTS, load_safetensors), trainer_state=trainer_state)
 
     def every_rank_data(self, resumed: Resumed) -> list[dict]:
         """Every saving rank's data position, in rank order ([] when saved without): a resume on another layout of
         loader slots rebuilds this run's from them."""
         positions = []
-        for file in resumed.rank_files("data.json"):
+        for file in resumed.rank_files(DATA_POSITION):
             try:
                 positions.append(json.loads(file.read_text()))
             except (OSError, ValueError) as e:
@@ -619,4 +622,4 @@ def read_trainer_state(step_dir: Path) -> dict[str, Any]:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    return yaml.safe_load((path / "config.yaml").read_text())
+    return yaml.safe_load((path / RUN_CONFIG).read_text())

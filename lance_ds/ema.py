@@ -118,10 +118,7 @@ class ShardedEMA:
         if state is None:
             self.shadow = {n: self._local(n).detach().float().clone() for n in self.params}
             return
-        missing = sorted(set(self.shadow) - set(state))
-        if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}; the checkpoint was "
-                           "saved by a different model (check model.* in its config.yaml)")
+        self._refuse_missing(state)
         for name, value in state.items():
             if name in self.shadow:
                 whole = list(value.shape) == self.shapes[name]
@@ -134,6 +131,12 @@ class ShardedEMA:
                                      f"{tuple(self.shadow[name].shape)}: resume with the world size it was saved with")
                 self.shadow[name].copy_(value)
 
+    def _refuse_missing(self, saved_names) -> None:
+        missing = sorted(set(self.shadow) - set(saved_names))
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}; the checkpoint was "
+                           "saved by a different model (check model.* in its config.yaml)")
+
     def load_repartitioned(self, shard_files: list[Path], rank: int) -> None:
         """Restore from the shards of a checkpoint saved by another number of ranks (given in rank order): this
         rank's part of each parameter, read without building the full tensors (a 7B model's would be 28 GB on every
@@ -144,10 +147,7 @@ class ShardedEMA:
             handles = [stack.enter_context(open_safetensors(path)) for path in shard_files]
             shapes = json.loads(handles[0].metadata()["shapes"])  # (below stage 3 each rank saved the whole EMA: the
             # first file holds all of it, and nothing is read past a parameter's real elements)
-            missing = sorted(set(self.shadow) - set(handles[0].keys()))
-            if missing:
-                raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}; the checkpoint was "
-                               "saved by a different model (check model.* in its config.yaml)")
+            self._refuse_missing(handles[0].keys())
             for name, shadow in self.shadow.items():
                 flat = shadow.view(-1)
                 real = int(torch.Size(shapes[name]).numel())

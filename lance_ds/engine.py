@@ -30,8 +30,7 @@ from .config.run import TrainConfig
 class DistInfo:
     rank: int
     world_size: int
-    local_rank: int
-    device: torch.device
+    device: torch.device  # (this node's local rank picks the GPU)
 
     @property
     def is_first(self) -> bool:
@@ -167,7 +166,7 @@ def init_distributed(timeout_s: float = STARTUP_TIMEOUT_S) -> DistInfo:
     if device.type == "cpu" and world_size > 1:
         torch.distributed.barrier()  # every rank has mapped every rank's CPU all-reduce buffer: the names can go
     release_shm_buffer()
-    return DistInfo(int(os.environ["RANK"]), world_size, local_rank, device)
+    return DistInfo(int(os.environ["RANK"]), world_size, device)
 
 
 def limit_collective_waits(seconds: float) -> None:

@@ -360,15 +360,13 @@ def to_json(result: Evaluation) -> dict:
 def untrained_generator(checkpoint: str | Path, trained, dtype: str = "fp32", moved: dict[str, str] | None = None):
     """The checkpoint's model as training starts: built from its config.yaml with train.seed and no weights loaded
     (the frozen ViT / codec come out the same as the trained model's, as in export.build_from_trained)."""
-    from .export import build_untrained, find_checkpoint, is_export_dir, read_run_config, relocated
+    from .export import build_untrained, find_checkpoint, is_export_dir, relocated_run_config
     from .generate import Generator
 
     if is_export_dir(checkpoint):
         raise ValueError(f"{checkpoint} is an export; --untrained needs the training checkpoint (its config.yaml "
                          "and seed say what the model looked like at step 0)")
-    step_dir = find_checkpoint(checkpoint)
-    config = read_run_config(step_dir)
-    config = dataclasses.replace(config, model=relocated(config.model, moved, step_dir / "config.yaml"))
+    config = relocated_run_config(find_checkpoint(checkpoint), moved)
     bundle, _ = build_untrained(config, dtype, trained.device, len(trained.tokenizer))
     bundle.model.to(trained.device).eval()
     return Generator(bundle.model, bundle.vit, bundle.vae, trained.planner, trained.tokenizer, config.objective)

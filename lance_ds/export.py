@@ -42,8 +42,8 @@ import dataclasses
 import importlib.util
 import io
 import json
-import sys
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +51,10 @@ import torch
 import yaml
 from torch import Tensor
 
-from .checkpoint import (CHECKPOINTS, LATEST, TRAINER_STATE, Checkpointer, latest_name, rank_dir, read_trainer_state,
-                         step_name)
+from .checkpoint import (CHECKPOINTS, EMA_WEIGHTS, LATEST, RUN_CONFIG, TRAINER_STATE, Checkpointer, latest_name,
+                         rank_dir, read_trainer_state, step_name)
 from .config.core import Problems, from_dict, load_yaml, output_problem, to_dict
-from .config.model import MODEL_DIRS, LoraConfig, ModelConfig, ObjectiveConfig
+from .config.model import MODEL_DIRS, PRECISIONS, LoraConfig, ModelConfig, ObjectiveConfig
 from .config.run import RunConfig
 from .model.weights import save_safetensors
 
@@ -156,7 +156,7 @@ def is_export_dir(path: str | Path) -> bool:
 
 def read_run_config(step_dir: Path) -> RunConfig:
     """The resolved run config saved in the checkpoint (not checked again: its data paths may be gone)."""
-    config_file = step_dir / "config.yaml"
+    config_file = step_dir / RUN_CONFIG
     if not config_file.is_file():
         raise ExportError(f"{config_file} is missing; lance_ds writes it with every checkpoint, so {step_dir} was "
                           "not written by lance_ds (or is damaged)")
@@ -213,11 +213,16 @@ class TrainedWeights:
     cuts: dict = dataclasses.field(default_factory=dict)  # task -> image / video options training cut with
 
 
+def relocated_run_config(step_dir: Path, moved: dict[str, str] | None) -> RunConfig:
+    """A checkpoint's run config with its model directories where this machine has them (see relocated())."""
+    config = read_run_config(step_dir)
+    return dataclasses.replace(config, model=relocated(config.model, moved, step_dir / RUN_CONFIG))
+
+
 def load_trained_weights(path: str | Path, ema: bool = False, moved: dict[str, str] | None = None) -> TrainedWeights:
     """Consolidate a training checkpoint (step, checkpoints or run dir) on CPU; `moved`: see relocated()."""
     step_dir = find_checkpoint(path)
-    config = read_run_config(step_dir)
-    config = dataclasses.replace(config, model=relocated(config.model, moved, step_dir / "config.yaml"))
+    config = relocated_run_config(step_dir, moved)
     trainer_state = checked_trainer_state(step_dir)
     state = zero_consolidated_state(step_dir)
     if ema:
@@ -270,7 +275,7 @@ def with_ema(state: dict[str, Tensor], step_dir: Path, world_size: int) -> dict[
     from .ema import consolidate
     from .model.weights import WeightsFileError
 
-    shards = [rank_dir(step_dir, r) / "ema.safetensors" for r in range(world_size)]
+    shards = [rank_dir(step_dir, r) / EMA_WEIGHTS for r in range(world_size)]
     present = [f for f in shards if f.is_file()]
     if not present:
         raise ExportError(f"{step_dir} has no EMA weights (rank_*/ema.safetensors): the run trained with "
@@ -442,7 +447,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     from .model.lora import save_adapters
 
     out = Path(out).resolve() if Path(out).is_symlink() else Path(out)  # a link: the export goes where it points
-    if dtype not in ("fp32", "bf16", "fp16"):
+    if dtype not in PRECISIONS:
         raise ExportError(f"--dtype must be fp32, bf16 or fp16, got {dtype!r}")
     if is_export_dir(checkpoint):
         raise ExportError(f"{checkpoint} is already an export; give a training checkpoint (run, checkpoints or "
@@ -588,7 +593,7 @@ def save_transformers_llm(directory: Path, state: dict[str, Tensor], parts: Infe
     transformers_llm_config(llm, parts.tokenizer.special, dtype).save_pretrained(str(directory))
     tensors = transformers_llm_state(state, llm.num_layers, llm.hidden_size)
     save_safetensors({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
+                     metadata={"format": "pt"})
     tokenizer = copy.copy(parts.tokenizer.hf)  # (the template is the export's, not the live tokenizer's)
     tokenizer.chat_template = tokenizer.chat_template or CHATML_TEMPLATE
     tokenizer.save_pretrained(str(directory))
@@ -608,7 +613,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--checkpoint", help="a run dir, its checkpoints dir (both: latest) or a step dir")
     p.add_argument("--out", required=True, help="the export directory to write")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (train.ema_decay > 0 runs)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the written weights")
+    p.add_argument("--dtype", default="fp32", choices=PRECISIONS, help="dtype of the written weights")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_model_dir_flags(p)
     args = p.parse_args(argv)
@@ -619,8 +624,6 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     from safetensors import SafetensorError
 
     from .model.weights import WeightsFileError

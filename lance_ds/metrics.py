@@ -37,13 +37,12 @@ def memory_scalars() -> dict[str, float]:
     return out
 
 
-def summed_over_ranks(scalars: dict[str, float], keys: list[str], device: torch.device) -> dict[str, float]:
-    """`scalars` with the counts named by `keys` summed over all ranks (a collective: every rank calls it with the
-    same keys, in the same order)."""
-    if not keys or world_size() == 1:
-        return scalars
-    totals = sum_over_ranks(torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=device))
-    return {**scalars, **dict(zip(keys, totals.tolist()))}
+def summed_over_ranks(counts: dict[str, float], device: torch.device) -> dict[str, float]:
+    """`counts` summed over all ranks (a collective: every rank calls it with the same keys, in the same order)."""
+    if not counts or world_size() == 1:
+        return counts
+    totals = sum_over_ranks(torch.tensor(list(counts.values()), dtype=torch.float64, device=device))
+    return dict(zip(counts, totals.tolist()))
 
 
 class Meter:

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import (LATEST, Checkpointer, agree_on_resume, check_output_dir_shared, checkpoints_dir,
-                         claim_output_dir, data_order_changes, engine_setup, latest_name, read_config)
+from .checkpoint import (EMA_WEIGHTS, LATEST, RUN_CONFIG, Checkpointer, agree_on_resume, check_output_dir_shared,
+                         checkpoints_dir, claim_output_dir, data_order_changes, engine_setup, latest_name, read_config)
 from .config.core import ConfigError, to_dict
 from .config.data import TASKS, TEXT_TO_MEDIA_TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
@@ -91,7 +91,7 @@ class Trainer:
                               purge_step=self.step + 1 if resumed else 0)
         if self.dist.is_first:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            (self.out / RUN_CONFIG).write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -103,7 +103,7 @@ class Trainer:
         batches = iter(self.loader)
         if self.validated_step != self.step:  # step 0, or a resume from a stop that skipped its validation
             self.validate_if_due()
-        meter, speed = self.meter, self.speed
+        speed = self.speed
         speed.restart_clock()
         progress = self._progress_bar()
         requests, stopped = StopRequests(), None
@@ -111,7 +111,7 @@ class Trainer:
         try:
             while self.step < cfg.train.max_steps and stopped is None:
                 with self._said_if_slow(f"step {self.step + 1}", patience):
-                    self.train_step(batches, meter, speed)
+                    self.train_step(batches)
                 self.step += 1
                 if patience != cfg.train.stall_timeout_s:
                     patience = cfg.train.stall_timeout_s
@@ -121,7 +121,7 @@ class Trainer:
                 save = self._save_due() or stopped is not None
                 # (a save carries the open window, _open_window: a run resumed from it logs the uninterrupted points)
                 if self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps:
-                    self.log(meter, speed, progress)
+                    self.log(progress)
                 with speed.paused():
                     if stopped is None:  # (stopping: the save first, within the launcher's grace period)
                         self.validate_if_due()
@@ -147,8 +147,9 @@ class Trainer:
         return said_if_slow(what, patience / 2, "half the time a collective may wait: train.stall_timeout_s after the "
                             "first step")
 
-    def train_step(self, batches, meter: Meter, speed: Throughput) -> None:
+    def train_step(self, batches) -> None:
         """One optimizer step over `grad_accum` micro-batches."""
+        meter, speed = self.meter, self.speed
         skipped_before = self.engine.skipped_steps
         self.last_lr = self.engine.get_lr()[0]  # the rate this step applies
         micro_steps = self.cfg.train.grad_accum
@@ -173,7 +174,7 @@ class Trainer:
                 self._inject_faults(losses)
             self.engine.backward(losses.total)
             self.engine.step()
-            self._account(batch, speed)
+            self._account(batch)
             step_losses.add(batch, losses.per_token)
         skipped = self.engine.skipped_steps - skipped_before
         self.skipped_steps += skipped
@@ -216,15 +217,17 @@ class Trainer:
             pred = self.engine(batch, vit_embeds)
         return pred, flow
 
-    def _account(self, batch, speed: Throughput) -> None:
-        speed.counts["real_tokens"] += batch.num_real_tokens
-        speed.counts["packed_tokens"] += batch.num_tokens
-        speed.counts["samples"] += sum(t in TASKS for t in batch.tasks)  # not padding or placeholders
-        speed.counts["attended_pairs"] += batch.attended_pairs
+    def _account(self, batch) -> None:
+        counts = self.speed.counts
+        counts["real_tokens"] += batch.num_real_tokens
+        counts["packed_tokens"] += batch.num_tokens
+        counts["samples"] += sum(t in TASKS for t in batch.tasks)  # not padding or placeholders
+        counts["attended_pairs"] += batch.attended_pairs
 
     # -- logging ---------------------------------------------------------------------------------------------------
 
-    def log(self, meter: Meter, speed: Throughput, progress) -> None:
+    def log(self, progress) -> None:
+        meter, speed = self.meter, self.speed
         scalars = meter.means()
         scalars["train/lr"] = self.last_lr  # the rate of the window's last step (a mean would match no step)
         scalars.update(memory_scalars())
@@ -233,7 +236,7 @@ class Trainer:
         data, stats = self.loader.stats_scalars(), self.loader.stats()
         mine = {**{k: v for k, v in data.items() if k.startswith(("data/skipped", "data/samples"))}, **speed.counts,
                 "real_tokens_total": stats["real_tokens"], "packed_tokens_total": stats["total_tokens"]}
-        run = summed_over_ranks(mine, list(mine), self.dist.device)
+        run = summed_over_ranks(mine, self.dist.device)
         scalars.update({k: run.get(k, v) for k, v in data.items()})
         scalars.update(speed.scalars(run, self.dist.world_size, self.flops, self.peak_tflops))
         scalars["data/packing_efficiency_total"] = run["real_tokens_total"] / max(run["packed_tokens_total"], 1)
@@ -340,7 +343,7 @@ class Trainer:
 
     def _open_window(self) -> dict:
         """The logging window since the last point, summed over ranks (collective), for a checkpoint."""
-        counts = summed_over_ranks(dict(self.speed.counts), list(self.speed.counts), self.dist.device)
+        counts = summed_over_ranks(dict(self.speed.counts), self.dist.device)
         return {"meter": self.meter.state_dict(), "seconds": self.speed.seconds(), "counts": counts,
                 "task_losses": distributed.sum_over_ranks(self.task_losses.sums).tolist()}
 
@@ -395,8 +398,9 @@ class Trainer:
         self.validated_step = resumed.trainer_state.get("validated_step", self.step)
         resharded = self._resume_data(resumed)
         if self.ema is not None:
-            if resumed.ema_state is None and resumed.rank_files("ema.safetensors"):
-                self.ema.load_repartitioned(resumed.rank_files("ema.safetensors"), self.dist.rank)
+            shards = resumed.rank_files(EMA_WEIGHTS)
+            if resumed.ema_state is None and shards:
+                self.ema.load_repartitioned(shards, self.dist.rank)
             else:  # None: EMA is new at this resume, starts from these weights
                 self.ema.load_state_dict(resumed.ema_state)
         if self.dist.is_first:

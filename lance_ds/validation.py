@@ -70,7 +70,6 @@ class TaskLosses:
         return out
 
 
-
 def total_loss(scalars: dict[str, float], prefix: str, objective) -> float:
     """The weighted total of the global CE and MSE means, as the objective defines it."""
     return objective.ce_weight * scalars.get(f"{prefix}/ce", 0.0) + objective.mse_weight * scalars.get(f"{prefix}/mse", 0.0)
@@ -134,7 +133,7 @@ class Validator:
         scalars = losses.scalars("val")
         scalars["val/loss"] = total_loss(scalars, "val", tr.cfg.objective)
         skipped = self.loader.stats_scalars()  # this rank's counts: the run's are their sums
-        scalars.update(summed_over_ranks(skipped, list(skipped), tr.dist.device))
+        scalars.update(summed_over_ranks(skipped, tr.dist.device))
         tr.tb.scalars(step, scalars)
         self.samples(step)
         tr.tb.flush()

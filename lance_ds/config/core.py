@@ -249,7 +249,7 @@ def check(obj: Any, problems: Problems, prefix: str = "") -> None:
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every field, for `--help`-style listings and docs."""
+    """(dotted key, default, doc) for every field (the test that every field is documented reads it)."""
     rows = []
     for f in dataclasses.fields(cls):
         key = join(prefix, f.name)

@@ -41,6 +41,7 @@ KEY.json:
 manifest.json:
     {"format": "lance_ds.shards/1", "task": "t2i", "num_samples": N, "num_rejects": R, "num_rows": N + R,
      "verify": "full", "media_columns": {"image": "image"},            # member -> kind
+     "text_columns": ["caption"],
      "shards": [{"name": "shard-000000.tar", "num_samples": n, "bytes": b, "crc32": "8 hex digits" | null,
                  "media": {"image": {"count": n, "width": {"min", "max", "mean"}, "height": {...},
                                      ["frames", "fps", "duration": {...} for videos]}}}, ...]}

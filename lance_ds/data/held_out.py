@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 class ValLoader:
     """A held-out set in a fixed order (groups as listed, shards as listed, samples in tar order).
 
-    Sample i (counting the first max_samples raw samples of every group, groups in order) belongs to batch i // samples_per_batch, and batch j to
-    rank j % world_size: every sample is evaluated once across ranks and the batches do not depend on the number of
+    Sample i (counting the first max_samples raw samples of every group, groups in order) belongs to batch
+    i // samples_per_batch, and batch j to rank j % world_size: every sample is evaluated once across ranks and the batches do not depend on the number of
     ranks. Each rank reads every shard (only its own samples are decoded); ranks with fewer batches go on with
     placeholder-only ones (`placeholder()`) until every rank is done (lance_ds.validation), so every rank runs the
     same number of forward passes. Caption dropout is off.

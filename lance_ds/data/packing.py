@@ -18,7 +18,6 @@ from .batch import PAD_TASK, AttnMode, PackedBatch
 from .sequence import SequencePlan, SequencePlanner
 
 
-
 @dataclass(frozen=True)
 class Branches:
     """The trainable branches every micro-batch must exercise on every rank (ZeRO-3; DESIGN rule 3).
@@ -197,8 +196,3 @@ def build_micro_batch(sequences: list[list[SequencePlan]], planner: SequencePlan
     if any(missing.values()):
         plans = plans + [planner.placeholder(**missing)]
     return collate(plans, pad_to=len(sequences) * packing_length, pad_id=planner.special.pad)
-
-
-def packing_efficiency(batch: PackedBatch) -> float:
-    """Fraction of the batch's tokens that belong to real samples (not padding or placeholders)."""
-    return batch.num_real_tokens / max(batch.num_tokens, 1)

@@ -100,6 +100,3 @@ def decode_text(model: torch.nn.Module, prompts: PackedBatch, vit_embeds: Tensor
         positions = positions + 1  # text after text: the last token's RoPE id + 1 on all three axes
         logits = model.extend(torch.tensor(tokens, device=device), positions, sample_ids, cache)
     return answers
-
-
-

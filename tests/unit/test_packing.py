@@ -9,7 +9,7 @@ import torch
 
 from lance_ds.data.batch import AttnMode
 from lance_ds.data.packing import (Branches, OverlongSampleError, TokenBudgetPacker, build_micro_batch, check_length,
-                                   collate, packing_efficiency)
+                                   collate)
 from lance_ds.data.sequence import FrameCut, SequencePlan, SequencePlanner, VaeBlock, VisionGeometry, VitBlock
 from lance_ds.data.tokenizer import load_tokenizer
 
@@ -95,7 +95,6 @@ def test_collate_offsets_splits_and_padding(planner):
     assert batch.vit_indexes.tolist() == [8] and batch.vae_indexes.tolist() == [9]
     assert batch.vae_coords.tolist() == [[0, 0, 0]] and batch.vae_is_target.tolist() == [True]
     assert batch.input_ids[12:].eq(planner.special.pad).all() and batch.position_ids[:, 12:].tolist()[0] == [0, 1, 2, 3]
-    assert packing_efficiency(batch) == 12 / 16
 
 
 def test_pin_memory_pins_every_tensor_of_a_batch(planner, monkeypatch):
