@@ -11,7 +11,7 @@ CLI (DIR: a training checkpoint - run, checkpoints or step dir - or an export of
     python -m lance_ds.generate --checkpoint DIR --task i2i|v2v --input FILE --prompt "make it blue" --out out.png|mp4
     python -m lance_ds.generate --checkpoint DIR --task i2t|v2t --input FILE [--question "..."] [--system "..."]
                                                                                      (prints the answer)
-    common: --steps 30 --cfg 4.0 --seed 0 --ema --dtype fp32|bf16 --device cpu|cuda
+    common: --steps 30 --cfg 4.0 --seed 0 --ema --dtype fp32|bf16|fp16 --device cpu|cuda
 
 How it runs. Prompts are planned by SequencePlanner.prompt and packed into one sequence per forward (attention stays
 inside each sample), up to `max_batch_tokens` per forward. Generation integrates the flow with Euler steps over a
@@ -40,19 +40,21 @@ from torch import Tensor
 
 from .chunks import budget_chunks
 from .config.core import Problems, from_dict, output_problem
-from .config.data import GEN_TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, VIDEO_TASKS, GroupConfig
+from .config.data import EDIT_TASKS, GEN_TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, VIDEO_TASKS, GroupConfig
 from .config.model import ObjectiveConfig
 from .data.batch import PackedBatch, Sample
 from .data.packing import collate
 from .data.sequence import PROMPT_MEDIA, SequencePlan, SequencePlanner
 from .distributed import world_size
 from .files import write_atomic
+from .model.vae import to_uint8_frames
 from .model.vision import encode_vit
 from .objectives import (SamplerInputs, decode_text, euler_sample, guided_steps, lance_velocity_fn,
                          sampling_schedule)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4",)
+VIDEO_GEN_TASKS = ("t2v", "v2v")  # the generation tasks that write a video and take --frames
 
 
 class GenerateError(ValueError):
@@ -62,11 +64,6 @@ class GenerateError(ValueError):
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The RNG of prompt `index` (noise, token sampling): its output does not depend on what it is packed with."""
     return torch.Generator().manual_seed(hash((seed, index)) % 2**63)
-
-
-def to_uint8_frames(pixels: Tensor) -> Tensor:
-    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the CPU."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().contiguous()
 
 
 class Generator:
@@ -262,7 +259,7 @@ class Generator:
         if samples and not switch_on:
             raise GenerateError(f"the model was built with {switch}=false, so it cannot serve "
                                 f"{sorted({s.task for s in samples})}")
-        edits = sorted({s.task for s in samples} & {"i2i", "v2v"})
+        edits = sorted({s.task for s in samples} & set(EDIT_TASKS))
         if edits and not self.lance.cfg.visual_und:  # an edit's source reaches the model through the ViT
             raise GenerateError(f"the model was built with model.visual_und=false (no ViT), so it cannot serve {edits}")
 
@@ -372,7 +369,7 @@ def check_args(args) -> list[str]:
 def _input_output_problems(args) -> list[str]:
     problems = []
     generation = args.task in GEN_TASKS
-    video = args.task in ("t2v", "v2v")
+    video = args.task in VIDEO_GEN_TASKS
     needs_input = args.task not in TEXT_TO_MEDIA_TASKS
     if generation and not args.prompt:
         problems.append(f"--prompt: {args.task} needs a prompt (what to generate, or the edit instruction)")
@@ -407,7 +404,7 @@ def _shape_problems(args) -> list[str]:
     elif size is not None and args.task not in TEXT_TO_MEDIA_TASKS and size[0] != size[1]:
         problems.append(f"--size: {args.task} cuts its input to an area (SIDE x SIDE, aspect kept by its buckets); "
                         f"give one SIDE, got {args.size!r}")
-    if args.frames is not None and args.task not in ("t2v", "v2v"):
+    if args.frames is not None and args.task not in VIDEO_GEN_TASKS:
         problems.append(f"--frames: only t2v and v2v have frames, not {args.task}")
     elif args.frames is not None and args.frames < 1:
         problems.append(f"--frames must be >= 1, got {args.frames}")
@@ -503,8 +500,7 @@ def cli_group(vae, task: str | None = None, cuts: dict | None = None, size: int 
     group.system_prompt = system or group.system_prompt
     side = getattr(vae, "frame_size", None)
     if side:
-        seen_at = video.resolution if task in VIDEO_TASKS and video.resolution else image.resolution
-        image.vit_resolution = image.vit_resolution or seen_at
+        image.vit_resolution = image.vit_resolution or group.resolution_for(task in VIDEO_TASKS)
         image.resolution, video.resolution = side, None
     return group
 
@@ -527,11 +523,11 @@ def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig,
 def check_frames(args, geometry) -> None:
     """--frames a video task can make as asked: the VAE takes k * temporal_factor + 1 frames, and a v2v input read at
     another count was cut to the count below without a word (3 frames became a 1-frame clip)."""
-    if args.frames is None or args.task not in ("t2v", "v2v"):
+    if args.frames is None or args.task not in VIDEO_GEN_TASKS:
         return
     made = geometry.vae_num_frames(args.frames)
     if made != args.frames:
-        f, top = geometry.vae_temporal_factor, geometry.vae_num_frames(10 ** 6)
+        f, top = geometry.vae_temporal_factor, geometry.max_vae_frames
         near = sorted({made, min(made + f, top)})
         raise GenerateError(f"--frames {args.frames}: this model's VAE makes k x {f} + 1 frames, at most {top}; use "
                             f"--frames {' or '.join(map(str, near))}")

@@ -164,15 +164,14 @@ def beyond_the_position_table(dataset, geometry) -> list[str]:
     cut to what it holds, which the group's settings do not show."""
     from lance_ds.config.data import GEN_TASKS, VIDEO_TASKS
 
-    side = geometry.max_latent_size * geometry.vae_spatial_factor
-    frames = geometry.vae_num_frames(10 ** 6)
+    side, frames = geometry.max_vae_side, geometry.max_vae_frames
     out = []
     for i, group in enumerate(dataset.groups):
         if group.task not in GEN_TASKS:
             continue
         video = group.task in VIDEO_TASKS
         key = f"dataset_config.groups[{i}] ({group.name})"
-        asked = (group.video.resolution if video else None) or group.image.resolution
+        asked = group.resolution_for(video)
         if asked > side:
             out.append(f"{key}: {asked} px, but the model's latent positions reach {side} px (model "
                        f"max_latent_size {geometry.max_latent_size} x the VAE's {geometry.vae_spatial_factor}): its "

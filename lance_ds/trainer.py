@@ -483,7 +483,7 @@ def describe_cut(group) -> str:
     """How a group's media are cut, in a few words: '512 px' (the side of the area; a video's own side if it has
     one), ', ViT 448 px' (when the ViT sees another side), ', 33 frames at 12 fps'."""
     video = group.task in VIDEO_TASKS
-    cut = f"{(group.video.resolution if video else None) or group.image.resolution} px"
+    cut = f"{group.resolution_for(video)} px"
     if group.image.vit_resolution is not None and group.task not in TEXT_TO_MEDIA_TASKS:
         cut += f", ViT {group.image.vit_resolution} px"
     if video:

@@ -29,7 +29,7 @@ from lance_ds.config.core import output_problem
 from lance_ds.data.example import (draw_scene, draw_training_frames, encoder_learning_rate, judge_image, judge_video,
                                    render_image, render_video)
 from lance_ds.data.sequence import resize_crop
-from lance_ds.model.vae import FrameAutoencoder, FrameVAE, unit_range
+from lance_ds.model.vae import FrameAutoencoder, FrameVAE, to_uint8_frames, unit_range
 from lance_ds.model.weights import FRAME_VAE_DIR, describe_model_dir
 
 
@@ -94,8 +94,7 @@ def judge_reconstructions(vae: FrameVAE, count: int, size: int, seed: int) -> tu
 
     def roundtrip(frames: np.ndarray) -> np.ndarray:  # uint8 [T, S, S, 3] -> the same, through the codec
         pixels = to_unit(resize_crop(torch.from_numpy(np.array(frames)), side, side)).transpose(0, 1)[None]
-        out = vae.decode(vae.encode(pixels))[0].transpose(0, 1)
-        return ((out + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return to_uint8_frames(vae.decode(vae.encode(pixels))[0]).numpy()
 
     images = [draw_scene(rng, False, "val") for _ in range(count)]
     videos = [draw_scene(rng, True, "val") for _ in range(count)]

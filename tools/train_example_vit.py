@@ -20,7 +20,6 @@ explains. The same flags give the same weights on the same machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lance_ds.config.core import output_problem
+from lance_ds.config.core import output_problem, to_dict
 from lance_ds.data.example import draw_training_frames, encoder_learning_rate
 from lance_ds.data.sequence import VisionGeometry, resize_crop, vit_patch_order
 from lance_ds.model.registry import SIZES
@@ -134,9 +133,7 @@ def save(net: Distiller, vit_cfg: VitConfig, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors({k: v.detach().contiguous() for k, v in net.tower.state_dict().items()}, out / "vit.safetensors")
-    vision = dataclasses.asdict(vit_cfg)
-    vision["fullatt_block_indexes"] = list(vision["fullatt_block_indexes"])
-    (out / "config.json").write_text(json.dumps({"vision_config": vision}, indent=2))
+    (out / "config.json").write_text(json.dumps({"vision_config": to_dict(vit_cfg)}, indent=2))
     return out / "vit.safetensors"
 
 

@@ -76,6 +76,10 @@ class GroupConfig:
         problems.require(0.0 <= self.caption_dropout < 1.0, join(key, "caption_dropout"),
                          f"must be in [0, 1), got {self.caption_dropout}")
 
+    def resolution_for(self, video: bool) -> int:
+        """The pixel side this group cuts a task's media to: a video task's video.resolution when set."""
+        return (self.video.resolution if video else None) or self.image.resolution
+
 
 @dataclass
 class DatasetConfig:

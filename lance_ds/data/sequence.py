@@ -108,11 +108,20 @@ class VisionGeometry:
         """ViT image sides must be multiples of this many pixels (28 for Qwen2.5-VL)."""
         return self.vit_patch_size * self.vit_merge_size
 
+    @property
+    def max_vae_side(self) -> int:
+        """The largest pixel side the latent position table holds."""
+        return self.max_latent_size * self.vae_spatial_factor
+
+    @property
+    def max_vae_frames(self) -> int:
+        """The most pixel frames the latent position table holds."""
+        return (self.max_latent_frames - 1) * self.vae_temporal_factor + 1
+
     def vae_num_frames(self, num_frames: int) -> int:
         """Frames a clip is trimmed to: the most of the form k * temporal_factor + 1 that fit (and fit the table)."""
         f = self.vae_temporal_factor
-        fits = (num_frames - 1) // f * f + 1
-        return min(fits, (self.max_latent_frames - 1) * f + 1)
+        return min((num_frames - 1) // f * f + 1, self.max_vae_frames)
 
 
 @dataclass(frozen=True)
@@ -497,9 +506,9 @@ class SequencePlanner:
             shape = self._vae_cut(sample, source, group, video).shape
         else:
             g = self.geometry
-            height, width = fit_size(1, 1, resolution=self._resolution(group, video), buckets=[1.0],
+            height, width = fit_size(1, 1, resolution=group.resolution_for(video), buckets=[1.0],
                                      multiple=g.vae_spatial_factor, max_pixels=group.image.max_pixels,
-                                     max_side=g.max_latent_size * g.vae_spatial_factor)
+                                     max_side=g.max_vae_side)
             shape = (g.vae_num_frames(group.video.max_frames) if video else 1, height, width)
         if source is not None and _num_frames(sample, source) < shape[0]:
             have = _num_frames(sample, source)
@@ -514,14 +523,14 @@ class SequencePlanner:
         problems = []
         side = g.vae_spatial_factor
         for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % side or value > g.max_latent_size * side:
+            if value <= 0 or value % side or value > g.max_vae_side:
                 problems.append(f"{name} {value} must be a positive multiple of {side} (the VAE's spatial factor) "
-                                f"and at most {g.max_latent_size * side} (the latent position table)")
+                                f"and at most {g.max_vae_side} (the latent position table)")
         if not video and num_frames != 1:
             problems.append(f"an image has 1 frame, not {num_frames}")
         if video and (num_frames < 1 or g.vae_num_frames(num_frames) != num_frames):
             problems.append(f"{num_frames} frames: a clip needs k * {g.vae_temporal_factor} + 1 frames, at most "
-                            f"{g.vae_num_frames(10 ** 6)}; e.g. {g.vae_num_frames(max(num_frames, 1))}")
+                            f"{g.max_vae_frames}; e.g. {g.vae_num_frames(max(num_frames, 1))}")
         if problems:
             raise PlanError(f"{sample.task} prompt {sample.key!r}: target size {num_frames}x{height}x{width} "
                             f"(frames x height x width): " + "; ".join(problems))
@@ -603,25 +612,21 @@ class SequencePlanner:
         """The caption's ids, or the unconditional token that replaces a dropped one (classifier-free guidance)."""
         return [self.special.uncond] if drop else self.tokenizer.encode(sample.texts["caption"])
 
-    def _resolution(self, group: GroupConfig, video: bool) -> int:
-        return (group.video.resolution if video and group.video.resolution else group.image.resolution)
-
     def _vae_cut(self, sample: Sample, media: str, group: GroupConfig, video: bool,
                  frames: int | None = None) -> FrameCut:
         """The VAE's view of the media's first `frames` frames (default all): the group's bucket nearest its aspect
         ratio, trimmed to 4k + 1 frames."""
         g = self.geometry
         count, height, width = sample.media[media].shape[:3]
-        h, w = fit_size(height, width, resolution=self._resolution(group, video), buckets=group.image.buckets,
-                        multiple=g.vae_spatial_factor, max_pixels=group.image.max_pixels,
-                        max_side=g.max_latent_size * g.vae_spatial_factor)
+        h, w = fit_size(height, width, resolution=group.resolution_for(video), buckets=group.image.buckets,
+                        multiple=g.vae_spatial_factor, max_pixels=group.image.max_pixels, max_side=g.max_vae_side)
         return FrameCut(media, g.vae_num_frames(count if frames is None else frames), h, w)
 
     def _vit_cut(self, sample: Sample, media: str, group: GroupConfig, video: bool,
                  frames: int | None = None) -> FrameCut:
         """The ViT's view of the media's first `frames` frames (default all): sides multiples of patch * merge."""
         count, height, width = sample.media[media].shape[:3]
-        resolution = group.image.vit_resolution or self._resolution(group, video)
+        resolution = group.image.vit_resolution or group.resolution_for(video)
         h, w = fit_size(height, width, resolution=resolution, buckets=group.image.buckets,
                         multiple=self.geometry.vit_multiple, max_pixels=group.image.max_pixels)
         return FrameCut(media, count if frames is None else frames, h, w)

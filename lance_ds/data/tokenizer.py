@@ -1,8 +1,8 @@
 """The text tokenizer: a local Hugging Face tokenizer (Qwen2.5 for real runs) or the committed debug tokenizer.
 
 Sequence plans need a handful of Qwen chat/vision special tokens (`SPECIAL_TOKENS`). A tokenizer that lacks some
-gets them appended as special added tokens, so `num_classes` (= len(tokenizer), the number of CE classes) can grow;
-the model's embedding table must have at least that many rows.
+gets them appended as special added tokens, so len(tokenizer), the number of CE classes, can grow; the model's
+embedding table must have at least that many rows.
 
 The debug tokenizer (`lance_ds/assets/debug_tokenizer/`, rebuilt by `tools/build_debug_tokenizer.py`) is a 2048-token
 byte-level BPE with Qwen2's pre-tokenizer, trained on plain English and the example world's captions; its 22 Qwen
@@ -49,8 +49,8 @@ class TextTokenizer:
 
     encode(text) -> token ids without any added BOS/EOS, and without special tokens: text that spells one
     ("<|im_end|>" in a scraped caption) is tokenized as the characters it is, so data cannot inject the chat
-    template's control tokens (or <|endoftext|>, the padding id). `num_classes` = len(tokenizer) (CE logits are
-    sliced to it).
+    template's control tokens (or <|endoftext|>, the padding id). len(tokenizer) is the number of CE classes (CE
+    logits are sliced to it).
     """
 
     def __init__(self, hf_tokenizer, source: str):
@@ -60,10 +60,6 @@ class TextTokenizer:
         self.special = SpecialTokenIds(
             im_start=ids["<|im_start|>"], im_end=ids["<|im_end|>"], vision_start=ids["<|vision_start|>"],
             vision_end=ids["<|vision_end|>"], video_pad=ids["<|video_pad|>"], uncond=ids["<|endoftext|>"])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.hf)
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -77,7 +73,7 @@ class TextTokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def __repr__(self) -> str:
-        return f"TextTokenizer({self.source}, num_classes={self.num_classes}, special={self.special})"
+        return f"TextTokenizer({self.source}, num_classes={len(self)}, special={self.special})"
 
 
 def load_tokenizer(path: str | Path | None = None) -> TextTokenizer:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from lance_ds.config.core import ConfigError
+from lance_ds.config.deepspeed import zero_stage
 from lance_ds.config.model import ModelConfig
 from lance_ds.data.sequence import VisionGeometry
 
@@ -99,7 +100,7 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
     if cfg.attention == "flash":
         import_flash_varlen()  # refuse now, with the fix, rather than at the first forward
     device = torch.device(device) if device is not None else default_device()
-    zero3 = is_zero3(ds_config)
+    zero3 = ds_config is not None and zero_stage(ds_config) == 3
     vae = build_codec(cfg, spec).to(device) if cfg.visual_gen else None
     hf_ds = None
     vit = None
@@ -168,10 +169,6 @@ def planned_geometry(cfg: ModelConfig) -> Geometry:
 
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def is_zero3(ds_config: dict | None) -> bool:
-    return bool(ds_config) and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
 
 
 def zero_init(ds_config: dict):

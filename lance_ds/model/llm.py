@@ -53,7 +53,8 @@ class LLMConfig:
                              f"= {self.head_dim // 2}")
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        """Parameter count (both experts when mot) from the geometry alone, for FLOP estimates."""
+        """Parameter count (both experts when mot) from the geometry alone: bench_model's active-parameter column
+        and the tests' check of a built model's size (training FLOPs come from metrics.DecoderFlops)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2 + (self.num_heads + 2 * self.num_kv_heads) * d
         layer = attn + 3 * h * i + 2 * h + 2 * d

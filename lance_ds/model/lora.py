@@ -57,14 +57,11 @@ def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = 
     put adapters on it too). Under ZeRO-3 the adapters are created partitioned."""
     from peft import inject_adapter_in_model
 
+    from .build import zero_init
+
     trainable_vit = {n for n, p in model.named_parameters() if n.startswith(LANCE_VIT_PREFIX) and p.requires_grad}
     targets = lora_targets(model, list(settings.target_modules))
-    context = contextlib.nullcontext()
-    if ds_config is not None:
-        import deepspeed
-
-        context = deepspeed.zero.Init(config_dict_or_path=ds_config)
-    with context:
+    with zero_init(ds_config) if ds_config is not None else contextlib.nullcontext():
         has_vit = any(name.startswith(LANCE_VIT_PREFIX) for name, _ in model.named_modules())
         inject_adapter_in_model(peft_config(settings, targets, NOT_IN_VIT if has_vit else None), model)
     if ds_config is not None:

@@ -24,9 +24,7 @@ from torch import Tensor
 
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float, mrope_section: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """cos, sin [L, d] (fp32) for RoPE ids [3, L]."""
-    if sum(mrope_section) != head_dim // 2:
-        raise ValueError(f"rope mrope_section {list(mrope_section)} must sum to head_dim / 2 = {head_dim // 2}")
+    """cos, sin [L, d] (fp32) for RoPE ids [3, L]; mrope_section sums to d / 2 (LLMConfig.check)."""
     exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float64) / head_dim
     inv_freq = (1.0 / theta ** exponent).float()  # [d/2]
     freqs = position_ids.float()[..., None] * inv_freq  # [3, L, d/2]

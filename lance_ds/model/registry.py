@@ -18,7 +18,7 @@ from lance_ds.config.model import MODEL_SIZES, ModelConfig
 
 from .llm import LLMConfig
 from .vae import VaeConfig
-from .vision import VitConfig
+from .vision import VitConfig, vit_prefix
 from .weights import (LANCE_LLM_CONFIG, LANCE_POS_TABLE, LANCE_WEIGHTS, is_lance_dir, open_safetensors, read_json,
                       safetensors_index)
 
@@ -170,14 +170,10 @@ def vit_config_for(cfg: ModelConfig, base: VitConfig, llm_hidden: int) -> VitCon
 def vit_fields_from_weights(path: Path) -> dict:
     """depth / widths / patch sizes from a ViT checkpoint's tensor shapes. Head count and full-attention blocks are
     not in the shapes: Qwen2.5-VL's rule (head dim 80, every 8th block full) applies unless a config says otherwise."""
-    from .vision import VIT_PREFIXES
-
     try:
         index = safetensors_index(path)
+        prefix = vit_prefix(index, path)
     except FileNotFoundError:
-        return {}
-    prefix = next((p for p in VIT_PREFIXES if p + "patch_embed.proj.weight" in index), None)
-    if prefix is None:
         return {}
 
     def shape(name):

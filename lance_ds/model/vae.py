@@ -43,6 +43,18 @@ def unit_range(pixels: Tensor) -> Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
+def to_uint8_frames(pixels: Tensor) -> Tensor:
+    """A decoded clip [3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3] on the CPU (unit_range's inverse)."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().contiguous()
+
+
+def _posterior_sample(latents: Tensor, logvar: Tensor, generator: torch.Generator | None,
+                      scale: Tensor | float = 1.0) -> Tensor:
+    """latents + eps * exp(logvar / 2) / scale, eps drawn from `generator` on the latents' device."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    return latents + noise * torch.exp(0.5 * logvar.float()) / scale
+
+
 @dataclass(frozen=True)
 class VaeConfig:
     """Which codec and, for codecs built from a config (tests, debug), its geometry."""
@@ -166,8 +178,7 @@ class WanVAE(FrozenVAE):
         dist = self.vae.encode(pixels.to(self.dtype)).latent_dist
         latents = (dist.mean.float() - self.latents_mean) / self.latents_std
         if sample:
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            latents = latents + noise * torch.exp(0.5 * dist.logvar.float())
+            latents = _posterior_sample(latents, dist.logvar, generator)
         return latents
 
     @torch.no_grad()
@@ -195,8 +206,7 @@ class KLVAE(FrozenVAE):
         dist = self.vae.encode(frames.to(self.dtype)).latent_dist
         latents = (dist.mean.float() - self.shift) * self.scale
         if sample:
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            latents = latents + noise * torch.exp(0.5 * dist.logvar.float())
+            latents = _posterior_sample(latents, dist.logvar, generator)
         return latents.view(b, t, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
 
     @torch.no_grad()
@@ -277,8 +287,7 @@ class FrameVAE(FrozenVAE):
         mean, logvar = self.net.posterior(pixels.transpose(1, 2).reshape(b * t, c, h, w).to(self.dtype))
         latents = (mean.float() - self.latents_mean) / self.latents_std
         if sample:
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            latents = latents + noise * torch.exp(0.5 * logvar.float()) / self.latents_std
+            latents = _posterior_sample(latents, logvar, generator, self.latents_std)
         return latents.view(b, t, -1).transpose(1, 2)[..., None, None]  # [B, z, t, 1, 1]
 
     @torch.no_grad()

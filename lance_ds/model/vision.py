@@ -12,11 +12,13 @@ checkpoint (`vit_model.*` inside model.safetensors) or Lance's `vit.safetensors`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lance_ds.config.core import to_dict
 
 from .weights import read_tensors, safetensors_index, strip_prefix
 
@@ -50,9 +52,7 @@ class VitConfig:
         """transformers' Qwen2_5_VLVisionConfig (imported here: transformers is slow to import for config checks)."""
         from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 
-        kwargs = asdict(self)
-        kwargs["fullatt_block_indexes"] = list(self.fullatt_block_indexes)
-        return Qwen2_5_VLVisionConfig(**kwargs)
+        return Qwen2_5_VLVisionConfig(**to_dict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> "VitConfig":

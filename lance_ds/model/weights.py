@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from lance_ds.config.core import to_dict
+
 LANCE_POS_TABLE = "latent_pos_embed.pos_embed"
 LANCE_VIT_PREFIX = "vit_model."
 LANCE_LLM_CONFIG = "llm_config.json"
@@ -221,9 +223,7 @@ def llm_config_json(llm, vit=None, extra: dict | None = None) -> dict:
         "rope_scaling": {"type": "mrope", "rope_type": "mrope", "mrope_section": list(llm.mrope_section)},
     }
     if vit is not None:
-        from dataclasses import asdict
-
-        data["vision_config"] = {**asdict(vit), "fullatt_block_indexes": list(vit.fullatt_block_indexes)}
+        data["vision_config"] = to_dict(vit)
     data.update(extra or {})
     return data
 

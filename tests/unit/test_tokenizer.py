@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_debug_tokenizer_has_qwen_specials_last():
     tok = load_tokenizer(None)
-    assert tok.num_classes == len(tok) == 2048
+    assert len(tok) == 2048
     ids = [tok.hf.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS]
     assert ids == list(range(2048 - len(QWEN_SPECIAL_TOKENS), 2048))  # Qwen's order, after the learned tokens
     s = tok.special
@@ -70,7 +70,7 @@ def test_missing_special_tokens_are_added(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     loaded = load_tokenizer(tmp_path)
-    assert loaded.num_classes == len(vocab) + len(SPECIAL_TOKENS)
+    assert len(loaded) == len(vocab) + len(SPECIAL_TOKENS)
     assert sorted([loaded.special.im_start, loaded.special.im_end, loaded.special.vision_start,
                    loaded.special.vision_end, loaded.special.video_pad, loaded.special.uncond]) == list(range(4, 10))
     assert loaded.encode("hello world") == [1, 3, 2]
