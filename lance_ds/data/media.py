@@ -148,7 +148,15 @@ def _open_image(data: bytes, decode: bool = True) -> Image.Image:
         # also raise TypeError, IndexError, struct.error ... on damaged bytes: every one of them is bad input here
         what = "image" if decode else "image header"
         raise MediaError(f"not a readable {what} ({len(data)} bytes, starts {bytes(data[:8])!r}): "
-                         f"{_pil_reason(e)}") from None
+                         f"{_pil_reason(e)}{_heif_hint(data)}") from None
+
+
+def _heif_hint(data: bytes) -> str:
+    """HEIC (iPhone photos) is a format PIL reads only through a plugin this project does not install."""
+    if bytes(data[4:8]) == b"ftyp" and bytes(data[8:12]) in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1",
+                                                                b"msf1"):
+        return "; a HEIC/HEIF image: convert it to JPEG, PNG or WebP first (e.g. `heif-convert`, or pillow-heif)"
+    return ""
 
 
 # EXIF orientation -> the turn that shows the image upright (2..8; 1 is upright already)

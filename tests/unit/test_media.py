@@ -153,6 +153,17 @@ def test_any_damage_to_image_bytes_is_a_media_error():
                     pass
 
 
+def test_a_heic_photo_is_refused_with_how_to_convert_it():
+    """iPhones write HEIC; PIL reads it only through a plugin: the reason says what it is and what to do."""
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # an ISO-BMFF header, brand heic
+    for read in (decode_image, probe_image):
+        with pytest.raises(MediaError, match="a HEIC/HEIF image: convert it to JPEG, PNG or WebP"):
+            read(heic)
+    with pytest.raises(MediaError) as plain:
+        decode_image(b"\x00\x00\x00\x18ftypisom" + bytes(64))  # an mp4 given as an image: no HEIC advice
+    assert "HEIC" not in str(plain.value)
+
+
 def test_running_out_of_memory_is_not_bad_input(monkeypatch):
     """A converter that runs out of memory must fail (a re-run tries the row again), not reject the row for good."""
     import lance_ds.data.media as media
