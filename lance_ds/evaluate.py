@@ -469,10 +469,16 @@ def report(args, settings: EvalSettings, results: dict[str, Evaluation], step: i
     print("goals: " + ("all met" if not missed else f"missed by {', '.join(missed)}"))
     tb_dir = args.tensorboard or (str(run_dir / "tensorboard") if run_dir else None)
     if tb_dir and tb_dir != "none":
-        tb = TensorBoard(tb_dir, enabled=True)
         for name, result in results.items():
-            log_to_tensorboard(tb, 0 if name == "step 0" else max(step, 0), result)
-        tb.close()
+            at = 0 if name == "step 0" else max(step, 0)
+            # the points of one evaluated step in a file of their own, which an evaluation of that step again
+            # replaces: TensorBoard would show both (its curves zigzag between points at one step)
+            suffix = f".eval_step{at}"
+            for earlier in Path(tb_dir).glob(f"events.out.tfevents.*{suffix}"):
+                earlier.unlink()
+            tb = TensorBoard(tb_dir, enabled=True, filename_suffix=suffix)
+            log_to_tensorboard(tb, at, result)
+            tb.close()
         print(f"TensorBoard: eval/<task> scalars and eval/samples/* in {tb_dir}")
     json_path = Path(args.json) if args.json else (run_dir / "eval.json" if run_dir else None)
     if json_path:

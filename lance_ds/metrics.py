@@ -172,13 +172,13 @@ class TensorBoard:
     A write that fails (a full disk, a lost mount) turns TensorBoard off with one warning: the run and its
     checkpoints go on; what is watched matters less than a week of training."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None):
+    def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None, filename_suffix: str = ""):
         self.writer = None
         self.log_dir = log_dir
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step, filename_suffix=filename_suffix)
 
     @contextlib.contextmanager
     def _writing(self):

@@ -311,3 +311,26 @@ def test_cli_writes_the_json_where_asked_creating_its_directory(prompts, tmp_pat
     assert ev.main(["--checkpoint", "fake", "--dataset_config", "fake.yaml", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["results"]["trained"]["scores"]["t2i"]["accuracy"] == 1.0
     assert "| t2i" in capsys.readouterr().out
+
+
+def test_evaluating_a_step_again_replaces_its_tensorboard_points(prompts, tmp_path, monkeypatch):
+    """Evaluate is re-run on a checkpoint (other settings, a fixed judge): TensorBoard showed both runs' points."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import lance_ds.config.run
+    from lance_ds.generate import Generator
+
+    trained = FakeGenerator("right")
+    trained.source, trained.planner = "fake", None
+    monkeypatch.setattr(lance_ds.config.run, "load_dataset", lambda *args: None)
+    monkeypatch.setattr(Generator, "from_checkpoint", lambda *args, **kwargs: trained)
+    monkeypatch.setattr(ev, "load_prompts", lambda dataset, num_per_task, planner, max_tokens: prompts)
+    monkeypatch.setattr(ev, "prompt_token_limit", lambda checkpoint: 1024)
+    tb = tmp_path / "tb"
+    for step, mode in ((40, "noise"), (80, "right"), (40, "right")):  # step 40 once more, now judged right
+        trained.mode = mode
+        monkeypatch.setattr(ev, "checkpoint_step", lambda checkpoint, step=step: (step, None))
+        assert ev.main(["--checkpoint", "fake", "--dataset_config", "fake.yaml", "--tensorboard", str(tb)]) == 0
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert sorted((e.step, e.value) for e in acc.Scalars("eval/t2v")) == [(40, 1.0), (80, 1.0)]
