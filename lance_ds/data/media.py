@@ -497,7 +497,10 @@ def decode_video(
     if stream.codec_context.width * stream.codec_context.height >= _THREADED_PIXELS:
         stream.thread_type = "AUTO"  # frame + slice threads: ~1.25x on 256 x 256 clips (2 cores)
     rate = _stream_rate(stream) or 25.0
-    sampler = FrameSampler(sample_fps, max_frames, max_duration, tolerance=_on_time_tolerance(rate))
+    # a timestamp rounded to the time base is up to a tick early, however fast the declared rate (a WebM muxer may
+    # declare 1000 fps: its nominal frame duration is a millisecond)
+    tolerance = max(_on_time_tolerance(rate), float(stream.time_base or 0))
+    sampler = FrameSampler(sample_fps, max_frames, max_duration, tolerance=tolerance)
     kept: list[np.ndarray] = []
     size: tuple[int, int] | None = None
     turns = 0  # counter-clockwise quarter turns that show the frames upright

@@ -352,6 +352,26 @@ def mux(frames: np.ndarray, fps: int, fmt: str, codec: str = "mpeg4", pix_fmt: s
     return out.getvalue()
 
 
+def test_millisecond_timestamps_sample_evenly_whatever_rate_the_container_declares():
+    """A WebM muxer may declare a nominal 1000 fps for a 24 fps clip with millisecond timestamps: a frame a
+    millisecond early is still on time (the tolerance was a quarter of the declared 1 ms frame and missed it)."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="webm") as container:
+        stream = container.add_stream("libvpx-vp9", rate=1000)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, rgb in enumerate(counter_video(12)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = round(i * 1000 / 24), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(io.BytesIO(out.getvalue())) as container:
+        assert container.streams.video[0].average_rate > 100  # the declared rate is the muxer's, not the clip's
+    assert frame_ids(decode_video(out.getvalue(), sample_fps=12)) == [0, 2, 4, 6, 8, 10]
+
+
 def test_millisecond_timestamps_sample_evenly():
     """Matroska / WebM store milliseconds: a 24 fps frame due at 83.33 ms says 83. It is on time for its target,
     not passed over for the next one (which sampled 0, 3, 4, 6, 9, 10 ... of 0, 2, 4, 6, 8, 10)."""
