@@ -515,8 +515,8 @@ def refuse_other_architecture(saved_model: dict, current_model: dict, path: Path
     """A checkpoint resumes only into the architecture that wrote it; the error names every differing key."""
     def setting(model: dict, key: str):
         value = model.get(key)
-        if key == "lora" and isinstance(value, dict):  # (adapter dropout: no weights of its own)
-            value = {k: v for k, v in value.items() if k != "dropout"}
+        if key == "lora" and isinstance(value, dict):  # (adapter dropout: no weights of its own; the targets a set)
+            value = {k: sorted(v) if k == "target_modules" else v for k, v in value.items() if k != "dropout"}
         return value
 
     differing = [k for k in ARCHITECTURE_KEYS

@@ -229,7 +229,7 @@ def load_trained_weights(path: str | Path, ema: bool = False, moved: dict[str, s
         state = with_ema(state, step_dir, int(trainer_state.get("world_size", 1)))
     adapters = None
     if config.model.training_type == "lora":
-        state, adapters = merge_lora(state, config.model.lora)
+        state, adapters = merge_lora(state, config.model.lora, trained_parameter_names(step_dir))
     return TrainedWeights(step_dir, config, int(trainer_state["step"]), state, adapters, ema,
                           trainer_state.get("cuts", {}))
 
@@ -295,9 +295,23 @@ def with_ema(state: dict[str, Tensor], step_dir: Path, world_size: int) -> dict[
     return {**state, **{k: v.float() for k, v in averaged.items()}}
 
 
-def merge_lora(state: dict[str, Tensor], lora: LoraConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """LoRA-wrapped weights -> (plain weights with W + alpha / r * B @ A, the adapters under peft's names)."""
-    from .model.lora import PEFT_PREFIX
+def trained_parameter_names(step_dir: Path) -> set[str]:
+    """The parameters the run trained: DeepSpeed records their names by optimizer group, the frozen ones apart
+    (rank 0's model states, read memory-mapped; check_deepspeed_files has vetted its pickle)."""
+    states = sorted(step_dir.glob("*model_states.pt"))
+    if not states:
+        raise ExportError(f"{step_dir} holds no DeepSpeed model states (*model_states.pt); the checkpoint is "
+                          "incomplete, export another step")
+    saved = torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)
+    return {name for group in saved["param_shapes"] for name in group}
+
+
+def merge_lora(state: dict[str, Tensor], lora: LoraConfig,
+               trained: set[str] = frozenset()) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """LoRA-wrapped weights -> (plain weights with W + alpha / r * B @ A, the adapters under peft's names). The
+    `trained` parameters that are not adapters (a trainable ViT, layers model.path lacked: see add_lora) go with
+    the adapters too, so that they hold the whole of what the run changed."""
+    from .model.lora import PEFT_PREFIX, is_lora_param
 
     scale = lora.alpha / lora.r  # peft's scaling without rank-stabilisation, as lance_ds.model.lora configures it
     merged: dict[str, Tensor] = {}
@@ -313,6 +327,7 @@ def merge_lora(state: dict[str, Tensor], lora: LoraConfig) -> tuple[dict[str, Te
         merged[f"{module}.weight"] = merged[f"{module}.weight"] + scale * (up @ down)
     if state and not adapters:
         raise ExportError("model.training_type is lora but the checkpoint holds no lora_A / lora_B tensors")
+    adapters.update({PEFT_PREFIX + n: merged[n] for n in sorted(trained) if not is_lora_param(n) and n in merged})
     return merged, adapters
 
 

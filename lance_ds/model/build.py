@@ -116,8 +116,9 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
     with zero_init(ds_config) if zero3 else contextlib.nullcontext():
         model = LanceModel(lance_cfg, vit_model=trainable_vit)
     init_weights(model)
+    fresh: set[str] = set()  # parameters model.path does not hold: they start from init_weights
     if cfg.path:
-        load_llm_weights(model, Path(cfg.path))
+        fresh = load_llm_weights(model, Path(cfg.path))
     elif cfg.visual_gen:
         init_gen_expert(model)
     if trainable_vit is not None:
@@ -128,7 +129,7 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
     if cfg.training_type == "lora":
         from .lora import add_lora
 
-        add_lora(model, cfg.lora, ds_config if zero3 else None)
+        add_lora(model, cfg.lora, ds_config if zero3 else None, fresh=fresh)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     if ds_config is None:
         model.to(DTYPES[cfg.dtype])
@@ -411,8 +412,10 @@ def model_shapes(model: nn.Module) -> dict[str, torch.Size]:
     return {n: torch.Size(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in model.named_parameters()}
 
 
-def load_llm_weights(model: LanceModel, path: Path) -> None:
-    """Lance checkpoint key for key, or a Qwen2.5-VL checkpoint's text weights (+ gen expert copied), read lazily."""
+def load_llm_weights(model: LanceModel, path: Path) -> set[str]:
+    """Lance checkpoint key for key, or a Qwen2.5-VL checkpoint's text weights (+ gen expert copied), read lazily.
+    Returns the parameters `path` does not hold (LAPE tables, the generation heads of an understanding checkpoint),
+    which keep their fresh init."""
     shapes = _decoder_shapes(model)
     where, index, sources = llm_sources(path, shapes)
     problem = llm_weights_problem(shapes, sources, where, model)
@@ -421,6 +424,7 @@ def load_llm_weights(model: LanceModel, path: Path) -> None:
     if LANCE_POS_TABLE in index and is_lance_dir(path):
         check_position_table(model, read_tensors(index, [LANCE_POS_TABLE])[LANCE_POS_TABLE], where)
     load_state(model, LazyState(index, sources), where)
+    return set(shapes) - set(sources)
 
 
 def _decoder_shapes(model: LanceModel) -> dict[str, torch.Size]:

@@ -25,12 +25,12 @@ NOT_IN_VIT = r"vit_model\..*"  # peft's exclude_modules: adapters go on the LLM'
 
 
 def peft_config(settings: LoraSettings, targets: list[str], exclude_modules: str | None = None,
-                base: str | None = None):
+                base: str | None = None, modules_to_save: list[str] | None = None):
     from peft import LoraConfig
 
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                       target_modules=targets, exclude_modules=exclude_modules, bias="none",
-                      base_model_name_or_path=base)
+                      base_model_name_or_path=base, modules_to_save=modules_to_save)
 
 
 def lora_targets(model: nn.Module, names: list[str]) -> list[str]:
@@ -51,15 +51,19 @@ def adapted_modules(adapters: dict[str, torch.Tensor]) -> list[str]:
     return sorted({key.split(".lora_A.")[0].rsplit(".", 1)[-1] for key in adapters if ".lora_A." in key})
 
 
-def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = None) -> nn.Module:
-    """Inject adapters (in place) into the LLM's projections and freeze everything else but a trainable ViT, which
-    trains whole beside them (model.vit_trainable: the ViT's MLP names are the LLM's, so target_modules alone would
-    put adapters on it too). Under ZeRO-3 the adapters are created partitioned."""
+def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = None,
+             fresh: set[str] = frozenset()) -> nn.Module:
+    """Inject adapters (in place) into the LLM's projections and freeze everything else but what trains whole beside
+    them: a trainable ViT (model.vit_trainable: the ViT's MLP names are the LLM's, so target_modules alone would put
+    adapters on it too), and the `fresh` parameters model.path did not hold (the generation heads of a Qwen2.5-VL
+    start, LAPE tables), which frozen would stay at their random init. Under ZeRO-3 the adapters are created
+    partitioned."""
     from peft import inject_adapter_in_model
 
     from .build import zero_init
 
-    trainable_vit = {n for n, p in model.named_parameters() if n.startswith(LANCE_VIT_PREFIX) and p.requires_grad}
+    whole = {n for n, p in model.named_parameters()
+             if p.requires_grad and (n.startswith(LANCE_VIT_PREFIX) or n in fresh)}  # (freeze patterns applied)
     targets = lora_targets(model, list(settings.target_modules))
     with zero_init(ds_config) if ds_config is not None else contextlib.nullcontext():
         has_vit = any(name.startswith(LANCE_VIT_PREFIX) for name, _ in model.named_modules())
@@ -67,7 +71,7 @@ def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = 
     if ds_config is not None:
         _init_partitioned_adapters(model)
     for name, p in model.named_parameters():
-        p.requires_grad_(is_lora_param(name) or name in trainable_vit)
+        p.requires_grad_(is_lora_param(name) or name in whole)
     return model
 
 
@@ -91,13 +95,16 @@ def is_lora_param(name: str) -> bool:
 
 
 def lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Adapter tensors under peft's names (adapter name dropped, PeftModel prefix added).
+    """Adapter tensors, and the parameters that train whole beside them (see add_lora), under peft's names (adapter
+    name dropped, PeftModel prefix added).
 
     state_dict: a full (e.g. ZeRO-3-gathered) state dict of the model; default model.state_dict().
     """
     from peft import get_peft_model_state_dict
 
-    adapters = get_peft_model_state_dict(model, state_dict=state_dict)
+    state = state_dict if state_dict is not None else model.state_dict()
+    adapters = get_peft_model_state_dict(model, state_dict=state)
+    adapters.update({n: state[n] for n, p in model.named_parameters() if p.requires_grad and not is_lora_param(n)})
     return {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in adapters.items()}
 
 
@@ -111,10 +118,12 @@ def save_adapters(directory: str | Path, adapters: dict[str, torch.Tensor], sett
                   base: str | None = None) -> Path:
     """adapter_config.json + adapter_model.safetensors of adapter tensors under peft's names. `base`: the weights
     they go on (the run's model.path; None: random, from the run's seed), and never the ViT's layers of the same
-    name (excluded as when they were added)."""
+    name (excluded as when they were added). Tensors that are not adapters trained whole: their top-level modules
+    are peft's modules_to_save, which replace the base's."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    peft_config(settings, adapted_modules(adapters), NOT_IN_VIT, base).save_pretrained(str(directory))
+    whole = sorted({k.removeprefix(PEFT_PREFIX).split(".")[0] for k in adapters if not is_lora_param(k)})
+    peft_config(settings, adapted_modules(adapters), NOT_IN_VIT, base, whole or None).save_pretrained(str(directory))
     save_safetensors({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_WEIGHTS))
     return directory
 

@@ -402,7 +402,7 @@ def test_an_ema_saved_by_other_ranks_is_repartitioned(tmp_path, saved_world, wor
 
 def test_resume_into_another_architecture_is_refused_naming_the_keys(tmp_path):
     from lance_ds.config.core import to_dict
-    from lance_ds.config.model import ModelConfig
+    from lance_ds.config.model import LoraConfig, ModelConfig
     from lance_ds.checkpoint import refuse_other_architecture
 
     saved = to_dict(ModelConfig())
@@ -414,6 +414,13 @@ def test_resume_into_another_architecture_is_refused_naming_the_keys(tmp_path):
     for change in (dict(vit_trainable=True), dict(freeze_modules=["vit_model.*"])):  # what the optimizer covers
         with pytest.raises(CheckpointError, match=f"model.{next(iter(change))}"):
             refuse_other_architecture(saved, to_dict(ModelConfig(**change)), tmp_path)
+    # the same adapters listed in another order resume; other adapters do not
+    lora = to_dict(ModelConfig(training_type="lora", lora=LoraConfig(target_modules=["q_proj", "v_proj"])))
+    listed = to_dict(ModelConfig(training_type="lora", lora=LoraConfig(target_modules=["v_proj", "q_proj"])))
+    refuse_other_architecture(lora, listed, tmp_path)
+    with pytest.raises(CheckpointError, match="model.lora"):
+        refuse_other_architecture(lora, to_dict(ModelConfig(training_type="lora", lora=LoraConfig(
+            target_modules=["q_proj", "k_proj"]))), tmp_path)
 
 
 def test_a_moved_model_directory_resumes_and_another_geometry_is_refused(tmp_path):

@@ -111,6 +111,7 @@ def test_transformers_loads_the_understanding_expert_with_the_same_logits(export
 
 
 def test_lora_export_merges_as_peft_does_and_keeps_the_adapters(trained_runs, tmp_path):
+    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     from lance_ds.config.model import LoraConfig, ModelConfig
@@ -123,11 +124,22 @@ def test_lora_export_merges_as_peft_does_and_keeps_the_adapters(trained_runs, tm
     assert json.loads((out / "export.json").read_text())["lora"] == "merged"
     parts = load_export(out, device="cpu")
     assert_close_predictions(predictions(parts.bundle, parts.tokenizer), trained_runs["reference"], "lora_pred")
-    # peft's own merge of the same checkpoint gives the same weights; the adapters load back into a LoRA model
+    # lora/ holds what the run changed, the ViT it trained whole included: peft applies it to the run's base weights
     tokenizer = load_tokenizer()
-    cfg = ModelConfig(size="debug", dtype="fp32", training_type="lora", lora=LoraConfig(r=4))
-    model = build_model(cfg, len(tokenizer), None, "cpu").model
     trained = zero_consolidated_state(find_checkpoint(trained_runs["lora"]))
+    assert json.loads((out / "lora" / "adapter_config.json").read_text())["modules_to_save"] == ["vit_model"]
+    base = build_model(ModelConfig(size="debug", dtype="fp32", vit_trainable=True), len(tokenizer), None, "cpu")
+    load_state(base.model, {n.replace(".base_layer.", "."): v for n, v in trained.items() if "lora_" not in n},
+               "lora checkpoint's base weights")
+    with torch.no_grad():
+        for name, p in base.model.named_parameters():
+            if name.startswith("vit_model."):
+                p.mul_(0.5)  # not the trained ViT: lora/ must bring it
+    PeftModel.from_pretrained(base.model, str(out / "lora")).eval()  # (in place: base.model is adapted)
+    assert_close_predictions(predictions(base, tokenizer), trained_runs["reference"], "lora_pred")
+    # peft's own merge of the same checkpoint gives the same weights; the adapters load back into a LoRA model
+    cfg = ModelConfig(size="debug", dtype="fp32", training_type="lora", lora=LoraConfig(r=4), vit_trainable=True)
+    model = build_model(cfg, len(tokenizer), None, "cpu").model
     load_state(model, trained, "lora checkpoint")
     before = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
     assert any(p.abs().sum() > 0 for n, p in before.items() if "lora_B" in n)  # the adapters trained

@@ -82,7 +82,8 @@ def reference_inputs(vit, latent_channels: int, num_text_classes: int):
 
     batch = synthetic_batch([[Text(5, scored=True), Vit(1, 4, 4), Vae(1, 2, 3), Text(4, scored=True)],
                              [Text(6, scored=True)]], num_text_classes=num_text_classes, seed=3)
-    vit_embeds = encode_vit(vit, batch.vit_patches, batch.vit_grid_thw)
+    vit_embeds = encode_vit(vit, batch.vit_patches, batch.vit_grid_thw) if vit is not None else None  # (None:
+    # the model holds a trainable ViT)
     latents = random_latents(batch, latent_channels, seed=4)
     return batch, vit_embeds, latents, torch.full((latents.shape[0],), 0.6)
 
@@ -200,7 +201,9 @@ def run_worker(out: Path, dataset: Path, ds_json: Path) -> None:
         videos.update({f"ema_video.{i}": v for i, v in enumerate(gen.generate(gen_samples(), num_steps=NUM_STEPS))})
     reference.update({f"after.{k}": v for k, v in gathered_state(trainer.engine.module).items()})
     trainer.tb.close()  # not trainer.close(): that ends the process group, which the LoRA run below still needs
-    lora = train(run_yaml, out / "lora", dataset, ds_json, "model.training_type=lora", "model.lora.r=4")
+    # with a trainable ViT, which trains whole beside the adapters
+    lora = train(run_yaml, out / "lora", dataset, ds_json, "model.training_type=lora", "model.lora.r=4",
+                 "model.vit_trainable=true")
     reference.update({f"lora_pred.{k}": v for k, v in engine_predictions(lora).items()})
     lora.close()
     save_file({k: v.contiguous() for k, v in videos.items()}, str(out / f"videos_rank{rank}.safetensors"))

@@ -102,6 +102,38 @@ def test_checkpoints_of_other_switches_are_refused_by_the_config_check_or_adopte
     assert torch.equal(unified["language_model.lm_head.weight"], trained["language_model.lm_head.weight"])
 
 
+def test_lora_from_an_understanding_checkpoint_trains_the_layers_it_lacks_and_saves_them_with_the_adapters(tmp_path):
+    """LoRA from an understanding checkpoint (Qwen2.5-VL, a visual_gen=false export): the generation heads and LAPE
+    tables it lacks start fresh, so they train whole beside the adapters (frozen, they would stay random), and the
+    adapters' directory carries them as peft's modules_to_save: peft applies it to the model.path build exactly."""
+    import json
+
+    from peft import PeftModel
+
+    from lance_ds.model import save_lora
+    from lance_ds.model.lora import is_lora_param
+
+    und_dir = _lance_dir(tmp_path / "und", build_model(cfg(visual_gen=False), NUM_CLASSES))
+    lora_cfg = cfg(path=und_dir, training_type="lora", lape=LapeConfig(enabled=True))
+    bundle = build_model(lora_cfg, NUM_CLASSES)
+    trainable = [n for n, p in bundle.model.named_parameters() if p.requires_grad]
+    whole = {n.split(".")[0] for n in trainable if not is_lora_param(n)}
+    assert whole == {"time_embedder", "vae2llm", "llm2vae", "lape"}, whole
+    assert any(".lora_B." in n for n in trainable)
+    with torch.no_grad():  # as if trained
+        for n, p in bundle.model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    save_lora(bundle.model, lora_cfg.lora, tmp_path / "lora")
+    assert sorted(json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["modules_to_save"]) == \
+        sorted(whole)
+    base = build_model(cfg(path=und_dir, lape=LapeConfig(enabled=True)), NUM_CLASSES)  # fresh layers: other init
+    PeftModel.from_pretrained(base.model, str(tmp_path / "lora")).eval()  # (in place: base.model is adapted)
+    bundle.model.eval()
+    for mine, peft in zip(outputs(bundle), outputs(base)):
+        assert torch.allclose(mine, peft, atol=1e-5), (mine - peft).abs().max()
+
+
 def tiny_qwen25vl(directory, tied: bool):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
