@@ -120,6 +120,12 @@ def test_lora_export_merges_as_peft_does_and_keeps_the_adapters(trained_runs, tm
     from lance_ds.model import build_model, load_lora
     from lance_ds.model.build import load_state
 
+    # the run trained adapters and its ViT whole, nothing else, and resumed from its checkpoint to the same weights
+    for record in trained_runs["ranks"]:
+        trained = set(record["lora_trained"])
+        assert "vit_model" in trained and {"q_proj", "q_proj_moe_gen"} <= trained, trained
+        assert not trained & {"language_model", "time_embedder", "vae2llm", "llm2vae"}, trained
+        assert record["lora_resumed_step"] == 3 and record["lora_resumed_differs"] == []
     out = export_checkpoint(trained_runs["lora"], tmp_path / "lora")
     assert json.loads((out / "export.json").read_text())["lora"] == "merged"
     parts = load_export(out, device="cpu")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -92,13 +93,13 @@ def reference_inputs(vit, latent_channels: int, num_text_classes: int):
 # the 2-rank worker (run under the deepspeed launcher)
 
 
-def train(run_yaml: Path, out: Path, dataset: Path, ds_json: Path, *overrides: str):
+def train(run_yaml: Path, out: Path, dataset: Path, ds_json: Path, *overrides: str, resume: str = "none"):
     from lance_ds.config import load_and_check
     from lance_ds.trainer import Trainer
 
     args = [f"dataset_config={dataset}", f"output_dir={out}", *overrides]
     run, ds_config = load_and_check(str(run_yaml), args, str(ds_json), int(os.environ["WORLD_SIZE"]))
-    trainer = Trainer(run, ds_config, resume="none")
+    trainer = Trainer(run, ds_config, resume=resume)
     trainer.train()
     return trainer
 
@@ -202,10 +203,21 @@ def run_worker(out: Path, dataset: Path, ds_json: Path) -> None:
     reference.update({f"after.{k}": v for k, v in gathered_state(trainer.engine.module).items()})
     trainer.tb.close()  # not trainer.close(): that ends the process group, which the LoRA run below still needs
     # with a trainable ViT, which trains whole beside the adapters
-    lora = train(run_yaml, out / "lora", dataset, ds_json, "model.training_type=lora", "model.lora.r=4",
-                 "model.vit_trainable=true")
+    lora_args = ("model.training_type=lora", "model.lora.r=4", "model.vit_trainable=true")
+    lora = train(run_yaml, out / "lora", dataset, ds_json, *lora_args)
     reference.update({f"lora_pred.{k}": v for k, v in engine_predictions(lora).items()})
-    lora.close()
+    lora_state = gathered_state(lora.engine.module)
+    lora.close(finished=False)  # all but the process group, which the resumed run takes on
+    del lora
+    gc.collect()  # (its HfDeepSpeedConfig too: while one lives, transformers builds every model under zero.Init)
+    # the same run again resumes from its last checkpoint: adapters, the ViT it trains whole and the rest as trained
+    resumed = train(run_yaml, out / "lora", dataset, ds_json, *lora_args, resume="latest")
+    record["lora_resumed_step"] = resumed.step
+    record["lora_resumed_differs"] = sorted(n for n, v in gathered_state(resumed.engine.module).items()
+                                            if not torch.equal(v, lora_state[n]))
+    record["lora_trained"] = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] if ".lora_" in n else n.split(".")[0]
+                                     for n, p in resumed.engine.module.named_parameters() if p.requires_grad})
+    resumed.close()
     save_file({k: v.contiguous() for k, v in videos.items()}, str(out / f"videos_rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
@@ -240,6 +252,7 @@ def launch_runs(root: Path) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
         raise AssertionError(f"the 2-rank worker hung:\n{log[-4000:]}")
+    (root / "worker.log").write_text(log)
     assert proc.returncode == 0, f"the 2-rank worker failed ({proc.returncode}):\n{log[-5000:]}"
     from safetensors.torch import load_file
 
