@@ -466,6 +466,9 @@ class FrameSampler:
         return self.max_frames is not None and self.kept >= self.max_frames
 
 
+_MILLISECOND = 1e-3
+
+
 def _on_time_tolerance(fps: float) -> float:
     """How early a frame of an `fps` stream may be and still be at its sampling target: a quarter of a frame interval.
     Timestamps are rounded to the container's resolution: Matroska / WebM store milliseconds, so a 24 fps frame due
@@ -497,9 +500,9 @@ def decode_video(
     if stream.codec_context.width * stream.codec_context.height >= _THREADED_PIXELS:
         stream.thread_type = "AUTO"  # frame + slice threads: ~1.25x on 256 x 256 clips (2 cores)
     rate = _stream_rate(stream) or 25.0
-    # a timestamp rounded to the time base is up to a tick early, however fast the declared rate (a WebM muxer may
-    # declare 1000 fps: its nominal frame duration is a millisecond)
-    tolerance = max(_on_time_tolerance(rate), float(stream.time_base or 0))
+    # a timestamp rounded to a fine time base is up to a tick early, whatever rate the muxer declares (Matroska /
+    # WebM store milliseconds; one may declare 1000 fps); a tick of a frame or more is a frame index, exact
+    tolerance = max(_on_time_tolerance(rate), min(float(stream.time_base or 0), _MILLISECOND))
     sampler = FrameSampler(sample_fps, max_frames, max_duration, tolerance=tolerance)
     kept: list[np.ndarray] = []
     size: tuple[int, int] | None = None

@@ -185,6 +185,20 @@ def keep_hf_deepspeed_config(ds_config: dict):
     return HfDeepSpeedConfig(ds_config)
 
 
+@contextlib.contextmanager
+def without_hf_deepspeed_config():
+    """transformers builds every model under zero.Init while any HfDeepSpeedConfig lives in the process (a ZeRO-3
+    trainer's with a trainable ViT, when a notebook configures a second run): not a plan on the meta device."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # (transformers keeps no public getter of the object)
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+
+
 def gathered(params: list[nn.Parameter]):
     """Full parameters inside the block on ZeRO-3 (rank 0's writes are kept and broadcast); a no-op otherwise."""
     if any(hasattr(p, "ds_id") for p in params):
@@ -278,7 +292,7 @@ def _built_model_problems(cfg: ModelConfig, spec: ModelSpec) -> list[tuple[str, 
     if cfg.visual_gen:
         with contextlib.suppress(OSError, ValueError):  # (reported above)
             latent_channels = codec_shape(*codec_source(cfg, spec)).latent_channels
-    with torch.device("meta"):
+    with torch.device("meta"), without_hf_deepspeed_config():
         vit = build_vision_tower(spec.vit, None) if cfg.visual_und and cfg.vit_trainable else None
         model = LanceModel(lance_config(cfg, spec, latent_channels, num_text_classes=1), vit_model=vit)
     problems = []

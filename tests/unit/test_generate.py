@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import signal
@@ -207,9 +206,8 @@ def run_worker(out: Path, dataset: Path, ds_json: Path) -> None:
     lora = train(run_yaml, out / "lora", dataset, ds_json, *lora_args)
     reference.update({f"lora_pred.{k}": v for k, v in engine_predictions(lora).items()})
     lora_state = gathered_state(lora.engine.module)
-    lora.close(finished=False)  # all but the process group, which the resumed run takes on
-    del lora
-    gc.collect()  # (its HfDeepSpeedConfig too: while one lives, transformers builds every model under zero.Init)
+    lora.close(finished=False)  # all but the process group, which the resumed run takes on (its HfDeepSpeedConfig
+    # lives on: the resumed run's config check must not build under it)
     # the same run again resumes from its last checkpoint: adapters, the ViT it trains whole and the rest as trained
     resumed = train(run_yaml, out / "lora", dataset, ds_json, *lora_args, resume="latest")
     record["lora_resumed_step"] = resumed.step
