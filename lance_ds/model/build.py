@@ -28,6 +28,7 @@ from lance_ds.data.sequence import VisionGeometry
 from .attention import import_flash_varlen
 from .lance import LanceConfig, LanceModel
 from .llm import RMSNorm, copy_und_to_gen, gen_to_und_name
+from .lora import is_lora_param
 from .positions import LearnablePositions, lape_cost
 from .registry import ModelSpec, resolve_spec
 from .vae import FrozenVAE, VaeConfig, build_vae, codec_shape, detect_kind
@@ -74,6 +75,10 @@ class ModelBundle:
                         for p in self.model.parameters() if p.requires_grad)
         parts = [f"LLM {llm.num_layers}x{llm.hidden_size} ({llm.num_heads} heads, {llm.num_kv_heads} KV, "
                  f"MoT={llm.mot}), {num_params / 1e6:.1f} M params, {num_train / 1e6:.1f} M trainable"]
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if any(is_lora_param(n) for n in names):  # what trains whole beside the adapters (see add_lora)
+            whole = sorted({n.split(".")[0] for n in names if not is_lora_param(n)})
+            parts[0] += f" (LoRA adapters{''.join(f' + {m}' for m in whole)})"
         if self.vit is not None:
             parts.append(f"frozen ViT {self.spec.vit.depth}x{self.spec.vit.hidden_size}")
         if self.vae is not None:

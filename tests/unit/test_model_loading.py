@@ -119,6 +119,7 @@ def test_lora_from_an_understanding_checkpoint_trains_the_layers_it_lacks_and_sa
     trainable = [n for n, p in bundle.model.named_parameters() if p.requires_grad]
     whole = {n.split(".")[0] for n in trainable if not is_lora_param(n)}
     assert whole == {"time_embedder", "vae2llm", "llm2vae", "lape"}, whole
+    assert "trainable (LoRA adapters + lape + llm2vae + time_embedder + vae2llm)" in bundle.describe()
     assert any(".lora_B." in n for n in trainable)
     with torch.no_grad():  # as if trained
         for n, p in bundle.model.named_parameters():
