@@ -130,11 +130,11 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
         vit = None  # it lives in the model (and its checkpoint) now
     elif vit is not None:
         vit = freeze(vit).to(device)
-    freeze_by_patterns(model, cfg.freeze_modules)
     if cfg.training_type == "lora":
         from .lora import add_lora
 
         add_lora(model, cfg.lora, ds_config if zero3 else None, fresh=fresh)
+    freeze_by_patterns(model, cfg.freeze_modules)  # (after add_lora: a pattern may name adapters)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     if ds_config is None:
         model.to(DTYPES[cfg.dtype])
@@ -301,14 +301,6 @@ def _built_model_problems(cfg: ModelConfig, spec: ModelSpec) -> list[tuple[str, 
         vit = build_vision_tower(spec.vit, None) if cfg.visual_und and cfg.vit_trainable else None
         model = LanceModel(lance_config(cfg, spec, latent_channels, num_text_classes=1), vit_model=vit)
     problems = []
-    if cfg.training_type == "lora":
-        from .lora import lora_targets
-
-        try:
-            lora_targets(model, list(cfg.lora.target_modules))
-        except ValueError as e:
-            problems.append(("model.lora.target_modules", str(e).removeprefix("model.lora.target_modules ")))
-    problems += [("model.freeze_modules", p) for p in unmatched_patterns(model, cfg.freeze_modules)]
     if cfg.path:
         try:
             shapes = _decoder_shapes(model)
@@ -318,6 +310,15 @@ def _built_model_problems(cfg: ModelConfig, spec: ModelSpec) -> list[tuple[str, 
             problem = str(e)
         if problem:
             problems.append(("model.path", problem))
+    if cfg.training_type == "lora":  # adapters as build_model injects them: freeze patterns may name them
+        from .lora import add_lora
+
+        try:
+            with torch.device("meta"):
+                add_lora(model, cfg.lora)
+        except ValueError as e:
+            problems.append(("model.lora.target_modules", str(e).removeprefix("model.lora.target_modules ")))
+    problems += [("model.freeze_modules", p) for p in unmatched_patterns(model, cfg.freeze_modules)]
     return problems
 
 

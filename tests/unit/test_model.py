@@ -278,6 +278,20 @@ def test_lora_adapts_the_llm_and_a_trainable_vit_trains_whole():
     assert all("lora_" in n for n in trainable - vit)  # and the rest of the LLM is frozen
 
 
+def test_freeze_patterns_may_name_adapters_and_the_config_check_sees_them():
+    """model.freeze_modules applies after the adapters are injected: it can freeze some of them (the understanding
+    expert's, say), and the config check finds a pattern that matches no adapter as the build would."""
+    from lance_ds.model.build import model_problems
+
+    frozen = "*.self_attn.q_proj.lora_*"
+    cfg = dict(training_type="lora", lora=LoraConfig(target_modules=["q_proj"]))
+    trainable = {n for n, p in build(freeze_modules=[frozen], **cfg).model.named_parameters() if p.requires_grad}
+    assert trainable and all(".q_proj_moe_gen.lora_" in n for n in trainable), sorted(trainable)[:3]
+    assert not dict(model_problems(ModelConfig(size="debug", freeze_modules=[frozen], **cfg)))
+    problems = dict(model_problems(ModelConfig(size="debug", freeze_modules=["*.v_proj.lora_*"], **cfg)))
+    assert "'*.v_proj.lora_*' matches no parameter" in problems["model.freeze_modules"]
+
+
 def test_trainable_vit_lives_in_the_model():
     bundle = build(vit_trainable=True)
     assert bundle.vit is None and hasattr(bundle.model, "vit_model")
