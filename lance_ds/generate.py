@@ -331,8 +331,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--prompt", help="what to generate (t2i, t2v) or the edit instruction (i2i, v2v)")
     p.add_argument("--input", help="the image (i2i, i2t) or video (v2v, v2t) file to condition on")
     p.add_argument("--question", default="", help="i2t / v2t: the question (default: none, as in captioning)")
-    p.add_argument("--system", help="the system prompt: i2t / v2t as the training rows' caption_i gave it (default: "
-                   "the one training used for the task, else the task's default)")
+    p.add_argument("--system", help="the system prompt of i2t / v2t (default: the dataset config's system_prompt "
+                   "training recorded for the task, else the task's built-in one; training rows that carried their "
+                   "own in caption_i need it given here)")
     p.add_argument("--out", help="output file: .png / .jpg for images, .mp4 for videos")
     p.add_argument("--steps", type=int, default=30, help="Euler steps (Lance: 30)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (Lance: 4.0; 1 = none)")
@@ -377,6 +378,9 @@ def _input_output_problems(args) -> list[str]:
         problems.append(f"--input: {args.task} needs the {'video' if args.task[0] == 'v' else 'image'} to work on")
     elif needs_input and not Path(args.input).is_file():
         problems.append(f"--input: {args.input} is not a file")
+    elif args.task in ("v2v", "v2t") and (kind := _still_image_kind(Path(args.input))):
+        problems.append(f"--input: {args.input} is a {kind} image; {args.task} works on a video (PyAV would read it "
+                        f"as a 1-frame clip): give a video, or use {'i2i' if args.task == 'v2v' else 'i2t'}")
     elif not needs_input and args.input:
         problems.append(f"--input: {args.task} generates from --prompt alone; drop --input (--size and --frames set "
                         "the output's size)")
@@ -394,6 +398,15 @@ def _input_output_problems(args) -> list[str]:
     if generation and args.out and (problem := output_problem("--out", args.out)):
         problems.append(problem)
     return problems
+
+
+def _still_image_kind(path: Path) -> str | None:
+    """The format of a still image file (jpg, png, ...: what its first bytes say), None for anything else."""
+    from .data.media import sniff_extension
+
+    with path.open("rb") as f:
+        kind = sniff_extension(f.read(4096))
+    return kind if kind in ("jpg", "png", "webp", "bmp", "tiff", "avif") else None  # (a GIF may be animated)
 
 
 def _shape_problems(args) -> list[str]:
@@ -475,6 +488,10 @@ def cli_sample(args, group: GroupConfig) -> Sample:
             if args.frames is not None and frames.shape[0] < args.frames:
                 print(f"lance_ds.generate: {args.input} gives {frames.shape[0]} frames at {video.sample_fps:g} fps, "
                       f"not --frames {args.frames}: the edit keeps as many as the VAE can make of them", file=sys.stderr)
+            elif args.frames is None and video.max_frames and frames.shape[0] < video.max_frames:
+                print(f"lance_ds.generate: {args.input} gives {frames.shape[0]} frame(s) at {video.sample_fps:g} fps "
+                      f"({args.task} reads up to {video.max_frames}): a short clip shows the model little",
+                      file=sys.stderr)
         media[PROMPT_MEDIA[args.task][0]] = frames
     texts = {"caption": args.prompt or ""} if args.task in GEN_TASKS else {"caption_q": args.question}
     return Sample(task=args.task, texts=texts, media=media, key=args.input or args.prompt or "prompt")
@@ -550,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         group = cli_group(gen.vae, args.task, gen.cuts, input_side, args.frames, args.fps, args.system)
         sample = cli_sample(args, group)
         if args.task in UND_TASKS:
+            if group.system_prompt is None:  # (not recorded: the rows' caption_i may have said another)
+                print(f"lance_ds.generate: system prompt: {args.task}'s built-in one; if the training rows carried "
+                      "their own (caption_i), give it with --system", file=sys.stderr)
             print(gen.answer([sample], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              seed=args.seed, group=group)[0])
             return 0

@@ -549,7 +549,16 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     question = und_samples()[0].texts["caption_q"]  # the PNG is lossless: the live engine's prompt, exactly
     assert main(["--checkpoint", str(exported), "--task", "i2t", "--input", str(image), "--question", question,
                  "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
-    assert capsys.readouterr().out == trained_runs["ranks"][0]["answers"][0] + "\n"
+    out, err = capsys.readouterr()
+    assert out == trained_runs["ranks"][0]["answers"][0] + "\n"
+    assert "system prompt: i2t's built-in one" in err  # (the run recorded none: the rows may have had their own)
+    # a still image given to a video task is refused (PyAV reads it as a 1-frame clip); a short clip is pointed out
+    assert main(["--checkpoint", str(exported), "--task", "v2t", "--input", str(image)]) == 2
+    assert f"--input: {image} is a png image; v2t works on a video" in capsys.readouterr().err
+    short = tmp_path / "short.mp4"
+    short.write_bytes(encode_video(und_samples()[1].media["video"][:1], fps=12))
+    assert main(["--checkpoint", str(exported), "--task", "v2t", "--input", str(short), "--max-new-tokens", "2"]) == 0
+    assert f"{short} gives 1 frame(s) at 12 fps (v2t reads up to" in capsys.readouterr().err
     # problems are all reported at once, with the flag and the fix, and nothing is loaded
     assert main(["--checkpoint", str(exported), "--task", "t2v", "--out", "x.png", "--size", "big", "--frames",
                  "0"]) == 2
