@@ -28,7 +28,7 @@ from lance_ds.data.sequence import VisionGeometry
 from .attention import import_flash_varlen
 from .lance import LanceConfig, LanceModel
 from .llm import RMSNorm, copy_und_to_gen, gen_to_und_name
-from .lora import is_lora_param
+from .lora import add_lora, is_lora_param
 from .positions import LearnablePositions, lape_cost
 from .registry import ModelSpec, resolve_spec
 from .vae import FrozenVAE, VaeConfig, build_vae, codec_shape, detect_kind
@@ -131,8 +131,6 @@ def build_model(cfg: ModelConfig, num_text_classes: int, ds_config: dict | None 
     elif vit is not None:
         vit = freeze(vit).to(device)
     if cfg.training_type == "lora":
-        from .lora import add_lora
-
         add_lora(model, cfg.lora, ds_config if zero3 else None, fresh=fresh)
     freeze_by_patterns(model, cfg.freeze_modules)  # (after add_lora: a pattern may name adapters)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
@@ -311,8 +309,6 @@ def _built_model_problems(cfg: ModelConfig, spec: ModelSpec) -> list[tuple[str, 
         if problem:
             problems.append(("model.path", problem))
     if cfg.training_type == "lora":  # adapters as build_model injects them: freeze patterns may name them
-        from .lora import add_lora
-
         try:
             with torch.device("meta"):
                 add_lora(model, cfg.lora)
