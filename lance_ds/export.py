@@ -224,9 +224,10 @@ def load_trained_weights(path: str | Path, ema: bool = False, moved: dict[str, s
     step_dir = find_checkpoint(path)
     config = relocated_run_config(step_dir, moved)
     trainer_state = checked_trainer_state(step_dir)
+    shards = ema_shards(step_dir, int(trainer_state.get("world_size", 1))) if ema else []  # (before the long part)
     state = zero_consolidated_state(step_dir)
     if ema:
-        state = with_ema(state, step_dir, int(trainer_state.get("world_size", 1)))
+        state = with_ema(state, step_dir, shards)
     adapters = None
     if config.model.training_type == "lora":
         state, adapters = merge_lora(state, config.model.lora, trained_parameter_names(step_dir))
@@ -270,11 +271,8 @@ def zero_consolidated_state(step_dir: Path) -> dict[str, Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def with_ema(state: dict[str, Tensor], step_dir: Path, world_size: int) -> dict[str, Tensor]:
-    """`state` with every EMA-tracked parameter replaced by its EMA (rebuilt from the per-rank shards)."""
-    from .ema import consolidate
-    from .model.weights import WeightsFileError
-
+def ema_shards(step_dir: Path, world_size: int) -> list[Path]:
+    """Every rank's EMA shard of a checkpoint, or the error that says why there are none to export."""
     shards = [rank_dir(step_dir, r) / EMA_WEIGHTS for r in range(world_size)]
     present = [f for f in shards if f.is_file()]
     if not present:
@@ -285,6 +283,14 @@ def with_ema(state: dict[str, Tensor], step_dir: Path, world_size: int) -> dict[
         missing = sorted(str(f.relative_to(step_dir)) for f in set(shards) - set(present))
         raise ExportError(f"{step_dir} lacks EMA shards {missing} of its {world_size} ranks; the checkpoint is "
                           "incomplete, export another step")
+    return shards
+
+
+def with_ema(state: dict[str, Tensor], step_dir: Path, shards: list[Path]) -> dict[str, Tensor]:
+    """`state` with every EMA-tracked parameter replaced by its EMA (rebuilt from ema_shards)."""
+    from .ema import consolidate
+    from .model.weights import WeightsFileError
+
     try:
         averaged = consolidate(shards)
     except WeightsFileError as e:
@@ -415,6 +421,16 @@ def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | st
 
     device = torch.device(device) if device is not None else default_device()
     path = Path(path).resolve()
+    model, objective, cuts = read_export_config(path, moved)
+    model_cfg = inference_model_config(model, dtype, device)
+    tokenizer = load_tokenizer(model_cfg.tokenizer_path)
+    bundle = build_model(model_cfg, len(tokenizer), None, device=device)
+    bundle.model.to(device).eval()
+    return InferenceParts(bundle, tokenizer, model_cfg, objective, str(path), cuts)
+
+
+def read_export_config(path: Path, moved: dict[str, str] | None) -> tuple[ModelConfig, ObjectiveConfig, dict]:
+    """An export's lance_ds.yaml: (model section, relocated, objective section, cuts)."""
     problems = Problems()
     data = load_yaml(path / EXPORT_CONFIG, problems, EXPORT_CONFIG)
     if problems:
@@ -428,12 +444,16 @@ def load_export(path: str | Path, dtype: str = "fp32", device: torch.device | st
     objective = from_dict(ObjectiveConfig, data.get("objective", {}), problems, "objective")
     if problems:
         raise ExportError(f"{path / EXPORT_CONFIG} does not match this lance_ds version: {'; '.join(problems.items)}")
-    model_cfg = inference_model_config(relocated(model, moved, path / EXPORT_CONFIG), dtype, device)
-    tokenizer = load_tokenizer(model_cfg.tokenizer_path)
-    bundle = build_model(model_cfg, len(tokenizer), None, device=device)
-    bundle.model.to(device).eval()
     cuts = data.get("cuts") if isinstance(data.get("cuts"), dict) else {}
-    return InferenceParts(bundle, tokenizer, model_cfg, objective, str(path), cuts)
+    return relocated(model, moved, path / EXPORT_CONFIG), objective, cuts
+
+
+def saved_model_config(path: str | Path, moved: dict[str, str] | None = None) -> ModelConfig:
+    """The model section an export or a training checkpoint was made with, from its config file alone: what
+    arguments are checked against before the weights load (minutes for a 3B checkpoint's partitions)."""
+    if is_export_dir(path):
+        return read_export_config(Path(path).resolve(), moved)[0]
+    return relocated_run_config(find_checkpoint(path), moved).model
 
 
 def load_inference_parts(path: str | Path, ema: bool = False, dtype: str = "fp32",

@@ -522,24 +522,25 @@ def cli_group(vae, task: str | None = None, cuts: dict | None = None, size: int 
     return group
 
 
-def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig,
-                     frame_size: int | None = None) -> tuple[int, int, int] | None:
+def cli_target_shape(args, planner: SequencePlanner, group: GroupConfig) -> tuple[int, int, int] | None:
     """--size for t2i / t2v: (frames, height, width), the frames the group's (cli_group's: --frames); None without
-    --size, the planner then cutting as training did. frame_size: a frame VAE's one frame size, refused before
-    sampling if --size asks for another."""
+    --size, the planner then cutting as training did."""
     if args.task not in TEXT_TO_MEDIA_TASKS or args.size is None:
         return None
     height, width = parse_size(args.size)
-    if frame_size and (height, width) != (frame_size, frame_size):
-        raise GenerateError(f"--size: this model's frame VAE makes {frame_size} x {frame_size} frames only; use "
-                            f"--size {frame_size} (or leave it out)")
     frames = 1 if args.task == "t2i" else planner.geometry.vae_num_frames(group.video.max_frames)
     return frames, height, width
 
 
-def check_frames(args, geometry) -> None:
-    """--frames a video task can make as asked: the VAE takes k * temporal_factor + 1 frames, and a v2v input read at
-    another count was cut to the count below without a word (3 frames became a 1-frame clip)."""
+def check_against_model(args, geometry) -> None:
+    """--size and --frames against the model's geometry (planned_geometry: from its config files), so that they are
+    refused before its weights load (minutes for a 3B checkpoint), not after. A video task's VAE takes
+    k * temporal_factor + 1 frames: a v2v input read at another count was cut to the count below without a word
+    (3 frames became a 1-frame clip)."""
+    side = geometry.frame_size
+    if side and args.task in TEXT_TO_MEDIA_TASKS and args.size and parse_size(args.size) != (side, side):
+        raise GenerateError(f"--size: this model's frame VAE makes {side} x {side} frames only; use --size {side} "
+                            "(or leave it out)")
     if args.frames is None or args.task not in VIDEO_GEN_TASKS:
         return
     made = geometry.vae_num_frames(args.frames)
@@ -551,7 +552,8 @@ def check_frames(args, geometry) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .export import ExportError, moved_dirs
+    from .export import ExportError, moved_dirs, saved_model_config
+    from .model.build import planned_geometry
 
     args = parse_args(argv)
     problems = check_args(args)
@@ -559,10 +561,10 @@ def main(argv: list[str] | None = None) -> int:
         print("lance_ds.generate: " + "\n  ".join([f"{len(problems)} problem(s):"] + problems), file=sys.stderr)
         return 2
     try:
+        check_against_model(args, planned_geometry(saved_model_config(args.checkpoint, moved_dirs(args))))
         gen = Generator.from_checkpoint(args.checkpoint, ema=args.ema, dtype=args.dtype, device=args.device,
                                         moved=moved_dirs(args))
         print(f"lance_ds.generate: {gen.source}", file=sys.stderr)
-        check_frames(args, gen.planner.geometry)
         input_side = parse_size(args.size)[0] if args.size and args.task not in TEXT_TO_MEDIA_TASKS else None
         group = cli_group(gen.vae, args.task, gen.cuts, input_side, args.frames, args.fps, args.system)
         sample = cli_sample(args, group)
@@ -574,8 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                              seed=args.seed, group=group)[0])
             return 0
         (frames,) = gen.generate([sample], num_steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
-                                 target_shape=cli_target_shape(args, gen.planner, group,
-                                                               getattr(gen.vae, "frame_size", None)), group=group)
+                                 target_shape=cli_target_shape(args, gen.planner, group), group=group)
     except (ExportError, ValueError, FileNotFoundError) as e:  # ValueError: GenerateError, PlanError, model checks
         print(f"lance_ds.generate: {e}", file=sys.stderr)
         return 2

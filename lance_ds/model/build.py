@@ -54,6 +54,7 @@ class Geometry(VisionGeometry):
 
     latent_channels: int = 0  # z: channels of one latent token
     hidden_size: int = 0
+    frame_size: int | None = None  # a frame VAE's one frame side (it makes no other size)
 
 
 @dataclass
@@ -160,7 +161,8 @@ def geometry_of(spec: ModelSpec, lance_cfg: LanceConfig, vae: FrozenVAE | VaeCon
         vit_patch_size=spec.vit.patch_size, vit_temporal_patch=spec.vit.temporal_patch_size,
         vit_merge_size=spec.vit.spatial_merge_size, tokens_per_second=spec.vit.tokens_per_second,
         max_latent_size=lance_cfg.max_latent_size, max_latent_frames=lance_cfg.max_latent_frames,
-        latent_channels=lance_cfg.latent_channels, hidden_size=lance_cfg.llm.hidden_size)
+        latent_channels=lance_cfg.latent_channels, hidden_size=lance_cfg.llm.hidden_size,
+        frame_size=codec.frame_size)
 
 
 def planned_geometry(cfg: ModelConfig) -> Geometry:

@@ -65,6 +65,11 @@ class VaeConfig:
     temporal_factor: int = 4
     diffusers_config: dict = field(default_factory=dict, hash=False)  # kwargs of the diffusers class (tiny ones)
 
+    @property
+    def frame_size(self) -> int | None:
+        """The one frame side the codec takes (a frame VAE's), as FrozenVAE.frame_size."""
+        return self.spatial_factor if self.kind == "frame" else None
+
 
 class FrozenVAE(nn.Module):
     """encode(pixels [B, 3, T, H, W] in [-1, 1]) -> latents [B, z, t, h, w]; decode is the inverse map."""

@@ -72,6 +72,7 @@ def test_the_debug_model_generates_through_it(tmp_path):
     config = ModelConfig(size="debug", dtype="fp32", vae_path=str(saved_vae(tmp_path)))
     bundle = build_model(config, len(tokenizer))
     assert bundle.geometry.latent_channels == 6 and bundle.geometry.vae_spatial_factor == 16
+    assert bundle.geometry.frame_size == 16  # (the generate CLI checks --size against it before loading)
     assert planned_geometry(config) == bundle.geometry  # what --check plans with, from the config files alone
     planner = SequencePlanner(tokenizer, bundle.geometry)
     generator = Generator(bundle.model, bundle.vit, bundle.vae, planner, tokenizer)
@@ -121,16 +122,20 @@ def test_generate_cli_cuts_prompts_at_the_frame_size(tmp_path):
     """python -m lance_ds.generate without --size: a frame VAE's prompts (and i2i / v2v inputs) are cut to its size."""
     from argparse import Namespace
 
-    from lance_ds.generate import cli_group, cli_target_shape
+    from lance_ds.generate import check_against_model, cli_group, cli_target_shape
+    from lance_ds.model.build import Geometry
     from lance_ds.model.vae import PatchCodec
 
     group = cli_group(build_vae(VaeConfig(), saved_vae(tmp_path)))
     assert group.image.resolution == 16 and group.image.vit_resolution == 64  # the ViT sees sources as usual
     assert cli_group(PatchCodec(4, 4)).image.resolution == 64
-    assert cli_target_shape(Namespace(task="t2i", size=None), planner=None, group=group, frame_size=16) is None
-    assert cli_target_shape(Namespace(task="t2i", size="16"), planner=None, group=group, frame_size=16) == (1, 16, 16)
-    with pytest.raises(ValueError, match="frame VAE makes 16 x 16 frames only; use --size 16"):  # before sampling
-        cli_target_shape(Namespace(task="t2i", size="32", frames=None), planner=None, group=group, frame_size=16)
+    assert cli_target_shape(Namespace(task="t2i", size=None), planner=None, group=group) is None
+    assert cli_target_shape(Namespace(task="t2i", size="16"), planner=None, group=group) == (1, 16, 16)
+    frame_geometry = Geometry(vae_spatial_factor=16, vae_temporal_factor=1, frame_size=16)
+    check_against_model(Namespace(task="t2i", size="16", frames=None), frame_geometry)
+    with pytest.raises(ValueError, match="frame VAE makes 16 x 16 frames only; use --size 16"):  # before loading
+        check_against_model(Namespace(task="t2i", size="32", frames=None), frame_geometry)
+    check_against_model(Namespace(task="t2i", size="32", frames=None), Geometry())  # other codecs: any size
 
 
 def test_tool_refuses_an_out_it_could_not_save_to_and_a_negative_judge_before_training(tmp_path, capsys):

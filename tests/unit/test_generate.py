@@ -529,7 +529,7 @@ def decoded(path: Path) -> tuple[int, int, int]:
         return 1, image.height, image.width
 
 
-def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, exported, tmp_path, capsys):
+def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, exported, tmp_path, capsys, monkeypatch):
     from lance_ds.data.media import encode_image, encode_video
     from lance_ds.generate import main
 
@@ -568,11 +568,24 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     assert main(["--checkpoint", str(exported), "--task", "t2i", "--prompt", "x", "--size", "30", "--out",
                  str(tmp_path / "d.png")]) == 2
     assert "multiple of 4" in capsys.readouterr().err
-    # a v2v --frames the VAE cannot make (3 frames were cut to a 1-frame clip), refused before the input is read
-    assert main(["--checkpoint", str(exported), "--task", "v2v", "--input", str(video), "--prompt", "make it red",
-                 "--frames", "3", "--out", str(tmp_path / "e.mp4")]) == 2
-    assert "--frames 3: this model's VAE makes k x 4 + 1 frames, at most 33; use --frames 1 or 5" in \
-        capsys.readouterr().err and not (tmp_path / "e.mp4").exists()
+    # a v2v --frames the VAE cannot make (3 frames were cut to a 1-frame clip), refused from the config alone, before
+    # the weights load (minutes at 3B) or the input is read; an --ema the run did not keep, before consolidating
+    import lance_ds.export
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(lance_ds.export, "load_inference_parts", no_loading)
+    for checkpoint in (exported, trained_runs["full"]):
+        assert main(["--checkpoint", str(checkpoint), "--task", "v2v", "--input", str(video), "--prompt", "make it "
+                     "red", "--frames", "3", "--out", str(tmp_path / "e.mp4")]) == 2
+        assert "--frames 3: this model's VAE makes k x 4 + 1 frames, at most 33; use --frames 1 or 5" in \
+            capsys.readouterr().err and not (tmp_path / "e.mp4").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(lance_ds.export, "zero_consolidated_state", no_loading)
+    assert main(["--checkpoint", str(trained_runs["lora"]), "--task", "t2i", "--prompt", "x", "--ema", "--out",
+                 str(tmp_path / "f.png")]) == 2  # (the LoRA run kept no EMA)
+    assert "train.ema_decay=0" in capsys.readouterr().err
     # a question given as --prompt (it was dropped: the model captioned instead), and a device that is not there
     assert main(["--checkpoint", str(exported), "--task", "i2t", "--input", str(image), "--prompt", question,
                  "--device", "cuda:7"]) == 2
