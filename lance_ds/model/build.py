@@ -297,7 +297,7 @@ def _built_model_problems(cfg: ModelConfig, spec: ModelSpec) -> list[tuple[str, 
     if cfg.visual_gen:
         with contextlib.suppress(OSError, ValueError):  # (reported above)
             latent_channels = codec_shape(*codec_source(cfg, spec)).latent_channels
-    with torch.device("meta"), without_hf_deepspeed_config():
+    with torch.device("meta"), without_hf_deepspeed_config(), initialisers_off():
         vit = build_vision_tower(spec.vit, None) if cfg.visual_und and cfg.vit_trainable else None
         model = LanceModel(lance_config(cfg, spec, latent_channels, num_text_classes=1), vit_model=vit)
     problems = []
@@ -318,6 +318,21 @@ def _built_model_problems(cfg: ModelConfig, spec: ModelSpec) -> list[tuple[str, 
             problems.append(("model.lora.target_modules", str(e).removeprefix("model.lora.target_modules ")))
     problems += [("model.freeze_modules", p) for p in unmatched_patterns(model, cfg.freeze_modules)]
     return problems
+
+
+@contextlib.contextmanager
+def initialisers_off():
+    """torch.nn.init's in-place initialisers as no-ops, for a build on the meta device: they change nothing there, and
+    normal_ on a meta tensor imports torch._dynamo (~2 s of every config check, on every rank). Not for threads."""
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    kept = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in kept.items():
+            setattr(nn.init, name, function)
 
 
 def tokenizer_disagreements(cfg: ModelConfig, tokenizer) -> list[str]:

@@ -292,6 +292,21 @@ def test_freeze_patterns_may_name_adapters_and_the_config_check_sees_them():
     assert "'*.v_proj.lora_*' matches no parameter" in problems["model.freeze_modules"]
 
 
+def test_the_meta_device_check_skips_initialisers_and_gives_them_back():
+    """The config check builds on the meta device with torch.nn.init's initialisers off; after it (and after an error
+    inside it) a model built for real is initialised again."""
+    from lance_ds.model.build import initialisers_off, model_problems
+
+    originals = {name: getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_")}
+    with initialisers_off():
+        assert torch.nn.init.normal_ is not originals["normal_"]
+    with pytest.raises(RuntimeError), initialisers_off():
+        raise RuntimeError("a build that fails")
+    model_problems(ModelConfig(size="debug", training_type="lora", lora=LoraConfig(target_modules=["q_proj"])))
+    assert {name: getattr(torch.nn.init, name) for name in originals} == originals
+    assert torch.nn.Embedding(64, 8).weight.std() > 0.5  # (N(0, 1): initialised, not left at torch.empty's bytes)
+
+
 def test_trainable_vit_lives_in_the_model():
     bundle = build(vit_trainable=True)
     assert bundle.vit is None and hasattr(bundle.model, "vit_model")
