@@ -163,7 +163,7 @@ class Validator:
                     tr.tb.video_frames(f"samples/{sample.task}/{k}", step, clip)
                     tr.tb.text(f"samples/{sample.task}/{k}/prompt", step, sample.texts.get("caption", ""))
             else:
-                answers = generator.answer(samples, group=group)
+                answers = generator.answer(samples, max_new_tokens=cfg.max_new_tokens, group=group)
                 rows += [f"| {s.task} | {s.texts.get('caption_q', '')} | {s.texts.get('caption_a', '')} | {a} |"
                          for s, a in zip(samples, answers)]
         if len(rows) > 2:

@@ -82,6 +82,8 @@ class ValidationConfig:
     max_samples: int = doc(64, "samples per group of the held-out set used for the losses (the same ones every time)")
     num_generations: int = doc(2, "samples per group rendered to TensorBoard (images, videos, or answers)")
     sample_steps: int = doc(30, "Euler steps when generating validation samples")
+    max_new_tokens: int = doc(64, "tokens an answer to a held-out question (i2t, v2t) may take; each one is a "
+                                  "forward pass of the whole model")
     cfg_scale: float = doc(4.0, "classifier-free guidance scale for validation samples")
     weights: str = doc("trained", "the weights validation scores and samples with: trained (those being trained) or "
                                   "ema (their moving average, train.ema_decay > 0)")
@@ -93,6 +95,7 @@ class ValidationConfig:
                              "set a held-out dataset YAML (or validation.every=0 to turn validation off)")
         problems.positive(self.max_samples, join(key, "max_samples"))
         problems.positive(self.sample_steps, join(key, "sample_steps"))
+        problems.positive(self.max_new_tokens, join(key, "max_new_tokens"))
         problems.require(self.num_generations >= 0, join(key, "num_generations"),
                          f"must be >= 0 (0: no samples), got {self.num_generations}")
         problems.require(self.cfg_scale >= 0, join(key, "cfg_scale"),

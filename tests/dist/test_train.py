@@ -64,6 +64,15 @@ def read_images(run_dir: Path) -> dict[str, dict[int, tuple[int, int]]]:
     return {tag: {e.step: (e.height, e.width) for e in acc.Images(tag)} for tag in acc.Tags()["images"]}
 
 
+def read_texts(run_dir: Path, tag: str) -> dict[int, str]:
+    """A TensorBoard text: step -> its markdown."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(f"{tag}/text_summary")}
+
+
 def latest(run_dir: Path) -> str:
     pointer = run_dir / "checkpoints" / "latest"
     return pointer.read_text().strip() if pointer.is_file() else ""
@@ -76,7 +85,7 @@ def reference(tmp_path_factory, example_data) -> Path:
     shm_before = shm_buffers()
     launch(train_args(out, example_data, STEPS, "validation.every=4",
                       f"validation.dataset_config={example_data['val']}", "validation.max_samples=4",
-                      "validation.num_generations=1", "validation.sample_steps=2"),
+                      "validation.num_generations=1", "validation.sample_steps=2", "validation.max_new_tokens=4"),
            env=launch_env(LANCE_DS_FAULT=NAN_AT))
     left = shm_buffers() - shm_before
     assert not left, f"a finished run left DeepSpeed's shared-memory buffers behind: {sorted(left)}"
@@ -115,6 +124,9 @@ def test_training_writes_what_users_watch(reference):
         assert sorted(images[f"samples/{task}/0"]) == [0, 4, 8]  # generated at every validation, on all ranks
     assert images["samples/i2i/0"][8][1] == 2 * images["samples/t2i/0"][8][1]  # edits shown source | output
     assert images["samples/t2i/0"][8][0] == RESOLUTION["t2i"]  # prompts cut at their group's resolution
+    answers = read_texts(reference, "samples/answers")  # a table of question, reference and answer per task
+    assert sorted(answers) == [0, 4, 8]
+    assert [row.split(" | ")[0] for row in answers[8].splitlines()[2:]] == ["| i2t", "| v2t"], answers[8]
     config = yaml.safe_load((reference / "config.yaml").read_text())
     assert config["train"]["max_steps"] == STEPS and config["checkpoint"]["save_every"] == 2
     ckpts = sorted(p.name for p in (reference / "checkpoints").glob("step_*"))
