@@ -21,9 +21,10 @@ every rank runs the same number of forwards, and the counts are summed):
 CLI (a training checkpoint: run, checkpoints or step dir; or an export dir):
     python -m lance_ds.evaluate --checkpoint runs/main --dataset_config configs/datasets/example_val.yaml --untrained
 prints the table (with --untrained, the same model freshly initialised from train.seed - the weights training
-starts from - side by side with the trained one), writes eval.json next to the checkpoints and `eval/<task>`
-scalars (the untrained model at step 0), generated samples (frame strips: source | output | reference) and answers
-to the run's TensorBoard.
+starts from - side by side with the trained one), writes the scores to RUN_DIR/eval/step_XXXXXXXX.json (one file per
+evaluated step, which evaluating that step again replaces; --json for an export's) and `eval/<task>` scalars (the
+untrained model at step 0), generated samples (frame strips: source | output | reference) and answers to the run's
+TensorBoard.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .checkpoint import CHECKPOINTS
+from .checkpoint import CHECKPOINTS, step_name
 from .config.data import GEN_TASKS, TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, DatasetConfig, GroupConfig
 from .data.batch import Sample
 from .data.example import COLOURS, DIRECTIONS, SHAPES, judge_answer, judge_generation, parse_answer
@@ -372,6 +373,9 @@ def untrained_generator(checkpoint: str | Path, trained, dtype: str = "fp32", mo
     return Generator(bundle.model, bundle.vit, bundle.vae, trained.planner, trained.tokenizer, config.objective)
 
 
+EVAL_DIR = "eval"  # RUN_DIR/eval/step_XXXXXXXX.json: the scores of each evaluated step
+
+
 def checkpoint_step(checkpoint: str | Path) -> tuple[int, Path | None]:
     """(step, run dir) of a training checkpoint; (-1, None) for an export."""
     from .export import checked_trainer_state, find_checkpoint, is_export_dir
@@ -401,7 +405,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--seed", type=int, default=EvalSettings.seed, help="generation noise seed")
     p.add_argument("--ema", action="store_true", help="a training checkpoint's EMA weights")
     p.add_argument("--tensorboard", help="TensorBoard dir to write to (default: the run's tensorboard/; 'none': off)")
-    p.add_argument("--json", help="write the scores here (default: RUN_DIR/eval.json)")
+    p.add_argument("--json", help="write the scores here (default: RUN_DIR/eval/step_XXXXXXXX.json, the evaluated "
+                                  "step's; an export's are written only here)")
     p.add_argument("--require-goals", action="store_true", help="exit with status 1 when a task misses its goal")
     add_model_dir_flags(p)
     return p.parse_args(argv)
@@ -480,12 +485,15 @@ def report(args, settings: EvalSettings, results: dict[str, Evaluation], step: i
             log_to_tensorboard(tb, at, result)
             tb.close()
         print(f"TensorBoard: eval/<task> scalars and eval/samples/* in {tb_dir}")
-    json_path = Path(args.json) if args.json else (run_dir / "eval.json" if run_dir else None)
+    json_path = Path(args.json) if args.json else (run_dir / EVAL_DIR / f"{step_name(step)}.json" if run_dir else None)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"settings": dataclasses.asdict(settings), "num_per_task": args.num_per_task,
                                          "dataset_config": str(args.dataset_config),
                                          "results": {k: to_json(v) for k, v in results.items()}}, indent=2))
+        print(f"scores: {json_path}")
+    else:
+        print("scores: not saved (an export has no run directory to keep them in); --json FILE saves them")
     return missed
 
 

@@ -310,11 +310,18 @@ def test_cli_writes_the_json_where_asked_creating_its_directory(prompts, tmp_pat
     out = tmp_path / "nodir" / "x.json"
     assert ev.main(["--checkpoint", "fake", "--dataset_config", "fake.yaml", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["results"]["trained"]["scores"]["t2i"]["accuracy"] == 1.0
-    assert "| t2i" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| t2i" in printed and f"scores: {out}" in printed
+    # an export has no run directory: without --json the scores are not kept, and the user is told
+    assert ev.main(["--checkpoint", "fake", "--dataset_config", "fake.yaml", "--tensorboard", "none"]) == 0
+    assert "scores: not saved (an export has no run directory" in capsys.readouterr().out
 
 
 def test_evaluating_a_step_again_replaces_its_tensorboard_points(prompts, tmp_path, monkeypatch):
-    """Evaluate is re-run on a checkpoint (other settings, a fixed judge): TensorBoard showed both runs' points."""
+    """Evaluate is re-run on a checkpoint (other settings, a fixed judge): TensorBoard showed both runs' points. Each
+    evaluated step keeps its own scores file in the run dir (one eval.json was replaced by the next step's)."""
+    import json
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import lance_ds.config.run
@@ -329,8 +336,11 @@ def test_evaluating_a_step_again_replaces_its_tensorboard_points(prompts, tmp_pa
     tb = tmp_path / "tb"
     for step, mode in ((40, "noise"), (80, "right"), (40, "right")):  # step 40 once more, now judged right
         trained.mode = mode
-        monkeypatch.setattr(ev, "checkpoint_step", lambda checkpoint, step=step: (step, None))
+        monkeypatch.setattr(ev, "checkpoint_step", lambda checkpoint, step=step: (step, tmp_path / "run"))
         assert ev.main(["--checkpoint", "fake", "--dataset_config", "fake.yaml", "--tensorboard", str(tb)]) == 0
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
     acc.Reload()
     assert sorted((e.step, e.value) for e in acc.Scalars("eval/t2v")) == [(40, 1.0), (80, 1.0)]
+    scores = {f.name: json.loads(f.read_text())["results"] for f in (tmp_path / "run" / "eval").iterdir()}
+    assert sorted(scores) == ["step_00000040.json", "step_00000080.json"]
+    assert scores["step_00000040.json"]["step 40"]["scores"]["t2v"]["accuracy"] == 1.0  # the second evaluation's
