@@ -331,9 +331,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--prompt", help="what to generate (t2i, t2v) or the edit instruction (i2i, v2v)")
     p.add_argument("--input", help="the image (i2i, i2t) or video (v2v, v2t) file to condition on")
     p.add_argument("--question", default="", help="i2t / v2t: the question (default: none, as in captioning)")
-    p.add_argument("--system", help="the system prompt of i2t / v2t (default: the dataset config's system_prompt "
-                   "training recorded for the task, else the task's built-in one; training rows that carried their "
-                   "own in caption_i need it given here)")
+    p.add_argument("--system", help="the system prompt of i2t / v2t (default: the one training recorded for the "
+                   "task: the caption_i most of its rows carried, else its group's system_prompt; else the task's "
+                   "built-in one)")
     p.add_argument("--out", help="output file: .png / .jpg for images, .mp4 for videos")
     p.add_argument("--steps", type=int, default=30, help="Euler steps (Lance: 30)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (Lance: 4.0; 1 = none)")
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         group = cli_group(gen.vae, args.task, gen.cuts, input_side, args.frames, args.fps, args.system)
         sample = cli_sample(args, group)
         if args.task in UND_TASKS:
-            if group.system_prompt is None:  # (not recorded: the rows' caption_i may have said another)
+            if group.system_prompt is None:  # (none recorded: shards from URLs, a task training did not see)
                 print(f"lance_ds.generate: system prompt: {args.task}'s built-in one; if the training rows carried "
                       "their own (caption_i), give it with --system", file=sys.stderr)
             print(gen.answer([sample], max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -22,12 +22,13 @@ import yaml
 from .checkpoint import (EMA_WEIGHTS, LATEST, RUN_CONFIG, Checkpointer, agree_on_resume, check_output_dir_shared,
                          checkpoints_dir, claim_output_dir, data_order_changes, engine_setup, latest_name, read_config)
 from .config.core import ConfigError, to_dict
-from .config.data import TASKS, TEXT_TO_MEDIA_TASKS, VIDEO_TASKS
+from .config.data import TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
 from .config.model import MODEL_DIRS
 from .config.run import Run
 from .data.packing import Branches
 from .data.sequence import SequencePlanner
+from .data.manifest import rows_system_prompt
 from .data.stream import build_train_loader, data_groups
 from .data.tokenizer import load_tokenizer
 from . import distributed
@@ -66,6 +67,7 @@ class Trainer:
         self.ema = ShardedEMA(self.engine.module, self.cfg.train.ema_decay) if self.cfg.train.ema_decay > 0 else None
         self.branches = Branches(vit=self.cfg.model.visual_und, vae_target=self.cfg.model.visual_gen,
                                  ce=self.cfg.model.visual_und)
+        self.cuts = training_cuts(run.dataset)  # (read once: a manifest removed mid-run must not fail a save)
         self.loader = build_train_loader(run.dataset, self.cfg.data, self.planner, rank=self.dist.rank,
                                          world_size=self.dist.world_size, seed=self.cfg.train.seed,
                                          micro_batch_size=self.cfg.train.micro_batch_size, branches=self.branches,
@@ -337,7 +339,7 @@ class Trainer:
                  "parameters": self._shapes(), "data_fingerprint": self.loader.spec.fingerprint(),
                  "data_groups": data_groups(self.loader.spec.groups),
                  "engine": engine_setup(self.cfg.train.precision, self.ds_config),
-                 "cuts": training_cuts(self.run.dataset)}
+                 "cuts": self.cuts}
         self.checkpointer.save(self.engine, self.step, state, to_dict(self.cfg), self.loader.state_dict(), self.ema)
         self.saved_step = self.step
 
@@ -462,11 +464,15 @@ RESHARD_NOTE = ("weights, optimizer and schedule go on as saved; the samples not
 def training_cuts(dataset) -> dict[str, dict]:
     """task -> the image / video options and system prompt of its first group: what inference cuts inputs and
     prompts with (saved with each checkpoint, carried into exports), so that a model trained at 448 px is not asked
-    at 64, nor under another system prompt."""
+    at 64, nor under another system prompt. An i2t / v2t row's own caption_i is its system prompt: the one most rows
+    carry (their manifests count them) comes before the group's."""
     cuts: dict[str, dict] = {}
     for group in dataset.groups:
-        cuts.setdefault(group.task, {"image": to_dict(group.image), "video": to_dict(group.video),
-                                     "system_prompt": group.system_prompt})
+        if group.task in cuts:
+            continue
+        rows = rows_system_prompt(group.shards) if group.task in UND_TASKS else None
+        cuts[group.task] = {"image": to_dict(group.image), "video": to_dict(group.video),
+                            "system_prompt": rows or group.system_prompt}
     return cuts
 
 

@@ -44,7 +44,8 @@ manifest.json:
      "text_columns": ["caption"],
      "shards": [{"name": "shard-000000.tar", "num_samples": n, "bytes": b, "crc32": "8 hex digits" | null,
                  "media": {"image": {"count": n, "width": {"min", "max", "mean"}, "height": {...},
-                                     ["frames", "fps", "duration": {...} for videos]}}}, ...]}
+                                     ["frames", "fps", "duration": {...} for videos]}}}, ...],
+     "system_prompts": {"You are a helpful assistant.": n, "": m}}  # i2t / v2t: caption_i -> rows, the commonest 8
 Shards whose rows were all rejected are not written and not listed.
 
 rejects.jsonl, one line per rejected row: {"file": ..., "row": ..., "column": ..., "reason": ...} (+ "more": further
@@ -429,6 +430,15 @@ class ShardRecord:
     crc32: str | None = None  # None: written by --verify none, which skips the checksum
     media: dict = field(default_factory=dict)
     rejects: list[dict] = field(default_factory=list)
+    system_prompts: dict = field(default_factory=dict)  # i2t / v2t: caption_i -> rows ("": blank), the commonest
+
+
+SYSTEM_PROMPTS_KEPT = 8  # distinct caption_i values a shard record and the manifest keep (the commonest): rows may
+# each carry their own, and inference needs only the one most rows trained with
+
+
+def commonest(counts: Counter, keep: int = SYSTEM_PROMPTS_KEPT) -> dict[str, int]:
+    return dict(counts.most_common(keep))
 
 
 class ShardBuilder:
@@ -439,6 +449,7 @@ class ShardBuilder:
         self.record = ShardRecord(plan.name, plan.fingerprint, plan.num_rows)
         self.stats = {c.member: MediaStats() for c in schema.media}
         self.media_columns = [(c.name, c.member, c.kind) for c in schema.media]  # looked up once, used every row
+        self.system_prompts: Counter | None = Counter() if "caption_i" in schema.text_columns else None
         self.writer: TarShardWriter | None = None
         self.output = output
 
@@ -466,6 +477,8 @@ class ShardBuilder:
         for name, member, _ in self.media_columns:
             self.writer.add(f"{key}.{member}.{metas[member]['format']}", checked.media[name])
             self.stats[member].add(metas[member])
+        if self.system_prompts is not None:
+            self.system_prompts[checked.texts.get("caption_i") or ""] += 1
         self.record.num_samples += 1
         return self.writer.bytes - before
 
@@ -479,6 +492,7 @@ class ShardBuilder:
             self.record.crc32 = self.writer.close()
             self.record.bytes = self.writer.bytes
         self.record.media = {m: s.to_json() for m, s in self.stats.items() if s.count}
+        self.record.system_prompts = commonest(self.system_prompts) if self.system_prompts else {}
         return self.record
 
     def abort(self) -> None:
@@ -927,6 +941,8 @@ def _write_outputs(output: Path, schema: TaskSchema, options: ConvertOptions, re
         "text_columns": list(schema.text_columns),
         "shards": shards,
     }
+    if "caption_i" in schema.text_columns:  # what inference prompts with (lance_ds.data.manifest.rows_system_prompt)
+        manifest["system_prompts"] = commonest(sum((Counter(r.system_prompts) for r in records), Counter()))
     write_atomic(output / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+from collections import Counter
 from pathlib import Path
 
 import braceexpand
@@ -60,3 +61,22 @@ def _manifests_beside(shards: list[str]) -> dict[Path, dict]:
     glob), by folder."""
     folders = {Path(p).parent for p in shards}
     return {f: read_manifest(f) for f in sorted(folders) if (f / MANIFEST).is_file()}
+
+
+def rows_system_prompt(sources: list[str]) -> str | None:
+    """The system prompt (caption_i) most i2t / v2t rows of these sources carry, as their converter manifests count
+    them: what inference should prompt with. None when blank is the commonest (those rows trained under the group's
+    or the task's default) or no manifest counts them (URLs, conversions before the count, unreadable manifests)."""
+    counts: Counter = Counter()
+    for source in sources:
+        try:
+            if Path(source).is_dir():
+                manifests = [read_manifest(source)] if (Path(source) / MANIFEST).is_file() else []
+            else:
+                manifests = [] if "://" in source or source.startswith("pipe:") else local_shards(source)[1].values()
+        except (OSError, ValueError):  # (ManifestError: the config check said so before training)
+            continue
+        for manifest in manifests:
+            counts.update(manifest.get("system_prompts") or {})
+    text = counts.most_common(1)[0][0] if counts else ""
+    return text if text.strip() else None

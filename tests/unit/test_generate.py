@@ -52,7 +52,7 @@ log:
 def probe_samples() -> list:
     """One fixed sample per task, made of example-world media (no target media: sizes come from the defaults)."""
     from lance_ds.data.batch import Sample
-    from lance_ds.data.example import draw_scene, render_image, render_video
+    from lance_ds.data.example import SYSTEM_PROMPT, draw_scene, render_image, render_video
 
     rng = np.random.default_rng(7)
     image = torch.from_numpy(np.array(render_image(draw_scene(rng, False, "val"))))
@@ -62,7 +62,8 @@ def probe_samples() -> list:
         Sample("t2v", {"caption": "a blue square moving left"}, {}, key="t2v"),
         Sample("i2i", {"caption": "make it green"}, {"input_image": image}, key="i2i"),
         Sample("v2v", {"caption": "make it yellow"}, {"input_video": video}, key="v2v"),
-        Sample("i2t", {"caption_q": "What colour is the shape?"}, {"image": image}, key="i2t"),
+        Sample("i2t", {"caption_q": "What colour is the shape?", "caption_i": SYSTEM_PROMPT}, {"image": image},
+               key="i2t"),  # (the example rows' caption_i: the CLI's answer is this sample's)
         Sample("v2t", {"caption_q": ""}, {"video": video}, key="v2t"),
     ]
 
@@ -550,15 +551,18 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     assert main(["--checkpoint", str(exported), "--task", "i2t", "--input", str(image), "--question", question,
                  "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
     out, err = capsys.readouterr()
+    # without --system, under the caption_i the training rows carried (the converter counted it, the run recorded it)
     assert out == trained_runs["ranks"][0]["answers"][0] + "\n"
-    assert "system prompt: i2t's built-in one" in err  # (the run recorded none: the rows may have had their own)
+    assert "system prompt" not in err
     # a still image given to a video task is refused (PyAV reads it as a 1-frame clip); a short clip is pointed out
     assert main(["--checkpoint", str(exported), "--task", "v2t", "--input", str(image)]) == 2
     assert f"--input: {image} is a png image; v2t works on a video" in capsys.readouterr().err
     short = tmp_path / "short.mp4"
     short.write_bytes(encode_video(und_samples()[1].media["video"][:1], fps=12))
     assert main(["--checkpoint", str(exported), "--task", "v2t", "--input", str(short), "--max-new-tokens", "2"]) == 0
-    assert f"{short} gives 1 frame(s) at 12 fps (v2t reads up to" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{short} gives 1 frame(s) at 12 fps (v2t reads up to" in err
+    assert "system prompt: v2t's built-in one" in err  # (a task the run did not train: nothing recorded)
     # problems are all reported at once, with the flag and the fix, and nothing is loaded
     assert main(["--checkpoint", str(exported), "--task", "t2v", "--out", "x.png", "--size", "big", "--frames",
                  "0"]) == 2
@@ -638,6 +642,7 @@ def test_cli_cuts_as_training_cut_the_task_then_as_the_flags_say(planner):
     assert v2t.image.vit_resolution == 112 and cli_group(vae, "v2t", cuts).image.vit_resolution == 56
     # a question's --system (the training rows' caption_i), else the task's default
     question = und_samples()[0]
+    del question.texts["caption_i"]  # (as cli_sample makes it: the system prompt comes from the group)
     asked = planner.prompt(question, cli_group(vae, "i2t", system="Be brief."))
     assert "system\nBe brief.<|im_end|>" in planner.tokenizer.decode(asked.input_ids.tolist())
     assert "Be brief." not in planner.tokenizer.decode(planner.prompt(question, cli_group(vae, "i2t")).input_ids.tolist())
