@@ -493,8 +493,21 @@ def cli_sample(args, group: GroupConfig) -> Sample:
                       f"({args.task} reads up to {video.max_frames}): a short clip shows the model little",
                       file=sys.stderr)
         media[PROMPT_MEDIA[args.task][0]] = frames
+        say_if_small(args, frames, group)
     texts = {"caption": args.prompt or ""} if args.task in GEN_TASKS else {"caption_q": args.question}
     return Sample(task=args.task, texts=texts, media=media, key=args.input or args.prompt or "prompt")
+
+
+def say_if_small(args, frames: Tensor, group: GroupConfig) -> None:
+    """An input more than 2x smaller a side than the area its task is cut to (the ViT's for a question) is scaled up
+    to it: said, as it shows the model no more detail than it has (a 1x1 image became a flat 64 x 64 one)."""
+    side = group.resolution_for(args.task in VIDEO_TASKS)
+    if args.task in UND_TASKS:
+        side = group.image.vit_resolution or side
+    height, width = frames.shape[1:3]
+    if 4 * height * width < side * side:
+        print(f"lance_ds.generate: {args.input} is {width}x{height}, scaled up to the {side} x {side} area "
+              f"{args.task} is cut to: the model sees no more detail than it has", file=sys.stderr)
 
 
 def cli_group(vae, task: str | None = None, cuts: dict | None = None, size: int | None = None,

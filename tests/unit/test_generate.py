@@ -695,6 +695,21 @@ def test_cli_says_when_a_v2v_input_is_shorter_than_its_frames(tmp_path, capsys):
     assert f"gives {clip.shape[0]} frames at 12 fps, not --frames {clip.shape[0] + 4}" in capsys.readouterr().err
 
 
+def test_cli_says_when_an_input_is_scaled_up_far(tmp_path, capsys):
+    """A tiny input (a 1x1 image) is scaled up to its task's area: a flat image the model was asked about silently."""
+    from lance_ds.data.media import encode_image
+    from lance_ds.generate import cli_group, cli_sample, parse_args
+    from lance_ds.model.vae import PatchCodec
+
+    group = cli_group(PatchCodec(8, 4), "i2t", size=64)  # the ViT sees 64 x 64
+    for side, said in ((1, True), (31, True), (32, False), (80, False)):
+        image = tmp_path / f"in{side}.png"
+        image.write_bytes(encode_image(torch.full((1, side, side, 3), 99, dtype=torch.uint8), "png"))
+        cli_sample(parse_args(["--checkpoint", str(tmp_path), "--task", "i2t", "--input", str(image)]), group)
+        err = capsys.readouterr().err
+        assert (f"{image} is {side}x{side}, scaled up to the 64 x 64 area i2t is cut to" in err) == said, (side, err)
+
+
 def test_cli_as_a_module_writes_an_mp4(exported, tmp_path):
     out = tmp_path / "clip.mp4"
     proc = subprocess.run([sys.executable, "-m", "lance_ds.generate", "--checkpoint", str(exported), "--task", "t2v",
