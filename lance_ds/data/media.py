@@ -418,6 +418,23 @@ def _frame_time(frame: av.VideoFrame, index: int, rate: float) -> float:
     return float(t) if t is not None else index / rate
 
 
+class PlayingClock:
+    """Frame times as a player plays them: a timestamp that jumps back (MPEG-TS segments concatenated, a wrapped
+    clock) continues one frame after the last instead; the sampler would pass over every frame of the later segment,
+    whose times it has already passed."""
+
+    def __init__(self, frame_interval: float):
+        self.interval, self.shift, self.last = frame_interval, 0.0, None
+
+    def time(self, stamp: float) -> float:
+        t = stamp + self.shift
+        if self.last is not None and t < self.last:
+            self.shift += self.last + self.interval - t
+            t = self.last + self.interval
+        self.last = t
+        return t
+
+
 def _stream_rate(stream) -> float:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     return float(rate) if rate else 0.0
@@ -508,13 +525,14 @@ def decode_video(
     size: tuple[int, int] | None = None
     turns = 0  # counter-clockwise quarter turns that show the frames upright
     error, index = None, 0
+    clock = PlayingClock(1 / rate)
     decoded = _decoded_frames(container, stream)
     try:
         for frame in decoded:
             if isinstance(frame, av.FFmpegError):
                 error = frame
                 continue
-            keep = sampler.offer(_frame_time(frame, index, rate))
+            keep = sampler.offer(clock.time(_frame_time(frame, index, rate)))
             index += 1
             if keep is None:
                 break

@@ -384,6 +384,16 @@ def test_millisecond_timestamps_sample_evenly():
     assert sampled_frame_count(info.num_frames, info.fps, sample_fps=12) == 6
 
 
+def test_timestamps_that_jump_back_play_on():
+    """MPEG-TS parts joined with cat (a recorder's segments) restart their timestamps: every frame of the second part
+    was passed over, its times already behind the sampler's."""
+    video = counter_video(12)
+    joined = b"".join(mux(part, 12, "mpegts", codec="mpeg2video") for part in (video[:6], video[6:]))
+    assert frame_ids(decode_video(joined, sample_fps=12)) == list(range(12))
+    assert frame_ids(decode_video(joined, sample_fps=6)) == [0, 2, 4, 6, 8, 10]
+    assert frame_ids(decode_video(joined, sample_fps=12, max_duration=0.7)) == list(range(9))
+
+
 def test_a_packet_the_decoder_refuses_costs_that_frame_only():
     """A damaged frame in the middle: the clip's other frames decode (decoding stopped there, and the clip trained as
     its first 3 frames, planned as 12)."""
