@@ -26,9 +26,9 @@ from .config.data import TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
 from .config.model import MODEL_DIRS
 from .config.run import Run
+from .data.manifest import rows_system_prompt
 from .data.packing import Branches
 from .data.sequence import SequencePlanner
-from .data.manifest import rows_system_prompt
 from .data.stream import build_train_loader, data_groups
 from .data.tokenizer import load_tokenizer
 from . import distributed
