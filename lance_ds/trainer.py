@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from .config.data import TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
 from .config.model import MODEL_DIRS
 from .config.run import Run
-from .data.manifest import rows_system_prompt
+from .data.manifest import system_prompt_counts
 from .data.packing import Branches
 from .data.sequence import SequencePlanner
 from .data.stream import build_train_loader, data_groups
@@ -462,18 +463,29 @@ RESHARD_NOTE = ("weights, optimizer and schedule go on as saved; the samples not
 
 
 def training_cuts(dataset) -> dict[str, dict]:
-    """task -> the image / video options and system prompt of its first group: what inference cuts inputs and
-    prompts with (saved with each checkpoint, carried into exports), so that a model trained at 448 px is not asked
-    at 64, nor under another system prompt. An i2t / v2t row's own caption_i is its system prompt: the one most rows
-    carry (their manifests count them) comes before the group's."""
+    """task -> the image / video options of its heaviest group and the system prompt most of its samples trained
+    under: what inference cuts inputs and prompts with (saved with each checkpoint, carried into exports), so that a
+    model trained at 448 px is not asked at 64, nor under another system prompt."""
     cuts: dict[str, dict] = {}
-    for group in dataset.groups:
-        if group.task in cuts:
-            continue
-        rows = rows_system_prompt(group.shards) if group.task in UND_TASKS else None
-        cuts[group.task] = {"image": to_dict(group.image), "video": to_dict(group.video),
-                            "system_prompt": rows or group.system_prompt}
+    for task in dict.fromkeys(group.task for group in dataset.groups):
+        groups = [group for group in dataset.groups if group.task == task]
+        heaviest = max(groups, key=lambda group: group.weight)  # (the first of equal weights)
+        cuts[task] = {"image": to_dict(heaviest.image), "video": to_dict(heaviest.video),
+                      "system_prompt": trained_system_prompt(groups) if task in UND_TASKS else heaviest.system_prompt}
     return cuts
+
+
+def trained_system_prompt(groups) -> str | None:
+    """The system prompt most of an i2t / v2t task's samples trained under (None: the task's default). A row's own
+    caption_i, counted by its converter manifest, else its group's system_prompt; each group weighs its share of the
+    mixture, whatever its number of rows."""
+    shares: Counter = Counter()
+    for group in groups:
+        rows = system_prompt_counts(group.shards) or Counter({"": 1})  # nothing counted: the group's own
+        total = sum(rows.values())
+        for text, count in rows.items():
+            shares[text if text.strip() else group.system_prompt or ""] += group.weight * count / total
+    return shares.most_common(1)[0][0] or None
 
 
 def describe_weights(model) -> str:

@@ -941,7 +941,7 @@ def _write_outputs(output: Path, schema: TaskSchema, options: ConvertOptions, re
         "text_columns": list(schema.text_columns),
         "shards": shards,
     }
-    if "caption_i" in schema.text_columns:  # what inference prompts with (lance_ds.data.manifest.rows_system_prompt)
+    if "caption_i" in schema.text_columns:  # what inference prompts with (lance_ds.trainer.trained_system_prompt)
         manifest["system_prompts"] = commonest(sum((Counter(r.system_prompts) for r in records), Counter()))
     write_atomic(output / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 

@@ -63,10 +63,9 @@ def _manifests_beside(shards: list[str]) -> dict[Path, dict]:
     return {f: read_manifest(f) for f in sorted(folders) if (f / MANIFEST).is_file()}
 
 
-def rows_system_prompt(sources: list[str]) -> str | None:
-    """The system prompt (caption_i) most i2t / v2t rows of these sources carry, as their converter manifests count
-    them: what inference should prompt with. None when blank is the commonest (those rows trained under the group's
-    or the task's default) or no manifest counts them (URLs, conversions before the count, unreadable manifests)."""
+def system_prompt_counts(sources: list[str]) -> Counter:
+    """caption_i -> rows ("": blank) of the i2t / v2t rows of these sources, as their converter manifests count them
+    (the commonest few of each); empty when none does (URLs, conversions before the count, unreadable manifests)."""
     counts: Counter = Counter()
     for source in sources:
         try:
@@ -78,5 +77,4 @@ def rows_system_prompt(sources: list[str]) -> str | None:
             continue
         for manifest in manifests:
             counts.update(manifest.get("system_prompts") or {})
-    text = counts.most_common(1)[0][0] if counts else ""
-    return text if text.strip() else None
+    return counts

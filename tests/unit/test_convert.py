@@ -221,27 +221,6 @@ def test_round_trip_good_rows_exact_bad_rows_rejected(task, tmp_path):
         assert "system_prompts" not in manifest
 
 
-def test_the_system_prompt_most_rows_carry_is_read_from_their_manifests(tmp_path):
-    """What inference prompts an i2t / v2t model with: the caption_i most training rows carried, summed over the
-    group's converter outputs (a dir, or .tar files beside their manifest); blank commonest or nothing counted: None
-    (the group's or the task's default)."""
-    from lance_ds.data.manifest import rows_system_prompt
-
-    def output(name: str, counts: dict) -> str:
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "shard-000000.tar").write_bytes(b"")
-        (folder / "manifest.json").write_text(json.dumps({"task": "i2t", "shards": [{"name": "shard-000000.tar"}],
-                                                          "system_prompts": counts}))
-        return str(folder)
-
-    a = output("a", {"Be brief.": 3, "": 4})
-    b = output("b", {"Be brief.": 2})
-    assert rows_system_prompt([a]) is None  # blank is the commonest here
-    assert rows_system_prompt([a, f"{b}/*.tar"]) == "Be brief."  # 5 > 4 over the two
-    assert rows_system_prompt([output("old", {}), "https://host/shard-{000..009}.tar", str(tmp_path / "none")]) is None
-
-
 def test_stock_tar_lists_and_extracts(tmp_path):
     rows, _, infos = make_rows("t2i")
     write_parquet(tmp_path / "in.parquet", "t2i", rows)

@@ -648,6 +648,40 @@ def test_cli_cuts_as_training_cut_the_task_then_as_the_flags_say(planner):
     assert "Be brief." not in planner.tokenizer.decode(planner.prompt(question, cli_group(vae, "i2t")).input_ids.tolist())
 
 
+def test_checkpoints_record_the_system_prompt_and_cut_most_of_a_tasks_samples_trained_with(tmp_path):
+    """The caption_i most i2t / v2t rows carry (their converter manifests count them), else their group's
+    system_prompt, each group weighing its share of the mixture; the heaviest group's sizes. (The first group's
+    were recorded: a 4-row group of weight 1 beside a 120-row group of weight 10 set both.)"""
+    import json
+
+    from lance_ds.config.data import DatasetConfig, GroupConfig, ImageOptions
+    from lance_ds.trainer import training_cuts
+
+    def output(name: str, counts: dict) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "shard-000000.tar").write_bytes(b"")
+        (folder / "manifest.json").write_text(json.dumps({"task": "i2t", "shards": [{"name": "shard-000000.tar"}],
+                                                          "system_prompts": counts}))
+        return str(folder)
+
+    def cut(*groups) -> dict:
+        return training_cuts(DatasetConfig([GroupConfig(f"g{i}", shards, weight=weight, task="i2t",
+                                                        system_prompt=system, image=ImageOptions(resolution=side))
+                                            for i, (shards, weight, system, side) in enumerate(groups)]))["i2t"]
+
+    mostly_blank, brief = output("a", {"Be brief.": 3, "": 4}), output("b", {"Be brief.": 2})
+    assert cut(([mostly_blank], 1, None, 64))["system_prompt"] is None  # blank commonest: the task's default
+    assert cut(([mostly_blank], 1, "You see.", 64))["system_prompt"] == "You see."  # blank rows: the group's
+    assert cut(([mostly_blank, f"{brief}/*.tar"], 1, None, 64))["system_prompt"] == "Be brief."  # 5 of 9 rows
+    small, big = output("small", {"Answer in one word.": 4}), output("big", {"Describe the picture.": 120})
+    recorded = cut(([small], 1, None, 56), ([big], 10, None, 112))
+    assert (recorded["system_prompt"], recorded["image"]["resolution"]) == ("Describe the picture.", 112)
+    assert cut(([small], 1, None, 56), ([big], 0.5, None, 112))["system_prompt"] == "Answer in one word."
+    unknown = [output("old", {}), "https://host/shard-{000..009}.tar", str(tmp_path / "none")]
+    assert cut((unknown, 1, None, 64))["system_prompt"] is None and cut((unknown, 1, "Hi.", 64))["system_prompt"] == "Hi."
+
+
 def test_cli_reads_an_input_video_at_the_trained_frame_rate(tmp_path, planner):
     from lance_ds.data.media import encode_video
     from lance_ds.generate import cli_group, cli_sample, parse_args
