@@ -88,6 +88,7 @@ class Trainer:
         self.flops = DecoderFlops.of(self.parts.spec.llm)
         self.peak_tflops = peak_tflops(self.dist.device, self.cfg.train.precision, self.cfg.log.peak_tflops)
         resumed = self._resume(resume_from)
+        self.resumed_from = resume_from if resumed else None
         self.first_step = self.step  # 0, or the step this run resumed at (its summary counts the steps it trained)
         # the timeline restarts here: points an earlier run logged after this step (or any, from scratch) are dropped
         self.tb = TensorBoard(self.out / "tensorboard", enabled=self.dist.is_first,
@@ -271,7 +272,7 @@ class Trainer:
         lines = [
             "lance_ds: training",
             f"  model        {parts.describe()}",
-            f"  weights      {describe_weights(cfg.model)}",
+            f"  weights      {describe_weights(cfg.model, self.resumed_from)}",
             f"  switches     visual_und={cfg.model.visual_und} visual_gen={cfg.model.visual_gen} "
             f"lape={cfg.model.lape.enabled} training_type={cfg.model.training_type}",
             "  data         " + "; ".join(f"{g.name} ({g.task}, weight {g.weight}, "
@@ -488,13 +489,15 @@ def trained_system_prompt(groups) -> str | None:
     return shares.most_common(1)[0][0] or None
 
 
-def describe_weights(model) -> str:
-    """Where training starts from: 'model.path /m/lance; model.vit_path /m/qwen', or 'random decoder ...'."""
+def describe_weights(model, resumed_from: Path | None = None) -> str:
+    """Where training starts from: 'model.path /m/lance; model.vit_path /m/qwen', or 'random decoder ...'; a resumed
+    run: 'the checkpoint .../step_00000400 (the run began from ...)'."""
     dirs = [f"model.{k} {getattr(model, k)}" for k in ("path", "vit_path", "vae_path") if getattr(model, k)]
     random = [] if model.path else ["random decoder (no model.path)"]
     if model.visual_und and not (model.path or model.vit_path):
         random.append(f"random {'trainable' if model.vit_trainable else 'frozen'} ViT")
-    return "; ".join(random + dirs)
+    began = "; ".join(random + dirs)
+    return began if resumed_from is None else f"the checkpoint {resumed_from} (the run began from {began})"
 
 
 def describe_cut(group) -> str:

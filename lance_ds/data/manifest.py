@@ -46,6 +46,9 @@ def local_shards(source: str) -> tuple[list[str], dict[Path, dict]]:
     beside them (by folder). A pattern keeps .tar files only: DIR/* also matches the converter's manifest.json and
     rejects.jsonl, which read as corrupt shards every epoch; one that matches files but no .tar is refused."""
     if Path(source).is_file():
+        if not source.endswith(".tar"):  # (the converter's rejects.jsonl or manifest.json read as a corrupt shard)
+            raise ManifestError(f"{source} is not a .tar shard; name the .tar files (DIR/*.tar) or give the converter "
+                                "output DIR itself")
         return [source], _manifests_beside([source])
     matched = [p for pattern in braceexpand.braceexpand(source) for p in sorted(glob.glob(pattern))]
     shards = [p for p in matched if p.endswith(".tar") and Path(p).is_file()]

@@ -235,7 +235,9 @@ def test_sigterm_stops_at_the_next_step_with_its_checkpoint_and_resumes_exactly(
     assert re.search(r"v2t \(v2t, weight 1\.0, \d+ samples, 56 px, 9 frames at 12 fps\)", log)  # each group's cut
     assert tensorboard_steps(out, "train/lr") == [s for s in LOGGED if s <= stopped]  # a stop adds no point
     assert stopped not in read_scalars(out)["val/loss"]
-    launch(train_args(out, example_data, STEPS, *validating), env=launch_env(LANCE_DS_FAULT=NAN_AT))
+    log = launch(train_args(out, example_data, STEPS, *validating), env=launch_env(LANCE_DS_FAULT=NAN_AT)).stdout
+    assert (f"weights      the checkpoint {out / 'checkpoints' / f'step_{stopped:08d}'} (the run began from random "
+            "decoder (no model.path)") in log, log[-3000:]  # (not "random decoder" alone: it goes on from there)
     expected, got = losses(reference), losses(out)
     assert sorted(got) == LOSSES_LOGGED
     for step in LOSSES_LOGGED:  # the window the stop cut short went on in the resumed run

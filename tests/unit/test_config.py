@@ -194,6 +194,12 @@ def test_shard_globs_name_tar_files_and_take_the_task_beside_them(dataset_dir):
                                                                       "task": "t2i"}]}))
     with pytest.raises(ConfigError, match="shards/notes/\\* matches no .tar shard, only .*a.txt; match the .tar"):
         load(dataset_dir, {**GOOD, "dataset_config": "bad.yaml"})
+    # the converter's rejects.jsonl named as a shard (beside a manifest): refused here, not read as a corrupt shard
+    # for 5 epochs by the ranks
+    (dataset_dir / "named.yaml").write_text(yaml.safe_dump({"groups": [{"name": "a", "shards": [
+        "shards/t2i/rejects.jsonl"]}]}))
+    with pytest.raises(ConfigError, match="shards/t2i/rejects.jsonl is not a .tar shard; name the .tar files"):
+        load(dataset_dir, {**GOOD, "dataset_config": "named.yaml"})
 
 
 def test_extends_and_overrides_merge(tmp_path):
