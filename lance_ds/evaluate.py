@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CHECKPOINTS, step_name
-from .config.data import GEN_TASKS, TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, DatasetConfig, GroupConfig
+from .config.data import EDIT_TASKS, GEN_TASKS, TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, DatasetConfig, GroupConfig
 from .data.batch import Sample
 from .data.example import COLOURS, DIRECTIONS, SHAPES, judge_answer, judge_generation, parse_answer
 from .data.sequence import SOURCE_MEDIA, TARGET_MEDIA, resize_crop
@@ -208,12 +208,17 @@ def side_by_side(*clips: Tensor | None) -> Tensor:
 
 
 def refuse_unjudgeable(sample: Sample) -> None:
-    """The judge reads the example world (colours, shapes, motions): a t2i / t2v caption naming none of them would
-    score 100% at a chance of 100%, "goals met" about nothing. ValueError, pointing at validation instead."""
-    if sample.task in TEXT_TO_MEDIA_TASKS and not any(parse_answer(sample.texts.get("caption", "")).values()):
-        raise ValueError(f"{sample.task} sample {sample.key!r}: its caption {sample.texts.get('caption', '')[:80]!r} "
-                         "names no colour, shape or direction of the example world, which is all lance_ds.evaluate "
-                         "judges; for your own data watch validation (validation.every, val/* in TensorBoard)")
+    """The judges read the example world (colours, shapes, motions): a caption, edit instruction or reference answer
+    naming none of them cannot be judged (a t2i caption would score 100% at a chance of 100%, "goals met" about
+    nothing; an answer 'grey' failed with 'names no colour'). ValueError, pointing at validation instead."""
+    column = "caption_a" if sample.task in UND_TASKS else "caption"
+    text = sample.texts.get(column, "")
+    if not any(parse_answer(text).values()):
+        what = {"caption_a": "reference answer", "caption": "instruction" if sample.task in EDIT_TASKS else "caption"}
+        raise ValueError(f"{sample.task} sample {sample.key!r}: its {what[column]} {text[:80]!r} names no colour, "
+                         "shape or direction of the example world (tools/make_example_dataset.py), which is all "
+                         "lance_ds.evaluate judges; for your own data watch validation (validation.every, val/* and "
+                         "samples/* in TensorBoard)")
 
 
 def share(items: list, rank: int, world: int) -> tuple[int, list[tuple[object, bool]]]:

@@ -121,11 +121,16 @@ def prompts():
 
 
 def test_captions_outside_the_example_world_are_refused_not_scored(prompts):
-    """A t2i caption naming no colour / shape ("a dog on a beach") scored 100% at 100% chance: "goals met"."""
-    own = [dataclasses.replace(p, sample=dataclasses.replace(p.sample, texts={"caption": "a dog on a beach"}))
-           for p in prompts if p.sample.task == "t2i"]
-    with pytest.raises(ValueError, match="names no colour, shape or direction.*validation.every"):
-        ev.evaluate(FakeGenerator("right"), own)
+    """A t2i caption naming no colour / shape ("a dog on a beach") scored 100% at 100% chance: "goals met". A user's
+    i2t answer "grey" failed with "reference answer 'grey' names no colour" (grey is one, not the example world's)."""
+    own = {"t2i": {"caption": "a dog on a beach"}, "i2i": {"caption": "make it sepia"},
+           "i2t": {"caption_q": "What colour?", "caption_a": "grey"}}
+    for task, texts in own.items():
+        theirs = [dataclasses.replace(p, sample=dataclasses.replace(p.sample, texts=texts))
+                  for p in prompts if p.sample.task == task]
+        with pytest.raises(ValueError, match=f"{task} sample .* names no colour, shape or direction of the example "
+                                             "world .*validation.every"):
+            ev.evaluate(FakeGenerator("right"), theirs)
 
 
 def test_right_outputs_score_everything_and_the_judge_passes_the_targets(prompts):
