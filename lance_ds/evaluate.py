@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CHECKPOINTS, step_name
-from .config.data import EDIT_TASKS, GEN_TASKS, TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, DatasetConfig, GroupConfig
+from .config.data import EDIT_TASKS, GEN_TASKS, TASKS, UND_TASKS, DatasetConfig, GroupConfig
 from .data.batch import Sample
 from .data.example import COLOURS, DIRECTIONS, SHAPES, judge_answer, judge_generation, parse_answer
 from .data.sequence import SOURCE_MEDIA, TARGET_MEDIA, resize_crop
