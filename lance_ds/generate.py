@@ -31,6 +31,7 @@ when every prompt on every rank is done (an all-reduced flag) or at max_new_toke
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -499,15 +500,15 @@ def cli_sample(args, group: GroupConfig) -> Sample:
 
 
 def say_if_small(args, frames: Tensor, group: GroupConfig) -> None:
-    """An input more than 2x smaller a side than the area its task is cut to (the ViT's for a question) is scaled up
-    to it: said, as it shows the model no more detail than it has (a 1x1 image became a flat 64 x 64 one)."""
-    side = group.resolution_for(args.task in VIDEO_TASKS)
-    if args.task in UND_TASKS:
-        side = group.image.vit_resolution or side
+    """An input scaled up more than 2x a side to the area its task is cut to (the ViT's for a question) is said: it
+    shows the model no more detail than it has (a 1x1 image became a flat 64 x 64 one)."""
+    from .data.sequence import upscale_factor
+
     height, width = frames.shape[1:3]
-    if 4 * height * width < side * side:
-        print(f"lance_ds.generate: {args.input} is {width}x{height}, scaled up to the {side} x {side} area "
-              f"{args.task} is cut to: the model sees no more detail than it has", file=sys.stderr)
+    side = dataclasses.replace(group, task=args.task).input_side()
+    if (factor := upscale_factor(height, width, side, group.image)) > 2:
+        print(f"lance_ds.generate: {args.input} is {width}x{height}, scaled up {factor:.1f}x a side to the {side} x "
+              f"{side} area {args.task} is cut to: the model sees no more detail than it has", file=sys.stderr)
 
 
 def cli_group(vae, task: str | None = None, cuts: dict | None = None, size: int | None = None,

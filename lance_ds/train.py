@@ -155,7 +155,7 @@ def check_data_against_model(run, is_first: bool) -> None:
     if problems:
         raise ConfigError(problems)
     if is_first:
-        for warning in beyond_the_position_table(run.dataset, geometry):
+        for warning in beyond_the_position_table(run.dataset, geometry) + upscaled_media(run.dataset):
             print(f"lance_ds: warning: {warning}", file=sys.stderr)
 
 
@@ -179,6 +179,25 @@ def beyond_the_position_table(dataset, geometry) -> list[str]:
         if video and group.video.max_frames > frames:
             out.append(f"{key}: video.max_frames={group.video.max_frames}, but the model's latent positions hold "
                        f"{frames} frames: clips are cut to {frames}")
+    return out
+
+
+def upscaled_media(dataset) -> list[str]:
+    """Groups whose media, at their manifests' mean size, are scaled up more than 2x a side to the area they are cut
+    to: the model trains on tokens that carry no more detail than the files (64 px images at resolution 448: 7x)."""
+    from lance_ds.data.manifest import mean_media_sizes
+    from lance_ds.data.sequence import upscale_factor
+
+    out = []
+    for i, group in enumerate(dataset.groups):
+        side = group.input_side()
+        scaled = [(upscale_factor(height, width, side, group.image), member, height, width)
+                  for member, (height, width) in mean_media_sizes(group.shards).items()]
+        factor, member, height, width = max(scaled, default=(0, "", 0, 0))
+        if factor > 2:
+            out.append(f"dataset_config.groups[{i}] ({group.name}): its {member} media are {width:.0f}x{height:.0f} on "
+                       f"average, scaled up {factor:.1f}x a side to the {side} px area the group cuts them to; a lower "
+                       "resolution trains on fewer tokens, as sharp")
     return out
 
 

@@ -80,6 +80,12 @@ class GroupConfig:
         """The pixel side this group cuts a task's media to: a video task's video.resolution when set."""
         return (self.video.resolution if video else None) or self.image.resolution
 
+    def input_side(self) -> int:
+        """The side of the area this group's media are cut to as the model takes them in: the ViT's for a question
+        (i2t, v2t), else resolution_for its task."""
+        side = self.resolution_for(self.task in VIDEO_TASKS)
+        return (self.image.vit_resolution or side) if self.task in UND_TASKS else side
+
 
 @dataclass
 class DatasetConfig:

@@ -66,18 +66,39 @@ def _manifests_beside(shards: list[str]) -> dict[Path, dict]:
     return {f: read_manifest(f) for f in sorted(folders) if (f / MANIFEST).is_file()}
 
 
-def system_prompt_counts(sources: list[str]) -> Counter:
-    """caption_i -> rows ("": blank) of the i2t / v2t rows of these sources, as their converter manifests count them
-    (the commonest few of each); empty when none does (URLs, conversions before the count, unreadable manifests)."""
-    counts: Counter = Counter()
+def local_manifests(sources: list[str]) -> list[dict]:
+    """The converter manifests of a group's local sources (a converter output dir's, or those beside its .tar
+    files); none for URLs, and unreadable ones are left out (the config check said so before training)."""
+    manifests = []
     for source in sources:
         try:
             if Path(source).is_dir():
-                manifests = [read_manifest(source)] if (Path(source) / MANIFEST).is_file() else []
-            else:
-                manifests = [] if "://" in source or source.startswith("pipe:") else local_shards(source)[1].values()
-        except (OSError, ValueError):  # (ManifestError: the config check said so before training)
+                manifests += [read_manifest(source)] if (Path(source) / MANIFEST).is_file() else []
+            elif not ("://" in source or source.startswith("pipe:")):
+                manifests += local_shards(source)[1].values()
+        except (OSError, ValueError):  # (ValueError: ManifestError)
             continue
-        for manifest in manifests:
-            counts.update(manifest.get("system_prompts") or {})
+    return manifests
+
+
+def system_prompt_counts(sources: list[str]) -> Counter:
+    """caption_i -> rows ("": blank) of the i2t / v2t rows of these sources, as their converter manifests count them
+    (the commonest few of each); empty when none does (URLs, conversions before the count)."""
+    counts: Counter = Counter()
+    for manifest in local_manifests(sources):
+        counts.update(manifest.get("system_prompts") or {})
     return counts
+
+
+def mean_media_sizes(sources: list[str]) -> dict[str, tuple[float, float]]:
+    """media member -> (mean height, mean width) of these sources' samples, from their manifests' shard stats."""
+    sums: dict[str, list[float]] = {}
+    for manifest in local_manifests(sources):
+        for shard in manifest["shards"]:
+            for member, stats in (shard.get("media") or {}).items():
+                if stats.get("count") and "height" in stats and "width" in stats:
+                    total = sums.setdefault(member, [0.0, 0.0, 0.0])
+                    total[0] += stats["count"]
+                    total[1] += stats["count"] * stats["height"]["mean"]
+                    total[2] += stats["count"] * stats["width"]["mean"]
+    return {member: (h / n, w / n) for member, (n, h, w) in sums.items()}

@@ -257,6 +257,13 @@ def fit_size(height: int, width: int, *, resolution: int, buckets, multiple: int
     return max(multiple, int(h // multiple) * multiple), max(multiple, int(w // multiple) * multiple)
 
 
+def upscale_factor(height: float, width: float, resolution: int, image) -> float:
+    """How many times a side a height x width picture is scaled up (< 1: down) when cut to `resolution`'s area with
+    these ImageOptions (its bucket covered, then cropped)."""
+    h, w = fit_size(height, width, resolution=resolution, buckets=image.buckets, multiple=1, max_pixels=image.max_pixels)
+    return max(h / height, w / width)
+
+
 def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:
     """uint8 [T, H, W, 3] -> uint8 [T, height, width, 3]: scale to cover (antialiased bilinear), crop the centre."""
     _, src_h, src_w, _ = frames.shape

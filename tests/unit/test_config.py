@@ -713,6 +713,39 @@ def test_generation_sizes_beyond_the_latent_position_table_are_said(tmp_path):
         "clips are cut to 121"]
 
 
+def test_media_scaled_up_far_to_their_groups_area_are_said(tmp_path):
+    """64 px images in a group at image.resolution 448 (the README's example value) trained 7x upscaled, silently;
+    the manifests' media sizes tell, before any rank starts. A question's images go to the ViT at its side."""
+    from lance_ds.config.data import DatasetConfig, GroupConfig, ImageOptions
+    from lance_ds.train import upscaled_media
+
+    def output(name: str, task: str, height: int, width: int) -> str:
+        stats = {"count": 4, "height": {"mean": height}, "width": {"mean": width}}
+        member = "image" if task != "i2i" else "input_image"
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps(
+            {"task": task, "shards": [{"name": "shard-000000.tar", "num_samples": 4, "media": {member: stats}}]}))
+        return str(tmp_path / name)
+
+    groups = [GroupConfig(name="small", task="t2i", shards=[output("a", "t2i", 64, 64)],
+                          image=ImageOptions(resolution=448)),
+              GroupConfig(name="fine", task="i2i", shards=[output("b", "i2i", 64, 64)],
+                          image=ImageOptions(resolution=96)),
+              GroupConfig(name="asked", task="i2t", shards=[output("c", "i2t", 64, 64)],
+                          image=ImageOptions(resolution=64, vit_resolution=448)),
+              GroupConfig(name="thin", task="t2i", shards=[output("d", "t2i", 203, 17)],
+                          image=ImageOptions(resolution=56)),
+              GroupConfig(name="remote", task="t2i", shards=["https://host/shard-{0..3}.tar"])]
+    said = upscaled_media(DatasetConfig(groups=groups))
+    assert said == [
+        "dataset_config.groups[0] (small): its image media are 64x64 on average, scaled up 7.0x a side to the 448 px "
+        "area the group cuts them to; a lower resolution trains on fewer tokens, as sharp",
+        "dataset_config.groups[2] (asked): its image media are 64x64 on average, scaled up 7.0x a side to the 448 px "
+        "area the group cuts them to; a lower resolution trains on fewer tokens, as sharp",
+        "dataset_config.groups[3] (thin): its image media are 17x203 on average, scaled up 3.3x a side to the 56 px "
+        "area the group cuts them to; a lower resolution trains on fewer tokens, as sharp"]
+
+
 def test_validating_with_the_ema_needs_one(dataset_dir):
     with pytest.raises(ConfigError, match=r"validation.weights: ema needs an EMA: set train.ema_decay > 0"):
         load(dataset_dir, GOOD, ["validation.weights=ema"])
