@@ -586,8 +586,11 @@ def main(argv: list[str] | None = None) -> int:
             if group.system_prompt is None:  # (none recorded: shards from URLs, a task training did not see)
                 print(f"lance_ds.generate: system prompt: {args.task}'s built-in one; if the training rows carried "
                       "their own (caption_i), give it with --system", file=sys.stderr)
-            print(gen.answer([sample], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             seed=args.seed, group=group)[0])
+            (answer,) = gen.answer([sample], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   seed=args.seed, group=group)
+            if not answer.strip():
+                print("lance_ds.generate: the answer is empty: the model ended its turn at once", file=sys.stderr)
+            print(answer)
             return 0
         (frames,) = gen.generate([sample], num_steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
                                  target_shape=cli_target_shape(args, gen.planner, group), group=group)

@@ -9,6 +9,7 @@ parameters. Files: `adapter_config.json` + `adapter_model.safetensors` with Peft
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -65,7 +66,9 @@ def add_lora(model: nn.Module, settings: LoraSettings, ds_config: dict | None = 
     whole = {n for n, p in model.named_parameters()
              if p.requires_grad and (n.startswith(LANCE_VIT_PREFIX) or n in fresh)}  # (freeze patterns applied)
     targets = lora_targets(model, list(settings.target_modules))
-    with zero_init(ds_config) if ds_config is not None else contextlib.nullcontext():
+    with zero_init(ds_config) if ds_config is not None else contextlib.nullcontext(), warnings.catch_warnings():
+        # (peft's init of zero.Init's empty placeholders, redone below on the gathered tensors)
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
         has_vit = any(name.startswith(LANCE_VIT_PREFIX) for name, _ in model.named_modules())
         inject_adapter_in_model(peft_config(settings, targets, NOT_IN_VIT if has_vit else None), model)
     if ds_config is not None:

@@ -590,6 +590,15 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     assert main(["--checkpoint", str(trained_runs["lora"]), "--task", "t2i", "--prompt", "x", "--ema", "--out",
                  str(tmp_path / "f.png")]) == 2  # (the LoRA run kept no EMA)
     assert "train.ema_decay=0" in capsys.readouterr().err
+    monkeypatch.undo()
+    # an empty answer (the model ended its turn at once) is said, not just a blank line
+    from lance_ds.generate import Generator
+
+    monkeypatch.setattr(Generator, "answer", lambda self, samples, **kwargs: [""])
+    assert main(["--checkpoint", str(exported), "--task", "i2t", "--input", str(image)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n" and "the answer is empty: the model ended its turn at once" in err
+    monkeypatch.undo()
     # a question given as --prompt (it was dropped: the model captioned instead), and a device that is not there
     assert main(["--checkpoint", str(exported), "--task", "i2t", "--input", str(image), "--prompt", question,
                  "--device", "cuda:7"]) == 2
