@@ -213,12 +213,15 @@ def refuse_unjudgeable(sample: Sample) -> None:
     nothing; an answer 'grey' failed with 'names no colour'). ValueError, pointing at validation instead."""
     column = "caption_a" if sample.task in UND_TASKS else "caption"
     text = sample.texts.get(column, "")
-    if not any(parse_answer(text).values()):
+    # a still image or an edit is judged on colour and shape; a direction is a video's or an answer's
+    judged = ("colour", "shape") if sample.task in ("t2i", *EDIT_TASKS) else ("colour", "shape", "direction")
+    found = parse_answer(text)
+    if not any(found[k] for k in judged):
         what = {"caption_a": "reference answer", "caption": "instruction" if sample.task in EDIT_TASKS else "caption"}
-        raise ValueError(f"{sample.task} sample {sample.key!r}: its {what[column]} {text[:80]!r} names no colour, "
-                         "shape or direction of the example world (tools/make_example_dataset.py), which is all "
-                         "lance_ds.evaluate judges; for your own data watch validation (validation.every, val/* and "
-                         "samples/* in TensorBoard)")
+        raise ValueError(f"{sample.task} sample {sample.key!r}: its {what[column]} {text[:80]!r} names no "
+                         f"{', '.join(judged[:-1])} or {judged[-1]} of the example world "
+                         "(tools/make_example_dataset.py), which is all lance_ds.evaluate judges; for your own data "
+                         "watch validation (validation.every, val/* and samples/* in TensorBoard)")
 
 
 def share(items: list, rank: int, world: int) -> tuple[int, list[tuple[object, bool]]]:
@@ -410,8 +413,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--seed", type=int, default=EvalSettings.seed, help="generation noise seed")
     p.add_argument("--ema", action="store_true", help="a training checkpoint's EMA weights")
     p.add_argument("--tensorboard", help="TensorBoard dir to write to (default: the run's tensorboard/; 'none': off)")
-    p.add_argument("--json", help="write the scores here (default: RUN_DIR/eval/step_XXXXXXXX.json, the evaluated "
-                                  "step's; an export's are written only here)")
+    p.add_argument("--json", help="write the scores here (default: RUN_DIR/eval/step_XXXXXXXX[.ema].json, the "
+                                  "evaluated step's; an export's are written only here)")
     p.add_argument("--require-goals", action="store_true", help="exit with status 1 when a task misses its goal")
     add_model_dir_flags(p)
     return p.parse_args(argv)
@@ -483,17 +486,20 @@ def report(args, settings: EvalSettings, results: dict[str, Evaluation], step: i
             at = 0 if name == "step 0" else max(step, 0)
             # the points of one evaluated step in a file of their own, which an evaluation of that step again
             # replaces: TensorBoard would show both (its curves zigzag between points at one step)
-            suffix = f".eval_step{at}"
+            suffix = f".eval_step{at}" + (".ema" if args.ema and name != "step 0" else "")
             for earlier in Path(tb_dir).glob(f"events.out.tfevents.*{suffix}"):
                 earlier.unlink()
             tb = TensorBoard(tb_dir, enabled=True, filename_suffix=suffix)
             log_to_tensorboard(tb, at, result)
             tb.close()
         print(f"TensorBoard: eval/<task> scalars and eval/samples/* in {tb_dir}")
-    json_path = Path(args.json) if args.json else (run_dir / EVAL_DIR / f"{step_name(step)}.json" if run_dir else None)
+    weights = "ema" if args.ema else "trained"  # (each has a file of its own: one evaluation does not replace the other)
+    default = run_dir / EVAL_DIR / f"{step_name(step)}{'.ema' if args.ema else ''}.json" if run_dir else None
+    json_path = Path(args.json) if args.json else default
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"settings": dataclasses.asdict(settings), "num_per_task": args.num_per_task,
+        json_path.write_text(json.dumps({"settings": dataclasses.asdict(settings), "weights": weights,
+                                         "num_per_task": args.num_per_task,
                                          "dataset_config": str(args.dataset_config),
                                          "results": {k: to_json(v) for k, v in results.items()}}, indent=2))
         print(f"scores: {json_path}")

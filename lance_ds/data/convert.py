@@ -430,7 +430,8 @@ class ShardRecord:
     crc32: str | None = None  # None: written by --verify none, which skips the checksum
     media: dict = field(default_factory=dict)
     rejects: list[dict] = field(default_factory=list)
-    system_prompts: dict = field(default_factory=dict)  # i2t / v2t: caption_i -> rows ("": blank), the commonest
+    system_prompts: dict | None = None  # i2t / v2t: caption_i -> rows ("": blank), the commonest (None: a record
+    # written before the count, whose shard is reused)
 
 
 SYSTEM_PROMPTS_KEPT = 8  # distinct caption_i values a shard record and the manifest keep (the commonest): rows may
@@ -941,8 +942,10 @@ def _write_outputs(output: Path, schema: TaskSchema, options: ConvertOptions, re
         "text_columns": list(schema.text_columns),
         "shards": shards,
     }
-    if "caption_i" in schema.text_columns:  # what inference prompts with (lance_ds.trainer.trained_system_prompt)
-        manifest["system_prompts"] = commonest(sum((Counter(r.system_prompts) for r in records), Counter()))
+    counted = [r.system_prompts for r in records if r.num_samples]
+    if "caption_i" in schema.text_columns and None not in counted:  # what inference prompts with (a part uncounted:
+        # nothing, rather than a minority's; lance_ds.trainer.trained_system_prompt)
+        manifest["system_prompts"] = commonest(sum(map(Counter, counted), Counter()))
     write_atomic(output / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 

@@ -69,16 +69,17 @@ def _manifests_beside(shards: list[str]) -> dict[Path, dict]:
 def local_manifests(sources: list[str]) -> list[dict]:
     """The converter manifests of a group's local sources (a converter output dir's, or those beside its .tar
     files); none for URLs, and unreadable ones are left out (the config check said so before training)."""
-    manifests = []
+    manifests: dict[Path, dict] = {}  # by folder: .tar files listed one by one share theirs
     for source in sources:
         try:
             if Path(source).is_dir():
-                manifests += [read_manifest(source)] if (Path(source) / MANIFEST).is_file() else []
+                if (Path(source) / MANIFEST).is_file():
+                    manifests[Path(source).resolve()] = read_manifest(source)
             elif not ("://" in source or source.startswith("pipe:")):
-                manifests += local_shards(source)[1].values()
+                manifests.update({folder.resolve(): m for folder, m in local_shards(source)[1].items()})
         except (OSError, ValueError):  # (ValueError: ManifestError)
             continue
-    return manifests
+    return list(manifests.values())
 
 
 def system_prompt_counts(sources: list[str]) -> Counter:

@@ -419,18 +419,19 @@ def _frame_time(frame: av.VideoFrame, index: int, rate: float) -> float:
 
 
 class PlayingClock:
-    """Frame times as a player plays them: a timestamp that jumps back (MPEG-TS segments concatenated, a wrapped
-    clock) continues one frame after the last instead; the sampler would pass over every frame of the later segment,
-    whose times it has already passed."""
+    """Frame times as a player plays them: a timestamp that jumps back by half a frame or more (MPEG-TS segments
+    concatenated, a wrapped clock) continues one frame after the last instead; the sampler would pass over every
+    frame of the later segment, whose times it has already passed. A smaller step back (rounding) keeps the time."""
 
     def __init__(self, frame_interval: float):
         self.interval, self.shift, self.last = frame_interval, 0.0, None
 
     def time(self, stamp: float) -> float:
         t = stamp + self.shift
-        if self.last is not None and t < self.last:
+        if self.last is not None and t < self.last - self.interval / 2:  # a new segment
             self.shift += self.last + self.interval - t
             t = self.last + self.interval
+        t = max(t, self.last or t)  # (a step back under half a frame: rounding, not a segment)
         self.last = t
         return t
 

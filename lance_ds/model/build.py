@@ -297,9 +297,10 @@ def _built_model_problems(cfg: ModelConfig, spec: ModelSpec) -> list[tuple[str, 
     if cfg.visual_gen:
         with contextlib.suppress(OSError, ValueError):  # (reported above)
             latent_channels = codec_shape(*codec_source(cfg, spec)).latent_channels
-    with torch.device("meta"), without_hf_deepspeed_config(), initialisers_off():
+    with torch.device("meta"), without_hf_deepspeed_config():
         vit = build_vision_tower(spec.vit, None) if cfg.visual_und and cfg.vit_trainable else None
-        model = LanceModel(lance_config(cfg, spec, latent_channels, num_text_classes=1), vit_model=vit)
+        with initialisers_off():  # (not around transformers': its first import keeps copies of the initialisers)
+            model = LanceModel(lance_config(cfg, spec, latent_channels, num_text_classes=1), vit_model=vit)
     problems = []
     if cfg.path:
         try:
@@ -323,7 +324,8 @@ def _built_model_problems(cfg: ModelConfig, spec: ModelSpec) -> list[tuple[str, 
 @contextlib.contextmanager
 def initialisers_off():
     """torch.nn.init's in-place initialisers as no-ops, for a build on the meta device: they change nothing there, and
-    normal_ on a meta tensor imports torch._dynamo (~2 s of every config check, on every rank). Not for threads."""
+    normal_ on a meta tensor imports torch._dynamo (~2 s of every config check, on every rank). Not for threads, nor
+    around a module's first import that copies them (transformers.initialization does: it kept the no-ops)."""
     names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
     kept = {name: getattr(nn.init, name) for name in names}
     for name in names:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from lance_ds.config.core import ConfigError, Problems
 from lance_ds.data import convert as convert_module
-from lance_ds.data.convert import ConvertError, ConvertOptions, convert
+from lance_ds.data.convert import STATE_DIR, ConvertError, ConvertOptions, convert
 from lance_ds.data.manifest import read_manifest
 from lance_ds.data.media import encode_video
 from lance_ds.data.schemas import SCHEMAS, MediaKind
@@ -219,6 +219,23 @@ def test_round_trip_good_rows_exact_bad_rows_rejected(task, tmp_path):
         assert max(counted.values()) == max(truth.values())
     else:
         assert "system_prompts" not in manifest
+
+
+def test_a_rerun_over_shards_converted_before_the_system_prompt_count_leaves_it_out(tmp_path):
+    """Shards written before the converter counted caption_i are reused by a re-run: counting only the new ones would
+    make a minority's system prompt the task's; the manifest then has no count (inference: the group's or default)."""
+    rows, _, infos = make_rows("i2t")
+    write_parquet(tmp_path / "in.parquet", "i2t", [rows[row] for row in infos])
+    out = tmp_path / "out"
+    run([tmp_path / "in.parquet"], out, samples_per_shard=2)
+    assert sum(read_manifest(out)["system_prompts"].values()) == len(infos)
+    for record in (out / STATE_DIR).glob("*.json"):  # as an older converter wrote them
+        saved = json.loads(record.read_text())
+        del saved["system_prompts"]
+        record.write_text(json.dumps(saved))
+    (out / "manifest.json").unlink()
+    assert run([tmp_path / "in.parquet"], out, samples_per_shard=2).num_resumed > 0
+    assert "system_prompts" not in read_manifest(out)
 
 
 def test_stock_tar_lists_and_extracts(tmp_path):

@@ -123,14 +123,17 @@ def prompts():
 def test_captions_outside_the_example_world_are_refused_not_scored(prompts):
     """A t2i caption naming no colour / shape ("a dog on a beach") scored 100% at 100% chance: "goals met". A user's
     i2t answer "grey" failed with "reference answer 'grey' names no colour" (grey is one, not the example world's)."""
-    own = {"t2i": {"caption": "a dog on a beach"}, "i2i": {"caption": "make it sepia"},
-           "i2t": {"caption_q": "What colour?", "caption_a": "grey"}}
-    for task, texts in own.items():
+    own = {"t2i": ({"caption": "a dog moving left"}, "colour or shape"),  # (a still image has no direction)
+           "i2i": ({"caption": "move it left"}, "colour or shape"),  # (judge_edit needs a colour or shape)
+           "i2t": ({"caption_q": "What colour?", "caption_a": "grey"}, "colour, shape or direction")}
+    for task, (texts, named) in own.items():
         theirs = [dataclasses.replace(p, sample=dataclasses.replace(p.sample, texts=texts))
                   for p in prompts if p.sample.task == task]
-        with pytest.raises(ValueError, match=f"{task} sample .* names no colour, shape or direction of the example "
-                                             "world .*validation.every"):
+        with pytest.raises(ValueError, match=f"{task} sample .* names no {named} of the example world "
+                                             ".*validation.every"):
             ev.evaluate(FakeGenerator("right"), theirs)
+    motion = [p for p in prompts if p.sample.task == "t2v"][0]  # a video's direction alone is judged
+    ev.refuse_unjudgeable(dataclasses.replace(motion.sample, texts={"caption": "something moving left"}))
 
 
 def test_right_outputs_score_everything_and_the_judge_passes_the_targets(prompts):
@@ -346,6 +349,10 @@ def test_evaluating_a_step_again_replaces_its_tensorboard_points(prompts, tmp_pa
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
     acc.Reload()
     assert sorted((e.step, e.value) for e in acc.Scalars("eval/t2v")) == [(40, 1.0), (80, 1.0)]
-    scores = {f.name: json.loads(f.read_text())["results"] for f in (tmp_path / "run" / "eval").iterdir()}
-    assert sorted(scores) == ["step_00000040.json", "step_00000080.json"]
-    assert scores["step_00000040.json"]["step 40"]["scores"]["t2v"]["accuracy"] == 1.0  # the second evaluation's
+    trained.mode = "noise"  # the EMA weights of step 40 (--ema): a file of their own, the trained ones' kept
+    assert ev.main(["--checkpoint", "fake", "--dataset_config", "fake.yaml", "--tensorboard", str(tb), "--ema"]) == 0
+    scores = {f.name: json.loads(f.read_text()) for f in (tmp_path / "run" / "eval").iterdir()}
+    assert sorted(scores) == ["step_00000040.ema.json", "step_00000040.json", "step_00000080.json"]
+    assert scores["step_00000040.json"]["results"]["step 40"]["scores"]["t2v"]["accuracy"] == 1.0  # the 2nd run's
+    assert scores["step_00000040.json"]["weights"] == "trained" and scores["step_00000040.ema.json"]["weights"] == "ema"
+    assert scores["step_00000040.ema.json"]["results"]["step 40"]["scores"]["t2v"]["accuracy"] < 1.0

@@ -687,6 +687,11 @@ def test_checkpoints_record_the_system_prompt_and_cut_most_of_a_tasks_samples_tr
     recorded = cut(([small], 1, None, 56), ([big], 10, None, 112))
     assert (recorded["system_prompt"], recorded["image"]["resolution"]) == ("Describe the picture.", 112)
     assert cut(([small], 1, None, 56), ([big], 0.5, None, 112))["system_prompt"] == "Answer in one word."
+    many = output("many", {"Be brief.": 40})  # its .tar files listed one by one: its manifest counts once
+    for i in (1, 2):
+        (Path(many) / f"shard-00000{i}.tar").write_bytes(b"")
+    listed = [f"{many}/shard-00000{i}.tar" for i in range(3)]
+    assert cut((listed + [output("q", {"Say why.": 100})], 1, None, 64))["system_prompt"] == "Say why."
     unknown = [output("old", {}), "https://host/shard-{000..009}.tar", str(tmp_path / "none")]
     assert cut((unknown, 1, None, 64))["system_prompt"] is None and cut((unknown, 1, "Hi.", 64))["system_prompt"] == "Hi."
 

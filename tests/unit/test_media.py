@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from lance_ds.data.example import Scene, render_video
 from lance_ds.data.media import (
     MediaError,
+    PlayingClock,
     describe,
     decode_image,
     decode_video,
@@ -392,6 +393,12 @@ def test_timestamps_that_jump_back_play_on():
     assert frame_ids(decode_video(joined, sample_fps=12)) == list(range(12))
     assert frame_ids(decode_video(joined, sample_fps=6)) == [0, 2, 4, 6, 8, 10]
     assert frame_ids(decode_video(joined, sample_fps=12, max_duration=0.7)) == list(range(9))
+
+
+def test_a_step_back_under_half_a_frame_is_rounding_not_a_new_part():
+    clock = PlayingClock(0.1)
+    times = [clock.time(t) for t in (0.0, 0.1, 0.099, 0.2, 0.0, 0.1)]  # rounding at 0.099; a new part at 0.0
+    assert times == pytest.approx([0.0, 0.1, 0.1, 0.2, 0.3, 0.4])
 
 
 def test_a_packet_the_decoder_refuses_costs_that_frame_only():

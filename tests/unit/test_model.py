@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -305,6 +307,20 @@ def test_the_meta_device_check_skips_initialisers_and_gives_them_back():
     model_problems(ModelConfig(size="debug", training_type="lora", lora=LoraConfig(target_modules=["q_proj"])))
     assert {name: getattr(torch.nn.init, name) for name in originals} == originals
     assert torch.nn.Embedding(64, 8).weight.std() > 0.5  # (N(0, 1): initialised, not left at torch.empty's bytes)
+    # a trainable ViT built after the check (in a process that imports transformers' ViT then: its initialisers are
+    # transformers' copies, which kept the no-ops when first imported inside the check)
+    script = """
+from lance_ds.config.model import LoraConfig, ModelConfig
+from lance_ds.model.build import model_problems, resolve_spec
+from lance_ds.model.vision import build_vision_tower
+cfg = ModelConfig(size="debug", vit_trainable=True, training_type="lora", lora=LoraConfig(target_modules=["q_proj"]))
+model_problems(cfg)
+qkv = build_vision_tower(resolve_spec(cfg).vit, None).blocks[0].attn.qkv
+print(float(qkv.weight.std()), float(qkv.bias.abs().max()))
+"""
+    std, bias = map(float, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                          check=True).stdout.split())
+    assert std == pytest.approx(0.02, rel=0.1) and bias == 0  # (transformers' init: N(0, 0.02), zero biases)
 
 
 def test_trainable_vit_lives_in_the_model():
