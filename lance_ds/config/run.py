@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.manifest import ManifestError, local_shards, read_manifest
+from ..data.manifest import ManifestError, is_remote, local_shards, read_manifest
 from .core import Problems, apply_overrides, check, doc, from_dict, join, load_yaml, output_problem
 from .data import EDIT_TASKS, GEN_TASKS, UND_TASKS, DataConfig, DatasetConfig, GroupConfig
 from .model import MODEL_DIRS, PRECISIONS, ModelConfig, ObjectiveConfig
@@ -198,10 +198,6 @@ def load_dataset(path: str, problems: Problems, key: str) -> DatasetConfig:
     for i, group in enumerate(dataset.groups):
         check_group_sources(group, problems, f"{key}.groups[{i}]")
     return dataset
-
-
-def is_remote(source: str) -> bool:
-    return "://" in source or source.startswith("pipe:")
 
 
 def check_group_sources(group: GroupConfig, problems: Problems, key: str) -> None:

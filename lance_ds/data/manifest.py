@@ -20,6 +20,11 @@ class ManifestError(ValueError):
     """A manifest.json that is not a finished converter output's; the message names the file and the fix."""
 
 
+def is_remote(source: str) -> bool:
+    """A shard source read over a URL or a pipe: command (no folder beside it to hold a manifest)."""
+    return "://" in source or source.startswith("pipe:")
+
+
 def parse_manifest(text: str, where: str) -> dict:
     """The manifest in `text` (read from `where`), checked for what the loader relies on: the task, named shards."""
     try:
@@ -75,7 +80,7 @@ def local_manifests(sources: list[str]) -> list[dict]:
             if Path(source).is_dir():
                 if (Path(source) / MANIFEST).is_file():
                     manifests[Path(source).resolve()] = read_manifest(source)
-            elif not ("://" in source or source.startswith("pipe:")):
+            elif not is_remote(source):
                 manifests.update({folder.resolve(): m for folder, m in local_shards(source)[1].items()})
         except (OSError, ValueError):  # (ValueError: ManifestError)
             continue

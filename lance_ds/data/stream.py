@@ -66,10 +66,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config.data import DataConfig, DatasetConfig, GroupConfig, VideoOptions
-from ..config.run import is_remote
 from ..stopping import ignore_stop_signals
 from .batch import PackedBatch, Sample
-from .manifest import MANIFEST, ManifestError, local_shards, parse_manifest
+from .manifest import MANIFEST, ManifestError, is_remote, local_shards, parse_manifest
 from .media import MediaError, decode_image, decode_video, describe, sampled_frame_count
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length
 from .schemas import SCHEMAS, MediaKind
