@@ -484,15 +484,17 @@ def report(args, settings: EvalSettings, results: dict[str, Evaluation], step: i
     if tb_dir and tb_dir != "none":
         for name, result in results.items():
             at = 0 if name == "step 0" else max(step, 0)
+            ema = args.ema and name != "step 0"  # EMA weights get curves of their own, beside the trained ones
             # the points of one evaluated step in a file of their own, which an evaluation of that step again
             # replaces: TensorBoard would show both (its curves zigzag between points at one step)
-            suffix = f".eval_step{at}" + (".ema" if args.ema and name != "step 0" else "")
+            suffix = f".eval_step{at}" + (".ema" if ema else "")
             for earlier in Path(tb_dir).glob(f"events.out.tfevents.*{suffix}"):
                 earlier.unlink()
             tb = TensorBoard(tb_dir, enabled=True, filename_suffix=suffix)
-            log_to_tensorboard(tb, at, result)
+            log_to_tensorboard(tb, at, result, prefix="eval_ema" if ema else "eval")
             tb.close()
-        print(f"TensorBoard: eval/<task> scalars and eval/samples/* in {tb_dir}")
+        prefix = "eval_ema" if args.ema else "eval"
+        print(f"TensorBoard: {prefix}/<task> scalars and {prefix}/samples/* in {tb_dir}")
     weights = "ema" if args.ema else "trained"  # (each has a file of its own: one evaluation does not replace the other)
     default = run_dir / EVAL_DIR / f"{step_name(step)}{'.ema' if args.ema else ''}.json" if run_dir else None
     json_path = Path(args.json) if args.json else default

@@ -356,3 +356,7 @@ def test_evaluating_a_step_again_replaces_its_tensorboard_points(prompts, tmp_pa
     assert scores["step_00000040.json"]["results"]["step 40"]["scores"]["t2v"]["accuracy"] == 1.0  # the 2nd run's
     assert scores["step_00000040.json"]["weights"] == "trained" and scores["step_00000040.ema.json"]["weights"] == "ema"
     assert scores["step_00000040.ema.json"]["results"]["step 40"]["scores"]["t2v"]["accuracy"] < 1.0
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()  # the EMA's points are a curve of their own: the trained weights' curve is unchanged
+    assert sorted((e.step, e.value) for e in acc.Scalars("eval/t2v")) == [(40, 1.0), (80, 1.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("eval_ema/t2v")] == [(40, 0.0)]
