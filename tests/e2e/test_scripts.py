@@ -3,6 +3,7 @@ stop and save on SIGTERM, and refuse bad knobs with a message naming the knob be
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -200,9 +201,12 @@ def test_a_stop_signal_to_the_script_reaches_the_ranks_which_save_and_stop(examp
            "RUN_NAME": "run", "NUM_GPUS": "1", "MASTER_PORT": str(free_port()), "NUM_WORKERS": "1",
            "DATASET_CONFIG_FILE": subset(example_data, tmp_path, ("t2i", "i2t")), "CKPT_DEBUG_STEPS": "1",
            "SAVE_EVERY": "1000", "LANCE_DS_FAULT": "slow_stop_save:32"}
+    # Ctrl-C reaches a job started from a terminal: SIGINT not ignored, whatever this process inherited (a shell's
+    # background job starts with SIGINT ignored, and a shell cannot trap a signal ignored when it started)
     proc = subprocess.Popen(["bash", "scripts/sft_lance_unified.sh", "train.max_steps=1000", "validation.every=0",
                              "data.packing_length=512"], cwd=REPO, env=env,  # the progress bar on (the default)
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     latest = tmp_path / "run" / "checkpoints" / "latest"
     deadline = time.time() + 180
     while not latest.is_file() and proc.poll() is None and time.time() < deadline:  # step 1 saved: training
@@ -215,7 +219,9 @@ def test_a_stop_signal_to_the_script_reaches_the_ranks_which_save_and_stop(examp
         proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         left = job_processes(proc.pid, str(tmp_path))  # (what still ran, to say where it hung)
-        os.killpg(proc.pid, signal.SIGKILL)
+        for line in left:  # the script and the job, which runs in a session of its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
         raise AssertionError(f"the job did not stop within 120 s of SIGINT; still there: {left}") from None
     # (step 1 was the only save before the stop: a later step is the stop's save, which outlasted the launcher's 30 s)
     assert 1 < int(latest.read_text().strip().removeprefix("step_")) < 1000 and proc.returncode != 0
