@@ -58,20 +58,27 @@ def repo_with_shards(root) -> object:
 
 
 def config_seen(name: str, tmp_path, args=(), cwd=REPO, repo=REPO, **knobs: str) -> dict:
-    """The run config lance_ds resolves from what the script launches: a stub `deepspeed` on PATH runs the same
-    lance_ds/train.py command line with --print_config instead of starting ranks."""
+    """The run config lance_ds resolves from what the script launches: a stub `deepspeed` on PATH records the
+    lance_ds/train.py command line it was asked to start, which is resolved here, where the script ran, as a rank
+    resolves it (the script's own check before the launch runs as it does for users)."""
+    from lance_ds.config import load_and_check
+    from lance_ds.config.core import to_dict
+    from lance_ds.train import parse_args
+
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
-    printed = tmp_path / "printed"
-    (fake / "deepspeed").write_text(
-        "#!/bin/sh\nwhile case \"$1\" in */lance_ds/train.py) false;; *) true;; esac; do shift; done\n"
-        f"train=$1; shift; exec {sys.executable} \"$train\" --print_config \"$@\" > '{printed}'\n")
+    launched = tmp_path / "launched_argv"
+    (fake / "deepspeed").write_text(f"#!/bin/sh\nprintf '%s\\0' \"$@\" > '{launched}'\n")  # (NUL-separated)
     (fake / "deepspeed").chmod(0o755)
     proc = run_script(name, tmp_path, timeout=60, args=args, cwd=cwd, repo=repo, PATH=f"{fake}:{os.environ['PATH']}",
                       **knobs)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = printed.read_text()  # the run config (output_dir first), then the DeepSpeed JSON
-    return yaml.safe_load(text[text.index("output_dir:"):text.index("\n{")])
+    argv = launched.read_bytes().decode().split("\0")[:-1]
+    train = next(i for i, arg in enumerate(argv) if arg.endswith("/lance_ds/train.py"))
+    launch = parse_args(argv[train + 1:])
+    with contextlib.chdir(cwd):  # (paths relative to where the script was called, as the ranks read them)
+        run, _ = load_and_check(launch.config, launch.overrides, launch.ds_config, world_size=1)
+    return to_dict(run.config)
 
 
 def test_a_script_trains_the_debug_config(example_data, tmp_path):
