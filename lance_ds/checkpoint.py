@@ -214,7 +214,7 @@ class Checkpointer:
         refuse_other_architecture(saved.get("model", {}), model, path)
         if shapes is not None:
             refuse_other_shapes(saved.get("parameters"), shapes, saved.get("model", {}), path)
-        if data is not None and saved.get("data_fingerprint", data) != data:
+        if data is not None and data_order_differs(saved, data, groups):
             changed = (data_order_changes(saved_config, config, saved.get("data_groups"), groups)
                        if config is not None else
                        ["the dataset (groups, shards, weights), train.seed, train.micro_batch_size or the packing "
@@ -576,6 +576,24 @@ def data_order_changes(saved_config: dict, config: dict, saved_groups: dict | No
     return changed or ["the dataset (its groups, shards or weights) changed"]
 
 
+def data_order_differs(trainer_state: dict, fingerprint: str, groups: dict[str, dict] | None) -> bool:
+    """Whether a checkpoint (its trainer state) was trained on another data order than `fingerprint` and `groups`
+    (data.stream.data_fingerprint / data_groups) describe, or on other files at the same paths: its data position
+    would point into files that changed (a dataset converted again into the same folder)."""
+    if trainer_state.get("data_fingerprint", fingerprint) != fingerprint:
+        return True
+    return groups is not None and bool(contents_changes(trainer_state.get("data_groups") or {}, groups))
+
+
+def contents_changes(saved: dict[str, dict], now: dict[str, dict]) -> list[str]:
+    """Groups whose shard list is the same but whose shards hold other data. (Checkpoints saved before the contents
+    were recorded: nothing to compare.)"""
+    return [f"group {name}: its {now[name]['shards']} shard(s) hold other data at the same paths (converted again "
+            "into the same folder?)"
+            for name in now if "contents" in saved.get(name, {}) and saved[name]["digest"] == now[name]["digest"]
+            and saved[name]["contents"] != now[name].get("contents")]
+
+
 def group_changes(saved: dict[str, dict], now: dict[str, dict]) -> list[str]:
     changed = [f"group {name} removed" for name in saved if name not in now]
     changed += [f"group {name} added" for name in now if name not in saved]
@@ -585,6 +603,7 @@ def group_changes(saved: dict[str, dict], now: dict[str, dict]) -> list[str]:
             changed.append(f"group {name} weight {before['weight']} -> {after['weight']}")
         if before["digest"] != after["digest"]:
             changed.append(f"group {name} shards {before['shards']} -> {after['shards']} (another list)")
+    changed += contents_changes(saved, now)
     if not changed and list(saved) != list(now):
         changed.append(f"the groups' order {list(saved)} -> {list(now)}")
     return changed

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import yaml
 
 from .checkpoint import (EMA_WEIGHTS, LATEST, RUN_CONFIG, Checkpointer, agree_on_resume, check_output_dir_shared,
-                         checkpoints_dir, claim_output_dir, data_order_changes, engine_setup, latest_name, read_config)
+                         checkpoints_dir, claim_output_dir, data_order_changes, data_order_differs, engine_setup,
+                         latest_name, read_config)
 from .config.core import ConfigError, to_dict
 from .config.data import TASKS, TEXT_TO_MEDIA_TASKS, UND_TASKS, VIDEO_TASKS
 from .config.deepspeed import zero_stage
@@ -426,13 +427,12 @@ class Trainer:
         """Restore the data position; from another layout of loader slots (ranks x workers) it is rebuilt from
         every rank's (data/reshard.py) and the saved number of workers is returned. Another data order (allowed by
         checkpoint.data_change=restart) is read from its beginning."""
-        fingerprint = self.loader.spec.fingerprint()
+        groups = data_groups(self.loader.spec.groups)
         restart = self.cfg.checkpoint.data_change == "restart"  # (else train.py, and the loader, refuse another)
-        if restart and resumed.trainer_state.get("data_fingerprint", fingerprint) != fingerprint:
+        if restart and data_order_differs(resumed.trainer_state, self.loader.spec.fingerprint(), groups):
             if self.dist.is_first:
                 changed = data_order_changes(read_config(resumed.path), to_dict(self.cfg),
-                                             resumed.trainer_state.get("data_groups"),
-                                             data_groups(self.loader.spec.groups))
+                                             resumed.trainer_state.get("data_groups"), groups)
                 print(f"lance_ds: the data order changed since {resumed.path.name} was saved ({'; '.join(changed)}): "
                       "checkpoint.data_change=restart reads the new data from its beginning", flush=True)
             return None

@@ -115,6 +115,18 @@ class SkipSample(Exception):
 class ShardInfo:
     url: str  # local path, http(s) URL or pipe: command
     num_samples: int | None = None  # from manifest.json when known
+    # what tells this shard's contents from another's at the same url (a re-conversion into the same folder): the
+    # manifest's CRC-32 and size, a local file's size; None when unknown (a remote shard without a manifest)
+    contents: str | None = None
+
+
+def _with_contents(shard: ShardInfo, entry: dict | None = None) -> ShardInfo:
+    parts = [entry.get("crc32"), entry.get("bytes")] if entry else []
+    if not is_remote(shard.url):
+        with contextlib.suppress(OSError):  # (a missing file is the loader's to report, where it reads it)
+            parts.append(os.stat(shard.url).st_size)
+    parts = [str(p) for p in parts if p is not None]
+    return replace(shard, contents=":".join(parts) or None)
 
 
 @dataclass
@@ -143,7 +155,7 @@ def _parse_manifest(text: str, where: str) -> dict:
 
 
 def _manifest_shards(manifest: dict, base: str, join) -> list[ShardInfo]:
-    return [ShardInfo(join(base, s["name"]), s.get("num_samples")) for s in manifest["shards"]]
+    return [_with_contents(ShardInfo(join(base, s["name"]), s.get("num_samples")), s) for s in manifest["shards"]]
 
 
 def resolve_sources(sources: list[str], where: str = "shards") -> tuple[list[ShardInfo], set[str]]:
@@ -173,7 +185,7 @@ def resolve_sources(sources: list[str], where: str = "shards") -> tuple[list[Sha
                 found = sorted(glob.glob(str(Path(source) / "*.tar")))
                 if not found:
                     raise DataError(f"{where}: {source} has neither manifest.json nor *.tar files")
-                shards += [ShardInfo(p) for p in found]
+                shards += [_with_contents(ShardInfo(p)) for p in found]
         else:
             try:
                 expanded, beside = local_shards(source)
@@ -182,8 +194,9 @@ def resolve_sources(sources: list[str], where: str = "shards") -> tuple[list[Sha
             if not expanded:
                 raise DataError(f"{where}: {source} matches no file; give a converter output dir, .tar paths, a glob "
                                 "or a URL")
-            counts = {folder / s["name"]: s.get("num_samples") for folder, m in beside.items() for s in m["shards"]}
-            shards += [ShardInfo(p, counts.get(Path(p))) for p in expanded]
+            entries = {folder / s["name"]: s for folder, m in beside.items() for s in m["shards"]}
+            shards += [_with_contents(ShardInfo(p, entries.get(Path(p), {}).get("num_samples")), entries.get(Path(p)))
+                       for p in expanded]
             tasks |= {manifest["task"] for manifest in beside.values()}
     return shards, tasks
 
@@ -230,10 +243,12 @@ def fetch_raws(wanted: list[tuple[str, int, str]]) -> list[RawSample]:
         raw = found.get((url, offset))
         if raw is None:
             raise DataError(f"cannot re-read sample {key!r} at byte {offset} of {url}; the shards changed since the "
-                            "checkpoint was written: resume with the same data")
+                            "checkpoint was written: resume with the same data, or read the new data from its beginning "
+                            "(checkpoint.data_change=restart)")
         if raw.key != key:
             raise DataError(f"{url} holds {raw.key!r} at byte {offset}, not {key!r} as when the checkpoint was "
-                            "written; the shards changed: resume with the same data")
+                            "written; the shards changed: resume with the same data, or read the new data from its "
+                            "beginning (checkpoint.data_change=restart)")
     return [found[url, offset] for url, offset, _ in wanted]
 
 
@@ -583,8 +598,10 @@ def data_groups(groups: list[ResolvedGroup]) -> dict[str, dict]:
     """The groups' part of the data order in a form that can be compared: name -> weight, shard count and a digest
     of the shard list (recorded with a checkpoint; a resume on other data names the group that changed)."""
     return {g.name: {"weight": g.config.weight, "shards": len(g.shards),
-                     "digest": hashlib.sha256(json.dumps([s.url for s in g.shards]).encode()).hexdigest()[:12]}
+                     "digest": hashlib.sha256(json.dumps([s.url for s in g.shards]).encode()).hexdigest()[:12],
+                     "contents": hashlib.sha256(json.dumps([s.contents for s in g.shards]).encode()).hexdigest()[:12]}
             for g in groups}
+
 
 
 def resolve_groups(dataset: DatasetConfig) -> list[ResolvedGroup]:

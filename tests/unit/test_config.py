@@ -346,6 +346,22 @@ def test_a_resume_on_another_data_order_is_refused_by_the_check_before_any_build
         assert main(args) == code
     assert "was trained on another data order" in capsys.readouterr().err
     assert main([*args, "checkpoint.data_change=restart"]) == 0  # the weights go on; the new data from its start
+    # the same shard paths holding other data (the dataset converted again into the same folder): the saved position
+    # points into the old files (the ranks failed at their first step, restart or not)
+    fingerprint, groups = run_data_order(run)
+    Checkpointer(dataset_dir / "out" / "checkpoints", 2, 0, 1).save(
+        Engine(), 6, {"model": {}, "data_fingerprint": fingerprint, "data_groups": groups}, {"train": {}}, None, None)
+    capsys.readouterr()
+    assert main(args) == 0
+    manifest = dataset_dir / "shards" / "t2i" / "manifest.json"
+    converted_again = json.loads(manifest.read_text())
+    converted_again["shards"][0].update(num_samples=27, bytes=123456, crc32="0badf00d")
+    manifest.write_text(json.dumps(converted_again))
+    assert run_data_order(load_and_check(str(dataset_dir / "run.yaml"), [], str(REPO / "ds_configs/zero3.json"),
+                                         1)[0])[0] == fingerprint  # (the same order: only the contents tell)
+    assert main(args) == 2
+    assert "group gen: its 1 shard(s) hold other data at the same paths" in capsys.readouterr().err
+    assert main([*args, "checkpoint.data_change=restart"]) == 0
 
 
 def test_a_key_given_twice_is_refused_naming_the_file_line_and_key(dataset_dir):

@@ -181,6 +181,27 @@ def test_a_groups_samples_are_counted_from_the_converter_manifest_beside_its_tar
     assert resolve_group(group("g", [str(tmp_path / "bare" / "*.tar")], task="t2i")).num_samples is None
 
 
+def test_shards_written_again_at_the_same_paths_keep_the_order_and_change_the_recorded_contents(tmp_path):
+    """A dataset converted again into the same folder keeps its shard names: the data order (fingerprint) is the same,
+    but a checkpoint's position points into the old files. data_groups records what tells them apart (the manifest's
+    sizes, a bare tar's size), which a resume compares (checkpoint.data_order_differs)."""
+    data = DataConfig()
+
+    def order(sources) -> tuple[str, dict]:
+        groups = [resolve_group(group("g", sources, task="t2i"))]
+        return stream_module.data_fingerprint(groups, data, 0, 1), stream_module.data_groups(groups)["g"]
+
+    for sources, manifest in (([tmp_path / "out"], True), ([str(tmp_path / "out" / "*.tar")], False)):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        write_shards(tmp_path / "out", "t2i", 2, 4, manifest=manifest)
+        before = order(sources)
+        assert order(sources) == before  # (read twice: the same)
+        write_shards(tmp_path / "out", "t2i", 2, 3, manifest=manifest)  # fewer rows: the same two shard names
+        after = order(sources)
+        assert after[0] == before[0] and after[1]["digest"] == before[1]["digest"]
+        assert after[1]["contents"] != before[1]["contents"], sources
+
+
 def test_a_shard_that_fails_for_one_slot_alone_leaves_the_split_of_the_others_as_it_was(tmp_path, monkeypatch):
     """Fewer shards than slots: every slot reads every shard and keeps its samples of it. One slot failing to open a
     shard once (an object store's 503) loses that slot's samples of it, counted, and nothing else: before, the
