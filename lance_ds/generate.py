@@ -379,9 +379,12 @@ def _input_output_problems(args) -> list[str]:
         problems.append(f"--input: {args.task} needs the {'video' if args.task[0] == 'v' else 'image'} to work on")
     elif needs_input and not Path(args.input).is_file():
         problems.append(f"--input: {args.input} is not a file")
-    elif args.task in ("v2v", "v2t") and (kind := _still_image_kind(Path(args.input))):
+    elif args.task in ("v2v", "v2t") and (kind := _input_kind(Path(args.input))) in STILL_IMAGES:
         problems.append(f"--input: {args.input} is a {kind} image; {args.task} works on a video (PyAV would read it "
                         f"as a 1-frame clip): give a video, or use {'i2i' if args.task == 'v2v' else 'i2t'}")
+    elif args.task in ("i2i", "i2t") and (kind := _input_kind(Path(args.input))) in VIDEO_CONTAINERS:
+        problems.append(f"--input: {args.input} is a video ({kind}); {args.task} works on an image: give an image (a "
+                        f"frame of it), or use {'v2v' if args.task == 'i2i' else 'v2t'}")
     elif not needs_input and args.input:
         problems.append(f"--input: {args.task} generates from --prompt alone; drop --input (--size and --frames set "
                         "the output's size)")
@@ -401,13 +404,16 @@ def _input_output_problems(args) -> list[str]:
     return problems
 
 
-def _still_image_kind(path: Path) -> str | None:
-    """The format of a still image file (jpg, png, ...: what its first bytes say), None for anything else."""
+STILL_IMAGES = ("jpg", "png", "webp", "bmp", "tiff", "avif")  # (not GIF: it may be animated, a clip to PyAV)
+VIDEO_CONTAINERS = ("mp4", "mov", "avi", "flv", "webm", "mkv", "ogv", "ts", "m2ts")
+
+
+def _input_kind(path: Path) -> str | None:
+    """The format of a file (jpg, mp4, ...: what its first bytes say), None when unknown."""
     from .data.media import sniff_extension
 
     with path.open("rb") as f:
-        kind = sniff_extension(f.read(4096))
-    return kind if kind in ("jpg", "png", "webp", "bmp", "tiff", "avif") else None  # (a GIF may be animated)
+        return sniff_extension(f.read(4096))
 
 
 def _shape_problems(args) -> list[str]:
@@ -579,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         gen = Generator.from_checkpoint(args.checkpoint, ema=args.ema, dtype=args.dtype, device=args.device,
                                         moved=moved_dirs(args))
         print(f"lance_ds.generate: {gen.source}", file=sys.stderr)
+        if gen.cuts and args.task not in gen.cuts:  # (no cuts at all: a checkpoint from before they were recorded)
+            print(f"lance_ds.generate: the run trained no {args.task} group (its tasks: {', '.join(gen.cuts)}): "
+                  f"{args.task} is asked of a model that did not learn it", file=sys.stderr)
         input_side = parse_size(args.size)[0] if args.size and args.task not in TEXT_TO_MEDIA_TASKS else None
         group = cli_group(gen.vae, args.task, gen.cuts, input_side, args.frames, args.fps, args.system)
         sample = cli_sample(args, group)

@@ -30,7 +30,7 @@ from .config.model import MODEL_DIRS
 from .config.run import Run
 from .data.manifest import system_prompt_counts
 from .data.packing import Branches
-from .data.sequence import SequencePlanner
+from .data.sequence import DEFAULT_SYSTEM_PROMPTS, SequencePlanner
 from .data.stream import build_train_loader, data_groups
 from .data.tokenizer import load_tokenizer
 from . import distributed
@@ -477,15 +477,19 @@ def training_cuts(dataset) -> dict[str, dict]:
 
 
 def trained_system_prompt(groups) -> str | None:
-    """The system prompt most of an i2t / v2t task's samples trained under (None: the task's default). A row's own
-    caption_i, counted by its converter manifest, else its group's system_prompt; each group weighs its share of the
-    mixture, whatever its number of rows."""
+    """The system prompt most of an i2t / v2t task's samples trained under (None: not known, no manifest counted the
+    rows'). A row's own caption_i, counted by its converter manifest, else its group's system_prompt, else the task's
+    default; each group weighs its share of the mixture, whatever its number of rows."""
     shares: Counter = Counter()
     for group in groups:
-        rows = system_prompt_counts(group.shards) or Counter({"": 1})  # nothing counted: the group's own
+        rows = system_prompt_counts(group.shards)
+        if not rows:  # nothing counted: the group's own, if it names one
+            shares[group.system_prompt or ""] += group.weight
+            continue
         total = sum(rows.values())
         for text, count in rows.items():
-            shares[text if text.strip() else group.system_prompt or ""] += group.weight * count / total
+            own = text if text.strip() else group.system_prompt or DEFAULT_SYSTEM_PROMPTS[group.task]
+            shares[own] += group.weight * count / total
     return shares.most_common(1)[0][0] or None
 
 

@@ -280,6 +280,21 @@ def test_table_tensorboard_and_json(prompts, tmp_path):
     assert ev.to_json(after)["scores"]["i2t"]["accuracy"] == 1.0
 
 
+def test_a_task_whose_targets_the_judges_cannot_read_is_not_judged(tmp_path, capsys):
+    """Held-out data of another world (a user's own photos, whose captions happen to name a colour): the judges score
+    its targets themselves far below 100%, so a score and a missed goal there would be a verdict about nothing."""
+    from types import SimpleNamespace
+
+    scores = {"t2i": ev.TaskScore("t2i", 3, 30, 0.08, reference=0.23), "i2i": ev.TaskScore("i2i", 12, 30, 0.08, 1.0),
+              "i2t": ev.TaskScore("i2t", 30, 30, 0.18)}
+    args = SimpleNamespace(steps=2, cfg=4.0, tensorboard="none", ema=False, json=str(tmp_path / "s.json"),
+                           num_per_task=30, dataset_config="mine.yaml")
+    missed = ev.report(args, ev.EvalSettings(), {"trained": ev.Evaluation(scores)}, -1, None)
+    out = capsys.readouterr().out
+    assert missed == ["i2i"] and "goals: missed by i2i (not judged: t2i)" in out
+    assert "warning: t2i: the judges recognise 23% of its held-out targets" in out
+
+
 def test_cli_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
     missing = tmp_path / "nope.yaml"
     assert ev.main(["--checkpoint", str(tmp_path), "--dataset_config", str(missing), "--num-per-task", "0"]) == 2

@@ -557,12 +557,15 @@ def test_cli_writes_every_generation_task_and_prints_answers(trained_runs, expor
     # a still image given to a video task is refused (PyAV reads it as a 1-frame clip); a short clip is pointed out
     assert main(["--checkpoint", str(exported), "--task", "v2t", "--input", str(image)]) == 2
     assert f"--input: {image} is a png image; v2t works on a video" in capsys.readouterr().err
+    assert main(["--checkpoint", str(exported), "--task", "i2i", "--input", str(video), "--prompt", "make it blue"]) == 2
+    assert f"--input: {video} is a video (mp4); i2i works on an image" in capsys.readouterr().err
     short = tmp_path / "short.mp4"
     short.write_bytes(encode_video(und_samples()[1].media["video"][:1], fps=12))
     assert main(["--checkpoint", str(exported), "--task", "v2t", "--input", str(short), "--max-new-tokens", "2"]) == 0
     err = capsys.readouterr().err
     assert f"{short} gives 1 frame(s) at 12 fps (v2t reads up to" in err
     assert "system prompt: v2t's built-in one" in err  # (a task the run did not train: nothing recorded)
+    assert "the run trained no v2t group (its tasks: t2i, i2t)" in err
     # problems are all reported at once, with the flag and the fix, and nothing is loaded
     assert main(["--checkpoint", str(exported), "--task", "t2v", "--out", "x.png", "--size", "big", "--frames",
                  "0"]) == 2
@@ -680,7 +683,10 @@ def test_checkpoints_record_the_system_prompt_and_cut_most_of_a_tasks_samples_tr
                                             for i, (shards, weight, system, side) in enumerate(groups)]))["i2t"]
 
     mostly_blank, brief = output("a", {"Be brief.": 3, "": 4}), output("b", {"Be brief.": 2})
-    assert cut(([mostly_blank], 1, None, 64))["system_prompt"] is None  # blank commonest: the task's default
+    from lance_ds.data.sequence import DEFAULT_SYSTEM_PROMPTS
+
+    # blank commonest: the task's default, recorded as such (not "unknown", which generate asks the user about)
+    assert cut(([mostly_blank], 1, None, 64))["system_prompt"] == DEFAULT_SYSTEM_PROMPTS["i2t"]
     assert cut(([mostly_blank], 1, "You see.", 64))["system_prompt"] == "You see."  # blank rows: the group's
     assert cut(([mostly_blank, f"{brief}/*.tar"], 1, None, 64))["system_prompt"] == "Be brief."  # 5 of 9 rows
     small, big = output("small", {"Answer in one word.": 4}), output("big", {"Describe the picture.": 120})
