@@ -116,15 +116,15 @@ class ShardInfo:
     url: str  # local path, http(s) URL or pipe: command
     num_samples: int | None = None  # from manifest.json when known
     # what tells this shard's contents from another's at the same url (a re-conversion into the same folder): the
-    # manifest's CRC-32 and size, a local file's size; None when unknown (a remote shard without a manifest)
+    # manifest's CRC-32 and size, else a local file's size; None when unknown (a remote shard without a manifest)
     contents: str | None = None
 
 
 def _with_contents(shard: ShardInfo, entry: dict | None = None) -> ShardInfo:
     parts = [entry.get("crc32"), entry.get("bytes")] if entry else []
-    if not is_remote(shard.url):
+    if not any(parts) and not is_remote(shard.url):  # (no stat per shard where the manifest says: start-up I/O)
         with contextlib.suppress(OSError):  # (a missing file is the loader's to report, where it reads it)
-            parts.append(os.stat(shard.url).st_size)
+            parts = [os.stat(shard.url).st_size]
     parts = [str(p) for p in parts if p is not None]
     return replace(shard, contents=":".join(parts) or None)
 
