@@ -15,6 +15,7 @@ import random
 import re
 import sys
 import time
+import types
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -261,6 +262,20 @@ def optimizer_groups(params: list[torch.nn.Parameter], weight_decay: float) -> l
     return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}] if vectors and matrices else params
 
 
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def without_muon_kernels() -> None:
+    """DeepSpeed's ZeRO engine imports its Muon optimizer only to ask whether the optimizer is one, and that import
+    torch.compile's Muon's kernels: ~1.5 s of CPU in every rank's start-up (~10% of a short CPU run's wall time). The
+    optimizer is AdamW (the config check refuses any other type), so a stand-in module whose MuonWithAuxAdam nothing
+    is an instance of answers the same. A process that imported the real one keeps it."""
+    if MUON_MODULE not in sys.modules:
+        stand_in = types.ModuleType(MUON_MODULE)
+        stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (torch.optim.Optimizer,), {})
+        sys.modules[MUON_MODULE] = stand_in
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
     """Wrap the trainable model: DeepSpeed builds the optimizer from the resolved JSON; the schedule is the run
     config's (a LambdaLR, checkpointed by the engine; the config check refuses a DeepSpeed scheduler)."""
@@ -274,6 +289,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
     def schedule(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))
 
+    without_muon_kernels()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(params, train.weight_decay),
                                            config=ds_config, lr_scheduler=schedule)
     from .model.vision import fp32_rope

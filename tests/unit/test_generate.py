@@ -212,6 +212,7 @@ def run_worker(out: Path, dataset: Path, ds_json: Path) -> None:
     # the same run again resumes from its last checkpoint: adapters, the ViT it trains whole and the rest as trained
     resumed = train(run_yaml, out / "lora", dataset, ds_json, *lora_args, resume="latest")
     record["lora_resumed_step"] = resumed.step
+    record["muon_kernels_compiled"] = "deepspeed.runtime.zero.muon.original_muon" in sys.modules  # (four engines)
     record["lora_resumed_differs"] = sorted(n for n, v in gathered_state(resumed.engine.module).items()
                                             if not torch.equal(v, lora_state[n]))
     record["lora_trained"] = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] if ".lora_" in n else n.split(".")[0]
@@ -394,6 +395,12 @@ def test_two_ranks_run_the_same_forwards_and_refuse_mismatched_work(trained_runs
         assert torch.equal(videos0[key], videos1[key])
     shapes = [tuple(videos0[f"video.{i}"].shape) for i in range(4)]
     assert shapes == [(1, 64, 64, 3), (9, 64, 64, 3), (1, 64, 64, 3), (9, 64, 64, 3)]
+
+
+def test_engines_start_without_compiling_deepspeeds_muon_kernels(trained_runs):
+    """~1.5 s of CPU on every rank's start, for an optimizer lance_ds never builds (engine.without_muon_kernels)."""
+    assert [r["muon_kernels_compiled"] for r in trained_runs["ranks"]] == [False, False]
+    assert all(r["lora_resumed_step"] > 0 for r in trained_runs["ranks"])  # the ZeRO-3 engines trained and resumed
 
 
 def test_checkpoint_generation_equals_the_live_engine(trained_runs, from_checkpoint):
