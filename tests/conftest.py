@@ -85,9 +85,9 @@ def example_data(tmp_path_factory) -> dict[str, Path]:
     return {"train": make_shards(root, "train", 24), "val": make_shards(root, "val", 8)}
 
 
-def deepspeed_cmd(num_ranks: int, *args: str) -> list[str]:
+def deepspeed_cmd(num_ranks: int, *args: str, port: int = 0) -> list[str]:
     launcher = Path(sys.executable).with_name("deepspeed")
-    return [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
+    return [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(port or free_port()),
             str(REPO / "lance_ds" / "train.py"), *args]
 
 
@@ -96,9 +96,9 @@ def launch_env(**extra: str) -> dict[str, str]:
 
 
 def launch(args: list[str], num_ranks: int = 2, timeout: float = 240, env: dict | None = None,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, port: int = 0) -> subprocess.CompletedProcess:
     """Run lance_ds/train.py under the real deepspeed launcher (its own process group, killed on timeout)."""
-    proc = subprocess.Popen(deepspeed_cmd(num_ranks, *args), cwd=REPO, env=env or launch_env(),
+    proc = subprocess.Popen(deepspeed_cmd(num_ranks, *args, port=port), cwd=REPO, env=env or launch_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)

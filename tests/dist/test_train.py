@@ -82,19 +82,21 @@ def latest(run_dir: Path) -> str:
 def reference(tmp_path_factory, example_data) -> Path:
     """An uninterrupted 2-rank run with validation at steps 0, 4 and 8."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    shm_before = shm_buffers()
+    port = free_port()
     launch(train_args(out, example_data, STEPS, "validation.every=4",
                       f"validation.dataset_config={example_data['val']}", "validation.max_samples=4",
                       "validation.num_generations=1", "validation.sample_steps=2", "validation.max_new_tokens=4"),
-           env=launch_env(LANCE_DS_FAULT=NAN_AT))
-    left = shm_buffers() - shm_before
+           env=launch_env(LANCE_DS_FAULT=NAN_AT), port=port)
+    left = shm_buffers(port)
     assert not left, f"a finished run left DeepSpeed's shared-memory buffers behind: {sorted(left)}"
     return out
 
 
-def shm_buffers() -> set[str]:
-    """This user's DeepSpeed CPU all-reduce buffers in /dev/shm (66 MB per rank each)."""
-    return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
+def shm_buffers(*ports: int) -> set[str]:
+    """This user's DeepSpeed CPU all-reduce buffers in /dev/shm (66 MB per rank each) of the jobs on these master
+    ports (named by it: jobs of other tests may run beside)."""
+    return {p.name for port in ports
+            for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")}
 
 
 def test_training_writes_what_users_watch(reference):
@@ -143,15 +145,15 @@ def test_training_writes_what_users_watch(reference):
 
 def test_kill9_during_save_and_during_training_resume_exactly(reference, example_data, tmp_path):
     out = tmp_path / "run"
-    shm_before = shm_buffers()
+    ports = free_port(), free_port()
     # 1. SIGKILL inside the save of step 4, after the engine files are written but before they are published
     killed = launch(train_args(out, example_data), env=launch_env(LANCE_DS_FAULT=f"{NAN_AT},kill_during_save:4"),
-                    check=False)
+                    check=False, port=ports[0])
     assert killed.returncode != 0
     assert latest(out) == "step_00000002" and (out / "checkpoints" / "step_00000004.tmp").is_dir()
     # 2. resume from step 2; SIGKILL the whole job from outside once step 6 is saved, mid step 7 (where one rank is
     # held: a fast machine cannot finish the run first)
-    proc = subprocess.Popen(deepspeed_cmd(2, *train_args(out, example_data)), cwd=REPO,
+    proc = subprocess.Popen(deepspeed_cmd(2, *train_args(out, example_data), port=ports[1]), cwd=REPO,
                             env=launch_env(LANCE_DS_FAULT=f"{NAN_AT},stall:7"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
@@ -160,7 +162,7 @@ def test_kill9_during_save_and_during_training_resume_exactly(reference, example
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert latest(out) == "step_00000006", "the job ended before it could be killed after step 6"
-    left = shm_buffers() - shm_before
+    left = shm_buffers(*ports)
     assert not left, f"killed runs left DeepSpeed's shared-memory buffers behind: {sorted(left)}"
     assert not (out / "checkpoints" / "step_00000004.tmp").exists()  # the next save cleaned the partial one
     # 3. resume from step 6 to the end, with a SIGTERM in the last step: the run is complete (done, exit status 0,
