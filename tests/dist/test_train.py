@@ -94,7 +94,7 @@ def reference(tmp_path_factory, example_data) -> Path:
 
 def shm_buffers(*ports: int) -> set[str]:
     """This user's DeepSpeed CPU all-reduce buffers in /dev/shm (66 MB per rank each) of the jobs on these master
-    ports (named by it: jobs of other tests may run beside)."""
+    ports, which the buffers' names carry (other tests' jobs may run beside, on the other pytest-xdist worker)."""
     return {p.name for port in ports
             for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")}
 

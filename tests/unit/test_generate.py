@@ -212,7 +212,7 @@ def run_worker(out: Path, dataset: Path, ds_json: Path) -> None:
     # the same run again resumes from its last checkpoint: adapters, the ViT it trains whole and the rest as trained
     resumed = train(run_yaml, out / "lora", dataset, ds_json, *lora_args, resume="latest")
     record["lora_resumed_step"] = resumed.step
-    record["muon_kernels_compiled"] = "deepspeed.runtime.zero.muon.original_muon" in sys.modules  # (four engines)
+    record["muon_kernels_compiled"] = "deepspeed.runtime.zero.muon.original_muon" in sys.modules  # (three engines built)
     record["lora_resumed_differs"] = sorted(n for n, v in gathered_state(resumed.engine.module).items()
                                             if not torch.equal(v, lora_state[n]))
     record["lora_trained"] = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] if ".lora_" in n else n.split(".")[0]
