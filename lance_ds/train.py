@@ -109,13 +109,15 @@ def check_run(args, is_first: bool):
     from lance_ds.data.stream import DataError, run_data_order
 
     world = args.world_size or world_size_from_env()
+    # the launch scripts check the configs before they start the ranks, and say the warnings there: once is enough
+    warn = is_first and not os.environ.get("LANCE_DS_CONFIG_CHECKED")
     try:
         run, ds_config = load_and_check(args.config, args.overrides, args.ds_config, world,
                                         devices_here=not args.ranks_elsewhere)
-        if is_first:
+        if warn:
             for warning in config_warnings(run.config):
                 print(f"lance_ds: warning: {warning}", file=sys.stderr)
-        check_data_against_model(run, is_first)
+        check_data_against_model(run, warn)
         # what --resume names must be resumable by this run (architecture, optimizer groups) before any rank starts work
         checkpointer = Checkpointer(checkpoints_dir(run.config.output_dir), run.config.checkpoint.keep_last, 0, world)
         schedule = run.config.train
@@ -135,7 +137,7 @@ def check_run(args, is_first: bool):
     return run, ds_config
 
 
-def check_data_against_model(run, is_first: bool) -> None:
+def check_data_against_model(run, warn: bool) -> None:
     """What the data asks of this model, planned as training plans it from a few samples per group (read here, before
     the launcher starts ranks that load the model): a group whose samples are all longer than a packed sequence would
     train nothing (refused); sizes beyond the model's latent position table are cut to it (said)."""
@@ -154,7 +156,7 @@ def check_data_against_model(run, is_first: bool) -> None:
     problems = overlong_groups(run.dataset, planner, config.data.packing_length)
     if problems:
         raise ConfigError(problems)
-    if is_first:
+    if warn:
         for warning in beyond_the_position_table(run.dataset, geometry) + upscaled_media(run.dataset):
             print(f"lance_ds: warning: {warning}", file=sys.stderr)
 

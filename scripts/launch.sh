@@ -102,6 +102,7 @@ train="$repo/lance_ds/train.py"
 # (with a hostfile the ranks run elsewhere: their GPUs are theirs to check, not this machine's, maybe a login node)
 elsewhere=(); if [ -n "${HOSTFILE:-}" ]; then elsewhere=(--ranks_elsewhere); fi
 python "$train" --check --world_size "$world" ${elsewhere[@]+"${elsewhere[@]}"} "${args[@]}"
+export LANCE_DS_CONFIG_CHECKED=1  # (the check said the configs' warnings: the ranks do not say them again)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # On one node DeepSpeed's runner passes no signal on: a SIGTERM to it (docker stop, kill PID, a scheduler that signals
 # only the job's first process) would leave the ranks training, unsaved, until they are killed. So the job runs in a

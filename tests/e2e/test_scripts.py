@@ -85,9 +85,12 @@ def test_a_script_trains_the_debug_config(example_data, tmp_path):
     """Through the real launcher, with knobs. (One script: the three differ only in their default CONFIG_FILE, which
     test_each_script_defaults_to_its_mixture checks; the stop test trains through sft_lance_unified.sh too.)"""
     script = "sft_lance_understand.sh"  # debug.yaml builds both paths: the knob turns generation off
-    proc = run_script(script, tmp_path, DATASET_CONFIG_FILE=subset(example_data, tmp_path, ("i2t", "v2t")),
+    proc = run_script(script, tmp_path, args=(*TRAIN_ONE_STEP, "train.warmup_steps=5"),
+                      DATASET_CONFIG_FILE=subset(example_data, tmp_path, ("i2t", "v2t")),
                       SAVE_EVERY="1", NUM_WORKERS="0", VISUAL_GEN="false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a config warning is said once: by the script's check before the launch, not again by rank 0
+    assert proc.stderr.count("warning: train.warmup_steps=5 is not below train.max_steps=1") == 1, proc.stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
     config = yaml.safe_load((run / "config.yaml").read_text())
