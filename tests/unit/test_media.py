@@ -154,6 +154,38 @@ def test_any_damage_to_image_bytes_is_a_media_error():
                     pass
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_verifying_probe_refuses_exactly_the_jpegs_the_loader_cannot_decode():
+    """`--verify full` decodes JPEGs at 1/8 scale: every byte of their compressed data is still read, so damaged and
+    cut JPEGs of every layout fail there exactly when the loader's full-size decode fails; and the size reported is
+    the full one, not the scaled decode's."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    rgb = Image.fromarray(blocks // 2 + rng.integers(0, 40, blocks.shape, dtype=np.uint8))  # 64 x 48
+    layouts = [pil_bytes(rgb, "JPEG", quality=90), pil_bytes(rgb, "JPEG", quality=90, subsampling=0),
+               pil_bytes(rgb, "JPEG", progressive=True), pil_bytes(rgb.convert("L"), "JPEG"),
+               pil_bytes(rgb.convert("CMYK"), "JPEG")]
+    refused = 0
+    for good in layouts:
+        assert (probe_image(good).width, probe_image(good).height) == (64, 48)
+        for trial in range(80):
+            damaged = bytearray(good)
+            for i in rng.integers(0, len(damaged), int(rng.integers(1, 6))):
+                damaged[i] = int(rng.integers(0, 256))
+            if trial % 4 == 0:
+                damaged = damaged[:int(rng.integers(2, len(damaged)))]
+            outcomes = []
+            for read in (probe_image, decode_image):
+                try:
+                    read(bytes(damaged))
+                    outcomes.append("read")
+                except MediaError:
+                    outcomes.append("refused")
+            assert outcomes[0] == outcomes[1], (trial, outcomes)
+            refused += outcomes[0] == "refused"
+    assert 0.1 < refused / (5 * 80) < 0.9  # (damage of both kinds: the property is not met by refusing everything)
+
+
 def test_a_heic_photo_is_refused_with_how_to_convert_it():
     """iPhones write HEIC; PIL reads it only through a plugin: the reason says what it is and what to do."""
     heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # an ISO-BMFF header, brand heic
