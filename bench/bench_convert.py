@@ -45,19 +45,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from common import noisy_jpeg  # noqa: E402  (puts the repository on the path)
 from lance_ds.data.convert import ConvertOptions, _column_values, _read_ahead, convert
 from lance_ds.data.media import probe_image
 from lance_ds.data.tar import TarShardWriter
-
-
-def noisy_jpeg(rng: np.random.Generator, side: int, quality: int) -> bytes:
-    """A JPEG of smooth noise: decodes like a photo (not a flat image) and does not compress away."""
-    small = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
-    detail = rng.integers(0, 64, (side, side, 3), dtype=np.uint8)
-    pixels = np.asarray(Image.fromarray(small).resize((side, side), Image.Resampling.BILINEAR)) // 4 * 3 + detail
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def make_t2i_parquet(path: Path, rows: int, side: int, quality: int, row_group_size: int, distinct: int = 64) -> Path:

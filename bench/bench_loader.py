@@ -12,6 +12,9 @@ Data: the example dataset (lance_ds/data/example.py, all six tasks) converted to
 3. Memory of a full packing buffer of video plans: planned from KEY.json's sizes (what the loader holds: encoded
    bytes), the same decoded (uint8 frames), and the model-ready pixels plans held before they were cut at collate
    time (float32).
+4. Photos larger than the blocks they are cut to (--photo-side JPEGs at --photo-resolution, t2i and i2t): samples/s
+   of one worker decoding, planning and cutting them, with the JPEGs decoded shrunk (libjpeg's DCT scaling, what the
+   loader does) and decoded whole (as before it did).
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
+from common import noisy_jpeg  # noqa: E402
 
 from lance_ds.config.data import TASKS, VIDEO_TASKS, DataConfig, DatasetConfig, GroupConfig, ImageOptions  # noqa: E402
 from lance_ds.data.convert import ConvertOptions, convert  # noqa: E402
@@ -33,6 +40,7 @@ from lance_ds.data.example import ExampleConfig, write_example_dataset  # noqa: 
 from lance_ds.data.packing import Branches, TokenBudgetPacker  # noqa: E402
 from lance_ds.data.schemas import SCHEMAS  # noqa: E402
 from lance_ds.data.sequence import SequencePlanner, VisionGeometry  # noqa: E402
+from lance_ds.data import stream as stream_module  # noqa: E402
 from lance_ds.data.stream import SlotStream, StreamSpec, build_train_loader, resolve_group  # noqa: E402
 from lance_ds.data.tokenizer import load_tokenizer  # noqa: E402
 
@@ -77,6 +85,37 @@ def per_worker_rates(groups, planner, data, n: int) -> tuple[float, float]:
     return raw_rate, rate
 
 
+def photo_groups(root: Path, num: int, side: int, resolution: int) -> list[GroupConfig]:
+    """t2i and i2t groups of `num` distinct side x side JPEG photos, converted as a user converts theirs."""
+    rng = np.random.default_rng(0)
+    photos = [noisy_jpeg(rng, side, 90) for _ in range(num)]
+    tables = {"t2i": {"caption": [f"photo {i}" for i in range(num)], "image_bytes": photos},
+              "i2t": {"image_bytes": photos, "caption_i": [None] * num, "caption_q": ["what is it?"] * num,
+                      "caption_a": [f"photo {i}" for i in range(num)]}}
+    groups = []
+    for task, columns in tables.items():
+        pq.write_table(pa.table(columns), root / f"{task}.parquet")
+        convert(ConvertOptions(inputs=[str(root / f"{task}.parquet")], output=str(root / task), samples_per_shard=32,
+                               verify="none", progress=False))
+        groups.append(GroupConfig(name=task, shards=[str(root / task)], task=task,
+                                  image=ImageOptions(resolution=resolution)))
+    return groups
+
+
+def cut_rate(groups, planner, data, n: int) -> float:
+    """Samples/s of one slot planning, decoding and cutting (the blocks' pixels, as collate cuts them)."""
+    s = slot(groups, planner, data)
+    for _ in range(4):  # warm-up
+        s._decoded(s._next_plan())
+    start = time.perf_counter()
+    for _ in range(n):
+        plan = s._decoded(s._next_plan())
+        [b.pixels(plan.media) for b in plan.vae], [b.patches(plan.media) for b in plan.vit]
+    rate = n / (time.perf_counter() - start)
+    s.close()
+    return rate
+
+
 def loader_rate(groups, planner, data, num_workers: int, num_batches: int) -> float:
     """Samples/s of whole packed batches through the rank's loader with `num_workers` processes."""
     loader = build_train_loader(DatasetConfig(groups=groups), dataclasses.replace(data, num_workers=num_workers),
@@ -95,7 +134,9 @@ def loader_rate(groups, planner, data, num_workers: int, num_batches: int) -> fl
 
 
 def packing_efficiencies(lengths: list[int], packing_length: int, buffer: int) -> dict[str, float]:
-    class Item:  # the packer only looks at num_tokens
+    class Item:  # the packer only looks at num_tokens (and at the encoded bytes a plan holds: none here)
+        raw = None
+
         def __init__(self, n):
             self.num_tokens = n
 
@@ -121,6 +162,9 @@ def main() -> int:
     p.add_argument("--size", type=int, default=64, help="image / video side of the example data and target resolution")
     p.add_argument("--packing-length", type=int, default=1024)
     p.add_argument("--samples", type=int, default=200, help="samples timed per measurement")
+    p.add_argument("--photo-side", type=int, default=1024, help="side of section 4's JPEG photos")
+    p.add_argument("--photo-resolution", type=int, default=256, help="resolution section 4's photos are cut to")
+    p.add_argument("--photo-samples", type=int, default=40, help="samples timed per round of section 4")
     args = p.parse_args()
     torch.set_num_threads(1)
     planner = SequencePlanner(load_tokenizer(None), VisionGeometry(), seed=0)
@@ -172,6 +216,20 @@ def main() -> int:
         for name, held in (("planned from KEY.json (encoded bytes)", encoded), ("decoded frames (uint8)", frames),
                            ("model-ready pixels (float32)", pixels)):
             print(f"   {name:<40}{held / 1e6:9.2f} MB   (x{held / encoded:.0f})")
+
+        side, resolution = args.photo_side, args.photo_resolution
+        print(f"\n4. {side} px JPEG photos cut to resolution {resolution} (t2i, i2t), one worker")
+        photos = photo_groups(Path(tmp), 16, side, resolution)
+        shrinking, whole_decode = stream_module.decode_image, lambda data, at_least=None: shrinking(data)
+        rates = {"shrunk": [], "whole": []}
+        for _ in range(3):  # interleaved rounds, best of each
+            for name, decode in (("shrunk", shrinking), ("whole", whole_decode)):
+                stream_module.decode_image = decode
+                rates[name].append(cut_rate(photos, planner, data, args.photo_samples))
+        stream_module.decode_image = shrinking
+        shrunk, whole = max(rates["shrunk"]), max(rates["whole"])
+        print(f"   decoded shrunk (the loader) {shrunk:.1f} samples/s, decoded whole {whole:.1f} samples/s: "
+              f"x{shrunk / whole:.2f}")
     return 0
 
 

@@ -4,6 +4,7 @@ and rank processes spawned as one process group (each prints one JSON result lin
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
@@ -13,10 +14,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RESULT_PREFIX = "BENCH_RESULT "
+
+
+def noisy_jpeg(rng: np.random.Generator, side: int, quality: int) -> bytes:
+    """A JPEG of smooth noise: decodes like a photo (not a flat image) and does not compress away."""
+    from PIL import Image
+
+    small = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
+    detail = rng.integers(0, 64, (side, side, 3), dtype=np.uint8)
+    pixels = np.asarray(Image.fromarray(small).resize((side, side), Image.Resampling.BILINEAR)) // 4 * 3 + detail
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def machine_line() -> str:

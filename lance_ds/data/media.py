@@ -210,11 +210,33 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)  # a copy: torch wants a writable array
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> uint8 [1, H, W, 3] RGB (grayscale, RGBA, CMYK, palette and 16-bit converted)."""
+def jpeg_decode_size(height: int, width: int, at_least: tuple[int, int]) -> tuple[int, int]:
+    """The size `decode_image(..., at_least)` gives a height x width JPEG: shrunk by the largest of libjpeg's DCT
+    scales (1/8, 1/4, 1/2) that keeps both sides at least at_least = (height, width)."""
+    scale = _jpeg_scale(height, width, at_least)
+    return -(-height // scale), -(-width // scale)
+
+
+def _jpeg_scale(height: int, width: int, at_least: tuple[int, int]) -> int:
+    return next((s for s in (8, 4, 2) if height // s >= at_least[0] and width // s >= at_least[1]), 1)
+
+
+def decode_image(data: bytes, at_least: tuple[int, int] | None = None) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [1, H, W, 3] RGB (grayscale, RGBA, CMYK, palette and 16-bit converted).
+
+    at_least (height, width as displayed): a JPEG larger than twice that is decoded shrunk (`jpeg_decode_size`),
+    libjpeg skipping the detail a smaller picture cannot show: 2-3x faster for a photo cut to a quarter of its side.
+    Other formats are decoded whole."""
     import torch
 
-    img = _open_image(data)
+    img = _open_image(data, decode=False)
+    if at_least is not None and img.format == "JPEG":
+        turned = _orientation(img) >= 5  # (at_least is the displayed image's; the stored one is turned)
+        want = at_least[::-1] if turned else at_least
+        scale = _jpeg_scale(img.height, img.width, want)
+        if scale > 1:  # (PIL picks the scale from the size asked for: each side's floor asks for exactly this one)
+            img.draft(img.mode, (img.width // scale, img.height // scale))
+    _load(img, data)
     try:
         turn = _ORIENTATION_TURNS.get(_orientation(img))
         if turn is not None:  # as a photo viewer shows it (not ImageOps.exif_transpose: it rewrites the EXIF block,

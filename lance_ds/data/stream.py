@@ -69,7 +69,7 @@ from ..config.data import DataConfig, DatasetConfig, GroupConfig, VideoOptions
 from ..stopping import ignore_stop_signals
 from .batch import PackedBatch, Sample
 from .manifest import MANIFEST, ManifestError, is_remote, local_shards, parse_manifest
-from .media import MediaError, decode_image, decode_video, describe, sampled_frame_count
+from .media import MediaError, decode_image, decode_video, describe, jpeg_decode_size, sampled_frame_count
 from .packing import Branches, TokenBudgetPacker, build_micro_batch, check_length
 from .schemas import SCHEMAS, MediaKind
 from ..processes import die_with_parent, said_if_slow
@@ -290,8 +290,10 @@ def read_shard(url: str, offset: int = 0) -> Iterator[RawSample]:
 # decoding
 
 
-def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0, sizes_only: bool = False) -> Sample:
+def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0, sizes_only: bool = False,
+                  at_least: dict[str, tuple[int, int]] | None = None) -> Sample:
     """Raw members -> Sample (media frame-sampled by the group's video options). Raises SkipSample.
+    at_least: per image member, the (height, width) its plan needs: a JPEG may be decoded shrunk to it (decode_image).
 
     sizes_only: media are not decoded but stand in as tensors on the meta device of the size decoding would give them,
     enough to plan the sample (SequencePlanner only reads sizes); its pixels are decoded when the plan is packed.
@@ -332,7 +334,7 @@ def decode_sample(raw: RawSample, group: ResolvedGroup, epoch: int = 0, sizes_on
                 continue
         try:
             if column.kind == MediaKind.IMAGE:
-                media[column.member] = decode_image(data)
+                media[column.member] = decode_image(data, (at_least or {}).get(column.member))
             else:
                 media[column.member] = decode_video(data, sample_fps=video.sample_fps, max_frames=video.max_frames,
                                                     max_duration=video.max_duration)
@@ -361,6 +363,15 @@ def media_size(info, kind: MediaKind, video: VideoOptions) -> tuple[int, int, in
         return None
     frames = sampled_frame_count(frames, fps, video.sample_fps, video.max_frames, video.max_duration)
     return frames, info["height"], info["width"], 3
+
+
+def _as_planned(decoded: torch.Size, planned: torch.Size, cover: tuple[int, int] | None) -> bool:
+    """Whether media decoded to `decoded` are those a plan made for `planned` ([T, H, W, 3]) expects: that size, or
+    a JPEG shrunk to what its blocks cover (decode_image's at_least)."""
+    if decoded == planned:
+        return True
+    t, height, width, channels = planned
+    return cover is not None and tuple(decoded) == (t, *jpeg_decode_size(height, width, cover), channels)
 
 
 def _peek(data: bytes, kind: MediaKind) -> dict | None:
@@ -740,13 +751,16 @@ class SlotStream:
         another size than KEY.json said is made again from the decoded media."""
         if not plan.needs_media:
             return plan
-        raw = plan.raw
+        raw, group = plan.raw, self.groups[plan.raw.address[0]]
+        covers = plan.cover_sizes()
         try:
-            sample = decode_sample(raw, self.groups[raw.address[0]], epoch=raw.address[3])
-            if all(sample.media[name].shape == size.shape for name, size in plan.media.items()):
+            sample = decode_sample(raw, group, epoch=raw.address[3], at_least=covers)
+            if all(_as_planned(sample.media[name].shape, size.shape, covers.get(name))
+                   for name, size in plan.media.items()):
                 plan.media, plan.raw = {name: sample.media[name] for name in plan.media}, None
                 return plan
-            plan = self._plan(sample, raw)
+            # KEY.json said another size: planned again from the media decoded whole (as a resume plans it again)
+            plan = self._plan(decode_sample(raw, group, epoch=raw.address[3]), raw)
         except SkipSample as e:
             self._failed(raw.address, e.reason, str(e))
             return None

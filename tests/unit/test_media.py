@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from lance_ds.data.example import Scene, render_video
@@ -22,6 +23,7 @@ from lance_ds.data.media import (
     decode_video,
     encode_image,
     encode_video,
+    jpeg_decode_size,
     peek_image,
     peek_video,
     probe_image,
@@ -675,6 +677,29 @@ def test_exif_orientation_agrees_between_peek_probe_and_decode(orientation, big_
     assert (frames.shape[2], frames.shape[1]) == expected
     for info in (probe_image(data), peek_image(data)):
         assert (info.width, info.height, info.format) == (*expected, "jpeg")
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_jpeg_is_decoded_shrunk_to_at_least_the_size_asked_for(orientation):
+    """decode_image(at_least=(h, w)), sizes as displayed: a JPEG shrinks by the largest of 1/8, 1/4, 1/2 that keeps
+    both sides at least that large (jpeg_decode_size says which), and shows what the whole image shows; other
+    formats and sizes it cannot shrink to are decoded whole."""
+    yy, xx = np.mgrid[0:120, 0:200]
+    stored = np.stack([xx * 255 // 200, yy * 255 // 120, np.full_like(xx, 90)], -1).astype(np.uint8)  # 200 x 120
+    data = jpeg_with_orientation(orientation, False, picture=Image.fromarray(stored))
+    whole = decode_image(data)[0]
+    height, width = whole.shape[:2]
+    assert (height, width) == ((200, 120) if orientation == 6 else (120, 200))
+    for at_least, scale in [((height // 4, width // 4), 4), ((height // 4 + 1, width // 4), 2),
+                            ((height // 8, width // 8 + 1), 4), ((height, 1), 1), ((height // 2 + 1, 1), 1)]:
+        shrunk = decode_image(data, at_least)[0]
+        expected = (-(-height // scale), -(-width // scale))
+        assert tuple(shrunk.shape[:2]) == expected == jpeg_decode_size(height, width, at_least), at_least
+        assert shrunk.shape[0] >= min(at_least[0], height) and shrunk.shape[1] >= min(at_least[1], width)
+        smaller = F.interpolate(whole.permute(2, 0, 1)[None].float(), size=expected, mode="area")[0].permute(1, 2, 0)
+        assert (shrunk.float() - smaller).abs().mean() < 3, at_least  # (of 255) the same picture, turned alike
+    png = encode_image(stored, "png")
+    assert decode_image(png, (15, 25)).shape == (1, 120, 200, 3)
 
 
 def _exif_block(orientation: int, kind: int = 3) -> bytes:

@@ -26,7 +26,7 @@ from lance_ds.data.media import MediaError, encode_image, encode_video
 from lance_ds.data.media import describe as describe_bytes
 from lance_ds.data.packing import Branches, OverlongSampleError
 from lance_ds.data.schemas import SCHEMAS, MediaKind
-from lance_ds.data.sequence import SequencePlanner, VisionGeometry
+from lance_ds.data.sequence import SequencePlanner, VisionGeometry, resize_crop
 from lance_ds.data.reshard import resharded
 from lance_ds.data.stream import (GroupReader, SkipCounter, SlotStream, StreamSpec, build_train_loader, fetch_raws,
                                   resolve_group)
@@ -826,7 +826,7 @@ def test_samples_wait_for_packing_undecoded_and_train_as_if_decoded(tmp_path, pl
     are planned from the media's headers, alike. The batches are exactly the same."""
     decoded = []
     real_image, real_video = stream_module.decode_image, stream_module.decode_video
-    monkeypatch.setattr(stream_module, "decode_image", lambda data: decoded.append(1) or real_image(data))
+    monkeypatch.setattr(stream_module, "decode_image", lambda data, *a: decoded.append(1) or real_image(data, *a))
     monkeypatch.setattr(stream_module, "decode_video", lambda data, **k: decoded.append(1) or real_video(data, **k))
     batches, media_per_sample = {}, {"i2t": 1, "v2v": 2}
     for describe in (True, False):
@@ -859,7 +859,7 @@ def test_overlong_samples_are_dropped_without_decoding(tmp_path, planner, monkey
               dataclasses.replace(group("b", [tmp_path / "big"]), image=ImageOptions(resolution=256))]
     sizes = []
     real = stream_module.decode_image
-    monkeypatch.setattr(stream_module, "decode_image", lambda data: sizes.append(len(data)) or real(data))
+    monkeypatch.setattr(stream_module, "decode_image", lambda data, *a: sizes.append(len(data)) or real(data, *a))
     loader = build_train_loader(DatasetConfig(groups=groups), DATA, planner, rank=0, world_size=1, seed=0,
                                 micro_batch_size=1)
     take(loader, 3)  # (more, and group "b", whose every sample is too long, would be refused: see above)
@@ -870,6 +870,44 @@ def test_overlong_samples_are_dropped_without_decoding(tmp_path, planner, monkey
     assert sorted(p.key for plans in val.iter_plans() for p in plans) == [f"s000x{i:04d}" for i in range(4)]
     assert val.stats_scalars()["val/skipped/overlong"] == 2
     assert len(sizes) == 4 and max(sizes) < len(_png(0, 128)) // 4
+
+
+def _photo(seed: int, height: int, width: int) -> bytes:
+    """A smooth JPEG (gradients and a disc), as photos are: a shrunk decode of it is close to the whole one."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    disc = ((y - 0.5) ** 2 + (x - 0.2 - 0.15 * seed) ** 2 < 0.04).float()
+    return encode_image((torch.stack([x, y, disc], -1) * 255).to(torch.uint8), "jpeg")
+
+
+def test_large_jpegs_are_decoded_shrunk_to_what_their_blocks_cut(tmp_path, planner, monkeypatch):
+    """A JPEG several times the size its block is cut to is decoded shrunk (libjpeg's DCT scaling: a fraction of the
+    work): the plan made from KEY.json stands, no side is decoded below what the block cuts, and the pixels are the
+    whole image's to within rounding. A KEY.json that says another shape has the image decoded whole and the sample
+    planned again from it, as without shrinking."""
+    photos = {i: _photo(i, 192, 256) for i in range(4)}
+    lies = {3: {"width": 256, "height": 256}}  # (another aspect ratio: another bucket than the real one)
+    write_shards(tmp_path, "t2i", 1, 4, media=lambda i: {"image.jpg": photos[i]},
+                 describe=lambda seed, media: {"image": {**media["image"], **lies.get(seed, {})}})
+    decoded = []
+    real = stream_module.decode_image
+    monkeypatch.setattr(stream_module, "decode_image", lambda data, *a: decoded.append((data, real(data, *a)))
+                        or decoded[-1][1])
+    spec = StreamSpec([resolve_group(group("p", [tmp_path]))], planner, dataclasses.replace(DATA, shuffle_buffer=0),
+                      Branches(vit=False, ce=False), 1, 0, 0, 1)
+    stream = SlotStream(spec, 0, 1)
+    blocks = [pixels for _ in range(4) for pixels in stream.next_batch().vae_pixels]
+    assert stream.skips.counts.total() == 0
+    shapes = {i: [tuple(frames.shape[1:3]) for data, frames in decoded if data == photo] for i, photo in photos.items()}
+    for i in range(3):
+        assert shapes[i] and all(h <= 192 // 2 and w <= 256 // 2 for h, w in shapes[i]), shapes
+    assert shapes[3][-1] == (192, 256), shapes  # the lie: shrunk to the wrong shape, then decoded whole
+    whole = [real(photo) for photo in photos.values()]
+    for pixels in blocks:
+        _, _, h, w = pixels.shape
+        assert all(dh >= h and dw >= w for i in range(3) for dh, dw in shapes[i])  # cut down, never scaled up
+        closest = min((pixels.permute(1, 2, 3, 0).float() - resize_crop(frames, h, w).float()).abs().mean().item()
+                      for frames in whole)
+        assert closest < 2.0, closest  # (of 255)
 
 
 def test_key_json_that_understates_a_sample_costs_time_not_samples(tmp_path, planner):
@@ -1226,7 +1264,7 @@ def test_data_workers_run_under_a_rank_that_is_a_containers_pid_1(tmp_path):
         "import os, sys\n"
         "os.getpid = os.getppid = lambda: 1\n"
         "from lance_ds.config.data import DataConfig, DatasetConfig, GroupConfig, ImageOptions\n"
-        "from lance_ds.data.sequence import SequencePlanner, VisionGeometry\n"
+        "from lance_ds.data.sequence import SequencePlanner, VisionGeometry, resize_crop\n"
         "from lance_ds.data.stream import build_train_loader\n"
         "from lance_ds.data.tokenizer import load_tokenizer\n"
         "planner = SequencePlanner(load_tokenizer(None), VisionGeometry(), seed=0)\n"
