@@ -13,8 +13,8 @@ from ..config.data import DataConfig, DatasetConfig, GroupConfig
 from .batch import PackedBatch, Sample
 from .packing import Branches, check_length, collate
 from .sequence import PlanError, SequencePlan, SequencePlanner
-from .stream import (ResolvedGroup, SkipCounter, SkipSample, decode_sample, read_shard, resolve_group,
-                     skip_scalars)
+from .stream import (ResolvedGroup, SkipCounter, SkipSample, decode_planned, decode_sample, read_shard,
+                     resolve_group, skip_scalars)
 from .tar import RawSample, ShardError
 
 logger = logging.getLogger(__name__)
@@ -58,22 +58,31 @@ class ValLoader:
 
     def _plan(self, group: ResolvedGroup, raw: RawSample) -> SequencePlan | None:
         """The sample's plan, or None (counted). Planned from its media's sizes first, as for training: a sample too
-        long to evaluate is dropped without being decoded; then again from the decoded media (sizes may differ
-        from KEY.json's)."""
+        long to evaluate is dropped without being decoded; then its media decoded as training decodes them
+        (planned again where they are not the size KEY.json gave)."""
+        def planned(sample: Sample) -> SequencePlan:
+            return self.planner.plan(sample, group.config)
+
         try:
-            for sizes_only in (True, False):
-                plan = self.planner.plan(decode_sample(raw, group, sizes_only=sizes_only), group.config)
-                if not check_length(plan, self.packing_length, True):
-                    self.skips.add("overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens "
-                                               f"> packing_length {self.packing_length}")
-                    return None
+            plan = planned(decode_sample(raw, group, sizes_only=True))
+            if not self._fits(plan):
+                return None
+            if plan.needs_media:
+                plan = decode_planned(plan, raw, group, 0, planned)
+            return plan if self._fits(plan) else None
         except SkipSample as e:
             self.skips.add(e.reason, str(e))
         except PlanError as e:
             self.skips.add("bad_sample", str(e))
-        else:
-            return plan
         return None
+
+    def _fits(self, plan: SequencePlan) -> bool:
+        """False (counted) for a sample longer than a packed sequence."""
+        if check_length(plan, self.packing_length, True):
+            return True
+        self.skips.add("overlong", f"{plan.key} ({plan.group}, {plan.task}): {plan.num_tokens} tokens > "
+                                   f"packing_length {self.packing_length}")
+        return False
 
     def _batch(self, plans: list[SequencePlan]) -> PackedBatch:
         missing = self.branches.missing(plans)

@@ -58,7 +58,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import braceexpand
 import torch
@@ -363,6 +363,19 @@ def media_size(info, kind: MediaKind, video: VideoOptions) -> tuple[int, int, in
         return None
     frames = sampled_frame_count(frames, fps, video.sample_fps, video.max_frames, video.max_duration)
     return frames, info["height"], info["width"], 3
+
+
+def decode_planned(plan: SequencePlan, raw: RawSample, group: ResolvedGroup, epoch: int,
+                   replan: Callable[[Sample], SequencePlan]) -> SequencePlan:
+    """A plan made from its media's sizes, with the media decoded (a large JPEG shrunk to what its blocks cut:
+    decode_image's at_least); when they are not the size planned (KEY.json said another), replan(the sample decoded
+    whole) is returned instead, as a resume plans it again. Raises SkipSample."""
+    covers = plan.cover_sizes()
+    sample = decode_sample(raw, group, epoch=epoch, at_least=covers)
+    if all(_as_planned(sample.media[name].shape, size.shape, covers.get(name)) for name, size in plan.media.items()):
+        plan.media = {name: sample.media[name] for name in plan.media}
+        return plan
+    return replan(decode_sample(raw, group, epoch=epoch))
 
 
 def _as_planned(decoded: torch.Size, planned: torch.Size, cover: tuple[int, int] | None) -> bool:
@@ -751,20 +764,17 @@ class SlotStream:
         another size than KEY.json said is made again from the decoded media."""
         if not plan.needs_media:
             return plan
-        raw, group = plan.raw, self.groups[plan.raw.address[0]]
-        covers = plan.cover_sizes()
+        raw = plan.raw
         try:
-            sample = decode_sample(raw, group, epoch=raw.address[3], at_least=covers)
-            if all(_as_planned(sample.media[name].shape, size.shape, covers.get(name))
-                   for name, size in plan.media.items()):
-                plan.media, plan.raw = {name: sample.media[name] for name in plan.media}, None
-                return plan
-            # KEY.json said another size: planned again from the media decoded whole (as a resume plans it again)
-            plan = self._plan(decode_sample(raw, group, epoch=raw.address[3]), raw)
+            decoded = decode_planned(plan, raw, self.groups[raw.address[0]], raw.address[3],
+                                     lambda sample: self._plan(sample, raw))
         except SkipSample as e:
             self._failed(raw.address, e.reason, str(e))
             return None
-        return plan if self._fits(plan) else None
+        if decoded is plan:  # (as planned: it fits)
+            plan.raw = None
+            return plan
+        return decoded if self._fits(decoded) else None
 
     def _failed(self, address: list, reason: str, message: str) -> None:
         """Count a skipped sample (at `address`: group, shard, offset, epoch, key). A group cannot feed training when
@@ -1138,5 +1148,5 @@ def overlong_groups(dataset: DatasetConfig, planner: SequencePlanner, packing_le
 __all__ = [
     "build_train_loader", "overlong_groups", "data_fingerprint",
     "run_data_order", "data_groups", "resolve_groups", "TrainLoader", "SlotStream", "StreamSpec", "DataError",
-    "SKIP_REASONS", "resolve_group", "resolve_sources", "decode_sample", "ShardInfo",
+    "SKIP_REASONS", "resolve_group", "resolve_sources", "decode_sample", "decode_planned", "ShardInfo",
 ]

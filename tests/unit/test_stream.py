@@ -908,6 +908,11 @@ def test_large_jpegs_are_decoded_shrunk_to_what_their_blocks_cut(tmp_path, plann
         closest = min((pixels.permute(1, 2, 3, 0).float() - resize_crop(frames, h, w).float()).abs().mean().item()
                       for frames in whole)
         assert closest < 2.0, closest  # (of 255)
+    decoded.clear()  # validation decodes alike
+    val = build_val_loader(DatasetConfig(groups=[group("p", [tmp_path])]), DATA, planner, rank=0, world_size=1)
+    plans = [p for plans in val.iter_plans() for p in plans]
+    assert len(plans) == 4 and val.stats_scalars().get("val/skipped", 0) == 0
+    assert [tuple(frames.shape[1:3]) for _, frames in decoded] == [(48, 64)] * 4 + [(192, 256)], decoded
 
 
 def test_key_json_that_understates_a_sample_costs_time_not_samples(tmp_path, planner):
