@@ -370,7 +370,8 @@ def decode_planned(plan: SequencePlan, raw: RawSample, group: ResolvedGroup, epo
     """A plan made from its media's sizes, with the media decoded (a large JPEG shrunk to what its blocks cut:
     decode_image's at_least); when they are not the size planned (KEY.json said another), replan(the sample decoded
     whole) is returned instead, as a resume plans it again. Raises SkipSample."""
-    covers = plan.cover_sizes()
+    images = {c.member for c in SCHEMAS[plan.task].media if c.kind == MediaKind.IMAGE}
+    covers = {name: size for name, size in plan.cover_sizes().items() if name in images}
     sample = decode_sample(raw, group, epoch=epoch, at_least=covers)
     if all(_as_planned(sample.media[name].shape, size.shape, covers.get(name)) for name, size in plan.media.items()):
         plan.media = {name: sample.media[name] for name in plan.media}
