@@ -50,7 +50,8 @@ Shards whose rows were all rejected are not written and not listed.
 
 rejects.jsonl, one line per rejected row: {"file": ..., "row": ..., "column": ..., "reason": ...} (+ "more": further
 problems of the same row). `--verify full` decodes every image (JPEGs at 1/8 scale: all their compressed data is
-still checked) and probes every video (container, first frame, every packet); `--verify none` only reads headers for the metadata (fast; unreadable headers are still rejected).
+still checked) and probes every video (container, first frame, every packet); `--verify none` only reads headers
+for the metadata (fast; unreadable headers are still rejected).
 """
 
 from __future__ import annotations
