@@ -331,10 +331,9 @@ def _jpeg_size(view: memoryview) -> tuple[int, int, int | None, str] | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # segments without a length
             pos += 2
             continue
-        length = struct.unpack(">H", view[pos + 2:pos + 4])[0]
+        length = view[pos + 2] << 8 | view[pos + 3]  # (big-endian; indexing, not struct: ~2x faster a segment)
         if marker in _JPEG_SOF and size is None and pos + 9 <= end:
-            height, width = struct.unpack(">HH", view[pos + 5:pos + 9])
-            size = width, height
+            size = view[pos + 7] << 8 | view[pos + 8], view[pos + 5] << 8 | view[pos + 6]  # width, height
         elif marker == 0xE1:
             head = bytes(view[pos + 4:pos + 4 + len(_XMP_APP1)])
             if head.startswith(b"Exif\0\0"):
