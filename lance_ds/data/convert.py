@@ -620,10 +620,19 @@ def _unit_batches(unit: WorkUnit, sources: list[SourceFile],
 
 class _DiskReadAhead:
     """Asks the kernel to read the next row groups' column chunks from the disk while this one is converted. A memory
-    map's page faults read the file ~128 kB at a time, each waited for: a file not in the page cache (a dataset not
-    written just now) was read at a fraction of the disk's speed. posix_fadvise(WILLNEED) starts the reads and returns."""
+    map's page faults read the file a readahead window at a time, each waited for: a file not in the page cache (a
+    dataset not written just now) was read at a fraction of the disk's speed. posix_fadvise(WILLNEED) starts the reads
+    and returns.
+
+    Linux reads at most the device's readahead window or its largest request, whichever is larger, of one call
+    (/sys/block/DEV/queue/read_ahead_kb, max_sectors_kb: 128 kB by default, and 128 kB-1 MB), so a chunk is asked for
+    PIECE bytes at a time: one call per chunk read only each chunk's start. `--verify none` from the disk, 196 MB of
+    ~100 kB JPEGs in 5 MB row groups, best of 7-11 rounds: with read_ahead_kb 128 and max_sectors_kb 512, 0.185 s in
+    pieces, 0.232 s with a call per chunk, 0.194 s with no advice; with an 8 MB window (where a call per chunk reads
+    it whole), 0.177 s in pieces, 0.169 s per chunk, 0.251 s with no advice."""
 
     AHEAD = 2  # row groups asked for beyond the one being read
+    PIECE = 128 << 10  # bytes per call: within the cap of any device
 
     def __init__(self, source: SourceFile, groups: list[int]):
         self.chunks = [source.group_chunks[g] for g in groups] if source.group_chunks else []
@@ -639,8 +648,10 @@ class _DiskReadAhead:
         self.read += 1
         while self.fd is not None and self.asked < min(len(self.chunks), self.read + self.AHEAD):
             for offset, length in self.chunks[self.asked]:
-                with contextlib.suppress(OSError):  # (only advice: the read itself reports what is wrong)
-                    os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+                for start in range(offset, offset + length, self.PIECE):
+                    with contextlib.suppress(OSError):  # (only advice: the read itself reports what is wrong)
+                        os.posix_fadvise(self.fd, start, min(self.PIECE, offset + length - start),
+                                         os.POSIX_FADV_WILLNEED)
             self.asked += 1
 
     def close(self) -> None:

@@ -408,7 +408,8 @@ def test_read_ahead_hands_over_items_and_errors_and_stops_with_its_consumer():
 
 def test_the_next_row_groups_are_read_ahead_from_the_disk_and_nothing_else(tmp_path, monkeypatch):
     """Each row group's converted column chunks are asked of the disk (posix_fadvise WILLNEED) before the group is
-    read, at most AHEAD groups early; a column that is not converted is never asked for."""
+    read, at most AHEAD groups early, whole, in pieces of at most PIECE bytes (Linux reads at most a readahead
+    window per call); a column that is not converted is never asked for."""
     rows = [{"notes": "z" * 5000, "caption": f"c{i}", "image_bytes": GOOD_IMAGES[i % 2][0]} for i in range(12)]
     path = tmp_path / "t2i.parquet"
     pq.write_table(pa.table({"notes": [r["notes"] for r in rows], "caption": [r["caption"] for r in rows],
@@ -416,21 +417,41 @@ def test_the_next_row_groups_are_read_ahead_from_the_disk_and_nothing_else(tmp_p
                    path, row_group_size=2, compression="none")
     schema, sources = convert_module.open_sources([str(path)], "auto")
     meta = pq.ParquetFile(path).metadata
-    chunks = {}  # (offset, length) -> (group, column)
+    chunks = {}  # (group, column) -> (offset, length)
     for g in range(meta.num_row_groups):
         for c in range(meta.num_columns):
             chunk = meta.row_group(g).column(c)
             start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
-            chunks[(start, chunk.total_compressed_size)] = (g, chunk.path_in_schema)
-    advised: list[tuple[int, str]] = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(chunks[offset, length]))
+            chunks[g, chunk.path_in_schema] = (start, chunk.total_compressed_size)
+    piece = 1000  # (the chunks here are a few kB: each is asked for in several pieces)
+    monkeypatch.setattr(convert_module._DiskReadAhead, "PIECE", piece)
+    advised: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append((offset, length)))
+
+    def asked_groups() -> list[int]:
+        return sorted({g for (g, _), (start, length) in chunks.items()
+                       if any(start <= offset < start + length for offset, _ in advised)})
+
     unit = convert_module.WorkUnit(groups=[(0, g) for g in range(1, 6)], shards=[])  # a unit of groups 1..5
     ahead = convert_module._DiskReadAhead.AHEAD
     for _, first_row, _ in convert_module._unit_batches(unit, sources, list(schema.columns)):
         group = first_row // 2
-        asked = sorted({g for g, _ in advised})
-        assert asked == list(range(1, min(group + ahead, 5) + 1))  # this group and AHEAD more, none past the unit
-    assert sorted(advised) == sorted((g, c) for g in range(1, 6) for c in ("caption", "image_bytes"))
+        assert asked_groups() == list(range(1, min(group + ahead, 5) + 1))  # this group and AHEAD more, none past it
+    assert all(0 < length <= piece for _, length in advised)
+    wanted = sorted(chunks[g, c] for g in range(1, 6) for c in ("caption", "image_bytes"))
+    assert any(length > piece for _, length in wanted)
+    assert _joined(sorted(advised)) == _joined(wanted)  # the pieces cover the converted chunks exactly
+
+
+def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted (offset, length) ranges, those that touch joined into one."""
+    out: list[tuple[int, int]] = []
+    for offset, length in ranges:
+        if out and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((offset, length))
+    return out
 
 
 def test_interrupted_run_leaves_no_partial_shard_and_resumes(many_groups, tmp_path, monkeypatch):
