@@ -21,7 +21,8 @@ none` is what the per-row work (checks, header peeks, JSON, tar headers) costs.
 
 Those runs read a parquet file held in the page cache, where cp is an in-kernel copy at memory speed. The last pair
 reads it from the disk, as a conversion of a dataset that has not just been written does: the file's pages are
-dropped from the cache (posix_fadvise, no root needed) before each cp and each conversion.
+dropped from the cache (posix_fadvise, no root needed) before each cp and each conversion. The disk's readahead
+window and largest request are printed beside it: they cap what the converter's read-ahead asks for in one call.
 """
 
 from __future__ import annotations
@@ -137,6 +138,17 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
+def readahead(path: Path) -> str:
+    """The readahead window and largest request of the disk holding `path` (what one posix_fadvise call may read)."""
+    device = Path(f"/sys/dev/block/{os.major(path.stat().st_dev)}:{os.minor(path.stat().st_dev)}").resolve()
+    for queue in (device / "queue", device.parent / "queue"):  # (a partition's queue is its disk's)
+        try:
+            return ", ".join(f"{n} {(queue / n).read_text().strip()}" for n in ("read_ahead_kb", "max_sectors_kb"))
+        except OSError:
+            continue
+    return "readahead unknown (not a block device)"
+
+
 def cleaning(out: Path, source: Path, from_disk: bool) -> Callable[[], None]:
     def clean() -> None:
         if out.is_dir():
@@ -217,6 +229,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         big = make_t2i_parquet(work / "big.parquet", args.rows, args.side, 90, row_group_size=50)
+        disk = readahead(big)
         small = make_t2i_parquet(work / "small.parquet", args.verify_rows, args.verify_side, 90, row_group_size=25)
         _set_jpegs(pq.read_table(small, columns=["image_bytes"]).column(0).to_pylist())
         with context.Pool(2, initializer=_set_jpegs, initargs=(_JPEGS,)) as pool:
@@ -248,11 +261,12 @@ def main(argv=None) -> int:
           f"{args.verify_rows} rows of {args.verify_side}px JPEG, {small_mb:.0f} MB; "
           f"best of {args.repeats} interleaved rounds")
     print(f"{'run':34s} {'seconds':>8s} {'MB/s':>8s} {'CPU s':>8s}")
-    for timed, mb in [(cp, big_mb), (read, big_mb), (floor, big_mb), (none, big_mb), (none_1, big_mb), (none_2, big_mb),
-                      (cp_disk, big_mb), (none_disk, big_mb), (full_1, small_mb), (full_2, small_mb), (spin_1, 0), (spin_2, 0), (probe_1, small_mb),
-                      (probe_2, small_mb), (full_size, small_mb)]:
+    rows = [(c, big_mb) for c in (cp, read, floor, none, none_1, none_2, cp_disk, none_disk)]
+    rows += [(full_1, small_mb), (full_2, small_mb), (spin_1, 0), (spin_2, 0), (probe_1, small_mb), (probe_2, small_mb),
+             (full_size, small_mb)]
+    for timed, mb in rows:
         rate = f"{mb / timed.best:8.1f}" if mb else f"{'':>8s}"
-        in_pool = timed is spin_2 or timed is probe_2  # the pool's workers are reaped at the end: their CPU is not counted
+        in_pool = timed is spin_2 or timed is probe_2  # (the pool's workers are reaped at the end: CPU not counted)
         cpu = f"{timed.best_cpu:8.2f}" if not in_pool else f"{'':>8s}"
         print(f"{timed.name:34s} {timed.best:8.2f} {rate} {cpu}")
     print(f"verify none vs cp: {cp.best / none.best:.2f}x (the default command: 1 worker, 256 MB shards)"
@@ -261,7 +275,7 @@ def main(argv=None) -> int:
           f"(2 workers); pyarrow read alone: {cp.best / read.best:.2f}x; read + write, no per-row work: "
           f"{cp.best / floor.best:.2f}x")
     print(f"  input read from the disk (evicted from the page cache before each run): "
-          f"{cp_disk.best / none_disk.best:.2f}x")
+          f"{cp_disk.best / none_disk.best:.2f}x ({disk})")
     print(f"verify full, 2 workers vs 1: {full_1.best / full_2.best:.2f}x   goal >= 1.7x "
           f"(ceilings on this machine right now, 2 vs 1 processes: pure-CPU loop {spin_1.best / spin_2.best:.2f}x, "
           f"image probes only {probe_1.best / probe_2.best:.2f}x; "
