@@ -140,7 +140,8 @@ def evict(path: Path) -> None:
 
 def readahead(path: Path) -> str:
     """The readahead window and largest request of the disk holding `path` (what one posix_fadvise call may read)."""
-    device = Path(f"/sys/dev/block/{os.major(path.stat().st_dev)}:{os.minor(path.stat().st_dev)}").resolve()
+    dev = path.stat().st_dev
+    device = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
     for queue in (device / "queue", device.parent / "queue"):  # (a partition's queue is its disk's)
         try:
             return ", ".join(f"{n} {(queue / n).read_text().strip()}" for n in ("read_ahead_kb", "max_sectors_kb"))

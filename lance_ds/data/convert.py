@@ -625,7 +625,7 @@ class _DiskReadAhead:
     and returns.
 
     Linux reads at most the device's readahead window or its largest request, whichever is larger, of one call
-    (/sys/block/DEV/queue/read_ahead_kb, max_sectors_kb: 128 kB by default, and 128 kB-1 MB), so a chunk is asked for
+    (/sys/block/DEV/queue/read_ahead_kb: 128 kB by default; max_sectors_kb: often 128 kB-1 MB), so a chunk is asked for
     PIECE bytes at a time: one call per chunk read only each chunk's start. `--verify none` from the disk, 196 MB of
     ~100 kB JPEGs in 5 MB row groups, best of 7-11 rounds: with read_ahead_kb 128 and max_sectors_kb 512, 0.185 s in
     pieces, 0.232 s with a call per chunk, 0.194 s with no advice; with an 8 MB window (where a call per chunk reads
