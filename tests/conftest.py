@@ -136,3 +136,29 @@ def dataset_dir(tmp_path):
     ds = {"groups": [{"name": "gen", "shards": "shards/t2i"}, {"name": "und", "shards": ["shards/i2t"]}]}  # one or a list
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(ds))
     return tmp_path
+
+
+# one 2-rank training launch shared by tests/unit/test_generate.py (which is also its worker) and test_export.py:
+# defined here, once, so pytest runs it once per session (per xdist worker)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory) -> dict:
+    from test_generate import launch_runs
+
+    return launch_runs(tmp_path_factory.mktemp("generate_runs"))
+
+
+@pytest.fixture(scope="session")
+def exported(trained_runs, tmp_path_factory) -> Path:
+    """The full run exported (plain weights)."""
+    from lance_ds.export import export_checkpoint
+
+    return export_checkpoint(trained_runs["full"], tmp_path_factory.mktemp("exp") / "plain")
+
+
+@pytest.fixture(scope="session")
+def from_checkpoint(trained_runs):
+    from lance_ds.generate import Generator
+
+    return Generator.from_checkpoint(trained_runs["full"], device="cpu")

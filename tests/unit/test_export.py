@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lance_ds.model.registry import SIZES
 
-from test_generate import exported, from_checkpoint, reference_inputs, trained_runs  # noqa: F401 (fixtures)
+from test_generate import reference_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 

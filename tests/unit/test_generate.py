@@ -225,9 +225,7 @@ def run_worker(out: Path, dataset: Path, ds_json: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the launch, once per session (test_export.py uses it too)
-
-_RUNS: dict[str, dict] = {}
+# the launch, once per session: the trained_runs fixture (tests/conftest.py) runs it; test_export.py uses it too
 
 
 def launch_runs(root: Path) -> dict:
@@ -260,30 +258,6 @@ def launch_runs(root: Path) -> dict:
             "ranks": [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)],
             "videos": [load_file(str(root / f"videos_rank{r}.safetensors")) for r in (0, 1)],
             "reference": load_file(str(root / "reference.safetensors"))}
-
-
-@pytest.fixture(scope="session")
-def trained_runs(tmp_path_factory) -> dict:
-    if "runs" not in _RUNS:
-        _RUNS["runs"] = launch_runs(tmp_path_factory.mktemp("generate_runs"))
-    return _RUNS["runs"]
-
-
-@pytest.fixture(scope="session")
-def exported(trained_runs, tmp_path_factory) -> Path:
-    """The full run exported (plain weights), shared by the generate and export tests."""
-    if "export" not in _RUNS:
-        from lance_ds.export import export_checkpoint
-
-        _RUNS["export"] = export_checkpoint(trained_runs["full"], tmp_path_factory.mktemp("exp") / "plain")
-    return _RUNS["export"]
-
-
-@pytest.fixture(scope="session")
-def from_checkpoint(trained_runs):
-    from lance_ds.generate import Generator
-
-    return Generator.from_checkpoint(trained_runs["full"], device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------
