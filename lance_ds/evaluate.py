@@ -21,8 +21,9 @@ every rank runs the same number of forwards, and the counts are summed):
 CLI (a training checkpoint: run, checkpoints or step dir; or an export dir):
     python -m lance_ds.evaluate --checkpoint runs/main --dataset_config configs/datasets/example_val.yaml --untrained
 prints the table (with --untrained, the same model freshly initialised from train.seed - the weights training
-starts from - side by side with the trained one), writes the scores to RUN_DIR/eval/step_XXXXXXXX.json (one file per
-evaluated step, which evaluating that step again replaces; --json for an export's) and `eval/<task>` scalars (the
+starts from - side by side with the trained one) and a line of what the judges found wrong, writes the scores and
+every sample judged wrong, with why, to RUN_DIR/eval/step_XXXXXXXX.json (one file per evaluated step, which
+evaluating that step again replaces; --json for an export's) and `eval/<task>` scalars (the
 untrained model at step 0), generated samples (frame strips: source | output | reference) and answers to the run's
 TensorBoard.
 """
@@ -35,6 +36,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -110,10 +112,27 @@ class Example:
 
 
 @dataclass
+class Miss:
+    """One prompt judged wrong, and why: what makes a low score explainable (sample keys name shard members)."""
+
+    task: str
+    key: str
+    reason: str  # the judge's ("travel: motion off by 14.2% (tolerance 10%)"), or the answer against the reference
+
+
+@dataclass
 class Evaluation:
     scores: dict[str, TaskScore]  # task -> score, in TASKS order
     examples: list[Example] = field(default_factory=list)  # rank 0's first few per task
     seconds: float = 0.0
+    misses: list[Miss] = field(default_factory=list)  # every rank's, in prompt order
+
+    def miss_counts(self) -> dict[str, Counter]:
+        """task -> how often each judged attribute ("colour", "travel", "answer", ...) was wrong."""
+        counts: dict[str, Counter] = {}
+        for miss in self.misses:
+            counts.setdefault(miss.task, Counter()).update(part.split(":")[0] for part in miss.reason.split("; "))
+        return counts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,33 +262,39 @@ def evaluate(generator, prompts: list[Prompt], settings: EvalSettings | None = N
     device = getattr(generator, "device", torch.device("cpu"))
     counts = torch.zeros(len(TASKS), 4, dtype=torch.float64)  # correct, total, chance sum, reference correct
     examples: list[Example] = []
+    misses: list[tuple[int, int, Miss]] = []  # (group, index in the group, miss): prompt order, whatever the ranks
     for p in prompts:
         refuse_unjudgeable(p.sample)
-    for group_prompts in by_group_and_task(prompts):
+    for group, group_prompts in enumerate(by_group_and_task(prompts)):
         offset, mine = share(group_prompts, rank, world)
         for first in range(0, len(mine), settings.batch_size):
             batch = mine[first:first + settings.batch_size]
             task = batch[0][0].sample.task
             run = _answered if task in UND_TASKS else _generated
-            for (_, counted), judged in zip(batch, run(generator, [p for p, _ in batch], settings, offset + first)):
+            judged_batch = run(generator, [p for p, _ in batch], settings, offset + first)
+            for index, ((_, counted), judged) in enumerate(zip(batch, judged_batch), start=offset + first):
                 if counted:  # (a rank's share is padded with repeats, uncounted)
                     counts[TASKS.index(task)] += torch.tensor(judged.counts, dtype=torch.float64)
+                    if judged.miss is not None:
+                        misses.append((group, index, judged.miss))
                     if sum(e.task == task for e in examples) < settings.num_logged:
                         examples.append(judged.example())
     counts = distributed.sum_over_ranks(counts.to(device)).cpu()
+    misses = sorted((m for rank_misses in distributed.every_rank(misses) for m in rank_misses), key=lambda m: m[:2])
     scores = {}
     for i, task in enumerate(TASKS):
         correct, total, chance, reference = counts[i].tolist()
         if total:
             scores[task] = TaskScore(task, int(correct), int(total), chance / total,
                                      reference / total if task in GEN_TASKS else None)
-    return Evaluation(scores, examples if rank == 0 else [], time.perf_counter() - start)
+    return Evaluation(scores, examples if rank == 0 else [], time.perf_counter() - start, [m for *_, m in misses])
 
 
 @dataclass
 class _Judged:
     counts: tuple[float, float, float, float]  # correct, 1, chance, reference correct (as `evaluate` sums them)
     example: Callable[[], Example]  # built only for the prompts that are logged (side by side frames cost)
+    miss: Miss | None  # None when judged right
 
 
 def _answered(generator, prompts: list[Prompt], settings: EvalSettings, first_index: int) -> list[_Judged]:
@@ -278,8 +303,10 @@ def _answered(generator, prompts: list[Prompt], settings: EvalSettings, first_in
     judged = []
     for sample, answer in zip(samples, answers):
         ok, chance = judge_understanding(sample, answer)
+        reference = sample.texts["caption_a"]
+        miss = None if ok else Miss(sample.task, sample.key, f"answer: {answer!r}, expected {reference!r}")
         judged.append(_Judged((float(ok), 1.0, chance, 0.0), functools.partial(
-            Example, sample.task, _question(sample), ok, answer, sample.texts["caption_a"])))
+            Example, sample.task, _question(sample), ok, answer, reference), miss))
     return judged
 
 
@@ -295,8 +322,9 @@ def _generated(generator, prompts: list[Prompt], settings: EvalSettings, first_i
             return Example(sample.task, sample.texts["caption"], verdict.ok, _reading(verdict.found),
                            _reading(verdict.expected), side_by_side(source, output, target))
 
+        miss = None if verdict.ok else Miss(sample.task, sample.key, verdict.reason)
         judged.append(_Judged((float(verdict.ok), 1.0, chance_of(verdict.expected), float(bool(reference))),
-                              example))
+                              example, miss))
     return judged
 
 
@@ -361,8 +389,19 @@ def log_to_tensorboard(tb, step: int, result: Evaluation, prefix: str = "eval") 
 
 
 def to_json(result: Evaluation) -> dict:
+    misses: dict[str, list] = {}
+    for miss in result.misses:
+        misses.setdefault(miss.task, []).append({"key": miss.key, "reason": miss.reason})
     return {"seconds": round(result.seconds, 1),
-            "scores": {t: {**dataclasses.asdict(s), "accuracy": s.accuracy} for t, s in result.scores.items()}}
+            "scores": {t: {**dataclasses.asdict(s), "accuracy": s.accuracy} for t, s in result.scores.items()},
+            "misses": misses}
+
+
+def format_misses(result: Evaluation) -> str:
+    """One line: what the judges found wrong, by task and attribute ("v2v: travel 3, colour 1")."""
+    counts = result.miss_counts()
+    return "; ".join(f"{t}: " + ", ".join(f"{what} {n}" for what, n in counts[t].most_common())
+                     for t in TASKS if t in counts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -488,6 +527,8 @@ def report(args, settings: EvalSettings, results: dict[str, Evaluation], step: i
     missed = [t for t, ok in goals_met(last).items() if not ok and t not in blind]
     print("goals: " + ("all met" if not missed else f"missed by {', '.join(missed)}")
           + (f" (not judged: {', '.join(blind)})" if blind else ""))
+    if last.misses:
+        print(f"wrong, by what the judges found (each sample in the JSON's misses): {format_misses(last)}")
     for t in blind:
         print(f"warning: {t}: the judges recognise {last.scores[t].reference:.0%} of its held-out targets (the example "
               "world's colours, shapes and motions): its score says nothing about the model; on your own data, "

@@ -491,7 +491,7 @@ def _verdict(expected: dict, found: Reading, extra: dict | None = None) -> Verdi
                                   ("size_error", "resized", _EDIT_SIZE_TOL),
                                   ("travel_error", "motion off by", _EDIT_TRAVEL_TOL)):
         if details.get(name, 0.0) > tolerance:
-            wrong.append(f"{name.split('_')[0]}: {what} {details[name]:.0%} (tolerance {tolerance:.0%})")
+            wrong.append(f"{name.split('_')[0]}: {what} {details[name]:.1%} (tolerance {tolerance:.0%})")
     return Verdict(ok=not wrong, expected=expected, found=got, reason="; ".join(wrong), details=details)
 
 

@@ -97,6 +97,21 @@ class FakeGenerator:
         return out
 
 
+class HalfRight(FakeGenerator):
+    """Right on the prompts of even index (the key's number), blank on the odd ones, however they are batched."""
+
+    @staticmethod
+    def wrong(sample) -> bool:
+        return int(sample.key.split("-")[1]) % 2 == 1
+
+    def answer(self, samples, **kwargs):
+        return ["nothing" if self.wrong(s) else a for s, a in zip(samples, super().answer(samples, **kwargs))]
+
+    def generate(self, samples, **kwargs):
+        out = super().generate(samples, **kwargs)
+        return [torch.zeros_like(o) if self.wrong(s) else o for s, o in zip(samples, out)]
+
+
 def next_value(value: str) -> str:
     """The next colour, shape or direction of the world (wrapping around)."""
     names = next(n for n in (list(ex.COLOURS), ex.SHAPES, ex.DIRECTIONS) if value in n)
@@ -156,15 +171,7 @@ def test_wrong_outputs_score_nothing(prompts, mode):
 
 
 def test_half_right_scores_half_and_chance_follows_the_judged_attributes(prompts):
-    class Mixed(FakeGenerator):
-        def answer(self, samples, **kwargs):
-            return [a if i % 2 == 0 else "nothing" for i, a in enumerate(super().answer(samples, **kwargs))]
-
-        def generate(self, samples, **kwargs):
-            out = super().generate(samples, **kwargs)
-            return [o if i % 2 == 0 else torch.zeros_like(o) for i, o in enumerate(out)]
-
-    result = ev.evaluate(Mixed("right"), prompts, ev.EvalSettings(batch_size=4))
+    result = ev.evaluate(HalfRight("right"), prompts, ev.EvalSettings(batch_size=3))
     assert {t: s.accuracy for t, s in result.scores.items()} == {t: 0.5 for t in TASKS}
     chance = {t: s.chance for t, s in result.scores.items()}
     assert chance["t2i"] == pytest.approx(1 / 12) and chance["t2v"] == pytest.approx(1 / 48)
@@ -172,6 +179,23 @@ def test_half_right_scores_half_and_chance_follows_the_judged_attributes(prompts
     expected_i2t = np.mean([ev.chance_of({k: v for k, v in ex.parse_answer(p.sample.texts["caption_a"]).items() if v})
                             for p in prompts if p.sample.task == "i2t"])
     assert chance["i2t"] == pytest.approx(expected_i2t)
+
+
+def test_every_sample_judged_wrong_is_listed_with_why(prompts):
+    """A score of 81% said nothing of what was wrong: each miss names its sample and what the judge found."""
+    result = ev.evaluate(HalfRight("right"), prompts, ev.EvalSettings(batch_size=3))
+    wrong = [(p.sample.task, p.sample.key) for p in prompts if HalfRight.wrong(p.sample)]
+    assert [(m.task, m.key) for m in result.misses] == wrong
+    blank = {"colour": 2, "shape": 2}  # a black output shows no colour and no shape
+    assert result.miss_counts() == {"t2i": blank, "t2v": {**blank, "direction": 2}, "i2i": blank,
+                                    "v2v": {**blank, "direction": 2}, "i2t": {"answer": 2}, "v2t": {"answer": 2}}
+    i2t = next(m for m in result.misses if m.task == "i2t")
+    reference = next(p.sample.texts["caption_a"] for p in prompts if p.sample.key == i2t.key)
+    assert i2t.reason == f"answer: 'nothing', expected {reference!r}"
+    assert "colour: expected" in next(m.reason for m in result.misses if m.task == "v2v")
+    assert ev.format_misses(result).startswith("t2i: colour 2, shape 2; t2v: ")
+    listed = ev.to_json(result)["misses"]
+    assert [m["key"] for m in listed["v2t"]] == [k for t, k in wrong if t == "v2t"]
 
 
 def test_an_edit_that_moves_the_shape_is_wrong():
@@ -192,18 +216,20 @@ def test_prompts_are_shared_evenly_over_ranks_and_the_counts_add_up(prompts):
     assert ev.share([1, 2, 3, 4, 5], 0, 2) == (0, [(1, True), (2, True), (3, True)])
     assert ev.share([1, 2, 3, 4, 5], 1, 2) == (3, [(4, True), (5, True), (1, False)])
     assert ev.share([1], 1, 2) == (1, [(1, False)])
-    alone = FakeGenerator("right")
+    alone = HalfRight("right")
     single = ev.evaluate(alone, prompts[:-1], ev.EvalSettings())  # v2t: 3 prompts, uneven
 
     def on_rank(rank: int):  # two real ranks, their counts summed by the real all-reduce
-        fake = FakeGenerator("right")
-        scores = ev.evaluate(fake, prompts[:-1], ev.EvalSettings(batch_size=1)).scores
-        return {t: [s.correct, s.total] for t, s in scores.items()}, fake.calls, fake.noise
+        fake = HalfRight("right")
+        result = ev.evaluate(fake, prompts[:-1], ev.EvalSettings(batch_size=1))
+        return ({t: [s.correct, s.total] for t, s in result.scores.items()}, fake.calls, fake.noise,
+                [dataclasses.astuple(m) for m in result.misses])
 
     ranks = on_two_gloo_ranks(on_rank)
     assert ranks[0][1] == ranks[1][1] == [1, 1] * len(TASKS)  # the same forwards on every rank, padding included
-    for rank in (0, 1):  # every rank has the run's totals
+    for rank in (0, 1):  # every rank has the run's totals, and every miss once, in prompt order (padding uncounted)
         assert ranks[rank][0] == {t: [s.correct, s.total] for t, s in single.scores.items()}
+        assert ranks[rank][3] == [dataclasses.astuple(m) for m in single.misses] and single.misses
     noise = {**ranks[1][2], **ranks[0][2]}  # (a rank's padding repeats the first prompt: the same noise)
     # each generation prompt starts from the same noise whatever the ranks and batches
     assert noise == alone.noise and len(noise) == sum(p.sample.task in GEN_TASKS for p in prompts[:-1])
@@ -334,7 +360,12 @@ def test_cli_writes_the_json_where_asked_creating_its_directory(prompts, tmp_pat
     assert ev.main(["--checkpoint", "fake", "--dataset_config", "fake.yaml", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["results"]["trained"]["scores"]["t2i"]["accuracy"] == 1.0
     printed = capsys.readouterr().out
-    assert "| t2i" in printed and f"scores: {out}" in printed
+    assert "| t2i" in printed and f"scores: {out}" in printed and "wrong, by what" not in printed  # (none wrong)
+    trained.mode = "recolour"
+    assert ev.main(["--checkpoint", "fake", "--dataset_config", "fake.yaml", "--json", str(out)]) == 0
+    assert "wrong, by what the judges found (each sample in the JSON's misses): t2i: colour 4; " in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["results"]["trained"]["misses"]["v2v"]) == 4
+    trained.mode = "right"
     # an export has no run directory: without --json the scores are not kept, and the user is told
     assert ev.main(["--checkpoint", "fake", "--dataset_config", "fake.yaml", "--tensorboard", "none"]) == 0
     assert "scores: not saved (an export has no run directory" in capsys.readouterr().out
