@@ -527,8 +527,9 @@ def report(args, settings: EvalSettings, results: dict[str, Evaluation], step: i
     missed = [t for t, ok in goals_met(last).items() if not ok and t not in blind]
     print("goals: " + ("all met" if not missed else f"missed by {', '.join(missed)}")
           + (f" (not judged: {', '.join(blind)})" if blind else ""))
-    if last.misses:
-        print(f"wrong, by what the judges found (each sample in the JSON's misses): {format_misses(last)}")
+    judged = dataclasses.replace(last, misses=[m for m in last.misses if m.task not in blind])
+    if judged.misses:
+        print(f"wrong, by what the judges found (each sample in the JSON's misses): {format_misses(judged)}")
     for t in blind:
         print(f"warning: {t}: the judges recognise {last.scores[t].reference:.0%} of its held-out targets (the example "
               "world's colours, shapes and motions): its score says nothing about the model; on your own data, "

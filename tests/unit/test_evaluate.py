@@ -315,9 +315,11 @@ def test_a_task_whose_targets_the_judges_cannot_read_is_not_judged(tmp_path, cap
               "i2t": ev.TaskScore("i2t", 30, 30, 0.18)}
     args = SimpleNamespace(steps=2, cfg=4.0, tensorboard="none", ema=False, json=str(tmp_path / "s.json"),
                            num_per_task=30, dataset_config="mine.yaml")
-    missed = ev.report(args, ev.EvalSettings(), {"trained": ev.Evaluation(scores)}, -1, None)
+    misses = [ev.Miss("t2i", "a", "colour: expected red, found None"), ev.Miss("i2i", "b", "size: resized 30.0% (...)")]
+    missed = ev.report(args, ev.EvalSettings(), {"trained": ev.Evaluation(scores, misses=misses)}, -1, None)
     out = capsys.readouterr().out
     assert missed == ["i2i"] and "goals: missed by i2i (not judged: t2i)" in out
+    assert "wrong, by what the judges found (each sample in the JSON's misses): i2i: size 1\n" in out  # (t2i: blind)
     assert "warning: t2i: the judges recognise 23% of its held-out targets" in out
 
 
